@@ -1,0 +1,1 @@
+"""Triton kernels for ``rmt_fast.memory_attention`` (installed as ``rmt_fast.kernels``)."""

@@ -1,0 +1,159 @@
+"""``memory_attention``: the one attention entry point used by everything in ``rmt_fast``."""
+
+from __future__ import annotations
+
+import torch
+
+from rmt_fast.masks import MASK_MODES, dense_visibility
+from rmt_fast.ops.cpu_flash import cpu_flash_memory_attention
+from rmt_fast.ops.dense import dense_sdpa
+from rmt_fast.ops.reference import reference_memory_attention
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def _check_inputs(q, k, v, num_read, num_write, mask, past_k, past_v, key_padding_mask, scale,
+                  backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = getattr(t, "shape", type(t).__name__)
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D], got {shape}")
+    batch, hq, length, dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, L, D], got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[2] != length or k.shape[3] != dim:
+        raise ValueError(f"k must be [B={batch}, Hkv, L={length}, D={dim}], got {tuple(k.shape)}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), "
+                             f"got ({t.dtype}, {t.device})")
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if mask not in MASK_MODES:
+        raise ValueError(f"mask must be one of {MASK_MODES}, got {mask!r}")
+    for name, n in (("num_read", num_read), ("num_write", num_write)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    if num_read + num_write > length:
+        raise ValueError(f"num_read + num_write ({num_read} + {num_write}) must be <= L ({length})")
+    if (past_k is None) != (past_v is None):
+        raise ValueError("past_k and past_v must be given together")
+    past_length = 0
+    if past_k is not None:
+        if past_k.dim() != 4 or past_k.shape != past_v.shape:
+            raise ValueError(f"past_k and past_v must both be [B, Hkv, P, D], got "
+                             f"{tuple(past_k.shape)} and {tuple(past_v.shape)}")
+        if past_k.shape[0] != batch or past_k.shape[1] != hkv or past_k.shape[3] != dim:
+            raise ValueError(f"past_k must be [B={batch}, Hkv={hkv}, P, D={dim}], got "
+                             f"{tuple(past_k.shape)}")
+        for name, t in (("past_k", past_k), ("past_v", past_v)):
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name} must match q's dtype and device ({q.dtype}, {q.device})"
+                                 f", got ({t.dtype}, {t.device})")
+        past_length = past_k.shape[2]
+    if key_padding_mask is not None:
+        want = (batch, past_length + length)
+        if key_padding_mask.dim() != 2 or tuple(key_padding_mask.shape) != want:
+            raise ValueError(f"key_padding_mask must be [B, P + L] = {list(want)}, got "
+                             f"{list(key_padding_mask.shape)}")
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = real token), got "
+                             f"{key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on {q.device}, got "
+                             f"{key_padding_mask.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return past_length
+
+
+def memory_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_read: int = 0,
+    num_write: int = 0,
+    mask: str = "causal",
+    past_k: torch.Tensor | None = None,
+    past_v: torch.Tensor | None = None,
+    past_visible_to_read: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+):
+    """Attention over ``[read memory | segment | write memory]`` with optional past keys.
+
+    Args:
+        q: ``[B, Hq, L, D]``. ``k``, ``v``: ``[B, Hkv, L, D]``, ``Hq % Hkv == 0``; query head ``h``
+            uses kv head ``h // (Hq // Hkv)``.
+        num_read, num_write: sizes of the read block (first rows) and write block (last rows).
+        mask: ``"causal"``, ``"rmt"``, ``"full"`` or ``"bottleneck"``
+            (see :mod:`rmt_fast.masks` for the exact visibility table).
+        past_k, past_v: ``[B, Hkv, P, D]`` keys/values in their own buffer, seen by segment and
+            write rows, and by read rows when ``past_visible_to_read``.
+        key_padding_mask: ``[B, P + L]`` bool, True = real token. Rows that see nothing give 0.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows).
+        backend: ``"auto"`` (Triton on CUDA, the fused CPU path otherwise), ``"triton"``
+            (on CPU tensors it runs under ``TRITON_INTERPRET=1``), ``"torch"``, ``"reference"``.
+        dropout_p: attention dropout (torch and reference backends; uses a dense mask).
+
+    Returns:
+        ``[B, Hq, L, D]`` in the input dtype, and the LSE when ``return_lse``.
+    """
+    past_length = _check_inputs(q, k, v, num_read, num_write, mask, past_k, past_v,
+                                key_padding_mask, scale, backend)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    layout = dict(num_read=num_read, num_write=num_write, mask=mask, past_k=past_k, past_v=past_v,
+                  past_visible_to_read=past_visible_to_read, key_padding_mask=key_padding_mask,
+                  scale=scale)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    if backend == "triton" and dropout_p > 0.0:
+        raise ValueError("dropout_p > 0 is not supported by the triton backend; use backend='torch'")
+    dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q)
+    if backend == "reference" or (backend == "torch" and return_lse and dense_needed):
+        out, lse = reference_memory_attention(q, k, v, dropout_p=dropout_p, **layout)
+    elif backend == "triton":
+        from rmt_fast.kernels import triton_memory_attention
+
+        out, lse = triton_memory_attention(q, k, v, **layout)
+    elif dense_needed:
+        visible = dense_visibility(
+            q.shape[2], past_length, num_read=num_read, num_write=num_write, mask=mask,
+            past_visible_to_read=past_visible_to_read, key_padding_mask=key_padding_mask,
+            device=q.device,
+        )
+        visible = visible[:, None] if visible.dim() == 3 else visible
+        kk = k if past_k is None else torch.cat([past_k, k], dim=2)
+        vv = v if past_v is None else torch.cat([past_v, v], dim=2)
+        out = dense_sdpa(q, kk, vv, visible, scale=scale, dropout_p=dropout_p)
+        lse = None
+    else:
+        out, lse = cpu_flash_memory_attention(q, k, v, **layout)
+    if return_lse:
+        return out, lse.float()
+    return out
+
+
+def _fast_cpu_ok(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.shape[-1] > 0
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
