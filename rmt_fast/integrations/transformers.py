@@ -1,0 +1,168 @@
+"""``attn_implementation="rmt_fast"``: a drop-in attention backend for transformers models.
+
+Registers the attention function with ``AttentionInterface`` and transformers' ``sdpa_mask`` with
+``AttentionMaskInterface`` under the same name. Both are needed: without the mask function
+transformers silently drops padding masks for unknown backends.
+
+The bool mask transformers passes (``[B, 1, Lq, Lk]``, True = attend) is reduced to the structured
+form ``memory_attention`` takes (causal or full, plus a key-padding vector) whenever it is exactly
+that; other masks (sliding windows, packed sequences) go through the dense-mask path.
+
+The RMT wrappers use :func:`memory_layout` to pass the memory-token structure (read/write blocks,
+mask mode, padding, Transformer-XL keys/values) down to every attention layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from rmt_fast.attention import memory_attention
+from rmt_fast.masks import dense_visibility
+from rmt_fast.ops.dense import dense_sdpa
+
+BACKEND_NAME = "rmt_fast"
+
+
+@dataclass
+class MemoryLayout:
+    """Memory-token structure of the sequence currently running through a wrapped model.
+
+    ``past``: per-layer ``(past_k, past_v)`` ``[B, Hkv, P, D]`` (Transformer-XL cache), or None.
+    ``record_kv``: if set, each layer stores its current ``(k, v)`` there, keyed by layer index.
+    """
+
+    num_read: int = 0
+    num_write: int = 0
+    mask: str = "causal"
+    key_padding_mask: torch.Tensor | None = None  # [B, P + L]
+    past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    past_visible_to_read: bool = False
+    record_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None)
+
+
+_LAYOUT: contextvars.ContextVar[MemoryLayout | None] = contextvars.ContextVar(
+    "rmt_fast_memory_layout", default=None
+)
+
+
+@contextlib.contextmanager
+def memory_layout(layout: MemoryLayout) -> Iterator[MemoryLayout]:
+    """Within this context, every ``rmt_fast`` attention layer applies ``layout``."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield layout
+    finally:
+        _LAYOUT.reset(token)
+
+
+def current_layout() -> MemoryLayout | None:
+    return _LAYOUT.get()
+
+
+_reduce_cache: list = [None, None]  # [last mask tensor, its reduction]; layers share one mask
+
+
+def _reduce_bool_mask(mask: torch.Tensor, q_len: int, causal: bool):
+    """``(mode, key_padding_mask [B, Lk])`` if ``mask`` is exactly causal/full & padding, else None."""
+    if _reduce_cache[0] is mask:
+        return _reduce_cache[1]
+    result = None
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == q_len:
+        m = mask[:, 0]
+        kv_len = m.shape[-1]
+        if kv_len >= q_len:
+            kpm = m.any(dim=1)  # a real key is seen by some row
+            mode = "causal" if causal else "full"
+            expect = dense_visibility(q_len, kv_len - q_len, mask=mode, key_padding_mask=kpm,
+                                      device=m.device)
+            if torch.equal(expect, m):
+                result = (mode, kpm)
+    _reduce_cache[0], _reduce_cache[1] = mask, result
+    return result
+
+
+def _split_past(key, value, q_len):
+    """Keys beyond the query length are a cache: pass them as ``past_k``/``past_v``."""
+    past = key.shape[2] - q_len
+    if past <= 0:
+        return key, value, None, None
+    return key[:, :, past:], value[:, :, past:], key[:, :, :past], value[:, :, :past]
+
+
+def rmt_fast_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``[B, H, L, D]`` in, ``([B, Lq, H, D], None)`` out."""
+    q_len = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    layout = current_layout()
+    if layout is not None:
+        out = _layout_attention(module, query, key, value, layout, dropout, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    common = dict(scale=scaling, dropout_p=dropout)
+    if attention_mask is None:
+        if causal and q_len > 1:
+            # as sdpa: an unmasked causal prefill into a longer (static) cache sees the first q_len
+            out = memory_attention(query, key[:, :, :q_len], value[:, :, :q_len], mask="causal",
+                                   **common)
+        else:
+            out = _full(query, key, value, common)
+    elif attention_mask.dtype == torch.bool:
+        reduced = _reduce_bool_mask(attention_mask, q_len, causal)
+        if reduced is not None:
+            mode, kpm = reduced
+            k, v, pk, pv = _split_past(key, value, q_len)
+            out = memory_attention(query, k, v, mask=mode, past_k=pk, past_v=pv,
+                                   key_padding_mask=kpm, **common)
+        else:
+            out = dense_sdpa(query, key, value, attention_mask, scale=scaling, dropout_p=dropout)
+    else:  # additive float mask, as the user passed it
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _full(query, key, value, common):
+    k, v, pk, pv = _split_past(key, value, query.shape[2])
+    return memory_attention(query, k, v, mask="full", past_k=pk, past_v=pv, **common)
+
+
+def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling):
+    layer = getattr(module, "layer_idx", None)
+    past_k = past_v = None
+    if layout.past is not None and layer in layout.past:
+        past_k, past_v = layout.past[layer]
+    if layout.record_kv is not None:
+        layout.record_kv[layer] = (key, value)
+    return memory_attention(
+        query, key, value, num_read=layout.num_read, num_write=layout.num_write, mask=layout.mask,
+        past_k=past_k, past_v=past_v, past_visible_to_read=layout.past_visible_to_read,
+        key_padding_mask=layout.key_padding_mask, scale=scaling, dropout_p=dropout,
+    )
+
+
+def register(name: str = BACKEND_NAME, fn: Callable = rmt_fast_attention_forward) -> bool:
+    """Register ``name`` with transformers; returns False when transformers is not installed."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return True

