@@ -43,6 +43,7 @@ class MemoryLayout:
     past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     past_visible_to_read: bool = False
     record_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None)
+    length: int | None = None  # apply only to calls with this many query rows (generation prefill)
 
 
 _LAYOUT: contextvars.ContextVar[MemoryLayout | None] = contextvars.ContextVar(
@@ -109,7 +110,7 @@ def rmt_fast_attention_forward(
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     layout = current_layout()
-    if layout is not None:
+    if layout is not None and (layout.length is None or layout.length == q_len):
         out = _layout_attention(module, query, key, value, layout, dropout, scaling)
         return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,89 @@
+"""RMT configuration: what a wrapper needs besides the base model, saved as ``rmt_config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from rmt_fast.masks import MASK_MODES
+
+ALIGNMENTS = ("left", "right", "center")
+LOSS_OVER = ("all", "last")
+POSITION_MODES = ("model", "mirror")
+CONFIG_NAME = "rmt_config.json"
+
+
+@dataclass
+class RMTConfig:
+    """Hyper-parameters of a recurrent-memory wrapper.
+
+    Attributes:
+        num_mem_tokens: memory size M (rows of the learned ``[M, d]`` memory).
+        segment_size: tokens per segment S (the segment part, without memory or special tokens).
+        mask: attention mask mode over ``[read | segment | write]`` (see :mod:`rmt_fast.masks`).
+        bptt_depth: memory carries gradient into the last ``bptt_depth`` segments; -1 = all.
+        xl_cache: keys/values of the previous segment's last ``xl_cache`` tokens are kept
+            (detached, per layer) and attended to as past keys (RMT + Transformer-XL). 0 = off.
+        checkpoint_segments: segment-level gradient checkpointing (only memory states are kept).
+        segment_alignment: ``left`` (fixed chunks from the start, the last may be short),
+            ``right`` (the first may be short) or ``center`` (``torch.chunk``).
+        loss_over: ``all`` segments or only the ``last`` one.
+        position_mode: ``model`` numbers ``[read | segment | write]`` 0..2M+S-1 as the base
+            model does (the official wrapper; needed for its checkpoints); ``mirror`` gives the
+            write block the read block's positions 0..M-1, so a memory slot keeps its position
+            when it is read back.
+        kind: ``decoder`` or ``encoder`` (set by the wrapper class).
+    """
+
+    num_mem_tokens: int = 16
+    segment_size: int = 512
+    mask: str = "causal"
+    bptt_depth: int = -1
+    xl_cache: int = 0
+    checkpoint_segments: bool = False
+    segment_alignment: str = "left"
+    loss_over: str = "all"
+    position_mode: str = "model"
+    kind: str = "decoder"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(isinstance(self.num_mem_tokens, int) and self.num_mem_tokens >= 0,
+             f"num_mem_tokens must be an int >= 0, got {self.num_mem_tokens!r}")
+        need(isinstance(self.segment_size, int) and self.segment_size >= 1,
+             f"segment_size must be an int >= 1, got {self.segment_size!r}")
+        need(self.mask in MASK_MODES, f"mask must be one of {MASK_MODES}, got {self.mask!r}")
+        need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 0),
+             f"bptt_depth must be -1 (full) or an int >= 0, got {self.bptt_depth!r}")
+        need(isinstance(self.xl_cache, int) and self.xl_cache >= 0,
+             f"xl_cache must be an int >= 0, got {self.xl_cache!r}")
+        need(self.segment_alignment in ALIGNMENTS,
+             f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
+        need(self.loss_over in LOSS_OVER, f"loss_over must be one of {LOSS_OVER}, got {self.loss_over!r}")
+        need(self.position_mode in POSITION_MODES,
+             f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> RMTConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {directory} an rmt_fast checkpoint?")
+        with open(path) as f:
+            data = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,37 @@
+"""Tiny transformers models built from configs (no downloads) for the wrapper tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 61
+
+
+def tiny_gpt2(seed=0, n_positions=64, dropout=0.0, layers=2):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=n_positions, n_embd=32, n_layer=layers, n_head=4,
+                     attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def eager_copy(model):
+    """A deep copy running transformers' own eager attention: the independent reference."""
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    return ref
+
+
+def ids(batch, length, seed=0):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
