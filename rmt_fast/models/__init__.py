@@ -2,5 +2,13 @@
 
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM, RMTOutput
+from rmt_fast.models.encoder import (
+    RMTEncoderForSequenceClassification,
+    RMTEncoderForTokenClassification,
+    RMTEncoderOutput,
+)
+from rmt_fast.models.memory_transformer import MemoryTransformer, MemoryTransformerOutput
 
-__all__ = ["RMTConfig", "RMTForCausalLM", "RMTOutput", "RecurrentState"]
+__all__ = ["MemoryTransformer", "MemoryTransformerOutput", "RMTConfig",
+           "RMTEncoderForSequenceClassification", "RMTEncoderForTokenClassification",
+           "RMTEncoderOutput", "RMTForCausalLM", "RMTOutput", "RecurrentState"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import ClassVar
 
@@ -100,8 +101,8 @@ class RMTBase(nn.Module):
         config = RMTConfig.load(directory)
         auto = getattr(transformers, cls.auto_class)
         base = auto.from_pretrained(os.path.join(directory, BASE_DIR), **base_kwargs)
-        fields = {k: v for k, v in config.to_dict().items() if k != "kind"}
-        model = cls(base, **fields)
+        accepted = inspect.signature(cls.__init__).parameters
+        model = cls(base, **{k: v for k, v in config.to_dict().items() if k in accepted})
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("base.")]

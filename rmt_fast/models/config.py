@@ -35,6 +35,7 @@ class RMTConfig:
             write block the read block's positions 0..M-1, so a memory slot keeps its position
             when it is read back.
         kind: ``decoder`` or ``encoder`` (set by the wrapper class).
+        cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
     """
 
     num_mem_tokens: int = 16
@@ -47,6 +48,8 @@ class RMTConfig:
     loss_over: str = "all"
     position_mode: str = "model"
     kind: str = "decoder"
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()

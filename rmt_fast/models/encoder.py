@@ -1,0 +1,133 @@
+"""Encoder RMT (BERT/RoBERTa-style): ``[CLS] [memory] [SEP] segment [SEP]``, the AAAI-24 setup.
+
+Memory is read and written at the same positions (1..M): the last hidden state there becomes the
+next segment's memory. Attention is bidirectional (``mask="full"``) with key padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
+from rmt_fast.models.base import RMTBase
+from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.segmenting import segment_bounds
+
+
+@dataclass
+class RMTEncoderOutput:
+    """``loss``; ``logits`` (``[B, C]`` for sequence classification from the last segment, or
+    ``[B, T, C]`` per token); ``memory`` ``[B, M, d]``; ``segment_logits``: per segment (sequence
+    classification only)."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    memory: torch.Tensor
+    segment_logits: list[torch.Tensor] | None = None
+
+
+class _RMTEncoderBase(RMTBase):
+    def __init__(self, base_model: nn.Module, num_mem_tokens: int = 10, segment_size: int = 499,
+                 cls_token_id: int | None = None, sep_token_id: int | None = None,
+                 tokenizer=None, bptt_depth: int = -1, segment_alignment: str = "right",
+                 loss_over: str = "last", checkpoint_segments: bool = False):
+        if tokenizer is not None:
+            cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
+            sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
+        if cls_token_id is None or sep_token_id is None:
+            raise ValueError("cls_token_id and sep_token_id are required (or pass tokenizer=)")
+        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask="full",
+                           bptt_depth=bptt_depth, segment_alignment=segment_alignment,
+                           loss_over=loss_over, checkpoint_segments=checkpoint_segments,
+                           kind="encoder", cls_token_id=cls_token_id, sep_token_id=sep_token_id)
+        super().__init__(base_model, config)
+        self.check_positions(num_mem_tokens + segment_size + 3)
+
+    def segment_forward(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
+        """``memory`` ``[B, M, d]``, ``ids``/``mask`` ``[B, S]`` -> (base model output, new memory).
+
+        Rows whose segment is all padding keep their memory.
+        """
+        cfg = self.rmt_config
+        m, batch = cfg.num_mem_tokens, ids.shape[0]
+        emb = self.base.get_input_embeddings()
+        special = torch.tensor([cfg.cls_token_id, cfg.sep_token_id], device=ids.device)
+        cls, sep = emb(special).unsqueeze(0).expand(batch, -1, -1).split(1, dim=1)
+        x = torch.cat([cls, memory, sep, emb(ids), sep], dim=1)
+        seg_mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        ones = torch.ones(batch, m + 2, dtype=torch.bool, device=ids.device)
+        kpm = torch.cat([ones, seg_mask, ones[:, :1]], dim=1)
+        # positions count real tokens only: a padded row is numbered as it would be alone
+        position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0)
+        with memory_layout(MemoryLayout(mask="full", key_padding_mask=kpm)):
+            out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
+        new_memory = out.hidden_states[-1][:, 1: 1 + m]
+        if mask is not None:
+            new_memory = torch.where(mask.any(dim=1)[:, None, None], new_memory, memory)
+        return out, new_memory
+
+    def _run(self, input_ids, attention_mask, memory, on_segment):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T] token ids with T >= 1, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, "
+                             f"got {list(attention_mask.shape)}")
+        cfg = self.rmt_config
+        bounds = segment_bounds(input_ids.shape[1], cfg.segment_size, cfg.segment_alignment)
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        memory = self.expand_memory(input_ids.shape[0]) if memory is None else memory
+        for t, (s, e) in enumerate(bounds):
+            if cfg.bptt_depth != -1 and t < len(bounds) - cfg.bptt_depth:
+                memory = memory.detach()
+            seg_mask = None if mask is None else mask[:, s:e]
+            out, memory = self.segment_forward(memory, input_ids[:, s:e], seg_mask)
+            on_segment(t, len(bounds), s, e, out)
+        return memory
+
+
+class RMTEncoderForSequenceClassification(_RMTEncoderBase):
+    """RMT around a ``*ForSequenceClassification`` encoder; the last segment classifies.
+
+    ``loss_over="last"`` (default) uses the last segment's loss; ``"all"`` averages every
+    segment's classification loss (the official ``sum_loss``).
+    """
+
+    auto_class = "AutoModelForSequenceClassification"
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None) -> RMTEncoderOutput:
+        """``input_ids``/``attention_mask`` ``[B, T]``, ``labels`` ``[B]`` class ids."""
+        seg_logits: list[torch.Tensor] = []
+        memory = self._run(input_ids, attention_mask, memory,
+                           lambda t, n, s, e, out: seg_logits.append(out.logits))
+        loss = None
+        if labels is not None:
+            used = seg_logits if self.rmt_config.loss_over == "all" else seg_logits[-1:]
+            loss = torch.stack([F.cross_entropy(lg.float(), labels) for lg in used]).mean()
+        return RMTEncoderOutput(loss, seg_logits[-1], memory, seg_logits)
+
+
+class RMTEncoderForTokenClassification(_RMTEncoderBase):
+    """RMT around a ``*ForTokenClassification`` encoder; logits for every input token."""
+
+    auto_class = "AutoModelForTokenClassification"
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None) -> RMTEncoderOutput:
+        """``labels`` ``[B, T]`` (-100 = ignore). ``logits`` ``[B, T, C]``."""
+        m = self.rmt_config.num_mem_tokens
+        pieces: list[torch.Tensor] = []
+        memory = self._run(input_ids, attention_mask, memory,
+                           lambda t, n, s, e, out: pieces.append(out.logits[:, m + 2: m + 2 + e - s]))
+        logits = torch.cat(pieces, dim=1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return RMTEncoderOutput(loss, logits, memory)

@@ -1,0 +1,131 @@
+"""Memory Transformer (Burtsev et al. 2020) on one segment: MemTransformer, MemCtrl, MemBottleneck.
+
+* ``MemTransformer``: M memory tokens prepended; processed like any other token.
+* ``MemCtrl``: as MemTransformer, but memory rows are computed by a dedicated copy of every layer
+  (the memory controller) while input rows use the original layer; both attend to everything.
+* ``MemBottleneck``: per layer, first memory is updated attending to memory and input, then input
+  is updated attending to the *updated* memory only: all input-to-input flow goes through memory.
+
+The variants that change layers wrap each block of the base model's layer list, so they work for
+any transformers model whose blocks take the hidden states as first argument.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rmt_fast.integrations.transformers import MemoryLayout, current_layout, memory_layout
+from rmt_fast.models.base import RMTBase
+from rmt_fast.models.config import RMTConfig
+
+VARIANTS = ("mem", "ctrl", "bottleneck")
+
+
+@dataclass
+class MemoryTransformerOutput:
+    """``hidden``: last hidden state at the input positions ``[B, T, d]``; ``memory``
+    ``[B, M, d]``; ``logits`` ``[B, T, V]`` when the base model has an output embedding."""
+
+    hidden: torch.Tensor
+    memory: torch.Tensor
+    logits: torch.Tensor | None
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The base model's list of transformer blocks (the ModuleList with num_hidden_layers items)."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise TypeError(f"cannot find the list of {n} transformer blocks in {type(model).__name__}")
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, hidden):
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+class MemCtrlLayer(nn.Module):
+    """Memory rows from ``ctrl`` (a copy of ``layer``), input rows from ``layer``."""
+
+    def __init__(self, layer: nn.Module, num_mem_tokens: int):
+        super().__init__()
+        self.layer, self.ctrl, self.m = layer, copy.deepcopy(layer), num_mem_tokens
+
+    def forward(self, hidden_states, *args, **kwargs):
+        main = self.layer(hidden_states, *args, **kwargs)
+        ctrl = _first(self.ctrl(hidden_states, *args, **kwargs))
+        h = _first(main)
+        return _replace_first(main, torch.cat([ctrl[:, : self.m], h[:, self.m:]], dim=1))
+
+
+class MemBottleneckLayer(nn.Module):
+    """Two passes of one block: memory over everything, then input over the updated memory."""
+
+    def __init__(self, layer: nn.Module, num_mem_tokens: int):
+        super().__init__()
+        self.layer, self.m = layer, num_mem_tokens
+
+    def forward(self, hidden_states, *args, **kwargs):
+        outer = current_layout() or MemoryLayout(num_read=self.m)
+        with memory_layout(dataclasses.replace(outer, mask="full")):
+            first = self.layer(hidden_states, *args, **kwargs)
+        memory = _first(first)[:, : self.m]
+        updated = torch.cat([memory, hidden_states[:, self.m:]], dim=1)
+        with memory_layout(dataclasses.replace(outer, mask="bottleneck")):
+            second = self.layer(updated, *args, **kwargs)
+        return _replace_first(second, torch.cat([memory, _first(second)[:, self.m:]], dim=1))
+
+
+class MemoryTransformer(RMTBase):
+    """One-segment memory transformer around a transformers model (encoder or decoder).
+
+    Args:
+        base_model: a transformers model (``*Model``, ``*ForCausalLM``, ...).
+        num_mem_tokens: M memory tokens prepended to the input.
+        variant: ``"mem"`` (MemTransformer), ``"ctrl"`` (MemCtrl) or ``"bottleneck"``.
+        mask: attention over ``[memory | input]`` for ``mem``/``ctrl``: ``"full"`` for encoders;
+            for decoders ``"rmt"`` (memory bidirectional, input causal) or ``"causal"``.
+    """
+
+    def __init__(self, base_model: nn.Module, num_mem_tokens: int = 10, variant: str = "mem",
+                 mask: str = "full"):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if variant == "bottleneck":
+            mask = "bottleneck"
+        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=1, mask=mask, kind=variant)
+        super().__init__(base_model, config)
+        self.variant = variant
+        if variant != "mem":
+            layers = find_layers(base_model)
+            wrap = MemCtrlLayer if variant == "ctrl" else MemBottleneckLayer
+            for i, layer in enumerate(layers):
+                layers[i] = wrap(layer, num_mem_tokens)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> MemoryTransformerOutput:
+        """``input_ids``/``attention_mask`` ``[B, T]``; memory is prepended."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
+        m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
+        self.check_positions(m + input_ids.shape[1])
+        x = torch.cat([self.expand_memory(batch), self.base.get_input_embeddings()(input_ids)], 1)
+        kpm = None
+        if attention_mask is not None:
+            ones = torch.ones(batch, m, dtype=torch.bool, device=input_ids.device)
+            kpm = torch.cat([ones, attention_mask.to(torch.bool)], dim=1)
+        layout = MemoryLayout(num_read=m, mask=self.rmt_config.mask, key_padding_mask=kpm)
+        with memory_layout(layout):
+            hidden = self.base.base_model(inputs_embeds=x).last_hidden_state
+        head = getattr(self.base, "get_output_embeddings", lambda: None)()
+        logits = head(hidden[:, m:]) if head is not None else None
+        return MemoryTransformerOutput(hidden[:, m:], hidden[:, :m], logits)
