@@ -1,0 +1,21 @@
+"""``rmt-fast`` command line: ``rmt-fast demo ...``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": "rmt_fast.demo"}
+    if not argv or argv[0] not in commands:
+        print(f"usage: rmt-fast {{{','.join(commands)}}} [options]", file=sys.stderr)
+        return 2
+    import importlib
+
+    importlib.import_module(commands[argv[0]]).main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
