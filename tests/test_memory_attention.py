@@ -132,3 +132,11 @@ def test_output_follows_input_dtype_and_device():
     out, lse = _run("torch", inp, mask="full")
     assert out.dtype == torch.float16 and lse.dtype == torch.float32
     assert out.device == inp["q"].device
+
+
+def test_empty_inputs_do_not_crash():
+    q = torch.randn(2, 2, 0, 4)
+    out, lse = memory_attention(q, q, q, return_lse=True)
+    assert out.shape == (2, 2, 0, 4) and lse.shape == (2, 2, 0)
+    q = torch.randn(0, 2, 5, 4)
+    assert memory_attention(q, q, q, mask="rmt", num_read=1).shape == (0, 2, 5, 4)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rmt_fast.integrations.fused_activations import fuse_activations
 from rmt_fast.models.config import RMTConfig
 
 WEIGHTS_NAME = "rmt_weights.safetensors"
@@ -50,6 +51,7 @@ class RMTBase(nn.Module):
         self.memory = nn.Parameter(
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)
         self._use_rmt_fast_attention()
+        fuse_activations(self.base)  # same function, one fused kernel (GPT-2's gelu_new)
 
     # --- attention backend ----------------------------------------------------------------
     def _use_rmt_fast_attention(self) -> None:

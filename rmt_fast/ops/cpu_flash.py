@@ -64,9 +64,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward(q, k, v, past_k, past_v, kpm, plan, scale):
     batch, hq, length, _ = q.shape
     acc = _acc_dtype(q.dtype)
-    hkv = k.shape[1]
-    groups = hq // hkv
     past_length = 0 if past_k is None else past_k.shape[2]
+    calls = list(_calls(plan, past_length))
+    if len(calls) == 1 and kpm is None and q.shape[1] == k.shape[1] and calls[0][:2] == (0, length):
+        # one block covering every row (plain causal/full): nothing to merge
+        qs, qe, ks, ke, causal = calls[0]
+        kb = _key_slices(k, past_k, past_length, ks, ke)
+        vb = _key_slices(v, past_v, past_length, ks, ke)
+        out, lse = _flash_fwd(q, kb, vb, is_causal=causal, scale=scale)
+        return out, lse.to(acc)
+    groups = hq // k.shape[1]
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, hq, length), float("-inf"), dtype=acc, device=q.device)
     for qs, qe, ks, ke, causal in _calls(plan, past_length):
@@ -141,6 +148,9 @@ def cpu_flash_memory_attention(
     key_padding_mask, scale,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs in, ``(out [B, Hq, L, D], lse [B, Hq, L] float32)`` out. CPU tensors only."""
+    if q.numel() == 0 or k.shape[2] == 0:  # the fused kernel crashes (SIGFPE) on empty inputs
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        return q.new_zeros(q.shape), lse
     past_length = 0 if past_k is None else past_k.shape[2]
     plan = block_plan(q.shape[2], past_length, num_read, num_write, mask, past_visible_to_read)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
