@@ -52,8 +52,16 @@ class MemoryStore : public torch::CustomClassHolder {
     entries_.emplace(segment, std::move(e));
   }
 
-  at::Tensor get(int64_t segment) {
-    Entry& e = lookup("get", segment);
+  at::Tensor get(int64_t segment) { return fetch("get", segment); }
+
+  at::Tensor pop(int64_t segment) {
+    at::Tensor out = fetch("pop", segment);
+    entries_.erase(segment);
+    return out;
+  }
+
+  at::Tensor fetch(const char* what, int64_t segment) {
+    Entry& e = lookup(what, segment);
     if (!e.offloaded) return e.state;
     c10::impl::VirtualGuardImpl impl(e.device.type());
     const c10::Stream current = impl.getStream(e.device);
@@ -67,12 +75,6 @@ class MemoryStore : public torch::CustomClassHolder {
     }
     e.copied->block(current);
     return e.state.to(e.device, /*non_blocking=*/true);
-  }
-
-  at::Tensor pop(int64_t segment) {
-    at::Tensor out = get(segment);
-    entries_.erase(segment);
-    return out;
   }
 
   void prefetch(int64_t segment) {

@@ -159,12 +159,12 @@ class _PyMemoryStore:
                                f" stored segments: {stored} ({len(stored)} states)")
         return self._states[segment]
 
-    def get(self, segment: int) -> torch.Tensor:
-        state, device = self._lookup("get", segment)
+    def get(self, segment: int, what: str = "get") -> torch.Tensor:
+        state, device = self._lookup(what, segment)
         return state.to(device, non_blocking=True) if state.device != device else state
 
     def pop(self, segment: int) -> torch.Tensor:
-        out = self.get(segment)
+        out = self.get(segment, "pop")
         del self._states[segment]
         return out
 
