@@ -292,3 +292,26 @@ def test_memory_bounded_with_checkpointing():
     # the recomputation is seen by the hooks: about one segment of activations
     assert ckpt4_saved >= 0.5 * plain4 / 4, (ckpt4_saved, plain4)
     assert ckpt64 < plain64 / 10
+
+
+def test_checkpoint_with_dict_store_and_no_grad():
+    """The pure-PyTorch store (used without the extension) gives the same gradients; under
+    no_grad checkpoint=True is a plain loop."""
+    from rmt_fast._extension import _PyMemoryStore
+
+    torch.manual_seed(0)
+    model = ToyRMT().double().train()
+    segs = _segments(3)
+    _, _, grads_p = _run(model, segs, checkpoint=False, bptt_depth=2)
+    store = MemoryStore.__new__(MemoryStore)
+    store._impl = _PyMemoryStore()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    res = segment_bptt(lambda m, s, t: model.step(m, s, t), model.initial_memory(2), segs,
+                       bptt_depth=2, store=store)
+    assert not store.native and store.size() == 3
+    (res.loss + 0.1 * res.memory.square().mean()).backward()
+    _assert_grads_equal(grads_p, {k: p.grad for k, p in model.named_parameters()}, 1e-10)
+    with torch.no_grad():
+        res = segment_bptt(lambda m, s, t: model.step(m, s, t), model.initial_memory(2), segs)
+    assert res.kept_bytes == 0 and not res.loss.requires_grad
