@@ -1,0 +1,332 @@
+"""Python face of the ``rmt_fast._C`` extension, with pure-PyTorch fallbacks.
+
+``import rmt_fast._C`` loads the C++/CUDA library, which registers the ``torch.ops.rmt_fast.*``
+operators and the ``torch.classes.rmt_fast.MemoryStore`` class. This module:
+
+* sets :data:`HAS_EXTENSION` (and :data:`EXTENSION_ERROR` when the import failed);
+* registers autograd formulas (``torch.library.register_autograd``) and fake kernels
+  (``torch.library.register_fake``, for ``torch.compile`` / meta tensors) for the ops, only when the
+  extension loaded;
+* exposes :func:`assemble_segment`, :func:`assemble_mask`, :func:`extract_memory` and
+  :class:`MemoryStore`, which use the extension when it loaded and otherwise fall back to
+  ``torch.cat`` / slicing / a dict, after one ``RuntimeWarning`` saying so.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import rmt_fast._C  # noqa: F401  (loads the library; registers ops and classes)
+
+    HAS_EXTENSION = True
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    HAS_EXTENSION = False
+    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_warned = False
+
+
+def _warn_fallback() -> None:
+    """Warn once per process that the pure-PyTorch path replaces the extension."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"rmt_fast: the C++/CUDA extension rmt_fast._C could not be loaded ({EXTENSION_ERROR});"
+            " using the pure-PyTorch path (torch.cat / slicing / dict). Build it with "
+            "`python setup.py build_ext --inplace` or `pip install --no-build-isolation .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _check_out_autograd(name: str, *tensors: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"{name}: the out= variant does not support autograd (an input "
+                           "requires grad); call it without out= or under torch.no_grad()")
+
+
+# --------------------------------------------------------------------------------------- wrappers
+
+
+def assemble_segment(read_mem: torch.Tensor, seg_emb: torch.Tensor, write_mem: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[read_mem | seg_emb | write_mem]`` along dim 1, in one pass.
+
+    Args:
+        read_mem: ``[B, M_r, d]`` read-memory embeddings (``M_r`` may be 0).
+        seg_emb: ``[B, S, d]`` segment token embeddings.
+        write_mem: ``[B, M_w, d]`` write-memory embeddings (``M_w`` may be 0).
+        out: optional preallocated contiguous ``[B, M_r + S + M_w, d]`` buffer (same dtype and
+            device) that is written in place and returned; no autograd through ``out=``.
+
+    Returns:
+        ``[B, M_r + S + M_w, d]``; differentiable (the gradient splits back into the three
+        inputs) when ``out`` is None. float32 / float16 / bfloat16 / float64.
+    """
+    if not HAS_EXTENSION:
+        _warn_fallback()
+        if out is None:
+            return torch.cat([read_mem, seg_emb, write_mem], dim=1)
+        return torch.cat([read_mem, seg_emb, write_mem], dim=1, out=out)
+    if out is None:
+        return torch.ops.rmt_fast.assemble_segment(read_mem, seg_emb, write_mem)
+    _check_out_autograd("assemble_segment", read_mem, seg_emb, write_mem)
+    torch.ops.rmt_fast.assemble_segment_out(read_mem, seg_emb, write_mem, out)
+    return out
+
+
+def assemble_mask(seg_mask: torch.Tensor, num_read: int, num_write: int) -> torch.Tensor:
+    """Padding mask of an assembled segment: ``[ones(M_r) | seg_mask | ones(M_w)]`` per row.
+
+    Args:
+        seg_mask: ``[B, S]`` mask of the segment tokens (any dtype: bool, int64, float ...).
+        num_read: ``M_r``, number of read-memory rows (>= 0).
+        num_write: ``M_w``, number of write-memory rows (>= 0).
+
+    Returns:
+        ``[B, M_r + S + M_w]`` tensor of ``seg_mask``'s dtype, 1 on the memory positions.
+    """
+    if not HAS_EXTENSION:
+        _warn_fallback()
+        if seg_mask.dim() != 2:
+            raise RuntimeError(f"assemble_mask: seg_mask must be a 2-D tensor [B, S], got shape "
+                               f"{list(seg_mask.shape)}")
+        batch = seg_mask.shape[0]
+        ones = seg_mask.new_ones
+        return torch.cat([ones(batch, num_read), seg_mask, ones(batch, num_write)], dim=1)
+    return torch.ops.rmt_fast.assemble_mask(seg_mask, num_read, num_write)
+
+
+def extract_memory(hidden: torch.Tensor, start: int, count: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy rows ``[start, start + count)`` of ``hidden`` into a new (or the given) memory buffer.
+
+    Args:
+        hidden: ``[B, L, d]`` hidden states of an assembled segment.
+        start: first row (for RMT: ``M_r + S``, the first write-memory row).
+        count: number of rows (``M_w``).
+        out: optional contiguous ``[B, count, d]`` buffer (e.g. one half of a double buffer),
+            written in place and returned; no autograd through ``out=``.
+
+    Returns:
+        ``[B, count, d]`` contiguous copy of ``hidden[:, start:start + count]``; differentiable
+        when ``out`` is None (backward scatters into a zero ``[B, L, d]`` gradient).
+    """
+    if not HAS_EXTENSION:
+        _warn_fallback()
+        if hidden.dim() != 3 or start < 0 or count < 0 or start + count > hidden.shape[1]:
+            raise RuntimeError(f"extract_memory: rows [{start}, {start + count}) must lie inside "
+                               f"hidden [B, L, d], got shape {list(hidden.shape)}")
+        rows = hidden[:, start:start + count]
+        if out is None:
+            return rows.contiguous()
+        return out.copy_(rows)
+    if out is None:
+        return torch.ops.rmt_fast.extract_memory(hidden, start, count)
+    _check_out_autograd("extract_memory", hidden)
+    torch.ops.rmt_fast.extract_memory_out(hidden, start, count, out)
+    return out
+
+
+class _PyMemoryStore:
+    """Dict-based store with the interface of ``torch.classes.rmt_fast.MemoryStore``."""
+
+    def __init__(self, offload: bool = False) -> None:
+        self._offload = bool(offload)
+        self._states: dict[int, tuple[torch.Tensor, torch.device]] = {}
+
+    def put(self, segment: int, state: torch.Tensor) -> None:
+        state = state.detach()
+        device = state.device
+        if self._offload:
+            host = torch.empty(state.shape, dtype=state.dtype, device="cpu",
+                               pin_memory=state.is_cuda)
+            host.copy_(state, non_blocking=state.is_cuda)
+            state = host
+        self._states[int(segment)] = (state, device)
+
+    def _lookup(self, what: str, segment: int) -> tuple[torch.Tensor, torch.device]:
+        if segment not in self._states:
+            stored = sorted(self._states)
+            raise RuntimeError(f"MemoryStore.{what}: no memory state stored for segment {segment};"
+                               f" stored segments: {stored} ({len(stored)} states)")
+        return self._states[segment]
+
+    def get(self, segment: int, what: str = "get") -> torch.Tensor:
+        state, device = self._lookup(what, segment)
+        return state.to(device, non_blocking=True) if state.device != device else state
+
+    def pop(self, segment: int) -> torch.Tensor:
+        out = self.get(segment, "pop")
+        del self._states[segment]
+        return out
+
+    def prefetch(self, segment: int) -> None:
+        self._lookup("prefetch", segment)
+
+    def has(self, segment: int) -> bool:
+        return segment in self._states
+
+    def size(self) -> int:
+        return len(self._states)
+
+    def offload(self) -> bool:
+        return self._offload
+
+    def clear(self) -> None:
+        self._states.clear()
+
+    def segments(self) -> list[int]:
+        return sorted(self._states)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s, _ in self._states.values())
+
+
+class MemoryStore:
+    """Per-segment memory states ``{segment index: [B, M, d] tensor}``.
+
+    Backed by ``torch.classes.rmt_fast.MemoryStore`` when the extension is loaded, by a dict
+    otherwise (same behaviour). States are stored detached; with ``offload=True`` they are kept
+    on the host (pinned, async D2H copy, when they come from CUDA; a plain copy on CPU) and
+    brought back to their device by :meth:`get`, :meth:`prefetch` starting that copy early on a
+    side stream (CUDA only; a no-op otherwise). :meth:`get` of a segment never stored raises
+    ``RuntimeError`` naming the segment and the stored ones, and leaves the store unchanged.
+    """
+
+    def __init__(self, offload: bool = False) -> None:
+        if HAS_EXTENSION:
+            self._impl = torch.classes.rmt_fast.MemoryStore(bool(offload))
+        else:
+            _warn_fallback()
+            self._impl = _PyMemoryStore(offload)
+
+    @property
+    def native(self) -> bool:
+        """True when backed by the C++ class."""
+        return not isinstance(self._impl, _PyMemoryStore)
+
+    @property
+    def offload(self) -> bool:
+        return bool(self._impl.offload())
+
+    def put(self, segment: int, state: torch.Tensor) -> None:
+        """Store ``state`` (``[B, M, d]``, detached) for ``segment``, replacing any previous one."""
+        self._impl.put(int(segment), state)
+
+    def get(self, segment: int) -> torch.Tensor:
+        """The state of ``segment`` on its original device."""
+        return self._impl.get(int(segment))
+
+    def pop(self, segment: int) -> torch.Tensor:
+        """:meth:`get`, then forget the segment."""
+        return self._impl.pop(int(segment))
+
+    def prefetch(self, segment: int) -> None:
+        """Start bringing an offloaded CUDA state back to its device (no-op otherwise)."""
+        self._impl.prefetch(int(segment))
+
+    def has(self, segment: int) -> bool:
+        return bool(self._impl.has(int(segment)))
+
+    def size(self) -> int:
+        return int(self._impl.size())
+
+    def clear(self) -> None:
+        self._impl.clear()
+
+    def segments(self) -> list[int]:
+        """Stored segment indices, ascending."""
+        return list(self._impl.segments())
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored states."""
+        return int(self._impl.nbytes())
+
+    def __len__(self) -> int:
+        return self.size()
+
+    def __contains__(self, segment: int) -> bool:
+        return self.has(segment)
+
+
+# ------------------------------------------------------------------- autograd and fake kernels
+
+
+def _register() -> None:
+    lib = "rmt_fast::"
+
+    def _assemble_shape(read_mem, seg_emb, write_mem):
+        torch._check(seg_emb.dim() == 3 and read_mem.dim() == 3 and write_mem.dim() == 3,
+                     lambda: "assemble_segment: inputs must be 3-D [B, *, d]")
+        torch._check(read_mem.dtype == seg_emb.dtype == write_mem.dtype,
+                     lambda: "assemble_segment: inputs must have the same dtype")
+        torch._check(seg_emb.dtype in _FLOAT_DTYPES,
+                     lambda: f"assemble_segment: unsupported dtype {seg_emb.dtype}")
+        batch, width = seg_emb.shape[0], seg_emb.shape[2]
+        for t in (read_mem, write_mem):
+            torch._check(t.shape[0] == batch and t.shape[2] == width,
+                         lambda: "assemble_segment: read_mem / write_mem must match seg_emb's B, d")
+        return batch, read_mem.shape[1] + seg_emb.shape[1] + write_mem.shape[1], width
+
+    @torch.library.register_fake(lib + "assemble_segment")
+    def _assemble_fake(read_mem, seg_emb, write_mem):
+        return seg_emb.new_empty(_assemble_shape(read_mem, seg_emb, write_mem))
+
+    @torch.library.register_fake(lib + "assemble_segment_out")
+    def _assemble_out_fake(read_mem, seg_emb, write_mem, out):
+        _assemble_shape(read_mem, seg_emb, write_mem)
+        return None
+
+    @torch.library.register_fake(lib + "assemble_mask")
+    def _mask_fake(seg_mask, num_read, num_write):
+        torch._check(seg_mask.dim() == 2, lambda: "assemble_mask: seg_mask must be [B, S]")
+        return seg_mask.new_empty(seg_mask.shape[0], num_read + seg_mask.shape[1] + num_write)
+
+    def _extract_shape(hidden, start, count):
+        torch._check(hidden.dim() == 3, lambda: "extract_memory: hidden must be [B, L, d]")
+        torch._check(start >= 0 and count >= 0 and start + count <= hidden.shape[1],
+                     lambda: "extract_memory: rows out of range")
+        return hidden.shape[0], count, hidden.shape[2]
+
+    @torch.library.register_fake(lib + "extract_memory")
+    def _extract_fake(hidden, start, count):
+        return hidden.new_empty(_extract_shape(hidden, start, count))
+
+    @torch.library.register_fake(lib + "extract_memory_out")
+    def _extract_out_fake(hidden, start, count, out):
+        _extract_shape(hidden, start, count)
+        return None
+
+    def _assemble_setup(ctx, inputs, output):
+        read_mem, seg_emb, _ = inputs
+        ctx.num_read, ctx.seg_len = read_mem.shape[1], seg_emb.shape[1]
+
+    def _assemble_backward(ctx, grad):
+        a, b = ctx.num_read, ctx.num_read + ctx.seg_len
+        return grad[:, :a], grad[:, a:b], grad[:, b:]
+
+    torch.library.register_autograd(lib + "assemble_segment", _assemble_backward,
+                                    setup_context=_assemble_setup)
+
+    def _extract_setup(ctx, inputs, output):
+        hidden, start, count = inputs
+        ctx.length, ctx.start, ctx.count = hidden.shape[1], start, count
+
+    def _extract_backward(ctx, grad):
+        pad = (0, 0, ctx.start, ctx.length - ctx.start - ctx.count)
+        return F.pad(grad, pad), None, None
+
+    torch.library.register_autograd(lib + "extract_memory", _extract_backward,
+                                    setup_context=_extract_setup)
+
+
+if HAS_EXTENSION:
+    _register()

@@ -1,0 +1,267 @@
+"""rmt_fast._C: ops against their PyTorch equivalents, autograd, opcheck, MemoryStore, bad inputs.
+
+The extension is required here (CI builds it): if ``rmt_fast._C`` does not import, these fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import rmt_fast._C  # noqa: F401  (fails the whole module if the extension is missing)
+import torch
+
+from rmt_fast import _extension as ext
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+OPS = torch.ops.rmt_fast
+
+
+def _rand(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+
+
+def test_extension_loaded():
+    assert ext.HAS_EXTENSION, ext.EXTENSION_ERROR
+    assert ext.MemoryStore().native
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mr,s,mw", [(3, 7, 3), (0, 5, 2), (4, 1, 0), (2, 0, 2)])
+def test_assemble_segment_matches_cat(dtype, mr, s, mw):
+    torch.manual_seed(0)
+    r, x, w = (_rand(2, n, 6, dtype=dtype) for n in (mr, s, mw))
+    want = torch.cat([r, x, w], dim=1)
+    assert torch.equal(ext.assemble_segment(r, x, w), want)
+    out = torch.full_like(want, float("nan"))
+    assert ext.assemble_segment(r, x, w, out=out) is out
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assemble_segment_non_contiguous_inputs(dtype):
+    big = _rand(3, 9, 10, dtype=dtype)
+    r = big[:, :2, ::2]  # strided
+    x = _rand(5, 3, 5, dtype=dtype).transpose(0, 1)  # [3, 5, 5]
+    w = _rand(1, 2, 5, dtype=dtype).expand(3, -1, -1)  # broadcast view (learned memory)
+    assert torch.equal(ext.assemble_segment(r, x, w), torch.cat([r, x, w], dim=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start,count", [(0, 3), (5, 3), (8, 0), (2, 6)])
+def test_extract_memory_matches_slice(dtype, start, count):
+    torch.manual_seed(0)
+    h = _rand(3, 8, 5, dtype=dtype)
+    want = h[:, start:start + count]
+    got = ext.extract_memory(h, start, count)
+    assert got.is_contiguous() and torch.equal(got, want)
+    out = torch.full_like(want.contiguous(), float("nan"))
+    assert ext.extract_memory(h, start, count, out=out) is out
+    assert torch.equal(out, want)
+    # strided input
+    assert torch.equal(ext.extract_memory(h.transpose(0, 1), 1, 2), h.transpose(0, 1)[:, 1:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int32, torch.float32,
+                                   torch.float16, torch.bfloat16, torch.float64])
+def test_assemble_mask(dtype):
+    m = (torch.rand(3, 6) > 0.4).to(dtype)
+    got = ext.assemble_mask(m, 2, 4)
+    want = torch.cat([torch.ones(3, 2, dtype=dtype), m, torch.ones(3, 4, dtype=dtype)], dim=1)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_gradcheck_assemble_segment():
+    args = [_rand(2, m, 3, dtype=torch.float64, requires_grad=True) for m in (2, 4, 3)]
+    assert torch.autograd.gradcheck(ext.assemble_segment, args)
+    assert torch.autograd.gradgradcheck(ext.assemble_segment, args)
+    r, x, w = args
+    y = ext.assemble_segment(r, x, w)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    assert torch.equal(r.grad, weights[:, :2]) and torch.equal(x.grad, weights[:, 2:6])
+    assert torch.equal(w.grad, weights[:, 6:])
+
+
+def test_gradcheck_extract_memory():
+    h = _rand(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    for start, count in ((0, 2), (4, 3), (2, 0)):
+        fn = lambda t, s=start, c=count: ext.extract_memory(t, s, c)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (h,))
+        assert torch.autograd.gradgradcheck(fn, (h,))
+
+
+def test_opcheck_all_ops():
+    r, x, w = (_rand(2, m, 4, dtype=torch.float64, requires_grad=True) for m in (2, 3, 2))
+    h = _rand(2, 7, 4, dtype=torch.float64, requires_grad=True)
+    cases = [
+        (OPS.assemble_segment.default, (r, x, w)),
+        (OPS.assemble_segment_out.default,
+         (r.detach(), x.detach(), w.detach(), torch.empty(2, 7, 4, dtype=torch.float64))),
+        (OPS.assemble_mask.default, (torch.rand(2, 3) > 0.5, 1, 2)),
+        (OPS.extract_memory.default, (h, 5, 2)),
+        (OPS.extract_memory_out.default,
+         (h.detach(), 5, 2, torch.empty(2, 2, 4, dtype=torch.float64))),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_out_variant_rejects_autograd():
+    r, x, w = (_rand(2, m, 4, requires_grad=True) for m in (2, 3, 2))
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        ext.assemble_segment(r, x, w, out=torch.empty(2, 7, 4))
+    with torch.no_grad():
+        out = ext.assemble_segment(r, x, w, out=torch.empty(2, 7, 4))
+    assert torch.equal(out, torch.cat([r, x, w], 1).detach())
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+def _poisoned(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (((2, 3, 4), (2, 5), (2, 2, 4)),
+     r"seg_emb must be a 3-D tensor \[B, S, d\], got shape \[2, 5\]"),
+    (((2, 3, 4), (2, 5, 4), (3, 2, 4)), r"write_mem must be \[B=2, M_w, d=4\]"),
+    (((2, 3, 5), (2, 5, 4), (2, 2, 4)), r"read_mem must be \[B=2, M_r, d=4\]"),
+    (((2, 3), (2, 5, 4), (2, 2, 4)), r"read_mem must be .* got shape \[2, 3\]"),
+])
+def test_assemble_bad_shapes(args, pattern):
+    r, x, w = (torch.randn(*s) for s in args)
+    out = _poisoned(2, 10, 4)
+    for fn in (lambda: ext.assemble_segment(r, x, w),
+               lambda: ext.assemble_segment(r, x, w, out=out)):
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    assert out.isnan().all()
+
+
+def test_assemble_bad_dtypes_and_out():
+    r, x, w = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 2, 4)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        ext.assemble_segment(r.double(), x, w)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16, bfloat16 or float64"):
+        ext.assemble_segment(r.long(), x.long(), w.long())
+    bad_outs = [
+        (_poisoned(2, 9, 4), r"out must have shape \[2, 10, 4\], got shape \[2, 9, 4\]"),
+        (_poisoned(2, 10, 4, dtype=torch.float64), "out must have dtype Float, got Double"),
+        (_poisoned(2, 4, 10).transpose(1, 2), "out must be contiguous"),
+    ]
+    for out, pattern in bad_outs:
+        with pytest.raises(RuntimeError, match=pattern):
+            ext.assemble_segment(r, x, w, out=out)
+        assert out.isnan().all()
+    # a dtype mismatch is caught before the out buffer is touched, too
+    out = _poisoned(2, 10, 4)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ext.assemble_segment(r, x.double(), w, out=out)
+    assert out.isnan().all()
+
+
+def test_extract_bad_inputs():
+    h = torch.randn(2, 8, 4)
+    out = _poisoned(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"rows \[start, start \+ count\) = \[6, 9\) must lie "
+                                           r"inside hidden's L = 8"):
+        ext.extract_memory(h, 6, 3, out=out)
+    with pytest.raises(RuntimeError, match=r"hidden must be a 3-D tensor \[B, L, d\]"):
+        ext.extract_memory(h[0], 0, 3, out=out)
+    with pytest.raises(RuntimeError,
+                       match=r"out must have shape \[2, 2, 4\], got shape \[2, 3, 4\]"):
+        ext.extract_memory(h, 0, 2, out=out)
+    with pytest.raises(RuntimeError, match="must lie inside"):
+        ext.extract_memory(h, -1, 2)
+    assert out.isnan().all()
+    with pytest.raises(RuntimeError, match=r"seg_mask must be a 2-D tensor \[B, S\]"):
+        ext.assemble_mask(torch.ones(2, 3, 1), 1, 1)
+    with pytest.raises(RuntimeError, match="num_read and num_write must be >= 0"):
+        ext.assemble_mask(torch.ones(2, 3), -1, 1)
+
+
+# ----------------------------------------------------------------------------------- MemoryStore
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_memory_store_roundtrip(offload):
+    store = ext.MemoryStore(offload=offload)
+    assert store.native and store.offload == offload and store.size() == 0
+    states = {t: torch.randn(2, 3, 4) for t in (0, 1, 5)}
+    for t, s in states.items():
+        store.put(t, s)
+    assert store.size() == 3 and len(store) == 3 and store.segments() == [0, 1, 5]
+    assert store.has(5) and 5 in store and not store.has(2)
+    assert store.nbytes() == 3 * 2 * 3 * 4 * 4
+    for t, s in states.items():
+        assert torch.equal(store.get(t), s)
+    store.prefetch(1)  # CPU: no-op
+    # offload keeps a copy; without offload the store aliases the (detached) state
+    states[0].add_(1)
+    assert torch.equal(store.get(0), states[0]) != offload
+    assert torch.equal(store.pop(1), states[1]) and store.segments() == [0, 5]
+    store.put(5, torch.zeros(1))  # replace
+    assert store.get(5).shape == (1,) and store.size() == 2
+    store.clear()
+    assert store.size() == 0 and store.segments() == []
+
+
+def test_memory_store_detaches():
+    store = ext.MemoryStore()
+    x = torch.randn(2, 3, requires_grad=True)
+    store.put(0, x * 2)
+    assert not store.get(0).requires_grad
+
+
+@pytest.mark.parametrize("method", ["get", "pop", "prefetch"])
+def test_memory_store_missing_segment(method):
+    store = ext.MemoryStore()
+    store.put(0, torch.ones(1))
+    store.put(3, torch.ones(2))
+    with pytest.raises(RuntimeError, match=rf"MemoryStore\.{method}: no memory state stored for "
+                                           r"segment 7; stored segments: \[0, 3\] \(2 states\)"):
+        getattr(store, method)(7)
+    assert store.segments() == [0, 3]
+    assert torch.equal(store.get(3), torch.ones(2))
+
+
+# -------------------------------------------------------------------------------------- fallback
+
+def test_fallback_without_extension_warns_once_and_matches():
+    """With rmt_fast._C blocked, the wrappers fall back to PyTorch after one RuntimeWarning."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["rmt_fast._C"] = None  # makes `import rmt_fast._C` raise ImportError
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from rmt_fast import _extension as ext
+            assert not ext.HAS_EXTENSION
+            r, x, w = torch.randn(2, 1, 3), torch.randn(2, 4, 3), torch.randn(2, 2, 3)
+            assert torch.equal(ext.assemble_segment(r, x, w), torch.cat([r, x, w], 1))
+            h = torch.randn(2, 6, 3)
+            assert torch.equal(ext.extract_memory(h, 4, 2), h[:, 4:])
+            m = torch.tensor([[1, 0], [1, 1]])
+            assert ext.assemble_mask(m, 1, 1).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
+            store = ext.MemoryStore()
+            assert not store.native
+            store.put(2, h)
+            assert torch.equal(store.get(2), h) and store.segments() == [2]
+            try:
+                store.get(0)
+                raise AssertionError("no error")
+            except RuntimeError as e:
+                assert "no memory state stored for segment 0; stored segments: [2]" in str(e)
+        msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+        assert len(msgs) == 1 and "could not be loaded" in msgs[0], msgs
+        print("OK")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=root, env=env)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
