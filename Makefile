@@ -29,5 +29,17 @@ test: lint
 bench: setup
 	$(PY) -m rmt_fast.cli bench --quick
 
+# Full CUDAExtension build against the CUDA torch 2.14.1 (about 5.5 GB venv, a few minutes).
+CUDA_VENV ?= /tmp/rmt_fast_cudavenv
+check-cuda-build:
+	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q torch==2.14.1 setuptools ninja
+	rm -rf /tmp/rmt_cuda_src && mkdir -p /tmp/rmt_cuda_src && git archive HEAD | tar -x -C /tmp/rmt_cuda_src
+	cd /tmp/rmt_cuda_src && SP=$$($(CUDA_VENV)/bin/python -c "import site;print(site.getsitepackages()[0])") && \
+	  CUDA_HOME=/usr/local/cuda CPATH=$$SP/nvidia/cu13/include RMT_FAST_BUILD_CUDA=1 RMT_FAST_REQUIRE_EXT=1 \
+	  MAX_JOBS=2 TORCH_CUDA_ARCH_LIST="8.0;9.0" $(CUDA_VENV)/bin/python setup.py build_ext --inplace
+	cd /tmp/rmt_cuda_src && $(CUDA_VENV)/bin/python -c "import torch, rmt_fast._C; \
+	  print(torch._C._dispatch_dump('rmt_fast::assemble_segment'))"
+
 clean:
 	rm -rf build *.egg-info rmt_fast/_C*.so

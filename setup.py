@@ -47,12 +47,15 @@ def _extension_kwargs():
     force = os.environ.get("RMT_FAST_BUILD_CUDA")
     has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     use_cuda = bool(cu) and (force == "1" or (force != "0" and has_cuda))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.14 headers require C++20; older ones build with C++17
+    std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14) \
+        else "-std=c++17"
+    cxx = ["-O3", std, "-fopenmp"]
     kwargs = dict(sources=cpp + (cu if use_cuda else []), extra_compile_args={"cxx": cxx},
                   extra_link_args=["-fopenmp"])
     if use_cuda:
         kwargs["define_macros"] = [("RMT_FAST_WITH_CUDA", None)]
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", std]
         ext = cpp_extension.CUDAExtension("rmt_fast._C", **kwargs)
     else:
         ext = cpp_extension.CppExtension("rmt_fast._C", **kwargs)

@@ -193,3 +193,25 @@ def test_unsupported_model_and_bad_inputs():
         model(ids(2, 5), labels=ids(2, 4))
     with pytest.raises(ValueError, match=r"memory must be \[B, M, d\]"):
         model(ids(2, 5), memory=torch.zeros(2, 3, 32))
+
+
+@pytest.mark.parametrize("depth", [-1, 2])
+def test_checkpoint_segments_gives_identical_gradients(depth):
+    """Segment-level checkpointing (recompute in backward, dropout replayed) == plain BPTT."""
+    tokens = ids(2, 22)
+    lm = torch.zeros(2, 22, dtype=torch.bool)
+    lm[:, 15:] = True
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(7)
+        base = tiny_gpt2(dropout=0.1).double()
+        model = RMTForCausalLM(base, num_mem_tokens=2, segment_size=5, mask="rmt",
+                               bptt_depth=depth, checkpoint_segments=ckpt).train()
+        torch.manual_seed(11)
+        out = model(tokens, labels=tokens, labels_mask=lm)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert (out.logits is None) == ckpt
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-10, rtol=0)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rmt_fast.checkpoint import is_cut, segment_bptt
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
@@ -214,16 +215,16 @@ class RMTForCausalLM(RMTBase):
         if labels is not None:
             n_targets = sum(int((s.targets != -100).sum()) for s in segments)
         if self.rmt_config.checkpoint_segments and labels is not None and torch.is_grad_enabled():
-            from rmt_fast.checkpoint import segment_bptt
-
-            step = self._make_step(segments, n_targets, keep_logits=False)
-            loss, memory, _ = segment_bptt(step, memory, list(range(len(segments))),
-                                           bptt_depth=self.rmt_config.bptt_depth, checkpoint=True)
-            return RMTOutput(loss, None, memory)
+            if xl is not None or self.rmt_config.xl_cache:
+                raise ValueError("checkpoint_segments=True does not support xl_cache yet")
+            res = segment_bptt(self._make_step(n_targets), memory, segments,
+                               bptt_depth=self.rmt_config.bptt_depth, checkpoint=True)
+            return RMTOutput(res.loss, None, res.memory)
         loss = None if labels is None else torch.zeros((), device=input_ids.device)
         logits = []
         for t, seg in enumerate(segments):
-            memory = self._maybe_detach(memory, t, len(segments))
+            if is_cut(t, len(segments), self.rmt_config.bptt_depth):
+                memory = memory.detach()
             hidden, memory, xl = self.segment_forward(memory, seg.ids, seg.mask, xl)
             if return_logits or labels is not None:
                 seg_logits = self.logits(hidden)
@@ -233,14 +234,10 @@ class RMTForCausalLM(RMTBase):
                     logits.append(seg_logits)
         return RMTOutput(loss, torch.cat(logits, dim=1) if return_logits else None, memory, xl)
 
-    def _maybe_detach(self, memory: torch.Tensor, t: int, n: int) -> torch.Tensor:
-        """Memory carries gradient into the last ``bptt_depth`` segments only."""
-        depth = self.rmt_config.bptt_depth
-        return memory.detach() if depth != -1 and t < n - depth else memory
+    def _make_step(self, n_targets: int | None):
+        """The per-segment function of :func:`rmt_fast.checkpoint.segment_bptt`."""
 
-    def _make_step(self, segments: list[_Segment], n_targets: int | None, keep_logits: bool):
-        def step(memory, t, _index):
-            seg = segments[t]
+        def step(memory: torch.Tensor, seg: _Segment, _t: int):
             hidden, new_memory, _ = self.segment_forward(memory, seg.ids, seg.mask)
             loss = None
             if seg.targets is not None and n_targets:

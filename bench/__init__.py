@@ -1,0 +1,1 @@
+"""Benchmarks (installed as ``rmt_fast.bench``): sweeps, the FLOPs model, memory checks."""
