@@ -1,0 +1,126 @@
+"""Launchers: validate layout, pick a config, allocate (NaN-poisoned) outputs, launch kernels.
+
+Configs are chosen explicitly per head dim (``@triton.autotune`` needs a GPU driver to time
+candidates); under ``TRITON_INTERPRET=1`` one small config keeps the serial numpy run cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from rmt_fast.masks import check_mask_mode
+
+from .memory_attention_fwd import memory_attention_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+#: (kernel, head-dim bucket) -> config used on the GPU. Buckets: BLOCK_D <= 64, BLOCK_D == 128.
+#: The choices follow the FlashAttention-2 Triton tutorial and were checked for zero register
+#: spills with ``python -m rmt_fast.kernels.aot`` (see bench/README_kernels.md).
+GPU_CONFIGS = {
+    ("fwd", 64): Config(128, 64, 4, 3),
+    ("fwd", 128): Config(128, 64, 8, 3),
+    ("bwd_dkdv", 64): Config(64, 64, 4, 2),
+    ("bwd_dkdv", 128): Config(32, 64, 4, 2),
+    ("bwd_dq", 64): Config(64, 64, 4, 2),
+    ("bwd_dq", 128): Config(64, 32, 4, 2),
+}
+INTERPRET_CONFIG = Config(16, 16, 1, 1)
+
+
+def block_d(head_dim: int) -> int:
+    """Head dims are padded to the next power of two (>= 16) with masked loads."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def pick_config(kernel: str, head_dim: int) -> Config:
+    if interpreting():
+        return INTERPRET_CONFIG
+    return GPU_CONFIGS[(kernel, 64 if block_d(head_dim) <= 64 else 128)]
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """Cast tiles to float32 before ``tl.dot``: the interpreter mishandles bf16 dots."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Non-tensor layout: ``[read R | segment | write W]`` rows over ``[past P | L]`` keys."""
+
+    mask_code: int
+    num_read: int
+    num_write: int
+    past_visible_to_read: bool
+    scale: float
+
+
+def make_layout(num_read: int, num_write: int, mask: str, past_visible_to_read: bool,
+                scale: float) -> Layout:
+    return Layout(check_mask_mode(mask), int(num_read), int(num_write),
+                  bool(past_visible_to_read), float(scale))
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def prepare(q, k, v, past_k, past_v, key_padding_mask):
+    """Contiguous inputs; an empty past becomes ``None``; padding mask as int8 ``[B, P + L]``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if past_k is not None and past_k.shape[2] == 0:
+        past_k = past_v = None
+    past_k, past_v = _contig(past_k), _contig(past_v)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    return q, k, v, past_k, past_v, kpm
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor | None,
+            past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: Layout,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on contiguous inputs (see :func:`prepare`).
+
+    q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]``, past ``[B, Hkv, P, D]`` or None, kpm int8
+    ``[B, P + L]`` or None. Returns ``out [B, Hq, L, D]`` (q's dtype), ``lse [B, Hq, L]`` float32.
+    """
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    past_len = 0 if past_k is None else past_k.shape[2]
+    cfg = pick_config("fwd", dim)
+    # poison: any element the kernel fails to write shows up as NaN in the tests
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    if length == 0 or batch * hq == 0:
+        return out, lse
+    grid = (triton.cdiv(length, cfg.block_m), batch * hq)
+    memory_attention_fwd_kernel[grid](
+        q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
+        kpm if kpm is not None else q, out, lse,
+        layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
+        hq // hkv,
+        MASK=layout.mask_code, HAS_PAST=past_k is not None,
+        PAST_TO_READ=layout.past_visible_to_read, HAS_KPM=kpm is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
+        DOT_F32=dot_f32(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+__all__ = ["Config", "GPU_CONFIGS", "Layout", "forward", "make_layout", "prepare"]
