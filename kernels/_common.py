@@ -102,7 +102,8 @@ def cur_query_ranges(n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     if MASK == 0:
         lo1 = n0  # rows at or below the diagonal
     elif MASK == 1:
-        lo1 = tl.where(n0 < R, 0, n0)
+        # read rows see keys < R; segment rows from the diagonal; write rows see every key
+        lo1 = tl.where(n0 < R, 0, tl.minimum(n0, L - W))
     elif MASK == 3:
         seg_only = (n0 >= R) & (n_last < L - W)  # only read and write rows see these keys
         hi1 = tl.where(seg_only, R, L)

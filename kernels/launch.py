@@ -14,6 +14,8 @@ import triton
 
 from rmt_fast.masks import check_mask_mode
 
+from .decode import decode_reduce_kernel, decode_split_kernel
+from .memory_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .memory_attention_fwd import memory_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -123,4 +125,102 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     return out, lse
 
 
-__all__ = ["Config", "GPU_CONFIGS", "Layout", "forward", "make_layout", "prepare"]
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             past_k: torch.Tensor | None, past_v: torch.Tensor | None, kpm: torch.Tensor | None,
+             out: torch.Tensor, lse: torch.Tensor, layout: Layout, need_past_grad: bool,
+             ) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`forward` given ``dout [B, Hq, L, D]``.
+
+    Returns ``(dq, dk, dv, dpast_k, dpast_v)``; the past grads are None unless
+    ``need_past_grad`` (then ``[B, Hkv, P, D]``). All in the input dtype.
+    """
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    past_len = 0 if past_k is None else past_k.shape[2]
+    dout = dout.contiguous()
+    bd = block_d(dim)
+    f32 = dot_f32(q.dtype)
+    delta = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.full_like(k, float("nan"))
+    dv = torch.full_like(v, float("nan"))
+    dpk = dpv = None
+    if need_past_grad and past_k is not None:
+        dpk = torch.full_like(past_k, float("nan"))
+        dpv = torch.full_like(past_v, float("nan"))
+    n_rows = batch * hq * length
+    if n_rows == 0:
+        return dq, dk, dv, dpk, dpv
+    pre_block = 16 if interpreting() else 64
+    bwd_preprocess_kernel[(triton.cdiv(n_rows, pre_block),)](
+        out, dout, delta, n_rows, dim, BLOCK_M=pre_block, BLOCK_D=bd)
+    kpm_arg = kpm if kpm is not None else q
+    common = dict(MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
+                  HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32)
+    qk_scale = layout.scale * LOG2E
+    scalars = (qk_scale, layout.scale, length, past_len, layout.num_read, layout.num_write, dim,
+               hq, groups)
+    cfg = pick_config("bwd_dkdv", dim)
+    buffers = [(k, v, dk, dv, length, False)]
+    if dpk is not None:
+        buffers.append((past_k, past_v, dpk, dpv, past_len, True))
+    for kb, vb, dkb, dvb, n_len, is_past in buffers:
+        bwd_dkdv_kernel[(triton.cdiv(n_len, cfg.block_n), batch * hkv)](
+            q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len,
+            IS_PAST=is_past, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    cfg = pick_config("bwd_dq", dim)
+    bwd_dq_kernel[(triton.cdiv(length, cfg.block_m), batch * hq)](
+        q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
+        dout, lse, delta, kpm_arg, dq, *scalars,
+        HAS_PAST=past_k is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    return dq, dk, dv, dpk, dpv
+
+
+#: the flash-decoding path handles at most this many query rows (one BLOCK_M tile)
+DECODE_MAX_ROWS = 16
+
+
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor | None,
+           past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: Layout,
+           split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-decoding forward for ``L <= DECODE_MAX_ROWS``; same contract as :func:`forward`.
+
+    ``split_size`` (keys per program, rounded up to a multiple of BLOCK_N) defaults to 256 on
+    the GPU, 32 under the interpreter.
+    """
+    batch, hq, length, dim = q.shape
+    if length > DECODE_MAX_ROWS:
+        raise ValueError(f"decode handles at most {DECODE_MAX_ROWS} query rows, got {length}")
+    hkv = k.shape[1]
+    past_len = 0 if past_k is None else past_k.shape[2]
+    block_n = 16 if interpreting() else 64
+    split = split_size or (32 if interpreting() else 256)
+    split = triton.cdiv(split, block_n) * block_n
+    n_past = triton.cdiv(past_len, split)
+    n_splits = n_past + triton.cdiv(length, split)
+    bd = block_d(dim)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    if length == 0 or batch * hq == 0:
+        return out, lse
+    bm = DECODE_MAX_ROWS
+    out_part = torch.full((batch * hq, n_splits, bm, bd), float("nan"), dtype=torch.float32,
+                          device=q.device)
+    lse_part = torch.full((batch * hq, n_splits, bm), float("nan"), dtype=torch.float32,
+                          device=q.device)
+    decode_split_kernel[(n_splits, batch * hq)](
+        q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
+        kpm if kpm is not None else q, out_part, lse_part,
+        layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
+        hq // hkv, split, n_past, n_splits,
+        MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
+        HAS_KPM=kpm is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
+        DOT_F32=dot_f32(q.dtype), num_warps=4 if not interpreting() else 1)
+    decode_reduce_kernel[(batch * hq,)](out_part, lse_part, out, lse, length, dim, n_splits,
+                                        BLOCK_M=bm, BLOCK_D=bd)
+    return out, lse
