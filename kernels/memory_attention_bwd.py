@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ._common import cur_block_full, cur_key_ranges, cur_query_ranges, tile_visible
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
