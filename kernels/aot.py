@@ -13,6 +13,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -160,9 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--kernels", nargs="+", default=None)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead")
     args = parser.parse_args(argv)
     rows = aot_table(tuple(args.caps), tuple(args.dtypes), tuple(args.head_dims),
                      tuple(args.kernels) if args.kernels else None)
+    if args.json:
+        print(json.dumps(rows))
+        return
     print(markdown(rows))
     spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     print(f"\n{len(rows)} variants compiled; {len(spills)} with register spills.")
