@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .decode import decode_reduce_kernel, decode_split_kernel
-from .launch import DECODE_MAX_ROWS, GPU_CONFIGS, Config, block_d
+from .launch import DECODE_MAX_ROWS, Config, block_d, gpu_config
 from .memory_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .memory_attention_fwd import memory_attention_fwd_kernel
 
@@ -64,21 +64,20 @@ def _variants(dtype: str, head_dim: int):
     """(name, kernel, pointer types, float args, constexprs, config) for one dtype / head dim."""
     t = f"*{dtype}"
     bd = block_d(head_dim)
-    bucket = 64 if bd <= 64 else 128
     mask_flags = dict(MASK=0, PAST_TO_READ=False, HAS_KPM=False, BLOCK_D=bd, DOT_F32=False)
-    fwd_cfg = GPU_CONFIGS[("fwd", bucket)]
+    fwd_cfg = gpu_config("fwd", head_dim, dtype)
     fwd_ptrs = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", Out=t, Lse="*fp32")
     yield ("fwd", memory_attention_fwd_kernel, fwd_ptrs, ("qk_scale",),
            dict(mask_flags, HAS_PAST=True, BLOCK_M=fwd_cfg.block_m, BLOCK_N=fwd_cfg.block_n),
            fwd_cfg)
     yield ("bwd_pre", bwd_preprocess_kernel, dict(Out=t, DO=t, Delta="*fp32"), (),
            dict(BLOCK_M=64, BLOCK_D=bd), Config(64, 0, 4, 1))
-    cfg = GPU_CONFIGS[("bwd_dkdv", bucket)]
+    cfg = gpu_config("bwd_dkdv", head_dim, dtype)
     yield ("bwd_dkdv", bwd_dkdv_kernel,
            dict(Q=t, KB=t, VB=t, DO=t, Lse="*fp32", Delta="*fp32", KPM="*i8", DK=t, DV=t),
            ("qk_scale", "sm_scale"),
            dict(mask_flags, IS_PAST=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
-    cfg = GPU_CONFIGS[("bwd_dq", bucket)]
+    cfg = gpu_config("bwd_dq", head_dim, dtype)
     yield ("bwd_dq", bwd_dq_kernel,
            dict(Q=t, K=t, V=t, PK=t, PV=t, DO=t, Lse="*fp32", Delta="*fp32", KPM="*i8", DQ=t),
            ("qk_scale", "sm_scale"),

@@ -44,6 +44,10 @@ GPU_CONFIGS = {
     ("bwd_dkdv", 128): Config(32, 64, 8, 1),
     ("bwd_dq", 64): Config(64, 32, 4, 2),
     ("bwd_dq", 128): Config(64, 32, 4, 2),
+    # fp32 tiles are twice the bytes: 128x64 spilled on sm_90a and needed 225 KiB (D=128) of
+    # shared memory, more than an A100 or H100 block may use
+    ("fwd_fp32", 64): Config(64, 32, 4, 2),
+    ("fwd_fp32", 128): Config(64, 32, 4, 2),
 }
 INTERPRET_CONFIG = Config(16, 16, 1, 1)
 
@@ -53,10 +57,17 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def pick_config(kernel: str, head_dim: int) -> Config:
+def gpu_config(kernel: str, head_dim: int, dtype: str) -> Config:
+    """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``."""
+    bucket = 64 if block_d(head_dim) <= 64 else 128
+    return GPU_CONFIGS.get((f"{kernel}_{dtype}", bucket), GPU_CONFIGS[(kernel, bucket)])
+
+
+def pick_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
     if interpreting():
         return INTERPRET_CONFIG
-    return GPU_CONFIGS[(kernel, 64 if block_d(head_dim) <= 64 else 128)]
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    return gpu_config(kernel, head_dim, name)
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
@@ -106,7 +117,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
-    cfg = pick_config("fwd", dim)
+    cfg = pick_config("fwd", dim, q.dtype)
     # poison: any element the kernel fails to write shows up as NaN in the tests
     out = torch.full_like(q, float("nan"))
     lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
@@ -164,7 +175,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     qk_scale = layout.scale * LOG2E
     scalars = (qk_scale, layout.scale, length, past_len, layout.num_read, layout.num_write, dim,
                hq, groups)
-    cfg = pick_config("bwd_dkdv", dim)
+    cfg = pick_config("bwd_dkdv", dim, q.dtype)
     buffers = [(k, v, dk, dv, length, False)]
     if dpk is not None:
         buffers.append((past_k, past_v, dpk, dpv, past_len, True))
@@ -173,7 +184,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len,
             IS_PAST=is_past, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    cfg = pick_config("bwd_dq", dim)
+    cfg = pick_config("bwd_dq", dim, q.dtype)
     bwd_dq_kernel[(triton.cdiv(length, cfg.block_m), batch * hq)](
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
         dout, lse, delta, kpm_arg, dq, *scalars,
