@@ -1,0 +1,130 @@
+"""Mask predicates shared by every kernel (``@triton.jit`` helpers, inlined at compile time).
+
+Mask codes follow :data:`rmt_fast.masks.MASK_CODES`: causal=0, rmt=1, full=2, bottleneck=3.
+Row ``i`` is a read row when ``i < R``, a write row when ``i >= L - W``, a segment row otherwise.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def cur_visible(offs_m, offs_n, L, R, W, MASK: tl.constexpr):
+    """Element mask ``[BM, BN]``: may row ``offs_m`` see current key ``offs_n``? (with bounds)"""
+    qi = offs_m[:, None]
+    kj = offs_n[None, :]
+    inb = (qi < L) & (kj < L)
+    if MASK == 0:
+        vis = kj <= qi
+    elif MASK == 1:
+        vis = tl.where(qi < R, kj < R, (kj <= qi) | (qi >= L - W))
+    elif MASK == 2:
+        vis = inb
+    else:
+        vis = (kj < R) | (kj >= L - W) | (qi < R) | (qi >= L - W)
+    return vis & inb
+
+
+@triton.jit
+def past_visible(offs_m, offs_n, L, P, R, PAST_TO_READ: tl.constexpr):
+    """Element mask ``[BM, BN]`` for past keys: all rows but read rows (unless PAST_TO_READ)."""
+    qi = offs_m[:, None]
+    kj = offs_n[None, :]
+    vis = (qi < L) & (kj < P)
+    if not PAST_TO_READ:
+        vis = vis & (qi >= R)
+    return vis
+
+
+@triton.jit
+def cur_block_full(m0, n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK: tl.constexpr):
+    """Scalar: every row of query block ``m0`` sees every key of current key block ``n0``.
+
+    Such interior tiles skip the element mask. Rows past ``L`` are ignored by the callers.
+    """
+    n_last = n0 + BLOCK_N - 1
+    m_last = tl.minimum(m0 + BLOCK_M, L) - 1
+    full = n_last < L
+    if MASK == 0:
+        full = full & (n_last <= m0)
+    elif MASK == 1:
+        # read rows need n_last < R; segment rows (starting at max(m0, R)) need n_last <= that row
+        full = full & tl.where(m0 < R, n_last < R, (m0 >= L - W) | (n_last <= m0))
+    elif MASK == 3:
+        has_seg = (m_last >= R) & (m0 < L - W)
+        full = full & ((has_seg == 0) | (n_last < R) | (n0 >= L - W))
+    return full
+
+
+@triton.jit
+def cur_key_ranges(m0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK: tl.constexpr):
+    """Current key blocks query block ``m0`` may see: ``[0, hi1)`` then ``[lo2, hi2)``.
+
+    Both are block-aligned and disjoint; ``hi2 == 0`` means no second range. Every other key
+    block is invisible to all rows of the query block and is never loaded.
+    """
+    m_hi = tl.minimum(m0 + BLOCK_M, L)
+    hi1 = L
+    lo2 = L
+    if MASK == 0:
+        hi1 = m_hi  # up to the diagonal
+    elif MASK == 1:
+        # read-only block: [0, R); no write rows: up to the diagonal; else everything
+        hi1 = tl.where(m_hi <= R, R, tl.where(m_hi <= L - W, m_hi, L))
+    elif MASK == 3:
+        seg_only = (m0 >= R) & (m_hi <= L - W)
+        hi1 = tl.where(seg_only, R, L)
+        lo2 = tl.where(seg_only, L - W, L)
+    hi1 = tl.cdiv(hi1, BLOCK_N) * BLOCK_N
+    lo2 = tl.maximum((lo2 // BLOCK_N) * BLOCK_N, hi1)
+    hi2 = tl.where(lo2 < L, L, 0)
+    return hi1, lo2, hi2
+
+
+@triton.jit
+def cur_query_ranges(n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MASK: tl.constexpr):
+    """Query blocks that may see current key block ``n0``: ``[lo1, L)`` then ``[lo2, hi2)``.
+
+    With a second range the first is ``[lo1, hi1)``; returns ``(lo1, hi1, lo2, hi2)``, aligned.
+    """
+    n_last = n0 + BLOCK_N - 1
+    lo1 = 0
+    hi1 = L
+    lo2 = L
+    if MASK == 0:
+        lo1 = n0  # rows at or below the diagonal
+    elif MASK == 1:
+        # read rows see keys < R; segment rows from the diagonal; write rows see every key
+        lo1 = tl.where(n0 < R, 0, tl.minimum(n0, L - W))
+    elif MASK == 3:
+        seg_only = (n0 >= R) & (n_last < L - W)  # only read and write rows see these keys
+        hi1 = tl.where(seg_only, R, L)
+        lo2 = tl.where(seg_only, L - W, L)
+    lo1 = (lo1 // BLOCK_M) * BLOCK_M
+    hi1 = tl.cdiv(hi1, BLOCK_M) * BLOCK_M
+    lo2 = tl.maximum((lo2 // BLOCK_M) * BLOCK_M, hi1)
+    hi2 = tl.where(lo2 < L, L, 0)
+    return lo1, hi1, lo2, hi2
+
+
+@triton.jit
+def tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST: tl.constexpr,
+                 PAST_TO_READ: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Element mask ``[BM, BN]`` of a past (``IS_PAST``) or current key tile, with key padding
+    when ``HAS_KPM`` (``kpm_base``: int8 ``[n_len]`` row of the padding mask, 1 = real key)."""
+    if IS_PAST:
+        vis = past_visible(offs_m, offs_n, L, n_len, R, PAST_TO_READ)
+    else:
+        vis = cur_visible(offs_m, offs_n, L, R, W, MASK)
+    if HAS_KPM:
+        kp = tl.load(kpm_base + offs_n, mask=offs_n < n_len, other=0)
+        vis = vis & (kp != 0)[None, :]
+    return vis

@@ -1,0 +1,238 @@
+"""Launchers: validate layout, pick a config, allocate (NaN-poisoned) outputs, launch kernels.
+
+Configs are chosen explicitly per head dim (``@triton.autotune`` needs a GPU driver to time
+candidates); under ``TRITON_INTERPRET=1`` one small config keeps the serial numpy run cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from rmt_fast.masks import check_mask_mode
+
+from .decode import decode_reduce_kernel, decode_split_kernel
+from .memory_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
+from .memory_attention_fwd import memory_attention_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+#: (kernel, head-dim bucket) -> config used on the GPU. Buckets: BLOCK_D <= 64, BLOCK_D == 128.
+#: Picked from a small ptxas sweep (``python -m rmt_fast.kernels.aot``, fp16, sm_80 and sm_90a)
+#: as the largest tiles with zero register spills on both targets; not timed (no GPU here).
+#: E.g. dK/dV at 64x64/4 warps spilled 92 bytes on sm_80, hence the 16x64 tile.
+GPU_CONFIGS = {
+    ("fwd", 64): Config(128, 64, 4, 3),
+    ("fwd", 128): Config(128, 64, 8, 3),
+    ("bwd_dkdv", 64): Config(16, 64, 4, 1),
+    ("bwd_dkdv", 128): Config(32, 64, 8, 1),
+    ("bwd_dq", 64): Config(64, 32, 4, 2),
+    ("bwd_dq", 128): Config(64, 32, 4, 2),
+    # fp32 tiles are twice the bytes: 128x64 spilled on sm_90a and needed 225 KiB (D=128) of
+    # shared memory, more than an A100 or H100 block may use
+    ("fwd_fp32", 64): Config(64, 32, 4, 2),
+    ("fwd_fp32", 128): Config(64, 32, 4, 2),
+}
+INTERPRET_CONFIG = Config(16, 16, 1, 1)
+
+
+def block_d(head_dim: int) -> int:
+    """Head dims are padded to the next power of two (>= 16) with masked loads."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def gpu_config(kernel: str, head_dim: int, dtype: str) -> Config:
+    """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``."""
+    bucket = 64 if block_d(head_dim) <= 64 else 128
+    return GPU_CONFIGS.get((f"{kernel}_{dtype}", bucket), GPU_CONFIGS[(kernel, bucket)])
+
+
+def pick_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
+    if interpreting():
+        return INTERPRET_CONFIG
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    return gpu_config(kernel, head_dim, name)
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """Cast tiles to float32 before ``tl.dot``: the interpreter mishandles bf16 dots."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Non-tensor layout: ``[read R | segment | write W]`` rows over ``[past P | L]`` keys."""
+
+    mask_code: int
+    num_read: int
+    num_write: int
+    past_visible_to_read: bool
+    scale: float
+
+
+def make_layout(num_read: int, num_write: int, mask: str, past_visible_to_read: bool,
+                scale: float) -> Layout:
+    return Layout(check_mask_mode(mask), int(num_read), int(num_write),
+                  bool(past_visible_to_read), float(scale))
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def prepare(q, k, v, past_k, past_v, key_padding_mask):
+    """Contiguous inputs; an empty past becomes ``None``; padding mask as int8 ``[B, P + L]``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if past_k is not None and past_k.shape[2] == 0:
+        past_k = past_v = None
+    past_k, past_v = _contig(past_k), _contig(past_v)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    return q, k, v, past_k, past_v, kpm
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor | None,
+            past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: Layout,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on contiguous inputs (see :func:`prepare`).
+
+    q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]``, past ``[B, Hkv, P, D]`` or None, kpm int8
+    ``[B, P + L]`` or None. Returns ``out [B, Hq, L, D]`` (q's dtype), ``lse [B, Hq, L]`` float32.
+    """
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    past_len = 0 if past_k is None else past_k.shape[2]
+    cfg = pick_config("fwd", dim, q.dtype)
+    # poison: any element the kernel fails to write shows up as NaN in the tests
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    if length == 0 or batch * hq == 0:
+        return out, lse
+    grid = (triton.cdiv(length, cfg.block_m), batch * hq)
+    memory_attention_fwd_kernel[grid](
+        q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
+        kpm if kpm is not None else q, out, lse,
+        layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
+        hq // hkv,
+        MASK=layout.mask_code, HAS_PAST=past_k is not None,
+        PAST_TO_READ=layout.past_visible_to_read, HAS_KPM=kpm is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
+        DOT_F32=dot_f32(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             past_k: torch.Tensor | None, past_v: torch.Tensor | None, kpm: torch.Tensor | None,
+             out: torch.Tensor, lse: torch.Tensor, layout: Layout, need_past_grad: bool,
+             ) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`forward` given ``dout [B, Hq, L, D]``.
+
+    Returns ``(dq, dk, dv, dpast_k, dpast_v)``; the past grads are None unless
+    ``need_past_grad`` (then ``[B, Hkv, P, D]``). All in the input dtype.
+    """
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    past_len = 0 if past_k is None else past_k.shape[2]
+    dout = dout.contiguous()
+    bd = block_d(dim)
+    f32 = dot_f32(q.dtype)
+    delta = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.full_like(k, float("nan"))
+    dv = torch.full_like(v, float("nan"))
+    dpk = dpv = None
+    if need_past_grad and past_k is not None:
+        dpk = torch.full_like(past_k, float("nan"))
+        dpv = torch.full_like(past_v, float("nan"))
+    n_rows = batch * hq * length
+    if n_rows == 0:
+        return dq, dk, dv, dpk, dpv
+    pre_block = 16 if interpreting() else 64
+    bwd_preprocess_kernel[(triton.cdiv(n_rows, pre_block),)](
+        out, dout, delta, n_rows, dim, BLOCK_M=pre_block, BLOCK_D=bd)
+    kpm_arg = kpm if kpm is not None else q
+    common = dict(MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
+                  HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32)
+    qk_scale = layout.scale * LOG2E
+    scalars = (qk_scale, layout.scale, length, past_len, layout.num_read, layout.num_write, dim,
+               hq, groups)
+    cfg = pick_config("bwd_dkdv", dim, q.dtype)
+    buffers = [(k, v, dk, dv, length, False)]
+    if dpk is not None:
+        buffers.append((past_k, past_v, dpk, dpv, past_len, True))
+    for kb, vb, dkb, dvb, n_len, is_past in buffers:
+        bwd_dkdv_kernel[(triton.cdiv(n_len, cfg.block_n), batch * hkv)](
+            q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len,
+            IS_PAST=is_past, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    cfg = pick_config("bwd_dq", dim, q.dtype)
+    bwd_dq_kernel[(triton.cdiv(length, cfg.block_m), batch * hq)](
+        q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
+        dout, lse, delta, kpm_arg, dq, *scalars,
+        HAS_PAST=past_k is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    return dq, dk, dv, dpk, dpv
+
+
+#: the flash-decoding path handles at most this many query rows (one BLOCK_M tile)
+DECODE_MAX_ROWS = 16
+
+
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor | None,
+           past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: Layout,
+           split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-decoding forward for ``L <= DECODE_MAX_ROWS``; same contract as :func:`forward`.
+
+    ``split_size`` (keys per program, rounded up to a multiple of BLOCK_N) defaults to 256 on
+    the GPU, 32 under the interpreter.
+    """
+    batch, hq, length, dim = q.shape
+    if length > DECODE_MAX_ROWS:
+        raise ValueError(f"decode handles at most {DECODE_MAX_ROWS} query rows, got {length}")
+    hkv = k.shape[1]
+    past_len = 0 if past_k is None else past_k.shape[2]
+    block_n = 16 if interpreting() else 64
+    split = split_size or (32 if interpreting() else 256)
+    split = triton.cdiv(split, block_n) * block_n
+    n_past = triton.cdiv(past_len, split)
+    n_splits = n_past + triton.cdiv(length, split)
+    bd = block_d(dim)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    if length == 0 or batch * hq == 0:
+        return out, lse
+    bm = DECODE_MAX_ROWS
+    out_part = torch.full((batch * hq, n_splits, bm, bd), float("nan"), dtype=torch.float32,
+                          device=q.device)
+    lse_part = torch.full((batch * hq, n_splits, bm), float("nan"), dtype=torch.float32,
+                          device=q.device)
+    decode_split_kernel[(n_splits, batch * hq)](
+        q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
+        kpm if kpm is not None else q, out_part, lse_part,
+        layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
+        hq // hkv, split, n_past, n_splits,
+        MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
+        HAS_KPM=kpm is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
+        DOT_F32=dot_f32(q.dtype), num_warps=4 if not interpreting() else 1)
+    decode_reduce_kernel[(batch * hq,)](out_part, lse_part, out, lse, length, dim, n_splits,
+                                        BLOCK_M=bm, BLOCK_D=bd)
+    return out, lse
