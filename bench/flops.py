@@ -10,6 +10,8 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
+from rmt_fast.bench.plotting import pyplot, save, style_length_axes
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -65,25 +67,12 @@ def table(lengths: list[int], models: dict[str, ModelShape], segment: int = 512,
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["model"] for r in rows):
         pts = [r for r in rows if r["model"] == name]
         ax.plot([r["tokens"] for r in pts], [r["ratio"] for r in pts], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("full-attention FLOPs / RMT FLOPs")
-    ax.set_title("Forward FLOPs saved by RMT (segment 512)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    style_length_axes(ax, "full-attention FLOPs / RMT FLOPs", "Forward FLOPs saved by RMT")
+    save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from rmt_fast.bench.plotting import pyplot, save, style_length_axes
 from rmt_fast.bench.systems import INFER, SYSTEMS, TRAIN, available
 from tqdm.auto import tqdm
 
@@ -154,34 +155,19 @@ def _fmt(x):
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
+    fig, axes = pyplot().subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
     for i, mode in enumerate(modes):
         for system in dict.fromkeys(r["system"] for r in rows if r["mode"] == mode):
             pts = [r for r in rows if r["mode"] == mode and r["system"] == system
                    and r.get("status") == "ok"]
-            if not pts:
-                continue
-            xs = [r["length"] for r in pts]
-            axes[i][0].plot(xs, [r["tokens_per_s"] for r in pts], marker="o", label=system)
-            axes[i][1].plot(xs, [r["peak_mib"] for r in pts], marker="o", label=system)
-        for j, ylabel in enumerate(["tokens/s", "peak memory (MiB)"]):
-            ax = axes[i][j]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{mode}: {ylabel}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            if pts:
+                xs = [r["length"] for r in pts]
+                axes[i][0].plot(xs, [r["tokens_per_s"] for r in pts], marker="o", label=system)
+                axes[i][1].plot(xs, [r["peak_mib"] for r in pts], marker="o", label=system)
+        for ax, ylabel in zip(axes[i], ["tokens/s", "peak memory (MiB)"], strict=True):
+            style_length_axes(ax, ylabel, f"{mode}: {ylabel}")
+    save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
