@@ -223,6 +223,8 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     stages = [segments] if isinstance(segments, int) else list(segments)
     _check_args(model, task, steps, stages, batch_size, lr, warmup_steps, schedule, min_lr_ratio,
                 clip_grad, threshold, stage_steps, eval_every, save_every, output_dir)
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be an int >= 1 or None, got {stop_after!r}")
     if bptt_depth is not None:
         model.rmt_config.bptt_depth = bptt_depth
     if checkpoint_segments is not None:

@@ -123,6 +123,8 @@ def test_bad_arguments():
         train(model, task, 1, segments=[2, 1], progress=False)
     with pytest.raises(ValueError, match="cannot make"):
         train(model, make_task("copy", 8, **SMALL), 1, progress=False)  # 8 tokens: not 3 * src_len
+    with pytest.raises(ValueError, match="stop_after"):
+        train(model, task, 1, stop_after=0, progress=False)
     with pytest.raises(ValueError, match="bptt_depth"):
         train(model, task, 1, bptt_depth=-3, progress=False)
 
