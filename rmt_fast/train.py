@@ -1,0 +1,468 @@
+"""A plain PyTorch training loop for RMTs on :mod:`rmt_fast.tasks`, and its command line.
+
+``train(model, task, steps, ...)``: AdamW, warmup then linear/cosine/constant learning rate,
+gradient clipping, a curriculum over the number of segments, optional random number of
+segments per batch, truncated BPTT and segment checkpointing passed to the model, JSON-lines
+metrics, and checkpoints that resume *exactly*: batch ``k`` is drawn from a generator seeded
+with ``(seed, k)`` (the global torch RNG, used by dropout, is re-seeded the same way every
+step), so ``k`` steps in one go and ``k/2 + resume + k/2`` give the same parameters.
+
+Checkpoints are ``output_dir/checkpoint-<step>/``: the model's ``save_pretrained`` files, the
+task vocabulary (``vocab.json``, text tasks) and ``trainer_state.pt`` (optimizer state, step,
+curriculum stage and its first step, wall time). The learning rate is a pure function of the
+steps since the stage began, so that is the whole scheduler state. Metrics go to
+``output_dir/metrics.jsonl``, one JSON object a line.
+
+CLI: ``python -m rmt_fast.train --task copy --segments 6 --segment-size 12 --mem 6 --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
+
+STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "metrics.jsonl"
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` ends with: the global ``step``, the curriculum ``stage`` index and its
+    ``segments``, the last validation token accuracy, every metrics record written, and the
+    ``(step, stage, segments, reason)`` of each stage change (``reason``: ``threshold`` or
+    ``budget``)."""
+
+    step: int
+    stage: int
+    segments: int
+    valid_accuracy: float
+    history: list[dict] = field(default_factory=list)
+    stage_changes: list[tuple[int, int, int, str]] = field(default_factory=list)
+    wall_time: float = 0.0
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier at ``step`` (0-based, counted from the stage start): linear
+    warmup over ``warmup_steps``, then ``linear``/``cosine`` decay to ``min_lr_ratio`` at
+    ``total_steps`` (flat afterwards) or ``constant``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    if schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int | None = None) -> float:
+    """Token accuracy (see :func:`rmt_fast.tasks.token_accuracy`) of ``model`` on ``data``
+    (its first ``limit`` samples), batched; the model's train/eval mode is restored."""
+    n = len(data) if limit is None else min(limit, len(data))
+    if n == 0:
+        raise ValueError("evaluate: the validation data is empty (valid_size=0?)")
+    was_training = model.training
+    model.eval()
+    correct, total = 0.0, 0
+    try:
+        for start in range(0, n, batch_size):
+            batch = data[start: min(start + batch_size, n)]
+            logits = model(batch.input_ids.to(model.device)).logits
+            count = int(batch.labels_mask[:, :-1].sum())
+            if count:
+                acc = token_accuracy(logits.cpu(), batch.input_ids, batch.labels_mask)
+                correct += acc * count
+                total += count
+    finally:
+        model.train(was_training)
+    return correct / total if total else float("nan")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete ``checkpoint-<step>`` directory with the largest step, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    best, best_step = None, -1
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and os.path.isfile(os.path.join(path, STATE_NAME)):
+            try:
+                step = int(name.removeprefix("checkpoint-"))
+            except ValueError:
+                continue
+            if step > best_step:
+                best, best_step = path, step
+    return best
+
+
+def _save_checkpoint(model, optimizer, task: Task, state: dict, output_dir: str, keep: int) -> str:
+    final = os.path.join(output_dir, f"checkpoint-{state['step']}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if task.vocab is not None:
+        task.vocab.save(tmp)
+    torch.save({**state, "optimizer": optimizer.state_dict()}, os.path.join(tmp, STATE_NAME))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if keep > 0:
+        ckpts = sorted((int(n.removeprefix("checkpoint-")), n) for n in os.listdir(output_dir)
+                       if n.startswith("checkpoint-") and n.removeprefix("checkpoint-").isdigit())
+        for _, name in ckpts[:-keep]:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(model, path: str) -> dict:
+    """Copy the checkpoint's weights into ``model``; returns the trainer state."""
+    loaded = type(model).from_pretrained(path)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return torch.load(os.path.join(path, STATE_NAME), weights_only=True)
+
+
+def _check_args(model, task, steps, stages, batch_size, lr, warmup_steps, schedule, min_lr_ratio,
+                clip_grad, threshold, stage_steps, eval_every, save_every, output_dir) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(msg)
+
+    need(isinstance(task, Task), f"task must be an rmt_fast.tasks.Task, got {type(task).__name__}")
+    need(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1, got {steps!r}")
+    need(len(stages) >= 1 and all(isinstance(s, int) and s >= 1 for s in stages),
+         f"segments must be an int >= 1 or a non-empty list of them, got {stages!r}")
+    need(list(stages) == sorted(set(stages)), f"curriculum segments must increase strictly, got {stages}")
+    need(isinstance(batch_size, int) and batch_size >= 1,
+         f"batch_size must be an int >= 1, got {batch_size!r}")
+    need(lr > 0, f"lr must be > 0, got {lr!r}")
+    need(isinstance(warmup_steps, int) and warmup_steps >= 0,
+         f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    need(schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    need(0.0 <= min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+    need(clip_grad is None or clip_grad > 0, f"clip_grad must be > 0 or None, got {clip_grad!r}")
+    need(threshold is None or 0.0 <= threshold <= 1.0,
+         f"threshold must be in [0, 1] or None, got {threshold!r}")
+    need(stage_steps is None or (isinstance(stage_steps, int) and stage_steps >= 1),
+         f"stage_steps must be an int >= 1 or None, got {stage_steps!r}")
+    need(isinstance(eval_every, int) and eval_every >= 1,
+         f"eval_every must be an int >= 1, got {eval_every!r}")
+    need(save_every is None or (isinstance(save_every, int) and save_every >= 1),
+         f"save_every must be an int >= 1 or None, got {save_every!r}")
+    need(save_every is None or output_dir is not None, "save_every needs output_dir")
+    cfg = getattr(model, "rmt_config", None)
+    need(cfg is not None, f"model must be an rmt_fast RMT wrapper, got {type(model).__name__}")
+    need(cfg.segment_size == task.segment_size,
+         f"the model's segment_size ({cfg.segment_size}) must equal the task's ({task.segment_size})")
+    vocab = getattr(model.base.config, "vocab_size", None)
+    need(vocab is None or vocab >= task.vocab_size,
+         f"the base model's vocab_size ({vocab}) is smaller than the task's ({task.vocab_size})")
+
+
+def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[int] = 1,
+          batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01,
+          betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, schedule: str = "linear",
+          min_lr_ratio: float = 0.0, clip_grad: float | None = 1.0, threshold: float | None = None,
+          stage_steps: int | None = None, random_segments: bool = False, early_stop: bool = False,
+          eval_every: int = 100, eval_size: int = 512, eval_batch_size: int = 256, log_every: int = 10,
+          output_dir: str | os.PathLike | None = None, save_every: int | None = None,
+          keep_checkpoints: int = 2, resume: bool = True, bptt_depth: int | None = None,
+          checkpoint_segments: bool | None = None, seed: int = 0, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train ``model`` (an :class:`rmt_fast.models.RMTForCausalLM`) on ``task`` for ``steps``
+    optimizer steps in all.
+
+    Each batch is ``batch_size`` training samples ``input_ids [B, n * S]`` with their
+    ``labels_mask``; the loss is the model's mean cross-entropy over the target tokens.
+
+    Args:
+        segments: the number of segments ``n``, or a curriculum: increasing stage sizes, e.g.
+            ``[1, 2, 4, 6]``. A stage ends when the validation accuracy (checked every
+            ``eval_every`` steps) reaches ``threshold`` or after ``stage_steps`` steps; the
+            next stage continues from the current weights with a fresh optimizer and schedule.
+            Training ends after ``steps`` steps, or when the last stage ends (``stage_steps``
+            spent, or ``threshold`` reached and ``early_stop``).
+        random_segments: draw each batch's ``n`` uniformly from the stages up to the current one.
+        warmup_steps, schedule, min_lr_ratio: per-stage schedule, decaying over ``stage_steps``
+            (or ``steps``) steps.
+        clip_grad: max gradient norm (None: no clipping).
+        eval_size: validation samples used per evaluation (of the current stage's length).
+        output_dir: checkpoints and ``metrics.jsonl``; with ``resume`` a run restarts from the
+            latest checkpoint there (metrics after it are dropped, then rewritten).
+        save_every: checkpoint period (a final checkpoint is always written with output_dir).
+        bptt_depth, checkpoint_segments: set on ``model.rmt_config`` when given.
+        seed: seeds batches and dropout (per step).
+        stop_after: end this call after that many steps (and checkpoint), as an interruption
+            would; a later call with the same arguments resumes.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    stages = [segments] if isinstance(segments, int) else list(segments)
+    _check_args(model, task, steps, stages, batch_size, lr, warmup_steps, schedule, min_lr_ratio,
+                clip_grad, threshold, stage_steps, eval_every, save_every, output_dir)
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be an int >= 1 or None, got {stop_after!r}")
+    if bptt_depth is not None:
+        model.rmt_config.bptt_depth = bptt_depth
+    if checkpoint_segments is not None:
+        model.rmt_config.checkpoint_segments = bool(checkpoint_segments)
+    model.rmt_config.validate()
+    for n in stages:
+        task.splits(n)  # fail early on impossible lengths
+
+    def new_optimizer():
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 betas=betas, weight_decay=weight_decay)
+
+    optimizer = new_optimizer()
+    step, stage, stage_start, wall_before = 0, 0, 0, 0.0
+    stage_changes: list[tuple[int, int, int, str]] = []
+    history: list[dict] = []
+    metrics_path = None
+    if output_dir is not None:
+        output_dir = os.fspath(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        metrics_path = os.path.join(output_dir, METRICS_NAME)
+        ckpt = latest_checkpoint(output_dir) if resume else None
+        if ckpt is not None:
+            state = _load_checkpoint(model, ckpt)
+            if state["stages"] != stages:
+                raise ValueError(f"checkpoint {ckpt} was trained with segments={state['stages']}, "
+                                 f"not {stages}")
+            optimizer.load_state_dict(state["optimizer"])
+            step, stage, stage_start = state["step"], state["stage"], state["stage_start"]
+            wall_before = state["wall_time"]
+            stage_changes = [tuple(c) for c in state["stage_changes"]]
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                history = [json.loads(line) for line in f if line.strip()]
+            history = [h for h in history if h["step"] <= step] if ckpt is not None else []
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save() -> None:
+        state = {"step": step, "stage": stage, "stage_start": stage_start, "stages": stages,
+                 "stage_changes": [list(c) for c in stage_changes], "seed": seed,
+                 "wall_time": wall_before + time.perf_counter() - t0}
+        _save_checkpoint(model, optimizer, task, state, output_dir, keep_checkpoints)
+
+    span = stage_steps if stage_steps is not None else steps
+    valid_acc = float("nan")
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc=task.name, dynamic_ncols=True)
+    model.train()
+    done = False
+    last_saved = first_step = step
+    while step < steps and not done:
+        n = stages[stage]
+        g = torch.Generator().manual_seed(_step_seed(seed, step))
+        if random_segments and stage > 0:
+            n = stages[int(torch.randint(stage + 1, (1,), generator=g))]
+        data = task.splits(n)["train"]
+        idx = torch.randint(len(data), (batch_size,), generator=g)
+        ids = data.input_ids[idx].to(model.device)
+        labels_mask = data.labels_mask[idx].to(model.device)
+        torch.manual_seed(_step_seed(seed, step) + 1)
+        factor = lr_factor(step - stage_start, warmup_steps, span, schedule, min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        loss = model(ids, labels=ids, labels_mask=labels_mask, return_logits=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        step += 1
+        record = {"step": step, "stage": stage, "segments": n, "loss": round(loss.item(), 6),
+                  "lr": lr * factor}
+        if step % eval_every == 0 or step == steps:
+            valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size)
+            record["valid_accuracy"] = valid_acc
+            reached = threshold is not None and valid_acc >= threshold
+            spent = stage_steps is not None and step - stage_start >= stage_steps
+            if reached or spent:
+                reason = "threshold" if reached else "budget"
+                if stage + 1 < len(stages):
+                    stage += 1
+                    stage_start = step
+                    stage_changes.append((step, stage, stages[stage], reason))
+                    record["next_stage"] = stage
+                    optimizer = new_optimizer()
+                elif spent or early_stop:
+                    done = True
+        elif stage_steps is not None and step - stage_start >= stage_steps and stage + 1 == len(stages):
+            done = True
+        if step % log_every == 0 or "valid_accuracy" in record or done or step == steps:
+            record["wall_time"] = round(wall_before + time.perf_counter() - t0, 3)
+            log(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", seg=n, acc=f"{valid_acc:.3f}")
+        if save_every is not None and step % save_every == 0:
+            save()
+            last_saved = step
+        if stop_after is not None and step - first_step >= stop_after:
+            break
+    if bar is not None:
+        bar.close()
+    if output_dir is not None and last_saved != step:
+        save()
+    if math.isnan(valid_acc):
+        valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size)
+    return TrainResult(step, stage, stages[stage], valid_acc, history, stage_changes,
+                       wall_before + time.perf_counter() - t0)
+
+
+# --- command line -------------------------------------------------------------------------------
+def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int, *, layers: int = 4,
+                d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
+                mask: str = "causal", xl_cache: int = 0, bptt_depth: int = -1,
+                checkpoint_segments: bool = False, seed: int = 0):
+    """A GPT-2 of the given size (from a config, random weights) inside an RMTForCausalLM."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rmt_fast.models import RMTForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
+                        n_embd=d_model, n_layer=layers, n_head=heads, n_inner=d_inner,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return RMTForCausalLM(GPT2LMHeadModel(config), num_mem_tokens=num_mem_tokens,
+                          segment_size=segment_size, mask=mask, bptt_depth=bptt_depth,
+                          xl_cache=xl_cache, checkpoint_segments=checkpoint_segments)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmt-fast train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--segments", type=int, required=True, help="number of segments (the last stage)")
+    p.add_argument("--segment-size", type=int, default=None,
+                   help="tokens per segment (default: --length / --segments, else 12)")
+    p.add_argument("--length", type=int, default=None, help="total tokens at --segments segments")
+    p.add_argument("--curriculum", type=_ints, default=None,
+                   help="stage sizes, e.g. 1,2,3,4,5,6 (must end with --segments)")
+    p.add_argument("--threshold", type=float, default=0.99, help="validation accuracy to advance")
+    p.add_argument("--stage-steps", type=int, default=None)
+    p.add_argument("--random-segments", action="store_true")
+    p.add_argument("--early-stop", action="store_true")
+    p.add_argument("--mem", type=int, default=6, help="memory tokens (0 = no memory)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-inner", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--mask", default="causal")
+    p.add_argument("--xl-cache", type=int, default=0)
+    p.add_argument("--bptt-depth", type=int, default=-1)
+    p.add_argument("--checkpoint-segments", action="store_true")
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-size", type=int, default=512)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--train-size", type=int, default=10_000)
+    p.add_argument("--valid-size", type=int, default=1_000)
+    p.add_argument("--test-size", type=int, default=1_000)
+    p.add_argument("--copies", type=int, default=2, help="copy: target repeats the source this often")
+    p.add_argument("--num-tokens", type=int, default=10, help="copy/reverse: symbols are 2..N-1")
+    p.add_argument("--num-pairs", type=int, default=4)
+    p.add_argument("--num-facts", type=int, default=4)
+    p.add_argument("--path", default=None, help="babilong-file: the .json/.jsonl file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    args = parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.segment_size is None:
+        if args.length is not None:
+            if args.length % args.segments:
+                raise SystemExit(f"--length {args.length} is not divisible by --segments {args.segments}")
+            args.segment_size = args.length // args.segments
+        else:
+            args.segment_size = 12
+    stages = args.curriculum or [args.segments]
+    if stages[-1] != args.segments:
+        raise SystemExit(f"--curriculum must end with --segments {args.segments}, got {stages}")
+    task = make_task(args.task, args.segment_size, seed=args.seed, train_size=args.train_size,
+                     valid_size=args.valid_size, test_size=args.test_size, num_tokens=args.num_tokens,
+                     copies=args.copies, num_pairs=args.num_pairs, num_facts=args.num_facts,
+                     path=args.path)
+    model = build_model(task.vocab_size, args.segment_size, args.mem, layers=args.layers,
+                        d_model=args.d_model, heads=args.heads, d_inner=args.d_inner,
+                        dropout=args.dropout, mask=args.mask, xl_cache=args.xl_cache,
+                        bptt_depth=args.bptt_depth, checkpoint_segments=args.checkpoint_segments,
+                        seed=args.seed)
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "train_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    result = train(model, task, args.steps, segments=stages, batch_size=args.batch_size, lr=args.lr,
+                   weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+                   min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip,
+                   threshold=args.threshold if len(stages) > 1 or args.early_stop else None,
+                   stage_steps=args.stage_steps, random_segments=args.random_segments,
+                   early_stop=args.early_stop, eval_every=args.eval_every, eval_size=args.eval_size,
+                   output_dir=args.out, save_every=args.save_every if args.out else None,
+                   resume=not args.no_resume, seed=args.seed, progress=not args.no_progress)
+    print(json.dumps({"step": result.step, "segments": result.segments,
+                      "valid_accuracy": result.valid_accuracy, "wall_time": round(result.wall_time, 1),
+                      "stage_changes": result.stage_changes}))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
