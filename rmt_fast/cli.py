@@ -1,4 +1,4 @@
-"""``rmt-fast`` command line: ``rmt-fast {demo,bench,flops} ...``."""
+"""``rmt-fast`` command line: ``rmt-fast {demo,bench,flops,train} ...``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": "rmt_fast.demo", "bench": "rmt_fast.bench.sweep",
-                "flops": "rmt_fast.bench.flops"}
+                "flops": "rmt_fast.bench.flops", "train": "rmt_fast.train"}
     if not argv or argv[0] not in commands:
         print(f"usage: rmt-fast {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2
