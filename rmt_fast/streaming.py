@@ -41,7 +41,7 @@ class StreamingReader:
     # --- reading ---------------------------------------------------------------------------
     @torch.no_grad()
     def _read_segment(self, ids: torch.Tensor) -> None:
-        _, memory, xl = self.model.segment_forward(self.memory, ids, None, self.xl)
+        _, memory, xl = self.model.segment_forward(self.memory, ids, None, self.xl, need_hidden=False)
         self.memory, self.xl = memory, xl
         self.tokens_read += ids.shape[1]
 

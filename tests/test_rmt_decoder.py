@@ -236,3 +236,22 @@ def test_checkpointed_training_memory_does_not_grow_with_segments():
     plain4, plain64 = _saved_peak(4, False), _saved_peak(64, False)
     assert ckpt64 <= 1.3 * ckpt4, (ckpt4, ckpt64)
     assert plain64 >= 12 * plain4, (plain4, plain64)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+@pytest.mark.parametrize("mask", ["causal", "rmt"])
+@pytest.mark.parametrize("xl_cache", [0, 3])
+def test_reading_without_hidden_gives_the_same_memory(make, mask, xl_cache):
+    """Reading without hidden states (no logits kept) gives the same memory and XL cache."""
+    model = RMTForCausalLM(make(), num_mem_tokens=3, segment_size=6, mask=mask, xl_cache=xl_cache)
+    tokens = ids(2, 20)
+    am = torch.ones(2, 20, dtype=torch.long)
+    am[1, :8] = 0
+    with torch.no_grad():
+        for kw in ({}, {"attention_mask": am}):
+            full = model(tokens, **kw)
+            read_mem, read_xl = model.read(tokens, **kw)
+            torch.testing.assert_close(read_mem, full.memory, atol=1e-5, rtol=0)
+            if xl_cache:
+                for layer, (k, _) in full.xl.kv.items():
+                    torch.testing.assert_close(read_xl.kv[layer][0], k, atol=1e-5, rtol=0)

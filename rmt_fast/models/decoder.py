@@ -104,11 +104,13 @@ class RMTForCausalLM(RMTBase):
         return pos
 
     def segment_forward(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None,
-                        xl: RecurrentState | None = None, *, write: bool = True):
+                        xl: RecurrentState | None = None, *, write: bool = True,
+                        need_hidden: bool = True):
         """Run one segment. ``memory`` ``[B, M, d]``, ``ids`` ``[B, S]``, ``mask`` ``[B, S]`` bool.
 
         Returns ``(hidden [B, S, d] at the segment positions, new memory [B, M, d],
         new XL state or None)``. Rows whose segment is all padding keep their memory.
+        ``need_hidden=False`` (reading a context) returns ``None`` for ``hidden``.
         """
         cfg = self.rmt_config
         m, batch, seg_len = cfg.num_mem_tokens, ids.shape[0], ids.shape[1]
@@ -131,11 +133,12 @@ class RMTForCausalLM(RMTBase):
             hidden = self.base.base_model(inputs_embeds=x, position_ids=position_ids,
                                           use_cache=False).last_hidden_state
         new_memory = hidden[:, m + seg_len:] if write else memory
+        hidden = hidden[:, m: m + seg_len] if need_hidden else None
         if mask is not None:
             has_tokens = mask.any(dim=1)[:, None, None]
             new_memory = torch.where(has_tokens, new_memory, memory)
         new_xl = self._next_xl(xl, record, mask, m, seg_len) if record is not None else None
-        return hidden[:, m: m + seg_len], new_memory, new_xl
+        return hidden, new_memory, new_xl
 
     def _next_xl(self, xl, record, mask, m, seg_len) -> RecurrentState:
         """Last ``xl_cache`` segment tokens' keys/values (detached), appended to the old cache."""
@@ -225,8 +228,9 @@ class RMTForCausalLM(RMTBase):
         for t, seg in enumerate(segments):
             if is_cut(t, len(segments), self.rmt_config.bptt_depth):
                 memory = memory.detach()
-            hidden, memory, xl = self.segment_forward(memory, seg.ids, seg.mask, xl)
-            if return_logits or labels is not None:
+            need = return_logits or labels is not None
+            hidden, memory, xl = self.segment_forward(memory, seg.ids, seg.mask, xl, need_hidden=need)
+            if need:
                 seg_logits = self.logits(hidden)
                 if labels is not None and n_targets:
                     loss = loss + _ce_sum(seg_logits, seg.targets) / n_targets
@@ -267,7 +271,7 @@ class RMTForCausalLM(RMTBase):
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
         for seg in segments[:-1]:
-            _, memory, _ = self.segment_forward(memory, seg.ids, seg.mask)
+            _, memory, _ = self.segment_forward(memory, seg.ids, seg.mask, need_hidden=False)
         last = segments[-1]
         m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
         embeds = torch.cat([memory, self.base.get_input_embeddings()(last.ids)], dim=1)
