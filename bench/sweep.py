@@ -84,42 +84,44 @@ def run_subprocess(args: list[str], time_budget: float, mem_budget_mib: float) -
 def sweep(systems: list[str], modes: list[str], lengths: list[int], batches: dict[str, int],
           repeats: int, time_budget: float, mem_budget_mib: float, config: str, threads: int,
           progress: bool = True) -> list[dict]:
-    rows = []
+    """Lengths in the outer loop, systems inside: the systems of one length run back to back, so
+    their ratio is measured under the same machine load."""
     plan = [(mode, system) for mode in modes for system in systems]
+    stopped = {key: None if available(key[1]) else "not installed" for key in plan}
+    last_time: dict[tuple[str, str], float] = {}
+    rows = []
     bar = tqdm(total=len(plan) * len(lengths), desc="bench", unit="point", disable=not progress)
-    for mode, system in plan:
-        if not available(system):
-            for n in lengths:
-                rows.append({"system": system, "mode": mode, "length": n, "batch": batches[mode],
-                             "status": "not installed"})
-                bar.update()
-            continue
-        stopped, last_time = None, None
-        for n in lengths:
+    for n in lengths:
+        for mode, system in plan:
             bar.set_postfix_str(f"{mode} {system} {n:,}")
             row = {"system": system, "mode": mode, "length": n, "batch": batches[mode]}
-            if stopped:
-                row["status"] = stopped
+            if stopped[(mode, system)]:
+                row["status"] = stopped[(mode, system)]
             else:
-                reps, warm_len = repeats, None
-                growth = 4 if system == "full" else 2  # full attention is quadratic
-                if last_time is not None and last_time * growth * (repeats + 1) > time_budget:
-                    reps, warm_len = 1, min(n, 4096)  # long points: short warm-up, one timed run
-                args = ["--system", system, "--mode", mode, "--length", str(n), "--batch",
-                        str(batches[mode]), "--repeats", str(reps), "--config", config,
-                        "--threads", str(threads)]
-                if warm_len:
-                    args += ["--warmup-length", str(warm_len)]
-                row.update(run_subprocess(args, time_budget, mem_budget_mib))
+                row.update(_run_point(system, mode, n, batches[mode], repeats, time_budget,
+                                      mem_budget_mib, config, threads, last_time.get((mode, system))))
                 if row["status"] != "ok":
-                    stopped = row["status"]
+                    stopped[(mode, system)] = row["status"]
                 else:
-                    last_time = row["median_s"]
+                    last_time[(mode, system)] = row["median_s"]
             rows.append(row)
             bar.update()
     bar.close()
     _add_ratios(rows)
     return rows
+
+
+def _run_point(system, mode, n, batch, repeats, time_budget, mem_budget_mib, config, threads,
+               last_time: float | None) -> dict:
+    reps, warm_len = repeats, None
+    growth = 4 if system == "full" else 2  # full attention is quadratic in the doubling length
+    if last_time is not None and last_time * growth * (repeats + 1) > time_budget:
+        reps, warm_len = 1, min(n, 4096)  # long points: a short warm-up and one timed run
+    args = ["--system", system, "--mode", mode, "--length", str(n), "--batch", str(batch),
+            "--repeats", str(reps), "--config", config, "--threads", str(threads)]
+    if warm_len:
+        args += ["--warmup-length", str(warm_len)]
+    return run_subprocess(args, time_budget, mem_budget_mib)
 
 
 def _add_ratios(rows: list[dict]) -> None:

@@ -2,7 +2,7 @@
 
 * ``rmt_fast``: ours. Inference streams the input (:class:`rmt_fast.streaming.StreamingReader`,
   no logits kept); training is one forward+backward with segment checkpointing (``rmt_fast_bptt``:
-  plain full-graph BPTT).
+  plain full-graph BPTT; ``rmt_fast_compiled``: the opt-in ``torch.compile`` of the backbone).
 * ``full``: the same base model with full attention (SDPA) over the whole sequence, returning
   logits for every position (its positions table grows to the sequence length).
 * ``lucidrains``: the PyPI package ``recurrent-memory-transformer-pytorch`` at matched width,
@@ -65,8 +65,10 @@ def _rmt(cfg: BenchConfig, checkpoint: bool):
 def build(system: str, mode: str, cfg: BenchConfig, length: int) -> Callable[[torch.Tensor], None]:
     """A callable running one inference pass or one training step (forward + backward, no
     optimizer step) on ``tokens`` ``[B, length]``."""
-    if system in ("rmt_fast", "rmt_fast_bptt"):
-        model = _rmt(cfg, checkpoint=system == "rmt_fast")
+    if system in ("rmt_fast", "rmt_fast_bptt", "rmt_fast_compiled"):
+        model = _rmt(cfg, checkpoint=system != "rmt_fast_bptt")
+        if system == "rmt_fast_compiled":
+            model.compile_base(dynamic=False)
         if mode == INFER:
             from rmt_fast.streaming import StreamingReader
 
@@ -131,7 +133,7 @@ def build(system: str, mode: str, cfg: BenchConfig, length: int) -> Callable[[to
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
 
 
-SYSTEMS = ("rmt_fast", "rmt_fast_bptt", "full", "lucidrains", "lucidrains_mrbp")
+SYSTEMS = ("rmt_fast", "rmt_fast_bptt", "rmt_fast_compiled", "full", "lucidrains", "lucidrains_mrbp")
 
 
 def available(system: str) -> bool:

@@ -74,6 +74,14 @@ class RMTBase(nn.Module):
                              f"segment_size={cfg.segment_size}) exceeds the base model's "
                              f"{limit} positions; lower segment_size or num_mem_tokens")
 
+    def compile_base(self, **compile_kwargs) -> RMTBase:
+        """Opt-in ``torch.compile`` of the base model's backbone, in place (state-dict keys stay).
+
+        Measured on the CPU this project runs on it was not faster (bench/README.md).
+        """
+        self.base.base_model.compile(**compile_kwargs)
+        return self
+
     def expand_memory(self, batch: int) -> torch.Tensor:
         """The learned memory as a batch: ``[B, M, d]``."""
         return self.memory.unsqueeze(0).expand(batch, -1, -1)
