@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.checkpoint import is_cut, segment_bptt
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
@@ -116,15 +117,14 @@ class RMTForCausalLM(RMTBase):
         m, batch, seg_len = cfg.num_mem_tokens, ids.shape[0], ids.shape[1]
         embeds = self.base.get_input_embeddings()(ids)
         num_write = m if write else 0
-        x = torch.cat([memory, embeds] + ([memory] if write else []), dim=1)
+        # one pass into the [read | segment | write] buffer (the extension's op when built)
+        x = assemble_segment(memory, embeds, memory if write else memory[:, :0])
         kpm = None
         if mask is not None or xl is not None:
-            ones = torch.ones(batch, m, dtype=torch.bool, device=ids.device)
             seg_mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-            parts = [ones, seg_mask] + ([ones] if write else [])
+            kpm = assemble_mask(seg_mask, m, num_write)
             if xl is not None:
-                parts.insert(0, xl.padding)
-            kpm = torch.cat(parts, dim=1)
+                kpm = torch.cat([xl.padding, kpm], dim=1)
         record: XLState | None = {} if cfg.xl_cache > 0 else None
         layout = MemoryLayout(num_read=m, num_write=num_write, mask=cfg.mask, key_padding_mask=kpm,
                               past=None if xl is None else xl.kv, record_kv=record)
@@ -132,7 +132,7 @@ class RMTForCausalLM(RMTBase):
         with memory_layout(layout):
             hidden = self.base.base_model(inputs_embeds=x, position_ids=position_ids,
                                           use_cache=False).last_hidden_state
-        new_memory = hidden[:, m + seg_len:] if write else memory
+        new_memory = extract_memory(hidden, m + seg_len, m) if write else memory
         hidden = hidden[:, m: m + seg_len] if need_hidden else None
         if mask is not None:
             has_tokens = mask.any(dim=1)[:, None, None]
