@@ -38,7 +38,6 @@ STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 SCHEDULES = ("linear", "cosine", "constant")
 AMP_DTYPES = {"bf16": torch.bfloat16}
-PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -205,7 +204,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
           keep_checkpoints: int = 2, resume: bool = True, bptt_depth: int | None = None,
           checkpoint_segments: bool | None = None, seed: int = 0, progress: bool = True,
           stop_after: int | None = None, grad_accum: int = 1, amp: str | None = None,
-          parallel: str = "ddp", bucket_mb: float = rd.DEFAULT_BUCKET_MB) -> TrainResult:
+          bucket_mb: float = rd.DEFAULT_BUCKET_MB) -> TrainResult:
     """Train ``model`` (an :class:`rmt_fast.models.RMTForCausalLM`) on ``task`` for ``steps``
     optimizer steps in all.
 
@@ -244,9 +243,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         grad_accum: micro-batches of ``batch_size`` per rank accumulated into one optimizer step.
         amp: ``"bf16"``: run forward/backward under ``torch.autocast(<model device>, bfloat16)``
             (parameters, gradients and optimizer state stay float32).
-        parallel: ``"ddp"`` (replicated parameters, gradients all-reduced after backward) or
-            ``"fsdp"`` (parameters sharded with ``torch.distributed.fsdp.fully_shard``).
-        bucket_mb: gradient all-reduce bucket size (``"ddp"``).
+        bucket_mb: gradient all-reduce bucket size (MiB) when distributed.
 
     Returns:
         :class:`TrainResult`.
@@ -260,11 +257,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     env = rd.init_distributed(model.device)
-    if parallel == "fsdp" and not env.enabled:
-        raise ValueError("parallel='fsdp' needs a multi-process group (launch with torchrun)")
     if bptt_depth is not None:
         model.rmt_config.bptt_depth = bptt_depth
     if checkpoint_segments is not None:
@@ -512,9 +505,6 @@ def parser() -> argparse.ArgumentParser:
                    help="micro-batches of --batch-size per rank accumulated per optimizer step")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
                    help="autocast forward/backward to this dtype (parameters stay float32)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters with FSDP2 (fully_shard) instead of "
-                        "replicating them")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK under torchrun when CUDA is "
                         "available, else cpu)")
@@ -566,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                    early_stop=args.early_stop, eval_every=args.eval_every, eval_size=args.eval_size,
                    output_dir=args.out, save_every=args.save_every if args.out else None,
                    resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
-                   grad_accum=args.grad_accum, amp=args.amp, parallel="fsdp" if args.fsdp else "ddp")
+                   grad_accum=args.grad_accum, amp=args.amp)
     if env.is_main:
         print(json.dumps({"step": result.step, "segments": result.segments,
                           "valid_accuracy": result.valid_accuracy,
