@@ -5,10 +5,12 @@ Why not ``torch.nn.parallel.DistributedDataParallel``'s reducer: with
 whose backward *recomputes* every segment and calls ``torch.autograd.backward`` once per segment.
 Each parameter's gradient is therefore accumulated ``N`` times (``N`` = segments) during one outer
 ``loss.backward()``. DDP's reducer expects every parameter to become ready exactly once per
-backward (it raises "Expected to mark a variable ready only once"); ``static_graph=True`` records
-the count of the first iteration and expects it forever, which breaks as soon as ``N`` changes
-(curriculum, random segments, ranks with different ``N``). So the gradients are synchronised
-here *after* backward: :class:`GradientSync` all-reduces the flattened ``.grad`` of all
+backward (with checkpointed segments it raises "Expected to mark a variable ready only once");
+``static_graph=True`` ran in a 2-process probe (segments 2, 2, 3, the same batch on both ranks)
+but relies on the reducer's per-parameter hook bookkeeping, and was not checked with ranks
+holding different numbers of segments. So the gradients are synchronised here *after* backward,
+which does not depend on how often autograd touches a parameter: :class:`GradientSync`
+all-reduces the flattened ``.grad`` of all
 parameters in fixed-size buckets, the same buckets in the same order on every rank no matter how
 many segments each rank ran, so recomputation adds no collectives and a rank with fewer segments
 cannot deadlock the others. The parameters start identical (:func:`broadcast_module` from rank
