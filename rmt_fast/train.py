@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rmt_fast import distributed as rd
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 SCHEDULES = ("linear", "cosine", "constant")
+AMP_DTYPES = {"bf16": torch.bfloat16}
 
 
 @dataclass
@@ -76,18 +78,25 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int | None = None) -> float:
+def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int | None = None,
+             distributed: bool = False) -> float:
     """Token accuracy (see :func:`rmt_fast.tasks.token_accuracy`) of ``model`` on ``data``
-    (its first ``limit`` samples), batched; the model's train/eval mode is restored."""
+    (its first ``limit`` samples), batched; the model's train/eval mode is restored.
+
+    ``distributed``: every rank of the process group must call it; each scores a contiguous
+    share of the samples and the counts are summed over ranks (one all-reduce), so all ranks
+    return the same accuracy."""
     n = len(data) if limit is None else min(limit, len(data))
     if n == 0:
         raise ValueError("evaluate: the validation data is empty (valid_size=0?)")
+    env = rd.current_env() if distributed else rd.DistEnv()
+    lo, hi = rd.split_evenly(n, env.world_size, env.rank)
     was_training = model.training
     model.eval()
     correct, total = 0.0, 0
     try:
-        for start in range(0, n, batch_size):
-            batch = data[start: min(start + batch_size, n)]
+        for start in range(lo, hi, batch_size):
+            batch = data[start: min(start + batch_size, hi)]
             logits = model(batch.input_ids.to(model.device)).logits
             count = int(batch.labels_mask[:, :-1].sum())
             if count:
@@ -96,6 +105,10 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int
                 total += count
     finally:
         model.train(was_training)
+    if env.enabled:
+        counts = rd.all_reduce_sum(torch.tensor([correct, float(total)], dtype=torch.float64,
+                                                device=model.device))
+        correct, total = float(counts[0]), int(counts[1])
     return correct / total if total else float("nan")
 
 
@@ -190,12 +203,23 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
           output_dir: str | os.PathLike | None = None, save_every: int | None = None,
           keep_checkpoints: int = 2, resume: bool = True, bptt_depth: int | None = None,
           checkpoint_segments: bool | None = None, seed: int = 0, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, grad_accum: int = 1, amp: str | None = None,
+          bucket_mb: float = rd.DEFAULT_BUCKET_MB) -> TrainResult:
     """Train ``model`` (an :class:`rmt_fast.models.RMTForCausalLM`) on ``task`` for ``steps``
     optimizer steps in all.
 
     Each batch is ``batch_size`` training samples ``input_ids [B, n * S]`` with their
     ``labels_mask``; the loss is the model's mean cross-entropy over the target tokens.
+
+    Distributed (see :mod:`rmt_fast.distributed` and ``docs/distributed.md``): under torchrun
+    (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, or a process group already initialised) the
+    process group is initialised (NCCL for a CUDA model, gloo otherwise), ``batch_size`` is
+    *per rank* and the global batch is ``batch_size * world_size * grad_accum`` samples, drawn
+    exactly as a single process with that ``batch_size`` would draw them and split into
+    disjoint per-rank shards. Gradients are the mean over all target tokens of the global
+    batch, so ``k`` steps on ``W`` processes give the parameters of ``k`` steps on one process
+    with a ``W`` times larger batch (up to float rounding, without dropout). Rank 0 writes
+    checkpoints and metrics; a checkpoint resumes on any number of processes.
 
     Args:
         segments: the number of segments ``n``, or a curriculum: increasing stage sizes, e.g.
@@ -216,6 +240,10 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         seed: seeds batches and dropout (per step).
         stop_after: end this call after that many steps (and checkpoint), as an interruption
             would; a later call with the same arguments resumes.
+        grad_accum: micro-batches of ``batch_size`` per rank accumulated into one optimizer step.
+        amp: ``"bf16"``: run forward/backward under ``torch.autocast(<model device>, bfloat16)``
+            (parameters, gradients and optimizer state stay float32).
+        bucket_mb: gradient all-reduce bucket size (MiB) when distributed.
 
     Returns:
         :class:`TrainResult`.
@@ -225,6 +253,11 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
                 clip_grad, threshold, stage_steps, eval_every, save_every, output_dir)
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be an int >= 1 or None, got {stop_after!r}")
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
+    env = rd.init_distributed(model.device)
     if bptt_depth is not None:
         model.rmt_config.bptt_depth = bptt_depth
     if checkpoint_segments is not None:
@@ -232,6 +265,10 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     model.rmt_config.validate()
     for n in stages:
         task.splits(n)  # fail early on impossible lengths
+
+    if env.enabled:
+        rd.broadcast_module(model)
+    sync = rd.GradientSync(model.parameters(), bucket_mb) if env.enabled else None
 
     def new_optimizer():
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -247,6 +284,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         os.makedirs(output_dir, exist_ok=True)
         metrics_path = os.path.join(output_dir, METRICS_NAME)
         ckpt = latest_checkpoint(output_dir) if resume else None
+        rd.barrier()  # every rank has picked the checkpoint before rank 0 may write anything
         if ckpt is not None:
             state = _load_checkpoint(model, ckpt)
             if state["stages"] != stages:
@@ -260,26 +298,34 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
             with open(metrics_path) as f:
                 history = [json.loads(line) for line in f if line.strip()]
             history = [h for h in history if h["step"] <= step] if ckpt is not None else []
+        rd.barrier()  # every rank has read the metrics before rank 0 rewrites them
+        if env.is_main and os.path.exists(metrics_path):
             with open(metrics_path, "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
 
     def log(record: dict) -> None:
         history.append(record)
-        if metrics_path is not None:
+        if metrics_path is not None and env.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save() -> None:
         state = {"step": step, "stage": stage, "stage_start": stage_start, "stages": stages,
                  "stage_changes": [list(c) for c in stage_changes], "seed": seed,
-                 "wall_time": wall_before + time.perf_counter() - t0}
-        _save_checkpoint(model, optimizer, task, state, output_dir, keep_checkpoints)
+                 "wall_time": wall_before + time.perf_counter() - t0, "world_size": env.world_size,
+                 "global_batch_size": global_batch}
+        if env.is_main:
+            _save_checkpoint(model, optimizer, task, state, output_dir, keep_checkpoints)
+        rd.barrier()
 
     span = stage_steps if stage_steps is not None else steps
     valid_acc = float("nan")
     t0 = time.perf_counter()
     bar = None
-    if progress:
+    global_batch = batch_size * env.world_size * grad_accum
+    autocast_kw = {"device_type": model.device.type, "dtype": AMP_DTYPES[amp] if amp else torch.float32,
+                   "enabled": amp is not None}
+    if progress and env.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=step, desc=task.name, dynamic_ncols=True)
@@ -292,24 +338,27 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         if random_segments and stage > 0:
             n = stages[int(torch.randint(stage + 1, (1,), generator=g))]
         data = task.splits(n)["train"]
-        idx = torch.randint(len(data), (batch_size,), generator=g)
-        ids = data.input_ids[idx].to(model.device)
-        labels_mask = data.labels_mask[idx].to(model.device)
-        torch.manual_seed(_step_seed(seed, step) + 1)
+        idx = torch.randint(len(data), (global_batch,), generator=g)
         factor = lr_factor(step - stage_start, warmup_steps, span, schedule, min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
-        loss = model(ids, labels=ids, labels_mask=labels_mask, return_logits=False).loss
+        micro = []
+        for j in range(grad_accum):
+            mine = rd.shard(idx, env.rank, env.world_size, j, grad_accum)
+            ids = data.input_ids[mine].to(model.device)
+            labels_mask = data.labels_mask[mine].to(model.device)
+            micro.append((ids, labels_mask, model.num_targets(ids, ids, labels_mask)))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _accumulate(model, micro, env, sync, autocast_kw, _step_seed(seed, step) + 1)
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         step += 1
-        record = {"step": step, "stage": stage, "segments": n, "loss": round(loss.item(), 6),
+        record = {"step": step, "stage": stage, "segments": n, "loss": round(loss, 6),
                   "lr": lr * factor}
         if step % eval_every == 0 or step == steps:
-            valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size)
+            valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size,
+                                 distributed=env.enabled)
             record["valid_accuracy"] = valid_acc
             reached = threshold is not None and valid_acc >= threshold
             spent = stage_steps is not None and step - stage_start >= stage_steps
@@ -330,7 +379,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
             log(record)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", seg=n, acc=f"{valid_acc:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", seg=n, acc=f"{valid_acc:.3f}")
         if save_every is not None and step % save_every == 0:
             save()
             last_saved = step
@@ -341,9 +390,41 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     if output_dir is not None and last_saved != step:
         save()
     if math.isnan(valid_acc):
-        valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size)
+        valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size,
+                                 distributed=env.enabled)
     return TrainResult(step, stage, stages[stage], valid_acc, history, stage_changes,
                        wall_before + time.perf_counter() - t0)
+
+
+def _accumulate(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, int]], env: rd.DistEnv,
+                sync: rd.GradientSync | None, autocast_kw: dict, dropout_seed: int) -> float:
+    """Forward/backward of this rank's micro-batches ``(ids, labels_mask, targets)`` and, when
+    distributed, the gradient all-reduce. Each micro-batch's mean loss is weighted by its share
+    of the global target count, so the summed gradient is the mean over the global batch.
+    Returns the global mean loss. Collectives: one all-reduce of the target count and
+    ``sync.num_buckets`` for the gradients (the loss rides in the last bucket), however many
+    segments or micro-batches this rank ran."""
+    local = sum(t for _, _, t in micro)
+    total = local
+    if env.enabled:
+        total = int(rd.all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64,
+                                                   device=model.device))[0])
+    loss_sum = torch.zeros((), dtype=torch.float32, device=model.device)
+    for j, (ids, labels_mask, targets) in enumerate(micro):
+        # dropout: a distinct stream per micro-batch and rank (rank 0, micro 0: the old seed)
+        torch.manual_seed(dropout_seed + j * env.world_size + env.rank)
+        if targets == 0:
+            continue  # nothing to learn here; GradientSync contributes zeros for this rank
+        with torch.autocast(**autocast_kw):
+            loss = model(ids, labels=ids, labels_mask=labels_mask, return_logits=False).loss
+        scale = targets / total
+        if scale != 1.0:
+            loss = loss * scale
+        loss.backward()
+        loss_sum += loss.detach().float()
+    if sync is not None:
+        loss_sum = sync(loss_sum.reshape(1))[0]
+    return float(loss_sum)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -420,6 +501,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-facts", type=int, default=4)
     p.add_argument("--path", default=None, help="babilong-file: the .json/.jsonl file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches of --batch-size per rank accumulated per optimizer step")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
+                   help="autocast forward/backward to this dtype (parameters stay float32)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK under torchrun when CUDA is "
+                        "available, else cpu)")
     return p
 
 
@@ -427,6 +515,16 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     args = parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    launched = rd.env_from_environ()
+    if args.device is not None:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None and launched is not None:
+            device = torch.device("cuda", launched.local_rank)
+    elif launched is not None and launched.world_size > 1:
+        device = rd.default_device(launched)
+    else:
+        device = torch.device("cpu")
+    env = rd.init_distributed(device)
     if args.segment_size is None:
         if args.length is not None:
             if args.length % args.segments:
@@ -445,11 +543,11 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                         d_model=args.d_model, heads=args.heads, d_inner=args.d_inner,
                         dropout=args.dropout, mask=args.mask, xl_cache=args.xl_cache,
                         bptt_depth=args.bptt_depth, checkpoint_segments=args.checkpoint_segments,
-                        seed=args.seed)
-    if args.out is not None:
+                        seed=args.seed).to(device)
+    if args.out is not None and env.is_main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "train_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump({**vars(args), "world_size": env.world_size}, f, indent=2)
     result = train(model, task, args.steps, segments=stages, batch_size=args.batch_size, lr=args.lr,
                    weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
                    min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip,
@@ -457,10 +555,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                    stage_steps=args.stage_steps, random_segments=args.random_segments,
                    early_stop=args.early_stop, eval_every=args.eval_every, eval_size=args.eval_size,
                    output_dir=args.out, save_every=args.save_every if args.out else None,
-                   resume=not args.no_resume, seed=args.seed, progress=not args.no_progress)
-    print(json.dumps({"step": result.step, "segments": result.segments,
-                      "valid_accuracy": result.valid_accuracy, "wall_time": round(result.wall_time, 1),
-                      "stage_changes": result.stage_changes}))
+                   resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
+                   grad_accum=args.grad_accum, amp=args.amp)
+    if env.is_main:
+        print(json.dumps({"step": result.step, "segments": result.segments,
+                          "valid_accuracy": result.valid_accuracy,
+                          "wall_time": round(result.wall_time, 1), "world_size": env.world_size,
+                          "stage_changes": result.stage_changes}))
+    rd.destroy()
     return result
 
 

@@ -216,7 +216,7 @@ class RMTForCausalLM(RMTBase):
             memory = self.expand_memory(input_ids.shape[0])
         n_targets = None
         if labels is not None:
-            n_targets = sum(int((s.targets != -100).sum()) for s in segments)
+            n_targets = _count_targets(segments)
         if self.rmt_config.checkpoint_segments and labels is not None and torch.is_grad_enabled():
             if xl is not None or self.rmt_config.xl_cache:
                 raise ValueError("checkpoint_segments=True does not support xl_cache yet")
@@ -237,6 +237,15 @@ class RMTForCausalLM(RMTBase):
                 if return_logits:
                     logits.append(seg_logits)
         return RMTOutput(loss, torch.cat(logits, dim=1) if return_logits else None, memory, xl)
+
+    def num_targets(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                    labels_mask: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> int:
+        """How many positions the loss of ``forward(input_ids, labels, ...)`` averages over
+        (its denominator). Data-parallel training weights each rank's mean loss by this count
+        so that the synchronised gradient is the mean over the global batch."""
+        self._check_inputs(input_ids, attention_mask, labels, labels_mask, None)
+        return _count_targets(self._segments(input_ids, attention_mask, labels, labels_mask))
 
     def _make_step(self, n_targets: int | None):
         """The per-segment function of :func:`rmt_fast.checkpoint.segment_bptt`."""
@@ -306,6 +315,10 @@ class RMTForCausalLM(RMTBase):
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise ValueError(f"official state dict mismatch: missing {missing}, unexpected {unexpected}")
+
+
+def _count_targets(segments: list[_Segment]) -> int:
+    return sum(int((s.targets != -100).sum()) for s in segments)
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""Data-parallel training on CPU with gloo, 2 processes on loopback (see tests/dist_worker.py).
+
+The 2-process runs happen once per module (a fixture launches both ranks as torchrun would, with
+a time limit); the single-process references are computed here, in this process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import dist_worker as dw
+import pytest
+import torch
+
+from rmt_fast import distributed as rd
+from rmt_fast.train import main as train_main
+from rmt_fast.train import train
+
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-6
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error", **extra)
+    return env
+
+
+def run_ranks(cmd: list[str], world: int = 2, timeout: float = TIMEOUT_S) -> None:
+    """Start ``world`` processes of ``cmd`` with torchrun's variables; fail (killing them) on a
+    non-zero exit or after ``timeout`` seconds (a hang)."""
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                            MASTER_PORT=port))
+             for r in range(world)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed run did not finish in {timeout}s (hang?)")
+    for r, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    run_ranks([sys.executable, os.path.join(ROOT, "tests", "dist_worker.py"), str(out)])
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+# AdamW turns rounding-level gradient differences (a batch summed as two halves on two ranks
+# instead of at once) into parameter differences proportional to lr, largest where a gradient is
+# ~0 (e.g. attention key biases, whose exact gradient is 0); the runs use lr=5e-4 (TRAIN_KW) so
+# float32 rounding stays below TOL after the few steps compared.
+
+
+def assert_close(a: dict, b: dict, tol: float = TOL) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        assert diff <= tol, f"{k}: max |diff| {diff:.3g} > {tol}"
+
+
+def assert_differs(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) > tol
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_two_processes_match_one_with_the_global_batch(two_ranks, ckpt):
+    _, ranks = two_ranks
+    task = dw.make_copy_task()
+    single = dw.tiny_model(task)
+    train(single, task, 3, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=100,
+          checkpoint_segments=ckpt, **dw.TRAIN_KW)
+    key = f"plain_ckpt{int(ckpt)}"
+    assert_close(ranks[0][key], ranks[1][key], tol=0.0)  # replicas stay bitwise identical
+    assert_close(ranks[0][key], dw.params(single))
+    # the check can fail: half the global batch on one process gives other parameters
+    half = dw.tiny_model(task)
+    train(half, task, 3, segments=2, batch_size=dw.PER_RANK_BATCH, eval_every=100,
+          checkpoint_segments=ckpt, **dw.TRAIN_KW)
+    assert_differs(ranks[0][key], dw.params(half))
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_ranks_with_different_segment_counts(two_ranks, ckpt):
+    """Rank 0 runs 1 segment, rank 1 runs 3: no hang, one all-reduce per bucket plus the target
+    count, and the gradient is the mean over every target token of both ranks' batches."""
+    _, ranks = two_ranks
+    task = dw.make_copy_task()
+    model = dw.tiny_model(task, checkpoint_segments=ckpt)
+    batches = [dw.var_batch(task, r) for r in range(2)]
+    counts = [model.num_targets(ids, ids, mask) for ids, mask in batches]
+    total = sum(counts)
+    assert counts[0] != counts[1]  # the ranks really hold different amounts of work
+    loss_ref = 0.0
+    for (ids, mask), n in zip(batches, counts, strict=True):
+        loss = model(ids, labels=ids, labels_mask=mask, return_logits=False).loss * (n / total)
+        loss.backward()
+        loss_ref += loss.item()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    key = f"ckpt{int(ckpt)}"
+    assert_close(ranks[0][f"var_grads_{key}"], ranks[1][f"var_grads_{key}"], tol=0.0)
+    assert_close(ranks[0][f"var_grads_{key}"], ref)
+    assert math.isclose(ranks[0][f"var_loss_{key}"], loss_ref, rel_tol=1e-6)
+    for r in range(2):
+        assert ranks[r][f"var_allreduce_{key}"] == 1 + ranks[r]["num_buckets"]
+    # a plain average of the two ranks' mean losses would be another gradient
+    naive = {}
+    for ids, mask in batches:
+        m = dw.tiny_model(task, checkpoint_segments=ckpt)
+        (m(ids, labels=ids, labels_mask=mask, return_logits=False).loss / 2).backward()
+        for n, p in m.named_parameters():
+            naive[n] = naive.get(n, 0) + p.grad
+    assert_differs(ranks[0][f"var_grads_{key}"], naive, tol=1e-6)
+    assert dw.VAR_SEGMENTS[0] != dw.VAR_SEGMENTS[1]
+
+
+def test_all_reduce_count_per_step(two_ranks):
+    """Checkpointed segments (recomputed in backward), truncated BPTT, a curriculum with random
+    segments and 2 micro-batches: per optimizer step exactly 1 (target count) + buckets
+    all-reduces, plus 1 per evaluation; and the same parameters as one process."""
+    _, ranks = two_ranks
+    steps, evals = 4, 2
+    for r in ranks:
+        assert r["count_calls"] == steps * (1 + r["count_buckets"]) + evals
+    assert ranks[0]["count_stage_changes"] == [(2, 1, 3, "threshold")]
+    task = dw.make_copy_task()
+    single = dw.tiny_model(task)
+    res = train(single, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
+                batch_size=dw.PER_RANK_BATCH, grad_accum=2, eval_every=2, checkpoint_segments=True,
+                bptt_depth=1, **dw.TRAIN_KW)
+    assert [tuple(c) for c in res.stage_changes] == ranks[0]["count_stage_changes"]
+    assert_close(ranks[0]["count_params"], dw.params(single))
+    for a, b in zip(ranks[0]["count_history"], res.history, strict=True):
+        assert a["segments"] == b["segments"] and math.isclose(a["loss"], b["loss"], abs_tol=2e-6)
+        if "valid_accuracy" in b:
+            assert math.isclose(a["valid_accuracy"], b["valid_accuracy"], abs_tol=1e-9)
+
+
+def test_resume_on_one_process_after_two(two_ranks, tmp_path):
+    out, ranks = two_ranks
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "saved-checkpoint-2", run_dir / "checkpoint-2")
+    state = torch.load(run_dir / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["global_batch_size"] == 2 * dw.PER_RANK_BATCH
+    task = dw.make_copy_task()
+    resumed = dw.tiny_model(task)
+    for p in resumed.parameters():  # everything must come from the checkpoint
+        torch.nn.init.normal_(p)
+    res = train(resumed, task, 4, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=2,
+                save_every=2, checkpoint_segments=True, output_dir=run_dir, **dw.TRAIN_KW)
+    assert res.step == 4
+    assert_close(ranks[0]["resume_params"], dw.params(resumed))
+    assert_close(ranks[0]["resume_params"], ranks[1]["resume_params"], tol=0.0)
+    # rank 0 alone wrote the checkpoints and metrics: each step's record once
+    run2 = out / "resume_run"
+    saved = sorted(n for n in os.listdir(run2) if n.startswith("checkpoint"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]
+    steps = [json.loads(line)["step"] for line in open(run2 / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+
+
+def test_bf16_autocast_on_cpu(two_ranks):
+    _, ranks = two_ranks
+    hist = ranks[0]["amp_history"]
+    assert hist and all(math.isfinite(h["loss"]) for h in hist)
+    assert_close(ranks[0]["amp_params"], ranks[1]["amp_params"], tol=0.0)
+    task = dw.make_copy_task()
+    fp32 = dw.tiny_model(task)
+    train(fp32, task, 2, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=100,
+          checkpoint_segments=True, **dw.TRAIN_KW)
+    # bf16 really ran (other numbers than float32) but stayed near them
+    a, b = ranks[0]["amp_params"], dw.params(fp32)
+    assert_differs(a, b, tol=1e-7)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.05
+
+
+def test_torchrun_cli_matches_single_process(tmp_path):
+    """``python -m torch.distributed.run --nproc_per_node 2 -m rmt_fast.train ...`` (loopback)."""
+    args = ["--task", "copy", "--segments", "2", "--segment-size", "8", "--mem", "2", "--layers", "2",
+            "--d-model", "32", "--heads", "4", "--d-inner", "64", "--steps", "3", "--warmup", "1",
+            "--lr", "5e-4", "--eval-every", "3", "--eval-size", "16", "--save-every", "3",
+            "--train-size", "100",
+            "--valid-size", "16", "--test-size", "0", "--copies", "1", "--no-progress",
+            "--checkpoint-segments", "--threads", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "rmt_fast.train",
+           *args, "--batch-size", "3", "--out", str(tmp_path / "dist")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summary) == 1 and summary[0]["world_size"] == 2 and summary[0]["step"] == 3
+    single = train_main([*args, "--batch-size", "6", "--out", str(tmp_path / "single")])
+    assert single.step == 3
+    load = lambda d: torch.load(d / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    assert load(tmp_path / "dist")["world_size"] == 2 and load(tmp_path / "single")["world_size"] == 1
+    from rmt_fast.models import RMTForCausalLM
+
+    a = RMTForCausalLM.from_pretrained(tmp_path / "dist" / "checkpoint-3").state_dict()
+    b = RMTForCausalLM.from_pretrained(tmp_path / "single" / "checkpoint-3").state_dict()
+    assert_close(a, b)
+    losses = lambda d: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]
+    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), abs=2e-6)
+
+
+def test_env_parsing_and_sharding():
+    assert rd.env_from_environ({}) is None
+    assert rd.env_from_environ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == rd.DistEnv(1, 4, 1)
+    with pytest.raises(ValueError, match="incomplete"):
+        rd.env_from_environ({"LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match="invalid"):
+        rd.env_from_environ({"RANK": "4", "WORLD_SIZE": "4"})
+    idx = torch.arange(24)
+    parts = [rd.shard(idx, r, 3, j, 2) for j in range(2) for r in range(3)]
+    assert torch.equal(torch.cat(parts), idx)  # disjoint, and their union is the global batch
+    with pytest.raises(ValueError, match="does not split"):
+        rd.shard(torch.arange(10), 0, 3)
+    assert [rd.split_evenly(10, 3, i) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
