@@ -114,7 +114,7 @@ class RMTForCausalLM(RMTBase):
         ``need_hidden=False`` (reading a context) returns ``None`` for ``hidden``.
         """
         cfg = self.rmt_config
-        m, batch, seg_len = cfg.num_mem_tokens, ids.shape[0], ids.shape[1]
+        m, seg_len = cfg.num_mem_tokens, ids.shape[1]
         embeds = self.base.get_input_embeddings()(ids)
         num_write = m if write else 0
         # one pass into the [read | segment | write] buffer (the extension's op when built)
