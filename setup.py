@@ -84,7 +84,7 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=PACKAGE_DIR,
-    package_data={"rmt_fast": ["checkpoints/*/*"]},
+    package_data={"rmt_fast": ["checkpoints/*/*", "checkpoints/*/*/*"]},
     install_requires=["numpy", "safetensors", "tqdm", "transformers>=4.56"],
     extras_require={
         "triton": ["triton>=3.2"],

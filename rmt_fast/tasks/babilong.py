@@ -251,6 +251,14 @@ def babilong_task(task: str = "qa1", length: int = 128, num_facts: int = 4, *, s
                        test_size=test_size, name=f"babilong-{task}")
 
 
+def needle_sample(rng: random.Random, length: int, fact_within: int, vocab: Vocab) -> list[int]:
+    """One needle story of exactly ``length`` ids; the key digit is the last id."""
+    key = rng.choice(DIGITS)
+    words = _fill(rng, [["the", "key", "is", key, "."]], ["what", "is", "the", "key", "?"], key,
+                  length, fact_within=fact_within)
+    return vocab.encode(words, strict=True)
+
+
 def needle_task(length: int = 64, fact_within: int = 16, *, seed: int = 0, train_size: int = 10_000,
                 valid_size: int = 1_000, test_size: int = 1_000, vocab: Vocab | None = None) -> Splits:
     """Needle: ``the key is D .`` ending within the first ``fact_within`` words of the story,
@@ -262,10 +270,7 @@ def needle_task(length: int = 64, fact_within: int = 16, *, seed: int = 0, train
     mask = _answer_mask(length)
 
     def sample(rng: random.Random):
-        key = rng.choice(DIGITS)
-        words = _fill(rng, [["the", "key", "is", key, "."]], ["what", "is", "the", "key", "?"], key,
-                      length, fact_within=fact_within)
-        return vocab.encode(words, strict=True), mask
+        return needle_sample(rng, length, fact_within, vocab), mask
 
     return make_splits(sample, seed=seed, train_size=train_size, valid_size=valid_size,
                        test_size=test_size, name="needle")
