@@ -21,6 +21,7 @@ Past keys are visible to segment and write rows always, and to read rows only wh
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -84,15 +85,16 @@ def dense_visibility(
 
 # --- block structure (used by the fast CPU path and to plan kernel block skipping) -------------
 
-FULL, DIAG = "full", "diag"
+FULL, DIAG, DENSE = "full", "diag", "dense"
 
 
 @dataclass(frozen=True)
 class KeyBlock:
-    """A contiguous key range seen by a whole row group: ``full`` or causal ``diag``.
+    """A contiguous key range seen by a whole row group: ``full``, causal ``diag``, or ``dense``.
 
     ``source`` is ``"past"`` or ``"cur"``; a ``diag`` block starts at the row group's first row,
-    so row ``r`` of the group sees keys ``[start, start + r]``.
+    so row ``r`` of the group sees keys ``[start, start + r]``; a ``dense`` block (all current
+    keys) applies the mode's element mask (:func:`dense_visibility`) as a bias.
     """
 
     source: str
@@ -108,6 +110,7 @@ class RowGroup:
     blocks: tuple[KeyBlock, ...]
 
 
+@functools.lru_cache(maxsize=256)  # called per attention call with a handful of distinct layouts
 def block_plan(
     length: int,
     past_length: int,
@@ -115,7 +118,7 @@ def block_plan(
     num_write: int,
     mask: str,
     past_visible_to_read: bool,
-) -> list[RowGroup]:
+) -> tuple[RowGroup, ...]:
     """Decompose the mask into row groups, each seeing a few full or causal-diagonal key ranges."""
     check_mask_mode(mask)
     r0, r1, r2 = num_read, length - num_write, length  # boundaries of read | segment | write
@@ -154,4 +157,25 @@ def block_plan(
         if sees_past:
             blocks = [KeyBlock("past", 0, past_length, FULL), *blocks]
         out.append(RowGroup(qs, qe, tuple(blocks)))
-    return out
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def dense_plan(length: int, past_length: int, num_read: int, past_visible_to_read: bool
+               ) -> tuple[RowGroup, ...]:
+    """All current keys as one ``dense`` block; past keys stay a separate ``full`` block."""
+    cur = KeyBlock("cur", 0, length, DENSE)
+    if past_length == 0:
+        return (RowGroup(0, length, (cur,)),)
+    past = KeyBlock("past", 0, past_length, FULL)
+    if past_visible_to_read or num_read == 0:
+        return (RowGroup(0, length, (past, cur)),)
+    return (RowGroup(0, num_read, (cur,)), RowGroup(num_read, length, (past, cur)))
+
+
+@functools.lru_cache(maxsize=64)
+def structure_bias(length: int, num_read: int, num_write: int, mask: str,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bias [L, L] with 0 / -inf, visible [L, L] bool)`` of the current keys (CPU)."""
+    vis = dense_visibility(length, num_read=num_read, num_write=num_write, mask=mask)
+    return torch.zeros(vis.shape, dtype=dtype).masked_fill_(~vis, float("-inf")), vis

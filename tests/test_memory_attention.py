@@ -7,7 +7,8 @@ import torch
 from helpers import attention_inputs, grads
 
 from rmt_fast import memory_attention
-from rmt_fast.masks import block_plan, dense_visibility
+from rmt_fast.masks import block_plan, dense_plan, dense_visibility
+from rmt_fast.ops import cpu_flash
 
 MODES = ["causal", "rmt", "full", "bottleneck"]
 
@@ -16,11 +17,18 @@ def _run(backend, inp, **kw):
     return memory_attention(**inp, backend=backend, return_lse=True, **kw)
 
 
+@pytest.fixture(params=["blocks", "dense"])
+def cpu_plan(request, monkeypatch):
+    """Run the CPU path both ways: split into mask blocks, and one call with a small dense mask."""
+    monkeypatch.setattr(cpu_flash, "DENSE_MAX_ELEMENTS", 0 if request.param == "blocks" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("mask", MODES)
 @pytest.mark.parametrize("rw", [(0, 0), (3, 2), (4, 0), (0, 3)])
 @pytest.mark.parametrize("past,pvr", [(0, False), (5, False), (5, True)])
 @pytest.mark.parametrize("pad", [False, True])
-def test_cpu_path_matches_reference_float64(mask, rw, past, pvr, pad):
+def test_cpu_path_matches_reference_float64(mask, rw, past, pvr, pad, cpu_plan):
     inp = attention_inputs(past=past, pad=pad, length=13)
     kw = dict(num_read=rw[0], num_write=rw[1], mask=mask, past_visible_to_read=pvr)
     out, lse = _run("torch", inp, **kw)
@@ -37,7 +45,7 @@ def test_cpu_path_matches_reference_float64(mask, rw, past, pvr, pad):
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1), (6, 2)])
 @pytest.mark.parametrize("length", [1, 7, 33])
-def test_gqa_and_ragged_lengths(hq, hkv, length):
+def test_gqa_and_ragged_lengths(hq, hkv, length, cpu_plan):
     inp = attention_inputs(hq=hq, hkv=hkv, length=length, past=3)
     kw = dict(num_read=min(2, length), mask="rmt")
     out, _ = _run("torch", inp, **kw)
@@ -47,7 +55,7 @@ def test_gqa_and_ragged_lengths(hq, hkv, length):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask", MODES)
-def test_low_precision_error_bounded_by_pytorch_error(dtype, mask):
+def test_low_precision_error_bounded_by_pytorch_error(dtype, mask, cpu_plan):
     """FlashAttention's convention: our error vs float64 <= 2x the same-dtype reference's."""
     inp = attention_inputs(dtype=dtype, length=40, dim=16, past=6, pad=True)
     kw = dict(num_read=4, num_write=4, mask=mask)
@@ -62,7 +70,7 @@ def test_low_precision_error_bounded_by_pytorch_error(dtype, mask):
 
 
 @pytest.mark.parametrize("mask", MODES)
-def test_gradcheck_small(mask):
+def test_gradcheck_small(mask, cpu_plan):
     inp = attention_inputs(batch=1, hq=2, hkv=1, length=6, dim=4, past=2, pad=True)
     names = ["q", "k", "v", "past_k", "past_v"]
     kpm = inp["key_padding_mask"]
@@ -109,6 +117,13 @@ def test_block_plan_covers_dense_mask_exactly():
                     else:
                         rebuilt[i, off + b.start: off + b.start + i - g.start + 1] = True
         assert torch.equal(rebuilt, dense), (mask, r, w, p, pvr)
+
+
+def test_dense_plan_keeps_past_separate_and_hidden_from_read_rows():
+    plan = dense_plan(10, 4, 2, False)
+    assert [(g.start, g.end, [b.source for b in g.blocks]) for g in plan] == [
+        (0, 2, ["cur"]), (2, 10, ["past", "cur"])]
+    assert len(dense_plan(10, 4, 2, True)) == 1 and len(dense_plan(10, 0, 2, False)) == 1
 
 
 def test_mask_semantics_by_hand():

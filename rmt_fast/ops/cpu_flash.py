@@ -4,7 +4,9 @@ The mask is decomposed into row groups that each see a few contiguous key ranges
 or with a causal diagonal (:func:`rmt_fast.masks.block_plan`). Each (row group, key range) pair
 runs through PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp; the
 partial results are merged by their log-sum-exps. No ``L x L`` mask or score matrix is built and
-past keys are never concatenated with the current ones.
+past keys are never concatenated with the current ones. Small segments
+(``L x (P + L) <= DENSE_MAX_ELEMENTS``), where per-call overhead dominates, instead run the
+current keys as one call with the mode's small element mask (:func:`rmt_fast.masks.dense_plan`).
 
 Backward uses the flash-attention identity: given the *merged* output and log-sum-exp, the CPU
 flash backward of each partial call yields that block's exact share of dQ, dK and dV.
@@ -15,40 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from rmt_fast.masks import DIAG, RowGroup, block_plan
+from rmt_fast.masks import DENSE, DIAG, RowGroup, block_plan, dense_plan, structure_bias
+
+#: below this many (query, key) pairs one masked call beats splitting into blocks
+DENSE_MAX_ELEMENTS = 16384
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _padding_bias(kpm: torch.Tensor | None, start: int, end: int, dtype: torch.dtype):
-    """Additive key-padding bias ``[B, 1, 1, end - start]`` (0 or -inf), or None."""
-    if kpm is None:
-        return None
-    keep = kpm[:, start:end]
-    if bool(keep.all()):
-        return None
-    bias = torch.zeros(keep.shape, dtype=dtype, device=kpm.device).masked_fill_(~keep, float("-inf"))
-    return bias[:, None, None, :]
-
-
-def _block_visible(kpm: torch.Tensor | None, start: int, end: int, rows: int, diag: bool, batch: int):
-    """Bool ``[B, rows]``: does each row see at least one key of the block?"""
-    if kpm is None:
-        return None
-    keep = kpm[:, start:end]
-    if diag:
-        seen = keep.cumsum(dim=1) > 0  # row r sees keys [start, start + r]
-        return seen[:, :rows]
-    return keep.any(dim=1, keepdim=True).expand(batch, rows)
-
-
-def _calls(plan: list[RowGroup], past_length: int):
-    """Flatten the plan into (row start, row end, key offset in [past | cur], key end, causal)."""
-    for g in plan:
-        for b in g.blocks:
-            off = 0 if b.source == "past" else past_length
-            yield g.start, g.end, off + b.start, off + b.end, b.kind == DIAG
 
 
 def _key_slices(k, past_k, past_length, ks, ke):
@@ -57,52 +32,105 @@ def _key_slices(k, past_k, past_length, ks, ke):
     return k[:, :, ks - past_length : ke - past_length]
 
 
+def _block_inputs(group: RowGroup, layout: dict, k, v, past_k, past_v, kpm, dtype):
+    """Per key block of ``group``: ``(k, v, bias, seen, causal, source is past, key slice)``.
+
+    ``bias``: additive ``[B or 1, 1, rows or 1, keys]`` (padding and, for dense blocks, the
+    mode's element mask) or None. ``seen``: bool ``[B, rows]``, does a row see any key of the
+    block (None when every row does).
+    """
+    past_length = 0 if past_k is None else past_k.shape[2]
+    rows = group.end - group.start
+    out = []
+    for b in group.blocks:
+        src_past = b.source == "past"
+        off = 0 if src_past else past_length
+        ks, ke = off + b.start, off + b.end
+        keep = None if kpm is None else kpm[:, ks:ke]
+        if keep is not None and bool(keep.all()):
+            keep = None
+        bias = seen = None
+        if keep is not None:
+            bias = torch.zeros(keep.shape, dtype=dtype, device=kpm.device).masked_fill_(
+                ~keep, float("-inf"))[:, None, None, :]
+        if b.kind == DENSE:
+            structure, vis = structure_bias(layout["length"], layout["num_read"],
+                                            layout["num_write"], layout["mask"], dtype)
+            structure = structure[group.start:group.end].to(k.device)[None, None]
+            vis = vis[group.start:group.end].to(k.device)
+            bias = structure if bias is None else structure + bias
+            seen_rows = (vis[None] & keep[:, None, :]).any(-1) if keep is not None else vis.any(-1)[None]
+            if not bool(seen_rows.all()):
+                seen = seen_rows.expand(kpm.shape[0] if kpm is not None else k.shape[0], rows)
+        elif keep is not None:
+            seen = keep.cumsum(dim=1)[:, :rows] > 0 if b.kind == DIAG else \
+                keep.any(dim=1, keepdim=True).expand(keep.shape[0], rows)
+        out.append((_key_slices(k, past_k, past_length, ks, ke),
+                    _key_slices(v, past_v, past_length, ks, ke), bias, seen, b.kind == DIAG,
+                    src_past, slice(b.start, b.end)))
+    return out
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(q, k, v, past_k, past_v, kpm, plan, scale):
+def _merge(parts, acc, like: torch.Tensor):
+    """Combine partial ``(out, lse)`` results over disjoint key blocks of the same rows
+    (``like``: the query rows, for the shapes when no block is visible at all)."""
+    if not parts:
+        return (torch.zeros(like.shape, dtype=acc, device=like.device),
+                torch.full(like.shape[:-1], float("-inf"), dtype=acc, device=like.device))
+    if len(parts) == 1:
+        return parts[0][0].to(acc), parts[0][1]
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)  # rows seeing nothing
+    weights = torch.exp(lses - safe).unsqueeze(-1)
+    out = sum(o.to(acc) * w for (o, _), w in zip(parts, weights, strict=True))
+    return out, total
+
+
+def _forward(q, k, v, past_k, past_v, kpm, plan, layout, scale):
     batch, hq, length, _ = q.shape
     acc = _acc_dtype(q.dtype)
-    past_length = 0 if past_k is None else past_k.shape[2]
-    calls = list(_calls(plan, past_length))
-    if len(calls) == 1 and kpm is None and q.shape[1] == k.shape[1] and calls[0][:2] == (0, length):
+    groups = hq // k.shape[1]
+    single = len(plan) == 1 and len(plan[0].blocks) == 1 and plan[0].blocks[0].kind != DENSE
+    if single and kpm is None and groups == 1:
         # one block covering every row (plain causal/full): nothing to merge
-        qs, qe, ks, ke, causal = calls[0]
-        kb = _key_slices(k, past_k, past_length, ks, ke)
-        vb = _key_slices(v, past_v, past_length, ks, ke)
+        (kb, vb, _, _, causal, _, _), = _block_inputs(plan[0], layout, k, v, past_k, past_v, None,
+                                                     q.dtype)
         out, lse = _flash_fwd(q, kb, vb, is_causal=causal, scale=scale)
         return out, lse.to(acc)
-    groups = hq // k.shape[1]
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((batch, hq, length), float("-inf"), dtype=acc, device=q.device)
-    for qs, qe, ks, ke, causal in _calls(plan, past_length):
-        kb = _key_slices(k, past_k, past_length, ks, ke)
-        vb = _key_slices(v, past_v, past_length, ks, ke)
-        bias = _padding_bias(kpm, ks, ke, q.dtype)
-        seen = _block_visible(kpm, ks, ke, qe - qs, causal, batch)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, hq, length), dtype=acc, device=q.device)
+    for group in plan:
+        qs, qe = group.start, group.end
+        blocks = _block_inputs(group, layout, k, v, past_k, past_v, kpm, q.dtype)
+        masked_rows = any(seen is not None for _, _, _, seen, _, _, _ in blocks)
         for g in range(groups):
             qg = q[:, g::groups, qs:qe]
-            o, l_blk = _flash_fwd(qg, kb, vb, is_causal=causal, attn_mask=bias, scale=scale)
-            l_blk = l_blk.to(acc)
-            if seen is not None:
-                l_blk = l_blk.masked_fill(~seen[:, None, :], float("-inf"))
-            l_old = lse[:, g::groups, qs:qe]
-            l_new = torch.logaddexp(l_old, l_blk)
-            safe = torch.where(torch.isinf(l_new), torch.zeros_like(l_new), l_new)
-            w_old = torch.exp(l_old - safe).unsqueeze(-1)
-            w_blk = torch.exp(l_blk - safe).unsqueeze(-1)
-            out[:, g::groups, qs:qe] = out[:, g::groups, qs:qe] * w_old + o.to(acc) * w_blk
-            lse[:, g::groups, qs:qe] = l_new
-    return out.to(q.dtype), lse
+            parts = []
+            for kb, vb, bias, seen, causal, _, _ in blocks:
+                o, l_blk = _flash_fwd(qg, kb, vb, is_causal=causal, attn_mask=bias, scale=scale)
+                l_blk = l_blk.to(acc)
+                if seen is not None:
+                    l_blk = l_blk.masked_fill(~seen[:, None, :], float("-inf"))
+                parts.append((o, l_blk))
+            o, l_tot = _merge(parts, acc, qg)
+            if masked_rows:  # rows that see no key at all return zeros
+                o = o.masked_fill(torch.isneginf(l_tot).unsqueeze(-1), 0.0)
+            out[:, g::groups, qs:qe] = o.to(q.dtype)
+            lse[:, g::groups, qs:qe] = l_tot
+    return out, lse
 
 
 class _CPUFlashMemoryAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, kpm, plan, scale):
-        out, lse = _forward(q, k, v, past_k, past_v, kpm, plan, scale)
+    def forward(ctx, q, k, v, past_k, past_v, kpm, plan, layout, scale):
+        out, lse = _forward(q, k, v, past_k, past_v, kpm, plan, layout, scale)
         ctx.save_for_backward(q, k, v, past_k, past_v, kpm, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.layout, ctx.scale = plan, layout, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -111,7 +139,6 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
         q, k, v, past_k, past_v, kpm, out, lse = ctx.saved_tensors
         hq, hkv = q.shape[1], k.shape[1]
         groups = hq // hkv
-        past_length = 0 if past_k is None else past_k.shape[2]
         grad_out = grad_out.contiguous()
         # rows that saw nothing: +inf makes every recomputed probability exp(s - inf) = 0
         lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
@@ -121,26 +148,22 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
         dv = torch.zeros_like(v, dtype=acc)
         dpk = None if past_k is None else torch.zeros_like(past_k, dtype=acc)
         dpv = None if past_v is None else torch.zeros_like(past_v, dtype=acc)
-        for qs, qe, ks, ke, causal in _calls(ctx.plan, past_length):
-            src_past = ks < past_length
-            kb = _key_slices(k, past_k, past_length, ks, ke)
-            vb = _key_slices(v, past_v, past_length, ks, ke)
-            rk = slice(ks, ke) if src_past else slice(ks - past_length, ke - past_length)
-            gk, gv = (dpk, dpv) if src_past else (dk, dv)
-            bias = _padding_bias(kpm, ks, ke, q.dtype)
-            for g in range(groups):
-                hs = slice(g, None, groups)
-                gq_, gk_, gv_ = _flash_bwd(
-                    grad_out[:, hs, qs:qe], q[:, hs, qs:qe], kb, vb,
-                    out[:, hs, qs:qe], lse_b[:, hs, qs:qe], 0.0, causal, attn_mask=bias,
-                    scale=ctx.scale,
-                )
-                dq[:, hs, qs:qe] += gq_
-                gk[:, :, rk] += gk_
-                gv[:, :, rk] += gv_
+        for group in ctx.plan:
+            rows = slice(group.start, group.end)
+            for kb, vb, bias, _, causal, src_past, rk in _block_inputs(
+                    group, ctx.layout, k, v, past_k, past_v, kpm, q.dtype):
+                gk, gv = (dpk, dpv) if src_past else (dk, dv)
+                for g in range(groups):
+                    hs = slice(g, None, groups)
+                    gq_, gk_, gv_ = _flash_bwd(
+                        grad_out[:, hs, rows], q[:, hs, rows], kb, vb, out[:, hs, rows],
+                        lse_b[:, hs, rows], 0.0, causal, attn_mask=bias, scale=ctx.scale)
+                    dq[:, hs, rows] += gq_
+                    gk[:, :, rk] += gk_
+                    gv[:, :, rk] += gv_
         cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
         return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dpk, past_k), cast(dpv, past_v),
-                None, None, None)
+                None, None, None, None)
 
 
 def cpu_flash_memory_attention(
@@ -151,7 +174,11 @@ def cpu_flash_memory_attention(
     if q.numel() == 0 or k.shape[2] == 0:  # the fused kernel crashes (SIGFPE) on empty inputs
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         return q.new_zeros(q.shape), lse
-    past_length = 0 if past_k is None else past_k.shape[2]
-    plan = block_plan(q.shape[2], past_length, num_read, num_write, mask, past_visible_to_read)
+    length, past_length = q.shape[2], 0 if past_k is None else past_k.shape[2]
+    plan = block_plan(length, past_length, num_read, num_write, mask, past_visible_to_read)
+    if sum(len(g.blocks) for g in plan) > 1 + (past_length > 0) and \
+            length * (past_length + length) <= DENSE_MAX_ELEMENTS:
+        plan = dense_plan(length, past_length, num_read, past_visible_to_read)
+    layout = dict(length=length, num_read=num_read, num_write=num_write, mask=mask)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return _CPUFlashMemoryAttention.apply(q, k, v, past_k, past_v, kpm, plan, scale)
+    return _CPUFlashMemoryAttention.apply(q, k, v, past_k, past_v, kpm, plan, layout, scale)
