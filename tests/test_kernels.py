@@ -229,6 +229,68 @@ def test_custom_op_matches_function():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+            "test_aot_dispatch_dynamic")
+
+
+def _op_inputs(past_len):
+    torch.manual_seed(10)
+    q = _rand(1, 2, 9, 16, dtype=torch.float32)
+    k, v = _rand(1, 1, 9, 16, dtype=torch.float32), _rand(1, 1, 9, 16, dtype=torch.float32)
+    if past_len is None:
+        return q, k, v, None, None
+    return q, k, v, *(_rand(1, 1, past_len, 16, dtype=torch.float32) for _ in range(2))
+
+
+@pytest.mark.parametrize("past_len", [None, 0, 5])
+def test_custom_op_opcheck(past_len):
+    """torch.library.opcheck on the forward op: schema, autograd registration, fake impl and
+    the AOT-dispatch (dynamic shapes) forward + backward, all under the interpreter on CPU.
+    ``past_len=0`` once returned 3 gradients for 5 inputs (an empty past lost its grads)."""
+    q, k, v, pk, pv = _op_inputs(past_len)
+    kpm = None if past_len is None else torch.rand(1, past_len + 9) > 0.2
+    args = (q, k, v, pk, pv, kpm, 2, 2, "rmt", False, 0.25)
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention.default, args,
+                                test_utils=OPCHECKS)
+    assert res == {name: "SUCCESS" for name in OPCHECKS}
+
+
+def test_custom_bwd_op_opcheck():
+    q, k, v, pk, pv = _op_inputs(5)
+    out, lse = memory_attention_op(q, k, v, pk, pv, None, 2, 2, "bottleneck", True, 0.25)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(),
+            None, out.detach(), lse, 2, 2, "bottleneck", True, 0.25)
+    checks = OPCHECKS[:3]  # the backward op itself has no autograd formula to check
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention_bwd.default, args,
+                                test_utils=checks)
+    assert res == {name: "SUCCESS" for name in checks}
+
+
+def test_torch_compile_traces_the_custom_op():
+    """``torch.compile(backend="aot_eager", fullgraph=True)`` traces the op (fake tensors) into
+    one graph, forward and backward, and gives the eager results bit for bit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, pk, pv = _op_inputs(5)
+
+    def fn(q, k, v, pk, pv):
+        out, lse = torch.ops.rmt_fast.triton_memory_attention(q, k, v, pk, pv, None, 2, 2, "rmt",
+                                                              False, 0.25)
+        return out * 2.0 + lse[..., None]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    got = compiled(q, k, v, pk, pv)
+    want = fn(q, k, v, pk, pv)
+    assert counter.frame_count == 1 and counter.op_count >= 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    dout = torch.randn_like(want)
+    g_c = torch.autograd.grad(got, (q, k, v, pk, pv), dout)
+    g_e = torch.autograd.grad(want, (q, k, v, pk, pv), dout)
+    for a, b in zip(g_c, g_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_cpu_without_interpreter_raises():
     code = ("import os; os.environ.pop('TRITON_INTERPRET', None); import triton, torch, sys, "
             "importlib; sys.modules['rmt_fast.kernels'] = importlib.import_module('kernels'); "
@@ -269,3 +331,4 @@ def test_aot_full_sweep():
     hopper_bf16_fwd = [r for r in rows if r["kernel"] == "fwd" and r["dtype"] == "bf16"
                        and r["target"] == "sm_90a"]
     assert hopper_bf16_fwd and all(r["wgmma"] for r in hopper_bf16_fwd)
+
