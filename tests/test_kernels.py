@@ -291,6 +291,32 @@ def test_torch_compile_traces_the_custom_op():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_fp32_dots_use_ieee_precision():
+    """fp32 inputs get ``input_precision="ieee"`` (TF32 would round to 10 mantissa bits on the
+    GPU); fp16/bf16 keep Triton's default. The interpreter ignores the precision, so the
+    compiled PTX is checked in the AOT tests."""
+    assert launch.dot_precision(torch.float32) == "ieee"
+    assert launch.dot_precision(torch.float16) == launch.dot_precision(torch.bfloat16) == "tf32"
+    seen = []
+    orig = launch.memory_attention_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                seen.append(kw["DOT_PREC"])
+                return orig[grid](*a, **kw)
+            return run
+
+    launch.memory_attention_fwd_kernel = Spy()
+    try:
+        for dt in (torch.float32, torch.float16):
+            x = torch.randn(1, 1, 4, 16, dtype=dt)
+            launch.forward(x, x, x, None, None, None, launch.make_layout(0, 0, "causal", False, 1.0))
+    finally:
+        launch.memory_attention_fwd_kernel = orig
+    assert seen == ["ieee", "tf32"]
+
+
 def test_cpu_without_interpreter_raises():
     code = ("import os; os.environ.pop('TRITON_INTERPRET', None); import triton, torch, sys, "
             "importlib; sys.modules['rmt_fast.kernels'] = importlib.import_module('kernels'); "
@@ -324,6 +350,16 @@ def test_aot_fp16_d64_fwd_bwd_no_spills():
     assert all(r["wgmma"] for r in rows if r["target"] == "sm_90a")
 
 
+def test_aot_fp32_ieee_no_tf32_no_spills():
+    """fp32 forward and dQ on sm_80: no TF32 mma in the PTX, and still zero spills."""
+    rows = _aot("--caps", "80", "--dtypes", "fp32", "--head-dims", "64", "--kernels", "fwd",
+                "bwd_dq")
+    assert len(rows) == 2
+    for r in rows:
+        assert not r["tf32"], r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
 @pytest.mark.slow
 def test_aot_full_sweep():
     rows = _aot()
@@ -331,4 +367,5 @@ def test_aot_full_sweep():
     hopper_bf16_fwd = [r for r in rows if r["kernel"] == "fwd" and r["dtype"] == "bf16"
                        and r["target"] == "sm_90a"]
     assert hopper_bf16_fwd and all(r["wgmma"] for r in hopper_bf16_fwd)
-
+    assert not any(r["tf32"] for r in rows if r["dtype"] == "fp32")
+    assert not any(r["spill_stores"] or r["spill_loads"] for r in rows)
