@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .decode import decode_reduce_kernel, decode_split_kernel
-from .launch import DECODE_MAX_ROWS, Config, block_d, gpu_config
+from .launch import DECODE_MAX_ROWS, Config, block_d, dot_precision, gpu_config
 from .memory_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .memory_attention_fwd import memory_attention_fwd_kernel
 
@@ -64,7 +64,8 @@ def _variants(dtype: str, head_dim: int):
     """(name, kernel, pointer types, float args, constexprs, config) for one dtype / head dim."""
     t = f"*{dtype}"
     bd = block_d(head_dim)
-    mask_flags = dict(MASK=0, PAST_TO_READ=False, HAS_KPM=False, BLOCK_D=bd, DOT_F32=False)
+    mask_flags = dict(MASK=0, PAST_TO_READ=False, HAS_KPM=False, BLOCK_D=bd, DOT_F32=False,
+                      DOT_PREC=dot_precision(dtype))
     fwd_cfg = gpu_config("fwd", head_dim, dtype)
     fwd_ptrs = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", Out=t, Lse="*fp32")
     yield ("fwd", memory_attention_fwd_kernel, fwd_ptrs, ("qk_scale",),
@@ -82,10 +83,11 @@ def _variants(dtype: str, head_dim: int):
            dict(Q=t, K=t, V=t, PK=t, PV=t, DO=t, Lse="*fp32", Delta="*fp32", KPM="*i8", DQ=t),
            ("qk_scale", "sm_scale"),
            dict(mask_flags, HAS_PAST=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
+    cfg = gpu_config("decode_split", head_dim, dtype)
     yield ("decode_split", decode_split_kernel,
            dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", OutPart="*fp32", LsePart="*fp32"),
            ("qk_scale",),
-           dict(mask_flags, BLOCK_M=DECODE_MAX_ROWS, BLOCK_N=64), Config(DECODE_MAX_ROWS, 64, 4, 2))
+           dict(mask_flags, BLOCK_M=DECODE_MAX_ROWS, BLOCK_N=cfg.block_n), cfg)
     yield ("decode_reduce", decode_reduce_kernel,
            dict(OutPart="*fp32", LsePart="*fp32", Out=t, Lse="*fp32"), (),
            dict(BLOCK_M=DECODE_MAX_ROWS, BLOCK_D=bd), Config(DECODE_MAX_ROWS, 0, 4, 1))
@@ -138,6 +140,7 @@ def aot_table(caps=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(64, 128
                                f"{cfg.block_m}", warps=cfg.num_warps, stages=cfg.num_stages,
                                smem=compiled.metadata.shared, wgmma="wgmma" in ptx,
                                mma="mma.sync" in ptx or "wgmma" in ptx,
+                               tf32=re.search(r"mma\S*\.tf32", ptx) is not None,
                                compile_s=round(time.perf_counter() - t0, 2))
                     row.update(_ptxas(ptx, arch, cap))
                     rows.append(row)
@@ -145,7 +148,7 @@ def aot_table(caps=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(64, 128
 
 
 COLUMNS = ("kernel", "dtype", "head_dim", "target", "block", "warps", "stages", "regs",
-           "spill_stores", "spill_loads", "smem", "mma", "wgmma")
+           "spill_stores", "spill_loads", "smem", "mma", "wgmma", "tf32")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -17,12 +17,12 @@ from .memory_attention_fwd import _fwd_tile
 def _split_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, start, end, n_len, offs_m, offs_d,
                  head_dim, L, R, W, qk_scale, IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr,
                  MASK: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over keys ``[start, end)`` of one buffer, always with the element mask."""
     for n0 in range(start, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m,
                                   offs_d, head_dim, L, R, W, qk_scale, True, IS_PAST,
-                                  PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32)
+                                  PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -32,6 +32,7 @@ def decode_split_kernel(
     qk_scale, L, P, R, W, head_dim, num_heads, groups, split_size, n_past_splits, n_splits,
     MASK: tl.constexpr, PAST_TO_READ: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Partial attention of all ``L <= BLOCK_M`` rows over one key split.
 
@@ -60,13 +61,13 @@ def decode_split_kernel(
         acc, l_i, m_i = _split_range(
             acc, l_i, m_i, q, PK + bhk * P * head_dim, PV + bhk * P * head_dim, kpm_base, start,
             tl.minimum(start + split_size, P), P, offs_m, offs_d, head_dim, L, R, W, qk_scale,
-            True, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32)
+            True, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
     else:
         start = (s - n_past_splits) * split_size
         acc, l_i, m_i = _split_range(
             acc, l_i, m_i, q, K + bhk * L * head_dim, V + bhk * L * head_dim, kpm_base + P, start,
             tl.minimum(start + split_size, L), L, offs_m, offs_d, head_dim, L, R, W, qk_scale,
-            False, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32)
+            False, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     part = (pid_bh.to(tl.int64) * n_splits + s)

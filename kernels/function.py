@@ -77,12 +77,20 @@ def memory_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             out: torch.Tensor, lse: torch.Tensor, num_read: int, num_write: int,
                             mask: str, past_visible_to_read: bool, scale: float,
                             ) -> list[torch.Tensor]:
-    """Backward as an op: ``[dq, dk, dv]`` plus ``[dpast_k, dpast_v]`` when a past is given."""
+    """Backward as an op: ``[dq, dk, dv]`` plus ``[dpast_k, dpast_v]`` when a past is given.
+
+    An empty past (``P = 0``) still gets its two (empty) gradients, as the fake impl promises.
+    """
     layout = launch.make_layout(num_read, num_write, mask, past_visible_to_read, scale)
+    given_pk, given_pv = past_k, past_v
     q, k, v, past_k, past_v, kpm = launch.prepare(q, k, v, past_k, past_v, key_padding_mask)
-    grads = launch.backward(dout, q, k, v, past_k, past_v, kpm, out.contiguous(), lse, layout,
-                            past_k is not None)
-    return [g for g in grads if g is not None]
+    dq, dk, dv, dpk, dpv = launch.backward(dout, q, k, v, past_k, past_v, kpm, out.contiguous(),
+                                           lse, layout, past_k is not None)
+    grads = [dq, dk, dv]
+    if given_pk is not None:
+        grads += [torch.zeros_like(given_pk) if dpk is None else dpk,
+                  torch.zeros_like(given_pv) if dpv is None else dpv]
+    return grads
 
 
 @memory_attention_bwd_op.register_fake

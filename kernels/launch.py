@@ -44,10 +44,19 @@ GPU_CONFIGS = {
     ("bwd_dkdv", 128): Config(32, 64, 8, 1),
     ("bwd_dq", 64): Config(64, 32, 4, 2),
     ("bwd_dq", 128): Config(64, 32, 4, 2),
-    # fp32 tiles are twice the bytes: 128x64 spilled on sm_90a and needed 225 KiB (D=128) of
-    # shared memory, more than an A100 or H100 block may use
-    ("fwd_fp32", 64): Config(64, 32, 4, 2),
-    ("fwd_fp32", 128): Config(64, 32, 4, 2),
+    # flash-decoding split kernel: BLOCK_M is always DECODE_MAX_ROWS
+    ("decode_split", 64): Config(16, 64, 4, 2),
+    ("decode_split", 128): Config(16, 64, 4, 2),
+    # fp32 dots are IEEE (input_precision="ieee"): CUDA-core FMA, no tensor cores, so their
+    # operands live in registers. The fp16 tiles spilled (e.g. fwd 64x32/4 warps D=128: 5.7 KB
+    # on sm_80); these are the first zero-spill configs on both sm_80 and sm_90a of a small
+    # ptxas sweep (largest tile first, then more warps, then smaller tiles). Not timed.
+    ("fwd_fp32", 64): Config(64, 32, 8, 2),
+    ("fwd_fp32", 128): Config(32, 32, 4, 2),
+    ("bwd_dq_fp32", 64): Config(64, 32, 8, 2),
+    ("bwd_dq_fp32", 128): Config(32, 16, 4, 2),
+    ("bwd_dkdv_fp32", 64): Config(16, 16, 4, 1),
+    ("decode_split_fp32", 128): Config(16, 64, 8, 2),
 }
 INTERPRET_CONFIG = Config(16, 16, 1, 1)
 
@@ -73,6 +82,16 @@ def pick_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
 def dot_f32(dtype: torch.dtype) -> bool:
     """Cast tiles to float32 before ``tl.dot``: the interpreter mishandles bf16 dots."""
     return interpreting() and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype | str) -> str:
+    """``tl.dot`` input precision (a ``DOT_PREC`` constexpr) for inputs of ``dtype``.
+
+    float32 inputs get ``"ieee"`` (full fp32 products): Triton's default, ``"tf32"``, rounds the
+    operands to 10 mantissa bits on sm_80/sm_90 tensor cores. fp16/bf16 keep ``"tf32"``, which
+    Triton ignores for them (it is the default, so their kernels are unchanged).
+    """
+    return "ieee" if dtype in (torch.float32, "fp32") else "tf32"
 
 
 @dataclass(frozen=True)
@@ -132,11 +151,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
         MASK=layout.mask_code, HAS_PAST=past_k is not None,
         PAST_TO_READ=layout.past_visible_to_read, HAS_KPM=kpm is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
-        DOT_F32=dot_f32(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out, lse
-
-
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,7 +189,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         out, dout, delta, n_rows, dim, BLOCK_M=pre_block, BLOCK_D=bd)
     kpm_arg = kpm if kpm is not None else q
     common = dict(MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
-                  HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32)
+                  HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32,
+                  DOT_PREC=dot_precision(q.dtype))
     qk_scale = layout.scale * LOG2E
     scalars = (qk_scale, layout.scale, length, past_len, layout.num_read, layout.num_write, dim,
                hq, groups)
@@ -210,7 +229,8 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
         raise ValueError(f"decode handles at most {DECODE_MAX_ROWS} query rows, got {length}")
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
-    block_n = 16 if interpreting() else 64
+    cfg = pick_config("decode_split", dim, q.dtype)
+    block_n = cfg.block_n
     split = split_size or (32 if interpreting() else 256)
     split = triton.cdiv(split, block_n) * block_n
     n_past = triton.cdiv(past_len, split)
@@ -232,7 +252,8 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
         hq // hkv, split, n_past, n_splits,
         MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
         HAS_KPM=kpm is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
-        DOT_F32=dot_f32(q.dtype), num_warps=4 if not interpreting() else 1)
+        DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     decode_reduce_kernel[(batch * hq,)](out_part, lse_part, out, lse, length, dim, n_splits,
                                         BLOCK_M=bm, BLOCK_D=bd)
     return out, lse

@@ -54,13 +54,13 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0
                offs_d, L, R, W, head_dim, qk_scale, need_mask,
                IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
                HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_F32: tl.constexpr):
+               DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate one query block's contribution to dK, dV ``[BN, BD]`` (float32)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     q, do, lse2, delta = _load_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, L,
                                     head_dim, DOT_F32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BM, BN]
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
     p = tl.math.exp2(qk - lse2[:, None])
     if HAS_KPM:
         vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
@@ -70,10 +70,10 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0
         vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
                            HAS_KPM)
         p = tl.where(vis, p, 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-    dp = tl.dot(do, tl.trans(v))  # [BM, BN]
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
     ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -83,7 +83,7 @@ def bwd_dkdv_kernel(
     qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, n_len,
     IS_PAST: tl.constexpr, MASK: tl.constexpr, PAST_TO_READ: tl.constexpr,
     HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key buffer: the current keys (``IS_PAST=False``, ``n_len = L``) or the past.
 
@@ -132,14 +132,14 @@ def bwd_dkdv_kernel(
                 need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base,
                                 m0, n0, n_len, offs_d, L, R, W, head_dim, qk_scale, need_mask,
-                                IS_PAST, PAST_TO_READ, MASK, HAS_KPM, BLOCK_M, BLOCK_N, DOT_F32)
+                                IS_PAST, PAST_TO_READ, MASK, HAS_KPM, BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
         if not IS_PAST:  # bottleneck: the write rows after a gap
             for m0 in range(lo2, hi2, BLOCK_M):
                 need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                     kpm_base, m0, n0, n_len, offs_d, L, R, W, head_dim, qk_scale,
                                     need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM, BLOCK_M,
-                                    BLOCK_N, DOT_F32)
+                                    BLOCK_N, DOT_F32, DOT_PREC)
     dk = dk * sm_scale  # dS/dK = scale * Q; the base-2 factor lives only inside exp2
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_msk)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_msk)
@@ -149,7 +149,8 @@ def bwd_dkdv_kernel(
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m, offs_d, L, R,
              W, head_dim, qk_scale, need_mask,
              IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-             HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+             HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+             DOT_PREC: tl.constexpr):
     """Accumulate one key tile's contribution to dQ ``[BM, BD]`` (float32, unscaled)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_msk = (offs_n[:, None] < n_len) & (offs_d[None, :] < head_dim)
@@ -159,7 +160,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if HAS_KPM:
         vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
@@ -169,9 +170,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
         vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
                            HAS_KPM)
         p = tl.where(vis, p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
 
@@ -181,7 +182,7 @@ def bwd_dq_kernel(
     qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups,
     MASK: tl.constexpr, HAS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr,
     HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dQ ``[B, Hq, L, D]``: visits the same key blocks as the forward. Grid like the forward."""
     pid_m = tl.program_id(0)
@@ -211,7 +212,7 @@ def bwd_dq_kernel(
             need_mask = (past_full_rows == 0) | (n0 + BLOCK_N > P)
             dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, kpm_base, n0, P, offs_m,
                           offs_d, L, R, W, head_dim, qk_scale, need_mask, True, PAST_TO_READ,
-                          MASK, HAS_KPM, BLOCK_N, DOT_F32)
+                          MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
     k_base = K + bhk * L * head_dim
     v_base = V + bhk * L * head_dim
     kpm_cur = kpm_base + P
@@ -220,12 +221,12 @@ def bwd_dq_kernel(
         need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, L,
                       R, W, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM,
-                      BLOCK_N, DOT_F32)
+                      BLOCK_N, DOT_F32, DOT_PREC)
     for n0 in range(lo2, hi2, BLOCK_N):
         need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, L,
                       R, W, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM,
-                      BLOCK_N, DOT_F32)
+                      BLOCK_N, DOT_F32, DOT_PREC)
     dq = dq * sm_scale
     msk = (offs_m[:, None] < L) & (offs_d[None, :] < head_dim)
     tl.store(DQ + bh * L * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],

@@ -18,7 +18,8 @@ from ._common import cur_block_full, cur_key_ranges, tile_visible
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m, offs_d, head_dim,
               L, R, W, qk_scale, need_mask,
               IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-              HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+              HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """One key tile ``[BLOCK_N, BLOCK_D]`` of the online softmax; returns ``(acc, l_i, m_i)``."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < n_len) & (offs_d[None, :] < head_dim)
@@ -28,7 +29,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m, off
     if DOT_F32:  # the interpreter multiplies raw bf16 bits in tl.dot
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BM, BN], base-2 logits
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base-2 logits
     if HAS_KPM:  # padding can hit any tile: always mask
         vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
                            HAS_KPM)
@@ -43,7 +44,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m, off
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -53,13 +54,14 @@ def memory_attention_fwd_kernel(
     qk_scale, L, P, R, W, head_dim, num_heads, groups,
     MASK: tl.constexpr, HAS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr,
     HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Forward pass.
 
     Q, Out: ``[B, Hq, L, D]``; K, V: ``[B, Hkv, L, D]``; PK, PV: ``[B, Hkv, P, D]``;
     KPM: ``[B, P + L]`` int8 (1 = real key); Lse: ``[B, Hq, L]`` float32, natural log, ``-inf``
-    on empty rows. All contiguous. ``qk_scale`` = softmax scale * log2(e).
+    on empty rows. All contiguous. ``qk_scale`` = softmax scale * log2(e). ``DOT_PREC``: the
+    ``tl.dot`` input precision (``"ieee"`` for float32 inputs, else ``"tf32"``, the default).
     Grid ``(cdiv(L, BLOCK_M), B * Hq)``.
     """
     pid_m = tl.program_id(0)
@@ -95,7 +97,7 @@ def memory_attention_fwd_kernel(
             need_mask = (past_full_rows == 0) | (n0 + BLOCK_N > P)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, pk_base, pv_base, kpm_base, n0, P, offs_m, offs_d, head_dim,
-                L, R, W, qk_scale, need_mask, True, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32)
+                L, R, W, qk_scale, need_mask, True, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
 
     k_base = K + bhk * L * head_dim
     v_base = V + bhk * L * head_dim
@@ -105,12 +107,12 @@ def memory_attention_fwd_kernel(
         need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, head_dim,
-            L, R, W, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32)
+            L, R, W, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
     for n0 in range(lo2, hi2, BLOCK_N):
         need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, head_dim,
-            L, R, W, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32)
+            L, R, W, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
 
     empty = l_i == 0.0  # saw no key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)

@@ -229,6 +229,94 @@ def test_custom_op_matches_function():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+            "test_aot_dispatch_dynamic")
+
+
+def _op_inputs(past_len):
+    torch.manual_seed(10)
+    q = _rand(1, 2, 9, 16, dtype=torch.float32)
+    k, v = _rand(1, 1, 9, 16, dtype=torch.float32), _rand(1, 1, 9, 16, dtype=torch.float32)
+    if past_len is None:
+        return q, k, v, None, None
+    return q, k, v, *(_rand(1, 1, past_len, 16, dtype=torch.float32) for _ in range(2))
+
+
+@pytest.mark.parametrize("past_len", [None, 0, 5])
+def test_custom_op_opcheck(past_len):
+    """torch.library.opcheck on the forward op: schema, autograd registration, fake impl and
+    the AOT-dispatch (dynamic shapes) forward + backward, all under the interpreter on CPU.
+    ``past_len=0`` once returned 3 gradients for 5 inputs (an empty past lost its grads)."""
+    q, k, v, pk, pv = _op_inputs(past_len)
+    kpm = None if past_len is None else torch.rand(1, past_len + 9) > 0.2
+    args = (q, k, v, pk, pv, kpm, 2, 2, "rmt", False, 0.25)
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention.default, args,
+                                test_utils=OPCHECKS)
+    assert res == {name: "SUCCESS" for name in OPCHECKS}
+
+
+def test_custom_bwd_op_opcheck():
+    q, k, v, pk, pv = _op_inputs(5)
+    out, lse = memory_attention_op(q, k, v, pk, pv, None, 2, 2, "bottleneck", True, 0.25)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(),
+            None, out.detach(), lse, 2, 2, "bottleneck", True, 0.25)
+    checks = OPCHECKS[:3]  # the backward op itself has no autograd formula to check
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention_bwd.default, args,
+                                test_utils=checks)
+    assert res == {name: "SUCCESS" for name in checks}
+
+
+def test_torch_compile_traces_the_custom_op():
+    """``torch.compile(backend="aot_eager", fullgraph=True)`` traces the op (fake tensors) into
+    one graph, forward and backward, and gives the eager results bit for bit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, pk, pv = _op_inputs(5)
+
+    def fn(q, k, v, pk, pv):
+        out, lse = torch.ops.rmt_fast.triton_memory_attention(q, k, v, pk, pv, None, 2, 2, "rmt",
+                                                              False, 0.25)
+        return out * 2.0 + lse[..., None]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    got = compiled(q, k, v, pk, pv)
+    want = fn(q, k, v, pk, pv)
+    assert counter.frame_count == 1 and counter.op_count >= 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    dout = torch.randn_like(want)
+    g_c = torch.autograd.grad(got, (q, k, v, pk, pv), dout)
+    g_e = torch.autograd.grad(want, (q, k, v, pk, pv), dout)
+    for a, b in zip(g_c, g_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fp32_dots_use_ieee_precision():
+    """fp32 inputs get ``input_precision="ieee"`` (TF32 would round to 10 mantissa bits on the
+    GPU); fp16/bf16 keep Triton's default. The interpreter ignores the precision, so the
+    compiled PTX is checked in the AOT tests."""
+    assert launch.dot_precision(torch.float32) == "ieee"
+    assert launch.dot_precision(torch.float16) == launch.dot_precision(torch.bfloat16) == "tf32"
+    seen = []
+    orig = launch.memory_attention_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                seen.append(kw["DOT_PREC"])
+                return orig[grid](*a, **kw)
+            return run
+
+    launch.memory_attention_fwd_kernel = Spy()
+    try:
+        for dt in (torch.float32, torch.float16):
+            x = torch.randn(1, 1, 4, 16, dtype=dt)
+            launch.forward(x, x, x, None, None, None, launch.make_layout(0, 0, "causal", False, 1.0))
+    finally:
+        launch.memory_attention_fwd_kernel = orig
+    assert seen == ["ieee", "tf32"]
+
+
 def test_cpu_without_interpreter_raises():
     code = ("import os; os.environ.pop('TRITON_INTERPRET', None); import triton, torch, sys, "
             "importlib; sys.modules['rmt_fast.kernels'] = importlib.import_module('kernels'); "
@@ -262,6 +350,16 @@ def test_aot_fp16_d64_fwd_bwd_no_spills():
     assert all(r["wgmma"] for r in rows if r["target"] == "sm_90a")
 
 
+def test_aot_fp32_ieee_no_tf32_no_spills():
+    """fp32 forward and dQ on sm_80: no TF32 mma in the PTX, and still zero spills."""
+    rows = _aot("--caps", "80", "--dtypes", "fp32", "--head-dims", "64", "--kernels", "fwd",
+                "bwd_dq")
+    assert len(rows) == 2
+    for r in rows:
+        assert not r["tf32"], r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
 @pytest.mark.slow
 def test_aot_full_sweep():
     rows = _aot()
@@ -269,3 +367,5 @@ def test_aot_full_sweep():
     hopper_bf16_fwd = [r for r in rows if r["kernel"] == "fwd" and r["dtype"] == "bf16"
                        and r["target"] == "sm_90a"]
     assert hopper_bf16_fwd and all(r["wgmma"] for r in hopper_bf16_fwd)
+    assert not any(r["tf32"] for r in rows if r["dtype"] == "fp32")
+    assert not any(r["spill_stores"] or r["spill_loads"] for r in rows)

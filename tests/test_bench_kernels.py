@@ -1,0 +1,67 @@
+"""bench/kernels.py on CPU: the smoke run of its main (tiny sizes) and the flex mask_mod.
+
+No GPU here: the main must say it ran CPU reference paths only, and never print Triton or
+flash_attn rows as if they had been timed. No timing asserts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import kernels as kb
+from rmt_fast.masks import MASK_MODES, dense_visibility
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED_COLUMNS = ("system", "mask", "L", "D", "B", "H", "mode", "ms", "TFLOP/s", "peak%",
+                    "GB/s", "max_diff", "status")
+
+
+@pytest.mark.parametrize("mask", MASK_MODES)
+@pytest.mark.parametrize("past, pvr", [(0, False), (5, False), (5, True)])
+def test_flex_mask_mod_equals_dense_visibility(mask, past, pvr):
+    case = kb.Case(mask, 13, 16, "fwd", 1, 1, num_read=3, num_write=4, past=past,
+                   past_visible_to_read=pvr)
+    qi = torch.arange(13)[:, None]
+    kj = torch.arange(past + 13)[None, :]
+    got = kb.mask_mod_for(case)(0, 0, qi, kj)
+    want = dense_visibility(13, past, num_read=3, num_write=4, mask=mask, past_visible_to_read=pvr)
+    assert torch.equal(got, want)
+
+
+def test_cpu_main_smoke(tmp_path):
+    """``python bench/kernels.py`` without CUDA: the explicit CPU line, the table, sane rows."""
+    out_json = tmp_path / "rows.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--masks", "causal", "rmt",
+         "--lengths", "32", "--head-dims", "16", "--repeats", "1", "--warmup", "0",
+         "--json", str(out_json)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert "no CUDA device: CPU reference paths only" in lines
+    assert "times are CPU times, not GPU numbers" in res.stdout
+    header = "| " + " | ".join(EXPECTED_COLUMNS) + " |"
+    assert header in lines
+    table = [ln for ln in lines[lines.index(header) + 2:] if ln.startswith("| ")]
+    systems = {ln.split(" | ")[0][2:] for ln in table}
+    assert systems == set(kb.CPU_SYSTEMS)  # no triton / flash rows on CPU
+    for ln in table:
+        assert len(ln.strip("|").split(" | ")) == len(EXPECTED_COLUMNS), ln
+    rows = json.loads(out_json.read_text())["rows"]
+    assert len(rows) == len(table) == 2 * 2 * len(kb.CPU_SYSTEMS)  # masks x modes x systems
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        assert r["seconds"] > 0 and r["tflops"] > 0 and r["flops"] > 0
+        assert r["max_diff"] < 1e-5, r  # same mask, same result as ours (torch backend)
+        assert "frac_peak_flops" not in r  # no device peak on CPU
+    status = {(r["system"], r["mask"], r["mode"]): r["status"] for r in rows}
+    assert status[("sdpa_causal", "causal", "fwd")] == "ok"
+    assert status[("sdpa_causal", "rmt", "fwd")].startswith("skipped")
+    assert status[("flex", "rmt", "fwd")] == "ok"
+    assert status[("flex", "rmt", "fwd+bwd")].startswith("skipped")
+    assert len(ok) == len(rows) - 4  # sdpa_causal x rmt x 2 modes, flex backward x 2 masks
