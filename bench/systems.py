@@ -128,7 +128,8 @@ def build(system: str, mode: str, cfg: BenchConfig, length: int) -> Callable[[to
             if mrbp:
                 wrapper(x, memory_replay_backprop=True)
             else:
-                wrapper(x, return_loss=True).backward()
+                out = wrapper(x, return_loss=True)  # 0.7.0 returns (loss, memories)
+                (out[0] if isinstance(out, tuple) else out).backward()
         return train
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
 
