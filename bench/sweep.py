@@ -21,6 +21,7 @@ from rmt_fast.bench.systems import INFER, SYSTEMS, TRAIN, available
 from tqdm.auto import tqdm
 
 OURS = {INFER: "rmt_fast", TRAIN: "rmt_fast"}
+LONG_POINT = 65_536  # beyond this many tokens a point warms up on 4,096 tokens only
 
 
 def lengths_doubling(start: int, stop: int) -> list[int]:
@@ -83,9 +84,10 @@ def run_subprocess(args: list[str], time_budget: float, mem_budget_mib: float) -
 
 def sweep(systems: list[str], modes: list[str], lengths: list[int], batches: dict[str, int],
           repeats: int, time_budget: float, mem_budget_mib: float, config: str, threads: int,
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, partial_path: str | None = None) -> list[dict]:
     """Lengths in the outer loop, systems inside: the systems of one length run back to back, so
-    their ratio is measured under the same machine load."""
+    their ratio is measured under the same machine load. ``partial_path``: rewritten after every
+    point, so an interrupted sweep keeps what it measured."""
     plan = [(mode, system) for mode in modes for system in systems]
     stopped = {key: None if available(key[1]) else "not installed" for key in plan}
     last_time: dict[tuple[str, str], float] = {}
@@ -106,6 +108,9 @@ def sweep(systems: list[str], modes: list[str], lengths: list[int], batches: dic
                     last_time[(mode, system)] = row["median_s"]
             rows.append(row)
             bar.update()
+            if partial_path:
+                with open(partial_path, "w") as f:
+                    json.dump(rows, f, indent=1)
     bar.close()
     _add_ratios(rows)
     return rows
@@ -113,10 +118,10 @@ def sweep(systems: list[str], modes: list[str], lengths: list[int], batches: dic
 
 def _run_point(system, mode, n, batch, repeats, time_budget, mem_budget_mib, config, threads,
                last_time: float | None) -> dict:
-    reps, warm_len = repeats, None
+    reps, warm_len = repeats, (4096 if n > LONG_POINT else None)  # long points: short warm-up
     growth = 4 if system == "full" else 2  # full attention is quadratic in the doubling length
     if last_time is not None and last_time * growth * (repeats + 1) > time_budget:
-        reps, warm_len = 1, min(n, 4096)  # long points: a short warm-up and one timed run
+        reps, warm_len = 1, min(n, 4096)  # projected over budget: one timed run
     args = ["--system", system, "--mode", mode, "--length", str(n), "--batch", str(batch),
             "--repeats", str(reps), "--config", config, "--threads", str(threads)]
     if warm_len:
@@ -193,9 +198,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.quick:
         a.max_length, a.repeats, a.time_budget = min(a.max_length, 16_000), 1, min(a.time_budget, 60)
     lengths = a.lengths or lengths_doubling(a.min_length, a.max_length)
-    rows = sweep(a.systems, a.modes, lengths, {INFER: a.infer_batch, TRAIN: a.train_batch},
-                 a.repeats, a.time_budget, a.mem_budget, a.config, a.threads)
     os.makedirs(a.out, exist_ok=True)
+    rows = sweep(a.systems, a.modes, lengths, {INFER: a.infer_batch, TRAIN: a.train_batch},
+                 a.repeats, a.time_budget, a.mem_budget, a.config, a.threads,
+                 partial_path=os.path.join(a.out, "results.partial.json"))
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"command": " ".join(["rmt-fast", "bench", *(argv or sys.argv[1:])]),
                    "machine": machine(), "config": a.config, "rows": rows}, f, indent=1)

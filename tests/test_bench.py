@@ -33,6 +33,7 @@ def test_sweep_writes_json_markdown_png_and_stops_at_budget(tmp_path):
         assert r["ours_speedup"] > 0  # measured against ours in the same run
     assert "| rmt_fast | 128 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((tmp_path / "results.partial.json").read_text())) == 8
     assert len(rows) == 8
 
 
