@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rmt_fast.checkpoint import is_cut
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
@@ -82,7 +83,7 @@ class _RMTEncoderBase(RMTBase):
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         memory = self.expand_memory(input_ids.shape[0]) if memory is None else memory
         for t, (s, e) in enumerate(bounds):
-            if cfg.bptt_depth != -1 and t < len(bounds) - cfg.bptt_depth:
+            if is_cut(t, len(bounds), cfg.bptt_depth):
                 memory = memory.detach()
             seg_mask = None if mask is None else mask[:, s:e]
             out, memory = self.segment_forward(memory, input_ids[:, s:e], seg_mask)
