@@ -37,6 +37,9 @@ from torch import nn
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_BUCKET_MB = 25.0
+# "dp": replicated parameters, gradients summed by GradientSync; "fsdp": parameters, gradients
+# and optimizer state sharded by torch.distributed.fsdp.fully_shard (see fully_shard_model).
+PARALLEL_MODES = ("dp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,99 @@ class GradientSync:
         return out
 
 
+def fully_shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` over the ranks with FSDP2 (:func:`torch.distributed.fsdp.fully_shard`), in
+    place; build the optimizer afterwards (it must see the sharded parameters).
+
+    The whole RMT wrapper is *one* FSDP unit, kept unsharded from its forward to the end of its
+    backward (``reshard_after_forward=False``). Why not one unit per transformer block, the usual
+    FSDP layout: an RMT runs every block once per segment within one forward, and with
+    checkpointed segments again inside the backward. Per-block units then issue one all-gather
+    (and one reduce-scatter) per segment, so ranks holding different numbers of segments issue
+    different collectives and deadlock; and in a 2-process probe (torch 2.13, gloo) per-block
+    units gave wrong gradients even with equal segments (max error 0.087), and with
+    checkpointed segments the gradients were not even sharded. One unit per model issues one
+    all-gather per forward and one reduce-scatter per backward whatever the segment count, and
+    gave the single-process gradients to 1.5e-8. What it saves: gradients and optimizer state
+    (for AdamW two thirds of the training state) live sharded, 1/world_size per rank, between
+    steps; the parameters are whole on every rank while a batch runs.
+
+    Gradients are *summed* over ranks (the trainer weights each rank's loss by its share of the
+    global target count), with plain SUM collectives (gloo has no PREMUL_SUM).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not current_env().enabled:
+        raise RuntimeError("fully_shard_model needs an initialised multi-process group "
+                           "(launch with torchrun, then call init_distributed)")
+    fully_shard(model, reshard_after_forward=False)
+    model.set_gradient_divide_factor(1.0)
+    model.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` went through :func:`fully_shard_model` (an FSDP2 module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict | None]:
+    """``(model_state, optimizer_state)`` as whole CPU tensors, the optimizer state keyed by
+    parameter name (loadable into any number of ranks, sharded or not, by
+    :func:`load_full_state_dicts`). Under FSDP a collective: every rank must call it; only rank
+    0 gets the tensors (the other ranks get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if is_sharded(model):
+        model.reshard()  # the module must hold the sharded parameters the optimizer steps
+    # a fresh optimizer (no step yet) has nothing to save: None (the state API would run a
+    # zero-lr step to create its state)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else None
+    if is_sharded(model):
+        return get_model_state_dict(model, options=options), optim_state
+    return model.state_dict(), optim_state
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                          model_state: dict | None, optimizer_state: dict | None) -> None:
+    """Inverse of :func:`full_state_dicts` on every rank (each passes the whole dicts; under
+    FSDP each rank keeps its shard). ``None`` skips that part. Raises ValueError when the
+    model's keys differ from the state's."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    if model_state is not None:
+        expected = set(model.state_dict())
+        if set(model_state) != expected:
+            raise ValueError(f"state does not fit the model: missing {sorted(expected - set(model_state))}, "
+                             f"unexpected {sorted(set(model_state) - expected)}")
+        if is_sharded(model):
+            set_model_state_dict(model, model_state, options=options)
+        else:
+            model.load_state_dict(model_state)
+    if optimizer_state is not None:
+        # strict=False: a parameter that never had a gradient (e.g. cut off by truncated BPTT)
+        # has no state, as in torch.optim's own state_dict
+        set_optimizer_state_dict(model, optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        # the loader creates every state with a zero-lr step first: a parameter without saved
+        # state must start fresh (step 0), as it would have without the interruption
+        for name, param in model.named_parameters():
+            if name not in optimizer_state["state"]:
+                optimizer.state.pop(param, None)
+
+
 def shard(global_indices: torch.Tensor, rank: int, world_size: int, micro: int = 0,
           grad_accum: int = 1) -> torch.Tensor:
     """Rank ``rank``'s part of micro-batch ``micro`` of a global batch.
@@ -247,6 +343,7 @@ def split_evenly(n: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + base + (1 if index < rem else 0)
 
 
-__all__: Sequence[str] = ("DistEnv", "GradientSync", "all_reduce_sum", "barrier", "broadcast_module",
-                          "current_env", "default_device", "destroy", "env_from_environ",
-                          "init_distributed", "shard", "split_evenly")
+__all__: Sequence[str] = ("PARALLEL_MODES", "DistEnv", "GradientSync", "all_reduce_sum", "barrier",
+                          "broadcast_module", "current_env", "default_device", "destroy",
+                          "env_from_environ", "full_state_dicts", "fully_shard_model", "init_distributed",
+                          "is_sharded", "load_full_state_dicts", "shard", "split_evenly")

@@ -93,6 +93,9 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int
     lo, hi = rd.split_evenly(n, env.world_size, env.rank)
     was_training = model.training
     model.eval()
+    sharded = rd.is_sharded(model)
+    if sharded:
+        model.unshard()  # one all-gather on every rank, even one without samples to score
     correct, total = 0.0, 0
     try:
         for start in range(lo, hi, batch_size):
@@ -105,6 +108,8 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int
                 total += count
     finally:
         model.train(was_training)
+        if sharded:  # back to the sharded parameters (the ones the optimizer holds)
+            model.reshard()
     if env.enabled:
         counts = rd.all_reduce_sum(torch.tensor([correct, float(total)], dtype=torch.float64,
                                                 device=model.device))
@@ -129,14 +134,18 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return best
 
 
-def _save_checkpoint(model, optimizer, task: Task, state: dict, output_dir: str, keep: int) -> str:
+def _save_checkpoint(model, model_state: dict, optimizer_state: dict | None, task: Task, state: dict,
+                     output_dir: str, keep: int) -> str:
+    """Write ``checkpoint-<step>`` (rank 0 only; the states come from
+    :func:`rmt_fast.distributed.full_state_dicts`, the optimizer's keyed by parameter name)."""
     final = os.path.join(output_dir, f"checkpoint-{state['step']}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     if task.vocab is not None:
         task.vocab.save(tmp)
-    torch.save({**state, "optimizer": optimizer.state_dict()}, os.path.join(tmp, STATE_NAME))
+    torch.save({**state, "optimizer": optimizer_state, "optimizer_format": "by_name"},
+               os.path.join(tmp, STATE_NAME))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if keep > 0:
@@ -147,14 +156,27 @@ def _save_checkpoint(model, optimizer, task: Task, state: dict, output_dir: str,
     return final
 
 
-def _load_checkpoint(model, path: str) -> dict:
-    """Copy the checkpoint's weights into ``model``; returns the trainer state."""
-    loaded = type(model).from_pretrained(path)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
-                         f"unexpected {unexpected}")
-    return torch.load(os.path.join(path, STATE_NAME), weights_only=True)
+def _load_checkpoint(model, optimizer, path: str) -> dict:
+    """Copy the checkpoint's weights and optimizer state into ``model`` / ``optimizer`` (sharded
+    or not, whatever the number of processes that wrote it); returns the trainer state."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # under FSDP type(model) is a generated subclass: load with the model's own class
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    loaded = cls.from_pretrained(path)
+    state = torch.load(os.path.join(path, STATE_NAME), weights_only=True)
+    by_name = state.get("optimizer_format") == "by_name"
+    if not by_name and rd.is_sharded(model):
+        raise ValueError(f"checkpoint {path} keeps its optimizer state by parameter index (written "
+                         "before FSDP support); resume it with parallel='dp' once to convert it")
+    try:
+        rd.load_full_state_dicts(model, optimizer, loaded.state_dict(),
+                                 state["optimizer"] if by_name else None)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} does not fit the model: {exc}") from exc
+    if not by_name:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def _check_args(model, task, steps, stages, batch_size, lr, warmup_steps, schedule, min_lr_ratio,
@@ -204,7 +226,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
           keep_checkpoints: int = 2, resume: bool = True, bptt_depth: int | None = None,
           checkpoint_segments: bool | None = None, seed: int = 0, progress: bool = True,
           stop_after: int | None = None, grad_accum: int = 1, amp: str | None = None,
-          bucket_mb: float = rd.DEFAULT_BUCKET_MB) -> TrainResult:
+          bucket_mb: float = rd.DEFAULT_BUCKET_MB, parallel: str = "dp") -> TrainResult:
     """Train ``model`` (an :class:`rmt_fast.models.RMTForCausalLM`) on ``task`` for ``steps``
     optimizer steps in all.
 
@@ -244,6 +266,10 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         amp: ``"bf16"``: run forward/backward under ``torch.autocast(<model device>, bfloat16)``
             (parameters, gradients and optimizer state stay float32).
         bucket_mb: gradient all-reduce bucket size (MiB) when distributed.
+        parallel: ``"dp"`` (replicated parameters, gradients all-reduced after backward by
+            :class:`rmt_fast.distributed.GradientSync`) or ``"fsdp"`` (gradients and optimizer
+            state sharded over the ranks by ``torch.distributed.fsdp.fully_shard``, see
+            :func:`rmt_fast.distributed.fully_shard_model`); ignored by a single process.
 
     Returns:
         :class:`TrainResult`.
@@ -255,6 +281,8 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         raise ValueError(f"stop_after must be an int >= 1 or None, got {stop_after!r}")
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
+    if parallel not in rd.PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {rd.PARALLEL_MODES}, got {parallel!r}")
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
     env = rd.init_distributed(model.device)
@@ -268,7 +296,9 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
 
     if env.enabled:
         rd.broadcast_module(model)
-    sync = rd.GradientSync(model.parameters(), bucket_mb) if env.enabled else None
+        if parallel == "fsdp":
+            rd.fully_shard_model(model)
+    sync = rd.GradientSync(model.parameters(), bucket_mb) if env.enabled and parallel == "dp" else None
 
     def new_optimizer():
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -286,11 +316,10 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         ckpt = latest_checkpoint(output_dir) if resume else None
         rd.barrier()  # every rank has picked the checkpoint before rank 0 may write anything
         if ckpt is not None:
-            state = _load_checkpoint(model, ckpt)
+            state = _load_checkpoint(model, optimizer, ckpt)
             if state["stages"] != stages:
                 raise ValueError(f"checkpoint {ckpt} was trained with segments={state['stages']}, "
                                  f"not {stages}")
-            optimizer.load_state_dict(state["optimizer"])
             step, stage, stage_start = state["step"], state["stage"], state["stage_start"]
             wall_before = state["wall_time"]
             stage_changes = [tuple(c) for c in state["stage_changes"]]
@@ -314,8 +343,9 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
                  "stage_changes": [list(c) for c in stage_changes], "seed": seed,
                  "wall_time": wall_before + time.perf_counter() - t0, "world_size": env.world_size,
                  "global_batch_size": global_batch}
+        model_state, optimizer_state = rd.full_state_dicts(model, optimizer)  # a collective under FSDP
         if env.is_main:
-            _save_checkpoint(model, optimizer, task, state, output_dir, keep_checkpoints)
+            _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir, keep_checkpoints)
         rd.barrier()
 
     span = stage_steps if stage_steps is not None else steps
@@ -399,24 +429,32 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
 def _accumulate(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, int]], env: rd.DistEnv,
                 sync: rd.GradientSync | None, autocast_kw: dict, dropout_seed: int) -> float:
     """Forward/backward of this rank's micro-batches ``(ids, labels_mask, targets)`` and, when
-    distributed, the gradient all-reduce. Each micro-batch's mean loss is weighted by its share
+    distributed, the gradient reduction. Each micro-batch's mean loss is weighted by its share
     of the global target count, so the summed gradient is the mean over the global batch.
-    Returns the global mean loss. Collectives: one all-reduce of the target count and
-    ``sync.num_buckets`` for the gradients (the loss rides in the last bucket), however many
-    segments or micro-batches this rank ran."""
+    Returns the global mean loss. Collectives per call, however many segments each rank ran:
+    one all-reduce of the target count, then with ``sync`` (data parallel) ``sync.num_buckets``
+    all-reduces (the loss rides in the last bucket); under FSDP one all-gather per micro-batch,
+    one reduce-scatter (after the last micro-batch) and one all-reduce of the loss."""
     local = sum(t for _, _, t in micro)
     total = local
     if env.enabled:
         total = int(rd.all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64,
                                                    device=model.device))[0])
+    sharded = rd.is_sharded(model)
     loss_sum = torch.zeros((), dtype=torch.float32, device=model.device)
     for j, (ids, labels_mask, targets) in enumerate(micro):
         # dropout: a distinct stream per micro-batch and rank (rank 0, micro 0: the old seed)
         torch.manual_seed(dropout_seed + j * env.world_size + env.rank)
-        if targets == 0:
+        if sharded:  # FSDP reduces gradients in the backward: only the last one
+            model.set_requires_gradient_sync(j == len(micro) - 1)
+        elif targets == 0:
             continue  # nothing to learn here; GradientSync contributes zeros for this rank
         with torch.autocast(**autocast_kw):
-            loss = model(ids, labels=ids, labels_mask=labels_mask, return_logits=False).loss
+            out = model(ids, labels=ids, labels_mask=labels_mask, return_logits=targets == 0)
+        if targets == 0:  # under FSDP every rank runs every backward: a zero gradient here
+            out.logits.sum().mul(0.0).backward()
+            continue
+        loss = out.loss
         scale = targets / total
         if scale != 1.0:
             loss = loss * scale
@@ -424,6 +462,8 @@ def _accumulate(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, 
         loss_sum += loss.detach().float()
     if sync is not None:
         loss_sum = sync(loss_sum.reshape(1))[0]
+    elif env.enabled:
+        loss_sum = rd.all_reduce_sum(loss_sum.reshape(1))[0]
     return float(loss_sum)
 
 
@@ -505,6 +545,9 @@ def parser() -> argparse.ArgumentParser:
                    help="micro-batches of --batch-size per rank accumulated per optimizer step")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
                    help="autocast forward/backward to this dtype (parameters stay float32)")
+    p.add_argument("--parallel", choices=rd.PARALLEL_MODES, default="dp",
+                   help="under torchrun: dp (replicated weights, gradient all-reduce) or fsdp "
+                        "(gradients and optimizer state sharded with fully_shard)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK under torchrun when CUDA is "
                         "available, else cpu)")
@@ -556,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                    early_stop=args.early_stop, eval_every=args.eval_every, eval_size=args.eval_size,
                    output_dir=args.out, save_every=args.save_every if args.out else None,
                    resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
-                   grad_accum=args.grad_accum, amp=args.amp)
+                   grad_accum=args.grad_accum, amp=args.amp, parallel=args.parallel)
     if env.is_main:
         print(json.dumps({"step": result.step, "segments": result.segments,
                           "valid_accuracy": result.valid_accuracy,

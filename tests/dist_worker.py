@@ -49,23 +49,41 @@ def params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-class AllReduceCounter:
-    """Counts ``torch.distributed.all_reduce`` calls (wraps the module attribute)."""
+class CollectiveCounter:
+    """Counts calls of the ``torch.distributed`` collectives named in ``names`` (wraps the module
+    attributes; FSDP2 calls ``all_gather_single`` / ``reduce_scatter_single`` through them)."""
 
-    def __init__(self) -> None:
-        self.calls = 0
-        self._orig = torch.distributed.all_reduce
+    def __init__(self, names: tuple[str, ...] = ("all_reduce",)) -> None:
+        self.counts = dict.fromkeys(names, 0)
+        self._orig = {n: getattr(torch.distributed, n) for n in names}
 
-    def __enter__(self) -> AllReduceCounter:
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self._orig(*args, **kwargs)
+    @property
+    def calls(self) -> int:
+        return sum(self.counts.values())
 
-        torch.distributed.all_reduce = counted
+    def __enter__(self) -> CollectiveCounter:
+        for name, orig in self._orig.items():
+            def counted(*args, _name=name, _orig=orig, **kwargs):
+                self.counts[_name] += 1
+                return _orig(*args, **kwargs)
+
+            setattr(torch.distributed, name, counted)
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.distributed.all_reduce = self._orig
+        for name, orig in self._orig.items():
+            setattr(torch.distributed, name, orig)
+
+
+FSDP_COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """The whole parameters of a (possibly FSDP-sharded) model on every rank."""
+    if not rd.is_sharded(model):
+        return params(model)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 def main(out: str) -> None:
@@ -89,7 +107,7 @@ def main(out: str) -> None:
         sync = rd.GradientSync(model.parameters())
         micro = [(ids, mask, model.num_targets(ids, ids, mask))]
         kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
-        with AllReduceCounter() as counter:
+        with CollectiveCounter() as counter:
             loss = _accumulate(model, micro, env, sync, kw, dropout_seed=0)
         results[f"var_grads_ckpt{int(ckpt)}"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         results[f"var_loss_ckpt{int(ckpt)}"] = loss
@@ -99,7 +117,7 @@ def main(out: str) -> None:
     # (4) all-reduce count per optimizer step: checkpointed segments, truncated BPTT, curriculum
     # with random segments per batch, gradient accumulation; two evaluations (steps 2 and 4)
     model = tiny_model(task)
-    with AllReduceCounter() as counter:
+    with CollectiveCounter() as counter:
         res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
                     batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2,
                     checkpoint_segments=True, bptt_depth=1, **TRAIN_KW)
@@ -128,9 +146,53 @@ def main(out: str) -> None:
     results["amp_history"] = res.history
     results["amp_params"] = params(model)
 
+    fsdp_scenarios(task, env, out, results)
     torch.save(results, os.path.join(out, f"rank{env.rank}.pt"))
     rd.barrier()
     rd.destroy()
+
+
+def fsdp_scenarios(task, env, out: str, results: dict) -> None:
+    """The FSDP (``parallel="fsdp"``) versions of scenarios (1)-(4)."""
+    for ckpt in (False, True):
+        model = tiny_model(task)
+        train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
+              checkpoint_segments=ckpt, parallel="fsdp", **TRAIN_KW)
+        results[f"fsdp_plain_ckpt{int(ckpt)}"] = full_params(model)
+
+    for ckpt in (False, True):
+        model = tiny_model(task, checkpoint_segments=ckpt)
+        rd.fully_shard_model(model)
+        ids, mask = var_batch(task, env.rank)
+        micro = [(ids, mask, model.num_targets(ids, ids, mask))]
+        kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
+        with CollectiveCounter(FSDP_COLLECTIVES) as counter:
+            loss = _accumulate(model, micro, env, None, kw, dropout_seed=0)
+        results[f"fsdp_var_grads_ckpt{int(ckpt)}"] = {n: p.grad.full_tensor().clone()
+                                                      for n, p in model.named_parameters()}
+        results[f"fsdp_var_loss_ckpt{int(ckpt)}"] = loss
+        results[f"fsdp_var_counts_ckpt{int(ckpt)}"] = counter.counts
+
+    model = tiny_model(task)
+    with CollectiveCounter(FSDP_COLLECTIVES) as counter:
+        res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
+                    batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2,
+                    checkpoint_segments=True, bptt_depth=1, parallel="fsdp", **TRAIN_KW)
+    results["fsdp_count"] = counter.counts
+    results["fsdp_count_params"] = full_params(model)
+    results["fsdp_count_history"] = res.history
+
+    # checkpoints: 2 of 4 steps, resumed by FSDP here and by one process in the test
+    run_dir = os.path.join(out, "fsdp_resume_run")
+    kw = dict(segments=2, batch_size=PER_RANK_BATCH, eval_every=2, save_every=2,
+              checkpoint_segments=True, output_dir=run_dir, parallel="fsdp", **TRAIN_KW)
+    train(tiny_model(task), task, 4, stop_after=2, **kw)
+    if env.is_main:
+        shutil.copytree(os.path.join(run_dir, "checkpoint-2"), os.path.join(out, "fsdp-checkpoint-2"))
+    rd.barrier()
+    model = tiny_model(task)
+    train(model, task, 4, **kw)
+    results["fsdp_resume_params"] = full_params(model)
 
 
 if __name__ == "__main__":

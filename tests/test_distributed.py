@@ -196,9 +196,77 @@ def test_bf16_autocast_on_cpu(two_ranks):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.05
 
 
-def test_torchrun_cli_matches_single_process(tmp_path):
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fsdp_matches_one_process_with_the_global_batch(two_ranks, ckpt):
+    _, ranks = two_ranks
+    task = dw.make_copy_task()
+    single = dw.tiny_model(task)
+    train(single, task, 3, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=100,
+          checkpoint_segments=ckpt, **dw.TRAIN_KW)
+    key = f"fsdp_plain_ckpt{int(ckpt)}"
+    assert_close(ranks[0][key], ranks[1][key], tol=0.0)
+    assert_close(ranks[0][key], dw.params(single))
+    assert_differs(ranks[0][key], ranks[0]["fsdp_count_params"])  # other training, other weights
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fsdp_ranks_with_different_segment_counts(two_ranks, ckpt):
+    """Rank 0 runs 1 segment, rank 1 runs 3, the model sharded by fully_shard: no hang, one
+    all-gather and one reduce-scatter whatever the segment count (also when the segments are
+    recomputed in backward), and the single-process gradient."""
+    _, ranks = two_ranks
+    task = dw.make_copy_task()
+    model = dw.tiny_model(task, checkpoint_segments=ckpt)
+    batches = [dw.var_batch(task, r) for r in range(2)]
+    counts = [model.num_targets(ids, ids, mask) for ids, mask in batches]
+    loss_ref = 0.0
+    for ids, mask in batches:
+        loss = model(ids, labels=ids, labels_mask=mask, return_logits=False).loss * (
+            model.num_targets(ids, ids, mask) / sum(counts))
+        loss.backward()
+        loss_ref += loss.item()
+    key = f"ckpt{int(ckpt)}"
+    assert_close(ranks[0][f"fsdp_var_grads_{key}"], {n: p.grad for n, p in model.named_parameters()})
+    assert math.isclose(ranks[0][f"fsdp_var_loss_{key}"], loss_ref, rel_tol=1e-6)
+    for r in range(2):  # target count + loss all-reduces, one all-gather, one reduce-scatter
+        assert ranks[r][f"fsdp_var_counts_{key}"] == {"all_reduce": 2, "all_gather_single": 1,
+                                                       "reduce_scatter_single": 1}
+
+
+def test_fsdp_collectives_per_step_and_resume(two_ranks, tmp_path):
+    """Curriculum with random segments, 2 micro-batches, checkpointed segments, truncated BPTT
+    under FSDP: one reduce-scatter per optimizer step, one all-gather per micro-batch and per
+    evaluation; the single-process parameters; and an FSDP checkpoint resumes on one process."""
+    out, ranks = two_ranks
+    steps, accum, evals = 4, 2, 2
+    for r in ranks:
+        assert r["fsdp_count"]["reduce_scatter_single"] == steps
+        assert r["fsdp_count"]["all_gather_single"] == steps * accum + evals
+    task = dw.make_copy_task()
+    single = dw.tiny_model(task)
+    res = train(single, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
+                batch_size=dw.PER_RANK_BATCH, grad_accum=2, eval_every=2, checkpoint_segments=True,
+                bptt_depth=1, **dw.TRAIN_KW)
+    assert_close(ranks[0]["fsdp_count_params"], dw.params(single))
+    for a, b in zip(ranks[0]["fsdp_count_history"], res.history, strict=True):
+        assert a["segments"] == b["segments"] and math.isclose(a["loss"], b["loss"], abs_tol=2e-6)
+    # the FSDP run's checkpoint at step 2, continued on one process, ends where the FSDP run did
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "fsdp-checkpoint-2", run_dir / "checkpoint-2")
+    resumed = dw.tiny_model(task)
+    for p in resumed.parameters():
+        torch.nn.init.normal_(p)
+    train(resumed, task, 4, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=2,
+          save_every=2, checkpoint_segments=True, output_dir=run_dir, **dw.TRAIN_KW)
+    assert_close(ranks[0]["fsdp_resume_params"], dw.params(resumed))
+    assert_close(ranks[0]["fsdp_resume_params"], ranks[1]["fsdp_resume_params"], tol=0.0)
+
+
+@pytest.mark.parametrize("parallel", ["dp", "fsdp"])
+def test_torchrun_cli_matches_single_process(tmp_path, parallel):
     """``python -m torch.distributed.run --nproc_per_node 2 -m rmt_fast.train ...`` (loopback)."""
-    args = ["--task", "copy", "--segments", "2", "--segment-size", "8", "--mem", "2", "--layers", "2",
+    args = ["--parallel", parallel, "--task", "copy", "--segments", "2", "--segment-size", "8",
+            "--mem", "2", "--layers", "2",
             "--d-model", "32", "--heads", "4", "--d-inner", "64", "--steps", "3", "--warmup", "1",
             "--lr", "5e-4", "--eval-every", "3", "--eval-size", "16", "--save-every", "3",
             "--train-size", "100",

@@ -37,6 +37,7 @@ def test_resume_is_exact(tmp_path):
     interrupted = tiny(task, dropout=0.1)
     part = train(interrupted, task, 10, output_dir=tmp_path / "b", stop_after=5, **kw)
     assert part.step == 5 and latest_checkpoint(tmp_path / "b").endswith("checkpoint-5")
+    _as_legacy_checkpoint(tmp_path / "b" / "checkpoint-5", tmp_path / "legacy" / "checkpoint-5")
     resumed = tiny(task, seed=123, dropout=0.1)  # other init: everything must come from the checkpoint
     res_b = train(resumed, task, 10, output_dir=tmp_path / "b", **kw)
     assert res_b.step == 10
@@ -44,6 +45,11 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # a checkpoint written before FSDP support (optimizer state keyed by index) resumes too
+    legacy = tiny(task, seed=123, dropout=0.1)
+    train(legacy, task, 10, output_dir=tmp_path / "legacy", **kw)
+    for k, v in _params(legacy).items():
+        assert torch.equal(a[k], v), k
     # the metrics are the same records (wall times aside), each step once
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "wall_time"}
                           for line in open(path)]
@@ -52,6 +58,24 @@ def test_resume_is_exact(tmp_path):
     other = tiny(task, dropout=0.1)
     train(other, task, 10, output_dir=tmp_path / "c", **{**kw, "seed": 6})
     assert any(not torch.equal(a[k], v) for k, v in _params(other).items())
+
+
+def _as_legacy_checkpoint(src, dst) -> None:
+    """Copy checkpoint ``src`` to ``dst`` with its optimizer state keyed by parameter index (as
+    ``torch.optim.Optimizer.state_dict`` gives it, the format before FSDP support)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    opt = state.pop("optimizer")
+    assert state.pop("optimizer_format") == "by_name"
+    names = [n for g in opt["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    state["optimizer"] = {"state": {index[n]: v for n, v in opt["state"].items()},
+                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                           for g in opt["param_groups"]]}
+    torch.save(state, path)
 
 
 def test_metrics_file_and_checkpoints(tmp_path):

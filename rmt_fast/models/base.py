@@ -91,17 +91,26 @@ class RMTBase(nn.Module):
         return self.memory.device
 
     # --- persistence -----------------------------------------------------------------------
-    def rmt_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers that are not the base model's."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                if not k.startswith("base.")}
+    def rmt_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Parameters and buffers that are not the base model's (of ``state``, default: this
+        module's ``state_dict()``)."""
+        state = self.state_dict() if state is None else state
+        return {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("base.")}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """``directory/base`` (the base model), ``rmt_config.json`` and ``rmt_weights.safetensors``."""
+    def save_pretrained(self, directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """``directory/base`` (the base model), ``rmt_config.json`` and ``rmt_weights.safetensors``.
+
+        ``state_dict``: the whole model's tensors to write instead of this module's own (e.g.
+        gathered from FSDP shards by :func:`rmt_fast.distributed.full_state_dicts`)."""
         os.makedirs(directory, exist_ok=True)
-        self.base.save_pretrained(os.path.join(directory, BASE_DIR), safe_serialization=True)
+        base_state = None
+        if state_dict is not None:
+            base_state = {k.removeprefix("base."): v for k, v in state_dict.items() if k.startswith("base.")}
+        self.base.save_pretrained(os.path.join(directory, BASE_DIR), safe_serialization=True,
+                                  state_dict=base_state)
         self.rmt_config.save(directory)
-        save_file(self.rmt_state_dict(), os.path.join(directory, WEIGHTS_NAME))
+        save_file(self.rmt_state_dict(state_dict), os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **base_kwargs):
