@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import rmt_fast._C  # noqa: F401  (fails the whole module if the extension is missing)
 import torch
+import torch.nn.functional as F
 
 from rmt_fast import _extension as ext
 
@@ -109,6 +110,67 @@ def test_opcheck_all_ops():
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+# ------------------------------------------------------------------------------- gelu_tanh
+
+
+def _gelu_inputs() -> torch.Tensor:
+    x = torch.randn(3, 67, 1031) * 4  # odd sizes: vector tails
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-3, 5.0, -5.0, 20.0, -20.0, 80.0,
+                            -80.0, 200.0, -200.0, 3e38, -3e38])
+    x.view(-1)[: special.numel()] = special
+    return x
+
+
+def test_gelu_tanh_matches_float64_reference():
+    x = _gelu_inputs()
+    ref = F.gelu(x.double(), approximate="tanh")
+    out = torch.ops.rmt_fast.gelu_tanh(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs()
+    # within a few float32 ulps of |gelu(x)| (plus an absolute floor where gelu(x) ~ 0), as
+    # ATen's own float32 kernel is
+    tol = 4 * torch.finfo(torch.float32).eps * ref.abs() + 1e-7
+    assert (err <= tol).all(), f"max error {err.max().item():.3g} at x={x.view(-1)[err.argmax()].item()}"
+    aten = (F.gelu(x, approximate="tanh").double() - ref).abs()
+    assert err.max() <= 2 * aten.max() + 1e-7
+
+
+def test_gelu_tanh_layouts_dtypes_and_gradient():
+    x = _gelu_inputs()[:, :, :64]
+    xt = x.transpose(0, 2)  # non-contiguous
+    assert torch.equal(torch.ops.rmt_fast.gelu_tanh(xt), torch.ops.rmt_fast.gelu_tanh(xt.contiguous()))
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):  # the wrapper falls back to ATen
+        xd = x.to(dtype)
+        torch.testing.assert_close(ext.gelu_tanh(xd), F.gelu(xd, approximate="tanh"), rtol=0, atol=0,
+                                   equal_nan=True)  # +-3e38 are +-inf in float16
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.rmt_fast.gelu_tanh(x.double())
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    ext.gelu_tanh(a).backward(g)
+    F.gelu(b, approximate="tanh").backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)  # the same ATen formula
+    result = torch.library.opcheck(OPS.gelu_tanh.default, (torch.randn(2, 3, 37, requires_grad=True),))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_fuse_activations_keeps_gpt2_outputs():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rmt_fast.integrations.fused_activations import TanhGELU, fuse_activations
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50)).eval()
+    fused = GPT2LMHeadModel(plain.config).eval()
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_activations(fused) == 2
+    assert sum(isinstance(m, TanhGELU) for m in fused.modules()) == 2
+    ids = torch.randint(0, 50, (2, 33))
+    torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_out_variant_rejects_autograd():
@@ -245,6 +307,9 @@ def test_fallback_without_extension_warns_once_and_matches():
             assert torch.equal(ext.assemble_segment(r, x, w), torch.cat([r, x, w], 1))
             h = torch.randn(2, 6, 3)
             assert torch.equal(ext.extract_memory(h, 4, 2), h[:, 4:])
+            g = torch.randn(5, 7)
+            assert not ext.HAS_GELU_TANH
+            assert torch.equal(ext.gelu_tanh(g), torch.nn.functional.gelu(g, approximate="tanh"))
             m = torch.tensor([[1, 0], [1, 1]])
             assert ext.assemble_mask(m, 1, 1).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
             store = ext.MemoryStore()

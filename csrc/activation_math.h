@@ -1,0 +1,40 @@
+// Per-element math of the activation kernels (plain C++, shared by every CPU code path).
+#pragma once
+#include <cstdint>
+
+namespace rmt_fast {
+
+// exp(x) for float, Cephes-style: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a polynomial,
+// 2^n through the exponent bits. No branches or library calls, so that loops over it vectorise
+// (with -fno-trapping-math, which lets the compiler turn the selects into blends). Inputs are
+// clamped to [-87.34, 89]: below, 2^n would be subnormal; above 88.38 the result is +inf
+// (n = 128 sets every exponent bit), as exp overflows there anyway (within 0.35 of the limit
+// it returns inf instead of a value near FLT_MAX).
+inline float exp_approx(float x) {
+  x = x < -87.3365447505f ? -87.3365447505f : (x > 89.0f ? 89.0f : x);
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round to nearest
+  const float fn = static_cast<float>(n);
+  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;  // ln2 in two parts: exact n * ln2_hi
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  union { int32_t i; float f; } pow2n;
+  pow2n.i = (n + 127) << 23;
+  return y * pow2n.f;
+}
+
+// GELU, tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), computed
+// as x / (1 + exp(-2u)) (0.5 (1 + tanh(u)) = sigmoid(2u)), which stays accurate where
+// tanh(u) -> -1 instead of cancelling.
+inline float gelu_tanh(float x) {
+  const float minus_2u = -1.5957691216057308f * x * (1.0f + 0.044715f * x * x);
+  return x / (1.0f + exp_approx(minus_2u));
+}
+
+}  // namespace rmt_fast
