@@ -1,4 +1,4 @@
-"""``rmt-fast`` command line: ``rmt-fast {demo,bench,flops,train} ...``."""
+"""``rmt-fast`` command line: ``rmt-fast {demo,bench,flops,train,evaluate} ...``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": "rmt_fast.demo", "bench": "rmt_fast.bench.sweep",
-                "flops": "rmt_fast.bench.flops", "train": "rmt_fast.train"}
+                "flops": "rmt_fast.bench.flops", "train": "rmt_fast.train", "evaluate": "rmt_fast.train"}
     if not argv or argv[0] not in commands:
         print(f"usage: rmt-fast {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2
     import importlib
 
-    importlib.import_module(commands[argv[0]]).main(argv[1:])
+    module = importlib.import_module(commands[argv[0]])
+    (module.evaluate_main if argv[0] == "evaluate" else module.main)(argv[1:])
     return 0
 
 

@@ -554,6 +554,63 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def task_from_args(args: dict) -> Task:
+    """The task a ``rmt-fast train`` run trained on, from its arguments (``train_args.json``):
+    the same seed and sizes give the same splits."""
+    return make_task(args["task"], args["segment_size"], seed=args["seed"], train_size=args["train_size"],
+                     valid_size=args["valid_size"], test_size=args["test_size"],
+                     num_tokens=args["num_tokens"], copies=args["copies"], num_pairs=args["num_pairs"],
+                     num_facts=args["num_facts"], path=args["path"])
+
+
+def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                 split: str = "test", segments: int | None = None, batch_size: int = 256) -> dict:
+    """Token accuracy of a ``rmt-fast train --out RUN_DIR`` run's checkpoint (default: the
+    latest) on a split of its task (default: ``test``) at ``segments`` segments (default: the
+    run's ``--segments``). Returns a dict with ``accuracy``, ``samples``, ``step``, ...."""
+    from rmt_fast.models import RMTForCausalLM
+
+    run_dir = os.fspath(run_dir)
+    if not os.path.isfile(os.path.join(run_dir, "train_args.json")):
+        raise FileNotFoundError(f"{run_dir} has no train_args.json: not the --out directory of "
+                                "an `rmt-fast train` run")
+    with open(os.path.join(run_dir, "train_args.json")) as f:
+        args = json.load(f)
+    checkpoint = os.fspath(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint-<step> directory in {run_dir}")
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be train, valid or test, got {split!r}")
+    n = args["segments"] if segments is None else segments
+    data = task_from_args(args).splits(n)[split]
+    if len(data) == 0:
+        raise ValueError(f"the {split} split of {run_dir} is empty")
+    model = RMTForCausalLM.from_pretrained(checkpoint)
+    state = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=True)
+    t0 = time.perf_counter()
+    acc = evaluate(model, data, batch_size)
+    return {"run": run_dir, "checkpoint": checkpoint, "step": state["step"], "split": split,
+            "segments": n, "samples": len(data), "accuracy": acc,
+            "train_wall_time": round(state["wall_time"], 1),
+            "eval_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> dict:
+    """``rmt-fast evaluate RUN_DIR [--checkpoint DIR] [--split test] [--segments N]``."""
+    p = argparse.ArgumentParser(prog="rmt-fast evaluate", description=evaluate_run.__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--segments", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = evaluate_run(args.run_dir, args.checkpoint, args.split, args.segments)
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     args = parser().parse_args(argv)
     if args.threads is not None:
@@ -578,10 +635,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     stages = args.curriculum or [args.segments]
     if stages[-1] != args.segments:
         raise SystemExit(f"--curriculum must end with --segments {args.segments}, got {stages}")
-    task = make_task(args.task, args.segment_size, seed=args.seed, train_size=args.train_size,
-                     valid_size=args.valid_size, test_size=args.test_size, num_tokens=args.num_tokens,
-                     copies=args.copies, num_pairs=args.num_pairs, num_facts=args.num_facts,
-                     path=args.path)
+    task = task_from_args(vars(args))
     model = build_model(task.vocab_size, args.segment_size, args.mem, layers=args.layers,
                         d_model=args.d_model, heads=args.heads, d_inner=args.d_inner,
                         dropout=args.dropout, mask=args.mask, xl_cache=args.xl_cache,

@@ -29,7 +29,8 @@ def fuse_activations(model: nn.Module) -> int:
         from transformers import activations
     except ImportError:
         return 0
-    types = tuple(getattr(activations, n) for n in ("NewGELUActivation", "GELUTanh") if hasattr(activations, n))
+    names = ("NewGELUActivation", "GELUTanh")
+    types = tuple(getattr(activations, n) for n in names if hasattr(activations, n))
     replaced = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
