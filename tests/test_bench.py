@@ -50,3 +50,12 @@ def test_missing_peer_is_reported_not_fatal(system, monkeypatch):
     rows = sweep.sweep([system], ["infer"], [64], {"infer": 1, "train": 1}, 1, 60, 1e5, "tiny", 1,
                        progress=False)
     assert rows[0]["status"] == "not installed"
+
+
+def test_stream_rate_reports_per_chunk_rates():
+    from rmt_fast.bench import stream_rate
+
+    out = stream_rate.run(chunks=3, chunk_tokens=64, config="tiny", fresh=1)
+    assert len(out["stream_chunks"]) == 3 and len(out["fresh_before"]) == len(out["fresh_after"]) == 1
+    assert all(r > 0 for r in out["stream_chunks"] + out["fresh_before"] + out["fresh_after"])
+    assert out["first_tenth_mean"] > 0 and out["last_tenth_mean"] > 0
