@@ -37,9 +37,10 @@ from torch import nn
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_BUCKET_MB = 25.0
-# "dp": replicated parameters, gradients summed by GradientSync; "fsdp": parameters, gradients
-# and optimizer state sharded by torch.distributed.fsdp.fully_shard (see fully_shard_model).
-PARALLEL_MODES = ("dp", "fsdp")
+# "dp": replicated parameters, gradients summed by GradientSync; "fsdp": gradients and optimizer
+# state sharded by torch.distributed.fsdp.fully_shard, the model as one unit; "fsdp-blocks":
+# also one unit per transformer block (see fully_shard_model).
+PARALLEL_MODES = ("dp", "fsdp", "fsdp-blocks")
 
 
 @dataclass(frozen=True)
@@ -208,22 +209,26 @@ class GradientSync:
         return out
 
 
-def fully_shard_model(model: nn.Module) -> nn.Module:
+def fully_shard_model(model: nn.Module, blocks: bool = False) -> nn.Module:
     """Shard ``model`` over the ranks with FSDP2 (:func:`torch.distributed.fsdp.fully_shard`), in
     place; build the optimizer afterwards (it must see the sharded parameters).
 
-    The whole RMT wrapper is *one* FSDP unit, kept unsharded from its forward to the end of its
-    backward (``reshard_after_forward=False``). Why not one unit per transformer block, the usual
-    FSDP layout: an RMT runs every block once per segment within one forward, and with
-    checkpointed segments again inside the backward. Per-block units then issue one all-gather
-    (and one reduce-scatter) per segment, so ranks holding different numbers of segments issue
-    different collectives and deadlock; and in a 2-process probe (torch 2.13, gloo) per-block
-    units gave wrong gradients even with equal segments (max error 0.087), and with
-    checkpointed segments the gradients were not even sharded. One unit per model issues one
-    all-gather per forward and one reduce-scatter per backward whatever the segment count, and
-    gave the single-process gradients to 1.5e-8. What it saves: gradients and optimizer state
-    (for AdamW two thirds of the training state) live sharded, 1/world_size per rank, between
-    steps; the parameters are whole on every rank while a batch runs.
+    ``blocks=False``: the whole RMT wrapper is *one* FSDP unit, kept unsharded from its forward
+    to the end of its backward (``reshard_after_forward=False``): one all-gather per forward and
+    one reduce-scatter per backward whatever the number of segments, so it works with
+    checkpointed segments and with ranks holding different numbers of segments. Gradients and
+    optimizer state (for AdamW two thirds of the training state) live sharded, 1/world_size per
+    rank, between steps; the parameters are whole on every rank while a batch runs.
+
+    ``blocks=True``: additionally one unit per transformer block (the base model's
+    ``_no_split_modules``), gathered for each use and resharded after it, so only one block's
+    parameters are whole at a time: for models whose parameters do not fit one device. An RMT
+    runs every block once per segment, so each block issues one all-gather per segment in the
+    forward and again in the backward, and one reduce-scatter per segment. Hence two conditions,
+    both met by :func:`rmt_fast.train.train`: every rank runs the same number of segments
+    (different numbers issue different collectives: a 2-process probe with 1 and 3 segments
+    failed with a gloo size mismatch), and no ``checkpoint_segments`` (recomputing segments
+    inside the backward gave wrong gradients in the probe, max error 0.17; torch 2.13, gloo).
 
     Gradients are *summed* over ranks (the trainer weights each rank's loss by its share of the
     global target count), with plain SUM collectives (gloo has no PREMUL_SUM).
@@ -233,10 +238,46 @@ def fully_shard_model(model: nn.Module) -> nn.Module:
     if not current_env().enabled:
         raise RuntimeError("fully_shard_model needs an initialised multi-process group "
                            "(launch with torchrun, then call init_distributed)")
+    units = []
+    if blocks:
+        cfg = getattr(model, "rmt_config", None)
+        if cfg is not None and cfg.checkpoint_segments:
+            raise ValueError("per-block FSDP (parallel='fsdp-blocks') does not support "
+                             "checkpoint_segments=True (segments recomputed inside the backward); "
+                             "use parallel='fsdp' or checkpoint_segments=False")
+        base = getattr(model, "base", model)
+        names = set(getattr(base, "_no_split_modules", None) or ())
+        units = [m for m in model.modules() if type(m).__name__ in names]
+        if not units:
+            raise ValueError(f"per-block FSDP: found no transformer blocks in {type(base).__name__} "
+                             f"(its _no_split_modules: {sorted(names)})")
+        for block in units:
+            fully_shard(block, reshard_after_forward=True)
     fully_shard(model, reshard_after_forward=False)
-    model.set_gradient_divide_factor(1.0)
-    model.set_force_sum_reduction_for_comms(True)
+    for unit in [*units, model]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units inside ``model`` (the model itself included); empty when not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def unshard_all(model: nn.Module) -> None:
+    """Gather every FSDP unit's parameters (one all-gather per unit, on every rank), e.g. before
+    an evaluation in which ranks run different numbers of forwards."""
+    for unit in fsdp_units(model):
+        unit.unshard()
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Back to the sharded parameters in every unit (local, no collective)."""
+    for unit in fsdp_units(model):
+        unit.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -258,8 +299,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if is_sharded(model):
-        model.reshard()  # the module must hold the sharded parameters the optimizer steps
+    reshard_all(model)  # the modules must hold the sharded parameters the optimizer steps
     # a fresh optimizer (no step yet) has nothing to save: None (the state API would run a
     # zero-lr step to create its state)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else None
@@ -345,5 +385,6 @@ def split_evenly(n: int, parts: int, index: int) -> tuple[int, int]:
 
 __all__: Sequence[str] = ("PARALLEL_MODES", "DistEnv", "GradientSync", "all_reduce_sum", "barrier",
                           "broadcast_module", "current_env", "default_device", "destroy",
-                          "env_from_environ", "full_state_dicts", "fully_shard_model", "init_distributed",
-                          "is_sharded", "load_full_state_dicts", "shard", "split_evenly")
+                          "env_from_environ", "fsdp_units", "full_state_dicts", "fully_shard_model",
+                          "init_distributed", "is_sharded", "load_full_state_dicts", "reshard_all",
+                          "shard", "split_evenly", "unshard_all")

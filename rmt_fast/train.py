@@ -94,8 +94,8 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int
     was_training = model.training
     model.eval()
     sharded = rd.is_sharded(model)
-    if sharded:
-        model.unshard()  # one all-gather on every rank, even one without samples to score
+    if sharded:  # one all-gather per FSDP unit on every rank, even one without samples to score
+        rd.unshard_all(model)
     correct, total = 0.0, 0
     try:
         for start in range(lo, hi, batch_size):
@@ -109,7 +109,7 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256, limit: int
     finally:
         model.train(was_training)
         if sharded:  # back to the sharded parameters (the ones the optimizer holds)
-            model.reshard()
+            rd.reshard_all(model)
     if env.enabled:
         counts = rd.all_reduce_sum(torch.tensor([correct, float(total)], dtype=torch.float64,
                                                 device=model.device))
@@ -269,7 +269,9 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         parallel: ``"dp"`` (replicated parameters, gradients all-reduced after backward by
             :class:`rmt_fast.distributed.GradientSync`) or ``"fsdp"`` (gradients and optimizer
             state sharded over the ranks by ``torch.distributed.fsdp.fully_shard``, see
-            :func:`rmt_fast.distributed.fully_shard_model`); ignored by a single process.
+            :func:`rmt_fast.distributed.fully_shard_model`), or ``"fsdp-blocks"`` (also the
+            parameters sharded, one FSDP unit per transformer block; needs
+            ``checkpoint_segments=False``); ignored by a single process.
 
     Returns:
         :class:`TrainResult`.
@@ -291,13 +293,16 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     if checkpoint_segments is not None:
         model.rmt_config.checkpoint_segments = bool(checkpoint_segments)
     model.rmt_config.validate()
+    if parallel == "fsdp-blocks" and model.rmt_config.checkpoint_segments:
+        raise ValueError("parallel='fsdp-blocks' does not support checkpoint_segments=True (segments "
+                         "recomputed inside the backward); use parallel='fsdp' or no checkpointing")
     for n in stages:
         task.splits(n)  # fail early on impossible lengths
 
     if env.enabled:
         rd.broadcast_module(model)
-        if parallel == "fsdp":
-            rd.fully_shard_model(model)
+        if parallel != "dp":
+            rd.fully_shard_model(model, blocks=parallel == "fsdp-blocks")
     sync = rd.GradientSync(model.parameters(), bucket_mb) if env.enabled and parallel == "dp" else None
 
     def new_optimizer():
@@ -546,8 +551,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
                    help="autocast forward/backward to this dtype (parameters stay float32)")
     p.add_argument("--parallel", choices=rd.PARALLEL_MODES, default="dp",
-                   help="under torchrun: dp (replicated weights, gradient all-reduce) or fsdp "
-                        "(gradients and optimizer state sharded with fully_shard)")
+                   help="under torchrun: dp (replicated weights, gradient all-reduce), fsdp "
+                        "(gradients and optimizer state sharded with fully_shard) or fsdp-blocks "
+                        "(also the weights, one unit per block; not with --checkpoint-segments)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK under torchrun when CUDA is "
                         "available, else cpu)")

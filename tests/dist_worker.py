@@ -182,6 +182,20 @@ def fsdp_scenarios(task, env, out: str, results: dict) -> None:
     results["fsdp_count_params"] = full_params(model)
     results["fsdp_count_history"] = res.history
 
+    # one FSDP unit per transformer block: plain steps, and a curriculum with random segments,
+    # gradient accumulation, truncated BPTT and evaluations
+    model = tiny_model(task)
+    train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
+          parallel="fsdp-blocks", **TRAIN_KW)
+    results["blocks_plain"] = full_params(model)
+    results["blocks_units"] = len(rd.fsdp_units(model))
+    model = tiny_model(task)
+    res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
+                batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2, bptt_depth=1,
+                parallel="fsdp-blocks", **TRAIN_KW)
+    results["blocks_count_params"] = full_params(model)
+    results["blocks_count_history"] = res.history
+
     # checkpoints: 2 of 4 steps, resumed by FSDP here and by one process in the test
     run_dir = os.path.join(out, "fsdp_resume_run")
     kw = dict(segments=2, batch_size=PER_RANK_BATCH, eval_every=2, save_every=2,

@@ -262,7 +262,29 @@ def test_fsdp_collectives_per_step_and_resume(two_ranks, tmp_path):
     assert_close(ranks[0]["fsdp_resume_params"], ranks[1]["fsdp_resume_params"], tol=0.0)
 
 
-@pytest.mark.parametrize("parallel", ["dp", "fsdp"])
+def test_fsdp_per_block_units_match_one_process(two_ranks):
+    """``parallel="fsdp-blocks"``: one FSDP unit per GPT-2 block plus the model; the same
+    parameters as one process with the global batch, also with a curriculum of random segment
+    counts, 2 micro-batches, truncated BPTT and evaluations (every rank runs the same segments)."""
+    _, ranks = two_ranks
+    assert ranks[0]["blocks_units"] == 3  # 2 blocks + the wrapper
+    task = dw.make_copy_task()
+    single = dw.tiny_model(task)
+    train(single, task, 3, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=100, **dw.TRAIN_KW)
+    assert_close(ranks[0]["blocks_plain"], dw.params(single))
+    assert_close(ranks[0]["blocks_plain"], ranks[1]["blocks_plain"], tol=0.0)
+    single = dw.tiny_model(task)
+    res = train(single, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
+                batch_size=dw.PER_RANK_BATCH, grad_accum=2, eval_every=2, bptt_depth=1, **dw.TRAIN_KW)
+    assert_close(ranks[0]["blocks_count_params"], dw.params(single))
+    for a, b in zip(ranks[0]["blocks_count_history"], res.history, strict=True):
+        assert a["segments"] == b["segments"] and math.isclose(a["loss"], b["loss"], abs_tol=2e-6)
+    with pytest.raises(ValueError, match="fsdp-blocks.*checkpoint_segments"):
+        train(dw.tiny_model(task), task, 1, checkpoint_segments=True, parallel="fsdp-blocks",
+              **dw.TRAIN_KW)
+
+
+@pytest.mark.parametrize("parallel", ["dp", "fsdp", "fsdp-blocks"])
 def test_torchrun_cli_matches_single_process(tmp_path, parallel):
     """``python -m torch.distributed.run --nproc_per_node 2 -m rmt_fast.train ...`` (loopback)."""
     args = ["--parallel", parallel, "--task", "copy", "--segments", "2", "--segment-size", "8",
@@ -271,7 +293,7 @@ def test_torchrun_cli_matches_single_process(tmp_path, parallel):
             "--lr", "5e-4", "--eval-every", "3", "--eval-size", "16", "--save-every", "3",
             "--train-size", "100",
             "--valid-size", "16", "--test-size", "0", "--copies", "1", "--no-progress",
-            "--checkpoint-segments", "--threads", "1"]
+            "--threads", "1", *(["--checkpoint-segments"] if parallel != "fsdp-blocks" else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "rmt_fast.train",
            *args, "--batch-size", "3", "--out", str(tmp_path / "dist")]
