@@ -128,16 +128,7 @@ def main(out: str) -> None:
     results["count_history"] = res.history
 
     # (3) train 2 of 4 steps with 2 processes (checkpoint), then continue with 2
-    run_dir = os.path.join(out, "resume_run")
-    kw = dict(segments=2, batch_size=PER_RANK_BATCH, eval_every=2, save_every=2,
-              checkpoint_segments=True, output_dir=run_dir, **TRAIN_KW)
-    train(tiny_model(task), task, 4, stop_after=2, **kw)
-    if env.is_main:
-        shutil.copytree(os.path.join(run_dir, "checkpoint-2"), os.path.join(out, "saved-checkpoint-2"))
-    rd.barrier()
-    model = tiny_model(task)
-    train(model, task, 4, **kw)
-    results["resume_params"] = params(model)
+    results["resume_params"] = interrupted_run(task, env, out, "resume_run", "saved-checkpoint-2")
 
     # bf16 autocast on CPU, checkpointed segments
     model = tiny_model(task)
@@ -150,6 +141,21 @@ def main(out: str) -> None:
     torch.save(results, os.path.join(out, f"rank{env.rank}.pt"))
     rd.barrier()
     rd.destroy()
+
+
+def interrupted_run(task, env, out: str, run: str, saved: str, **extra) -> dict[str, torch.Tensor]:
+    """Train 2 of 4 steps (checkpointed segments, checkpoint at step 2) in ``out/run``, keep a
+    copy of the step-2 checkpoint as ``out/saved``, then resume to step 4; the final parameters."""
+    run_dir = os.path.join(out, run)
+    kw = dict(segments=2, batch_size=PER_RANK_BATCH, eval_every=2, save_every=2,
+              checkpoint_segments=True, output_dir=run_dir, **TRAIN_KW, **extra)
+    train(tiny_model(task), task, 4, stop_after=2, **kw)
+    if env.is_main:
+        shutil.copytree(os.path.join(run_dir, "checkpoint-2"), os.path.join(out, saved))
+    rd.barrier()
+    model = tiny_model(task)
+    train(model, task, 4, **kw)
+    return full_params(model)
 
 
 def fsdp_scenarios(task, env, out: str, results: dict) -> None:
@@ -197,16 +203,8 @@ def fsdp_scenarios(task, env, out: str, results: dict) -> None:
     results["blocks_count_history"] = res.history
 
     # checkpoints: 2 of 4 steps, resumed by FSDP here and by one process in the test
-    run_dir = os.path.join(out, "fsdp_resume_run")
-    kw = dict(segments=2, batch_size=PER_RANK_BATCH, eval_every=2, save_every=2,
-              checkpoint_segments=True, output_dir=run_dir, parallel="fsdp", **TRAIN_KW)
-    train(tiny_model(task), task, 4, stop_after=2, **kw)
-    if env.is_main:
-        shutil.copytree(os.path.join(run_dir, "checkpoint-2"), os.path.join(out, "fsdp-checkpoint-2"))
-    rd.barrier()
-    model = tiny_model(task)
-    train(model, task, 4, **kw)
-    results["fsdp_resume_params"] = full_params(model)
+    results["fsdp_resume_params"] = interrupted_run(task, env, out, "fsdp_resume_run",
+                                                    "fsdp-checkpoint-2", parallel="fsdp")
 
 
 if __name__ == "__main__":
