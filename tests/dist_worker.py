@@ -158,6 +158,24 @@ def interrupted_run(task, env, out: str, run: str, saved: str, **extra) -> dict[
     return full_params(model)
 
 
+def block0_sharded_while_block1_runs(model, task) -> bool:
+    """Whether block 0's weight is a sharded DTensor (half the rows here) while block 1 runs."""
+    from torch.distributed.tensor import DTensor
+
+    blocks = model.base.transformer.h
+    seen = []
+
+    def hook(module, args):
+        w = blocks[0].attn.c_attn.weight
+        seen.append(isinstance(w, DTensor) and w.to_local().shape[0] < w.shape[0])
+
+    handle = blocks[1].register_forward_pre_hook(hook)
+    ids = task.splits(2)["train"].input_ids[:2]
+    model(ids, labels=ids).loss.backward()
+    handle.remove()
+    return bool(seen) and all(seen)
+
+
 def fsdp_scenarios(task, env, out: str, results: dict) -> None:
     """The FSDP (``parallel="fsdp"``) versions of scenarios (1)-(4)."""
     for ckpt in (False, True):
@@ -195,6 +213,10 @@ def fsdp_scenarios(task, env, out: str, results: dict) -> None:
           parallel="fsdp-blocks", **TRAIN_KW)
     results["blocks_plain"] = full_params(model)
     results["blocks_units"] = len(rd.fsdp_units(model))
+    results["blocks_sharded_during_compute"] = block0_sharded_while_block1_runs(model, task)
+    model = tiny_model(task)
+    rd.fully_shard_model(model)
+    results["fsdp_sharded_during_compute"] = block0_sharded_while_block1_runs(model, task)
     model = tiny_model(task)
     res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
                 batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2, bptt_depth=1,

@@ -256,6 +256,9 @@ def test_fsdp_per_block_units_match_one_process(two_ranks):
     counts, 2 micro-batches, truncated BPTT and evaluations (every rank runs the same segments)."""
     _, ranks = two_ranks
     assert ranks[0]["blocks_units"] == 3  # 2 blocks + the wrapper
+    # the point of per-block units: block 0's weights are sharded again while block 1 runs (with
+    # the model as one unit they stay whole through the whole forward)
+    assert ranks[0]["blocks_sharded_during_compute"] and not ranks[0]["fsdp_sharded_during_compute"]
     task = dw.make_copy_task()
     single = dw.tiny_model(task)
     train(single, task, 3, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=100, **dw.TRAIN_KW)
