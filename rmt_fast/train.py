@@ -631,6 +631,10 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     else:
         device = torch.device("cpu")
     env = rd.init_distributed(device)
+    if args.no_progress:  # also transformers' own bars (checkpoint writing/loading) in the logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.segment_size is None:
         if args.length is not None:
             if args.length % args.segments:
