@@ -7,15 +7,16 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "rmt_fast.demo", "bench": "rmt_fast.bench.sweep",
-                "flops": "rmt_fast.bench.flops", "train": "rmt_fast.train", "evaluate": "rmt_fast.train"}
+    commands = {"demo": ("rmt_fast.demo", "main"), "bench": ("rmt_fast.bench.sweep", "main"),
+                "flops": ("rmt_fast.bench.flops", "main"), "train": ("rmt_fast.train", "main"),
+                "evaluate": ("rmt_fast.train", "evaluate_main")}
     if not argv or argv[0] not in commands:
         print(f"usage: rmt-fast {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2
     import importlib
 
-    module = importlib.import_module(commands[argv[0]])
-    (module.evaluate_main if argv[0] == "evaluate" else module.main)(argv[1:])
+    module, function = commands[argv[0]]
+    getattr(importlib.import_module(module), function)(argv[1:])
     return 0
 
 

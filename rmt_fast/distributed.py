@@ -209,6 +209,17 @@ class GradientSync:
         return out
 
 
+def check_parallel(parallel: str, checkpoint_segments: bool) -> None:
+    """Raise ValueError unless ``parallel`` is one of :data:`PARALLEL_MODES` and fits a model
+    with ``checkpoint_segments`` (``"fsdp-blocks"`` cannot recompute checkpointed segments
+    inside the backward; see :func:`fully_shard_model`)."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if parallel == "fsdp-blocks" and checkpoint_segments:
+        raise ValueError("parallel='fsdp-blocks' does not support checkpoint_segments=True (segments "
+                         "recomputed inside the backward); use parallel='fsdp' or no checkpointing")
+
+
 def fully_shard_model(model: nn.Module, blocks: bool = False) -> nn.Module:
     """Shard ``model`` over the ranks with FSDP2 (:func:`torch.distributed.fsdp.fully_shard`), in
     place; build the optimizer afterwards (it must see the sharded parameters).
@@ -241,10 +252,7 @@ def fully_shard_model(model: nn.Module, blocks: bool = False) -> nn.Module:
     units = []
     if blocks:
         cfg = getattr(model, "rmt_config", None)
-        if cfg is not None and cfg.checkpoint_segments:
-            raise ValueError("per-block FSDP (parallel='fsdp-blocks') does not support "
-                             "checkpoint_segments=True (segments recomputed inside the backward); "
-                             "use parallel='fsdp' or checkpoint_segments=False")
+        check_parallel("fsdp-blocks", cfg is not None and cfg.checkpoint_segments)
         base = getattr(model, "base", model)
         names = set(getattr(base, "_no_split_modules", None) or ())
         units = [m for m in model.modules() if type(m).__name__ in names]
@@ -384,7 +392,7 @@ def split_evenly(n: int, parts: int, index: int) -> tuple[int, int]:
 
 
 __all__: Sequence[str] = ("PARALLEL_MODES", "DistEnv", "GradientSync", "all_reduce_sum", "barrier",
-                          "broadcast_module", "current_env", "default_device", "destroy",
+                          "broadcast_module", "check_parallel", "current_env", "default_device", "destroy",
                           "env_from_environ", "fsdp_units", "full_state_dicts", "fully_shard_model",
                           "init_distributed", "is_sharded", "load_full_state_dicts", "reshard_all",
                           "shard", "split_evenly", "unshard_all")

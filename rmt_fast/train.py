@@ -36,6 +36,7 @@ from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
+ARGS_NAME = "train_args.json"
 SCHEDULES = ("linear", "cosine", "constant")
 AMP_DTYPES = {"bf16": torch.bfloat16}
 
@@ -283,8 +284,8 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         raise ValueError(f"stop_after must be an int >= 1 or None, got {stop_after!r}")
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
-    if parallel not in rd.PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {rd.PARALLEL_MODES}, got {parallel!r}")
+    rd.check_parallel(parallel, model.rmt_config.checkpoint_segments if checkpoint_segments is None
+                      else bool(checkpoint_segments))
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
     env = rd.init_distributed(model.device)
@@ -293,9 +294,6 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     if checkpoint_segments is not None:
         model.rmt_config.checkpoint_segments = bool(checkpoint_segments)
     model.rmt_config.validate()
-    if parallel == "fsdp-blocks" and model.rmt_config.checkpoint_segments:
-        raise ValueError("parallel='fsdp-blocks' does not support checkpoint_segments=True (segments "
-                         "recomputed inside the backward); use parallel='fsdp' or no checkpointing")
     for n in stages:
         task.splits(n)  # fail early on impossible lengths
 
@@ -348,7 +346,8 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
                  "stage_changes": [list(c) for c in stage_changes], "seed": seed,
                  "wall_time": wall_before + time.perf_counter() - t0, "world_size": env.world_size,
                  "global_batch_size": global_batch}
-        model_state, optimizer_state = rd.full_state_dicts(model, optimizer)  # a collective under FSDP
+        if env.is_main or rd.is_sharded(model):  # a collective under FSDP; else rank 0's alone
+            model_state, optimizer_state = rd.full_state_dicts(model, optimizer)
         if env.is_main:
             _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir, keep_checkpoints)
         rd.barrier()
@@ -426,7 +425,7 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         save()
     if math.isnan(valid_acc):
         valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size,
-                                 distributed=env.enabled)
+                             distributed=env.enabled)
     return TrainResult(step, stage, stages[stage], valid_acc, history, stage_changes,
                        wall_before + time.perf_counter() - t0)
 
@@ -577,10 +576,11 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     from rmt_fast.models import RMTForCausalLM
 
     run_dir = os.fspath(run_dir)
-    if not os.path.isfile(os.path.join(run_dir, "train_args.json")):
-        raise FileNotFoundError(f"{run_dir} has no train_args.json: not the --out directory of "
+    args_path = os.path.join(run_dir, ARGS_NAME)
+    if not os.path.isfile(args_path):
+        raise FileNotFoundError(f"{run_dir} has no {ARGS_NAME}: not the --out directory of "
                                 "an `rmt-fast train` run")
-    with open(os.path.join(run_dir, "train_args.json")) as f:
+    with open(args_path) as f:
         args = json.load(f)
     checkpoint = os.fspath(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if checkpoint is None:
@@ -653,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                         seed=args.seed).to(device)
     if args.out is not None and env.is_main:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "train_args.json"), "w") as f:
+        with open(os.path.join(args.out, ARGS_NAME), "w") as f:
             json.dump({**vars(args), "world_size": env.world_size}, f, indent=2)
     result = train(model, task, args.steps, segments=stages, batch_size=args.batch_size, lr=args.lr,
                    weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,

@@ -222,11 +222,16 @@ def test_custom_op_matches_function():
     ref_out, ref_lse = triton_memory_attention(q, k, v, past_k=pk, past_v=pv, **args)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
-    dout = torch.randn_like(out)
-    g_op = torch.autograd.grad(out, (q, k, v, pk, pv), dout)
-    g_fn = torch.autograd.grad(ref_out, (q, k, v, pk, pv), dout)
-    for a, b in zip(g_op, g_fn, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_same_grads(out, ref_out, (q, k, v, pk, pv))
+
+
+def _assert_same_grads(a: torch.Tensor, b: torch.Tensor, inputs: tuple) -> None:
+    """The gradients of ``a`` and ``b`` w.r.t. ``inputs`` for one random upstream gradient are
+    bitwise equal."""
+    dout = torch.randn_like(a)
+    for ga, gb in zip(torch.autograd.grad(a, inputs, dout), torch.autograd.grad(b, inputs, dout),
+                      strict=True):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 
 
 OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
@@ -284,11 +289,7 @@ def test_torch_compile_traces_the_custom_op():
     want = fn(q, k, v, pk, pv)
     assert counter.frame_count == 1 and counter.op_count >= 1
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    dout = torch.randn_like(want)
-    g_c = torch.autograd.grad(got, (q, k, v, pk, pv), dout)
-    g_e = torch.autograd.grad(want, (q, k, v, pk, pv), dout)
-    for a, b in zip(g_c, g_e, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_same_grads(got, want, (q, k, v, pk, pv))
 
 
 def test_fp32_dots_use_ieee_precision():
