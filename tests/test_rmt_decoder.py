@@ -146,7 +146,8 @@ def test_xl_cache_is_used_detached_and_changes_later_segments_only():
 
 
 def test_save_load_round_trip_exact(tmp_path):
-    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=3, segment_size=6, mask="rmt", xl_cache=2)
+    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=3, segment_size=6, mask="rmt", xl_cache=2,
+                           memory_noise=0.1).eval()
     tokens = ids(2, 14)
     with torch.no_grad():
         before = model(tokens).logits
@@ -177,6 +178,8 @@ def test_load_official_state_dict():
     (dict(num_mem_tokens=30, segment_size=10), "exceeds the base model's 64 positions"),
     (dict(mask="sideways"), "mask must be one of"),
     (dict(bptt_depth=-3), "bptt_depth must be -1"),
+    (dict(memory_noise=-0.1), "memory_noise must be a finite float >= 0"),
+    (dict(memory_noise=float("nan")), "memory_noise must be a finite float >= 0"),
 ])
 def test_bad_configuration_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -195,9 +198,10 @@ def test_unsupported_model_and_bad_inputs():
         model(ids(2, 5), memory=torch.zeros(2, 3, 32))
 
 
-@pytest.mark.parametrize("depth", [-1, 2])
-def test_checkpoint_segments_gives_identical_gradients(depth):
-    """Segment-level checkpointing (recompute in backward, dropout replayed) == plain BPTT."""
+@pytest.mark.parametrize("depth,noise", [(-1, 0.0), (2, 0.0), (-1, 0.3)])
+def test_checkpoint_segments_gives_identical_gradients(depth, noise):
+    """Segment-level checkpointing (recompute in backward, dropout and memory noise replayed)
+    == plain BPTT."""
     tokens = ids(2, 22)
     lm = torch.zeros(2, 22, dtype=torch.bool)
     lm[:, 15:] = True
@@ -206,7 +210,8 @@ def test_checkpoint_segments_gives_identical_gradients(depth):
         torch.manual_seed(7)
         base = tiny_gpt2(dropout=0.1).double()
         model = RMTForCausalLM(base, num_mem_tokens=2, segment_size=5, mask="rmt",
-                               bptt_depth=depth, checkpoint_segments=ckpt).train()
+                               bptt_depth=depth, checkpoint_segments=ckpt,
+                               memory_noise=noise).train()
         torch.manual_seed(11)
         out = model(tokens, labels=tokens, labels_mask=lm)
         out.loss.backward()
@@ -215,6 +220,33 @@ def test_checkpoint_segments_gives_identical_gradients(depth):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-10, rtol=0)
+
+
+def test_memory_noise_perturbs_every_read_in_training_only():
+    """Training mode: each segment reads memory + noise * rms(memory) * N(0, 1), drawn in segment
+    order; eval mode: no noise at all."""
+    tokens = ids(2, 15)
+    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=5, memory_noise=0.3)
+    plain = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=5)
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    torch.testing.assert_close(model(tokens).logits, plain(tokens).logits, atol=0, rtol=0)
+    model.train()
+    model.base.eval()  # no dropout: the noise is the only random draw
+    torch.manual_seed(5)
+    out = model(tokens)
+    model.eval()
+    torch.manual_seed(5)
+    memory, logits = model.memory.detach().expand(2, -1, -1), []
+    with torch.no_grad():
+        for seg in tokens.split(5, dim=1):
+            rms = memory.pow(2).mean(-1, keepdim=True).sqrt()
+            step = model(seg, memory=memory + 0.3 * rms * torch.randn_like(memory))
+            logits.append(step.logits)
+            memory = step.memory
+    torch.testing.assert_close(out.logits.detach(), torch.cat(logits, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.memory.detach(), memory, atol=1e-5, rtol=0)
+    assert (out.logits.detach() - plain(tokens).logits).abs().max() > 1e-2
 
 
 def _saved_peak(segments: int, checkpoint: bool) -> int:

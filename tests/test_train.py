@@ -153,6 +153,28 @@ def test_bad_arguments():
         train(model, task, 1, bptt_depth=-3, progress=False)
 
 
+def test_build_model_inits():
+    """gpt2: N(0, 0.02), tied head; torch: N(0, 1) embeddings, U(+-1/sqrt(fan_in)) matrices,
+    zero biases, untied head; the memory takes the embeddings' scale either way."""
+    gpt2 = build_model(37, 3, 4, layers=2, d_model=64, heads=4, d_inner=128).base
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert abs(gpt2.transformer.wte.weight.std().item() - 0.02) < 0.003
+    rmt = build_model(37, 3, 64, layers=2, d_model=64, heads=4, d_inner=128, init="torch")
+    base = rmt.base
+    assert base.lm_head.weight is not base.transformer.wte.weight
+    for emb in (base.transformer.wte.weight, base.transformer.wpe.weight, rmt.memory):
+        assert abs(emb.std().item() - 1.0) < 0.1
+    for block in base.transformer.h:
+        for conv, fan_in in ((block.attn.c_attn, 64), (block.mlp.c_fc, 64), (block.mlp.c_proj, 128)):
+            bound = fan_in ** -0.5
+            assert 0.95 * bound < conv.weight.abs().max().item() <= bound
+            assert abs(conv.weight.std().item() - bound / 3 ** 0.5) < 0.1 * bound
+            assert torch.count_nonzero(conv.bias) == 0
+    assert base.lm_head.weight.abs().max().item() <= 64 ** -0.5
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_model(37, 3, 2, init="xavier")
+
+
 def test_lr_schedule():
     assert lr_factor(0, 10, 100, "linear", 0.0) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, "linear", 0.0) == pytest.approx(1.0)

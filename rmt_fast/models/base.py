@@ -82,6 +82,15 @@ class RMTBase(nn.Module):
         self.base.base_model.compile(**compile_kwargs)
         return self
 
+    def perturb_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """The memory a segment reads: ``memory`` ``[B, M, d]`` plus, in training mode,
+        ``memory_noise * rms(memory) * N(0, 1)`` per vector (see :class:`RMTConfig`)."""
+        std = self.rmt_config.memory_noise
+        if not self.training or std == 0:
+            return memory
+        rms = memory.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(memory.dtype)
+        return memory + std * rms * torch.randn_like(memory)
+
     def expand_memory(self, batch: int) -> torch.Tensor:
         """The learned memory as a batch: ``[B, M, d]``."""
         return self.memory.unsqueeze(0).expand(batch, -1, -1)
@@ -114,7 +123,8 @@ class RMTBase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **base_kwargs):
-        """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader)."""
+        """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader).
+        Like transformers' ``from_pretrained``, the model comes back in eval mode."""
         import transformers
 
         config = RMTConfig.load(directory)
@@ -127,4 +137,4 @@ class RMTBase(nn.Module):
         missing = [k for k in missing if not k.startswith("base.")]
         if missing or unexpected:
             raise ValueError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
-        return model
+        return model.eval()

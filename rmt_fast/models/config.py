@@ -34,6 +34,10 @@ class RMTConfig:
             model does (the official wrapper; needed for its checkpoints); ``mirror`` gives the
             write block the read block's positions 0..M-1, so a memory slot keeps its position
             when it is read back.
+        memory_noise: training only (``model.train()``): Gaussian noise of this std, relative to
+            each memory vector's RMS, is added to the memory every segment reads. It makes the
+            memory update correct small drifts, so that a state survives far more segments than
+            the training length (``docs/results.md``, needle). 0 = off; eval is never affected.
         kind: ``decoder`` or ``encoder`` (set by the wrapper class).
         cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
     """
@@ -47,6 +51,7 @@ class RMTConfig:
     segment_alignment: str = "left"
     loss_over: str = "all"
     position_mode: str = "model"
+    memory_noise: float = 0.0
     kind: str = "decoder"
     cls_token_id: int | None = None
     sep_token_id: int | None = None
@@ -71,6 +76,9 @@ class RMTConfig:
         need(self.segment_alignment in ALIGNMENTS,
              f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         need(self.loss_over in LOSS_OVER, f"loss_over must be one of {LOSS_OVER}, got {self.loss_over!r}")
+        need(isinstance(self.memory_noise, (int, float)) and not isinstance(self.memory_noise, bool)
+             and 0 <= self.memory_noise < float("inf"),
+             f"memory_noise must be a finite float >= 0, got {self.memory_noise!r}")
         need(self.position_mode in POSITION_MODES,
              f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
 

@@ -72,12 +72,12 @@ class RMTForCausalLM(RMTBase):
     def __init__(self, base_model: nn.Module, num_mem_tokens: int = 16, segment_size: int = 512,
                  mask: str = "causal", bptt_depth: int = -1, xl_cache: int = 0,
                  checkpoint_segments: bool = False, segment_alignment: str = "left",
-                 loss_over: str = "all", position_mode: str = "model"):
+                 loss_over: str = "all", position_mode: str = "model", memory_noise: float = 0.0):
         config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                            bptt_depth=bptt_depth, xl_cache=xl_cache,
                            checkpoint_segments=checkpoint_segments,
                            segment_alignment=segment_alignment, loss_over=loss_over,
-                           position_mode=position_mode, kind="decoder")
+                           position_mode=position_mode, memory_noise=memory_noise, kind="decoder")
         if not hasattr(base_model, "get_output_embeddings") or base_model.get_output_embeddings() is None:
             raise TypeError(f"unsupported base model {type(base_model).__name__}: RMTForCausalLM "
                             "needs a causal LM with an output embedding (lm_head)")
@@ -118,7 +118,8 @@ class RMTForCausalLM(RMTBase):
         embeds = self.base.get_input_embeddings()(ids)
         num_write = m if write else 0
         # one pass into the [read | segment | write] buffer (the extension's op when built)
-        x = assemble_segment(memory, embeds, memory if write else memory[:, :0])
+        read = self.perturb_memory(memory)
+        x = assemble_segment(read, embeds, read if write else read[:, :0])
         kpm = None
         if mask is not None or xl is not None:
             seg_mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)

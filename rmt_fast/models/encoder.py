@@ -35,7 +35,8 @@ class _RMTEncoderBase(RMTBase):
     def __init__(self, base_model: nn.Module, num_mem_tokens: int = 10, segment_size: int = 499,
                  cls_token_id: int | None = None, sep_token_id: int | None = None,
                  tokenizer=None, bptt_depth: int = -1, segment_alignment: str = "right",
-                 loss_over: str = "last", checkpoint_segments: bool = False):
+                 loss_over: str = "last", checkpoint_segments: bool = False,
+                 memory_noise: float = 0.0):
         if tokenizer is not None:
             cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
             sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
@@ -44,7 +45,8 @@ class _RMTEncoderBase(RMTBase):
         config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask="full",
                            bptt_depth=bptt_depth, segment_alignment=segment_alignment,
                            loss_over=loss_over, checkpoint_segments=checkpoint_segments,
-                           kind="encoder", cls_token_id=cls_token_id, sep_token_id=sep_token_id)
+                           kind="encoder", cls_token_id=cls_token_id, sep_token_id=sep_token_id,
+                           memory_noise=memory_noise)
         super().__init__(base_model, config)
         self.check_positions(num_mem_tokens + segment_size + 3)
 
@@ -58,7 +60,7 @@ class _RMTEncoderBase(RMTBase):
         emb = self.base.get_input_embeddings()
         special = torch.tensor([cfg.cls_token_id, cfg.sep_token_id], device=ids.device)
         cls, sep = emb(special).unsqueeze(0).expand(batch, -1, -1).split(1, dim=1)
-        x = torch.cat([cls, memory, sep, emb(ids), sep], dim=1)
+        x = torch.cat([cls, self.perturb_memory(memory), sep, emb(ids), sep], dim=1)
         seg_mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         ones = torch.ones(batch, m + 2, dtype=torch.bool, device=ids.device)
         kpm = torch.cat([ones, seg_mask, ones[:, :1]], dim=1)
