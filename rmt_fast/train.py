@@ -501,7 +501,8 @@ def torch_default_init(model: nn.Module) -> None:
 def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int, *, layers: int = 4,
                 d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
                 mask: str = "causal", xl_cache: int = 0, bptt_depth: int = -1,
-                checkpoint_segments: bool = False, seed: int = 0, init: str = "gpt2"):
+                checkpoint_segments: bool = False, seed: int = 0, init: str = "gpt2",
+                memory_noise: float = 0.0):
     """A GPT-2 of the given size (from a config, random weights) inside an RMTForCausalLM.
 
     ``init``: ``"gpt2"`` (transformers' ``N(0, 0.02)``, tied input/output embeddings) or
@@ -525,7 +526,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int, *, laye
         torch_default_init(base)
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=bptt_depth, xl_cache=xl_cache,
-                          checkpoint_segments=checkpoint_segments)
+                          checkpoint_segments=checkpoint_segments, memory_noise=memory_noise)
 
 
 def _ints(text: str) -> list[int]:
@@ -559,6 +560,8 @@ def parser() -> argparse.ArgumentParser:
                         "defaults, untied; needed for associative retrieval)")
     p.add_argument("--mask", default="causal")
     p.add_argument("--xl-cache", type=int, default=0)
+    p.add_argument("--memory-noise", type=float, default=0.0,
+                   help="training-only noise on the memory read by each segment (relative std)")
     p.add_argument("--bptt-depth", type=int, default=-1)
     p.add_argument("--checkpoint-segments", action="store_true")
     p.add_argument("--steps", type=int, default=10_000)
@@ -690,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                         d_model=args.d_model, heads=args.heads, d_inner=args.d_inner,
                         dropout=args.dropout, mask=args.mask, xl_cache=args.xl_cache,
                         bptt_depth=args.bptt_depth, checkpoint_segments=args.checkpoint_segments,
-                        seed=args.seed, init=args.init).to(device)
+                        seed=args.seed, init=args.init,
+                        memory_noise=args.memory_noise).to(device)
     if args.out is not None and env.is_main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, ARGS_NAME), "w") as f:

@@ -188,7 +188,8 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     argv = ["--task", "reverse", "--segments", "2", "--segment-size", "4", "--mem", "2", "--layers", "1",
             "--d-model", "16", "--heads", "2", "--d-inner", "32", "--steps", "4", "--batch-size", "4",
             "--eval-every", "2", "--eval-size", "8", "--save-every", "2", "--train-size", "50",
-            "--valid-size", "10", "--test-size", "12", "--out", str(tmp_path), "--no-progress"]
+            "--valid-size", "10", "--test-size", "12", "--out", str(tmp_path), "--no-progress",
+            "--init", "torch", "--memory-noise", "0.25"]
     res = main(argv)
     assert res.step == 4 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
     assert latest_checkpoint(tmp_path).endswith("checkpoint-4")
@@ -207,6 +208,8 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     assert out["step"] == 6 and out["split"] == "test" and out["samples"] == 12 and out["segments"] == 2
     task = make_task("reverse", 4, seed=0, train_size=50, valid_size=10, test_size=12)
     model = RMTForCausalLM.from_pretrained(tmp_path / "checkpoint-6")
+    assert model.rmt_config.memory_noise == 0.25 and not model.training
+    assert model.base.lm_head.weight is not model.base.transformer.wte.weight  # --init torch
     assert out["accuracy"] == pytest.approx(evaluate(model, task.splits(2)["test"]))
     with pytest.raises(FileNotFoundError, match="train_args.json"):
         cli_main(["evaluate", str(tmp_path / "nothing")])
