@@ -136,13 +136,23 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 def _save_checkpoint(model, model_state: dict, optimizer_state: dict | None, task: Task, state: dict,
-                     output_dir: str, keep: int) -> str:
+                     output_dir: str, keep: int, progress: bool = True) -> str:
     """Write ``checkpoint-<step>`` (rank 0 only; the states come from
-    :func:`rmt_fast.distributed.full_state_dicts`, the optimizer's keyed by parameter name)."""
+    :func:`rmt_fast.distributed.full_state_dicts`, the optimizer's keyed by parameter name).
+    ``progress=False`` also keeps transformers' shard-writing bar quiet (restored after)."""
+    from transformers.utils import logging as hf_logging
+
     final = os.path.join(output_dir, f"checkpoint-{state['step']}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model_state)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp, state_dict=model_state)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if task.vocab is not None:
         task.vocab.save(tmp)
     torch.save({**state, "optimizer": optimizer_state, "optimizer_format": "by_name"},
@@ -349,7 +359,8 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
         if env.is_main or rd.is_sharded(model):  # a collective under FSDP; else rank 0's alone
             model_state, optimizer_state = rd.full_state_dicts(model, optimizer)
         if env.is_main:
-            _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir, keep_checkpoints)
+            _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir, keep_checkpoints,
+                             progress)
         rd.barrier()
 
     span = stage_steps if stage_steps is not None else steps

@@ -78,11 +78,16 @@ def _as_legacy_checkpoint(src, dst) -> None:
     torch.save(state, path)
 
 
-def test_metrics_file_and_checkpoints(tmp_path):
+def test_metrics_file_and_checkpoints(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
     task = make_task("needle", 16, **SMALL)
     model = tiny(task)
+    assert hf_logging.is_progress_bar_enabled()
     train(model, task, 6, segments=2, batch_size=4, eval_every=3, log_every=2, output_dir=tmp_path,
           save_every=3, keep_checkpoints=1, progress=False)
+    assert "Writing" not in capsys.readouterr().err  # no bar from transformers' save either
+    assert hf_logging.is_progress_bar_enabled()  # and the global switch is as it was
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [2, 3, 4, 6]
     for r in records:
