@@ -83,7 +83,7 @@ def test_metrics_file_and_checkpoints(tmp_path, capsys):
 
     task = make_task("needle", 16, **SMALL)
     model = tiny(task)
-    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # a CLI test before this one may have switched it off
     train(model, task, 6, segments=2, batch_size=4, eval_every=3, log_every=2, output_dir=tmp_path,
           save_every=3, keep_checkpoints=1, progress=False)
     assert "Writing" not in capsys.readouterr().err  # no bar from transformers' save either
