@@ -54,6 +54,35 @@ def test_sequence_classification_equals_reference_loop():
     assert model.memory.grad.abs().sum() > 0
 
 
+def test_memory_noise_perturbs_every_read_in_training_only():
+    """As for the decoder: each segment reads memory + noise * rms(memory) * N(0, 1) in
+    training mode, in segment order; eval mode is noise-free."""
+    kw = dict(num_mem_tokens=3, segment_size=6, cls_token_id=CLS, sep_token_id=SEP)
+    x = tokens(2, 12)
+    model = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), memory_noise=0.3, **kw)
+    plain = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), **kw).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        clean = plain(x)
+        torch.testing.assert_close(model.eval()(x).logits, clean.logits, atol=0, rtol=0)
+    model.train()
+    model.base.eval()  # no dropout: the noise is the only random draw
+    torch.manual_seed(5)
+    out = model(x)
+    model.eval()
+    torch.manual_seed(5)
+    memory = model.memory.detach().expand(2, -1, -1)
+    with torch.no_grad():
+        for seg in x.split(6, dim=1):
+            rms = memory.pow(2).mean(-1, keepdim=True).sqrt()
+            step = model(seg, memory=memory + 0.3 * rms * torch.randn_like(memory))
+            memory = step.memory
+    torch.testing.assert_close(out.logits.detach(), step.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.memory.detach(), memory, atol=1e-5, rtol=0)
+    # (a random tiny BERT's class logits barely depend on memory: compare the memory itself)
+    assert (out.memory.detach() - clean.memory).abs().max() > 1e-2
+
+
 def test_padded_rows_equal_rows_run_alone():
     model = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), num_mem_tokens=3,
                                                 segment_size=5, cls_token_id=CLS, sep_token_id=SEP)

@@ -66,7 +66,7 @@ def needle_accuracy(model: RMTForCausalLM, vocab: Vocab, num_segments: int, samp
 
 
 def load(checkpoint: str | os.PathLike) -> tuple[RMTForCausalLM, Vocab]:
-    model = RMTForCausalLM.from_pretrained(checkpoint).eval()
+    model = RMTForCausalLM.from_pretrained(checkpoint)  # in eval mode
     return model, Vocab.load(os.path.join(checkpoint, "vocab.json"))
 
 
