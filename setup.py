@@ -1,14 +1,14 @@
-"""Build and install rmt_fast.
+"""The C++/CUDA extension ``rmt_fast._C`` (package metadata lives in ``pyproject.toml``).
 
-The extension ``rmt_fast._C`` is built with ninja from ``csrc/``: the C++ sources always, the CUDA
-sources when torch has CUDA and ``nvcc`` is found. Environment switches:
+The extension is built with ninja from ``csrc/``: the C++ sources always, the CUDA sources when
+torch has CUDA and ``nvcc`` is found. Environment switches:
 
 * ``RMT_FAST_BUILD_CUDA=1`` / ``0``: force the CUDA sources in / out.
 * ``RMT_FAST_REQUIRE_EXT=1``: fail the install if the extension does not build (default: warn and
   install the pure-PyTorch package, which falls back at import time).
 
-torch itself is not a requirement here on purpose: install the build you want first
-(``pip install torch==2.13.0`` for CPU), then ``pip install --no-build-isolation .``.
+The extension is compiled against the torch found at build time: install the torch build you
+want first (``pip install torch==2.13.0`` for CPU), then ``pip install --no-build-isolation .``.
 """
 
 import glob
@@ -16,20 +16,6 @@ import os
 import sys
 
 from setuptools import setup
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["rmt_fast", "rmt_fast.ops", "rmt_fast.integrations", "rmt_fast.kernels",
-            "rmt_fast.tasks", "rmt_fast.bench"]
-PACKAGE_DIR = {"rmt_fast.kernels": "kernels", "rmt_fast.bench": "bench"}
-
-
-def _packages():
-    out = []
-    for pkg in PACKAGES:
-        path = PACKAGE_DIR.get(pkg, pkg.replace(".", os.sep))
-        if os.path.isfile(os.path.join(ROOT, path, "__init__.py")):
-            out.append(pkg)
-    return out
 
 
 def _extension_kwargs():
@@ -75,23 +61,4 @@ def _extension_kwargs():
         use_ninja=True)})
 
 
-setup(
-    name="rmt_fast",
-    version="0.1.0",
-    description="Kernel-accelerated Recurrent Memory Transformer (RMT) for PyTorch and Hugging Face",
-    long_description=open(os.path.join(ROOT, "README.md")).read()
-    if os.path.exists(os.path.join(ROOT, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=_packages(),
-    package_dir=PACKAGE_DIR,
-    package_data={"rmt_fast": ["checkpoints/*/*", "checkpoints/*/*/*"]},
-    install_requires=["numpy", "safetensors", "tqdm", "transformers>=4.56"],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "bench": ["matplotlib"],
-        "peers": ["recurrent-memory-transformer-pytorch"],
-    },
-    entry_points={"console_scripts": ["rmt-fast=rmt_fast.cli:main"]},
-    **_extension_kwargs(),
-)
+setup(**_extension_kwargs())

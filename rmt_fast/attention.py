@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from rmt_fast.masks import MASK_MODES, dense_visibility
-from rmt_fast.ops.cpu_flash import cpu_flash_memory_attention
-from rmt_fast.ops.dense import dense_sdpa
-from rmt_fast.ops.reference import reference_memory_attention
+from rmt_fast.masks import AttentionLayout, layout_visibility
+from rmt_fast.ops.memory_attention.cpu_flash import cpu_flash_memory_attention
+from rmt_fast.ops.memory_attention.dense import dense_sdpa
+from rmt_fast.ops.memory_attention.reference import reference_memory_attention
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def _check_inputs(q, k, v, num_read, num_write, mask, past_k, past_v, key_padding_mask, scale,
-                  backend):
+def _check_inputs(q, k, v, layout: AttentionLayout, past_k, past_v, key_padding_mask, backend):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = getattr(t, "shape", type(t).__name__)
@@ -33,13 +32,7 @@ def _check_inputs(q, k, v, num_read, num_write, mask, past_k, past_v, key_paddin
                              f"got ({t.dtype}, {t.device})")
     if not q.is_floating_point():
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
-    if mask not in MASK_MODES:
-        raise ValueError(f"mask must be one of {MASK_MODES}, got {mask!r}")
-    for name, n in (("num_read", num_read), ("num_write", num_write)):
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    if num_read + num_write > length:
-        raise ValueError(f"num_read + num_write ({num_read} + {num_write}) must be <= L ({length})")
+    layout.check_length(length)
     if (past_k is None) != (past_v is None):
         raise ValueError("past_k and past_v must be given together")
     past_length = 0
@@ -66,8 +59,6 @@ def _check_inputs(q, k, v, num_read, num_write, mask, past_k, past_v, key_paddin
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask must be on {q.device}, got "
                              f"{key_padding_mask.device}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return past_length
@@ -110,38 +101,32 @@ def memory_attention(
     Returns:
         ``[B, Hq, L, D]`` in the input dtype, and the LSE when ``return_lse``.
     """
-    past_length = _check_inputs(q, k, v, num_read, num_write, mask, past_k, past_v,
-                                key_padding_mask, scale, backend)
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale)
+    past_length = _check_inputs(q, k, v, layout, past_k, past_v, key_padding_mask, backend)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    layout = dict(num_read=num_read, num_write=num_write, mask=mask, past_k=past_k, past_v=past_v,
-                  past_visible_to_read=past_visible_to_read, key_padding_mask=key_padding_mask,
-                  scale=scale)
+    layout = layout.with_head_dim(q.shape[-1])
+    tensors = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask)
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
     if backend == "triton" and dropout_p > 0.0:
         raise ValueError("dropout_p > 0 is not supported by the triton backend; use backend='torch'")
     dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q)
     if backend == "reference" or (backend == "torch" and return_lse and dense_needed):
-        out, lse = reference_memory_attention(q, k, v, dropout_p=dropout_p, **layout)
+        out, lse = reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
     elif backend == "triton":
-        from rmt_fast.kernels import triton_memory_attention
+        from rmt_fast.ops.memory_attention.triton import triton_memory_attention
 
-        out, lse = triton_memory_attention(q, k, v, **layout)
+        out, lse = triton_memory_attention(q, k, v, layout, **tensors)
     elif dense_needed:
-        visible = dense_visibility(
-            q.shape[2], past_length, num_read=num_read, num_write=num_write, mask=mask,
-            past_visible_to_read=past_visible_to_read, key_padding_mask=key_padding_mask,
-            device=q.device,
-        )
+        visible = layout_visibility(layout, q.shape[2], past_length, key_padding_mask, q.device)
         visible = visible[:, None] if visible.dim() == 3 else visible
         kk = k if past_k is None else torch.cat([past_k, k], dim=2)
         vv = v if past_v is None else torch.cat([past_v, v], dim=2)
-        out = dense_sdpa(q, kk, vv, visible, scale=scale, dropout_p=dropout_p)
+        out = dense_sdpa(q, kk, vv, visible, scale=layout.scale, dropout_p=dropout_p)
         lse = None
     else:
-        out, lse = cpu_flash_memory_attention(q, k, v, **layout)
+        out, lse = cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout)
     if return_lse:
         return out, lse.float()
     return out

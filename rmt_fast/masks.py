@@ -21,26 +21,84 @@ Past keys are visible to segment and write rows always, and to read rows only wh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 MASK_MODES = ("causal", "rmt", "full", "bottleneck")
-#: Integer codes used by the Triton kernels (``constexpr`` arguments).
-MASK_CODES = {name: code for code, name in enumerate(MASK_MODES)}
 
 
-def check_mask_mode(mask: str) -> int:
-    if mask not in MASK_CODES:
+def check_mask_mode(mask) -> str:
+    """``mask`` if it is one of :data:`MASK_MODES`, else a ValueError naming the choices."""
+    if not isinstance(mask, str) or mask not in MASK_MODES:
         raise ValueError(f"mask must be one of {MASK_MODES}, got {mask!r}")
-    return MASK_CODES[mask]
+    return mask
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The non-tensor structure of one attention call, validated once and shared by every
+    backend (reference, dense, fused CPU, Triton).
+
+    Attributes:
+        num_read: ``R``, rows of the read block (the first rows).
+        num_write: ``W``, rows of the write block (the last rows).
+        mask: one of :data:`MASK_MODES` (the table in this module's docstring).
+        past_visible_to_read: whether read rows see the past keys too.
+        scale: softmax scale; None means ``D ** -0.5`` (see :meth:`with_head_dim`).
+    """
+
+    num_read: int = 0
+    num_write: int = 0
+    mask: str = "causal"
+    past_visible_to_read: bool = False
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_count("num_read", self.num_read)
+        _check_count("num_write", self.num_write)
+        check_mask_mode(self.mask)
+        if not isinstance(self.past_visible_to_read, bool):
+            raise ValueError(f"past_visible_to_read must be a bool, got {self.past_visible_to_read!r}")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or \
+                    not math.isfinite(self.scale):
+                raise ValueError(f"scale must be a finite float or None, got {self.scale!r}")
+            object.__setattr__(self, "scale", float(self.scale))
+
+    def with_head_dim(self, head_dim: int) -> AttentionLayout:
+        """This layout with ``scale`` resolved (``head_dim ** -0.5`` when it is None)."""
+        if self.scale is not None:
+            return self
+        return dataclasses.replace(self, scale=float(head_dim ** -0.5) if head_dim else 1.0)
+
+    def first_past_row(self) -> int:
+        """Rows ``>=`` this see the past keys: read rows are hidden from them unless
+        ``past_visible_to_read`` (the one place this rule lives on the Python side)."""
+        return 0 if self.past_visible_to_read else self.num_read
+
+    def check_length(self, length: int) -> None:
+        if self.num_read + self.num_write > length:
+            raise ValueError(f"num_read + num_write ({self.num_read} + {self.num_write}) must be "
+                             f"<= L ({length})")
 
 
 def current_key_visible(
     qi: torch.Tensor, kj: torch.Tensor, num_read: int, num_write: int, length: int, mask: str
 ) -> torch.Tensor:
-    """Element predicate: may query row ``qi`` see current key ``kj``? Broadcasts its index tensors."""
+    """Element predicate: may query row ``qi`` see current key ``kj``? Broadcasts its index tensors.
+
+    This is the one definition of the modes on the Python side: the block plans below are
+    derived from it (the Triton kernels carry their own ``@triton.jit`` copy, tested against it).
+    """
     read_q = qi < num_read
     write_q = qi >= length - num_write
     causal = kj <= qi
@@ -71,12 +129,19 @@ def dense_visibility(
 
     Returns ``[L, P + L]`` without padding, ``[B, L, P + L]`` with ``key_padding_mask`` ``[B, P + L]``.
     """
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read)
+    return layout_visibility(layout, length, past_length, key_padding_mask, device)
+
+
+def layout_visibility(layout: AttentionLayout, length: int, past_length: int = 0,
+                      key_padding_mask: torch.Tensor | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """:func:`dense_visibility` of an :class:`AttentionLayout`."""
     qi = torch.arange(length, device=device)[:, None]
     kj = torch.arange(length, device=device)[None, :]
-    cur = current_key_visible(qi, kj, num_read, num_write, length, mask)
+    cur = current_key_visible(qi, kj, layout.num_read, layout.num_write, length, layout.mask)
     past = torch.ones(length, past_length, dtype=torch.bool, device=device)
-    if not past_visible_to_read:
-        past[:num_read] = False
+    past[: layout.first_past_row()] = False
     vis = torch.cat([past, cur], dim=1)
     if key_padding_mask is not None:
         vis = vis[None] & key_padding_mask[:, None, :].to(torch.bool)
@@ -110,31 +175,44 @@ class RowGroup:
     blocks: tuple[KeyBlock, ...]
 
 
+@functools.lru_cache(maxsize=8)
+def block_table(mask: str) -> tuple[tuple[str | None, ...], ...]:
+    """Kind of (row block a, key block b) over ``read | segment | write``: ``FULL``, ``DIAG``
+    (causal within a diagonal block) or None (invisible), read off :func:`current_key_visible`
+    on a small layout with two rows per block."""
+    n = 2
+    qi = torch.arange(3 * n)[:, None]
+    kj = torch.arange(3 * n)[None, :]
+    vis = current_key_visible(qi, kj, n, n, 3 * n, check_mask_mode(mask))
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
+    table = []
+    for a in range(3):
+        row = []
+        for b in range(3):
+            tile = vis[a * n:(a + 1) * n, b * n:(b + 1) * n]
+            if bool(tile.all()):
+                row.append(FULL)
+            elif not bool(tile.any()):
+                row.append(None)
+            elif a == b and torch.equal(tile, tril):
+                row.append(DIAG)
+            else:
+                raise AssertionError(f"mask {mask!r}: block ({a}, {b}) is neither full, causal nor empty")
+        table.append(tuple(row))
+    return tuple(table)
+
+
 @functools.lru_cache(maxsize=256)  # called per attention call with a handful of distinct layouts
-def block_plan(
-    length: int,
-    past_length: int,
-    num_read: int,
-    num_write: int,
-    mask: str,
-    past_visible_to_read: bool,
-) -> tuple[RowGroup, ...]:
+def block_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
     """Decompose the mask into row groups, each seeing a few full or causal-diagonal key ranges."""
-    check_mask_mode(mask)
-    r0, r1, r2 = num_read, length - num_write, length  # boundaries of read | segment | write
+    r0, r1, r2 = layout.num_read, length - layout.num_write, length  # read | segment | write
     spans = [(0, r0), (r0, r1), (r1, r2)]
-    # kind of (row block a, key block b) among read/segment/write; None = invisible
-    table = {
-        "causal": [[DIAG, None, None], [FULL, DIAG, None], [FULL, FULL, DIAG]],
-        "rmt": [[FULL, None, None], [FULL, DIAG, None], [FULL, FULL, FULL]],
-        "full": [[FULL, FULL, FULL]] * 3,
-        "bottleneck": [[FULL, FULL, FULL], [FULL, None, FULL], [FULL, FULL, FULL]],
-    }[mask]
-    past_all = past_length == 0 or past_visible_to_read or num_read == 0
-    if mask == "causal" and past_all:
+    table = block_table(layout.mask)
+    past_all = past_length == 0 or layout.first_past_row() == 0
+    if layout.mask == "causal" and past_all:
         # plain causal over all L rows: one diagonal block
         groups = [(0, length, [KeyBlock("cur", 0, length, DIAG)])]
-    elif mask == "full" and past_all:
+    elif layout.mask == "full" and past_all:
         groups = [(0, length, [KeyBlock("cur", 0, length, FULL)])]
     else:
         groups = []
@@ -151,31 +229,44 @@ def block_plan(
                 else:
                     blocks.append(KeyBlock("cur", ks, ke, kind))
             groups.append((qs, qe, blocks))
+    return _add_past(groups, past_length, layout)
+
+
+def _add_past(groups, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
+    """Row groups with the past keys prepended as one ``full`` block where the rows see them
+    (groups never straddle :meth:`AttentionLayout.first_past_row`)."""
     out = []
     for qs, qe, blocks in groups:
-        sees_past = past_length > 0 and (qs >= num_read or past_visible_to_read)
-        if sees_past:
+        if past_length > 0 and qs >= layout.first_past_row():
             blocks = [KeyBlock("past", 0, past_length, FULL), *blocks]
         out.append(RowGroup(qs, qe, tuple(blocks)))
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
-def dense_plan(length: int, past_length: int, num_read: int, past_visible_to_read: bool
-               ) -> tuple[RowGroup, ...]:
+def dense_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
     """All current keys as one ``dense`` block; past keys stay a separate ``full`` block."""
-    cur = KeyBlock("cur", 0, length, DENSE)
-    if past_length == 0:
-        return (RowGroup(0, length, (cur,)),)
-    past = KeyBlock("past", 0, past_length, FULL)
-    if past_visible_to_read or num_read == 0:
-        return (RowGroup(0, length, (past, cur)),)
-    return (RowGroup(0, num_read, (cur,)), RowGroup(num_read, length, (past, cur)))
+    split = layout.first_past_row() if past_length else 0
+    spans = [(0, split), (split, length)] if split else [(0, length)]
+    return _add_past([(qs, qe, [KeyBlock("cur", 0, length, DENSE)]) for qs, qe in spans],
+                     past_length, layout)
 
 
 @functools.lru_cache(maxsize=64)
-def structure_bias(length: int, num_read: int, num_write: int, mask: str,
+def structure_bias(length: int, layout: AttentionLayout,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bias [L, L] with 0 / -inf, visible [L, L] bool)`` of the current keys (CPU)."""
-    vis = dense_visibility(length, num_read=num_read, num_write=num_write, mask=mask)
+    vis = layout_visibility(layout, length)
     return torch.zeros(vis.shape, dtype=dtype).masked_fill_(~vis, float("-inf")), vis
+
+
+def layout_from(layout: AttentionLayout | None, fields: dict) -> AttentionLayout:
+    """``layout``, or one built from keyword ``fields`` (``num_read=2, mask="rmt"``), for entry
+    points that accept either; giving both is an error."""
+    if layout is None:
+        return AttentionLayout(**fields)
+    if fields:
+        raise ValueError(f"pass either layout= or its fields, not both (got layout and {sorted(fields)})")
+    if not isinstance(layout, AttentionLayout):
+        raise ValueError(f"layout must be an AttentionLayout, got {type(layout).__name__}")
+    return layout

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from rmt_fast.bench import flops, sweep
 
 

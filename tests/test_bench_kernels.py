@@ -1,4 +1,4 @@
-"""bench/kernels.py on CPU: the smoke run of its main (tiny sizes) and the flex mask_mod.
+"""rmt_fast/bench/kernels.py on CPU: the smoke run of its main (tiny sizes) and the flex mask_mod.
 
 No GPU here: the main must say it ran CPU reference paths only, and never print Triton or
 flash_attn rows as if they had been timed. No timing asserts.
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bench import kernels as kb
+from rmt_fast.bench import kernels as kb
 from rmt_fast.masks import MASK_MODES, dense_visibility
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,11 +33,11 @@ def test_flex_mask_mod_equals_dense_visibility(mask, past, pvr):
 
 
 def test_cpu_main_smoke(tmp_path):
-    """``python bench/kernels.py`` without CUDA: the explicit CPU line, the table, sane rows."""
+    """``python -m rmt_fast.bench.kernels`` without CUDA: the explicit CPU line, the table, sane rows."""
     out_json = tmp_path / "rows.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
     res = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--masks", "causal", "rmt",
+        [sys.executable, "-m", "rmt_fast.bench.kernels", "--masks", "causal", "rmt",
          "--lengths", "32", "--head-dims", "16", "--repeats", "1", "--warmup", "0",
          "--json", str(out_json)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

@@ -1,4 +1,4 @@
-"""pytest-benchmark GPU benchmarks of bench/kernels.py systems (skipped without CUDA).
+"""pytest-benchmark GPU benchmarks of rmt_fast/bench/kernels.py systems (skipped without CUDA).
 
 Run on a GPU machine: ``pytest -m slow tests/test_gpu_bench.py --benchmark-columns=median``.
 Each test checks its output against ours (``backend="triton"``) and records TFLOP/s and the
@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench import kernels as kb  # noqa: E402
-from bench.roofline import device_peak, roofline  # noqa: E402
+from rmt_fast.bench import kernels as kb  # noqa: E402
+from rmt_fast.bench.roofline import device_peak, roofline  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import importlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -17,13 +16,11 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# In the source tree ``kernels/`` is a top-level folder; setup.py installs it as rmt_fast.kernels.
-sys.modules.setdefault("rmt_fast.kernels", importlib.import_module("kernels"))
-
-from kernels import launch, triton_memory_attention  # noqa: E402
-from kernels.function import memory_attention_op  # noqa: E402
 from rmt_fast import memory_attention  # noqa: E402
-from rmt_fast.ops.reference import reference_memory_attention  # noqa: E402
+from rmt_fast.masks import AttentionLayout  # noqa: E402
+from rmt_fast.ops.memory_attention.reference import reference_memory_attention  # noqa: E402
+from rmt_fast.ops.memory_attention.triton import launch, triton_memory_attention  # noqa: E402
+from rmt_fast.ops.memory_attention.triton.function import memory_attention_op  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -168,7 +165,7 @@ def test_decode_matches_reference(mask):
     pk, pv = (_rand(b, hkv, past, d, dtype=dt, grad=False) for _ in range(2))
     kpm = torch.rand(b, past + length) > 0.2
     kpm[1, :] = False
-    layout = launch.make_layout(1, 2, mask, False, d ** -0.5)
+    layout = AttentionLayout(1, 2, mask, False, d ** -0.5)
     out, lse = launch.decode(*launch.prepare(q, k, v, pk, pv, kpm), layout, split_size=16)
     kw = dict(num_read=1, num_write=2, mask=mask, past_k=pk, past_v=pv, key_padding_mask=kpm,
               scale=d ** -0.5)
@@ -312,16 +309,16 @@ def test_fp32_dots_use_ieee_precision():
     try:
         for dt in (torch.float32, torch.float16):
             x = torch.randn(1, 1, 4, 16, dtype=dt)
-            launch.forward(x, x, x, None, None, None, launch.make_layout(0, 0, "causal", False, 1.0))
+            launch.forward(x, x, x, None, None, None, AttentionLayout(scale=1.0))
     finally:
         launch.memory_attention_fwd_kernel = orig
     assert seen == ["ieee", "tf32"]
 
 
 def test_cpu_without_interpreter_raises():
-    code = ("import os; os.environ.pop('TRITON_INTERPRET', None); import triton, torch, sys, "
-            "importlib; sys.modules['rmt_fast.kernels'] = importlib.import_module('kernels'); "
-            "from kernels import triton_memory_attention as f; x = torch.randn(1, 1, 4, 16)\n"
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None); import triton, torch; "
+            "from rmt_fast.ops.memory_attention.triton import triton_memory_attention as f; "
+            "x = torch.randn(1, 1, 4, 16)\n"
             "try:\n    f(x, x, x)\nexcept RuntimeError as e:\n    print('RAISED', e)")
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TRITON_INTERPRET", None)
@@ -331,11 +328,12 @@ def test_cpu_without_interpreter_raises():
 
 
 def _aot(*args, timeout=600):
-    """Run kernels.aot in a fresh process: triton.compile needs real @jit functions, and the
+    """Run the triton.aot module in a fresh process: triton.compile needs real @jit functions, and the
     interpreter (set in this process) replaces them."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_DEFAULT_FP_FUSION": "1"}
     env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", *args],
+    res = subprocess.run([sys.executable, "-m", "rmt_fast.ops.memory_attention.triton.aot", "--json",
+                          *args],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -7,8 +7,8 @@ import torch
 from helpers import attention_inputs, grads
 
 from rmt_fast import memory_attention
-from rmt_fast.masks import block_plan, dense_plan, dense_visibility
-from rmt_fast.ops import cpu_flash
+from rmt_fast.masks import AttentionLayout, block_plan, dense_plan, dense_visibility
+from rmt_fast.ops.memory_attention import cpu_flash
 
 MODES = ["causal", "rmt", "full", "bottleneck"]
 
@@ -108,7 +108,7 @@ def test_block_plan_covers_dense_mask_exactly():
         dense = dense_visibility(length, p, num_read=r, num_write=w, mask=mask,
                                  past_visible_to_read=pvr)
         rebuilt = torch.zeros_like(dense)
-        for g in block_plan(length, p, r, w, mask, pvr):
+        for g in block_plan(length, p, AttentionLayout(r, w, mask, pvr)):
             for b in g.blocks:
                 off = 0 if b.source == "past" else p
                 for i in range(g.start, g.end):
@@ -120,10 +120,11 @@ def test_block_plan_covers_dense_mask_exactly():
 
 
 def test_dense_plan_keeps_past_separate_and_hidden_from_read_rows():
-    plan = dense_plan(10, 4, 2, False)
+    plan = dense_plan(10, 4, AttentionLayout(num_read=2))
     assert [(g.start, g.end, [b.source for b in g.blocks]) for g in plan] == [
         (0, 2, ["cur"]), (2, 10, ["past", "cur"])]
-    assert len(dense_plan(10, 4, 2, True)) == 1 and len(dense_plan(10, 0, 2, False)) == 1
+    assert len(dense_plan(10, 4, AttentionLayout(num_read=2, past_visible_to_read=True))) == 1
+    assert len(dense_plan(10, 0, AttentionLayout(num_read=2))) == 1
 
 
 def test_mask_semantics_by_hand():

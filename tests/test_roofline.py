@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from bench import roofline
-from bench.roofline import AttentionShape, attention_flops, device_peak, min_bytes, visible_pairs
+from rmt_fast.bench import roofline
+from rmt_fast.bench.roofline import AttentionShape, attention_flops, device_peak, min_bytes, visible_pairs
 from rmt_fast.masks import MASK_MODES, dense_visibility
 
 # (L, P, R, W): empty blocks, no past, tiny segment, all-memory rows, odd sizes

@@ -23,7 +23,7 @@ import torch
 
 from rmt_fast.attention import memory_attention
 from rmt_fast.masks import dense_visibility
-from rmt_fast.ops.dense import dense_sdpa
+from rmt_fast.ops.memory_attention.dense import dense_sdpa
 
 BACKEND_NAME = "rmt_fast"
 

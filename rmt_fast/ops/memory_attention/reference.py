@@ -4,32 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from rmt_fast.masks import dense_visibility
+from rmt_fast.masks import AttentionLayout, layout_from, layout_visibility
 
 
 def reference_memory_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    layout: AttentionLayout | None = None,
     *,
-    num_read: int = 0,
-    num_write: int = 0,
-    mask: str = "causal",
     past_k: torch.Tensor | None = None,
     past_v: torch.Tensor | None = None,
-    past_visible_to_read: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
     dropout_p: float = 0.0,
     upcast: bool = False,
+    **layout_fields,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise the scores and the mask; return ``(out [B, Hq, L, D], lse [B, Hq, L] float32)``.
 
+    ``layout``: an :class:`AttentionLayout`, or its fields as keywords (``num_read=2, ...``).
     ``attn_mask`` (bool, broadcastable to ``[B, Hq, L, P + L]``, True = attend) replaces the mode
     mask when given. ``upcast`` computes in float64. Rows that see nothing return zeros and an
     LSE of ``-inf``.
     """
+    layout = layout_from(layout, layout_fields).with_head_dim(q.shape[-1])
     dtype = q.dtype
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
@@ -43,16 +42,11 @@ def reference_memory_attention(
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     if attn_mask is None:
-        vis = dense_visibility(
-            length, past_length, num_read=num_read, num_write=num_write, mask=mask,
-            past_visible_to_read=past_visible_to_read, key_padding_mask=key_padding_mask,
-            device=q.device,
-        )
+        vis = layout_visibility(layout, length, past_length, key_padding_mask, q.device)
         vis = vis[:, None] if vis.dim() == 3 else vis  # [B, 1, L, Lk] or [L, Lk]
     else:
         vis = attn_mask.to(torch.bool)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = (q @ k.transpose(-1, -2)) * layout.scale
     scores = scores.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))

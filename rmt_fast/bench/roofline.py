@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rmt_fast.masks import DIAG, FULL, block_plan, check_mask_mode
+from rmt_fast.masks import DIAG, FULL, AttentionLayout, block_plan, check_mask_mode
 
 #: bytes per element of the dtypes the kernels take (names as in ``torch.float16`` etc.)
 DTYPE_BYTES = {"float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4}
@@ -116,7 +116,8 @@ def visible_pairs(length: int, past: int = 0, *, num_read: int = 0, num_write: i
                   mask: str = "causal", past_visible_to_read: bool = False) -> int:
     """Exact number of visible (query row, key) pairs of one head, past keys included."""
     total = 0
-    for group in block_plan(length, past, num_read, num_write, mask, past_visible_to_read):
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read)
+    for group in block_plan(length, past, layout):
         rows = group.end - group.start
         for blk in group.blocks:
             keys = blk.end - blk.start

@@ -6,8 +6,7 @@ config, then runs Triton's bundled ``ptxas -v`` (see :func:`ptxas_path`) on the 
 registers, spills and static shared memory. Triton allocates shared memory dynamically, so
 the useful shared-memory figure is ``metadata.shared`` (bytes), reported as ``smem``.
 
-Run ``python -m rmt_fast.kernels.aot`` (or ``python -m kernels.aot`` in the source tree) for a
-markdown table.
+Run ``python -m rmt_fast.ops.memory_attention.triton.aot`` for a markdown table.
 """
 
 from __future__ import annotations
@@ -24,10 +23,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .decode import decode_reduce_kernel, decode_split_kernel
+from .fwd import memory_attention_fwd_kernel
 from .launch import DECODE_MAX_ROWS, Config, block_d, dot_precision, gpu_config
-from .memory_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
-from .memory_attention_fwd import memory_attention_fwd_kernel
 
 DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 PTXAS_DIR = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -64,7 +63,7 @@ def _variants(dtype: str, head_dim: int):
     """(name, kernel, pointer types, float args, constexprs, config) for one dtype / head dim."""
     t = f"*{dtype}"
     bd = block_d(head_dim)
-    mask_flags = dict(MASK=0, PAST_TO_READ=False, HAS_KPM=False, BLOCK_D=bd, DOT_F32=False,
+    mask_flags = dict(MASK="causal", PAST_TO_READ=False, HAS_KPM=False, BLOCK_D=bd, DOT_F32=False,
                       DOT_PREC=dot_precision(dtype))
     fwd_cfg = gpu_config("fwd", head_dim, dtype)
     fwd_ptrs = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", Out=t, Lse="*fp32")

@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+
 from rmt_fast.bench.systems import CONFIGS, INFER, _rmt, build
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .memory_attention_fwd import _fwd_tile
+from .fwd import _fwd_tile
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from rmt_fast.masks import DENSE, DIAG, RowGroup, block_plan, dense_plan, structure_bias
+from rmt_fast.masks import DENSE, DIAG, AttentionLayout, RowGroup, block_plan, dense_plan, structure_bias
 
 #: below this many (query, key) pairs one masked call beats splitting into blocks
 DENSE_MAX_ELEMENTS = 16384
@@ -32,7 +32,8 @@ def _key_slices(k, past_k, past_length, ks, ke):
     return k[:, :, ks - past_length : ke - past_length]
 
 
-def _block_inputs(group: RowGroup, layout: dict, k, v, past_k, past_v, kpm, dtype):
+def _block_inputs(group: RowGroup, layout: AttentionLayout, length: int, k, v, past_k, past_v, kpm,
+                  dtype):
     """Per key block of ``group``: ``(k, v, bias, seen, causal, source is past, key slice)``.
 
     ``bias``: additive ``[B or 1, 1, rows or 1, keys]`` (padding and, for dense blocks, the
@@ -54,8 +55,7 @@ def _block_inputs(group: RowGroup, layout: dict, k, v, past_k, past_v, kpm, dtyp
             bias = torch.zeros(keep.shape, dtype=dtype, device=kpm.device).masked_fill_(
                 ~keep, float("-inf"))[:, None, None, :]
         if b.kind == DENSE:
-            structure, vis = structure_bias(layout["length"], layout["num_read"],
-                                            layout["num_write"], layout["mask"], dtype)
+            structure, vis = structure_bias(length, layout, dtype)
             structure = structure[group.start:group.end].to(k.device)[None, None]
             vis = vis[group.start:group.end].to(k.device)
             bias = structure if bias is None else structure + bias
@@ -91,28 +91,28 @@ def _merge(parts, acc, like: torch.Tensor):
     return out, total
 
 
-def _forward(q, k, v, past_k, past_v, kpm, plan, layout, scale):
+def _forward(q, k, v, past_k, past_v, kpm, plan, layout):
     batch, hq, length, _ = q.shape
     acc = _acc_dtype(q.dtype)
     groups = hq // k.shape[1]
     single = len(plan) == 1 and len(plan[0].blocks) == 1 and plan[0].blocks[0].kind != DENSE
     if single and kpm is None and groups == 1:
         # one block covering every row (plain causal/full): nothing to merge
-        (kb, vb, _, _, causal, _, _), = _block_inputs(plan[0], layout, k, v, past_k, past_v, None,
-                                                     q.dtype)
-        out, lse = _flash_fwd(q, kb, vb, is_causal=causal, scale=scale)
+        (kb, vb, _, _, causal, _, _), = _block_inputs(plan[0], layout, length, k, v, past_k, past_v,
+                                                     None, q.dtype)
+        out, lse = _flash_fwd(q, kb, vb, is_causal=causal, scale=layout.scale)
         return out, lse.to(acc)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, hq, length), dtype=acc, device=q.device)
     for group in plan:
         qs, qe = group.start, group.end
-        blocks = _block_inputs(group, layout, k, v, past_k, past_v, kpm, q.dtype)
+        blocks = _block_inputs(group, layout, length, k, v, past_k, past_v, kpm, q.dtype)
         masked_rows = any(seen is not None for _, _, _, seen, _, _, _ in blocks)
         for g in range(groups):
             qg = q[:, g::groups, qs:qe]
             parts = []
             for kb, vb, bias, seen, causal, _, _ in blocks:
-                o, l_blk = _flash_fwd(qg, kb, vb, is_causal=causal, attn_mask=bias, scale=scale)
+                o, l_blk = _flash_fwd(qg, kb, vb, is_causal=causal, attn_mask=bias, scale=layout.scale)
                 l_blk = l_blk.to(acc)
                 if seen is not None:
                     l_blk = l_blk.masked_fill(~seen[:, None, :], float("-inf"))
@@ -127,10 +127,10 @@ def _forward(q, k, v, past_k, past_v, kpm, plan, layout, scale):
 
 class _CPUFlashMemoryAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, kpm, plan, layout, scale):
-        out, lse = _forward(q, k, v, past_k, past_v, kpm, plan, layout, scale)
+    def forward(ctx, q, k, v, past_k, past_v, kpm, plan, layout):
+        out, lse = _forward(q, k, v, past_k, past_v, kpm, plan, layout)
         ctx.save_for_backward(q, k, v, past_k, past_v, kpm, out, lse)
-        ctx.plan, ctx.layout, ctx.scale = plan, layout, scale
+        ctx.plan, ctx.layout = plan, layout
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -151,34 +151,32 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
         for group in ctx.plan:
             rows = slice(group.start, group.end)
             for kb, vb, bias, _, causal, src_past, rk in _block_inputs(
-                    group, ctx.layout, k, v, past_k, past_v, kpm, q.dtype):
+                    group, ctx.layout, q.shape[2], k, v, past_k, past_v, kpm, q.dtype):
                 gk, gv = (dpk, dpv) if src_past else (dk, dv)
                 for g in range(groups):
                     hs = slice(g, None, groups)
                     gq_, gk_, gv_ = _flash_bwd(
                         grad_out[:, hs, rows], q[:, hs, rows], kb, vb, out[:, hs, rows],
-                        lse_b[:, hs, rows], 0.0, causal, attn_mask=bias, scale=ctx.scale)
+                        lse_b[:, hs, rows], 0.0, causal, attn_mask=bias, scale=ctx.layout.scale)
                     dq[:, hs, rows] += gq_
                     gk[:, :, rk] += gk_
                     gv[:, :, rk] += gv_
         cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
         return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dpk, past_k), cast(dpv, past_v),
-                None, None, None, None)
+                None, None, None)
 
 
-def cpu_flash_memory_attention(
-    q, k, v, *, num_read, num_write, mask, past_k, past_v, past_visible_to_read,
-    key_padding_mask, scale,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated inputs in, ``(out [B, Hq, L, D], lse [B, Hq, L] float32)`` out. CPU tensors only."""
+def cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout: AttentionLayout
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated inputs in (``layout.scale`` resolved), ``(out [B, Hq, L, D], lse [B, Hq, L]
+    float32)`` out. CPU tensors only."""
     if q.numel() == 0 or k.shape[2] == 0:  # the fused kernel crashes (SIGFPE) on empty inputs
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         return q.new_zeros(q.shape), lse
     length, past_length = q.shape[2], 0 if past_k is None else past_k.shape[2]
-    plan = block_plan(length, past_length, num_read, num_write, mask, past_visible_to_read)
+    plan = block_plan(length, past_length, layout)
     if sum(len(g.blocks) for g in plan) > 1 + (past_length > 0) and \
             length * (past_length + length) <= DENSE_MAX_ELEMENTS:
-        plan = dense_plan(length, past_length, num_read, past_visible_to_read)
-    layout = dict(length=length, num_read=num_read, num_write=num_write, mask=mask)
+        plan = dense_plan(length, past_length, layout)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return _CPUFlashMemoryAttention.apply(q, k, v, past_k, past_v, kpm, plan, layout, scale)
+    return _CPUFlashMemoryAttention.apply(q, k, v, past_k, past_v, kpm, plan, layout)

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 from rmt_fast.bench.plotting import pyplot, save, style_length_axes
 from rmt_fast.bench.systems import INFER, SYSTEMS, TRAIN, available
-from tqdm.auto import tqdm
 
 OURS = {INFER: "rmt_fast", TRAIN: "rmt_fast"}
 LONG_POINT = 65_536  # beyond this many tokens a point warms up on 4,096 tokens only

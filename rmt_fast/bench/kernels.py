@@ -1,10 +1,9 @@
 """GPU benchmark: the Triton memory attention vs PyTorch SDPA, FlexAttention and FlashAttention.
 
-``python -m rmt_fast.bench.kernels`` (installed) or ``python bench/kernels.py`` (source tree)
-prints one markdown table row per (system, mask, L, D, mode): median time, useful TFLOP/s from
-:mod:`rmt_fast.bench.roofline` (visible pairs only, the same count for every system), the
-fraction of the device's dense peak, minimum-bytes GB/s and the max abs difference of the
-output from the first system that ran (ours).
+``python -m rmt_fast.bench.kernels`` prints one markdown table row per (system, mask, L, D,
+mode): median time, useful TFLOP/s from :mod:`rmt_fast.bench.roofline` (visible pairs only,
+the same count for every system), the fraction of the device's dense peak, minimum-bytes GB/s
+and the max abs difference of the output from the first system that ran (ours).
 
 Systems on CUDA (bf16 by default):
 
@@ -28,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -39,20 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-try:
-    from .roofline import AttentionShape, device_peak, roofline
-except ImportError:  # run as a script: python bench/kernels.py
-    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, _ROOT)
-    from bench.roofline import AttentionShape, device_peak, roofline
-
-    if os.path.isdir(os.path.join(_ROOT, "kernels")) and "rmt_fast.kernels" not in sys.modules:
-        import importlib
-
-        # the source tree keeps the kernels in a top-level folder, installed as rmt_fast.kernels
-        sys.modules["rmt_fast.kernels"] = importlib.import_module("kernels")
-
 from rmt_fast import memory_attention
+from rmt_fast.bench.roofline import AttentionShape, device_peak, roofline
 from rmt_fast.masks import current_key_visible, dense_visibility
 
 GPU_SYSTEMS = ("triton", "sdpa_mask", "sdpa_causal", "flex", "flash")
@@ -355,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dtype = getattr(torch, args.dtype or "float32")
         tokens, model_dim = args.tokens or 128, args.model_dim or 32
     print(f"torch {info['torch']}, triton {info['triton']}, flash_attn {info['flash_attn']}; "
-          f"dtype {str(dtype)[6:]}; TFLOP/s = useful FLOPs under the mask (bench/roofline.py) "
+          f"dtype {str(dtype)[6:]}; TFLOP/s = useful FLOPs under the mask (rmt_fast/bench/roofline.py) "
           f"/ median time; max_diff vs the first system that ran")
     print(header())
     rows = sweep(systems, args.masks, lengths, head_dims, args.modes, device, dtype, tokens,

@@ -1,6 +1,8 @@
 """Mask predicates shared by every kernel (``@triton.jit`` helpers, inlined at compile time).
 
-Mask codes follow :data:`rmt_fast.masks.MASK_CODES`: causal=0, rmt=1, full=2, bottleneck=3.
+``MASK`` is the mode's name as a string ``constexpr`` (``"causal"``, ``"rmt"``, ``"full"``,
+``"bottleneck"``; as FlashAttention's ``BIAS_TYPE``); these predicates are the kernels' copy of
+:func:`rmt_fast.masks.current_key_visible`, and the tests check the kernels against it.
 Row ``i`` is a read row when ``i < R``, a write row when ``i >= L - W``, a segment row otherwise.
 """
 
@@ -19,11 +21,11 @@ def cur_visible(offs_m, offs_n, L, R, W, MASK: tl.constexpr):
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     inb = (qi < L) & (kj < L)
-    if MASK == 0:
+    if MASK == "causal":
         vis = kj <= qi
-    elif MASK == 1:
+    elif MASK == "rmt":
         vis = tl.where(qi < R, kj < R, (kj <= qi) | (qi >= L - W))
-    elif MASK == 2:
+    elif MASK == "full":
         vis = inb
     else:
         vis = (kj < R) | (kj >= L - W) | (qi < R) | (qi >= L - W)
@@ -51,12 +53,12 @@ def cur_block_full(m0, n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     n_last = n0 + BLOCK_N - 1
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     full = n_last < L
-    if MASK == 0:
+    if MASK == "causal":
         full = full & (n_last <= m0)
-    elif MASK == 1:
+    elif MASK == "rmt":
         # read rows need n_last < R; segment rows (starting at max(m0, R)) need n_last <= that row
         full = full & tl.where(m0 < R, n_last < R, (m0 >= L - W) | (n_last <= m0))
-    elif MASK == 3:
+    elif MASK == "bottleneck":
         has_seg = (m_last >= R) & (m0 < L - W)
         full = full & ((has_seg == 0) | (n_last < R) | (n0 >= L - W))
     return full
@@ -73,12 +75,12 @@ def cur_key_ranges(m0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     m_hi = tl.minimum(m0 + BLOCK_M, L)
     hi1 = L
     lo2 = L
-    if MASK == 0:
+    if MASK == "causal":
         hi1 = m_hi  # up to the diagonal
-    elif MASK == 1:
+    elif MASK == "rmt":
         # read-only block: [0, R); no write rows: up to the diagonal; else everything
         hi1 = tl.where(m_hi <= R, R, tl.where(m_hi <= L - W, m_hi, L))
-    elif MASK == 3:
+    elif MASK == "bottleneck":
         seg_only = (m0 >= R) & (m_hi <= L - W)
         hi1 = tl.where(seg_only, R, L)
         lo2 = tl.where(seg_only, L - W, L)
@@ -99,12 +101,12 @@ def cur_query_ranges(n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     lo1 = 0
     hi1 = L
     lo2 = L
-    if MASK == 0:
+    if MASK == "causal":
         lo1 = n0  # rows at or below the diagonal
-    elif MASK == 1:
+    elif MASK == "rmt":
         # read rows see keys < R; segment rows from the diagonal; write rows see every key
         lo1 = tl.where(n0 < R, 0, tl.minimum(n0, L - W))
-    elif MASK == 3:
+    elif MASK == "bottleneck":
         seg_only = (n0 >= R) & (n_last < L - W)  # only read and write rows see these keys
         hi1 = tl.where(seg_only, R, L)
         lo2 = tl.where(seg_only, L - W, L)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import cur_block_full, cur_key_ranges, cur_query_ranges, tile_visible
+from .common import cur_block_full, cur_key_ranges, cur_query_ranges, tile_visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import cur_block_full, cur_key_ranges, tile_visible
+from .common import cur_block_full, cur_key_ranges, tile_visible
 
 
 @triton.jit

@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+
 from rmt_fast.bench.systems import CONFIGS, INFER, TRAIN, build
 
 

@@ -1,4 +1,7 @@
-"""Launchers: validate layout, pick a config, allocate (NaN-poisoned) outputs, launch kernels.
+"""Launchers: pick a config, allocate outputs, launch kernels (inputs and layout come validated).
+
+Outputs are allocated with ``torch.empty``; with ``RMT_FAST_POISON=1`` (the test suite sets it)
+they are filled with NaN first, so an element a kernel fails to write shows up in the tests.
 
 Configs are chosen explicitly per head dim (``@triton.autotune`` needs a GPU driver to time
 candidates); under ``TRITON_INTERPRET=1`` one small config keeps the serial numpy run cheap.
@@ -12,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from rmt_fast.masks import check_mask_mode
+from rmt_fast.masks import AttentionLayout
 
+from .bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .decode import decode_reduce_kernel, decode_split_kernel
-from .memory_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
-from .memory_attention_fwd import memory_attention_fwd_kernel
+from .fwd import memory_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -34,8 +37,8 @@ class Config:
 
 
 #: (kernel, head-dim bucket) -> config used on the GPU. Buckets: BLOCK_D <= 64, BLOCK_D == 128.
-#: Picked from a small ptxas sweep (``python -m rmt_fast.kernels.aot``, fp16, sm_80 and sm_90a)
-#: as the largest tiles with zero register spills on both targets; not timed (no GPU here).
+#: Picked from a small ptxas sweep (``python -m rmt_fast.ops.memory_attention.triton.aot``, fp16,
+#: sm_80 and sm_90a) as the largest tiles with zero register spills on both targets; not timed (no GPU here).
 #: E.g. dK/dV at 64x64/4 warps spilled 92 bytes on sm_80, hence the 16x64 tile.
 GPU_CONFIGS = {
     ("fwd", 64): Config(128, 64, 4, 3),
@@ -94,21 +97,18 @@ def dot_precision(dtype: torch.dtype | str) -> str:
     return "ieee" if dtype in (torch.float32, "fp32") else "tf32"
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Non-tensor layout: ``[read R | segment | write W]`` rows over ``[past P | L]`` keys."""
-
-    mask_code: int
-    num_read: int
-    num_write: int
-    past_visible_to_read: bool
-    scale: float
+def poisoning() -> bool:
+    """Whether outputs are NaN-filled before launch (``RMT_FAST_POISON=1``, set by the tests)."""
+    return os.environ.get("RMT_FAST_POISON") == "1"
 
 
-def make_layout(num_read: int, num_write: int, mask: str, past_visible_to_read: bool,
-                scale: float) -> Layout:
-    return Layout(check_mask_mode(mask), int(num_read), int(num_write),
-                  bool(past_visible_to_read), float(scale))
+def _alloc(shape_or_like, dtype=None, device=None) -> torch.Tensor:
+    """An output buffer: ``torch.empty`` (NaN-filled under :func:`poisoning`)."""
+    if isinstance(shape_or_like, torch.Tensor):
+        out = torch.empty_like(shape_or_like)
+    else:
+        out = torch.empty(shape_or_like, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if poisoning() else out
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,7 +126,7 @@ def prepare(q, k, v, past_k, past_v, key_padding_mask):
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor | None,
-            past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: Layout,
+            past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: AttentionLayout,
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on contiguous inputs (see :func:`prepare`).
 
@@ -137,9 +137,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
     cfg = pick_config("fwd", dim, q.dtype)
-    # poison: any element the kernel fails to write shows up as NaN in the tests
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    out = _alloc(q)
+    lse = _alloc((batch, hq, length), torch.float32, q.device)
     if length == 0 or batch * hq == 0:
         return out, lse
     grid = (triton.cdiv(length, cfg.block_m), batch * hq)
@@ -148,7 +147,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
         kpm if kpm is not None else q, out, lse,
         layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
         hq // hkv,
-        MASK=layout.mask_code, HAS_PAST=past_k is not None,
+        MASK=layout.mask, HAS_PAST=past_k is not None,
         PAST_TO_READ=layout.past_visible_to_read, HAS_KPM=kpm is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
         DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
@@ -159,7 +158,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              past_k: torch.Tensor | None, past_v: torch.Tensor | None, kpm: torch.Tensor | None,
-             out: torch.Tensor, lse: torch.Tensor, layout: Layout, need_past_grad: bool,
+             out: torch.Tensor, lse: torch.Tensor, layout: AttentionLayout, need_past_grad: bool,
              ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`forward` given ``dout [B, Hq, L, D]``.
 
@@ -173,14 +172,11 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dout = dout.contiguous()
     bd = block_d(dim)
     f32 = dot_f32(q.dtype)
-    delta = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
-    dq = torch.full_like(q, float("nan"))
-    dk = torch.full_like(k, float("nan"))
-    dv = torch.full_like(v, float("nan"))
+    delta = _alloc((batch, hq, length), torch.float32, q.device)
+    dq, dk, dv = _alloc(q), _alloc(k), _alloc(v)
     dpk = dpv = None
     if need_past_grad and past_k is not None:
-        dpk = torch.full_like(past_k, float("nan"))
-        dpv = torch.full_like(past_v, float("nan"))
+        dpk, dpv = _alloc(past_k), _alloc(past_v)
     n_rows = batch * hq * length
     if n_rows == 0:
         return dq, dk, dv, dpk, dpv
@@ -188,7 +184,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     bwd_preprocess_kernel[(triton.cdiv(n_rows, pre_block),)](
         out, dout, delta, n_rows, dim, BLOCK_M=pre_block, BLOCK_D=bd)
     kpm_arg = kpm if kpm is not None else q
-    common = dict(MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
+    common = dict(MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
                   HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32,
                   DOT_PREC=dot_precision(q.dtype))
     qk_scale = layout.scale * LOG2E
@@ -217,7 +213,7 @@ DECODE_MAX_ROWS = 16
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor | None,
-           past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: Layout,
+           past_v: torch.Tensor | None, kpm: torch.Tensor | None, layout: AttentionLayout,
            split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-decoding forward for ``L <= DECODE_MAX_ROWS``; same contract as :func:`forward`.
 
@@ -236,21 +232,19 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     n_past = triton.cdiv(past_len, split)
     n_splits = n_past + triton.cdiv(length, split)
     bd = block_d(dim)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((batch, hq, length), float("nan"), dtype=torch.float32, device=q.device)
+    out = _alloc(q)
+    lse = _alloc((batch, hq, length), torch.float32, q.device)
     if length == 0 or batch * hq == 0:
         return out, lse
     bm = DECODE_MAX_ROWS
-    out_part = torch.full((batch * hq, n_splits, bm, bd), float("nan"), dtype=torch.float32,
-                          device=q.device)
-    lse_part = torch.full((batch * hq, n_splits, bm), float("nan"), dtype=torch.float32,
-                          device=q.device)
+    out_part = _alloc((batch * hq, n_splits, bm, bd), torch.float32, q.device)
+    lse_part = _alloc((batch * hq, n_splits, bm), torch.float32, q.device)
     decode_split_kernel[(n_splits, batch * hq)](
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
         kpm if kpm is not None else q, out_part, lse_part,
         layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
         hq // hkv, split, n_past, n_splits,
-        MASK=layout.mask_code, PAST_TO_READ=layout.past_visible_to_read,
+        MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
         HAS_KPM=kpm is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
         DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)

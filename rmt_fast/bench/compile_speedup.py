@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+
 from rmt_fast.bench.systems import CONFIGS, _rmt
 
 

@@ -1,1 +1,0 @@
-"""Benchmarks (installed as ``rmt_fast.bench``): sweeps, the FLOPs model, memory checks."""
