@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
+from rmt_fast.models.segment_loop import Segment, SegmentState
 
 
 class StreamingReader:
@@ -40,10 +41,19 @@ class StreamingReader:
 
     # --- reading ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _read_segment(self, ids: torch.Tensor) -> None:
-        _, memory, xl = self.model.segment_forward(self.memory, ids, None, self.xl, need_hidden=False)
-        self.memory, self.xl = memory, xl
-        self.tokens_read += ids.shape[1]
+    def _read(self, segments: list[torch.Tensor], bar=None) -> None:
+        """Read ``[B, S]`` segments in order through the model's segment loop."""
+        def done(t, seg, state):
+            self.memory, self.xl = state.memory, state.xl
+            self.tokens_read += seg.end - seg.start
+            if bar is not None:
+                bar.update(seg.end - seg.start)
+
+        start, segs = self.tokens_read, []
+        for ids in segments:
+            segs.append(Segment(start, start + ids.shape[1], ids))
+            start += ids.shape[1]
+        self.model.read_segments(SegmentState(self.memory, self.xl), segs, callback=done)
 
     def _chunks(self, tokens) -> Iterator[torch.Tensor]:
         if isinstance(tokens, (torch.Tensor, np.ndarray)):
@@ -78,16 +88,15 @@ class StreamingReader:
             if self._buffer.shape[1]:
                 chunk = torch.cat([self._buffer, chunk], dim=1)
             full = chunk.shape[1] // size * size
-            for start in range(0, full, size):
-                self._read_segment(chunk[:, start:start + size])
-                bar.update(size)
+            if full:
+                self._read([chunk[:, start:start + size] for start in range(0, full, size)], bar)
             self._buffer = chunk[:, full:]
         bar.close()
 
     def flush(self) -> None:
         """Read the buffered partial segment, if any."""
         if self._buffer.shape[1]:
-            self._read_segment(self._buffer)
+            self._read([self._buffer])
             self._buffer = self._buffer[:, :0]
 
     def read_file(self, path: str | os.PathLike, dtype=np.int32, chunk_tokens: int = 1 << 20) -> None:

@@ -26,7 +26,12 @@ class RMTConfig:
         bptt_depth: memory carries gradient into the last ``bptt_depth`` segments; -1 = all.
         xl_cache: keys/values of the previous segment's last ``xl_cache`` tokens are kept
             (detached, per layer) and attended to as past keys (RMT + Transformer-XL). 0 = off.
-        checkpoint_segments: segment-level gradient checkpointing (only memory states are kept).
+        checkpoint_segments: segment-level gradient checkpointing: only each segment's inputs
+            (memory, XL cache, token ids) are kept between forward and backward, each segment
+            is recomputed in backward (``torch.utils.checkpoint``, non-reentrant).
+        offload_memory: with ``checkpoint_segments``, keep those states in pinned host memory
+            (the extension's memory-state store, prefetched in reverse order in backward).
+            Accelerator states only: on CPU they stay in place.
         segment_alignment: ``left`` (fixed chunks from the start, the last may be short),
             ``right`` (the first may be short) or ``center`` (``torch.chunk``).
         loss_over: ``all`` segments or only the ``last`` one.
@@ -48,6 +53,7 @@ class RMTConfig:
     bptt_depth: int = -1
     xl_cache: int = 0
     checkpoint_segments: bool = False
+    offload_memory: bool = False
     segment_alignment: str = "left"
     loss_over: str = "all"
     position_mode: str = "model"
@@ -73,6 +79,8 @@ class RMTConfig:
              f"bptt_depth must be -1 (full) or an int >= 0, got {self.bptt_depth!r}")
         need(isinstance(self.xl_cache, int) and self.xl_cache >= 0,
              f"xl_cache must be an int >= 0, got {self.xl_cache!r}")
+        need(isinstance(self.offload_memory, bool),
+             f"offload_memory must be a bool, got {self.offload_memory!r}")
         need(self.segment_alignment in ALIGNMENTS,
              f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         need(self.loss_over in LOSS_OVER, f"loss_over must be one of {LOSS_OVER}, got {self.loss_over!r}")

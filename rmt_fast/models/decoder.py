@@ -3,55 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
-from rmt_fast.checkpoint import is_cut, segment_bptt
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.segment_loop import (
+    RecurrentState,
+    Segment,
+    SegmentState,
+    XLState,
+    keep_rows,
+    run_segments,
+)
 from rmt_fast.models.segmenting import segment_bounds
 
-XLState = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [B, Hkv, P, D]
+__all__ = ["RMTForCausalLM", "RMTOutput", "RecurrentState"]
 
 
 @dataclass
 class RMTOutput:
     """``loss``: scalar or None; ``logits``: ``[B, T, V]`` for every input position (None when
-    ``return_logits=False``); ``memory``: the final memory state ``[B, M, d]``;
-    ``xl``: the final Transformer-XL cache (``xl_cache > 0``)."""
+    ``return_logits`` is off, the default under segment checkpointing); ``memory``: the final
+    memory state ``[B, M, d]``; ``xl``: the final Transformer-XL cache (``xl_cache > 0``);
+    ``hidden_states``: the last hidden state ``[B, T, d]`` at every input position
+    (``return_hidden=True``)."""
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None
     memory: torch.Tensor
     xl: RecurrentState | None = None
-
-
-@dataclass
-class RecurrentState:
-    """What carries over between segments besides memory: the XL cache and its padding."""
-
-    kv: XLState
-    padding: torch.Tensor  # [B, P] bool, True = real token
-
-    def detach(self) -> RecurrentState:
-        return RecurrentState({i: (k.detach(), v.detach()) for i, (k, v) in self.kv.items()},
-                              self.padding)
-
-
-@dataclass
-class _Segment:
-    """One segment of the batch: ``ids`` ``[B, S]``, ``mask`` ``[B, S]`` bool or None, and the
-    next-token targets of its positions ``targets`` ``[B, S]`` (-100 = no loss)."""
-
-    start: int
-    end: int
-    ids: torch.Tensor
-    mask: torch.Tensor | None
-    targets: torch.Tensor | None
+    hidden_states: torch.Tensor | None = None
 
 
 class RMTForCausalLM(RMTBase):
@@ -64,7 +51,8 @@ class RMTForCausalLM(RMTBase):
     Args:
         base_model: a transformers ``*ForCausalLM`` (its attention switches to ``rmt_fast``).
         num_mem_tokens, segment_size, mask, bptt_depth, xl_cache, checkpoint_segments,
-        segment_alignment, loss_over, position_mode: see :class:`rmt_fast.RMTConfig`.
+        segment_alignment, loss_over, position_mode, memory_noise, offload_memory: see
+        :class:`rmt_fast.RMTConfig`.
     """
 
     auto_class = "AutoModelForCausalLM"
@@ -72,10 +60,11 @@ class RMTForCausalLM(RMTBase):
     def __init__(self, base_model: nn.Module, num_mem_tokens: int = 16, segment_size: int = 512,
                  mask: str = "causal", bptt_depth: int = -1, xl_cache: int = 0,
                  checkpoint_segments: bool = False, segment_alignment: str = "left",
-                 loss_over: str = "all", position_mode: str = "model", memory_noise: float = 0.0):
+                 loss_over: str = "all", position_mode: str = "model", memory_noise: float = 0.0,
+                 offload_memory: bool = False):
         config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                            bptt_depth=bptt_depth, xl_cache=xl_cache,
-                           checkpoint_segments=checkpoint_segments,
+                           checkpoint_segments=checkpoint_segments, offload_memory=offload_memory,
                            segment_alignment=segment_alignment, loss_over=loss_over,
                            position_mode=position_mode, memory_noise=memory_noise, kind="decoder")
         if not hasattr(base_model, "get_output_embeddings") or base_model.get_output_embeddings() is None:
@@ -110,9 +99,18 @@ class RMTForCausalLM(RMTBase):
         """Run one segment. ``memory`` ``[B, M, d]``, ``ids`` ``[B, S]``, ``mask`` ``[B, S]`` bool.
 
         Returns ``(hidden [B, S, d] at the segment positions, new memory [B, M, d],
-        new XL state or None)``. Rows whose segment is all padding keep their memory.
+        new XL state or None)``. Rows whose segment is all padding keep their memory and cache
+        (:func:`rmt_fast.models.segment_loop.keep_rows`, as in the segment loop).
         ``need_hidden=False`` (reading a context) returns ``None`` for ``hidden``.
         """
+        hidden, new_memory, new_xl = self._run_segment(memory, ids, mask, xl, write=write,
+                                                       need_hidden=need_hidden)
+        has = None if mask is None else mask.any(dim=1)
+        kept = keep_rows(has, SegmentState(new_memory, new_xl), SegmentState(memory, xl))
+        return hidden, kept.memory, kept.xl
+
+    def _run_segment(self, memory, ids, mask, xl, *, write: bool = True, need_hidden: bool = True):
+        """:meth:`segment_forward` without keeping the state of empty rows (the loop does that)."""
         cfg = self.rmt_config
         m, seg_len = cfg.num_mem_tokens, ids.shape[1]
         embeds = self.base.get_input_embeddings()(ids)
@@ -135,9 +133,6 @@ class RMTForCausalLM(RMTBase):
                                           use_cache=False).last_hidden_state
         new_memory = extract_memory(hidden, m + seg_len, m) if write else memory
         hidden = hidden[:, m: m + seg_len] if need_hidden else None
-        if mask is not None:
-            has_tokens = mask.any(dim=1)[:, None, None]
-            new_memory = torch.where(has_tokens, new_memory, memory)
         new_xl = self._next_xl(xl, record, mask, m, seg_len) if record is not None else None
         return hidden, new_memory, new_xl
 
@@ -155,22 +150,33 @@ class RMTForCausalLM(RMTBase):
                 k, v = torch.cat([xl.kv[layer][0], k], 2), torch.cat([xl.kv[layer][1], v], 2)
             kv[layer] = (k[:, :, -keep:], v[:, :, -keep:])
         padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
-        new = RecurrentState(kv, padding[:, -keep:])
-        if mask is not None and xl is not None and xl.padding.shape[1] == new.padding.shape[1]:
-            # rows with an empty segment keep their old cache
-            has = mask.any(dim=1)
-            new.kv = {i: (torch.where(has[:, None, None, None], k, xl.kv[i][0]),
-                          torch.where(has[:, None, None, None], v, xl.kv[i][1]))
-                      for i, (k, v) in new.kv.items()}
-            new.padding = torch.where(has[:, None], new.padding, xl.padding)
-        return new
+        return RecurrentState(kv, padding[:, -keep:])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
         return self.base.get_output_embeddings()(hidden)
 
+    def _step(self, state: SegmentState, seg: Segment, t: int, *, n_targets: int = 0,
+              logits: bool = False, hidden: bool = False):
+        """The decoder's step of :func:`rmt_fast.models.segment_loop.run_segments`: one segment,
+        its summed cross-entropy over ``n_targets`` (when it has targets), its logits
+        ``[B, S, V]`` and hidden states ``[B, S, d]`` when asked for."""
+        has_loss = n_targets > 0 and seg.num_targets > 0
+        h, memory, xl = self._run_segment(state.memory, seg.ids, seg.mask, state.xl,
+                                          need_hidden=logits or hidden or has_loss)
+        out = {}
+        if logits or has_loss:
+            seg_logits = self.logits(h)
+            if has_loss:
+                out["loss"] = _ce_sum(seg_logits, seg.targets) / n_targets
+            if logits:
+                out["logits"] = seg_logits
+        if hidden:
+            out["hidden"] = h
+        return SegmentState(memory, xl, state.extra), out
+
     # --- whole sequences ---------------------------------------------------------------------
-    def _segments(self, input_ids, attention_mask, labels, labels_mask) -> list[_Segment]:
+    def _segments(self, input_ids, attention_mask, labels, labels_mask) -> list[Segment]:
         total = input_ids.shape[1]
         targets = None
         if labels is not None:
@@ -182,9 +188,13 @@ class RMTForCausalLM(RMTBase):
         bounds = segment_bounds(total, self.rmt_config.segment_size, self.rmt_config.segment_alignment)
         if labels is not None and self.rmt_config.loss_over == "last":
             targets[:, : bounds[-1][0]] = -100
+        counts = [0] * len(bounds)
+        if targets is not None:  # one device-to-host copy for all segments
+            counts = torch.stack([(targets[:, s:e] != -100).sum() for s, e in bounds]).tolist()
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        return [_Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e],
-                         None if targets is None else targets[:, s:e]) for s, e in bounds]
+        return [Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e],
+                        None if targets is None else targets[:, s:e], int(c))
+                for (s, e), c in zip(bounds, counts, strict=True)]
 
     def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, memory):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -205,39 +215,37 @@ class RMTForCausalLM(RMTBase):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, xl: RecurrentState | None = None,
-                return_logits: bool = True) -> RMTOutput:
+                return_logits: bool | None = None, return_hidden: bool = False) -> RMTOutput:
         """``input_ids`` ``[B, T]`` of any length. ``labels`` ``[B, T]`` (shifted inside, -100 =
         ignore); ``labels_mask`` ``[B, T]`` bool selects the predicting positions (answer-only
         loss); ``attention_mask`` ``[B, T]`` (1 = real token); ``memory`` ``[B, M, d]`` resumes
-        from a saved state. The loss is the mean next-token cross-entropy over all selected
-        positions of all segments (or the last, ``loss_over="last"``)."""
+        from a saved state, ``xl`` from a saved Transformer-XL cache. The loss is the mean
+        next-token cross-entropy over all selected positions of all segments (or the last,
+        ``loss_over="last"``).
+
+        ``return_logits``: return ``.logits`` ``[B, T, V]``. Default: on, except under segment
+        checkpointing (``checkpoint_segments=True`` with grad enabled), where logits of every
+        position would grow with the input length and are off unless asked for.
+        ``return_hidden``: also return ``.hidden_states`` ``[B, T, d]``.
+        """
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory)
+        cfg = self.rmt_config
         segments = self._segments(input_ids, attention_mask, labels, labels_mask)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
-        n_targets = None
-        if labels is not None:
-            n_targets = _count_targets(segments)
-        if self.rmt_config.checkpoint_segments and labels is not None and torch.is_grad_enabled():
-            if xl is not None or self.rmt_config.xl_cache:
-                raise ValueError("checkpoint_segments=True does not support xl_cache yet")
-            res = segment_bptt(self._make_step(n_targets), memory, segments,
-                               bptt_depth=self.rmt_config.bptt_depth, checkpoint=True)
-            return RMTOutput(res.loss, None, res.memory)
-        loss = None if labels is None else torch.zeros((), device=input_ids.device)
-        logits = []
-        for t, seg in enumerate(segments):
-            if is_cut(t, len(segments), self.rmt_config.bptt_depth):
-                memory = memory.detach()
-            need = return_logits or labels is not None
-            hidden, memory, xl = self.segment_forward(memory, seg.ids, seg.mask, xl, need_hidden=need)
-            if need:
-                seg_logits = self.logits(hidden)
-                if labels is not None and n_targets:
-                    loss = loss + _ce_sum(seg_logits, seg.targets) / n_targets
-                if return_logits:
-                    logits.append(seg_logits)
-        return RMTOutput(loss, torch.cat(logits, dim=1) if return_logits else None, memory, xl)
+        checkpoint = cfg.checkpoint_segments and torch.is_grad_enabled()
+        if return_logits is None:
+            return_logits = not checkpoint
+        n_targets = _count_targets(segments) if labels is not None else 0
+        step = partial(self._step, n_targets=n_targets, logits=return_logits, hidden=return_hidden)
+        res = run_segments(step, SegmentState(memory, xl), segments, bptt_depth=cfg.bptt_depth,
+                           checkpoint=checkpoint, offload=cfg.offload_memory)
+        loss = res.loss
+        if labels is not None and loss is None:  # no target position at all
+            loss = torch.zeros((), device=input_ids.device)
+        logits = torch.cat(res.outputs["logits"], dim=1) if return_logits else None
+        hidden = torch.cat(res.outputs["hidden"], dim=1) if return_hidden else None
+        return RMTOutput(loss, logits, res.state.memory, res.state.xl, hidden)
 
     def num_targets(self, input_ids: torch.Tensor, labels: torch.Tensor,
                     labels_mask: torch.Tensor | None = None,
@@ -248,40 +256,38 @@ class RMTForCausalLM(RMTBase):
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, None)
         return _count_targets(self._segments(input_ids, attention_mask, labels, labels_mask))
 
-    def _make_step(self, n_targets: int | None):
-        """The per-segment function of :func:`rmt_fast.checkpoint.segment_bptt`."""
-
-        def step(memory: torch.Tensor, seg: _Segment, _t: int):
-            hidden, new_memory, _ = self.segment_forward(memory, seg.ids, seg.mask)
-            loss = None
-            if seg.targets is not None and n_targets:
-                loss = _ce_sum(self.logits(hidden), seg.targets) / n_targets
-            return loss, new_memory, None
-
-        return step
-
     # --- long-context use ----------------------------------------------------------------------
+    def read_segments(self, state: SegmentState, segments: list[Segment],
+                      callback=None) -> SegmentState:
+        """Read ``segments`` into ``state`` through the segment loop (no logits, no loss);
+        ``callback(t, segment, state)`` after each. Runs under the caller's grad mode."""
+        return run_segments(self._step, state, segments, callback=callback).state
+
     @torch.no_grad()
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              memory: torch.Tensor | None = None, xl: RecurrentState | None = None):
         """Read a context into memory without keeping logits: ``(memory [B, M, d], xl)``."""
-        out = self.forward(input_ids, attention_mask=attention_mask, memory=memory, xl=xl,
-                           return_logits=False)
-        return out.memory, out.xl
+        self._check_inputs(input_ids, attention_mask, None, None, memory)
+        if memory is None:
+            memory = self.expand_memory(input_ids.shape[0])
+        segments = self._segments(input_ids, attention_mask, None, None)
+        state = self.read_segments(SegmentState(memory, xl), segments)
+        return state.memory, state.xl
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  memory: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
-        """Read every segment but the last into memory, then ``base.generate`` from
-        ``[read memory | last segment]`` with the base model's KV cache. Memory is not updated
-        while generating; the XL cache is not used here. Returns only the new tokens ``[B, N]``.
+        """Read every segment but the last into memory (as :meth:`read`, with the XL cache when
+        ``xl_cache > 0``), then ``base.generate`` from ``[read memory | last segment]`` with the
+        base model's KV cache. Memory is not updated while generating; the XL cache is not
+        attended to while generating. Returns only the new tokens ``[B, N]``.
         """
         self._check_inputs(input_ids, attention_mask, None, None, memory)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
-        for seg in segments[:-1]:
-            _, memory, _ = self.segment_forward(memory, seg.ids, seg.mask, need_hidden=False)
+        if len(segments) > 1:
+            memory = self.read_segments(SegmentState(memory), segments[:-1]).memory
         last = segments[-1]
         m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
         embeds = torch.cat([memory, self.base.get_input_embeddings()(last.ids)], dim=1)
@@ -318,11 +324,13 @@ class RMTForCausalLM(RMTBase):
             raise ValueError(f"official state dict mismatch: missing {missing}, unexpected {unexpected}")
 
 
-def _count_targets(segments: list[_Segment]) -> int:
-    return sum(int((s.targets != -100).sum()) for s in segments)
+def _count_targets(segments: list[Segment]) -> int:
+    return sum(s.num_targets for s in segments)
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over positions whose target is not -100."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+    """Summed cross-entropy over positions whose target is not -100 (float32 at least)."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                            reduction="sum")

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmt_fast.checkpoint import is_cut
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.segment_loop import Segment, SegmentState, keep_rows, run_segments
 from rmt_fast.models.segmenting import segment_bounds
 
 
@@ -36,7 +36,7 @@ class _RMTEncoderBase(RMTBase):
                  cls_token_id: int | None = None, sep_token_id: int | None = None,
                  tokenizer=None, bptt_depth: int = -1, segment_alignment: str = "right",
                  loss_over: str = "last", checkpoint_segments: bool = False,
-                 memory_noise: float = 0.0):
+                 memory_noise: float = 0.0, offload_memory: bool = False):
         if tokenizer is not None:
             cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
             sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
@@ -46,7 +46,7 @@ class _RMTEncoderBase(RMTBase):
                            bptt_depth=bptt_depth, segment_alignment=segment_alignment,
                            loss_over=loss_over, checkpoint_segments=checkpoint_segments,
                            kind="encoder", cls_token_id=cls_token_id, sep_token_id=sep_token_id,
-                           memory_noise=memory_noise)
+                           memory_noise=memory_noise, offload_memory=offload_memory)
         super().__init__(base_model, config)
         self.check_positions(num_mem_tokens + segment_size + 3)
 
@@ -55,6 +55,11 @@ class _RMTEncoderBase(RMTBase):
 
         Rows whose segment is all padding keep their memory.
         """
+        out, new_memory = self._run_segment(memory, ids, mask)
+        return out, keep_rows(None if mask is None else mask.any(dim=1), new_memory, memory)
+
+    def _run_segment(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
+        """:meth:`segment_forward` without keeping the memory of empty rows (the loop does)."""
         cfg = self.rmt_config
         m, batch = cfg.num_mem_tokens, ids.shape[0]
         emb = self.base.get_input_embeddings()
@@ -68,12 +73,12 @@ class _RMTEncoderBase(RMTBase):
         position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0)
         with memory_layout(MemoryLayout(mask="full", key_padding_mask=kpm)):
             out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
-        new_memory = out.hidden_states[-1][:, 1: 1 + m]
-        if mask is not None:
-            new_memory = torch.where(mask.any(dim=1)[:, None, None], new_memory, memory)
-        return out, new_memory
+        return out, out.hidden_states[-1][:, 1: 1 + m]
 
-    def _run(self, input_ids, attention_mask, memory, on_segment):
+    def _run(self, input_ids, attention_mask, memory, head):
+        """Every segment through the segment loop (checkpointed with ``checkpoint_segments``
+        when grad is enabled); ``head(base_output, segment)`` picks each segment's logits.
+        Returns ``(final memory [B, M, d], per-segment logits)``."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [B, T] token ids with T >= 1, got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -84,13 +89,16 @@ class _RMTEncoderBase(RMTBase):
         bounds = segment_bounds(input_ids.shape[1], cfg.segment_size, cfg.segment_alignment)
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         memory = self.expand_memory(input_ids.shape[0]) if memory is None else memory
-        for t, (s, e) in enumerate(bounds):
-            if is_cut(t, len(bounds), cfg.bptt_depth):
-                memory = memory.detach()
-            seg_mask = None if mask is None else mask[:, s:e]
-            out, memory = self.segment_forward(memory, input_ids[:, s:e], seg_mask)
-            on_segment(t, len(bounds), s, e, out)
-        return memory
+        segments = [Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e])
+                    for s, e in bounds]
+
+        def step(state: SegmentState, seg: Segment, t: int):
+            out, new_memory = self._run_segment(state.memory, seg.ids, seg.mask)
+            return SegmentState(new_memory), {"logits": head(out, seg)}
+
+        res = run_segments(step, SegmentState(memory), segments, bptt_depth=cfg.bptt_depth,
+                           checkpoint=cfg.checkpoint_segments, offload=cfg.offload_memory)
+        return res.state.memory, res.outputs["logits"]
 
 
 class RMTEncoderForSequenceClassification(_RMTEncoderBase):
@@ -106,9 +114,7 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
                 attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None) -> RMTEncoderOutput:
         """``input_ids``/``attention_mask`` ``[B, T]``, ``labels`` ``[B]`` class ids."""
-        seg_logits: list[torch.Tensor] = []
-        memory = self._run(input_ids, attention_mask, memory,
-                           lambda t, n, s, e, out: seg_logits.append(out.logits))
+        memory, seg_logits = self._run(input_ids, attention_mask, memory, lambda out, seg: out.logits)
         loss = None
         if labels is not None:
             used = seg_logits if self.rmt_config.loss_over == "all" else seg_logits[-1:]
@@ -126,9 +132,8 @@ class RMTEncoderForTokenClassification(_RMTEncoderBase):
                 memory: torch.Tensor | None = None) -> RMTEncoderOutput:
         """``labels`` ``[B, T]`` (-100 = ignore). ``logits`` ``[B, T, C]``."""
         m = self.rmt_config.num_mem_tokens
-        pieces: list[torch.Tensor] = []
-        memory = self._run(input_ids, attention_mask, memory,
-                           lambda t, n, s, e, out: pieces.append(out.logits[:, m + 2: m + 2 + e - s]))
+        memory, pieces = self._run(input_ids, attention_mask, memory,
+                                   lambda out, seg: out.logits[:, m + 2: m + 2 + seg.end - seg.start])
         logits = torch.cat(pieces, dim=1)
         loss = None
         if labels is not None:

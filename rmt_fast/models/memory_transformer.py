@@ -22,6 +22,7 @@ from torch import nn
 from rmt_fast.integrations.transformers import MemoryLayout, current_layout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.segment_loop import Segment, SegmentState, run_segments
 
 VARIANTS = ("mem", "ctrl", "bottleneck")
 
@@ -94,15 +95,19 @@ class MemoryTransformer(RMTBase):
         variant: ``"mem"`` (MemTransformer), ``"ctrl"`` (MemCtrl) or ``"bottleneck"``.
         mask: attention over ``[memory | input]`` for ``mem``/``ctrl``: ``"full"`` for encoders;
             for decoders ``"rmt"`` (memory bidirectional, input causal) or ``"causal"``.
+        checkpoint_segments: activation checkpointing of the (one-segment) forward through the
+            segment loop: only the inputs are kept, the forward is recomputed in backward.
+        offload_memory: see :class:`rmt_fast.RMTConfig`.
     """
 
     def __init__(self, base_model: nn.Module, num_mem_tokens: int = 10, variant: str = "mem",
-                 mask: str = "full"):
+                 mask: str = "full", checkpoint_segments: bool = False, offload_memory: bool = False):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "bottleneck":
             mask = "bottleneck"
-        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=1, mask=mask, kind=variant)
+        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=1, mask=mask, kind=variant,
+                           checkpoint_segments=checkpoint_segments, offload_memory=offload_memory)
         super().__init__(base_model, config)
         self.variant = variant
         if variant != "mem":
@@ -113,19 +118,35 @@ class MemoryTransformer(RMTBase):
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> MemoryTransformerOutput:
-        """``input_ids``/``attention_mask`` ``[B, T]``; memory is prepended."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
-        m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
-        self.check_positions(m + input_ids.shape[1])
-        x = torch.cat([self.expand_memory(batch), self.base.get_input_embeddings()(input_ids)], 1)
+        """``input_ids``/``attention_mask`` ``[B, T]``; memory is prepended. One segment through
+        the segment loop (a row whose input is all padding keeps the initial memory)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got "
+                             f"{list(getattr(input_ids, 'shape', [])) or type(input_ids).__name__}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, "
+                             f"got {list(attention_mask.shape)}")
+        cfg = self.rmt_config
+        self.check_positions(cfg.num_mem_tokens + input_ids.shape[1])
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        segment = Segment(0, input_ids.shape[1], input_ids, mask)
+        res = run_segments(self._step, SegmentState(self.expand_memory(input_ids.shape[0])), [segment],
+                           checkpoint=cfg.checkpoint_segments, offload=cfg.offload_memory)
+        logits = res.outputs.get("logits", [None])[0]
+        return MemoryTransformerOutput(res.outputs["hidden"][0], res.state.memory, logits)
+
+    def _step(self, state: SegmentState, seg: Segment, t: int):
+        """``[memory | input]`` through the base model: new memory ``[B, M, d]``, hidden
+        ``[B, T, d]`` and logits ``[B, T, V]`` (when the base model has an output embedding)."""
+        m, batch = self.rmt_config.num_mem_tokens, seg.ids.shape[0]
+        x = torch.cat([state.memory, self.base.get_input_embeddings()(seg.ids)], 1)
         kpm = None
-        if attention_mask is not None:
-            ones = torch.ones(batch, m, dtype=torch.bool, device=input_ids.device)
-            kpm = torch.cat([ones, attention_mask.to(torch.bool)], dim=1)
+        if seg.mask is not None:
+            ones = torch.ones(batch, m, dtype=torch.bool, device=seg.ids.device)
+            kpm = torch.cat([ones, seg.mask], dim=1)
         layout = MemoryLayout(num_read=m, mask=self.rmt_config.mask, key_padding_mask=kpm)
         with memory_layout(layout):
             hidden = self.base.base_model(inputs_embeds=x).last_hidden_state
         head = getattr(self.base, "get_output_embeddings", lambda: None)()
-        logits = head(hidden[:, m:]) if head is not None else None
-        return MemoryTransformerOutput(hidden[:, m:], hidden[:, :m], logits)
+        out = {"hidden": hidden[:, m:], "logits": head(hidden[:, m:]) if head is not None else None}
+        return SegmentState(hidden[:, :m]), out

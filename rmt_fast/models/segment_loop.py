@@ -1,0 +1,347 @@
+"""The one loop over segments that every recurrent-memory model runs.
+
+A recurrent-memory model cuts a long input into ``N`` segments and runs a *step* on each:
+``step(state, segment, t) -> (new_state, outputs)``. The *state* is what one segment hands to the
+next, a pytree of tensors whose leaves all have the batch as dim 0 (:class:`SegmentState`: the
+memory ``[B, M, d]``, the Transformer-XL cache :class:`RecurrentState` and its padding, and
+``extra`` for further per-row states, e.g. an associative memory's ``A`` ``[B, d_key, d]`` and
+``z`` ``[B, d_key]`` per layer). :func:`run_segments` walks the segments and
+
+* applies the truncated-BPTT cut: the state entering segment ``t`` is detached when
+  ``t < N - bptt_depth`` (:func:`is_cut`; ``bptt_depth=-1``: full BPTT);
+* keeps the state of rows whose segment is all padding (``segment.mask`` all False):
+  :func:`keep_rows`;
+* collects the per-segment outputs: the ``"loss"`` terms are summed, every other key is listed
+  in segment order (logits, hidden states, ... when the step was asked for them);
+* with ``checkpoint=True`` (and grad enabled) runs each step under
+  ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: between forward and backward
+  only each segment's inputs are kept (its state and its token ids; the RNG state, so dropout and
+  memory-noise draws are replayed exactly, and the autocast state); in backward each segment is
+  recomputed when autograd reaches it, so one segment's activations are alive at a time. It is
+  PyTorch's own checkpoint, so ``loss.backward()``, ``torch.autograd.grad``,
+  ``backward(inputs=...)``, gradient accumulation, autocast, DDP, FSDP2 and a
+  ``torch.compile``-d step all work as they do without it.
+
+The states a checkpoint keeps go into the C++/CUDA extension's memory-state store
+(:class:`rmt_fast._extension.MemoryStore`): the checkpoint saves its tensor inputs as autograd
+saved tensors, and :class:`StateStore` is the ``saved_tensors_hooks`` pair around each
+checkpoint call that packs them into the store and unpacks them when the segment is recomputed.
+With ``offload=True`` and states on an accelerator the store keeps host copies (pinned, copied
+asynchronously), and when segment ``t`` is recomputed it starts bringing segment ``t - 1``'s
+states back on a side stream (prefetch in the reverse order of the forward). On CPU the store
+keeps the tensors in place (no copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from rmt_fast._extension import MemoryStore
+
+XLState = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [B, Hkv, P, D]
+SAVED_STATE_MODES = ("store", "save_on_cpu", "autograd")
+
+
+def is_cut(t: int, num_segments: int, bptt_depth: int) -> bool:
+    """Whether the state entering segment ``t`` (of ``num_segments``) is detached: ``t < N - k``
+    for ``bptt_depth = k >= 0``; never for ``k = -1`` (full BPTT)."""
+    return bptt_depth >= 0 and t < num_segments - bptt_depth
+
+
+@dataclass
+class RecurrentState:
+    """The Transformer-XL cache: per layer the last keys/values ``kv`` (``[B, Hkv, P, D]``,
+    detached) and their ``padding`` ``[B, P]`` bool (True = real token)."""
+
+    kv: XLState
+    padding: torch.Tensor
+
+    def detach(self) -> RecurrentState:
+        return RecurrentState({i: (k.detach(), v.detach()) for i, (k, v) in self.kv.items()},
+                              self.padding)
+
+
+@dataclass
+class SegmentState:
+    """What one segment hands to the next. Every tensor has the batch as dim 0.
+
+    Attributes:
+        memory: ``[B, M, d]`` memory tokens.
+        xl: the Transformer-XL cache (None when off or before the first segment).
+        extra: further per-row recurrent states by name (e.g. an associative memory's
+            ``"A.<layer>"`` ``[B, d_key, d]`` and ``"z.<layer>"`` ``[B, d_key]``).
+    """
+
+    memory: torch.Tensor
+    xl: RecurrentState | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+pytree.register_dataclass(RecurrentState)
+pytree.register_dataclass(SegmentState)
+
+
+@dataclass
+class Segment:
+    """One segment of a batch: tokens ``[start, end)``.
+
+    Attributes:
+        ids: ``[B, S]`` token ids.
+        mask: ``[B, S]`` bool, True = real token, or None (no padding). A row whose mask is all
+            False keeps its state over this segment.
+        targets: ``[B, S]`` next-token targets of the segment's positions (-100 = no loss), or
+            None.
+        num_targets: how many ``targets`` are not -100 (0 without targets).
+    """
+
+    start: int
+    end: int
+    ids: torch.Tensor
+    mask: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    num_targets: int = 0
+
+
+def rows_with_tokens(segment: Any) -> torch.Tensor | None:
+    """``[B]`` bool: rows with at least one real token in ``segment`` (from its ``mask``
+    attribute), or None when the segment has no mask (every row has tokens)."""
+    mask = getattr(segment, "mask", None)
+    return None if mask is None else mask.any(dim=1)
+
+
+def keep_rows(has_tokens: torch.Tensor | None, new: Any, old: Any) -> Any:
+    """``new`` state, except rows where ``has_tokens`` ``[B]`` is False keep ``old``.
+
+    Leaf by leaf (batch = dim 0); a leaf whose shape changed (e.g. an XL cache still filling up)
+    and a state whose structure changed (e.g. no XL cache before the first segment) are taken
+    from ``new`` whole: there the old state holds nothing a padded row could keep."""
+    if has_tokens is None:
+        return new
+    new_leaves, new_spec = pytree.tree_flatten(new)
+    old_leaves, old_spec = pytree.tree_flatten(old)
+    if new_spec != old_spec:
+        return new
+    out = []
+    for n, o in zip(new_leaves, old_leaves, strict=True):
+        if isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor) and n.shape == o.shape \
+                and n.dim() >= 1 and n.shape[0] == has_tokens.shape[0]:
+            n = torch.where(has_tokens.view(-1, *([1] * (n.dim() - 1))), n, o)
+        out.append(n)
+    return pytree.tree_unflatten(out, new_spec)
+
+
+def detach_state(state: Any) -> Any:
+    """Every tensor of ``state`` detached."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, state)
+
+
+@dataclass
+class LoopResult:
+    """What :func:`run_segments` returns.
+
+    Attributes:
+        state: the state leaving the last segment (differentiable).
+        loss: the sum of the steps' ``"loss"`` outputs (None when no step returned one).
+        outputs: every other output key -> its per-segment values in segment order (segments
+            whose step returned None for it are left out).
+        store: the :class:`MemoryStore` holding the checkpointed states (None without
+            checkpointing): it empties as backward recomputes the segments.
+        kept_bytes: bytes of the states the store held when the forward finished (0 without it).
+    """
+
+    state: Any
+    loss: torch.Tensor | None
+    outputs: dict[str, list[Any]]
+    store: MemoryStore | None = None
+    kept_bytes: int = 0
+
+
+class _StoredRef:
+    """What the checkpoint keeps in place of one saved input: the key of its state in the store.
+    The state leaves the store when the segment is recomputed (kept here for a second backward
+    with ``retain_graph=True``) or when the graph is freed without a backward."""
+
+    __slots__ = ("owner", "key", "segment", "value")
+
+    def __init__(self, owner: StateStore, key: int, segment: int) -> None:
+        self.owner, self.key, self.segment, self.value = owner, key, segment, None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            self.owner.prefetch(self.segment - 1)  # reverse order: the next one recomputed
+            self.value = self.owner.store.pop(self.key)
+        return self.value
+
+    def __del__(self) -> None:
+        if self.value is None:
+            with contextlib.suppress(Exception):  # also at interpreter shutdown
+                self.owner.discard(self.key)
+
+
+class StateStore:
+    """``saved_tensors_hooks`` that keep the tensors a segment checkpoint saves (its inputs: the
+    state entering the segment) in a :class:`MemoryStore`, keyed ``0, 1, ...`` in saving order.
+
+    Use :meth:`segment` around each ``checkpoint`` call. Written by hand because
+    ``torch.autograd.graph.save_on_cpu`` always copies (also on CPU) and brings a tensor back only
+    when it is unpacked; the store keeps CPU tensors in place and prefetches offloaded ones in
+    the reverse order of the forward (bench/README.md compares the two).
+    """
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self._next = 0
+        self._keys: list[list[int]] = []
+        self._segment = -1
+
+    @contextlib.contextmanager
+    def segment(self, t: int):
+        """Tensors saved within this context belong to segment ``t``."""
+        while len(self._keys) <= t:
+            self._keys.append([])
+        self._segment = t
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def _pack(self, x: torch.Tensor) -> _StoredRef:
+        key = self._next
+        self._next += 1
+        self.store.put(key, x)
+        self._keys[self._segment].append(key)
+        return _StoredRef(self, key, self._segment)
+
+    @staticmethod
+    def _unpack(ref: _StoredRef) -> torch.Tensor:
+        return ref.get()
+
+    def prefetch(self, t: int) -> None:
+        """Start bringing segment ``t``'s offloaded states back to their device (no-op otherwise)."""
+        if t < 0 or t >= len(self._keys) or not self.store.offload:
+            return
+        for key in self._keys[t]:
+            if self.store.has(key):
+                self.store.prefetch(key)
+
+    def discard(self, key: int) -> None:
+        if self.store.has(key):
+            self.store.pop(key)
+
+
+StepFn = Callable[[Any, Any, int], tuple[Any, Mapping[str, Any]]]
+
+
+def _check_outputs(t: int, out: Any) -> Mapping[str, Any]:
+    if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], Mapping):
+        raise TypeError(f"step must return (new_state, outputs: dict); segment {t} returned "
+                        f"{type(out).__name__}")
+    loss = out[1].get("loss")
+    if loss is not None and (not isinstance(loss, torch.Tensor) or loss.dim() != 0):
+        raise ValueError(f"step: the loss of segment {t} must be a scalar tensor or None, got "
+                         f"{getattr(loss, 'shape', type(loss).__name__)}")
+    return out[1]
+
+
+def _state_device(state: Any) -> torch.device | None:
+    for leaf in pytree.tree_leaves(state):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return None
+
+
+def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_depth: int = -1,
+                 checkpoint: bool = False, offload: bool = False, store: MemoryStore | None = None,
+                 saved_state: str = "store", preserve_rng_state: bool = True,
+                 callback: Callable[[int, Any, Any], None] | None = None) -> LoopResult:
+    """Run ``step`` over ``segments``, carrying ``state``.
+
+    Args:
+        step: ``step(state, segment, t) -> (new_state, outputs)``; ``outputs`` a dict whose
+            ``"loss"`` (a scalar tensor or None) is summed over segments and whose other values
+            are collected per segment. With ``checkpoint=True`` it runs twice per segment
+            (forward, then the recomputation in backward) and must compute the same thing given
+            the same RNG state; it must not depend on Python state changed in between.
+        state: the state entering segment 0: a :class:`SegmentState` or any pytree of tensors
+            with the batch as dim 0 (e.g. a bare ``[B, M, d]`` memory).
+        segments: the ``N >= 1`` segments (:class:`Segment` or any object; a ``mask`` attribute
+            ``[B, S]`` marks real tokens, see :func:`keep_rows`).
+        bptt_depth: ``k``; the state entering segment ``t`` is detached when ``t < N - k``.
+            ``-1``: full BPTT.
+        checkpoint: segment checkpointing (``torch.utils.checkpoint``, non-reentrant); ignored
+            when grad mode is off.
+        offload: with checkpointing, keep the states on the host (accelerator states only; CPU
+            states stay in place): a new ``MemoryStore(offload=True)``.
+        store: the :class:`MemoryStore` to use instead of a new one (it is used as it is: an
+            offloading store also copies CPU states).
+        saved_state: where checkpointed states go: ``"store"`` (the extension's store),
+            ``"save_on_cpu"`` (``torch.autograd.graph.save_on_cpu``, for comparison) or
+            ``"autograd"`` (kept by the checkpoint itself).
+        preserve_rng_state: restore the RNG state when recomputing (dropout replayed exactly).
+        callback: ``callback(t, segment, new_state)`` after every segment (e.g. a progress bar).
+
+    Returns:
+        :class:`LoopResult`.
+    """
+    if not isinstance(bptt_depth, int) or bptt_depth < -1:
+        raise ValueError(f"bptt_depth must be -1 (full BPTT) or an int >= 0, got {bptt_depth!r}")
+    if saved_state not in SAVED_STATE_MODES:
+        raise ValueError(f"saved_state must be one of {SAVED_STATE_MODES}, got {saved_state!r}")
+    segments = list(segments)
+    if not segments:
+        raise ValueError("segments must hold at least one segment")
+    n = len(segments)
+    checkpoint = checkpoint and torch.is_grad_enabled()
+    hooks: StateStore | None = None
+    if checkpoint and saved_state == "store":
+        if store is None:
+            device = _state_device(state)
+            store = MemoryStore(offload=offload and device is not None and device.type != "cpu")
+        hooks = StateStore(store)
+    elif not checkpoint:
+        store = None
+    loss: torch.Tensor | None = None
+    outputs: dict[str, list[Any]] = {}
+    for t, seg in enumerate(segments):
+        if is_cut(t, n, bptt_depth):
+            state = detach_state(state)
+        has_tokens = rows_with_tokens(seg)
+        if checkpoint:
+            leaves, spec = pytree.tree_flatten(state)
+
+            def fn(*leaves, _t=t, _seg=seg, _has=has_tokens, _spec=spec):
+                old = pytree.tree_unflatten(list(leaves), _spec)
+                new, out = step(old, _seg, _t)
+                return keep_rows(_has, new, old), out
+
+            if hooks is not None:
+                context = hooks.segment(t)
+            elif saved_state == "save_on_cpu":
+                context = torch.autograd.graph.save_on_cpu(pin_memory=offload)
+            else:
+                context = contextlib.nullcontext()
+            with context:
+                result = torch_checkpoint(fn, *leaves, use_reentrant=False,
+                                          preserve_rng_state=preserve_rng_state)
+            new_state, out = result[0], _check_outputs(t, result)
+        else:
+            result = step(state, seg, t)
+            out = _check_outputs(t, result)
+            new_state = keep_rows(has_tokens, result[0], state)
+        state = new_state
+        for key, value in out.items():
+            if value is None:
+                continue
+            if key == "loss":
+                loss = value if loss is None else loss + value
+            else:
+                outputs.setdefault(key, []).append(value)
+        if callback is not None:
+            callback(t, seg, state)
+    kept = store.nbytes() if store is not None else 0
+    return LoopResult(state, loss, outputs, store, kept)
