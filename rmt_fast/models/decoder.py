@@ -152,6 +152,12 @@ class RMTForCausalLM(RMTBase):
         padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
         return RecurrentState(kv, padding[:, -keep:])
 
+    def compile_step(self, **compile_kwargs) -> RMTForCausalLM:
+        """Opt-in ``torch.compile`` of the per-segment step the segment loop calls (checkpointed
+        or not; ``compile_kwargs`` go to ``torch.compile``). In place; returns ``self``."""
+        self._step = torch.compile(RMTForCausalLM._step.__get__(self), **compile_kwargs)
+        return self
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
         return self.base.get_output_embeddings()(hidden)
