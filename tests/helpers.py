@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rmt_fast.bench.live_bytes import LiveBytes  # noqa: F401  (for the tests)
+
 
 def attention_inputs(batch=2, hq=4, hkv=2, length=13, dim=8, past=0, dtype=torch.float64,
                      pad=False, requires_grad=True, seed=0):
@@ -32,47 +34,3 @@ def grads(out, inputs, seed=1):
     cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     return torch.autograd.grad(out, inputs, cot)
 
-
-class LiveBytes:
-    """Peak bytes of tensor storages allocated by torch ops while active (a context manager).
-
-    A ``TorchDispatchMode`` sees every op's outputs, also inside autograd's backward and the
-    checkpoint recomputation; each new storage counts until it is freed (a finalizer on the
-    storage, which PyTorch keeps as one Python object per storage). Tensors that existed before
-    (parameters, inputs) are not counted. Deterministic on CPU, unlike RSS."""
-
-    def __init__(self) -> None:
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        sizes: dict[int, int] = {}
-        self.sizes, self.live, self.peak = sizes, 0, 0
-        tracker = self
-
-        def free(key: int) -> None:
-            tracker.live -= sizes.pop(key)
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                        storage = t.untyped_storage()
-                        key = id(storage)
-                        if key not in sizes and storage.nbytes() > 0:
-                            sizes[key] = storage.nbytes()
-                            tracker.live += sizes[key]
-                            tracker.peak = max(tracker.peak, tracker.live)
-                            weakref.finalize(storage, free, key)
-                return out
-
-        self._mode = _Mode()
-
-    def __enter__(self) -> LiveBytes:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
