@@ -299,11 +299,12 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
     env = rd.init_distributed(model.device)
+    changes = {}
     if bptt_depth is not None:
-        model.rmt_config.bptt_depth = bptt_depth
+        changes["bptt_depth"] = bptt_depth
     if checkpoint_segments is not None:
-        model.rmt_config.checkpoint_segments = bool(checkpoint_segments)
-    model.rmt_config.validate()
+        changes["checkpoint_segments"] = bool(checkpoint_segments)
+    model.replace_config(**changes)
     for n in stages:
         task.splits(n)  # fail early on impossible lengths
 
