@@ -1,25 +1,24 @@
-"""Data-parallel training helpers for :mod:`rmt_fast.train` (``torchrun`` / ``torch.distributed``).
+"""Data-parallel and sharded training for :mod:`rmt_fast.train` (``torchrun`` / ``torch.distributed``).
 
-Why not ``torch.nn.parallel.DistributedDataParallel``'s reducer: with
-``checkpoint_segments=True`` the loss of an RMT comes from :func:`rmt_fast.checkpoint.segment_bptt`,
-whose backward *recomputes* every segment and calls ``torch.autograd.backward`` once per segment.
-Each parameter's gradient is therefore accumulated ``N`` times (``N`` = segments) during one outer
-``loss.backward()``. DDP's reducer expects every parameter to become ready exactly once per
-backward (with checkpointed segments it raises "Expected to mark a variable ready only once");
-``static_graph=True`` ran in a 2-process probe (segments 2, 2, 3, the same batch on both ranks)
-but relies on the reducer's per-parameter hook bookkeeping, and was not checked with ranks
-holding different numbers of segments. So the gradients are synchronised here *after* backward,
-which does not depend on how often autograd touches a parameter: :class:`GradientSync`
-all-reduces the flattened ``.grad`` of all
-parameters in fixed-size buckets, the same buckets in the same order on every rank no matter how
-many segments each rank ran, so recomputation adds no collectives and a rank with fewer segments
-cannot deadlock the others. The parameters start identical (:func:`broadcast_module` from rank
-0) and stay identical because every rank applies the same optimizer step to the same gradient.
+An RMT's training step is an ordinary forward and backward: the segments run through
+:func:`rmt_fast.models.segment_loop.run_segments`, with segment checkpointing done by
+``torch.utils.checkpoint`` (non-reentrant), which recomputes a segment *inside* autograd's own
+backward pass. Every parameter therefore becomes ready once per backward, however many segments
+used it, and PyTorch's own wrappers apply:
+
+* ``dp``: :func:`data_parallel` wraps the model in ``torch.nn.parallel.DistributedDataParallel``:
+  gradients all-reduced in buckets while the backward still runs, ``no_sync`` for all but the
+  last micro-batch of gradient accumulation. Ranks may hold different numbers of segments: the
+  reducer's collectives depend on the buckets only.
+* ``fsdp`` / ``fsdp-blocks``: :func:`fully_shard_model` shards with FSDP2
+  (``torch.distributed.fsdp.fully_shard``), the model as one unit or also one unit per
+  transformer block.
 
 Loss weighting: the model's loss is the mean cross-entropy over the target positions of its own
 (micro-)batch. Each rank scales its loss by ``local_targets / global_targets`` (the global count
 is one all-reduce of a scalar per optimizer step, done before the forward) and the gradients are
-*summed*, so the result is the mean over every target position of the global batch: exactly the
+*summed* over ranks (DDP through a summing communication hook, FSDP2 with its divide factor set
+to 1), so the result is the mean over every target position of the global batch: exactly the
 gradient of one process given the whole global batch, also with gradient accumulation and with
 ranks holding different numbers of segments or targets.
 """
@@ -28,7 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +36,9 @@ from torch import nn
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_BUCKET_MB = 25.0
-# "dp": replicated parameters, gradients summed by GradientSync; "fsdp": gradients and optimizer
-# state sharded by torch.distributed.fsdp.fully_shard, the model as one unit; "fsdp-blocks":
-# also one unit per transformer block (see fully_shard_model).
+# "dp": replicated parameters, DistributedDataParallel (data_parallel); "fsdp": gradients and
+# optimizer state sharded by torch.distributed.fsdp.fully_shard, the model as one unit;
+# "fsdp-blocks": also one unit per transformer block (see fully_shard_model).
 PARALLEL_MODES = ("dp", "fsdp", "fsdp-blocks")
 
 
@@ -147,77 +146,54 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
-class GradientSync:
-    """Sum the ``.grad`` of ``params`` over all ranks, after backward, in buckets.
+def _sum_hook(process_group, bucket):
+    """DDP communication hook: all-reduce a gradient bucket with SUM (DDP's default hook
+    divides by the world size; the trainer's losses are already weighted by their share of the
+    global target count)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
-    Parameters are packed in a fixed order into buckets of at most ``bucket_mb`` MiB (per dtype
-    and device); one ``dist.all_reduce`` per bucket. A parameter whose ``.grad`` is None (unused
-    on this rank in this step) contributes zeros, so every rank issues exactly the same
-    collectives (:attr:`num_buckets` per call, plus none for ``extra``, which rides in the last
-    bucket).
+
+def data_parallel(model: nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB,
+                  find_unused_parameters: bool | None = None) -> nn.Module:
+    """``model`` in ``torch.nn.parallel.DistributedDataParallel``, gradients *summed* over ranks.
+
+    Its constructor broadcasts rank 0's parameters and buffers; buffers are not broadcast again
+    at every forward (the wrappers' buffers never change in training). ``find_unused_parameters``
+    (default: when ``model.rmt_config.bptt_depth >= 0``): with truncated BPTT the learned memory
+    is cut off from the loss on a rank whose batch is longer than the window, and not on another,
+    so the set of parameters that get a gradient differs between ranks and steps.
     """
+    from torch.nn.parallel import DistributedDataParallel
 
-    def __init__(self, params: Iterable[nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("GradientSync: no parameter requires grad")
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
-        limit = int(bucket_mb * 2**20)
-        self.buckets: list[list[nn.Parameter]] = []
-        size, key = 0, None
-        for p in self.params:
-            nbytes = p.numel() * p.element_size()
-            k = (p.dtype, p.device)
-            if not self.buckets or k != key or (size + nbytes > limit and size > 0):
-                self.buckets.append([])
-                size, key = 0, k
-            self.buckets[-1].append(p)
-            size += nbytes
-
-    @property
-    def num_buckets(self) -> int:
-        """All-reduces issued per :meth:`__call__` in a multi-process group."""
-        return len(self.buckets)
-
-    @torch.no_grad()
-    def __call__(self, extra: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Sum every gradient over ranks in place (missing grads become the sum of the others).
-        ``extra`` (a small 1-D float tensor, e.g. loss statistics) is summed in the last bucket;
-        returns its summed copy. Without a multi-process group only missing grads are zeroed."""
-        enabled = current_env().enabled
-        out = None
-        for i, bucket in enumerate(self.buckets):
-            for p in bucket:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad.reshape(-1) for p in bucket]
-            last = i == len(self.buckets) - 1
-            if last and extra is not None:
-                grads.append(extra.detach().reshape(-1).to(device=bucket[0].device,
-                                                            dtype=bucket[0].grad.dtype))
-            flat = torch.cat(grads)
-            if enabled:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in bucket:
-                n = p.numel()
-                p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-                offset += n
-            if last and extra is not None:
-                out = flat[offset:].to(extra.dtype).reshape(extra.shape)
-        return out
+    if not current_env().enabled:
+        raise RuntimeError("data_parallel needs an initialised multi-process group "
+                           "(launch with torchrun, then call init_distributed)")
+    if bucket_mb <= 0:
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+    if find_unused_parameters is None:
+        cfg = getattr(model, "rmt_config", None)
+        find_unused_parameters = cfg is not None and cfg.bptt_depth >= 0
+    device = next(model.parameters()).device
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                  bucket_cap_mb=bucket_mb, broadcast_buffers=False,
+                                  find_unused_parameters=find_unused_parameters)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
 
 
-def check_parallel(parallel: str, checkpoint_segments: bool) -> None:
-    """Raise ValueError unless ``parallel`` is one of :data:`PARALLEL_MODES` and fits a model
-    with ``checkpoint_segments`` (``"fsdp-blocks"`` cannot recompute checkpointed segments
-    inside the backward; see :func:`fully_shard_model`)."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def check_parallel(parallel: str) -> None:
+    """Raise ValueError unless ``parallel`` is one of :data:`PARALLEL_MODES`."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-    if parallel == "fsdp-blocks" and checkpoint_segments:
-        raise ValueError("parallel='fsdp-blocks' does not support checkpoint_segments=True (segments "
-                         "recomputed inside the backward); use parallel='fsdp' or no checkpointing")
 
 
 def fully_shard_model(model: nn.Module, blocks: bool = False) -> nn.Module:
@@ -235,11 +211,11 @@ def fully_shard_model(model: nn.Module, blocks: bool = False) -> nn.Module:
     ``_no_split_modules``), gathered for each use and resharded after it, so only one block's
     parameters are whole at a time: for models whose parameters do not fit one device. An RMT
     runs every block once per segment, so each block issues one all-gather per segment in the
-    forward and again in the backward, and one reduce-scatter per segment. Hence two conditions,
-    both met by :func:`rmt_fast.train.train`: every rank runs the same number of segments
-    (different numbers issue different collectives: a 2-process probe with 1 and 3 segments
-    failed with a gloo size mismatch), and no ``checkpoint_segments`` (recomputing segments
-    inside the backward gave wrong gradients in the probe, max error 0.17; torch 2.13, gloo).
+    forward and again in the backward (and, with ``checkpoint_segments``, once more for the
+    recomputation), and one reduce-scatter per segment. So every rank must run the same number
+    of segments (different numbers issue different collectives); :func:`rmt_fast.train.train`
+    pads a rank's shorter micro-batch with segments that are padding in every row, which change
+    nothing (:func:`rmt_fast.models.segment_loop.cut_before`).
 
     Gradients are *summed* over ranks (the trainer weights each rank's loss by its share of the
     global target count), with plain SUM collectives (gloo has no PREMUL_SUM).
@@ -251,8 +227,6 @@ def fully_shard_model(model: nn.Module, blocks: bool = False) -> nn.Module:
                            "(launch with torchrun, then call init_distributed)")
     units = []
     if blocks:
-        cfg = getattr(model, "rmt_config", None)
-        check_parallel("fsdp-blocks", cfg is not None and cfg.checkpoint_segments)
         base = getattr(model, "base", model)
         names = set(getattr(base, "_no_split_modules", None) or ())
         units = [m for m in model.modules() if type(m).__name__ in names]
@@ -391,8 +365,8 @@ def split_evenly(n: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + base + (1 if index < rem else 0)
 
 
-__all__: Sequence[str] = ("PARALLEL_MODES", "DistEnv", "GradientSync", "all_reduce_sum", "barrier",
-                          "broadcast_module", "check_parallel", "current_env", "default_device", "destroy",
+__all__: Sequence[str] = ("PARALLEL_MODES", "DistEnv", "all_reduce_sum", "barrier", "broadcast_module",
+                          "check_parallel", "current_env", "data_parallel", "default_device", "destroy",
                           "env_from_environ", "fsdp_units", "full_state_dicts", "fully_shard_model",
                           "init_distributed", "is_sharded", "load_full_state_dicts", "reshard_all",
-                          "shard", "split_evenly", "unshard_all")
+                          "shard", "split_evenly", "unshard_all", "unwrap")

@@ -24,6 +24,7 @@ CLI: ``rmt-fast train --task copy --segments 6 --segment-size 12 --mem 6 --out D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -520,11 +521,12 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
         grad_accum: micro-batches of ``batch_size`` per rank accumulated into one step.
         amp: ``"bf16"``: forward/backward under ``torch.autocast(<model device>, bfloat16)``
             (parameters, gradients and optimizer state stay float32).
-        parallel: ``"dp"`` (replicated parameters, gradients all-reduced after backward by
-            :class:`rmt_fast.distributed.GradientSync`), ``"fsdp"`` (gradients and optimizer
+        parallel: ``"dp"`` (``DistributedDataParallel``, see
+            :func:`rmt_fast.distributed.data_parallel`), ``"fsdp"`` (gradients and optimizer
             state sharded by ``fully_shard``, see :func:`rmt_fast.distributed.fully_shard_model`)
-            or ``"fsdp-blocks"`` (also the parameters, one FSDP unit per transformer block);
-            ignored by a single process. bucket_mb: all-reduce bucket size (MiB).
+            or ``"fsdp-blocks"`` (also the parameters, one FSDP unit per transformer block); all
+            with or without ``checkpoint_segments``; ignored by a single process. bucket_mb:
+            DDP's all-reduce bucket size (MiB).
 
     Returns:
         :class:`TrainResult`.
@@ -533,9 +535,7 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
         options["steps"] = steps
     cfg = TrainConfig(**options) if config is None else dataclasses.replace(config, **options)
     _check_model_and_task(model, task)
-    checkpointing = (model.rmt_config.checkpoint_segments if cfg.checkpoint_segments is None
-                     else cfg.checkpoint_segments)
-    rd.check_parallel(cfg.parallel, checkpointing)
+    rd.check_parallel(cfg.parallel)
     env = rd.init_distributed(model.device)
     changes = {k: v for k, v in (("bptt_depth", cfg.bptt_depth),
                                  ("checkpoint_segments", cfg.checkpoint_segments)) if v is not None}
@@ -543,12 +543,12 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
     for n in cfg.stages:
         task.splits(n)  # fail early on impossible lengths
 
-    if env.enabled:
+    runner = model  # what runs the training forward: the model, or DDP around it
+    if env.enabled and cfg.parallel == "dp":
+        runner = rd.data_parallel(model, cfg.bucket_mb)  # broadcasts rank 0's weights
+    elif env.enabled:
         rd.broadcast_module(model)
-        if cfg.parallel != "dp":
-            rd.fully_shard_model(model, blocks=cfg.parallel == "fsdp-blocks")
-    sync = rd.GradientSync(model.parameters(), cfg.bucket_mb) if env.enabled and cfg.parallel == "dp" \
-        else None
+        rd.fully_shard_model(model, blocks=cfg.parallel == "fsdp-blocks")
 
     def new_optimizer():
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -612,7 +612,7 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
             labels_mask = data.labels_mask[mine].to(model.device)
             micro.append((ids, labels_mask, model.num_targets(ids, ids, labels_mask)))
         optimizer.zero_grad(set_to_none=True)
-        loss = _accumulate(model, micro, env, sync, autocast_kw, _step_seed(cfg.seed, step) + 1)
+        loss = _accumulate(runner, micro, env, autocast_kw, _step_seed(cfg.seed, step) + 1)
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
@@ -654,44 +654,88 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
 
 
 def _accumulate(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, int]], env: rd.DistEnv,
-                sync: rd.GradientSync | None, autocast_kw: dict, dropout_seed: int) -> float:
-    """Forward/backward of this rank's micro-batches ``(ids, labels_mask, targets)`` and, when
-    distributed, the gradient reduction. Each micro-batch's mean loss is weighted by its share
-    of the global target count, so the summed gradient is the mean over the global batch.
-    Returns the global mean loss. Collectives per call, however many segments each rank ran:
-    one all-reduce of the target count, then with ``sync`` (data parallel) ``sync.num_buckets``
-    all-reduces (the loss rides in the last bucket); under FSDP one all-gather per micro-batch,
-    one reduce-scatter (after the last micro-batch) and one all-reduce of the loss."""
+                autocast_kw: dict, dropout_seed: int) -> float:
+    """Forward/backward of this rank's micro-batches ``(ids, labels_mask, targets)``; ``model``
+    is the RMT, or ``DistributedDataParallel`` around it. Each micro-batch's mean loss is
+    weighted by its share of the global target count, so the summed gradient is the mean over
+    the global batch. Returns the global mean loss.
+
+    Distributed, every rank runs every micro-batch's forward and backward (a micro-batch
+    without targets backpropagates a zero), so all ranks issue the same collectives whatever
+    their data: one all-reduce of the target count; DDP's bucketed all-reduces in the last
+    micro-batch's backward (``no_sync`` before) or FSDP's all-gathers and reduce-scatter (only the
+    last micro-batch's backward reduce-scatters); one all-reduce of the loss. Per-block FSDP
+    issues collectives per segment, so there one more all-reduce (MAX) finds each micro-batch's
+    largest segment count and shorter micro-batches are left-padded with segments that are
+    padding in every row."""
+    rmt = rd.unwrap(model)
+    ddp = rmt is not model
     local = sum(t for _, _, t in micro)
     total = local
     if env.enabled:
         total = int(rd.all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64,
-                                                   device=model.device))[0])
-    sharded = rd.is_sharded(model)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=model.device)
+                                                   device=rmt.device))[0])
+    sharded = rd.is_sharded(rmt)
+    masks = [None] * len(micro)
+    if sharded and len(rd.fsdp_units(rmt)) > 1:
+        micro, masks = _same_segment_counts(rmt, micro)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=rmt.device)
     for j, (ids, labels_mask, targets) in enumerate(micro):
+        last = j == len(micro) - 1
+        if targets == 0 and not env.enabled:
+            continue  # nothing to learn here
         # dropout: a distinct stream per micro-batch and rank (rank 0, micro 0: the old seed)
         torch.manual_seed(dropout_seed + j * env.world_size + env.rank)
         if sharded:  # FSDP reduces gradients in the backward: only the last one
-            model.set_requires_gradient_sync(j == len(micro) - 1)
-        elif targets == 0:
-            continue  # nothing to learn here; GradientSync contributes zeros for this rank
-        with torch.autocast(**autocast_kw):
-            out = model(ids, labels=ids, labels_mask=labels_mask, return_logits=targets == 0)
-        if targets == 0:  # under FSDP every rank runs every backward: a zero gradient here
-            out.logits.sum().mul(0.0).backward()
-            continue
-        loss = out.loss
-        scale = targets / total
-        if scale != 1.0:
-            loss = loss * scale
-        loss.backward()
+            rmt.set_requires_gradient_sync(last)
+        sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(**autocast_kw):
+                out = model(ids, labels=ids, labels_mask=labels_mask, attention_mask=masks[j],
+                            return_logits=targets == 0)
+            if targets == 0:  # every rank runs every backward: a zero gradient here
+                out.logits.sum().mul(0.0).backward()
+                continue
+            loss = out.loss
+            scale = targets / total
+            if scale != 1.0:
+                loss = loss * scale
+            loss.backward()
         loss_sum += loss.detach().float()
-    if sync is not None:
-        loss_sum = sync(loss_sum.reshape(1))[0]
-    elif env.enabled:
+    if env.enabled:
         loss_sum = rd.all_reduce_sum(loss_sum.reshape(1))[0]
     return float(loss_sum)
+
+
+def _same_segment_counts(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, int]]):
+    """Left-pad each micro-batch to the largest segment count any rank has for it (one
+    all-reduce MAX), with segments that are padding in every row (they change nothing, see
+    :func:`rmt_fast.models.segment_loop.cut_before`). Returns the micro-batches and their
+    attention masks (None where nothing was padded)."""
+    import torch.distributed as dist
+
+    cfg = model.rmt_config
+    size = cfg.segment_size
+    counts = torch.tensor([math.ceil(ids.shape[1] / size) for ids, _, _ in micro], dtype=torch.int64,
+                          device=model.device)
+    most = counts.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    out, masks = [], []
+    for (ids, labels_mask, targets), n, m in zip(micro, counts.tolist(), most.tolist(), strict=True):
+        if n == m:
+            out.append((ids, labels_mask, targets))
+            masks.append(None)
+            continue
+        if cfg.segment_alignment == "center":
+            raise ValueError("parallel='fsdp-blocks' with ranks holding different numbers of segments "
+                             "needs segment_alignment 'left' or 'right' (padding by whole segments)")
+        pad = (m - n) * size  # whole segments: the real part keeps its segment boundaries
+        mask = torch.ones(ids.shape[0], pad + ids.shape[1], dtype=torch.long, device=ids.device)
+        mask[:, :pad] = 0
+        out.append((torch.nn.functional.pad(ids, (pad, 0)),
+                    torch.nn.functional.pad(labels_mask, (pad, 0), value=False), targets))
+        masks.append(mask)
+    return out, masks
 
 
 # --- models ----------------------------------------------------------------------------------------

@@ -78,6 +78,11 @@ class CollectiveCounter:
 FSDP_COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
 
 
+def num_buckets(ddp) -> int:
+    """Gradient buckets of a DistributedDataParallel module (one all-reduce each per backward)."""
+    return len(ddp.reducer._get_zeros_like_grad_buckets())
+
+
 def full_params(model) -> dict[str, torch.Tensor]:
     """The whole parameters of a (possibly FSDP-sharded) model on every rank."""
     if not rd.is_sharded(model):
@@ -94,25 +99,26 @@ def main(out: str) -> None:
     task = make_copy_task()
 
     # (1) k steps, the same global batch as one process with batch 2 * PER_RANK_BATCH
-    for ckpt in (False, True):
-        model = tiny_model(task)
-        train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
-              checkpoint_segments=ckpt, **TRAIN_KW)
-        results[f"plain_ckpt{int(ckpt)}"] = params(model)
+    for parallel in ("dp", "fsdp", "fsdp-blocks"):
+        for ckpt in (False, True):
+            model = tiny_model(task)
+            train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
+                  checkpoint_segments=ckpt, parallel=parallel, **TRAIN_KW)
+            results[f"{parallel}_plain_ckpt{int(ckpt)}"] = full_params(model)
 
     # (2) ranks with different numbers of segments (checkpointed and not): gradients after sync
+    kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
     for ckpt in (False, True):
         model = tiny_model(task, checkpoint_segments=ckpt)
+        ddp = rd.data_parallel(model)
         ids, mask = var_batch(task, env.rank)
-        sync = rd.GradientSync(model.parameters())
         micro = [(ids, mask, model.num_targets(ids, ids, mask))]
-        kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
         with CollectiveCounter() as counter:
-            loss = _accumulate(model, micro, env, sync, kw, dropout_seed=0)
+            loss = _accumulate(ddp, micro, env, kw, dropout_seed=0)
         results[f"var_grads_ckpt{int(ckpt)}"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         results[f"var_loss_ckpt{int(ckpt)}"] = loss
         results[f"var_allreduce_ckpt{int(ckpt)}"] = counter.calls
-        results["num_buckets"] = sync.num_buckets
+        results["num_buckets"] = num_buckets(ddp)
 
     # (4) all-reduce count per optimizer step: checkpointed segments, truncated BPTT, curriculum
     # with random segments per batch, gradient accumulation; two evaluations (steps 2 and 4)
@@ -122,7 +128,6 @@ def main(out: str) -> None:
                     batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2,
                     checkpoint_segments=True, bptt_depth=1, **TRAIN_KW)
     results["count_calls"] = counter.calls
-    results["count_buckets"] = rd.GradientSync(model.parameters()).num_buckets
     results["count_stage_changes"] = res.stage_changes
     results["count_params"] = params(model)
     results["count_history"] = res.history
@@ -177,56 +182,47 @@ def block0_sharded_while_block1_runs(model, task) -> bool:
 
 
 def fsdp_scenarios(task, env, out: str, results: dict) -> None:
-    """The FSDP (``parallel="fsdp"``) versions of scenarios (1)-(4)."""
-    for ckpt in (False, True):
+    """The FSDP versions (``fsdp``: the model as one unit; ``fsdp-blocks``: also one unit per
+    block) of scenarios (2)-(4)."""
+    kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
+    for parallel in ("fsdp", "fsdp-blocks"):
+        for ckpt in (False, True):
+            model = tiny_model(task, checkpoint_segments=ckpt)
+            rd.fully_shard_model(model, blocks=parallel == "fsdp-blocks")
+            ids, mask = var_batch(task, env.rank)
+            micro = [(ids, mask, model.num_targets(ids, ids, mask))]
+            with CollectiveCounter(FSDP_COLLECTIVES) as counter:
+                loss = _accumulate(model, micro, env, kw, dropout_seed=0)
+            key = f"{parallel}_var_{{}}_ckpt{int(ckpt)}"
+            results[key.format("grads")] = {n: p.grad.full_tensor().clone()
+                                            for n, p in model.named_parameters()}
+            results[key.format("loss")] = loss
+            results[key.format("counts")] = counter.counts
+
+    for parallel in ("fsdp", "fsdp-blocks"):
         model = tiny_model(task)
-        train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
-              checkpoint_segments=ckpt, parallel="fsdp", **TRAIN_KW)
-        results[f"fsdp_plain_ckpt{int(ckpt)}"] = full_params(model)
-
-    for ckpt in (False, True):
-        model = tiny_model(task, checkpoint_segments=ckpt)
-        rd.fully_shard_model(model)
-        ids, mask = var_batch(task, env.rank)
-        micro = [(ids, mask, model.num_targets(ids, ids, mask))]
-        kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
         with CollectiveCounter(FSDP_COLLECTIVES) as counter:
-            loss = _accumulate(model, micro, env, None, kw, dropout_seed=0)
-        results[f"fsdp_var_grads_ckpt{int(ckpt)}"] = {n: p.grad.full_tensor().clone()
-                                                      for n, p in model.named_parameters()}
-        results[f"fsdp_var_loss_ckpt{int(ckpt)}"] = loss
-        results[f"fsdp_var_counts_ckpt{int(ckpt)}"] = counter.counts
+            res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
+                        batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2,
+                        checkpoint_segments=True, bptt_depth=1, parallel=parallel, **TRAIN_KW)
+        results[f"{parallel}_count"] = counter.counts
+        results[f"{parallel}_count_params"] = full_params(model)
+        results[f"{parallel}_count_history"] = res.history
 
+    # one FSDP unit per transformer block: block 0 is sharded again while block 1 runs
     model = tiny_model(task)
-    with CollectiveCounter(FSDP_COLLECTIVES) as counter:
-        res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
-                    batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2,
-                    checkpoint_segments=True, bptt_depth=1, parallel="fsdp", **TRAIN_KW)
-    results["fsdp_count"] = counter.counts
-    results["fsdp_count_params"] = full_params(model)
-    results["fsdp_count_history"] = res.history
-
-    # one FSDP unit per transformer block: plain steps, and a curriculum with random segments,
-    # gradient accumulation, truncated BPTT and evaluations
-    model = tiny_model(task)
-    train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
-          parallel="fsdp-blocks", **TRAIN_KW)
-    results["blocks_plain"] = full_params(model)
+    rd.fully_shard_model(model, blocks=True)
     results["blocks_units"] = len(rd.fsdp_units(model))
     results["blocks_sharded_during_compute"] = block0_sharded_while_block1_runs(model, task)
     model = tiny_model(task)
     rd.fully_shard_model(model)
     results["fsdp_sharded_during_compute"] = block0_sharded_while_block1_runs(model, task)
-    model = tiny_model(task)
-    res = train(model, task, 4, segments=[1, 3], random_segments=True, threshold=0.0,
-                batch_size=PER_RANK_BATCH // 2, grad_accum=2, eval_every=2, bptt_depth=1,
-                parallel="fsdp-blocks", **TRAIN_KW)
-    results["blocks_count_params"] = full_params(model)
-    results["blocks_count_history"] = res.history
 
     # checkpoints: 2 of 4 steps, resumed by FSDP here and by one process in the test
     results["fsdp_resume_params"] = interrupted_run(task, env, out, "fsdp_resume_run",
                                                     "fsdp-checkpoint-2", parallel="fsdp")
+    results["blocks_resume_params"] = interrupted_run(task, env, out, "blocks_resume_run",
+                                                      "blocks-checkpoint-2", parallel="fsdp-blocks")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,28 @@ def test_padded_rows_keep_their_state_over_empty_segments():
     torch.testing.assert_close(both.memory[1], alone.memory[0], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_segments_padded_in_every_row_change_nothing(depth):
+    """Whole segments of padding in front of a batch (how per-block FSDP evens out the ranks'
+    segment counts): the same loss and gradients, also for the truncation window, which does not
+    count them (with depth 2 the memory init of these 2 real segments gets a gradient)."""
+    tokens = ids(2, 12)
+    padded = torch.cat([torch.zeros(2, 12, dtype=torch.long), tokens], 1)
+    mask = torch.cat([torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 12, dtype=torch.long)], 1)
+    labels_mask = mask.bool()
+    results = []
+    for kw in ({"input_ids": tokens}, {"input_ids": padded, "attention_mask": mask,
+                                       "labels_mask": labels_mask}):
+        model = decoder(torch.float64, True, bptt_depth=depth).eval()
+        out = model(labels=kw["input_ids"], **kw)
+        out.loss.backward()
+        results.append((out.loss.item(), grads_of(model)))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-12)
+    assert_grads_equal(results[0][1], results[1][1], 1e-10)
+    memory_grad = results[1][1]["memory"]
+    assert (memory_grad is not None and memory_grad.abs().max() > 0) == (depth == 2)
+
+
 @pytest.mark.parametrize("how", ["grad", "inputs"])
 def test_autograd_grad_and_backward_inputs(how):
     plain, g_plain = run_decoder(torch.float64, False)

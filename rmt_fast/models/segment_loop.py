@@ -8,7 +8,9 @@ memory ``[B, M, d]``, the Transformer-XL cache :class:`RecurrentState` and its p
 ``z`` ``[B, d_key]`` per layer). :func:`run_segments` walks the segments and
 
 * applies the truncated-BPTT cut: the state entering segment ``t`` is detached when
-  ``t < N - bptt_depth`` (:func:`is_cut`; ``bptt_depth=-1``: full BPTT);
+  ``t < N - bptt_depth`` (:func:`is_cut`; ``bptt_depth=-1``: full BPTT). Segments that are
+  padding in every row (e.g. added so that data-parallel ranks run the same number of segments)
+  change nothing and are not counted: ``t`` and ``N`` count the other segments;
 * keeps the state of rows whose segment is all padding (``segment.mask`` all False):
   :func:`keep_rows`;
 * collects the per-segment outputs: the ``"loss"`` terms are summed, every other key is listed
@@ -135,6 +137,27 @@ def keep_rows(has_tokens: torch.Tensor | None, new: Any, old: Any) -> Any:
             n = torch.where(has_tokens.view(-1, *([1] * (n.dim() - 1))), n, o)
         out.append(n)
     return pytree.tree_unflatten(out, new_spec)
+
+
+def cut_before(segments: Sequence[Any], bptt_depth: int) -> list[bool]:
+    """Per segment: whether the state entering it is detached (:func:`is_cut`), counting only
+    segments with a real token in some row; a segment that is padding in every row is never
+    cut (it hands its state on unchanged). One device-to-host copy when segments have masks and
+    ``bptt_depth >= 0``."""
+    n = len(segments)
+    if bptt_depth < 0:
+        return [False] * n
+    masks = [getattr(seg, "mask", None) for seg in segments]
+    empty = [False] * n
+    if any(m is not None for m in masks):
+        flags = [m.any() if m is not None else torch.ones((), dtype=torch.bool) for m in masks]
+        empty = [not f for f in torch.stack([f.to(flags[0].device) for f in flags]).tolist()]
+    real = n - sum(empty)
+    cuts, seen = [], 0
+    for e in empty:
+        cuts.append(not e and is_cut(seen, real, bptt_depth))
+        seen += not e
+    return cuts
 
 
 def detach_state(state: Any) -> Any:
@@ -271,7 +294,8 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
             with the batch as dim 0 (e.g. a bare ``[B, M, d]`` memory).
         segments: the ``N >= 1`` segments (:class:`Segment` or any object; a ``mask`` attribute
             ``[B, S]`` marks real tokens, see :func:`keep_rows`).
-        bptt_depth: ``k``; the state entering segment ``t`` is detached when ``t < N - k``.
+        bptt_depth: ``k``; the state entering segment ``t`` is detached when ``t < N - k``
+            (segments that are padding in every row not counted, see :func:`cut_before`).
             ``-1``: full BPTT.
         checkpoint: segment checkpointing (``torch.utils.checkpoint``, non-reentrant); ignored
             when grad mode is off.
@@ -295,7 +319,6 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
     segments = list(segments)
     if not segments:
         raise ValueError("segments must hold at least one segment")
-    n = len(segments)
     checkpoint = checkpoint and torch.is_grad_enabled()
     hooks: StateStore | None = None
     if checkpoint and saved_state == "store":
@@ -307,8 +330,9 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
         store = None
     loss: torch.Tensor | None = None
     outputs: dict[str, list[Any]] = {}
+    cuts = cut_before(segments, bptt_depth)
     for t, seg in enumerate(segments):
-        if is_cut(t, n, bptt_depth):
+        if cuts[t]:
             state = detach_state(state)
         has_tokens = rows_with_tokens(seg)
         if checkpoint:
