@@ -1,10 +1,13 @@
 """Side-by-side throughput of several source trees / systems, alternating fresh processes.
 
-Each *arm* is ``NAME=TREE:SYSTEM``: :mod:`rmt_fast.bench.point` runs ``SYSTEM`` (see
-:mod:`rmt_fast.bench.systems`) with ``PYTHONPATH=TREE`` (e.g. a ``git worktree`` of an older
-commit). Every round runs each arm once, in a fresh process, the order rotating from round to
-round so that a change in machine load hits every arm alike; the report gives each arm's median
-tokens/s over the rounds and its ratio to the first arm's.
+Each *arm* is ``NAME=TREE:SYSTEM``: a fresh process with ``PYTHONPATH=TREE`` (e.g. a
+``git worktree`` of an older commit) builds ``SYSTEM`` with that tree's
+:func:`rmt_fast.bench.systems.build`, runs ``--warmup`` steps and times ``--repeats`` more, in
+wall-clock and in CPU time of the process (``time.process_time``: on a machine shared with other
+jobs the wall clock mostly measures the scheduler, the CPU time of a one-thread run the work).
+Every round runs each arm once, the order rotating from round to round so that a change in
+machine load hits every arm alike; the report gives each arm's median tokens/s and tokens per
+CPU-second over the rounds, its peak RSS, and the ratios to the first arm.
 
 ``python -m rmt_fast.bench.ab --arm old=/tmp/old:rmt_fast --arm new=.:rmt_fast --mode train
 --length 8192 --batch 2 --rounds 5``
@@ -19,12 +22,37 @@ import statistics
 import subprocess
 import sys
 
+# run in each arm's process: only the tree's rmt_fast.bench.systems.build is used
+SNIPPET = """
+import json, resource, statistics, sys, time
+import torch
+from rmt_fast.bench.systems import CONFIGS, build
+system, mode, config = sys.argv[1:4]
+length, batch, repeats, warmup, threads = map(int, sys.argv[4:9])
+torch.set_num_threads(threads)
+cfg = CONFIGS[config]
+step = build(system, mode, cfg, length)
+tokens = torch.randint(1, cfg.vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+for _ in range(warmup):
+    step(tokens)
+wall, cpu = [], []
+for _ in range(repeats):
+    w, c = time.perf_counter(), time.process_time()
+    step(tokens)
+    wall.append(time.perf_counter() - w)
+    cpu.append(time.process_time() - c)
+n = batch * length
+print(json.dumps({"status": "ok", "wall_s": wall, "cpu_s": cpu,
+                  "tokens_per_s": n / statistics.median(wall),
+                  "tokens_per_cpu_s": n / statistics.median(cpu),
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
 
 def run_arm(tree: str, system: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-m", "rmt_fast.bench.point", "--system", system, "--mode", args.mode,
-           "--length", str(args.length), "--batch", str(args.batch), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--config", args.config, "--threads", str(args.threads)]
+    cmd = [sys.executable, "-c", SNIPPET, system, args.mode, args.config, str(args.length),
+           str(args.batch), str(args.repeats), str(args.warmup), str(args.threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         return {"status": "failed", "error": proc.stderr[-2000:]}
@@ -58,20 +86,20 @@ def main(argv: list[str] | None = None) -> dict:
         for name, tree, system in order:
             row = run_arm(tree, system, args)
             runs[name].append(row)
-            print(json.dumps({"round": r, "arm": name, **{k: row.get(k) for k in
-                                                           ("status", "tokens_per_s", "peak_mib")}}),
-                  flush=True)
+            keys = ("status", "tokens_per_s", "tokens_per_cpu_s", "peak_mib")
+            print(json.dumps({"round": r, "arm": name, **{k: row.get(k) for k in keys}}), flush=True)
     summary = {}
     for name, _, system in arms:
-        ok = [row["tokens_per_s"] for row in runs[name] if row.get("status") == "ok"]
-        peaks = [row["peak_mib"] for row in runs[name] if row.get("status") == "ok"]
-        summary[name] = {"system": system, "tokens_per_s": ok,
-                         "median_tokens_per_s": statistics.median(ok) if ok else None,
-                         "median_peak_mib": statistics.median(peaks) if peaks else None}
-    first = summary[arms[0][0]]["median_tokens_per_s"]
-    for name in summary:
-        med = summary[name]["median_tokens_per_s"]
-        summary[name]["ratio_to_first"] = med / first if med and first else None
+        ok = [row for row in runs[name] if row.get("status") == "ok"]
+        summary[name] = {"system": system, "runs": len(ok)}
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_mib"):
+            values = [row[key] for row in ok]
+            summary[name][f"median_{key}"] = statistics.median(values) if values else None
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_mib"):
+        first = summary[arms[0][0]][f"median_{key}"]
+        for name in summary:
+            med = summary[name][f"median_{key}"]
+            summary[name][f"{key}_ratio_to_first"] = med / first if med and first else None
     report = {"args": vars(args), "summary": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.out:
