@@ -70,7 +70,7 @@ class Settings:
     segments: int = 8
     mem: int = 10
     batch_size: int = 8
-    steps: int = 1000
+    steps: int = 800
     lr: float = 1e-3
     warmup: int = 100
     schedule: str = "cosine"
@@ -261,8 +261,10 @@ def _status_kib(field: str) -> int:
 def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: int, warmup: int,
                 corpus_dir: str) -> dict:
     """Training steps of ``row`` on real windows (read from the corpus file, not the whole
-    stream): seconds per step, tokens/s, and the peak resident memory during the measured steps
-    above the resident memory before them (``/proc/self/status`` VmHWM after resetting it)."""
+    stream): wall and CPU seconds per step, tokens/s, and the peak resident memory during the
+    measured steps above the resident memory before them (``/proc/self/status`` VmHWM after
+    resetting it; the parent sets ``MALLOC_MMAP_THRESHOLD_`` so that freed activations leave the
+    resident set)."""
     model = settings.row_model(row, checkpoint_segments=checkpoint_segments)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     data = np.memmap(os.path.join(corpus_dir, "train.bin"), dtype=np.uint8, mode="r")
@@ -290,11 +292,12 @@ def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: 
     except OSError:
         pass
     base = _status_kib("VmRSS")
-    times = []
+    times, cpu = [], []
     for ids in batches[warmup:]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(ids)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     peak = _status_kib("VmHWM")
     tokens = settings.batch_size * length
     return {"row": row, "checkpoint_segments": checkpoint_segments, "steps": steps,
@@ -302,6 +305,10 @@ def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: 
             "s_per_step_median": round(float(np.median(times)), 3),
             "s_per_step_min": round(float(np.min(times)), 3),
             "tokens_per_s": round(tokens / float(np.median(times)), 1),
+            # CPU seconds of this process: what a core of its own would take (the wall clock
+            # also counts the time other processes held the core)
+            "cpu_s_per_step_median": round(float(np.median(cpu)), 3),
+            "tokens_per_cpu_s": round(tokens / float(np.median(cpu)), 1),
             "peak_rss_mib": round(peak / 1024, 1), "rss_before_mib": round(base / 1024, 1),
             "train_step_peak_mib": round((peak - base) / 1024, 1) if reset else None,
             "tokens_per_step": tokens}
@@ -332,9 +339,12 @@ def measure(settings: Settings, out: str, steps: int, warmup: int, cache_dir: st
     docs = _first_docs(corpus["valid"], 40)
     for row in ("plain", "rmt-d4"):
         model = settings.row_model(row)
+        cpu = time.process_time()
         res = evaluate_split(model, docs, settings.eval_lanes, amp=settings.eval_amp)
+        cpu = time.process_time() - cpu
         evals.append({"row": row, "bytes": res["bytes"], "seconds": res["eval_seconds"],
                       "bytes_per_s": round(res["bytes"] / max(res["eval_seconds"], 1e-9), 1),
+                      "cpu_seconds": round(cpu, 1), "bytes_per_cpu_s": round(res["bytes"] / cpu, 1),
                       "eval_amp": settings.eval_amp})
         log(json.dumps(evals[-1]))
     summary = {"settings": dataclasses.asdict(settings), "train": results, "stream_eval": evals,
