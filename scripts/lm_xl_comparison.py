@@ -83,7 +83,7 @@ class Settings:
     valid_windows: int = 64
     eval_batch_size: int = 16
     eval_lanes: int = 8
-    eval_amp: str | None = None
+    eval_amp: str | None = "bf16"
     eval_docs: int | None = None
 
     def row_model(self, row: str, checkpoint_segments: bool = False):
@@ -401,7 +401,8 @@ def table(out: str) -> str:
             r = json.load(f)
         t = r["test"]
         wall = f"{r['train_wall_time'] / 60:.0f} min" if r.get("train_wall_time") else "?"
-        lines.append(f"| {row} | {t['num_mem_tokens']} | {t['xl_cache']} | "
+        name = row if r.get("eval_docs") is None else f"{row} (first {r['eval_docs']} documents only)"
+        lines.append(f"| {name} | {t['num_mem_tokens']} | {t['xl_cache']} | "
                      f"{t['bptt_depth'] if t['num_mem_tokens'] else '-'} | {t['mask']} | "
                      f"{t['bits_per_byte']:.4f} | {r['valid']['bits_per_byte']:.4f} | {t['state_bytes']:,} | "
                      f"{r['step']} | {wall} |")
