@@ -108,6 +108,6 @@ def test_measure_one_plot_and_table(corpus, tmp_path):
     lm.plot(str(png), str(tmp_path))
     assert png.stat().st_size > 1000
     text = lm.table(str(tmp_path))
-    assert text.count("\n") == 3 and "| plain | 0 | 0 | - | causal |" in text
+    assert text.count("\n") == 3 and "| plain (first 4 documents only) | 0 | 0 | - | causal |" in text
     with pytest.raises(ValueError, match="row must be one of"):
         lm.run_row("nope", settings, str(tmp_path), corpus)
