@@ -563,6 +563,7 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
         ckpt = run.latest_checkpoint() if cfg.resume else None
         rd.barrier()  # every rank has picked the checkpoint before rank 0 may write anything
         if ckpt is not None:
+            model.zero_grad(set_to_none=True)  # leftover .grad keeps the optimizer state from loading
             state = run.load_checkpoint(model, optimizer, ckpt)
             curriculum.load_state_dict(state, f"checkpoint {ckpt}")
             step, wall_before = state["step"], state["wall_time"]

@@ -23,7 +23,8 @@ def tiny(task, mem=2, seed=0, **kw):
 
 
 def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Every weight and buffer (the state dict without its ``_extra_state`` metadata entry)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "_extra_state"}
 
 
 def test_resume_is_exact(tmp_path):
@@ -283,3 +284,18 @@ def test_cli_is_derived_from_the_option_dataclasses(tmp_path):
         TrainConfig(segments=(3, 1))
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
+
+
+def test_resume_on_the_same_model_object(tmp_path):
+    """Chunked training: a second call on the model that just trained (its .grad still set)
+    resumes from the checkpoint and matches an uninterrupted run."""
+    task = make_task("copy", 8, copies=1, **SMALL)
+    kw = dict(segments=2, batch_size=4, eval_every=3, eval_size=16, save_every=2, progress=False)
+    straight = tiny(task)
+    train(straight, task, 6, output_dir=tmp_path / "a", **kw)
+    chunked = tiny(task)
+    train(chunked, task, 6, output_dir=tmp_path / "b", stop_after=3, **kw)
+    assert any(p.grad is not None for p in chunked.parameters())
+    train(chunked, task, 6, output_dir=tmp_path / "b", **kw)
+    for k, v in _params(straight).items():
+        assert torch.equal(v, chunked.state_dict()[k]), k

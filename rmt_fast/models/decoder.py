@@ -8,6 +8,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
@@ -27,16 +28,17 @@ __all__ = ["RMTForCausalLM", "RMTOutput", "RecurrentState"]
 
 
 @dataclass
-class RMTOutput:
+class RMTOutput(ModelOutput):
     """``loss``: scalar or None; ``logits``: ``[B, T, V]`` for every input position (None when
     ``return_logits`` is off, the default under segment checkpointing); ``memory``: the final
     memory state ``[B, M, d]``; ``xl``: the final Transformer-XL cache (``xl_cache > 0``);
     ``hidden_states``: the last hidden state ``[B, T, d]`` at every input position
-    (``return_hidden=True``)."""
+    (``return_hidden=True``). A transformers ``ModelOutput``: attribute, key (``out["loss"]``)
+    and tuple (``out[0]``, the first field that is not None) access."""
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    memory: torch.Tensor
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
     xl: RecurrentState | None = None
     hidden_states: torch.Tensor | None = None
 
@@ -124,7 +126,7 @@ class RMTForCausalLM(RMTBase):
                               past=None if xl is None else xl.kv, record_kv=record)
         position_ids = self._position_ids(mask, seg_len, write, ids.device)
         with memory_layout(layout):
-            hidden = self.base.base_model(inputs_embeds=x, position_ids=position_ids,
+            hidden = self.backbone(inputs_embeds=x, position_ids=position_ids,
                                           use_cache=False).last_hidden_state
         new_memory = extract_memory(hidden, m + seg_len, m) if write else memory
         hidden = hidden[:, m: m + seg_len] if need_hidden else None
@@ -155,7 +157,7 @@ class RMTForCausalLM(RMTBase):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
-        return self.base.get_output_embeddings()(hidden)
+        return self.lm.get_output_embeddings()(hidden)
 
     def _step(self, state: SegmentState, seg: Segment, t: int, *, n_targets: int = 0,
               logits: bool = False, hidden: bool = False):
@@ -297,7 +299,7 @@ class RMTForCausalLM(RMTBase):
         layout = MemoryLayout(num_read=m, num_write=0, mask=self.rmt_config.mask,
                               key_padding_mask=mask, length=embeds.shape[1])
         with memory_layout(layout):
-            return self.base.generate(inputs_embeds=embeds, attention_mask=mask.long(),
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)
 
     # --- compatibility -------------------------------------------------------------------------
@@ -319,8 +321,6 @@ class RMTForCausalLM(RMTBase):
             raise ValueError(f"official memory is {list(ours['memory'].shape)}, this wrapper's is "
                              f"{list(self.memory.shape)}")
         missing, unexpected = self.load_state_dict(ours, strict=False)
-        tied = {"base." + k for k in (getattr(self.base, "_tied_weights_keys", None) or [])}
-        missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise ValueError(f"official state dict mismatch: missing {missing}, unexpected {unexpected}")
 
