@@ -22,9 +22,7 @@ def _run(cmd, cwd) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("checkpoint_segments", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="the reentrant-style segment engine marks parameters ready once per "
-    "segment under DDP; removed with the non-reentrant segment loop"))])
+@pytest.mark.parametrize("checkpoint_segments", [False, True])
 def test_accelerate_two_processes_equal_one_with_the_global_batch(tmp_path, checkpoint_segments):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:

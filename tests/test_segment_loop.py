@@ -356,6 +356,33 @@ def test_offloading_store_copies_and_gives_the_same_gradients(monkeypatch):
     torch.testing.assert_close(mem.grad, plain, atol=1e-12, rtol=0)
 
 
+def test_offloaded_states_are_prefetched_in_reverse_order():
+    """With an offloading store, recomputing segment t first starts bringing segment t - 1's
+    state back (a side-stream copy on CUDA), then takes its own."""
+
+    class SpyStore(MemoryStore):
+        def __init__(self):
+            super().__init__(offload=True)
+            self.log = []
+
+        def prefetch(self, key):
+            self.log.append(("prefetch", key))
+            super().prefetch(key)
+
+        def pop(self, key):
+            self.log.append(("pop", key))
+            return super().pop(key)
+
+    store = SpyStore()
+    mem = torch.randn(2, 3, 4, requires_grad=True)
+    res = run_segments(lambda s, seg, t: (s.tanh(), {"loss": s.square().sum()}), mem, [None] * 4,
+                       checkpoint=True, store=store)
+    assert store.log == [] and store.segments() == [0, 1, 2, 3]
+    res.loss.backward()
+    assert store.log == [("prefetch", 2), ("pop", 3), ("prefetch", 1), ("pop", 2),
+                         ("prefetch", 0), ("pop", 1), ("pop", 0)]
+
+
 def test_extra_states_ride_in_the_loop():
     """An associative-memory-like state (``A`` [B, d_key, d], ``z`` [B, d_key]) in
     SegmentState.extra: checkpointed == plain, and padded rows keep A and z."""

@@ -152,7 +152,7 @@ class RMTForCausalLM(RMTBase):
     def compile_step(self, **compile_kwargs) -> RMTForCausalLM:
         """Opt-in ``torch.compile`` of the per-segment step the segment loop calls (checkpointed
         or not; ``compile_kwargs`` go to ``torch.compile``). In place; returns ``self``."""
-        self._step = torch.compile(RMTForCausalLM._step.__get__(self), **compile_kwargs)
+        self._step = torch.compile(type(self)._step.__get__(self), **compile_kwargs)
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
