@@ -85,6 +85,8 @@ def test_decoder_checkpoint_equals_plain(dtype, tol, depth):
     for layer, (k, v) in plain.xl.kv.items():
         torch.testing.assert_close(ckpt.xl.kv[layer][0], k, atol=tol, rtol=0)
         torch.testing.assert_close(ckpt.xl.kv[layer][1], v, atol=tol, rtol=0)
+        # the cache owns its bytes: a view would keep the segment's whole keys alive
+        assert k.untyped_storage().nbytes() == k.nbytes and v.untyped_storage().nbytes() == v.nbytes
     assert_grads_equal(g_plain, g_ckpt, tol)
     if depth == -1:
         assert g_ckpt["memory"].abs().max() > 0

@@ -145,9 +145,11 @@ class RMTForCausalLM(RMTBase):
             k, v = k[:, :, m: m + seg_len].detach(), v[:, :, m: m + seg_len].detach()
             if xl is not None:
                 k, v = torch.cat([xl.kv[layer][0], k], 2), torch.cat([xl.kv[layer][1], v], 2)
-            kv[layer] = (k[:, :, -keep:], v[:, :, -keep:])
+            # contiguous: a view would keep the whole [B, H, 2M + S, D] keys of the segment alive
+            # (a state is kept per segment under checkpointing, and by a streaming reader)
+            kv[layer] = (k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous())
         padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
-        return RecurrentState(kv, padding[:, -keep:])
+        return RecurrentState(kv, padding[:, -keep:].contiguous())
 
     def compile_step(self, **compile_kwargs) -> RMTForCausalLM:
         """Opt-in ``torch.compile`` of the per-segment step the segment loop calls (checkpointed

@@ -213,9 +213,11 @@ class StateStore:
     state entering the segment) in a :class:`MemoryStore`, keyed ``0, 1, ...`` in saving order.
 
     Use :meth:`segment` around each ``checkpoint`` call. Written by hand because
-    ``torch.autograd.graph.save_on_cpu`` always copies (also on CPU) and brings a tensor back only
-    when it is unpacked; the store keeps CPU tensors in place and prefetches offloaded ones in
-    the reverse order of the forward (bench/README.md compares the two).
+    ``torch.autograd.graph.save_on_cpu`` brings an offloaded tensor back only when autograd
+    unpacks it (a synchronous copy at that point of the backward), while the store starts the
+    copy of segment ``t - 1``'s states when segment ``t`` is recomputed, on a side stream, and
+    keeps the states' copies in the extension (bench/README.md compares the two on CPU, where
+    both keep the tensors in place).
     """
 
     def __init__(self, store: MemoryStore) -> None:
