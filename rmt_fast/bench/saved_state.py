@@ -3,7 +3,7 @@
 
 One process, one model (``checkpoint_segments=True``); the three ways (``saved_state`` of
 :func:`rmt_fast.models.segment_loop.run_segments`) are timed alternately, ``--rounds`` training
-steps each (forward + backward), then each is run once more under
+steps each (forward + backward; wall-clock and process CPU time), then each is run once more under
 :class:`rmt_fast.bench.live_bytes.LiveBytes` for the bytes alive after the forward and the
 peak. Prints one JSON object.
 
@@ -64,12 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = torch.randint(1, cfg.vocab, (args.batch, length), generator=torch.Generator().manual_seed(0))
     losses = {mode: train_step(model, tokens, mode) for mode in SAVED_STATE_MODES}  # warm-up
     times: dict[str, list[float]] = {mode: [] for mode in SAVED_STATE_MODES}
+    cpu: dict[str, list[float]] = {mode: [] for mode in SAVED_STATE_MODES}
     for r in range(args.rounds):
         modes = SAVED_STATE_MODES[r % 3:] + SAVED_STATE_MODES[: r % 3]
         for mode in modes:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(model, tokens, mode)
             times[mode].append(time.perf_counter() - start)
+            cpu[mode].append(time.process_time() - start_cpu)
     memory = {}
     for mode in SAVED_STATE_MODES:
         with LiveBytes() as counter:
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_per_step = args.batch * length
     report = {"args": vars(args), "losses": losses,
               "median_s": {m: statistics.median(t) for m, t in times.items()},
+              "median_cpu_s": {m: statistics.median(t) for m, t in cpu.items()},
               "tokens_per_s": {m: tokens_per_step / statistics.median(t) for m, t in times.items()},
-              "times_s": times, "memory": memory}
+              "tokens_per_cpu_s": {m: tokens_per_step / statistics.median(t) for m, t in cpu.items()},
+              "times_s": times, "cpu_s": cpu, "memory": memory}
     print(json.dumps(report, indent=1))
     return report
 
