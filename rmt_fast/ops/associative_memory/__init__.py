@@ -18,6 +18,7 @@ import importlib.util
 
 import torch
 
+from . import chunked
 from .chunked import stat_dtype
 from .reference import dpfp, features, reference_read, reference_write
 
@@ -150,5 +151,5 @@ def correction_gamma(den: torch.Tensor, nrm: torch.Tensor, normalize: bool, eps:
     return torch.clip(1 - den / sq, 0, 1).detach()
 
 
-__all__ = ["BACKENDS", "associative_read", "associative_write", "correction_gamma", "dpfp",
+__all__ = ["BACKENDS", "associative_read", "chunked", "associative_write", "correction_gamma", "dpfp",
            "features", "reference_read", "reference_write"]
