@@ -482,6 +482,10 @@ class ARMTForCausalLM(RMTBase):
         ``write=False`` no memory tokens are appended and the state is returned unchanged (the
         read stays active). Rows whose segment is all padding keep their state.
         """
+        if getattr(self.base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+            # its recomputation would run the blocks outside this segment, without read/write
+            raise ValueError("transformers' gradient checkpointing of the base model is not "
+                             "supported by ARMTForCausalLM (disable it; see bptt_depth)")
         m, seg_len = self.rmt_config.num_mem_tokens, ids.shape[1]
         embeds = self.base.get_input_embeddings()(ids)
         if write:

@@ -61,6 +61,9 @@ def assoc_read_bwd(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, z: torch.T
                    eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dz)`` of :func:`assoc_read` given ``g = dL/dr`` ``[B, L, D]``."""
     impl = backend_module(backend)
+    if hasattr(impl, "read_backward"):  # one pass over the rows (the PyTorch path)
+        dx, dA, dz = impl.read_backward(g, x, A, z, r, den, nrm, nu=nu, normalize=normalize, eps=eps)
+        return dx, dA, dz
     delta = impl.rowdot(g, r)
     inv = 1.0 / den
     dden = -delta * inv
