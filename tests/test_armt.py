@@ -395,6 +395,9 @@ def test_bad_inputs():
         ARMTForCausalLM(tiny_gpt2(), config={"d_mem": 4})
     with pytest.raises(ValueError, match="no memory state to save"):
         model.save_state("/nonexistent/x")
+    model.base.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing of the base model is not"):
+        model(x, labels=x)
 
 
 def test_state_dtype_float32_on_bfloat16_model():
@@ -404,3 +407,20 @@ def test_state_dtype_float32_on_bfloat16_model():
     assert out.logits.dtype == torch.bfloat16 and out.state.A[0].dtype == torch.float32
     out.loss.backward()
     assert model.assoc[0].W_mq.weight.grad.dtype == torch.float32
+
+
+def test_triton_backend_in_the_model():
+    """The model with the Triton kernels (interpreter on CPU) gives the PyTorch path's loss and
+    gradients (float32)."""
+    x = ids(1, 12)  # two segments: the second reads, both write
+    runs = {}
+    for backend in ("torch", "triton"):
+        model = make(backend=backend, num_mem_tokens=2, segment_size=6)
+        out = model(x, labels=x)
+        out.loss.backward()
+        runs[backend] = (out, {n: p.grad for n, p in model.named_parameters() if n.startswith("assoc")})
+    (a, ga), (b, gb) = runs["torch"], runs["triton"]
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        err, scale = (gb[n] - ga[n]).abs().max().item(), ga[n].abs().max().item()
+        assert err <= 1e-5 * scale + 1e-8, f"{n}: {err:.3e} ({scale:.3e})"

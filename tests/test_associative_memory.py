@@ -96,10 +96,12 @@ def _check_write(backend, dtype, normalize, first, correction=True, **shape):
 
 # --- the PyTorch (CPU) path ---------------------------------------------------------------------
 @pytest.mark.parametrize("normalize", [False, True])
-def test_torch_read_float64_exact(normalize, monkeypatch):
-    """float64, chunked into several row blocks: equal to the dense reference to ~1e-13."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 30 * 4)  # 4 rows per chunk
-    x, A, z, *_ = _inputs(torch.float64)
+@pytest.mark.parametrize("dm", [5, 1])
+def test_torch_read_float64_exact(normalize, dm, monkeypatch):
+    """float64, chunked into several row blocks: equal to the dense reference to ~1e-13.
+    ``d_mem=1`` makes DPFP's shifts wrap (2 nu > 2 d_mem)."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 6 * dm * 4)  # 4 rows per chunk
+    x, A, z, *_ = _inputs(torch.float64, dm=dm)
     out = associative_read(x, A, z, normalize=normalize, backend="torch")
     ref = reference_read(x, A, z, normalize=normalize)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -167,8 +169,10 @@ def test_triton_write_first_no_correction_fp32():
 
 
 def test_triton_two_dmem_tiles_fp32():
-    """d_mem=20 > the 16-wide d_mem tile of the interpreter config: two tiles in the grad kernel."""
+    """d_mem=20 > the 16-wide d_mem tile of the interpreter config: two tiles in the grad kernel;
+    d_mem=1: DPFP's shifts wrap around (2 nu > 2 d_mem)."""
     _check_read("triton", torch.float32, True, dm=20, length=17, d=16, b=1)
+    _check_read("triton", torch.float32, False, dm=1, length=9, d=16, b=1)
 
 
 def test_triton_matches_torch_path():

@@ -482,7 +482,7 @@ class ARMTForCausalLM(RMTBase):
         ``write=False`` no memory tokens are appended and the state is returned unchanged (the
         read stays active). Rows whose segment is all padding keep their state.
         """
-        if getattr(self.base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+        if self._base_checkpointing() and torch.is_grad_enabled():
             # its recomputation would run the blocks outside this segment, without read/write
             raise ValueError("transformers' gradient checkpointing of the base model is not "
                              "supported by ARMTForCausalLM (disable it; see bptt_depth)")
@@ -516,6 +516,12 @@ class ARMTForCausalLM(RMTBase):
                 new.z = tuple(torch.where(has[:, None], z, old) for z, old in zip(new.z, state.z,
                                                                                  strict=True))
         return (hidden[:, :seg_len] if need_hidden else None), new
+
+    def _base_checkpointing(self) -> bool:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
+            if hasattr(type(self.base), name):
+                return bool(getattr(self.base, name))
+        return False
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
