@@ -50,8 +50,10 @@ class RMTBase(nn.Module):
     auto_class: ClassVar[str] = "AutoModel"
     #: the ``RMTConfig.kind`` this wrapper implements
     kind: ClassVar[str] = "decoder"
-    #: defaults of this kind that differ from RMTConfig's
+    #: defaults of this kind that differ from the config class's
     config_defaults: ClassVar[dict[str, Any]] = {}
+    #: the frozen dataclass holding this wrapper's configuration
+    config_class: ClassVar[type] = RMTConfig
 
     def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()
@@ -68,7 +70,7 @@ class RMTBase(nn.Module):
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)
         self._use_rmt_fast_attention()
         self.check_positions(self.positions_needed())
-        if config.fuse_activations:  # same function, one fused kernel (GPT-2's gelu_new)
+        if getattr(config, "fuse_activations", True):  # same function, one fused kernel (gelu_new)
             fuse_activations(self.base)
         # tied weights (GPT-2's lm_head = wte) appear once in state_dict(), so safetensors and
         # transformers.Trainer (which saves a plain nn.Module's state dict) can write it
@@ -114,19 +116,19 @@ class RMTBase(nn.Module):
     @classmethod
     def make_config(cls, config: RMTConfig | None = None, **kwargs) -> RMTConfig:
         """``config`` (or this wrapper's defaults) with ``kwargs`` applied, validated."""
-        fields = {f.name for f in dataclasses.fields(RMTConfig)}
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:
             raise TypeError(f"{cls.__name__}: unexpected argument(s) {unknown}; the configuration "
                             f"fields are {sorted(fields - {'kind'})}")
         if config is None:
-            config = RMTConfig(**{**cls.config_defaults, "kind": cls.kind, **kwargs})
-        elif not isinstance(config, RMTConfig):
-            raise TypeError(f"config must be an RMTConfig, got {type(config).__name__}")
+            config = cls.config_class(**{**cls.config_defaults, "kind": cls.kind, **kwargs})
+        elif not isinstance(config, cls.config_class):
+            raise TypeError(f"config must be an {cls.config_class.__name__}, got {type(config).__name__}")
         elif kwargs:
             config = dataclasses.replace(config, **kwargs)
         if config.kind != cls.kind:
-            raise ValueError(f"{cls.__name__} needs an RMTConfig of kind {cls.kind!r}, got "
+            raise ValueError(f"{cls.__name__} needs an {cls.config_class.__name__} of kind {cls.kind!r}, got "
                              f"{config.kind!r}")
         return config
 
