@@ -14,6 +14,7 @@ from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.validation import check_causal_lm_call
 
 XLState = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [B, Hkv, P, D]
 
@@ -211,6 +212,8 @@ class RMTForCausalLM(RMTBase):
         loss); ``attention_mask`` ``[B, T]`` (1 = real token); ``memory`` ``[B, M, d]`` resumes
         from a saved state. The loss is the mean next-token cross-entropy over all selected
         positions of all segments (or the last, ``loss_over="last"``)."""
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
+                             labels_mask=labels_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory)
         segments = self._segments(input_ids, attention_mask, labels, labels_mask)
         if memory is None:
@@ -276,6 +279,7 @@ class RMTForCausalLM(RMTBase):
         ``[read memory | last segment]`` with the base model's KV cache. Memory is not updated
         while generating; the XL cache is not used here. Returns only the new tokens ``[B, N]``.
         """
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, None, None, memory)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:
