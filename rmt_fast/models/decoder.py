@@ -13,6 +13,7 @@ from rmt_fast.checkpoint import is_cut, segment_bptt
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.validation import check_causal_lm_call
 
@@ -265,6 +266,7 @@ class RMTForCausalLM(RMTBase):
 
     # --- long-context use ----------------------------------------------------------------------
     @torch.no_grad()
+    @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              memory: torch.Tensor | None = None, xl: RecurrentState | None = None):
         """Read a context into memory without keeping logits: ``(memory [B, M, d], xl)``."""
@@ -273,6 +275,7 @@ class RMTForCausalLM(RMTBase):
         return out.memory, out.xl
 
     @torch.no_grad()
+    @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  memory: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Read every segment but the last into memory, then ``base.generate`` from
