@@ -11,15 +11,19 @@ dropout, no memory noise), each submodule's mode restored afterwards.
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from rmt_fast.manifest import model_fingerprint, reading
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
 from rmt_fast.models.modes import eval_mode
 from rmt_fast.validation import check_ids_in_range, check_token_ids
@@ -255,25 +259,102 @@ class StreamingReader:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        want = tuple(self.memory.shape)
-        if tuple(state["memory"].shape) != want:
-            raise ValueError(f"saved memory is {list(state['memory'].shape)}, this reader needs "
-                             f"{list(want)}")
+        """Restore a :meth:`state_dict`. Everything is checked before anything is assigned, so a
+        bad state (missing or unknown keys, shapes, ids, XL cache) leaves the reader as it was."""
+        memory, buffer, tokens_read, xl = self._check_state(state)
+        self.memory, self._buffer, self.tokens_read, self.xl = memory, buffer, tokens_read, xl
+
+    def _check_state(self, state: dict[str, torch.Tensor]):
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"reader state: {msg}")
+
+        need(isinstance(state, dict), f"expected a dict of tensors, got {type(state).__name__}")
+        missing = sorted({"memory", "buffer", "tokens_read"} - state.keys())
+        need(not missing, f"missing key(s) {missing}")
+        xl_keys = {k for k in state if k.startswith(("xl_k.", "xl_v.")) or k == "xl_padding"}
+        unknown = sorted(state.keys() - {"memory", "buffer", "tokens_read"} - xl_keys)
+        need(not unknown, f"unknown key(s) {unknown}")
+        need(all(isinstance(v, torch.Tensor) for v in state.values()), "every value must be a tensor")
+        want = list(self.memory.shape)
+        if list(state["memory"].shape) != want:
+            raise ValueError(f"saved memory is {list(state['memory'].shape)}, this reader needs {want}")
+        need(state["memory"].is_floating_point(),
+             f"memory must be floating point, got {state['memory'].dtype}")
         device = self.model.device
-        self.memory = state["memory"].to(device, self.memory.dtype)
-        self._buffer = state["buffer"].to(device)
-        self.tokens_read = int(state["tokens_read"])
-        self.xl = None
-        if "xl_padding" in state:
-            layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("xl_k.")})
-            kv = {i: (state[f"xl_k.{i}"].to(device), state[f"xl_v.{i}"].to(device)) for i in layers}
-            self.xl = RecurrentState(kv, state["xl_padding"].to(device))
+        buffer = state["buffer"]
+        size = self.model.rmt_config.segment_size
+        need(buffer.dim() == 2 and buffer.shape[0] == self.batch_size and buffer.shape[1] < size,
+             f"buffer must be [B, n] = [{self.batch_size}, n < segment_size={size}], got "
+             f"{list(buffer.shape)}")
+        check_token_ids("buffer", buffer, self.vocab_size, dims=(2,), allow_empty=True)
+        read = state["tokens_read"]
+        need(read.dim() == 0 and not read.is_floating_point() and int(read) >= 0,
+             f"tokens_read must be an integer scalar >= 0, got {read}")
+        xl = None
+        if xl_keys:
+            need(self.model.rmt_config.xl_cache > 0, "it has an XL cache but the model's xl_cache is 0")
+            need("xl_padding" in state, "XL keys/values without xl_padding")
+            layers = sorted({k.split(".", 1)[1] for k in xl_keys if k != "xl_padding"})
+            need(all(n.isdigit() for n in layers), f"bad XL layer names {layers}")
+            padding = state["xl_padding"]
+            need(padding.dim() == 2 and padding.shape[0] == self.batch_size
+                 and padding.shape[1] <= self.model.rmt_config.xl_cache,
+                 f"xl_padding must be [B, P <= xl_cache] = [{self.batch_size}, <= "
+                 f"{self.model.rmt_config.xl_cache}], got {list(padding.shape)}")
+            kv = {}
+            for name in layers:
+                k, v = state.get(f"xl_k.{name}"), state.get(f"xl_v.{name}")
+                need(k is not None and v is not None, f"layer {name} needs both xl_k.{name} and xl_v.{name}")
+                need(k.dim() == 4 and k.shape == v.shape and k.shape[0] == self.batch_size
+                     and k.shape[2] == padding.shape[1],
+                     f"xl_k.{name}/xl_v.{name} must be [B, Hkv, P, D] with B={self.batch_size}, "
+                     f"P={padding.shape[1]}, got {list(k.shape)} and {list(v.shape)}")
+                kv[int(name)] = (k.to(device), v.to(device))
+            xl = RecurrentState(kv, padding.to(device, torch.bool))
+        return (state["memory"].to(device, self.memory.dtype), buffer.to(device, torch.long),
+                int(read), xl)
 
     def save(self, path: str | os.PathLike) -> None:
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+        """Write the state to a safetensors file (atomically: a temporary file, then a rename),
+        with the model's fingerprint and RMT config in its metadata (checked by :meth:`load`)."""
+        path = os.fspath(path)
+        metadata = {"format": "rmt_fast.StreamingReader/1",
+                    "model_fingerprint": model_fingerprint(self.model),
+                    "rmt_config": json.dumps(self.model.rmt_config.to_dict(), sort_keys=True)}
+        tmp = path + ".tmp"
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
 
-    def load(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(load_file(str(path)))
+    def load(self, path: str | os.PathLike, verify: bool = True) -> None:
+        """Restore a state written by :meth:`save`. ``verify``: refuse a state saved by a reader
+        of another model (fingerprint of the model's config, structure and weights; a warning
+        when the file has none). Errors name the file; the reader is unchanged after any error."""
+        path = os.fspath(path)
+        with reading(path, "a StreamingReader state (safetensors)"):
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(path)
+        if verify:
+            saved = metadata.get("model_fingerprint")
+            if saved is None:
+                warnings.warn(f"{path} has no model fingerprint (saved by an older rmt_fast): not "
+                              f"verified against the model", UserWarning, stacklevel=2)
+            elif saved != model_fingerprint(self.model):
+                now = self.model.rmt_config.to_dict()
+                try:
+                    then = json.loads(metadata.get("rmt_config", "null"))
+                except json.JSONDecodeError:
+                    then = None
+                diff = [k for k in sorted(now) if isinstance(then, dict) and then.get(k) != now[k]]
+                why = (f"RMT config differs in {diff}" if diff else
+                       "same RMT config, different weights or architecture")
+                raise ValueError(f"{path}: this state was saved by a reader of another model ({why}); "
+                                 f"pass verify=False to load it anyway")
+        try:
+            self.load_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 def _looks_like_text(head: bytes) -> bool:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rmt_fast import distributed as rd
+from rmt_fast import run_io
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
@@ -175,7 +176,7 @@ def _load_checkpoint(model, optimizer, path: str) -> dict:
     # under FSDP type(model) is a generated subclass: load with the model's own class
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     loaded = cls.from_pretrained(path)
-    state = torch.load(os.path.join(path, STATE_NAME), weights_only=True)
+    state = run_io.load_torch(os.path.join(path, STATE_NAME))
     by_name = state.get("optimizer_format") == "by_name"
     if not by_name and rd.is_sharded(model):
         raise ValueError(f"checkpoint {path} keeps its optimizer state by parameter index (written "
@@ -337,19 +338,16 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
             wall_before = state["wall_time"]
             stage_changes = [tuple(c) for c in state["stage_changes"]]
         if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                history = [json.loads(line) for line in f if line.strip()]
+            history = run_io.read_jsonl(metrics_path)  # a torn last line (a kill, a full disk) is dropped
             history = [h for h in history if h["step"] <= step] if ckpt is not None else []
         rd.barrier()  # every rank has read the metrics before rank 0 rewrites them
         if env.is_main and os.path.exists(metrics_path):
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in history)
+            run_io.rewrite_jsonl(metrics_path, history)  # atomically
 
     def log(record: dict) -> None:
         history.append(record)
         if metrics_path is not None and env.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            run_io.append_jsonl(metrics_path, record)  # whole line, fsync: a kill cuts only this line
 
     def save() -> None:
         state = {"step": step, "stage": stage, "stage_start": stage_start, "stages": stages,
@@ -358,9 +356,10 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
                  "global_batch_size": global_batch}
         if env.is_main or rd.is_sharded(model):  # a collective under FSDP; else rank 0's alone
             model_state, optimizer_state = rd.full_state_dicts(model, optimizer)
-        if env.is_main:
-            _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir, keep_checkpoints,
-                             progress)
+        if env.is_main:  # a full disk: "No space left on device" with the path, partial write removed
+            with run_io.checkpoint_errors(os.path.join(output_dir, f"checkpoint-{step}")):
+                _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir,
+                                 keep_checkpoints, progress)
         rd.barrier()
 
     span = stage_steps if stage_steps is not None else steps
@@ -646,7 +645,7 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     if len(data) == 0:
         raise ValueError(f"the {split} split of {run_dir} is empty")
     model = RMTForCausalLM.from_pretrained(checkpoint)
-    state = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=True)
+    state = run_io.load_torch(os.path.join(checkpoint, STATE_NAME))
     t0 = time.perf_counter()
     acc = evaluate(model, data, batch_size)
     return {"run": run_dir, "checkpoint": checkpoint, "step": state["step"], "split": split,

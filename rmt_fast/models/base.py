@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rmt_fast.integrations.fused_activations import fuse_activations
-from rmt_fast.models.config import RMTConfig
+from rmt_fast.manifest import base_fingerprint, reading, verify_manifest, write_manifest
+from rmt_fast.models.config import CONFIG_NAME, RMTConfig
 
 WEIGHTS_NAME = "rmt_weights.safetensors"
 BASE_DIR = "base"
@@ -120,19 +121,31 @@ class RMTBase(nn.Module):
                                   state_dict=base_state)
         self.rmt_config.save(directory)
         save_file(self.rmt_state_dict(state_dict), os.path.join(directory, WEIGHTS_NAME))
+        # manifest (rmt_fast/manifest.py): sizes and SHA-256 of the files above, config, fingerprint
+        write_manifest(directory, self.rmt_config.to_dict(),
+                       base_fingerprint(self.base.state_dict() if base_state is None else base_state,
+                                        self.base.config), [BASE_DIR, CONFIG_NAME, WEIGHTS_NAME])
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **base_kwargs):
+    def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True, **base_kwargs):
         """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader).
-        Like transformers' ``from_pretrained``, the model comes back in eval mode."""
+        Like transformers' ``from_pretrained``, the model comes back in eval mode.
+
+        ``verify``: check every file against the checkpoint's manifest first (sizes, SHA-256,
+        config; a ValueError naming the file on a mismatch; a warning when there is no manifest).
+        """
         import transformers
 
         config = RMTConfig.load(directory)
+        if verify:  # rmt_fast/manifest.py
+            verify_manifest(directory, config.to_dict())
         auto = getattr(transformers, cls.auto_class)
-        base = auto.from_pretrained(os.path.join(directory, BASE_DIR), **base_kwargs)
+        with reading(os.path.join(directory, BASE_DIR), "the base model"):
+            base = auto.from_pretrained(os.path.join(directory, BASE_DIR), **base_kwargs)
         accepted = inspect.signature(cls.__init__).parameters
         model = cls(base, **{k: v for k, v in config.to_dict().items() if k in accepted})
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        with reading(os.path.join(directory, WEIGHTS_NAME), "the RMT weights"):
+            state = load_file(os.path.join(directory, WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("base.")]
         if missing or unexpected:
