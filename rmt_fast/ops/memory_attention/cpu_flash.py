@@ -184,7 +184,9 @@ def cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout
     q, k, v, past_k, past_v = (unit_last_stride(t) for t in (q, k, v, past_k, past_v))
     if q.numel() == 0 or k.shape[2] == 0:  # the fused kernel crashes (SIGFPE) on empty inputs
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        return q.new_zeros(q.shape), lse
+        # zeros still connected to every input, so backward gives (empty or zero) gradients
+        tie = sum(t.sum() for t in (q, k, v, past_k, past_v) if t is not None) * 0
+        return q.new_zeros(q.shape) + tie.to(q.dtype), lse
     length, past_length = q.shape[2], 0 if past_k is None else past_k.shape[2]
     plan = block_plan(length, past_length, layout)
     if sum(len(g.blocks) for g in plan) > 1 + (past_length > 0) and \
