@@ -215,7 +215,10 @@ def verify_manifest(directory: str | os.PathLike, config_dict: dict | None = Non
                 hint = f"; edited fields: {_config_diff(manifest['config'], config_dict)}"
             raise ManifestError(f"{path} does not match the checkpoint's manifest ({what}): the file "
                                 f"is corrupted, truncated or was changed after saving{hint}")
-    if config_dict is not None and manifest.get("config") not in (None, config_dict):
+    saved_config = manifest.get("config")
+    if config_dict is not None and isinstance(saved_config, dict) and any(
+            config_dict.get(k, "<absent>") != v for k, v in saved_config.items()):
+        # only the saved fields: a field added to RMTConfig later (LOAD_DEFAULTS) is not a change
         raise ManifestError(f"{os.path.join(directory, 'rmt_config.json')} differs from the config "
                             f"saved in {MANIFEST_NAME}: {_config_diff(manifest['config'], config_dict)}")
     for key, value in (fingerprint or {}).items():

@@ -273,3 +273,22 @@ def test_reader_state_without_fingerprint_warns(tmp_path):
         fresh.load(tmp_path / "old.safetensors")
     assert _same(fresh, reader)
     assert load_file(tmp_path / "old.safetensors").keys() == reader.state_dict().keys()
+
+
+def test_field_added_later_defaults_only_through_load_defaults(saved, monkeypatch):
+    """A key absent from an older file is an error unless RMTConfig.LOAD_DEFAULTS names it; the
+    manifest's config comparison ignores such a field."""
+    from rmt_fast.manifest import write_manifest
+    from rmt_fast.models import config as config_module
+
+    _, path = saved
+    cfg = json.loads((path / "rmt_config.json").read_text())
+    cfg.pop("memory_noise")
+    (path / "rmt_config.json").write_text(json.dumps(cfg))
+    manifest = read_manifest(path)
+    write_manifest(path, cfg, {k: v for k, v in manifest["fingerprint"].items() if k != "base_weights"},
+                   ["base", "rmt_config.json", "rmt_weights.safetensors"])  # as an older save wrote it
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['memory_noise'\]"):
+        RMTForCausalLM.from_pretrained(path)
+    monkeypatch.setattr(config_module, "LOAD_DEFAULTS", {"memory_noise": 0.0})
+    assert _load_quietly(path).rmt_config.memory_noise == 0.0

@@ -264,3 +264,42 @@ def test_read_file_flat_file_needs_batch_one_and_empty_file_is_a_noop(model, tmp
     _assert_state(reader, before)
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         reader.read_file(tmp_path / "missing.bin")
+
+
+def test_eval_mode_is_counted_across_nesting_and_threads():
+    """Threads reading with one train-mode model: the first in switches to eval, the last out
+    restores; every reader gets the eval-mode result."""
+    import threading
+
+    from rmt_fast.models.modes import eval_mode
+
+    model = _noisy_model()
+    tokens = ids(1, 48, seed=11)[0]
+    model.eval()
+    expect, _ = model.read(tokens[None])
+    model.train()
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                reader = StreamingReader(model, progress=False)
+                reader.feed(tokens)
+                results.append(reader.memory)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 9
+    for memory in results:
+        torch.testing.assert_close(memory, expect, rtol=0, atol=0)
+    assert all(m.training for m in model.modules())
+    with eval_mode(model):
+        with eval_mode(model):
+            assert not model.training
+        assert not model.training  # the inner exit does not restore early
+    assert model.training and "_rmt_fast_eval_users" not in model.__dict__
