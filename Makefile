@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.rmt_fast_installed
 SOURCES := $(shell find rmt_fast kernels csrc -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) 2>/dev/null) setup.py requirements-dev.txt
 
-.PHONY: setup demo test lint bench check-cuda-build clean
+.PHONY: setup demo test lint check-wheel bench check-cuda-build clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+	bash scripts/check_wheel.sh $(PY)
+
+# a wheel built from this checkout, installed into a fresh venv, run from outside the checkout
+check-wheel: setup
+	bash scripts/check_wheel.sh $(PY)
 
 bench: setup
 	$(PY) -m rmt_fast.cli bench --quick

@@ -1,30 +1,37 @@
 """A plain PyTorch training loop for RMTs on :mod:`rmt_fast.tasks`, and its command line.
 
-``train(model, task, steps, ...)``: AdamW, warmup then linear/cosine/constant learning rate,
-gradient clipping, a curriculum over the number of segments, optional random number of
-segments per batch, truncated BPTT and segment checkpointing passed to the model, JSON-lines
-metrics, and checkpoints that resume *exactly*: batch ``k`` is drawn from a generator seeded
-with ``(seed, k)`` (the global torch RNG, used by dropout, is re-seeded the same way every
-step), so ``k`` steps in one go and ``k/2 + resume + k/2`` give the same parameters.
+``train(model, task, steps, ...)`` (or ``train(model, task, config=TrainConfig(...))``): AdamW,
+warmup then linear/cosine/constant learning rate, gradient clipping, a :class:`Curriculum` over
+the number of segments (optionally a random number per batch), truncated BPTT and segment
+checkpointing passed to the model, JSON-lines metrics, and checkpoints that resume *exactly*:
+batch ``k`` is drawn from a generator seeded with ``(seed, k)`` (the global torch RNG, used by
+dropout, is re-seeded the same way every step), so ``k`` steps in one go and
+``k/2 + resume + k/2`` give the same parameters.
 
-Checkpoints are ``output_dir/checkpoint-<step>/``: the model's ``save_pretrained`` files, the
-task vocabulary (``vocab.json``, text tasks) and ``trainer_state.pt`` (optimizer state, step,
-curriculum stage and its first step, wall time). The learning rate is a pure function of the
-steps since the stage began, so that is the whole scheduler state. Metrics go to
-``output_dir/metrics.jsonl``, one JSON object a line.
+A run directory (:class:`RunDir`) holds ``checkpoint-<step>/`` (the model's ``save_pretrained``
+files, the task vocabulary ``vocab.json`` for text tasks, and ``trainer_state.pt``: optimizer
+state, step, curriculum state, wall time), ``metrics.jsonl`` (one JSON object a line) and, for
+CLI runs, ``train_args.json``. The learning rate is a pure function of the steps since the stage
+began, so that is the whole scheduler state.
 
-CLI: ``python -m rmt_fast.train --task copy --segments 6 --segment-size 12 --mem 6 --out DIR``.
+Options live in three frozen dataclasses, from which the command line and ``train_args.json``
+are derived: :class:`TaskSpec` (which data), :class:`ModelSpec` (which model, for
+:func:`build_model`) and :class:`TrainConfig` (how to train, for :func:`train`).
+
+CLI: ``rmt-fast train --task copy --segments 6 --segment-size 12 --mem 6 --out DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,8 +47,331 @@ METRICS_NAME = "metrics.jsonl"
 ARGS_NAME = "train_args.json"
 SCHEDULES = ("linear", "cosine", "constant")
 AMP_DTYPES = {"bf16": torch.bfloat16}
+INITS = ("gpt2", "torch")
 
 
+# --- options -------------------------------------------------------------------------------------
+def _opt(default, help: str, **cli):
+    """A dataclass field with its command-line description. ``cli`` keys: ``flag`` (default
+    ``--field-name``), ``choices``, ``cli_default`` (the CLI's default when it differs from the
+    Python API's), ``parse`` (argparse type), ``cli=False`` (not on the command line)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which data: the arguments of :func:`rmt_fast.tasks.make_task` (its seed is the run's)."""
+
+    task: str = _opt("copy", "task name", choices=TASKS, cli_default=None)
+    segment_size: int | None = _opt(None, "tokens per segment (default: --length / --segments, else 12)")
+    length: int | None = _opt(None, "total tokens at --segments segments (sets --segment-size)")
+    train_size: int = _opt(10_000, "training samples")
+    valid_size: int = _opt(1_000, "validation samples")
+    test_size: int = _opt(1_000, "test samples")
+    copies: int = _opt(2, "copy: target repeats the source this often")
+    num_tokens: int = _opt(10, "copy/reverse: symbols are 2..N-1")
+    num_pairs: int = _opt(4, "retrieval: key-value pairs")
+    num_facts: int = _opt(4, "qa tasks: facts per story")
+    path: str | None = _opt(None, "babilong-file: the .json/.jsonl file")
+
+    def build(self, seed: int) -> Task:
+        """The task (the same spec and seed give the same splits)."""
+        return make_task(self.task, self.segment_size, seed=seed, train_size=self.train_size,
+                         valid_size=self.valid_size, test_size=self.test_size,
+                         num_tokens=self.num_tokens, copies=self.copies, num_pairs=self.num_pairs,
+                         num_facts=self.num_facts, path=self.path)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: the arguments of :func:`build_model` (a GPT-2 from a config in an RMT)."""
+
+    num_mem_tokens: int = _opt(6, "memory tokens (0 = no memory)", flag="--mem")
+    layers: int = _opt(4, "transformer blocks")
+    d_model: int = _opt(128, "hidden size")
+    heads: int = _opt(4, "attention heads")
+    d_inner: int = _opt(256, "feed-forward size")
+    dropout: float = _opt(0.0, "dropout (embeddings, attention, residual)")
+    init: str = _opt("gpt2", "weight init: gpt2 (N(0, 0.02), tied embeddings) or torch (PyTorch's "
+                     "layer defaults, untied; needed for associative retrieval)", choices=INITS)
+    mask: str = _opt("causal", "attention mask over [read | segment | write]")
+    xl_cache: int = _opt(0, "Transformer-XL cache: keys/values of the previous segment's last N tokens")
+    memory_noise: float = _opt(0.0, "training-only noise on the memory read by each segment "
+                               "(relative std)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: every option of :func:`train` (see its docstring for the semantics).
+
+    ``segments`` is the curriculum: the number of segments, or increasing stage sizes.
+    """
+
+    steps: int = _opt(10_000, "optimizer steps in all")
+    segments: int | tuple[int, ...] = _opt(1, "segments (the last stage)", cli=False)
+    batch_size: int = _opt(32, "samples per optimizer step and rank (per micro-batch)")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "AdamW betas", cli=False)
+    warmup_steps: int = _opt(0, "linear warmup steps per stage", flag="--warmup", cli_default=100)
+    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=SCHEDULES)
+    min_lr_ratio: float = _opt(0.0, "final learning rate / peak")
+    clip_grad: float | None = _opt(1.0, "max gradient norm (None: no clipping)", flag="--clip")
+    threshold: float | None = _opt(None, "validation accuracy that ends a stage", cli_default=0.99)
+    stage_steps: int | None = _opt(None, "steps per stage at most")
+    random_segments: bool = _opt(False, "draw each batch's number of segments from the stages so far")
+    early_stop: bool = _opt(False, "end when the last stage reaches --threshold")
+    eval_every: int = _opt(100, "steps between validations")
+    eval_size: int = _opt(512, "validation samples per evaluation")
+    eval_batch_size: int = _opt(256, "evaluation batch size", cli=False)
+    log_every: int = _opt(10, "steps between metrics records", cli=False)
+    output_dir: str | None = _opt(None, "run directory (checkpoints, metrics.jsonl)", flag="--out")
+    save_every: int | None = _opt(None, "steps between checkpoints (with --out)", cli_default=500)
+    keep_checkpoints: int = _opt(2, "checkpoints kept (0 = all)", cli=False)
+    resume: bool = _opt(True, "resume from the latest checkpoint in --out")
+    bptt_depth: int | None = _opt(None, "memory carries gradient into the last N segments (-1 all)",
+                                  cli_default=-1)
+    checkpoint_segments: bool | None = _opt(None, "segment-level gradient checkpointing",
+                                            cli_default=False)
+    seed: int = _opt(0, "seeds the data, the batches and dropout")
+    progress: bool = _opt(True, "progress bars")
+    stop_after: int | None = _opt(None, "end this call after N steps (and checkpoint); a later call "
+                                  "resumes", cli=False)
+    grad_accum: int = _opt(1, "micro-batches of --batch-size per rank accumulated per step")
+    amp: str | None = _opt(None, "autocast forward/backward to this dtype (parameters stay float32)",
+                           choices=tuple(AMP_DTYPES))
+    bucket_mb: float = _opt(rd.DEFAULT_BUCKET_MB, "gradient all-reduce bucket size (MiB)", cli=False)
+    parallel: str = _opt("dp", "under torchrun: dp (replicated weights, gradient all-reduce), fsdp "
+                         "(gradients and optimizer state sharded with fully_shard) or fsdp-blocks "
+                         "(also the weights, one unit per block)", choices=rd.PARALLEL_MODES)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        stages = self.stages
+        need(len(stages) >= 1 and all(is_int(s) and s >= 1 for s in stages),
+             f"segments must be an int >= 1 or a non-empty list of them, got {self.segments!r}")
+        need(list(stages) == sorted(set(stages)), f"curriculum segments must increase strictly, got "
+             f"{list(stages)}")
+        need(is_int(self.steps) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
+        need(is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        need(self.clip_grad is None or self.clip_grad > 0,
+             f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
+        need(self.threshold is None or 0.0 <= self.threshold <= 1.0,
+             f"threshold must be in [0, 1] or None, got {self.threshold!r}")
+        need(self.stage_steps is None or (is_int(self.stage_steps) and self.stage_steps >= 1),
+             f"stage_steps must be an int >= 1 or None, got {self.stage_steps!r}")
+        need(is_int(self.eval_every) and self.eval_every >= 1,
+             f"eval_every must be an int >= 1, got {self.eval_every!r}")
+        need(self.save_every is None or (is_int(self.save_every) and self.save_every >= 1),
+             f"save_every must be an int >= 1 or None, got {self.save_every!r}")
+        need(self.save_every is None or self.output_dir is not None, "save_every needs output_dir")
+        need(self.stop_after is None or (is_int(self.stop_after) and self.stop_after >= 1),
+             f"stop_after must be an int >= 1 or None, got {self.stop_after!r}")
+        need(is_int(self.grad_accum) and self.grad_accum >= 1,
+             f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
+        need(self.amp is None or self.amp in AMP_DTYPES,
+             f"amp must be None or one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        need(self.bptt_depth is None or (is_int(self.bptt_depth) and self.bptt_depth >= -1),
+             f"bptt_depth must be -1 (full), an int >= 0 or None, got {self.bptt_depth!r}")
+        if isinstance(self.segments, list):
+            object.__setattr__(self, "segments", tuple(self.segments))
+        if self.output_dir is not None:
+            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The curriculum's stage sizes (one stage for an int ``segments``)."""
+        return (self.segments,) if isinstance(self.segments, int) else tuple(self.segments)
+
+
+def add_arguments(parser: argparse.ArgumentParser, spec: type) -> None:
+    """Add one ``--flag`` per field of the dataclass ``spec`` (fields with ``cli=False`` aside).
+    Bools become switches: ``--name`` when the default is False, ``--no-name`` when True."""
+    hints = typing.get_type_hints(spec)
+    group = parser.add_argument_group(spec.__name__, spec.__doc__.split("\n")[0])
+    for f in dataclasses.fields(spec):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        default = meta.get("cli_default", f.default)
+        if hints[f.name] in (bool, bool | None):
+            if default:
+                group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                                   help=f"disable: {meta['help']}")
+            else:
+                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        kind = meta.get("parse") or next(t for t in (int, float, str)
+                                         if t in typing.get_args(hints[f.name]) + (hints[f.name],))
+        group.add_argument(flag, dest=f.name, type=kind, default=default, choices=meta.get("choices"),
+                           required=f.name == "task", help=meta["help"])
+
+
+def from_arguments(spec: type, args: argparse.Namespace, **overrides):
+    """An instance of the dataclass ``spec`` from parsed arguments (``overrides`` win)."""
+    names = {f.name for f in dataclasses.fields(spec)}
+    return spec(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
+
+
+# --- the curriculum ---------------------------------------------------------------------------------
+@dataclass
+class Curriculum:
+    """Which number of segments each step trains on, and when a stage ends.
+
+    A stage ends when a validation accuracy reaches ``threshold`` or after ``stage_steps`` steps;
+    the next stage continues from the current weights with a fresh optimizer and schedule.
+    Training ends with the last stage (its ``stage_steps`` spent, or ``threshold`` reached with
+    ``early_stop``).
+    """
+
+    stages: tuple[int, ...]
+    threshold: float | None = None
+    stage_steps: int | None = None
+    early_stop: bool = False
+    random_segments: bool = False
+    stage: int = 0
+    start: int = 0  # the step at which the current stage began
+    changes: list[tuple[int, int, int, str]] = field(default_factory=list)
+
+    @property
+    def segments(self) -> int:
+        return self.stages[self.stage]
+
+    def draw(self, g: torch.Generator) -> int:
+        """The number of segments of the next batch (random over the stages so far if asked)."""
+        if self.random_segments and self.stage > 0:
+            return self.stages[int(torch.randint(self.stage + 1, (1,), generator=g))]
+        return self.segments
+
+    def after_eval(self, step: int, accuracy: float) -> tuple[bool, bool]:
+        """``(advanced to the next stage, training is done)`` after a validation at ``step``."""
+        reached = self.threshold is not None and accuracy >= self.threshold
+        spent = self.stage_steps is not None and step - self.start >= self.stage_steps
+        if not (reached or spent):
+            return False, False
+        if self.stage + 1 < len(self.stages):
+            self.stage += 1
+            self.start = step
+            self.changes.append((step, self.stage, self.segments, "threshold" if reached else "budget"))
+            return True, False
+        return False, spent or self.early_stop
+
+    def budget_spent(self, step: int) -> bool:
+        """Whether the last stage's ``stage_steps`` are spent (checked between validations)."""
+        return (self.stage_steps is not None and step - self.start >= self.stage_steps
+                and self.stage + 1 == len(self.stages))
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "stage_start": self.start, "stages": list(self.stages),
+                "stage_changes": [list(c) for c in self.changes]}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        if list(state["stages"]) != list(self.stages):
+            raise ValueError(f"{where} was trained with segments={list(state['stages'])}, not "
+                             f"{list(self.stages)}")
+        self.stage, self.start = state["stage"], state["stage_start"]
+        self.changes = [tuple(c) for c in state["stage_changes"]]
+
+
+# --- the run directory ----------------------------------------------------------------------------
+class RunDir:
+    """A training run's folder: checkpoints, metrics and resume. Only the main rank writes."""
+
+    def __init__(self, path: str | os.PathLike, is_main: bool = True):
+        self.path = os.fspath(path)
+        self.is_main = is_main
+        self.metrics_path = os.path.join(self.path, METRICS_NAME)
+        os.makedirs(self.path, exist_ok=True)
+
+    def latest_checkpoint(self) -> str | None:
+        return latest_checkpoint(self.path)
+
+    def read_metrics(self, up_to_step: int) -> list[dict]:
+        """The metrics records of steps ``<= up_to_step``."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        records = run_io.read_jsonl(self.metrics_path)  # a torn last line (a kill, a full disk) is dropped
+        return [r for r in records if r["step"] <= up_to_step]
+
+    def rewrite_metrics(self, records: list[dict]) -> None:
+        if self.is_main and os.path.exists(self.metrics_path):
+            run_io.rewrite_jsonl(self.metrics_path, records)  # atomically
+
+    def append_metrics(self, record: dict) -> None:
+        if self.is_main:
+            run_io.append_jsonl(self.metrics_path, record)  # whole line, fsync: a kill cuts only this one
+
+    def save_checkpoint(self, model, model_state: dict, optimizer_state: dict | None, task: Task,
+                        state: dict, keep: int, progress: bool = True) -> str:
+        """Write ``checkpoint-<step>`` atomically (a ``.tmp`` folder renamed into place), then keep
+        the newest ``keep``. The states come from :func:`rmt_fast.distributed.full_state_dicts`
+        (the optimizer's keyed by parameter name). ``progress=False`` also keeps transformers'
+        shard-writing bar quiet (its global switch is restored after)."""
+        from transformers.utils import logging as hf_logging
+
+        final = os.path.join(self.path, f"checkpoint-{state['step']}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, state_dict=model_state)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if task.vocab is not None:
+            task.vocab.save(tmp)
+        torch.save({**state, "optimizer": optimizer_state, "optimizer_format": "by_name"},
+                   os.path.join(tmp, STATE_NAME))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep > 0:
+            ckpts = sorted((int(n.removeprefix("checkpoint-")), n) for n in os.listdir(self.path)
+                           if n.startswith("checkpoint-") and n.removeprefix("checkpoint-").isdigit())
+            for _, name in ckpts[:-keep]:
+                shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load_checkpoint(model, optimizer, path: str) -> dict:
+        """Copy the checkpoint's weights and optimizer state into ``model`` / ``optimizer``
+        (sharded or not, whatever the number of processes that wrote it); returns the trainer
+        state."""
+        from torch.distributed.fsdp import FSDPModule
+
+        # under FSDP type(model) is a generated subclass: load with the model's own class
+        cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        loaded = cls.from_pretrained(path)
+        state = run_io.load_torch(os.path.join(path, STATE_NAME))
+        by_name = state.get("optimizer_format") == "by_name"
+        if not by_name and rd.is_sharded(model):
+            raise ValueError(f"checkpoint {path} keeps its optimizer state by parameter index (written "
+                             "before FSDP support); resume it with parallel='dp' once to convert it")
+        try:
+            rd.load_full_state_dicts(model, optimizer, loaded.state_dict(),
+                                     state["optimizer"] if by_name else None)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {path} does not fit the model: {exc}") from exc
+        if not by_name:
+            optimizer.load_state_dict(state["optimizer"])
+        return state
+
+
+# --- training ---------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
     """What :func:`train` ends with: the global ``step``, the curriculum ``stage`` index and its
@@ -73,10 +403,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     else:
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
 
 
 @torch.no_grad()
@@ -136,111 +462,30 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return best
 
 
-def _save_checkpoint(model, model_state: dict, optimizer_state: dict | None, task: Task, state: dict,
-                     output_dir: str, keep: int, progress: bool = True) -> str:
-    """Write ``checkpoint-<step>`` (rank 0 only; the states come from
-    :func:`rmt_fast.distributed.full_state_dicts`, the optimizer's keyed by parameter name).
-    ``progress=False`` also keeps transformers' shard-writing bar quiet (restored after)."""
-    from transformers.utils import logging as hf_logging
-
-    final = os.path.join(output_dir, f"checkpoint-{state['step']}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(tmp, state_dict=model_state)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    if task.vocab is not None:
-        task.vocab.save(tmp)
-    torch.save({**state, "optimizer": optimizer_state, "optimizer_format": "by_name"},
-               os.path.join(tmp, STATE_NAME))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if keep > 0:
-        ckpts = sorted((int(n.removeprefix("checkpoint-")), n) for n in os.listdir(output_dir)
-                       if n.startswith("checkpoint-") and n.removeprefix("checkpoint-").isdigit())
-        for _, name in ckpts[:-keep]:
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    return final
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
 
 
-def _load_checkpoint(model, optimizer, path: str) -> dict:
-    """Copy the checkpoint's weights and optimizer state into ``model`` / ``optimizer`` (sharded
-    or not, whatever the number of processes that wrote it); returns the trainer state."""
-    from torch.distributed.fsdp import FSDPModule
-
-    # under FSDP type(model) is a generated subclass: load with the model's own class
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    loaded = cls.from_pretrained(path)
-    state = run_io.load_torch(os.path.join(path, STATE_NAME))
-    by_name = state.get("optimizer_format") == "by_name"
-    if not by_name and rd.is_sharded(model):
-        raise ValueError(f"checkpoint {path} keeps its optimizer state by parameter index (written "
-                         "before FSDP support); resume it with parallel='dp' once to convert it")
-    try:
-        rd.load_full_state_dicts(model, optimizer, loaded.state_dict(),
-                                 state["optimizer"] if by_name else None)
-    except ValueError as exc:
-        raise ValueError(f"checkpoint {path} does not fit the model: {exc}") from exc
-    if not by_name:
-        optimizer.load_state_dict(state["optimizer"])
-    return state
-
-
-def _check_args(model, task, steps, stages, batch_size, lr, warmup_steps, schedule, min_lr_ratio,
-                clip_grad, threshold, stage_steps, eval_every, save_every, output_dir) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ValueError(msg)
-
-    need(isinstance(task, Task), f"task must be an rmt_fast.tasks.Task, got {type(task).__name__}")
-    need(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1, got {steps!r}")
-    need(len(stages) >= 1 and all(isinstance(s, int) and s >= 1 for s in stages),
-         f"segments must be an int >= 1 or a non-empty list of them, got {stages!r}")
-    need(list(stages) == sorted(set(stages)), f"curriculum segments must increase strictly, got {stages}")
-    need(isinstance(batch_size, int) and batch_size >= 1,
-         f"batch_size must be an int >= 1, got {batch_size!r}")
-    need(lr > 0, f"lr must be > 0, got {lr!r}")
-    need(isinstance(warmup_steps, int) and warmup_steps >= 0,
-         f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    need(schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    need(0.0 <= min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-    need(clip_grad is None or clip_grad > 0, f"clip_grad must be > 0 or None, got {clip_grad!r}")
-    need(threshold is None or 0.0 <= threshold <= 1.0,
-         f"threshold must be in [0, 1] or None, got {threshold!r}")
-    need(stage_steps is None or (isinstance(stage_steps, int) and stage_steps >= 1),
-         f"stage_steps must be an int >= 1 or None, got {stage_steps!r}")
-    need(isinstance(eval_every, int) and eval_every >= 1,
-         f"eval_every must be an int >= 1, got {eval_every!r}")
-    need(save_every is None or (isinstance(save_every, int) and save_every >= 1),
-         f"save_every must be an int >= 1 or None, got {save_every!r}")
-    need(save_every is None or output_dir is not None, "save_every needs output_dir")
+def _check_model_and_task(model: nn.Module, task: Task) -> None:
+    if not isinstance(task, Task):
+        raise ValueError(f"task must be an rmt_fast.tasks.Task, got {type(task).__name__}")
     cfg = getattr(model, "rmt_config", None)
-    need(cfg is not None, f"model must be an rmt_fast RMT wrapper, got {type(model).__name__}")
-    need(cfg.segment_size == task.segment_size,
-         f"the model's segment_size ({cfg.segment_size}) must equal the task's ({task.segment_size})")
+    if cfg is None:
+        raise ValueError(f"model must be an rmt_fast RMT wrapper, got {type(model).__name__}")
+    if cfg.segment_size != task.segment_size:
+        raise ValueError(f"the model's segment_size ({cfg.segment_size}) must equal the task's "
+                         f"({task.segment_size})")
     vocab = getattr(model.base.config, "vocab_size", None)
-    need(vocab is None or vocab >= task.vocab_size,
-         f"the base model's vocab_size ({vocab}) is smaller than the task's ({task.vocab_size})")
+    if vocab is not None and vocab < task.vocab_size:
+        raise ValueError(f"the base model's vocab_size ({vocab}) is smaller than the task's "
+                         f"({task.vocab_size})")
 
 
-def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[int] = 1,
-          batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01,
-          betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, schedule: str = "linear",
-          min_lr_ratio: float = 0.0, clip_grad: float | None = 1.0, threshold: float | None = None,
-          stage_steps: int | None = None, random_segments: bool = False, early_stop: bool = False,
-          eval_every: int = 100, eval_size: int = 512, eval_batch_size: int = 256, log_every: int = 10,
-          output_dir: str | os.PathLike | None = None, save_every: int | None = None,
-          keep_checkpoints: int = 2, resume: bool = True, bptt_depth: int | None = None,
-          checkpoint_segments: bool | None = None, seed: int = 0, progress: bool = True,
-          stop_after: int | None = None, grad_accum: int = 1, amp: str | None = None,
-          bucket_mb: float = rd.DEFAULT_BUCKET_MB, parallel: str = "dp") -> TrainResult:
-    """Train ``model`` (an :class:`rmt_fast.models.RMTForCausalLM`) on ``task`` for ``steps``
-    optimizer steps in all.
+def train(model: nn.Module, task: Task, steps: int | None = None, *, config: TrainConfig | None = None,
+          **options) -> TrainResult:
+    """Train ``model`` (an :class:`rmt_fast.RMTForCausalLM`) on ``task`` for ``steps`` optimizer
+    steps in all. Options: a :class:`TrainConfig` and/or its fields as keyword arguments
+    (``segments=[1, 2, 4]``, ``batch_size=32``, ``lr=1e-3``, ...; keywords override ``config``).
 
     Each batch is ``batch_size`` training samples ``input_ids [B, n * S]`` with their
     ``labels_mask``; the loss is the model's mean cross-entropy over the target tokens.
@@ -255,189 +500,156 @@ def train(model: nn.Module, task: Task, steps: int, *, segments: int | Sequence[
     with a ``W`` times larger batch (up to float rounding, without dropout). Rank 0 writes
     checkpoints and metrics; a checkpoint resumes on any number of processes.
 
-    Args:
-        segments: the number of segments ``n``, or a curriculum: increasing stage sizes, e.g.
-            ``[1, 2, 4, 6]``. A stage ends when the validation accuracy (checked every
-            ``eval_every`` steps) reaches ``threshold`` or after ``stage_steps`` steps; the
-            next stage continues from the current weights with a fresh optimizer and schedule.
-            Training ends after ``steps`` steps, or when the last stage ends (``stage_steps``
-            spent, or ``threshold`` reached and ``early_stop``).
-        random_segments: draw each batch's ``n`` uniformly from the stages up to the current one.
+    The options (:class:`TrainConfig`):
+        segments: the number of segments ``n``, or a :class:`Curriculum` of increasing stage
+            sizes, e.g. ``[1, 2, 4, 6]``, advanced on ``threshold`` (checked every
+            ``eval_every`` steps) or after ``stage_steps``; ``early_stop`` ends training when
+            the last stage reaches ``threshold``; ``random_segments`` draws each batch's ``n``
+            uniformly from the stages up to the current one.
         warmup_steps, schedule, min_lr_ratio: per-stage schedule, decaying over ``stage_steps``
-            (or ``steps``) steps.
-        clip_grad: max gradient norm (None: no clipping).
+            (or ``steps``) steps. clip_grad: max gradient norm (None: no clipping).
         eval_size: validation samples used per evaluation (of the current stage's length).
-        output_dir: checkpoints and ``metrics.jsonl``; with ``resume`` a run restarts from the
-            latest checkpoint there (metrics after it are dropped, then rewritten).
-        save_every: checkpoint period (a final checkpoint is always written with output_dir).
-        bptt_depth, checkpoint_segments: set on ``model.rmt_config`` when given.
-        seed: seeds batches and dropout (per step).
-        stop_after: end this call after that many steps (and checkpoint), as an interruption
-            would; a later call with the same arguments resumes.
-        grad_accum: micro-batches of ``batch_size`` per rank accumulated into one optimizer step.
-        amp: ``"bf16"``: run forward/backward under ``torch.autocast(<model device>, bfloat16)``
+        output_dir: the :class:`RunDir`; with ``resume`` a run restarts from its latest
+            checkpoint (metrics after it are dropped, then rewritten). save_every: checkpoint
+            period (a final checkpoint is always written with output_dir).
+        bptt_depth, checkpoint_segments: applied to the model's config when given.
+        seed: seeds batches and dropout (per step). stop_after: end this call after that many
+            steps (and checkpoint), as an interruption would; a later call resumes.
+        grad_accum: micro-batches of ``batch_size`` per rank accumulated into one step.
+        amp: ``"bf16"``: forward/backward under ``torch.autocast(<model device>, bfloat16)``
             (parameters, gradients and optimizer state stay float32).
-        bucket_mb: gradient all-reduce bucket size (MiB) when distributed.
         parallel: ``"dp"`` (replicated parameters, gradients all-reduced after backward by
-            :class:`rmt_fast.distributed.GradientSync`) or ``"fsdp"`` (gradients and optimizer
-            state sharded over the ranks by ``torch.distributed.fsdp.fully_shard``, see
-            :func:`rmt_fast.distributed.fully_shard_model`), or ``"fsdp-blocks"`` (also the
-            parameters sharded, one FSDP unit per transformer block; needs
-            ``checkpoint_segments=False``); ignored by a single process.
+            :class:`rmt_fast.distributed.GradientSync`), ``"fsdp"`` (gradients and optimizer
+            state sharded by ``fully_shard``, see :func:`rmt_fast.distributed.fully_shard_model`)
+            or ``"fsdp-blocks"`` (also the parameters, one FSDP unit per transformer block);
+            ignored by a single process. bucket_mb: all-reduce bucket size (MiB).
 
     Returns:
         :class:`TrainResult`.
     """
-    stages = [segments] if isinstance(segments, int) else list(segments)
-    _check_args(model, task, steps, stages, batch_size, lr, warmup_steps, schedule, min_lr_ratio,
-                clip_grad, threshold, stage_steps, eval_every, save_every, output_dir)
-    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
-        raise ValueError(f"stop_after must be an int >= 1 or None, got {stop_after!r}")
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
-    rd.check_parallel(parallel, model.rmt_config.checkpoint_segments if checkpoint_segments is None
-                      else bool(checkpoint_segments))
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
+    if steps is not None:
+        options["steps"] = steps
+    cfg = TrainConfig(**options) if config is None else dataclasses.replace(config, **options)
+    _check_model_and_task(model, task)
+    checkpointing = (model.rmt_config.checkpoint_segments if cfg.checkpoint_segments is None
+                     else cfg.checkpoint_segments)
+    rd.check_parallel(cfg.parallel, checkpointing)
     env = rd.init_distributed(model.device)
-    if bptt_depth is not None:
-        model.rmt_config.bptt_depth = bptt_depth
-    if checkpoint_segments is not None:
-        model.rmt_config.checkpoint_segments = bool(checkpoint_segments)
-    model.rmt_config.validate()
-    for n in stages:
+    changes = {k: v for k, v in (("bptt_depth", cfg.bptt_depth),
+                                 ("checkpoint_segments", cfg.checkpoint_segments)) if v is not None}
+    model.replace_config(**changes)
+    for n in cfg.stages:
         task.splits(n)  # fail early on impossible lengths
 
     if env.enabled:
         rd.broadcast_module(model)
-        if parallel != "dp":
-            rd.fully_shard_model(model, blocks=parallel == "fsdp-blocks")
-    sync = rd.GradientSync(model.parameters(), bucket_mb) if env.enabled and parallel == "dp" else None
+        if cfg.parallel != "dp":
+            rd.fully_shard_model(model, blocks=cfg.parallel == "fsdp-blocks")
+    sync = rd.GradientSync(model.parameters(), cfg.bucket_mb) if env.enabled and cfg.parallel == "dp" \
+        else None
 
     def new_optimizer():
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                 betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                 betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     optimizer = new_optimizer()
-    step, stage, stage_start, wall_before = 0, 0, 0, 0.0
-    stage_changes: list[tuple[int, int, int, str]] = []
-    history: list[dict] = []
-    metrics_path = None
-    if output_dir is not None:
-        output_dir = os.fspath(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        metrics_path = os.path.join(output_dir, METRICS_NAME)
-        ckpt = latest_checkpoint(output_dir) if resume else None
+    curriculum = Curriculum(cfg.stages, cfg.threshold, cfg.stage_steps, cfg.early_stop,
+                            cfg.random_segments)
+    step, wall_before, history = 0, 0.0, []
+    run = RunDir(cfg.output_dir, env.is_main) if cfg.output_dir is not None else None
+    if run is not None:
+        ckpt = run.latest_checkpoint() if cfg.resume else None
         rd.barrier()  # every rank has picked the checkpoint before rank 0 may write anything
         if ckpt is not None:
-            state = _load_checkpoint(model, optimizer, ckpt)
-            if state["stages"] != stages:
-                raise ValueError(f"checkpoint {ckpt} was trained with segments={state['stages']}, "
-                                 f"not {stages}")
-            step, stage, stage_start = state["step"], state["stage"], state["stage_start"]
-            wall_before = state["wall_time"]
-            stage_changes = [tuple(c) for c in state["stage_changes"]]
-        if os.path.exists(metrics_path):
-            history = run_io.read_jsonl(metrics_path)  # a torn last line (a kill, a full disk) is dropped
-            history = [h for h in history if h["step"] <= step] if ckpt is not None else []
+            state = run.load_checkpoint(model, optimizer, ckpt)
+            curriculum.load_state_dict(state, f"checkpoint {ckpt}")
+            step, wall_before = state["step"], state["wall_time"]
+        history = run.read_metrics(step) if ckpt is not None else []
         rd.barrier()  # every rank has read the metrics before rank 0 rewrites them
-        if env.is_main and os.path.exists(metrics_path):
-            run_io.rewrite_jsonl(metrics_path, history)  # atomically
+        run.rewrite_metrics(history)
 
-    def log(record: dict) -> None:
-        history.append(record)
-        if metrics_path is not None and env.is_main:
-            run_io.append_jsonl(metrics_path, record)  # whole line, fsync: a kill cuts only this line
+    global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
+    t0 = time.perf_counter()
 
     def save() -> None:
-        state = {"step": step, "stage": stage, "stage_start": stage_start, "stages": stages,
-                 "stage_changes": [list(c) for c in stage_changes], "seed": seed,
+        state = {"step": step, **curriculum.state_dict(), "seed": cfg.seed,
                  "wall_time": wall_before + time.perf_counter() - t0, "world_size": env.world_size,
                  "global_batch_size": global_batch}
         if env.is_main or rd.is_sharded(model):  # a collective under FSDP; else rank 0's alone
             model_state, optimizer_state = rd.full_state_dicts(model, optimizer)
         if env.is_main:  # a full disk: "No space left on device" with the path, partial write removed
-            with run_io.checkpoint_errors(os.path.join(output_dir, f"checkpoint-{step}")):
-                _save_checkpoint(model, model_state, optimizer_state, task, state, output_dir,
-                                 keep_checkpoints, progress)
+            with run_io.checkpoint_errors(os.path.join(run.path, f"checkpoint-{step}")):
+                run.save_checkpoint(model, model_state, optimizer_state, task, state,
+                                    cfg.keep_checkpoints, cfg.progress)
         rd.barrier()
 
-    span = stage_steps if stage_steps is not None else steps
+    span = cfg.stage_steps if cfg.stage_steps is not None else cfg.steps
     valid_acc = float("nan")
-    t0 = time.perf_counter()
+    autocast_kw = {"device_type": model.device.type, "enabled": cfg.amp is not None,
+                   "dtype": AMP_DTYPES[cfg.amp] if cfg.amp else torch.float32}
     bar = None
-    global_batch = batch_size * env.world_size * grad_accum
-    autocast_kw = {"device_type": model.device.type, "dtype": AMP_DTYPES[amp] if amp else torch.float32,
-                   "enabled": amp is not None}
-    if progress and env.is_main:
+    if cfg.progress and env.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=step, desc=task.name, dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, desc=task.name, dynamic_ncols=True)
     model.train()
     done = False
     last_saved = first_step = step
-    while step < steps and not done:
-        n = stages[stage]
-        g = torch.Generator().manual_seed(_step_seed(seed, step))
-        if random_segments and stage > 0:
-            n = stages[int(torch.randint(stage + 1, (1,), generator=g))]
+    while step < cfg.steps and not done:
+        g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
+        n = curriculum.draw(g)
         data = task.splits(n)["train"]
         idx = torch.randint(len(data), (global_batch,), generator=g)
-        factor = lr_factor(step - stage_start, warmup_steps, span, schedule, min_lr_ratio)
+        factor = lr_factor(step - curriculum.start, cfg.warmup_steps, span, cfg.schedule,
+                           cfg.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr * factor
+            group["lr"] = cfg.lr * factor
         micro = []
-        for j in range(grad_accum):
-            mine = rd.shard(idx, env.rank, env.world_size, j, grad_accum)
+        for j in range(cfg.grad_accum):
+            mine = rd.shard(idx, env.rank, env.world_size, j, cfg.grad_accum)
             ids = data.input_ids[mine].to(model.device)
             labels_mask = data.labels_mask[mine].to(model.device)
             micro.append((ids, labels_mask, model.num_targets(ids, ids, labels_mask)))
         optimizer.zero_grad(set_to_none=True)
-        loss = _accumulate(model, micro, env, sync, autocast_kw, _step_seed(seed, step) + 1)
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        loss = _accumulate(model, micro, env, sync, autocast_kw, _step_seed(cfg.seed, step) + 1)
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         step += 1
-        record = {"step": step, "stage": stage, "segments": n, "loss": round(loss, 6),
-                  "lr": lr * factor}
-        if step % eval_every == 0 or step == steps:
-            valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size,
-                                 distributed=env.enabled)
+        record = {"step": step, "stage": curriculum.stage, "segments": n, "loss": round(loss, 6),
+                  "lr": cfg.lr * factor}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            valid_acc = evaluate(model, task.splits(curriculum.segments)["valid"], cfg.eval_batch_size,
+                                 cfg.eval_size, distributed=env.enabled)
             record["valid_accuracy"] = valid_acc
-            reached = threshold is not None and valid_acc >= threshold
-            spent = stage_steps is not None and step - stage_start >= stage_steps
-            if reached or spent:
-                reason = "threshold" if reached else "budget"
-                if stage + 1 < len(stages):
-                    stage += 1
-                    stage_start = step
-                    stage_changes.append((step, stage, stages[stage], reason))
-                    record["next_stage"] = stage
-                    optimizer = new_optimizer()
-                elif spent or early_stop:
-                    done = True
-        elif stage_steps is not None and step - stage_start >= stage_steps and stage + 1 == len(stages):
+            advanced, done = curriculum.after_eval(step, valid_acc)
+            if advanced:
+                record["next_stage"] = curriculum.stage
+                optimizer = new_optimizer()
+        elif curriculum.budget_spent(step):
             done = True
-        if step % log_every == 0 or "valid_accuracy" in record or done or step == steps:
+        if step % cfg.log_every == 0 or "valid_accuracy" in record or done or step == cfg.steps:
             record["wall_time"] = round(wall_before + time.perf_counter() - t0, 3)
-            log(record)
+            history.append(record)
+            if run is not None:
+                run.append_metrics(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", seg=n, acc=f"{valid_acc:.3f}")
-        if save_every is not None and step % save_every == 0:
+        if cfg.save_every is not None and step % cfg.save_every == 0:
             save()
             last_saved = step
-        if stop_after is not None and step - first_step >= stop_after:
+        if cfg.stop_after is not None and step - first_step >= cfg.stop_after:
             break
     if bar is not None:
         bar.close()
-    if output_dir is not None and last_saved != step:
+    if run is not None and last_saved != step:
         save()
     if math.isnan(valid_acc):
-        valid_acc = evaluate(model, task.splits(stages[stage])["valid"], eval_batch_size, eval_size,
-                             distributed=env.enabled)
-    return TrainResult(step, stage, stages[stage], valid_acc, history, stage_changes,
-                       wall_before + time.perf_counter() - t0)
+        valid_acc = evaluate(model, task.splits(curriculum.segments)["valid"], cfg.eval_batch_size,
+                             cfg.eval_size, distributed=env.enabled)
+    return TrainResult(step, curriculum.stage, curriculum.segments, valid_acc, history,
+                       list(curriculum.changes), wall_before + time.perf_counter() - t0)
 
 
 def _accumulate(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, int]], env: rd.DistEnv,
@@ -481,10 +693,7 @@ def _accumulate(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor, 
     return float(loss_sum)
 
 
-# --- command line -------------------------------------------------------------------------------
-INITS = ("gpt2", "torch")
-
-
+# --- models ----------------------------------------------------------------------------------------
 def torch_default_init(model: nn.Module) -> None:
     """Re-initialise ``model`` as PyTorch's own layers would be: embeddings ``N(0, 1)``, every
     weight matrix ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``nn.Linear``'s default bound; GPT-2's
@@ -508,10 +717,10 @@ def torch_default_init(model: nn.Module) -> None:
                     module.bias.zero_()
 
 
-def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int, *, layers: int = 4,
+def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, layers: int = 4,
                 d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
-                mask: str = "causal", xl_cache: int = 0, bptt_depth: int = -1,
-                checkpoint_segments: bool = False, seed: int = 0, init: str = "gpt2",
+                mask: str = "causal", xl_cache: int = 0, bptt_depth: int | None = -1,
+                checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0):
     """A GPT-2 of the given size (from a config, random weights) inside an RMTForCausalLM.
 
@@ -535,8 +744,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int, *, laye
     if init == "torch":
         torch_default_init(base)
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
-                          bptt_depth=bptt_depth, xl_cache=xl_cache,
-                          checkpoint_segments=checkpoint_segments, memory_noise=memory_noise)
+                          bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
+                          checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise)
 
 
 def _ints(text: str) -> list[int]:
@@ -546,79 +755,69 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
 
 
+# --- command line -------------------------------------------------------------------------------
+CLI_SPECS = (TaskSpec, ModelSpec, TrainConfig)
+
+
 def parser() -> argparse.ArgumentParser:
+    """``rmt-fast train``: one flag per field of :class:`TaskSpec`, :class:`ModelSpec` and
+    :class:`TrainConfig`, plus ``--segments``/``--curriculum`` and the run-time switches."""
     p = argparse.ArgumentParser(prog="rmt-fast train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--segments", type=int, required=True, help="number of segments (the last stage)")
-    p.add_argument("--segment-size", type=int, default=None,
-                   help="tokens per segment (default: --length / --segments, else 12)")
-    p.add_argument("--length", type=int, default=None, help="total tokens at --segments segments")
     p.add_argument("--curriculum", type=_ints, default=None,
                    help="stage sizes, e.g. 1,2,3,4,5,6 (must end with --segments)")
-    p.add_argument("--threshold", type=float, default=0.99, help="validation accuracy to advance")
-    p.add_argument("--stage-steps", type=int, default=None)
-    p.add_argument("--random-segments", action="store_true")
-    p.add_argument("--early-stop", action="store_true")
-    p.add_argument("--mem", type=int, default=6, help="memory tokens (0 = no memory)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--d-inner", type=int, default=256)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--init", choices=INITS, default="gpt2",
-                   help="weight init: gpt2 (N(0, 0.02), tied embeddings) or torch (PyTorch's layer "
-                        "defaults, untied; needed for associative retrieval)")
-    p.add_argument("--mask", default="causal")
-    p.add_argument("--xl-cache", type=int, default=0)
-    p.add_argument("--memory-noise", type=float, default=0.0,
-                   help="training-only noise on the memory read by each segment (relative std)")
-    p.add_argument("--bptt-depth", type=int, default=-1)
-    p.add_argument("--checkpoint-segments", action="store_true")
-    p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--schedule", choices=SCHEDULES, default="linear")
-    p.add_argument("--min-lr-ratio", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-size", type=int, default=512)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl)")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    for spec in CLI_SPECS:
+        add_arguments(p, spec)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--train-size", type=int, default=10_000)
-    p.add_argument("--valid-size", type=int, default=1_000)
-    p.add_argument("--test-size", type=int, default=1_000)
-    p.add_argument("--copies", type=int, default=2, help="copy: target repeats the source this often")
-    p.add_argument("--num-tokens", type=int, default=10, help="copy/reverse: symbols are 2..N-1")
-    p.add_argument("--num-pairs", type=int, default=4)
-    p.add_argument("--num-facts", type=int, default=4)
-    p.add_argument("--path", default=None, help="babilong-file: the .json/.jsonl file")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches of --batch-size per rank accumulated per optimizer step")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
-                   help="autocast forward/backward to this dtype (parameters stay float32)")
-    p.add_argument("--parallel", choices=rd.PARALLEL_MODES, default="dp",
-                   help="under torchrun: dp (replicated weights, gradient all-reduce), fsdp "
-                        "(gradients and optimizer state sharded with fully_shard) or fsdp-blocks "
-                        "(also the weights, one unit per block; not with --checkpoint-segments)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK under torchrun when CUDA is "
                         "available, else cpu)")
     return p
 
 
-def task_from_args(args: dict) -> Task:
-    """The task a ``rmt-fast train`` run trained on, from its arguments (``train_args.json``):
-    the same seed and sizes give the same splits."""
-    return make_task(args["task"], args["segment_size"], seed=args["seed"], train_size=args["train_size"],
-                     valid_size=args["valid_size"], test_size=args["test_size"],
-                     num_tokens=args["num_tokens"], copies=args["copies"], num_pairs=args["num_pairs"],
-                     num_facts=args["num_facts"], path=args["path"])
+def specs_from_arguments(args: argparse.Namespace) -> tuple[TaskSpec, ModelSpec, TrainConfig]:
+    """The three option objects of a parsed ``rmt-fast train`` command line (with the CLI's
+    derived values: the segment size from ``--length``, the curriculum, and ``--threshold``
+    applying only to curricula or ``--early-stop``)."""
+    segment_size = args.segment_size
+    if segment_size is None:
+        if args.length is not None:
+            if args.length % args.segments:
+                raise SystemExit(f"--length {args.length} is not divisible by --segments {args.segments}")
+            segment_size = args.length // args.segments
+        else:
+            segment_size = 12
+    stages = tuple(args.curriculum or [args.segments])
+    if stages[-1] != args.segments:
+        raise SystemExit(f"--curriculum must end with --segments {args.segments}, got {list(stages)}")
+    threshold = args.threshold if len(stages) > 1 or args.early_stop else None
+    return (from_arguments(TaskSpec, args, segment_size=segment_size),
+            from_arguments(ModelSpec, args),
+            from_arguments(TrainConfig, args, segments=stages, threshold=threshold,
+                           save_every=args.save_every if args.output_dir else None))
+
+
+def save_run_args(path: str, task: TaskSpec, model: ModelSpec, config: TrainConfig,
+                  world_size: int) -> None:
+    """``train_args.json``: the three option objects of a CLI run."""
+    with open(os.path.join(path, ARGS_NAME), "w") as f:
+        json.dump({"task": dataclasses.asdict(task), "model": dataclasses.asdict(model),
+                   "train": dataclasses.asdict(config), "world_size": world_size}, f, indent=2)
+
+
+def load_run_args(run_dir: str) -> tuple[TaskSpec, ModelSpec, TrainConfig]:
+    """Inverse of :func:`save_run_args`."""
+    path = os.path.join(run_dir, ARGS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir} has no {ARGS_NAME}: not the --out directory of "
+                                "an `rmt-fast train` run")
+    with open(path) as f:
+        data = json.load(f)
+    try:
+        train_args = {**data["train"], "betas": tuple(data["train"]["betas"])}
+        return TaskSpec(**data["task"]), ModelSpec(**data["model"]), TrainConfig(**train_args)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a train_args.json of this version of rmt_fast: {exc}") from exc
 
 
 def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -629,19 +828,14 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     from rmt_fast.models import RMTForCausalLM
 
     run_dir = os.fspath(run_dir)
-    args_path = os.path.join(run_dir, ARGS_NAME)
-    if not os.path.isfile(args_path):
-        raise FileNotFoundError(f"{run_dir} has no {ARGS_NAME}: not the --out directory of "
-                                "an `rmt-fast train` run")
-    with open(args_path) as f:
-        args = json.load(f)
+    task_spec, _, config = load_run_args(run_dir)
     checkpoint = os.fspath(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint-<step> directory in {run_dir}")
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be train, valid or test, got {split!r}")
-    n = args["segments"] if segments is None else segments
-    data = task_from_args(args).splits(n)[split]
+    n = config.stages[-1] if segments is None else segments
+    data = task_spec.build(config.seed).splits(n)[split]
     if len(data) == 0:
         raise ValueError(f"the {split} split of {run_dir} is empty")
     model = RMTForCausalLM.from_pretrained(checkpoint)
@@ -670,54 +864,36 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
+def _device(requested: str | None) -> torch.device:
+    launched = rd.env_from_environ()
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index is None and launched is not None:
+            device = torch.device("cuda", launched.local_rank)
+        return device
+    if launched is not None and launched.world_size > 1:
+        return rd.default_device(launched)
+    return torch.device("cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     args = parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    launched = rd.env_from_environ()
-    if args.device is not None:
-        device = torch.device(args.device)
-        if device.type == "cuda" and device.index is None and launched is not None:
-            device = torch.device("cuda", launched.local_rank)
-    elif launched is not None and launched.world_size > 1:
-        device = rd.default_device(launched)
-    else:
-        device = torch.device("cpu")
-    env = rd.init_distributed(device)
-    if args.no_progress:  # also transformers' own bars (checkpoint writing/loading) in the logs
+    env = rd.init_distributed(_device(args.device))
+    if not args.progress:  # also transformers' own bars (checkpoint writing/loading) in the logs
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if args.segment_size is None:
-        if args.length is not None:
-            if args.length % args.segments:
-                raise SystemExit(f"--length {args.length} is not divisible by --segments {args.segments}")
-            args.segment_size = args.length // args.segments
-        else:
-            args.segment_size = 12
-    stages = args.curriculum or [args.segments]
-    if stages[-1] != args.segments:
-        raise SystemExit(f"--curriculum must end with --segments {args.segments}, got {stages}")
-    task = task_from_args(vars(args))
-    model = build_model(task.vocab_size, args.segment_size, args.mem, layers=args.layers,
-                        d_model=args.d_model, heads=args.heads, d_inner=args.d_inner,
-                        dropout=args.dropout, mask=args.mask, xl_cache=args.xl_cache,
-                        bptt_depth=args.bptt_depth, checkpoint_segments=args.checkpoint_segments,
-                        seed=args.seed, init=args.init,
-                        memory_noise=args.memory_noise).to(device)
-    if args.out is not None and env.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, ARGS_NAME), "w") as f:
-            json.dump({**vars(args), "world_size": env.world_size}, f, indent=2)
-    result = train(model, task, args.steps, segments=stages, batch_size=args.batch_size, lr=args.lr,
-                   weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
-                   min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip,
-                   threshold=args.threshold if len(stages) > 1 or args.early_stop else None,
-                   stage_steps=args.stage_steps, random_segments=args.random_segments,
-                   early_stop=args.early_stop, eval_every=args.eval_every, eval_size=args.eval_size,
-                   output_dir=args.out, save_every=args.save_every if args.out else None,
-                   resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
-                   grad_accum=args.grad_accum, amp=args.amp, parallel=args.parallel)
+    task_spec, model_spec, config = specs_from_arguments(args)
+    task = task_spec.build(config.seed)
+    model = build_model(task.vocab_size, task_spec.segment_size, bptt_depth=config.bptt_depth,
+                        checkpoint_segments=config.checkpoint_segments, seed=config.seed,
+                        **dataclasses.asdict(model_spec)).to(_device(args.device))
+    if config.output_dir is not None and env.is_main:
+        os.makedirs(config.output_dir, exist_ok=True)
+        save_run_args(config.output_dir, task_spec, model_spec, config, env.world_size)
+    result = train(model, task, config=config)
     if env.is_main:
         print(json.dumps({"step": result.step, "segments": result.segments,
                           "valid_accuracy": result.valid_accuracy,

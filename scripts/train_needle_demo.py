@@ -49,7 +49,7 @@ def run(out: str) -> str:
     previous = stage3
     for stage in (stage4, stage5):
         model = RMTForCausalLM.from_pretrained(latest(previous))
-        model.rmt_config.memory_noise = 0.2
+        model.replace_config(memory_noise=0.2)
         train(model, task, 400, segments=[8, 16, 32], random_segments=True, batch_size=16, lr=3e-4,
               warmup_steps=20, min_lr_ratio=0.1, threshold=0.99, eval_every=50, eval_size=128,
               output_dir=stage, save_every=50, seed=3, progress=False)

@@ -32,7 +32,7 @@ def main() -> None:
     model = build_model(37, 12, 3, layers=6, d_model=64, heads=4, d_inner=256, mask=args.mask,
                         seed=args.seed, init=args.init)
     for size, n in STAGES:
-        model.rmt_config.segment_size = size
+        model.replace_config(segment_size=size)
         # the same rows at every segment size (the task is 12 tokens long either way)
         task = make_task("retrieval", size, seed=args.seed, train_size=args.train_size)
         res = train(model, task, args.stage_steps, segments=n, batch_size=32, lr=1e-3,

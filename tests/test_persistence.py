@@ -292,3 +292,15 @@ def test_field_added_later_defaults_only_through_load_defaults(saved, monkeypatc
         RMTForCausalLM.from_pretrained(path)
     monkeypatch.setattr(config_module, "LOAD_DEFAULTS", {"memory_noise": 0.0})
     assert _load_quietly(path).rmt_config.memory_noise == 0.0
+
+
+def test_files_from_before_fuse_activations_and_variant_load(saved):
+    """Those two fields came later: an older rmt_config.json without them means what the code of
+    the time did (fused activations, variant 'mem'), through RMTConfig's LOAD_DEFAULTS."""
+    _, path = saved
+    cfg = json.loads((path / "rmt_config.json").read_text())
+    for key in ("fuse_activations", "variant"):
+        cfg.pop(key)
+    (path / "rmt_config.json").write_text(json.dumps(cfg))
+    loaded = RMTConfig.load(path)
+    assert loaded.fuse_activations is True and loaded.variant == "mem"

@@ -247,3 +247,39 @@ def test_copy_needs_memory_and_learns_fast():
           f"({end - mid:.1f} s)")
     assert with_memory.valid_accuracy >= 0.95 and with_memory.step <= 500
     assert without.valid_accuracy < 0.3
+
+
+def test_cli_is_derived_from_the_option_dataclasses(tmp_path):
+    """Every field of TaskSpec / ModelSpec / TrainConfig (but the few Python-only ones) has a
+    flag, parsed values land in the right object, and train_args.json round-trips."""
+    import dataclasses
+
+    from rmt_fast.train import (
+        ModelSpec,
+        TaskSpec,
+        TrainConfig,
+        load_run_args,
+        parser,
+        save_run_args,
+        specs_from_arguments,
+    )
+
+    p = parser()
+    dests = {a.dest for a in p._actions}
+    for spec in (TaskSpec, ModelSpec, TrainConfig):
+        for f in dataclasses.fields(spec):
+            if f.name != "segments":  # --segments / --curriculum, handled by the CLI itself
+                assert (f.name in dests) == f.metadata.get("cli", True), (spec.__name__, f.name)
+    args = p.parse_args(["--task", "copy", "--segments", "3", "--curriculum", "1,3", "--mem", "5",
+                         "--warmup", "7", "--no-resume", "--checkpoint-segments", "--out", str(tmp_path),
+                         "--clip", "0.5"])
+    task, model, cfg = specs_from_arguments(args)
+    assert (task.task, task.segment_size, model.num_mem_tokens) == ("copy", 12, 5)
+    assert (cfg.segments, cfg.warmup_steps, cfg.resume, cfg.checkpoint_segments) == ((1, 3), 7, False, True)
+    assert (cfg.clip_grad, cfg.threshold, cfg.save_every, cfg.output_dir) == (0.5, 0.99, 500, str(tmp_path))
+    save_run_args(str(tmp_path), task, model, cfg, world_size=1)
+    assert load_run_args(str(tmp_path)) == (task, model, cfg)
+    with pytest.raises(ValueError, match="curriculum segments must increase"):
+        TrainConfig(segments=(3, 1))
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,12 +35,23 @@ def max_positions(config) -> int | None:
 
 
 class RMTBase(nn.Module):
-    """Base for wrappers holding ``self.base`` (a transformers model) and a learned memory."""
+    """Base for wrappers holding ``self.base`` (a transformers model) and a learned memory.
+
+    Every wrapper is built as ``Wrapper(base_model, config=RMTConfig(...))`` or with the config's
+    fields as keyword arguments (``Wrapper(base_model, num_mem_tokens=16, ...)``), or both (the
+    keywords override the config's fields): :meth:`make_config` is the one place that turns them
+    into the wrapper's (frozen) :class:`RMTConfig`, starting from the wrapper's own defaults.
+    """
 
     auto_class: ClassVar[str] = "AutoModel"
+    #: the ``RMTConfig.kind`` this wrapper implements
+    kind: ClassVar[str] = "decoder"
+    #: defaults of this kind that differ from RMTConfig's
+    config_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, base_model: nn.Module, config: RMTConfig):
+    def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()
+        config = self.make_config(config, **kwargs)
         if not hasattr(base_model, "get_input_embeddings") or not hasattr(base_model, "config"):
             raise TypeError(f"unsupported base model {type(base_model).__name__}: expected a "
                             "transformers PreTrainedModel with input embeddings")
@@ -52,7 +63,40 @@ class RMTBase(nn.Module):
         self.memory = nn.Parameter(
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)
         self._use_rmt_fast_attention()
-        fuse_activations(self.base)  # same function, one fused kernel (GPT-2's gelu_new)
+        self.check_positions(self.positions_needed())
+        if config.fuse_activations:  # same function, one fused kernel (GPT-2's gelu_new)
+            fuse_activations(self.base)
+
+    @classmethod
+    def make_config(cls, config: RMTConfig | None = None, **kwargs) -> RMTConfig:
+        """``config`` (or this wrapper's defaults) with ``kwargs`` applied, validated."""
+        fields = {f.name for f in dataclasses.fields(RMTConfig)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unexpected argument(s) {unknown}; the configuration "
+                            f"fields are {sorted(fields - {'kind'})}")
+        if config is None:
+            config = RMTConfig(**{**cls.config_defaults, "kind": cls.kind, **kwargs})
+        elif not isinstance(config, RMTConfig):
+            raise TypeError(f"config must be an RMTConfig, got {type(config).__name__}")
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        if config.kind != cls.kind:
+            raise ValueError(f"{cls.__name__} needs an RMTConfig of kind {cls.kind!r}, got "
+                             f"{config.kind!r}")
+        return config
+
+    def replace_config(self, **changes) -> RMTConfig:
+        """Swap in a copy of the config with ``changes`` (e.g. ``bptt_depth=2``) for settings
+        that only affect how segments run, not the parameters; returns the new config."""
+        fixed = {"num_mem_tokens", "kind", "variant", "fuse_activations"} & set(changes)
+        if fixed:
+            raise ValueError(f"{sorted(fixed)} cannot change after construction (they shape the "
+                             "parameters or modules); build a new wrapper instead")
+        config = self.make_config(self.rmt_config, **changes)
+        self.check_positions(self.positions_needed(config))
+        self.rmt_config = config
+        return config
 
     # --- attention backend ----------------------------------------------------------------
     def _use_rmt_fast_attention(self) -> None:
@@ -66,6 +110,10 @@ class RMTBase(nn.Module):
         if self.base.config._attn_implementation != "rmt_fast":
             raise TypeError(f"unsupported base model {type(self.base).__name__}: it ignores "
                             "attn_implementation (no AttentionInterface support)")
+
+    def positions_needed(self, config: RMTConfig | None = None) -> int:
+        """Positions one segment occupies in the base model (0: not known before a forward)."""
+        return 0
 
     def check_positions(self, length: int) -> None:
         limit = max_positions(self.base.config)
@@ -101,11 +149,31 @@ class RMTBase(nn.Module):
         return self.memory.device
 
     # --- persistence -----------------------------------------------------------------------
+    def is_rmt_key(self, key: str) -> bool:
+        """Whether a state-dict key belongs to the wrapper (saved in ``rmt_weights``) rather than
+        to the base model's own weights."""
+        return not key.startswith("base.")
+
+    def base_key(self, key: str) -> str:
+        """The base model's own name for one of its state-dict keys (``base.`` removed)."""
+        return key.removeprefix("base.")
+
     def rmt_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Parameters and buffers that are not the base model's (of ``state``, default: this
         module's ``state_dict()``)."""
         state = self.state_dict() if state is None else state
-        return {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("base.")}
+        return {k: v.detach().contiguous() for k, v in state.items() if self.is_rmt_key(k)}
+
+    def base_state_dict(self, state: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor] | None:
+        """The base model's weights under its own key names, or None when that is simply the
+        base model's ``state_dict()`` (then transformers takes it from the model itself)."""
+        renamed = any(self.base_key(k) != k.removeprefix("base.") for k in self.state_dict())
+        if state is None and not renamed:
+            return None
+        state = self.state_dict() if state is None else state
+        return {self.base_key(k): v for k, v in state.items()
+                if k.startswith("base.") and not self.is_rmt_key(k)}
 
     def save_pretrained(self, directory: str | os.PathLike,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -114,9 +182,7 @@ class RMTBase(nn.Module):
         ``state_dict``: the whole model's tensors to write instead of this module's own (e.g.
         gathered from FSDP shards by :func:`rmt_fast.distributed.full_state_dicts`)."""
         os.makedirs(directory, exist_ok=True)
-        base_state = None
-        if state_dict is not None:
-            base_state = {k.removeprefix("base."): v for k, v in state_dict.items() if k.startswith("base.")}
+        base_state = self.base_state_dict(state_dict)
         self.base.save_pretrained(os.path.join(directory, BASE_DIR), safe_serialization=True,
                                   state_dict=base_state)
         self.rmt_config.save(directory)
@@ -142,12 +208,11 @@ class RMTBase(nn.Module):
         auto = getattr(transformers, cls.auto_class)
         with reading(os.path.join(directory, BASE_DIR), "the base model"):
             base = auto.from_pretrained(os.path.join(directory, BASE_DIR), **base_kwargs)
-        accepted = inspect.signature(cls.__init__).parameters
-        model = cls(base, **{k: v for k, v in config.to_dict().items() if k in accepted})
+        model = cls(base, config=config)
         with reading(os.path.join(directory, WEIGHTS_NAME), "the RMT weights"):
             state = load_file(os.path.join(directory, WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("base.")]
+        missing = [k for k in missing if model.is_rmt_key(k)]
         if missing or unexpected:
             raise ValueError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
         return model.eval()

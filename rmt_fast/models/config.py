@@ -13,12 +13,15 @@ from rmt_fast.masks import MASK_MODES
 ALIGNMENTS = ("left", "right", "center")
 LOSS_OVER = ("all", "last")
 POSITION_MODES = ("model", "mirror")
+KINDS = ("decoder", "encoder", "memory_transformer")
+VARIANTS = ("mem", "ctrl", "bottleneck")
 CONFIG_NAME = "rmt_config.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RMTConfig:
-    """Hyper-parameters of a recurrent-memory wrapper.
+    """Hyper-parameters of a recurrent-memory wrapper (frozen: derive a changed copy with
+    ``dataclasses.replace(config, ...)``).
 
     Attributes:
         num_mem_tokens: memory size M (rows of the learned ``[M, d]`` memory).
@@ -39,7 +42,11 @@ class RMTConfig:
             each memory vector's RMS, is added to the memory every segment reads. It makes the
             memory update correct small drifts, so that a state survives far more segments than
             the training length (``docs/results.md``, needle). 0 = off; eval is never affected.
-        kind: ``decoder`` or ``encoder`` (set by the wrapper class).
+        fuse_activations: replace the base model's tanh-GELU modules by the identical one-kernel
+            :class:`rmt_fast.integrations.fused_activations.TanhGELU` when wrapping (the only
+            module replacement the wrappers make; ``False`` leaves the base model untouched).
+        kind: ``decoder``, ``encoder`` or ``memory_transformer`` (set by the wrapper class).
+        variant: Memory Transformer variant: ``mem``, ``ctrl`` or ``bottleneck``.
         cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
     """
 
@@ -53,7 +60,9 @@ class RMTConfig:
     loss_over: str = "all"
     position_mode: str = "model"
     memory_noise: float = 0.0
+    fuse_activations: bool = True
     kind: str = "decoder"
+    variant: str = "mem"
     cls_token_id: int | None = None
     sep_token_id: int | None = None
 
@@ -65,14 +74,17 @@ class RMTConfig:
             if not cond:
                 raise ValueError(msg)
 
-        need(isinstance(self.num_mem_tokens, int) and self.num_mem_tokens >= 0,
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(is_int(self.num_mem_tokens) and self.num_mem_tokens >= 0,
              f"num_mem_tokens must be an int >= 0, got {self.num_mem_tokens!r}")
-        need(isinstance(self.segment_size, int) and self.segment_size >= 1,
+        need(is_int(self.segment_size) and self.segment_size >= 1,
              f"segment_size must be an int >= 1, got {self.segment_size!r}")
         need(self.mask in MASK_MODES, f"mask must be one of {MASK_MODES}, got {self.mask!r}")
-        need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 0),
+        need(is_int(self.bptt_depth) and (self.bptt_depth == -1 or self.bptt_depth >= 0),
              f"bptt_depth must be -1 (full) or an int >= 0, got {self.bptt_depth!r}")
-        need(isinstance(self.xl_cache, int) and self.xl_cache >= 0,
+        need(is_int(self.xl_cache) and self.xl_cache >= 0,
              f"xl_cache must be an int >= 0, got {self.xl_cache!r}")
         need(self.segment_alignment in ALIGNMENTS,
              f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
@@ -82,6 +94,19 @@ class RMTConfig:
              f"memory_noise must be a finite float >= 0, got {self.memory_noise!r}")
         need(self.position_mode in POSITION_MODES,
              f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+        need(isinstance(self.checkpoint_segments, bool),
+             f"checkpoint_segments must be a bool, got {self.checkpoint_segments!r}")
+        need(isinstance(self.fuse_activations, bool),
+             f"fuse_activations must be a bool, got {self.fuse_activations!r}")
+        need(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
+        need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("cls_token_id", "sep_token_id"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+                 f"{name} must be a token id (int >= 0) or None, got {value!r}")
+        if self.kind == "encoder":
+            need(self.cls_token_id is not None and self.sep_token_id is not None,
+                 "an encoder RMT: cls_token_id and sep_token_id are required (or pass tokenizer=)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,6 +140,9 @@ class RMTConfig:
             raise ValueError(f"{path}: {exc}") from exc
 
 
-#: fields added after checkpoints were first written, with the value an older file means (none yet:
-#: every field of RMTConfig has been in every rmt_config.json this project wrote)
-LOAD_DEFAULTS: dict[str, object] = {}
+#: fields added after checkpoints were first written, with the value an older file means (what the
+#: code that wrote it did); any other missing field is an error
+LOAD_DEFAULTS: dict[str, object] = {
+    "fuse_activations": True,  # wrappers always fused tanh-GELU before this switch existed
+    "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
+}

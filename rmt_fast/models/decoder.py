@@ -65,26 +65,23 @@ class RMTForCausalLM(RMTBase):
 
     Args:
         base_model: a transformers ``*ForCausalLM`` (its attention switches to ``rmt_fast``).
-        num_mem_tokens, segment_size, mask, bptt_depth, xl_cache, checkpoint_segments,
-        segment_alignment, loss_over, position_mode: see :class:`rmt_fast.RMTConfig`.
+        config: an :class:`rmt_fast.RMTConfig` (``kind="decoder"``); its fields may also be given
+            (or overridden) as keyword arguments: ``num_mem_tokens``, ``segment_size``, ``mask``,
+            ``bptt_depth``, ``xl_cache``, ``checkpoint_segments``, ...
     """
 
     auto_class = "AutoModelForCausalLM"
+    kind = "decoder"
 
-    def __init__(self, base_model: nn.Module, num_mem_tokens: int = 16, segment_size: int = 512,
-                 mask: str = "causal", bptt_depth: int = -1, xl_cache: int = 0,
-                 checkpoint_segments: bool = False, segment_alignment: str = "left",
-                 loss_over: str = "all", position_mode: str = "model", memory_noise: float = 0.0):
-        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
-                           bptt_depth=bptt_depth, xl_cache=xl_cache,
-                           checkpoint_segments=checkpoint_segments,
-                           segment_alignment=segment_alignment, loss_over=loss_over,
-                           position_mode=position_mode, memory_noise=memory_noise, kind="decoder")
+    def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         if not hasattr(base_model, "get_output_embeddings") or base_model.get_output_embeddings() is None:
             raise TypeError(f"unsupported base model {type(base_model).__name__}: RMTForCausalLM "
                             "needs a causal LM with an output embedding (lm_head)")
-        super().__init__(base_model, config)
-        self.check_positions(2 * num_mem_tokens + segment_size)
+        super().__init__(base_model, config, **kwargs)
+
+    def positions_needed(self, config: RMTConfig | None = None) -> int:
+        cfg = config or self.rmt_config
+        return 2 * cfg.num_mem_tokens + cfg.segment_size
 
     # --- one segment -------------------------------------------------------------------------
     def _position_ids(self, seg_mask: torch.Tensor | None, seg_len: int, write: bool, device):

@@ -33,23 +33,25 @@ class RMTEncoderOutput:
 
 
 class _RMTEncoderBase(RMTBase):
-    def __init__(self, base_model: nn.Module, num_mem_tokens: int = 10, segment_size: int = 499,
-                 cls_token_id: int | None = None, sep_token_id: int | None = None,
-                 tokenizer=None, bptt_depth: int = -1, segment_alignment: str = "right",
-                 loss_over: str = "last", checkpoint_segments: bool = False,
-                 memory_noise: float = 0.0):
+    """Shared by the encoder wrappers: ``Wrapper(base, config=RMTConfig(kind="encoder", ...))`` or
+    keyword arguments (defaults: 10 memory tokens, segments of 499, right-aligned, loss on the
+    last segment, the AAAI-24 setup). ``tokenizer=`` supplies ``cls_token_id``/``sep_token_id``."""
+
+    kind = "encoder"
+    config_defaults = dict(num_mem_tokens=10, segment_size=499, mask="full",
+                           segment_alignment="right", loss_over="last")
+
+    def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, *, tokenizer=None,
+                 **kwargs):
         if tokenizer is not None:
-            cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
-            sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
-        if cls_token_id is None or sep_token_id is None:
-            raise ValueError("cls_token_id and sep_token_id are required (or pass tokenizer=)")
-        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask="full",
-                           bptt_depth=bptt_depth, segment_alignment=segment_alignment,
-                           loss_over=loss_over, checkpoint_segments=checkpoint_segments,
-                           kind="encoder", cls_token_id=cls_token_id, sep_token_id=sep_token_id,
-                           memory_noise=memory_noise)
-        super().__init__(base_model, config)
-        self.check_positions(num_mem_tokens + segment_size + 3)
+            for name in ("cls_token_id", "sep_token_id"):
+                if kwargs.get(name) is None and (config is None or getattr(config, name) is None):
+                    kwargs[name] = getattr(tokenizer, name)
+        super().__init__(base_model, config, **kwargs)
+
+    def positions_needed(self, config: RMTConfig | None = None) -> int:
+        cfg = config or self.rmt_config
+        return cfg.num_mem_tokens + cfg.segment_size + 3
 
     def segment_forward(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
         """``memory`` ``[B, M, d]``, ``ids``/``mask`` ``[B, S]`` -> (base model output, new memory).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,8 @@ from torch import nn
 
 from rmt_fast.integrations.transformers import MemoryLayout, current_layout, memory_layout
 from rmt_fast.models.base import RMTBase
-from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.config import VARIANTS, RMTConfig
 from rmt_fast.validation import check_memory_transformer_call
-
-VARIANTS = ("mem", "ctrl", "bottleneck")
 
 
 @dataclass
@@ -91,26 +90,45 @@ class MemoryTransformer(RMTBase):
 
     Args:
         base_model: a transformers model (``*Model``, ``*ForCausalLM``, ...).
-        num_mem_tokens: M memory tokens prepended to the input.
-        variant: ``"mem"`` (MemTransformer), ``"ctrl"`` (MemCtrl) or ``"bottleneck"``.
-        mask: attention over ``[memory | input]`` for ``mem``/``ctrl``: ``"full"`` for encoders;
-            for decoders ``"rmt"`` (memory bidirectional, input causal) or ``"causal"``.
+        config: an :class:`rmt_fast.RMTConfig` of ``kind="memory_transformer"``, or its fields as
+            keyword arguments: ``num_mem_tokens`` (M memory tokens prepended to the input, default
+            10), ``variant`` (``"mem"`` MemTransformer, ``"ctrl"`` MemCtrl or ``"bottleneck"``),
+            ``mask`` (over ``[memory | input]`` for ``mem``/``ctrl``: ``"full"`` for encoders; for
+            decoders ``"rmt"`` (memory bidirectional, input causal) or ``"causal"``;
+            ``bottleneck`` always uses the ``"bottleneck"`` mask).
     """
 
-    def __init__(self, base_model: nn.Module, num_mem_tokens: int = 10, variant: str = "mem",
-                 mask: str = "full"):
+    kind = "memory_transformer"
+    config_defaults = dict(num_mem_tokens=10, segment_size=1, mask="full")
+
+    def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
+        variant = kwargs.get("variant", config.variant if config is not None else "mem")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "bottleneck":
-            mask = "bottleneck"
-        config = RMTConfig(num_mem_tokens=num_mem_tokens, segment_size=1, mask=mask, kind=variant)
-        super().__init__(base_model, config)
-        self.variant = variant
-        if variant != "mem":
+            kwargs["mask"] = "bottleneck"
+        super().__init__(base_model, config, **kwargs)
+        self._wrapped = None  # matches the wrapped blocks' keys: "base.<blocks>.<i>.layer."
+        if self.rmt_config.variant != "mem":
             layers = find_layers(base_model)
-            wrap = MemCtrlLayer if variant == "ctrl" else MemBottleneckLayer
+            prefix = next(name for name, module in base_model.named_modules() if module is layers)
+            self._wrapped = re.compile(rf"^({re.escape(prefix)}\.\d+\.)layer\.")
+            wrap = MemCtrlLayer if self.rmt_config.variant == "ctrl" else MemBottleneckLayer
             for i, layer in enumerate(layers):
-                layers[i] = wrap(layer, num_mem_tokens)
+                layers[i] = wrap(layer, self.rmt_config.num_mem_tokens)
+
+    @property
+    def variant(self) -> str:
+        return self.rmt_config.variant
+
+    # ctrl/bottleneck wrap each block (``layers.i`` -> ``layers.i.layer``); the memory controller
+    # copies (``layers.i.ctrl``) are the wrapper's own weights, the rest keep the base's names
+    def is_rmt_key(self, key: str) -> bool:
+        return super().is_rmt_key(key) or ".ctrl." in key
+
+    def base_key(self, key: str) -> str:
+        key = super().base_key(key)
+        return key if self._wrapped is None else self._wrapped.sub(r"\1", key)
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> MemoryTransformerOutput:
