@@ -19,7 +19,9 @@ HAS_TRANSFORMERS_BACKEND = _register_transformers()
 
 # name -> module that defines it; loaded on first attribute access
 _LAZY = {
+    "AutoRMT": "rmt_fast.models.auto",
     "RMTConfig": "rmt_fast.models.config",
+    "RMTDataCollator": "rmt_fast.data",
     "RMTForCausalLM": "rmt_fast.models.decoder",
     "RMTOutput": "rmt_fast.models.decoder",
     "RMTEncoderForSequenceClassification": "rmt_fast.models.encoder",
@@ -33,7 +35,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
+    from rmt_fast.data import RMTDataCollator
     from rmt_fast.integrations.fused_activations import fuse_activations
+    from rmt_fast.models.auto import AutoRMT
     from rmt_fast.models.config import RMTConfig
     from rmt_fast.models.decoder import RMTForCausalLM, RMTOutput
     from rmt_fast.models.encoder import (
@@ -60,9 +64,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "MASK_MODES", "AttentionLayout", "MemoryTransformer", "MemoryTransformerOutput", "RMTConfig",
+    "MASK_MODES", "AttentionLayout", "AutoRMT", "MemoryTransformer", "MemoryTransformerOutput", "RMTConfig",
     "RMTEncoderForSequenceClassification", "RMTEncoderForTokenClassification", "RMTEncoderOutput",
-    "RMTForCausalLM", "RMTOutput", "StreamingReader", "TrainConfig", "__version__",
+    "RMTDataCollator", "RMTForCausalLM", "RMTOutput", "StreamingReader", "TrainConfig", "__version__",
     "dense_visibility", "fuse_activations", "memory_attention",
 ]
 assert set(_LAZY) <= set(__all__)

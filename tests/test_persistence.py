@@ -37,9 +37,14 @@ def _load_quietly(path, **kw):
         return RMTForCausalLM.from_pretrained(path, **kw)
 
 
-def _flip_bit(path, offset_from_end=5):
+def _flip_bit(path, tensor=None):
+    """Flip one bit of a safetensors file: in ``tensor``'s data when named, else near the end."""
     data = bytearray(path.read_bytes())
-    data[-offset_from_end] ^= 0x01
+    offset = len(data) - 5
+    if tensor is not None:
+        n = int.from_bytes(data[:8], "little")
+        offset = 8 + n + json.loads(data[8:8 + n])[tensor]["data_offsets"][0] + 1
+    data[offset] ^= 0x01
     path.write_bytes(bytes(data))
 
 
@@ -60,7 +65,7 @@ def test_manifest_written_and_round_trip(saved):
 
 def test_flipped_bit_in_rmt_weights_is_refused(saved):
     _, path = saved
-    _flip_bit(path / "rmt_weights.safetensors")
+    _flip_bit(path / "rmt_weights.safetensors", "memory")
     with pytest.raises(ManifestError, match=r"rmt_weights\.safetensors does not match the checkpoint's "
                                             r"manifest \(same size but different content"):
         RMTForCausalLM.from_pretrained(path)

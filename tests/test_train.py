@@ -23,7 +23,8 @@ def tiny(task, mem=2, seed=0, **kw):
 
 
 def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Every weight and buffer (the state dict without its ``_extra_state`` metadata entry)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "_extra_state"}
 
 
 def test_resume_is_exact(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, ClassVar
 
@@ -16,6 +17,10 @@ from rmt_fast.models.config import CONFIG_NAME, RMTConfig
 
 WEIGHTS_NAME = "rmt_weights.safetensors"
 BASE_DIR = "base"
+#: a whole-model state dict file, as ``transformers.Trainer`` writes one for a plain nn.Module
+TRAINER_WEIGHTS_NAME = "model.safetensors"
+EXTRA_STATE_KEY = "_extra_state"
+EXTRA_STATE_FORMAT = "rmt_fast.wrapper/1"
 
 
 def hidden_size(config) -> int:
@@ -66,6 +71,46 @@ class RMTBase(nn.Module):
         self.check_positions(self.positions_needed())
         if config.fuse_activations:  # same function, one fused kernel (GPT-2's gelu_new)
             fuse_activations(self.base)
+        # tied weights (GPT-2's lm_head = wte) appear once in state_dict(), so safetensors and
+        # transformers.Trainer (which saves a plain nn.Module's state dict) can write it
+        self.register_state_dict_post_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_fill_derived_entries)
+
+    # --- self-description in the state dict -------------------------------------------------
+    def get_extra_state(self) -> torch.Tensor:
+        """``state_dict()["_extra_state"]``: what a bare state dict needs to rebuild this wrapper
+        (the wrapper class, its RMTConfig and the base model's config) as UTF-8 JSON bytes,
+        ``[n] uint8`` (a tensor, so safetensors can store it). With it, the ``model.safetensors``
+        that ``transformers.Trainer`` writes loads back through :meth:`from_pretrained`."""
+        base_config = json.loads(self.lm.config.to_json_string(use_diff=False))
+        base_config.pop("_name_or_path", None)  # where it was loaded from: not part of the model
+        meta = {"format": EXTRA_STATE_FORMAT, "wrapper": type(self).__name__,
+                "rmt_config": self.rmt_config.to_dict(), "base_config": base_config}
+        return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """The live configuration stays as it is: the metadata only describes a saved state."""
+
+    @staticmethod
+    def read_extra_state(state: torch.Tensor) -> dict:
+        """The metadata of :meth:`get_extra_state` from its tensor."""
+        meta = json.loads(bytes(state.to(torch.uint8).tolist()).decode())
+        if meta.get("format") != EXTRA_STATE_FORMAT:
+            raise ValueError(f"unknown rmt_fast state format {meta.get('format')!r}")
+        return meta
+
+    @property
+    def lm(self) -> nn.Module:
+        """The transformers model inside ``self.base`` (unwrapped from a peft ``PeftModel``)."""
+        get = getattr(self.base, "get_base_model", None)
+        return get() if callable(get) else self.base
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The base model's transformer stack (``GPT2Model``, ``LlamaModel``, ``BertModel``, ...):
+        what runs ``inputs_embeds`` to hidden states, found through transformers' own
+        ``base_model`` accessor of the unwrapped model."""
+        return self.lm.base_model
 
     @classmethod
     def make_config(cls, config: RMTConfig | None = None, **kwargs) -> RMTConfig:
@@ -128,7 +173,7 @@ class RMTBase(nn.Module):
 
         Measured on the CPU this project runs on it was not faster (bench/README.md).
         """
-        self.base.base_model.compile(**compile_kwargs)
+        self.backbone.compile(**compile_kwargs)
         return self
 
     def perturb_memory(self, memory: torch.Tensor) -> torch.Tensor:
@@ -180,11 +225,18 @@ class RMTBase(nn.Module):
         """``directory/base`` (the base model), ``rmt_config.json`` and ``rmt_weights.safetensors``.
 
         ``state_dict``: the whole model's tensors to write instead of this module's own (e.g.
-        gathered from FSDP shards by :func:`rmt_fast.distributed.full_state_dicts`)."""
+        gathered from FSDP shards by :func:`rmt_fast.distributed.full_state_dicts`). A base
+        model wrapped by ``peft`` writes only its adapter (and peft's ``modules_to_save``) to
+        ``directory/base``: the saved part is small, and :meth:`from_pretrained` puts it back on
+        top of the base weights."""
         os.makedirs(directory, exist_ok=True)
-        base_state = self.base_state_dict(state_dict)
-        self.base.save_pretrained(os.path.join(directory, BASE_DIR), safe_serialization=True,
-                                  state_dict=base_state)
+        base_dir = os.path.join(directory, BASE_DIR)
+        base_state = None
+        if self.is_peft:
+            self.base.save_pretrained(base_dir, safe_serialization=True)
+        else:
+            base_state = self.base_state_dict(state_dict)
+            self.base.save_pretrained(base_dir, safe_serialization=True, state_dict=base_state)
         self.rmt_config.save(directory)
         save_file(self.rmt_state_dict(state_dict), os.path.join(directory, WEIGHTS_NAME))
         # manifest (rmt_fast/manifest.py): sizes and SHA-256 of the files above, config, fingerprint
@@ -192,22 +244,53 @@ class RMTBase(nn.Module):
                        base_fingerprint(self.base.state_dict() if base_state is None else base_state,
                                         self.base.config), [BASE_DIR, CONFIG_NAME, WEIGHTS_NAME])
 
+    @property
+    def is_peft(self) -> bool:
+        """Whether the base model is wrapped by ``peft`` (e.g. LoRA)."""
+        return hasattr(self.base, "peft_config") and callable(getattr(self.base, "get_base_model", None))
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True, **base_kwargs):
+    def from_pretrained(cls, directory: str | os.PathLike, *, base_model: nn.Module | str | None = None,
+                        is_trainable: bool = False, verify: bool = True, **base_kwargs):
         """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader).
         Like transformers' ``from_pretrained``, the model comes back in eval mode.
+
+        A directory whose ``base`` holds a peft adapter needs the model it was trained on:
+        ``base_model`` (a model or its path; default: the adapter's ``base_model_name_or_path``);
+        ``is_trainable=True`` keeps the adapter trainable. A ``transformers.Trainer`` checkpoint
+        (one ``model.safetensors``) loads too.
 
         ``verify``: check every file against the checkpoint's manifest first (sizes, SHA-256,
         config; a ValueError naming the file on a mismatch; a warning when there is no manifest).
         """
         import transformers
 
+        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and \
+                os.path.isfile(os.path.join(directory, TRAINER_WEIGHTS_NAME)):
+            return cls._from_state_dict_file(os.path.join(directory, TRAINER_WEIGHTS_NAME), **base_kwargs)
         config = RMTConfig.load(directory)
         if verify:  # rmt_fast/manifest.py
             verify_manifest(directory, config.to_dict())
         auto = getattr(transformers, cls.auto_class)
-        with reading(os.path.join(directory, BASE_DIR), "the base model"):
-            base = auto.from_pretrained(os.path.join(directory, BASE_DIR), **base_kwargs)
+        base_dir = os.path.join(directory, BASE_DIR)
+        if os.path.isfile(os.path.join(base_dir, "adapter_config.json")):
+            from peft import PeftConfig, PeftModel
+
+            if base_model is None:
+                base_model = PeftConfig.from_pretrained(base_dir).base_model_name_or_path
+                if not base_model or not os.path.exists(base_model):
+                    raise ValueError(f"{base_dir} holds a peft adapter trained on {base_model!r}; pass "
+                                     "base_model= (that model, or its path)")
+            if isinstance(base_model, (str, os.PathLike)):
+                base_model = auto.from_pretrained(base_model, **base_kwargs)
+            with reading(base_dir, "the peft adapter"):
+                base = PeftModel.from_pretrained(base_model, base_dir, is_trainable=is_trainable)
+        elif base_model is not None:
+            raise ValueError(f"base_model= is for checkpoints with a peft adapter; {base_dir} holds "
+                             "a whole base model")
+        else:
+            with reading(base_dir, "the base model"):
+                base = auto.from_pretrained(base_dir, **base_kwargs)
         model = cls(base, config=config)
         with reading(os.path.join(directory, WEIGHTS_NAME), "the RMT weights"):
             state = load_file(os.path.join(directory, WEIGHTS_NAME))
@@ -216,3 +299,55 @@ class RMTBase(nn.Module):
         if missing or unexpected:
             raise ValueError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
         return model.eval()
+
+    @classmethod
+    def _from_state_dict_file(cls, path: str, **base_kwargs):
+        """A wrapper rebuilt from one whole-model safetensors file (e.g. ``transformers.Trainer``'s
+        ``model.safetensors``) through its ``_extra_state`` metadata; the base model is built
+        from its saved config (``base_kwargs`` go to ``from_config``), then every weight loads."""
+        import transformers
+
+        with reading(path, "the model weights"):
+            state = load_file(path)
+        if EXTRA_STATE_KEY not in state:
+            raise ValueError(f"{path} has no {EXTRA_STATE_KEY!r} entry: not a state dict of an "
+                             "rmt_fast wrapper (or written before rmt_fast 0.2)")
+        meta = cls.read_extra_state(state[EXTRA_STATE_KEY])
+        if meta["wrapper"] != cls.__name__:
+            raise ValueError(f"{path} holds a {meta['wrapper']}, not a {cls.__name__} (use "
+                             "rmt_fast.AutoRMT.from_pretrained to load whatever it holds)")
+        base_config = dict(meta["base_config"])
+        base_config = transformers.AutoConfig.for_model(base_config.pop("model_type"), **base_config)
+        base = getattr(transformers, cls.auto_class).from_config(base_config, **base_kwargs)
+        model = cls(base, config=RMTConfig(**meta["rmt_config"]))
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for parameters/buffers registered under several names (tied
+    weights), the first name in registration order being the one kept."""
+    first: dict[int, str] = {}
+    aliases = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def _drop_tied_aliases(module, state_dict, prefix, local_metadata) -> None:
+    for alias in _tied_aliases(module):
+        state_dict.pop(prefix + alias, None)
+
+
+def _fill_derived_entries(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:
+    """Before a load: the tied aliases from their source, and the metadata entry (it describes
+    a saved state; a state dict without it, e.g. from before 0.2, loads as well)."""
+    state_dict.setdefault(prefix + EXTRA_STATE_KEY, module.get_extra_state())
+    for alias, source in _tied_aliases(module).items():
+        if prefix + alias not in state_dict and prefix + source in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + source]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.checkpoint import is_cut, segment_bptt
@@ -21,14 +22,16 @@ XLState = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [B, Hk
 
 
 @dataclass
-class RMTOutput:
+class RMTOutput(ModelOutput):
     """``loss``: scalar or None; ``logits``: ``[B, T, V]`` for every input position (None when
     ``return_logits=False``); ``memory``: the final memory state ``[B, M, d]``;
-    ``xl``: the final Transformer-XL cache (``xl_cache > 0``)."""
+    ``xl``: the final Transformer-XL cache (``xl_cache > 0``). A transformers ``ModelOutput``:
+    attribute, key (``out["loss"]``) and tuple (``out[0]``, the first field that is not None)
+    access."""
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    memory: torch.Tensor
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
     xl: RecurrentState | None = None
 
 
@@ -130,7 +133,7 @@ class RMTForCausalLM(RMTBase):
                               past=None if xl is None else xl.kv, record_kv=record)
         position_ids = self._position_ids(mask, seg_len, write, ids.device)
         with memory_layout(layout):
-            hidden = self.base.base_model(inputs_embeds=x, position_ids=position_ids,
+            hidden = self.backbone(inputs_embeds=x, position_ids=position_ids,
                                           use_cache=False).last_hidden_state
         new_memory = extract_memory(hidden, m + seg_len, m) if write else memory
         hidden = hidden[:, m: m + seg_len] if need_hidden else None
@@ -166,7 +169,7 @@ class RMTForCausalLM(RMTBase):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
-        return self.base.get_output_embeddings()(hidden)
+        return self.lm.get_output_embeddings()(hidden)
 
     # --- whole sequences ---------------------------------------------------------------------
     def _segments(self, input_ids, attention_mask, labels, labels_mask) -> list[_Segment]:
@@ -294,7 +297,7 @@ class RMTForCausalLM(RMTBase):
         layout = MemoryLayout(num_read=m, num_write=0, mask=self.rmt_config.mask,
                               key_padding_mask=mask, length=embeds.shape[1])
         with memory_layout(layout):
-            return self.base.generate(inputs_embeds=embeds, attention_mask=mask.long(),
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)
 
     # --- compatibility -------------------------------------------------------------------------
@@ -316,8 +319,6 @@ class RMTForCausalLM(RMTBase):
             raise ValueError(f"official memory is {list(ours['memory'].shape)}, this wrapper's is "
                              f"{list(self.memory.shape)}")
         missing, unexpected = self.load_state_dict(ours, strict=False)
-        tied = {"base." + k for k in (getattr(self.base, "_tied_weights_keys", None) or [])}
-        missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise ValueError(f"official state dict mismatch: missing {missing}, unexpected {unexpected}")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from rmt_fast.checkpoint import is_cut
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
@@ -21,14 +22,14 @@ from rmt_fast.validation import check_encoder_call
 
 
 @dataclass
-class RMTEncoderOutput:
+class RMTEncoderOutput(ModelOutput):
     """``loss``; ``logits`` (``[B, C]`` for sequence classification from the last segment, or
     ``[B, T, C]`` per token); ``memory`` ``[B, M, d]``; ``segment_logits``: per segment (sequence
-    classification only)."""
+    classification only). A transformers ``ModelOutput``."""
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    memory: torch.Tensor
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
     segment_logits: list[torch.Tensor] | None = None
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, current_layout, memory_layout
 from rmt_fast.models.base import RMTBase
@@ -27,13 +28,14 @@ from rmt_fast.validation import check_memory_transformer_call
 
 
 @dataclass
-class MemoryTransformerOutput:
+class MemoryTransformerOutput(ModelOutput):
     """``hidden``: last hidden state at the input positions ``[B, T, d]``; ``memory``
-    ``[B, M, d]``; ``logits`` ``[B, T, V]`` when the base model has an output embedding."""
+    ``[B, M, d]``; ``logits`` ``[B, T, V]`` when the base model has an output embedding. A
+    transformers ``ModelOutput``."""
 
-    hidden: torch.Tensor
-    memory: torch.Tensor
-    logits: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:
@@ -145,7 +147,7 @@ class MemoryTransformer(RMTBase):
             kpm = torch.cat([ones, attention_mask.to(torch.bool)], dim=1)
         layout = MemoryLayout(num_read=m, mask=self.rmt_config.mask, key_padding_mask=kpm)
         with memory_layout(layout):
-            hidden = self.base.base_model(inputs_embeds=x).last_hidden_state
+            hidden = self.backbone(inputs_embeds=x).last_hidden_state
         head = getattr(self.base, "get_output_embeddings", lambda: None)()
         logits = head(hidden[:, m:]) if head is not None else None
         return MemoryTransformerOutput(hidden[:, m:], hidden[:, :m], logits)

@@ -1,0 +1,195 @@
+"""Bits per byte of a decoder RMT over whole documents, each read as one long stream.
+
+:func:`stream_nll` reads every document as ``[BOS, b0, b1, ..., b_{n-1}]`` segment by segment
+(left-aligned segments of ``segment_size`` tokens, the last one short), with the memory and the
+Transformer-XL cache carried from segment to segment exactly as the model's ``forward`` carries
+them in training: the document starts from the learned memory and an empty cache, segment
+``t + 1`` reads the memory segment ``t`` wrote and the keys/values of its last ``xl_cache``
+tokens. Every byte is predicted once, from everything before it in its document: ``BOS``
+predicts ``b0`` (the first byte is scored given only the document start), ``b_i`` predicts
+``b_{i+1}`` (within a segment, and across a segment boundary through memory and cache);
+nothing is scored after the last byte. Bits per byte = total NLL (nats) / ln 2 / total bytes.
+
+Batching: ``batch_size`` lanes read documents side by side (longest first); a lane whose
+document ends takes the next one, starting from the learned memory with its cache cleared
+(masked out), so all lanes stay busy. A document's last segment is padded (key padding mask);
+padding positions count as nothing and padded rows keep their state, so each document gets
+the numbers it would get alone (tested against the model's full-sequence forward).
+
+:func:`report`: bits per byte next to the recurrent state each row carries across segments.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
+from rmt_fast.tasks.text_corpus import BOS
+
+
+@dataclass
+class StreamResult:
+    """``nll``: summed NLL in nats per document ``[n_docs]`` float64, ``bytes`` ``[n_docs]``;
+    ``segments``: segment forwards run (lanes x steps, padding included); ``seconds``."""
+
+    nll: np.ndarray
+    bytes: np.ndarray
+    segments: int
+    seconds: float
+
+    @property
+    def bits_per_byte(self) -> float:
+        return float(self.nll.sum() / math.log(2) / self.bytes.sum())
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.bytes.sum())
+
+
+def _as_tokens(doc) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(doc)).to(torch.int64).flatten()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 255):
+        raise ValueError("documents must hold byte values 0..255")
+    return torch.cat([torch.tensor([BOS]), t])
+
+
+@torch.no_grad()
+def stream_nll(model: RMTForCausalLM, documents: Sequence, batch_size: int = 8, *,
+               amp: str | None = None, progress: bool = False) -> StreamResult:
+    """Summed next-byte NLL of each document read as one stream (see the module docstring).
+
+    Args:
+        model: an :class:`RMTForCausalLM` (any ``num_mem_tokens``, ``xl_cache``, mask); it is
+            put in eval mode for the call and restored after.
+        documents: sequences of byte values (``bytes``, uint8 arrays, 1-D tensors); empty ones
+            score nothing.
+        batch_size: lanes read side by side.
+        amp: ``"bf16"``: run under ``torch.autocast(<device>, bfloat16)`` (the NLL is taken in
+            float32).
+    """
+    if not isinstance(model, RMTForCausalLM):
+        raise TypeError(f"model must be an RMTForCausalLM, got {type(model).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if amp not in (None, "bf16"):
+        raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+    vocab = model.base.get_output_embeddings().weight.shape[0]
+    if vocab <= BOS:
+        raise ValueError(f"the model's vocabulary ({vocab}) has no BOS id {BOS}: build it with "
+                         "vocab_size >= 257")
+    tokens = [_as_tokens(d) for d in documents]
+    n_docs = len(tokens)
+    nll = np.zeros(n_docs, dtype=np.float64)
+    sizes = np.array([len(t) - 1 for t in tokens], dtype=np.int64)
+    queue = sorted((i for i in range(n_docs) if sizes[i] > 0), key=lambda i: (-sizes[i], i))
+    seg = model.rmt_config.segment_size
+    device = model.device
+    lanes = min(batch_size, max(len(queue), 1))
+    lane_doc = [-1] * lanes
+    lane_pos = [0] * lanes
+    init = model.memory.detach()
+    memory = model.expand_memory(lanes).detach().clone()
+    xl: RecurrentState | None = None
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(sizes.sum()), unit="B", unit_scale=True, desc="bits/byte", dynamic_ncols=True)
+    t0, steps = time.perf_counter(), 0
+    try:
+        while True:
+            reset = torch.zeros(lanes, dtype=torch.bool)
+            for j in range(lanes):
+                if lane_doc[j] < 0 or lane_pos[j] >= len(tokens[lane_doc[j]]) - 1:
+                    lane_doc[j] = queue.pop(0) if queue else -1
+                    lane_pos[j] = 0
+                    reset[j] = True
+            if all(d < 0 for d in lane_doc):
+                break
+            ids = torch.zeros(lanes, seg, dtype=torch.int64)
+            mask = torch.zeros(lanes, seg, dtype=torch.bool)
+            targets = torch.full((lanes, seg), -100, dtype=torch.int64)
+            for j, d in enumerate(lane_doc):
+                if d < 0:
+                    continue
+                doc, pos = tokens[d], lane_pos[j]
+                chunk = doc[pos: pos + seg]
+                ids[j, : len(chunk)] = chunk
+                mask[j, : len(chunk)] = True
+                nxt = doc[pos + 1: pos + 1 + seg]  # the token after each position, if any
+                targets[j, : len(nxt)] = nxt
+            if reset.any():
+                r = reset.to(device)
+                memory = torch.where(r[:, None, None], init.to(memory.dtype), memory)
+                if xl is not None:
+                    xl = RecurrentState(xl.kv, xl.padding & ~r[:, None])
+            with autocast:
+                hidden, memory, xl = model.segment_forward(
+                    memory, ids.to(device), None if bool(mask.all()) else mask.to(device), xl)
+                logits = model.logits(hidden)
+            targets = targets.to(device)
+            picked = targets != -100
+            logp = F.log_softmax(logits.float()[picked], dim=-1)
+            tok_nll = -logp.gather(1, targets[picked][:, None])[:, 0].double()
+            rows = torch.arange(lanes, device=device)[:, None].expand(-1, seg)[picked]
+            per_lane = torch.zeros(lanes, dtype=torch.float64, device=device).index_add_(0, rows, tok_nll)
+            counted = picked.sum(1).cpu()
+            for j, d in enumerate(lane_doc):
+                if d >= 0:
+                    nll[d] += float(per_lane[j])
+                    lane_pos[j] += seg
+            steps += 1
+            if bar is not None:
+                bar.update(int(counted.sum()))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0)
+
+
+def state_floats(model: RMTForCausalLM) -> dict[str, int]:
+    """Floats of recurrent state one row carries from a segment to the next: ``memory``
+    ``M x d``, ``xl`` ``xl_cache x layers x 2 (k and v) x kv_dim`` (``kv_dim`` = key/value
+    heads x head dim, ``d`` for GPT-2), ``total``."""
+    cfg = model.base.config
+    d = model.memory.shape[1]
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads  # GPT-2 maps these names too
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    mem = model.rmt_config.num_mem_tokens * d
+    xl = model.rmt_config.xl_cache * layers * 2 * kv_heads * head_dim
+    return {"memory": mem, "xl": xl, "total": mem + xl}
+
+
+def report(model: RMTForCausalLM, result: StreamResult, bytes_per_float: int = 4) -> dict:
+    """A results row: bits per byte, bytes scored, documents, and the recurrent state per row
+    (:func:`state_floats`, and in bytes at ``bytes_per_float``: 4 for float32)."""
+    floats = state_floats(model)
+    cfg = model.rmt_config
+    return {"bits_per_byte": result.bits_per_byte, "bytes": result.total_bytes,
+            "documents": int((result.bytes > 0).sum()), "num_mem_tokens": cfg.num_mem_tokens,
+            "xl_cache": cfg.xl_cache, "bptt_depth": cfg.bptt_depth, "mask": cfg.mask,
+            "segment_size": cfg.segment_size, "state_floats": floats["total"],
+            "state_bytes": floats["total"] * bytes_per_float,
+            "memory_state_bytes": floats["memory"] * bytes_per_float,
+            "xl_state_bytes": floats["xl"] * bytes_per_float,
+            "eval_seconds": round(result.seconds, 1), "segments_run": result.segments}
+
+
+def evaluate_split(model: RMTForCausalLM, split, batch_size: int = 8, *, amp: str | None = None,
+                   progress: bool = False) -> dict:
+    """:func:`report` of :func:`stream_nll` over every document of a
+    :class:`rmt_fast.tasks.text_corpus.CorpusSplit`."""
+    result = stream_nll(model, list(split.documents()), batch_size, amp=amp, progress=progress)
+    return {"split": split.name, **report(model, result)}

@@ -1,0 +1,476 @@
+"""Language modelling on real text: the RMT paper's Transformer-XL comparison at CPU scale
+(issue #18), on the byte-level stdlib corpus (:mod:`rmt_fast.tasks.text_corpus`).
+
+Every row is the same GPT-2 (``--layers``/``--d-model``/... , default 4 layers, d_model 256,
+4 heads, d_inner 1024, segment 128) inside :class:`rmt_fast.models.RMTForCausalLM`, trained
+with the same budget, schedule and seed by :func:`rmt_fast.train.train` on random windows of
+``--segments`` x 128 bytes; only the recurrence differs (:data:`ROWS`). The final numbers are
+bits per byte over the WHOLE test (and validation) split, each document read as one stream
+with memory and XL cache carried (:mod:`rmt_fast.tasks.lm_eval`).
+
+Usage (one row per invocation; rerun the same command to resume from the last checkpoint)::
+
+    python scripts/lm_xl_comparison.py --row plain --out runs/lm
+    python scripts/lm_xl_comparison.py --measure --out runs/lm    # memory, tokens/s, s/step
+    python scripts/lm_xl_comparison.py --plot docs/lm_curves.png --out runs/lm
+    python scripts/lm_xl_comparison.py --table --out runs/lm      # markdown table of results
+
+``OUT/<row>/``: ``settings.json``, train()'s ``checkpoint-<step>/`` and ``metrics.jsonl``,
+``lm_metrics.jsonl`` (validation bits/byte every ``--eval-every`` steps: windows of the
+training length, fresh memory, as in training) and ``result.json`` (streamed bits/byte of the
+test and validation splits, recurrent state size, wall times). Training runs in chunks of
+``--eval-every`` steps (``train(..., stop_after=...)``), each ending in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rmt_fast.tasks.lm_eval import evaluate_split, state_floats
+from rmt_fast.tasks.text_corpus import VOCAB_SIZE, load_corpus, text_task
+from rmt_fast.train import build_model, latest_checkpoint, train
+
+# row -> (memory tokens (0 or --mem), xl_cache, bptt_depth, mask)
+ROWS: dict[str, dict] = {
+    "plain": dict(mem=False, xl=0, depth=-1, mask="causal"),
+    "xl10": dict(mem=False, xl=10, depth=-1, mask="causal"),
+    "xl128": dict(mem=False, xl=128, depth=-1, mask="causal"),
+    **{f"rmt-d{k}": dict(mem=True, xl=0, depth=k, mask="causal") for k in (0, 1, 2, 4)},
+    "rmt-xl10": dict(mem=True, xl=10, depth=2, mask="causal"),
+    # the mask comparison is for the best RMT row (chosen on validation): its rmt-mask twin
+    **{f"rmt-d{k}-rmtmask": dict(mem=True, xl=0, depth=k, mask="rmt") for k in (0, 1, 2, 4)},
+    "rmt-xl10-rmtmask": dict(mem=True, xl=10, depth=2, mask="rmt"),
+}
+MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
+RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
+
+
+@dataclass
+class Settings:
+    """What every row shares (the model size, data, budget, schedule and seed)."""
+
+    layers: int = 4
+    d_model: int = 256
+    heads: int = 4
+    d_inner: int = 1024
+    segment_size: int = 128
+    segments: int = 8
+    mem: int = 10
+    batch_size: int = 8
+    steps: int = 800
+    lr: float = 1e-3
+    warmup: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    amp: str | None = "bf16"
+    eval_every: int = 100
+    valid_windows: int = 64
+    eval_batch_size: int = 16
+    eval_lanes: int = 8
+    eval_amp: str | None = "bf16"
+    eval_docs: int | None = None
+
+    def row_model(self, row: str, checkpoint_segments: bool = False):
+        spec = ROWS[row]
+        return build_model(VOCAB_SIZE, self.segment_size, self.mem if spec["mem"] else 0,
+                           layers=self.layers, d_model=self.d_model, heads=self.heads,
+                           d_inner=self.d_inner, mask=spec["mask"], xl_cache=spec["xl"],
+                           bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
+                           seed=self.seed)
+
+    def train_kwargs(self) -> dict:
+        return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,
+                    weight_decay=self.weight_decay, warmup_steps=self.warmup, schedule=self.schedule,
+                    min_lr_ratio=self.min_lr_ratio, clip_grad=self.clip, seed=self.seed, amp=self.amp,
+                    eval_every=self.eval_every, eval_size=8, eval_batch_size=8,
+                    save_every=self.eval_every, keep_checkpoints=2, progress=False)
+
+
+SETTING_FLAGS = {f.name: f for f in dataclasses.fields(Settings)}
+# these may change between invocations of one run (they do not change training)
+EVAL_ONLY = ("eval_batch_size", "eval_lanes", "eval_amp", "eval_docs")
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@torch.no_grad()
+def window_bits_per_byte(model, data, batch_size: int, amp: str | None) -> float:
+    """Mean next-byte NLL / ln 2 over ``data`` (TaskData windows), each window read from the
+    learned memory and an empty cache (the training protocol)."""
+    was = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = data[start: start + batch_size]
+            ids, mask = batch.input_ids.to(model.device), batch.labels_mask.to(model.device)
+            n = model.num_targets(ids, ids, mask)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                out = model(ids, labels=ids, labels_mask=mask, return_logits=False)
+            nll += float(out.loss) * n
+            count += n
+    finally:
+        model.train(was)
+    return nll / count / math.log(2)
+
+
+def _check_settings(run_dir: str, settings: Settings, row: str) -> None:
+    path = os.path.join(run_dir, SETTINGS_NAME)
+    mine = {"row": row, **dataclasses.asdict(settings)}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in mine.items() if k not in EVAL_ONLY and old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{run_dir} was started with other settings (old, new): {diff}; "
+                             "use another --out or the same flags")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(mine, f, indent=1)
+
+
+def run_row(row: str, settings: Settings, out: str, corpus=None, log=print) -> dict:
+    """Train ``row`` to ``settings.steps`` (resuming from ``out/<row>``), then evaluate it;
+    returns the ``result.json`` dict."""
+    if row not in ROWS:
+        raise ValueError(f"row must be one of {sorted(ROWS)}, got {row!r}")
+    run_dir = os.path.join(out, row)
+    _check_settings(run_dir, settings, row)
+    corpus = corpus if corpus is not None else load_corpus()
+    task = text_task(settings.segment_size, corpus, seed=settings.seed)
+    valid = task.splits(settings.segments)["valid"][: settings.valid_windows]
+    model = settings.row_model(row)
+    ckpt = latest_checkpoint(run_dir)
+    step = 0 if ckpt is None else int(os.path.basename(ckpt).removeprefix("checkpoint-"))
+    metrics_path = os.path.join(run_dir, LM_METRICS)
+    kept = [r for r in _read_jsonl(metrics_path) if r["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    log(f"[{row}] {'resuming at step ' + str(step) if step else 'starting'}; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; {machine()}")
+    kwargs = settings.train_kwargs()
+    driver = kept[-1]["driver_seconds"] if kept else 0.0
+    while step < settings.steps:
+        chunk = settings.eval_every - step % settings.eval_every
+        t = time.perf_counter()
+        # train() resumes through torch.distributed.checkpoint's set_optimizer_state_dict, which
+        # leaves a fresh optimizer without state (and fails) when the parameters still hold
+        # gradients, as they do after the previous train() call: drop them first
+        model.zero_grad(set_to_none=True)
+        res = train(model, task, settings.steps, output_dir=run_dir, stop_after=chunk, **kwargs)
+        step = res.step
+        losses = [h["loss"] for h in res.history if h["step"] > step - chunk]
+        t_eval = time.perf_counter()
+        bpb = window_bits_per_byte(model, valid, settings.eval_batch_size, settings.amp)
+        driver += time.perf_counter() - t
+        record = {"step": step, "valid_bpb": round(bpb, 5), "train_loss_bpb":
+                  round(float(np.mean(losses)) / math.log(2), 5) if losses else None,
+                  "valid_token_accuracy": res.valid_accuracy,
+                  "wall_time": res.history[-1]["wall_time"],  # train()'s clock (its evaluations in)
+                  "driver_seconds": round(driver, 1),  # everything: checkpoints, these evaluations
+                  "chunk_seconds": round(t_eval - t, 1),
+                  "valid_eval_seconds": round(time.perf_counter() - t_eval, 1)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        left = (settings.steps - step) * (t_eval - t) / chunk
+        log(f"[{row}] step {step}/{settings.steps} train {record['train_loss_bpb']} bits/byte, "
+            f"valid {bpb:.4f} bits/byte, {(t_eval - t) / chunk:.2f} s/step, ~{left / 60:.0f} min left")
+    result_path = os.path.join(run_dir, RESULT_NAME)
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            old = json.load(f)
+        if old["step"] == step and old.get("eval_docs") == settings.eval_docs:
+            log(f"[{row}] already evaluated at step {step}: {result_path}")
+            return old
+    # the weights of the last checkpoint (also when this call trained nothing)
+    loaded = type(model).from_pretrained(latest_checkpoint(run_dir))
+    model.load_state_dict(loaded.state_dict())
+    result = {"row": row, "step": step, **ROWS[row], "num_mem_tokens": model.rmt_config.num_mem_tokens,
+              "eval_docs": settings.eval_docs, "eval_amp": settings.eval_amp}
+    torch.manual_seed(0)
+    for split in ("test", "valid"):
+        docs = corpus[split]
+        if settings.eval_docs is not None:
+            docs = _first_docs(docs, settings.eval_docs)
+        log(f"[{row}] streaming {split}: {len(docs)} documents, {docs.num_bytes:,} bytes")
+        result[split] = evaluate_split(model, docs, settings.eval_lanes, amp=settings.eval_amp)
+        log(f"[{row}] {split}: {result[split]['bits_per_byte']:.4f} bits/byte "
+            f"({result[split]['eval_seconds']} s)")
+    history = _read_jsonl(os.path.join(run_dir, LM_METRICS))
+    result.update({"train_wall_time": history[-1]["wall_time"] if history else None,
+                   "driver_seconds": history[-1]["driver_seconds"] if history else None,
+                   "state_floats": state_floats(model),
+                   "parameters": sum(p.numel() for p in model.parameters()),
+                   "settings": dataclasses.asdict(settings), "corpus": corpus.sha256(),
+                   "python": platform.python_version(), "machine": machine(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=1)
+    log(json.dumps({"row": row, "test_bpb": result["test"]["bits_per_byte"],
+                    "valid_bpb": result["valid"]["bits_per_byte"],
+                    "state_bytes": result["test"]["state_bytes"]}))
+    return result
+
+
+def _first_docs(split, n: int):
+    """The split restricted to its first ``n`` documents (quick runs and tests)."""
+    from rmt_fast.tasks.text_corpus import CorpusSplit
+
+    n = min(n, len(split))
+    return CorpusSplit(split.name, split.data[: split.offsets[n]], split.offsets[: n + 1], split.paths[:n])
+
+
+# --- measurements ---------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: int, warmup: int,
+                corpus_dir: str) -> dict:
+    """Training steps of ``row`` on real windows (read from the corpus file, not the whole
+    stream): wall and CPU seconds per step, tokens/s, and the peak resident memory during the
+    measured steps above the resident memory before them (``/proc/self/status`` VmHWM after
+    resetting it; the parent sets ``MALLOC_MMAP_THRESHOLD_`` so that freed activations leave the
+    resident set)."""
+    model = settings.row_model(row, checkpoint_segments=checkpoint_segments)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    data = np.memmap(os.path.join(corpus_dir, "train.bin"), dtype=np.uint8, mode="r")
+    length = settings.segments * settings.segment_size
+    g = np.random.default_rng(settings.seed)
+    batches = [torch.from_numpy(np.stack([data[s: s + length] for s in
+                                          g.integers(0, len(data) - length, settings.batch_size)])
+                                .astype(np.int64)) for _ in range(warmup + steps)]
+
+    def step(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.amp == "bf16"):
+            out = model(ids, labels=ids, return_logits=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for ids in batches[:warmup]:
+        step(ids)
+    reset = False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux)
+        reset = True
+    except OSError:
+        pass
+    base = _status_kib("VmRSS")
+    times, cpu = [], []
+    for ids in batches[warmup:]:
+        t, c = time.perf_counter(), time.process_time()
+        step(ids)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    peak = _status_kib("VmHWM")
+    tokens = settings.batch_size * length
+    return {"row": row, "checkpoint_segments": checkpoint_segments, "steps": steps,
+            "s_per_step_mean": round(float(np.mean(times)), 3),
+            "s_per_step_median": round(float(np.median(times)), 3),
+            "s_per_step_min": round(float(np.min(times)), 3),
+            "tokens_per_s": round(tokens / float(np.median(times)), 1),
+            # CPU seconds of this process: what a core of its own would take (the wall clock
+            # also counts the time other processes held the core)
+            "cpu_s_per_step_median": round(float(np.median(cpu)), 3),
+            "tokens_per_cpu_s": round(tokens / float(np.median(cpu)), 1),
+            "peak_rss_mib": round(peak / 1024, 1), "rss_before_mib": round(base / 1024, 1),
+            "train_step_peak_mib": round((peak - base) / 1024, 1) if reset else None,
+            "tokens_per_step": tokens}
+
+
+def measure(settings: Settings, out: str, steps: int, warmup: int, cache_dir: str | None,
+            configs=(("plain", False), ("rmt-d4", False), ("rmt-d4", True)), log=print) -> dict:
+    """Run :func:`measure_one` for each ``(row, checkpoint_segments)`` in a fresh child process
+    (one after the other, so the resident-memory peaks are each row's own), plus the streamed
+    evaluation speed; writes ``out/measure.json``."""
+    corpus = load_corpus(cache_dir)
+    results = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large buffers go back to the OS on free
+    for row, ckpt in configs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--measure-one", row, "--measure-steps", str(steps),
+               "--measure-warmup", str(warmup), "--corpus-dir", corpus.directory,
+               "--settings-json", json.dumps(dataclasses.asdict(settings))]
+        if ckpt:
+            cmd.append("--checkpoint-segments")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"measurement of {row} failed:\n{proc.stderr[-3000:]}")
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(json.dumps(rec))
+        results.append(rec)
+    # streamed evaluation speed (untrained weights: the speed does not depend on them)
+    evals = []
+    docs = _first_docs(corpus["valid"], 40)
+    for row in ("plain", "rmt-d4"):
+        model = settings.row_model(row)
+        cpu = time.process_time()
+        res = evaluate_split(model, docs, settings.eval_lanes, amp=settings.eval_amp)
+        cpu = time.process_time() - cpu
+        evals.append({"row": row, "bytes": res["bytes"], "seconds": res["eval_seconds"],
+                      "bytes_per_s": round(res["bytes"] / max(res["eval_seconds"], 1e-9), 1),
+                      "cpu_seconds": round(cpu, 1), "bytes_per_cpu_s": round(res["bytes"] / cpu, 1),
+                      "eval_amp": settings.eval_amp})
+        log(json.dumps(evals[-1]))
+    summary = {"settings": dataclasses.asdict(settings), "train": results, "stream_eval": evals,
+               "machine": machine(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "load_average": os.getloadavg()}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "measure.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+# --- plot and table -------------------------------------------------------------------------------
+def _runs(out: str) -> list[str]:
+    return [r for r in ROWS if os.path.exists(os.path.join(out, r, LM_METRICS))]
+
+
+def plot(png: str, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for row in _runs(out):
+        hist = _read_jsonl(os.path.join(out, row, LM_METRICS))
+        if not hist:
+            continue
+        label = row
+        res_path = os.path.join(out, row, RESULT_NAME)
+        if os.path.exists(res_path):
+            with open(res_path) as f:
+                label += f" (test {json.load(f)['test']['bits_per_byte']:.3f})"
+        style = "--" if ROWS[row]["mask"] == "rmt" else "-"
+        ax.plot([h["step"] for h in hist], [h["valid_bpb"] for h in hist], style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation bits per byte (training-length windows)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("stdlib bytes: validation curves (legend: streamed test bits/byte)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def table(out: str) -> str:
+    lines = ["| row | memory | xl_cache | BPTT depth | mask | test bits/byte | valid bits/byte | "
+             "state per row (float32 bytes) | steps | train wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in _runs(out):
+        path = os.path.join(out, row, RESULT_NAME)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        t = r["test"]
+        wall = f"{r['train_wall_time'] / 60:.0f} min" if r.get("train_wall_time") else "?"
+        name = row if r.get("eval_docs") is None else f"{row} (first {r['eval_docs']} documents only)"
+        lines.append(f"| {name} | {t['num_mem_tokens']} | {t['xl_cache']} | "
+                     f"{t['bptt_depth'] if t['num_mem_tokens'] else '-'} | {t['mask']} | "
+                     f"{t['bits_per_byte']:.4f} | {r['valid']['bits_per_byte']:.4f} | {t['state_bytes']:,} | "
+                     f"{r['step']} | {wall} |")
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--row", choices=sorted(ROWS), help="train and evaluate this row")
+    mode.add_argument("--measure", action="store_true",
+                      help="s/step, tokens/s and training memory of plain, rmt-d4 and rmt-d4 with "
+                           "segment checkpointing, side by side (writes OUT/measure.json)")
+    mode.add_argument("--plot", metavar="PNG", help="validation curves of the runs under --out")
+    mode.add_argument("--table", action="store_true", help="markdown table of the results under --out")
+    mode.add_argument("--measure-one", metavar="ROW", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="runs/lm", help="runs directory (one subdirectory per row)")
+    p.add_argument("--cache-dir", default=None, help="corpus cache (default ~/.cache/rmt_fast)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--measure-steps", type=int, default=20)
+    p.add_argument("--measure-warmup", type=int, default=2)
+    p.add_argument("--checkpoint-segments", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--corpus-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--settings-json", default=None, help=argparse.SUPPRESS)
+    for name, f in SETTING_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if f.type in ("int", int):
+            p.add_argument(flag, type=int, default=f.default)
+        elif f.type in ("float", float):
+            p.add_argument(flag, type=float, default=f.default)
+        elif name in ("amp", "eval_amp"):
+            p.add_argument(flag, type=lambda s: None if s == "none" else s, choices=(None, "bf16"),
+                           default=f.default, help="bf16 or none")
+        elif name == "eval_docs":
+            p.add_argument(flag, type=int, default=None, help="evaluate only the first N documents")
+        else:
+            p.add_argument(flag, default=f.default)
+    return p
+
+
+def main(argv: list[str] | None = None):
+    from transformers.utils import logging as hf_logging
+
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = Settings(**{k: getattr(args, k) for k in SETTING_FLAGS})
+    if args.settings_json:
+        settings = Settings(**json.loads(args.settings_json))
+    if args.measure_one:
+        rec = measure_one(args.measure_one, settings, args.checkpoint_segments, args.measure_steps,
+                          args.measure_warmup, args.corpus_dir)
+        print(json.dumps(rec), flush=True)
+        return rec
+    if args.measure:
+        return measure(settings, args.out, args.measure_steps, args.measure_warmup, args.cache_dir,
+                       log=lambda s: print(s, flush=True))
+    if args.plot:
+        plot(args.plot, args.out)
+        return None
+    if args.table:
+        text = table(args.out)
+        print(text)
+        return text
+    hf_logging.disable_progress_bar()  # checkpoint loading bars would fill the logs
+    corpus = load_corpus(args.cache_dir)
+    return run_row(args.row, settings, args.out, corpus, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

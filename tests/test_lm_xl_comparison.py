@@ -1,0 +1,113 @@
+"""scripts/lm_xl_comparison.py: every row trains (with a resume) and is evaluated at tiny sizes;
+settings are pinned per run; the measurement, plot and table modes work."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from test_text_corpus import fake_stdlib
+
+from rmt_fast.tasks.text_corpus import load_corpus
+
+torch.set_num_threads(1)
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "lm_xl_comparison.py")
+spec = importlib.util.spec_from_file_location("lm_xl_comparison", SCRIPT)
+lm = importlib.util.module_from_spec(spec)
+sys.modules["lm_xl_comparison"] = lm  # dataclasses look their module up there
+spec.loader.exec_module(lm)
+
+TINY = dict(layers=1, d_model=16, heads=2, d_inner=32, segment_size=8, segments=5, mem=2,
+            batch_size=2, steps=2, warmup=1, eval_every=1, valid_windows=4, eval_batch_size=4,
+            eval_lanes=3, eval_docs=4, amp=None)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lib")
+    fake_stdlib(root, n=40)
+    return load_corpus(tmp_path_factory.mktemp("cache"), stdlib=root, min_bytes=0)
+
+
+@pytest.mark.parametrize("row", sorted(lm.ROWS))
+def test_every_row_trains_and_evaluates(row, corpus, tmp_path):
+    settings = lm.Settings(**TINY)
+    result = lm.run_row(row, settings, str(tmp_path), corpus, log=lambda s: None)
+    spec = lm.ROWS[row]
+    assert result["step"] == 2
+    assert result["test"]["num_mem_tokens"] == (2 if spec["mem"] else 0)
+    assert result["test"]["xl_cache"] == spec["xl"] and result["test"]["mask"] == spec["mask"]
+    for split in ("test", "valid"):
+        r = result[split]
+        n = min(4, len(corpus[split]))
+        assert 0 < r["bits_per_byte"] < 9 and r["documents"] == n
+        assert r["bytes"] == sum(len(corpus[split].document(i)) for i in range(n))
+    d = 16
+    assert result["test"]["state_floats"] == (2 * d if spec["mem"] else 0) + spec["xl"] * 2 * d
+    hist = [json.loads(line) for line in open(tmp_path / row / lm.LM_METRICS)]
+    assert [h["step"] for h in hist] == [1, 2] and all(h["valid_bpb"] > 0 for h in hist)
+
+
+def test_settings_are_pinned_and_a_finished_row_is_not_redone(corpus, tmp_path):
+    settings = lm.Settings(**{**TINY, "steps": 3})
+    first = lm.run_row("rmt-xl10", settings, str(tmp_path), corpus, log=lambda s: None)
+    with pytest.raises(SystemExit, match="other settings"):  # another budget in the same run dir
+        lm.run_row("rmt-xl10", lm.Settings(**{**TINY, "steps": 6}), str(tmp_path), corpus,
+                   log=lambda s: None)
+    again = lm.run_row("rmt-xl10", lm.Settings(**{**TINY, "steps": 3, "eval_lanes": 1}), str(tmp_path),
+                       corpus, log=lambda s: None)
+    assert again == first  # evaluation-only settings may change; nothing was retrained
+    hist = [json.loads(line) for line in open(tmp_path / "rmt-xl10" / lm.LM_METRICS)]
+    assert [h["step"] for h in hist] == [1, 2, 3]
+
+
+def _weights(run_dir):
+    from rmt_fast.models import RMTForCausalLM
+
+    return RMTForCausalLM.from_pretrained(os.path.join(run_dir, "checkpoint-4")).state_dict()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
+    import shutil
+
+    settings = lm.Settings(**{**TINY, "steps": 4, "eval_every": 2, "lr": 1e-2})
+    a = lm.run_row("rmt-d1", settings, str(tmp_path / "a"), corpus, log=lambda s: None)
+    # killed during the second chunk: the step-2 checkpoint is the latest, logs run further
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "rmt-d1" / "checkpoint-4")
+    os.remove(tmp_path / "b" / "rmt-d1" / lm.RESULT_NAME)
+    b = lm.run_row("rmt-d1", settings, str(tmp_path / "b"), corpus, log=lambda s: None)
+    wa, wb = _weights(tmp_path / "a" / "rmt-d1"), _weights(tmp_path / "b" / "rmt-d1")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert b["test"]["bits_per_byte"] == a["test"]["bits_per_byte"]
+    clocks = ("wall_time", "driver_seconds", "chunk_seconds", "valid_eval_seconds")
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in clocks}
+                         for line in open(tmp_path / run / "rmt-d1" / lm.LM_METRICS)]
+    assert strip("b") == strip("a")
+    # another seed trains other weights (the comparison can fail)
+    lm.run_row("rmt-d1", lm.Settings(**{**TINY, "steps": 4, "eval_every": 2, "lr": 1e-2, "seed": 1}),
+               str(tmp_path / "c"), corpus, log=lambda s: None)
+    wc = _weights(tmp_path / "c" / "rmt-d1")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_measure_one_plot_and_table(corpus, tmp_path):
+    settings = lm.Settings(**TINY)
+    for ckpt in (False, True):
+        rec = lm.measure_one("rmt-d4", settings, ckpt, steps=2, warmup=1, corpus_dir=corpus.directory)
+        assert rec["tokens_per_step"] == 2 * 5 * 8 and rec["s_per_step_median"] > 0
+        assert rec["peak_rss_mib"] > 0 and rec["checkpoint_segments"] is ckpt
+    for row in ("plain", "rmt-d2"):
+        lm.run_row(row, settings, str(tmp_path), corpus, log=lambda s: None)
+    png = tmp_path / "curves.png"
+    lm.plot(str(png), str(tmp_path))
+    assert png.stat().st_size > 1000
+    text = lm.table(str(tmp_path))
+    assert text.count("\n") == 3 and "| plain (first 4 documents only) | 0 | 0 | - | causal |" in text
+    with pytest.raises(ValueError, match="row must be one of"):
+        lm.run_row("nope", settings, str(tmp_path), corpus)
