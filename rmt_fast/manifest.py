@@ -85,6 +85,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "rmt_config", None)
     h.update(json.dumps(config.to_dict() if config is not None else None, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
+        if name.endswith("_extra_state") or not isinstance(t, torch.Tensor):
+            continue  # metadata (the configs as JSON, incl. transformers' version), not weights
         t = t.detach()
         h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode())
         flat = t.reshape(-1)
