@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rmt_fast.integrations.fused_activations import fuse_activations
+from rmt_fast.manifest import base_fingerprint, reading, verify_manifest, write_manifest
 from rmt_fast.models.config import CONFIG_NAME, RMTConfig
 
 WEIGHTS_NAME = "rmt_weights.safetensors"
@@ -232,13 +233,18 @@ class RMTBase(nn.Module):
         top of the base weights."""
         os.makedirs(directory, exist_ok=True)
         base_dir = os.path.join(directory, BASE_DIR)
+        base_state = None
         if self.is_peft:
             self.base.save_pretrained(base_dir, safe_serialization=True)
         else:
-            self.base.save_pretrained(base_dir, safe_serialization=True,
-                                      state_dict=self.base_state_dict(state_dict))
+            base_state = self.base_state_dict(state_dict)
+            self.base.save_pretrained(base_dir, safe_serialization=True, state_dict=base_state)
         self.rmt_config.save(directory)
         save_file(self.rmt_state_dict(state_dict), os.path.join(directory, WEIGHTS_NAME))
+        # manifest (rmt_fast/manifest.py): sizes and SHA-256 of the files above, config, fingerprint
+        write_manifest(directory, self.rmt_config.to_dict(),
+                       base_fingerprint(self.base.state_dict() if base_state is None else base_state,
+                                        self.base.config), [BASE_DIR, CONFIG_NAME, WEIGHTS_NAME])
 
     @property
     def is_peft(self) -> bool:
@@ -247,20 +253,26 @@ class RMTBase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, base_model: nn.Module | str | None = None,
-                        is_trainable: bool = False, **base_kwargs):
+                        is_trainable: bool = False, verify: bool = True, **base_kwargs):
         """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader).
         Like transformers' ``from_pretrained``, the model comes back in eval mode.
 
         A directory whose ``base`` holds a peft adapter needs the model it was trained on:
         ``base_model`` (a model or its path; default: the adapter's ``base_model_name_or_path``);
         ``is_trainable=True`` keeps the adapter trainable. A ``transformers.Trainer`` checkpoint
-        (one ``model.safetensors``) loads too."""
+        (one ``model.safetensors``) loads too.
+
+        ``verify``: check every file against the checkpoint's manifest first (sizes, SHA-256,
+        config; a ValueError naming the file on a mismatch; a warning when there is no manifest).
+        """
         import transformers
 
         if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and \
                 os.path.isfile(os.path.join(directory, TRAINER_WEIGHTS_NAME)):
             return cls._from_state_dict_file(os.path.join(directory, TRAINER_WEIGHTS_NAME), **base_kwargs)
         config = RMTConfig.load(directory)
+        if verify:  # rmt_fast/manifest.py
+            verify_manifest(directory, config.to_dict())
         auto = getattr(transformers, cls.auto_class)
         base_dir = os.path.join(directory, BASE_DIR)
         if os.path.isfile(os.path.join(base_dir, "adapter_config.json")):
@@ -273,14 +285,17 @@ class RMTBase(nn.Module):
                                      "base_model= (that model, or its path)")
             if isinstance(base_model, (str, os.PathLike)):
                 base_model = auto.from_pretrained(base_model, **base_kwargs)
-            base = PeftModel.from_pretrained(base_model, base_dir, is_trainable=is_trainable)
+            with reading(base_dir, "the peft adapter"):
+                base = PeftModel.from_pretrained(base_model, base_dir, is_trainable=is_trainable)
         elif base_model is not None:
             raise ValueError(f"base_model= is for checkpoints with a peft adapter; {base_dir} holds "
                              "a whole base model")
         else:
-            base = auto.from_pretrained(base_dir, **base_kwargs)
+            with reading(base_dir, "the base model"):
+                base = auto.from_pretrained(base_dir, **base_kwargs)
         model = cls(base, config=config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        with reading(os.path.join(directory, WEIGHTS_NAME), "the RMT weights"):
+            state = load_file(os.path.join(directory, WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if model.is_rmt_key(k)]
         if missing or unexpected:
@@ -294,7 +309,8 @@ class RMTBase(nn.Module):
         from its saved config (``base_kwargs`` go to ``from_config``), then every weight loads."""
         import transformers
 
-        state = load_file(path)
+        with reading(path, "the model weights"):
+            state = load_file(path)
         if EXTRA_STATE_KEY not in state:
             raise ValueError(f"{path} has no {EXTRA_STATE_KEY!r} entry: not a state dict of an "
                              "rmt_fast wrapper (or written before rmt_fast 0.2)")

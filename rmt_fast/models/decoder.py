@@ -14,7 +14,9 @@ from rmt_fast.checkpoint import is_cut, segment_bptt
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.validation import check_causal_lm_call
 
 XLState = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [B, Hkv, P, D]
 
@@ -211,6 +213,8 @@ class RMTForCausalLM(RMTBase):
         loss); ``attention_mask`` ``[B, T]`` (1 = real token); ``memory`` ``[B, M, d]`` resumes
         from a saved state. The loss is the mean next-token cross-entropy over all selected
         positions of all segments (or the last, ``loss_over="last"``)."""
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
+                             labels_mask=labels_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory)
         segments = self._segments(input_ids, attention_mask, labels, labels_mask)
         if memory is None:
@@ -262,6 +266,7 @@ class RMTForCausalLM(RMTBase):
 
     # --- long-context use ----------------------------------------------------------------------
     @torch.no_grad()
+    @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              memory: torch.Tensor | None = None, xl: RecurrentState | None = None):
         """Read a context into memory without keeping logits: ``(memory [B, M, d], xl)``."""
@@ -270,12 +275,14 @@ class RMTForCausalLM(RMTBase):
         return out.memory, out.xl
 
     @torch.no_grad()
+    @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  memory: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Read every segment but the last into memory, then ``base.generate`` from
         ``[read memory | last segment]`` with the base model's KV cache. Memory is not updated
         while generating; the XL cache is not used here. Returns only the new tokens ``[B, N]``.
         """
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, None, None, memory)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:

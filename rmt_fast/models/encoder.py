@@ -18,6 +18,7 @@ from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.validation import check_encoder_call
 
 
 @dataclass
@@ -109,6 +110,8 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
                 attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None) -> RMTEncoderOutput:
         """``input_ids``/``attention_mask`` ``[B, T]``, ``labels`` ``[B]`` class ids."""
+        check_encoder_call(self, input_ids, attention_mask=attention_mask, labels=labels, memory=memory,
+                           per_token=False)
         seg_logits: list[torch.Tensor] = []
         memory = self._run(input_ids, attention_mask, memory,
                            lambda t, n, s, e, out: seg_logits.append(out.logits))
@@ -128,6 +131,8 @@ class RMTEncoderForTokenClassification(_RMTEncoderBase):
                 attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None) -> RMTEncoderOutput:
         """``labels`` ``[B, T]`` (-100 = ignore). ``logits`` ``[B, T, C]``."""
+        check_encoder_call(self, input_ids, attention_mask=attention_mask, labels=labels, memory=memory,
+                           per_token=True)
         m = self.rmt_config.num_mem_tokens
         pieces: list[torch.Tensor] = []
         memory = self._run(input_ids, attention_mask, memory,

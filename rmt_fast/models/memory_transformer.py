@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from rmt_fast.integrations.transformers import MemoryLayout, current_layout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import VARIANTS, RMTConfig
+from rmt_fast.validation import check_memory_transformer_call
 
 
 @dataclass
@@ -134,6 +135,7 @@ class MemoryTransformer(RMTBase):
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> MemoryTransformerOutput:
         """``input_ids``/``attention_mask`` ``[B, T]``; memory is prepended."""
+        check_memory_transformer_call(self, input_ids, attention_mask=attention_mask)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
         m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
