@@ -39,6 +39,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,9 @@ class ARMTConfig:
             the base model's dtype.
         backend: associative-memory backend (``auto``, ``torch``, ``triton``, ``reference``).
     """
+
+    #: the file ``save``/``load`` use inside a checkpoint directory
+    FILE_NAME: ClassVar[str] = CONFIG_NAME
 
     num_mem_tokens: int = 16
     d_mem: int = 64

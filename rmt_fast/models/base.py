@@ -13,7 +13,7 @@ from torch import nn
 
 from rmt_fast.integrations.fused_activations import fuse_activations
 from rmt_fast.manifest import base_fingerprint, reading, verify_manifest, write_manifest
-from rmt_fast.models.config import CONFIG_NAME, RMTConfig
+from rmt_fast.models.config import RMTConfig
 
 WEIGHTS_NAME = "rmt_weights.safetensors"
 BASE_DIR = "base"
@@ -244,7 +244,8 @@ class RMTBase(nn.Module):
         # manifest (rmt_fast/manifest.py): sizes and SHA-256 of the files above, config, fingerprint
         write_manifest(directory, self.rmt_config.to_dict(),
                        base_fingerprint(self.base.state_dict() if base_state is None else base_state,
-                                        self.base.config), [BASE_DIR, CONFIG_NAME, WEIGHTS_NAME])
+                                        self.base.config),
+                       [BASE_DIR, self.config_class.FILE_NAME, WEIGHTS_NAME])
 
     @property
     def is_peft(self) -> bool:
@@ -267,7 +268,7 @@ class RMTBase(nn.Module):
         """
         import transformers
 
-        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and \
+        if not os.path.isfile(os.path.join(directory, cls.config_class.FILE_NAME)) and \
                 os.path.isfile(os.path.join(directory, TRAINER_WEIGHTS_NAME)):
             return cls._from_state_dict_file(os.path.join(directory, TRAINER_WEIGHTS_NAME), **base_kwargs)
         config = RMTConfig.load(directory)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rmt_fast.manifest import read_json
 from rmt_fast.masks import MASK_MODES
@@ -49,6 +50,9 @@ class RMTConfig:
         variant: Memory Transformer variant: ``mem``, ``ctrl`` or ``bottleneck``.
         cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
     """
+
+    #: the file ``save``/``load`` use inside a checkpoint directory
+    FILE_NAME: ClassVar[str] = CONFIG_NAME
 
     num_mem_tokens: int = 16
     segment_size: int = 512
