@@ -23,7 +23,8 @@ def test_flops_model_reproduces_the_1m_report_scale():
 def test_sweep_writes_json_markdown_png_and_stops_at_budget(tmp_path):
     rows = sweep.main(["--systems", "rmt_fast", "full", "--modes", "infer", "train", "--lengths",
                        "64", "128", "--config", "tiny", "--repeats", "1", "--train-batch", "2",
-                       "--mem-budget", "100000", "--out", str(tmp_path)])
+                       "--mem-budget", "100000", "--ceiling-size", "128", "--ceiling-copy-mib", "4",
+                       "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"machine", "rows", "command"} <= set(data)
     assert data["machine"]["torch"] and data["machine"]["cores"]
@@ -47,7 +48,7 @@ def test_sweep_marks_points_past_the_memory_budget():
 
 @pytest.mark.parametrize("system", ["lucidrains"])
 def test_missing_peer_is_reported_not_fatal(system, monkeypatch):
-    monkeypatch.setattr(sweep, "available", lambda s: False)
+    monkeypatch.setattr(sweep, "unavailable", lambda s, official_rmt=None: "not installed")
     rows = sweep.sweep([system], ["infer"], [64], {"infer": 1, "train": 1}, 1, 60, 1e5, "tiny", 1,
                        progress=False)
     assert rows[0]["status"] == "not installed"
