@@ -311,7 +311,10 @@ def plot(rows: list[dict], path: str) -> None:
     save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with ``--quick``, ``--dtype auto`` and ``--official-rmt`` resolved:
+    ``lengths``, ``train_batch``, ``repeats``, ``min_repeats``, ``max_train_length``,
+    ``time_budget``, ``dtypes`` (names), ``systems`` are final."""
     p = argparse.ArgumentParser(prog="rmt-fast bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help=f"lengths {', '.join(map(str, QUICK_LENGTHS))} (training up to "
@@ -359,24 +362,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         a.official_rmt = os.path.abspath(a.official_rmt)
         if "official" not in a.systems:
             a.systems = [*a.systems, "official"]
-    min_repeats = 1
-    train_batch = a.train_batch
+    a.min_repeats = 1
     if a.quick:
-        a.repeats, min_repeats = max(a.repeats, 3), 3
+        a.repeats, a.min_repeats = max(a.repeats, 3), 3
         a.time_budget = min(a.time_budget, 90)
         a.lengths = a.lengths or list(QUICK_LENGTHS)
         a.max_train_length = a.max_train_length or QUICK_MAX_TRAIN_LENGTH
-        train_batch = train_batch or 1
-    train_batch = train_batch or 4
-    dtypes = list(dict.fromkeys(dtype_name(resolve_dtype(d, "cpu")) for d in a.dtype))
-    lengths = a.lengths or lengths_doubling(a.min_length, a.max_length)
+        a.train_batch = a.train_batch or 1
+    a.train_batch = a.train_batch or 4
+    a.dtypes = list(dict.fromkeys(dtype_name(resolve_dtype(d, "cpu")) for d in a.dtype))
+    a.lengths = a.lengths or lengths_doubling(a.min_length, a.max_length)
+    return a
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from rmt_fast.bench.systems import CONFIGS
+
+    a = parse_args(argv)
+    dtypes = a.dtypes
     os.makedirs(a.out, exist_ok=True)
     ceiling_dtypes = list(dict.fromkeys(["float32", "bfloat16", *dtypes]))
     before = measure_ceilings(a.threads, ceiling_dtypes, a.ceiling_size, a.ceiling_copy_mib)
-    rows = sweep(a.systems, a.modes, lengths, {INFER: a.infer_batch, TRAIN: train_batch},
+    rows = sweep(a.systems, a.modes, a.lengths, {INFER: a.infer_batch, TRAIN: a.train_batch},
                  a.repeats, a.time_budget, a.mem_budget, a.config, a.threads,
                  partial_path=os.path.join(a.out, "results.partial.json"), dtypes=dtypes,
-                 official_rmt=a.official_rmt, rounds=a.rounds, min_repeats=min_repeats,
+                 official_rmt=a.official_rmt, rounds=a.rounds, min_repeats=a.min_repeats,
                  max_lengths={TRAIN: a.max_train_length} if a.max_train_length else None)
     after = measure_ceilings(a.threads, ceiling_dtypes, a.ceiling_size, a.ceiling_copy_mib)
     ceilings = best_ceilings([before, after])
