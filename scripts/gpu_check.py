@@ -35,10 +35,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -82,6 +86,12 @@ def install_env(base: dict[str, str], capability, cpus: int | None = None) -> di
     env.setdefault("MAX_JOBS", str(max(1, min(cpus or os.cpu_count() or 1, 16))))
     if not env.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
         env["CUDA_HOME"] = "/usr/local/cuda"
+    # headers of the pip CUDA libraries (cuBLAS, cuSPARSE, ...) that torch's headers include,
+    # for toolkits installed without them; CPATH comes after -I, so a full toolkit still wins
+    extra = [d for d in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*",
+                                               "include")) if os.path.isdir(d)]
+    if extra:
+        env["CPATH"] = os.pathsep.join([p for p in [env.get("CPATH", "")] if p] + sorted(extra))
     return env
 
 
@@ -97,16 +107,22 @@ def run_stage(stage: Stage, timeout: float, log) -> dict:
     start = time.monotonic()
     log.write(f"\n===== stage {stage.name} (timeout {timeout:.0f} s) =====\n")
     log.flush()
-    status = None
+    status, proc = None, None
     try:
-        proc = subprocess.run(stage.cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env=stage.env, cwd=tempfile.gettempdir())
-        if proc.returncode != 0:
-            status = f"crashed: exit code {proc.returncode} (see gpu_check.log)"
+        # its own process group: on timeout the stage goes with everything it started (Triton
+        # workers, compilers); not a new session, so nothing outlives this script
+        proc = subprocess.Popen(stage.cmd, stdout=log, stderr=subprocess.STDOUT, env=stage.env,
+                                cwd=tempfile.gettempdir(), preexec_fn=os.setpgrp)
+        code = proc.wait(timeout=timeout)
+        if code != 0:
+            status = f"crashed: exit code {code} (see gpu_check.log)"
     except subprocess.TimeoutExpired:
         status = f"timeout: over its {timeout:.0f} s budget"
     except OSError as e:
         status = f"error: {e}"
+    finally:
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
     seconds = time.monotonic() - start
     result: dict = {}
     if os.path.exists(stage.result):
@@ -123,6 +139,14 @@ def run_stage(stage: Stage, timeout: float, log) -> dict:
     log.write(f"===== stage {stage.name}: {result['status']} in {seconds:.1f} s =====\n")
     log.flush()
     return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
 
 
 def orchestrate(stages: list[Stage], out_dir: str, deadline_s: float, header: dict,
@@ -503,6 +527,7 @@ def stage_memory_store(ctx: Ctx, rec: Recorder) -> None:
                 states.append(s.clone())
                 store.put(i, s)
                 s.add_(1.0)  # same stream, after put: the stored copy must not see it
+        torch.cuda.current_stream().wait_stream(side)  # states[] are read on this stream
         assert store.size() == n and store.segments() == list(range(n))
         assert store.nbytes() >= n * states[0].nbytes
         work = torch.randn(2048, 2048, device=dev)
@@ -678,11 +703,13 @@ def stage_triton_correctness(ctx: Ctx, rec: Recorder) -> None:
         cmd = [sys.executable, SCRIPT, "--stage", "triton_worker", "--dtype", name, "--result",
                path, "--budget", str(ctx.budget_s - 10)] + (["--dry-run"] if ctx.tiny else [])
         procs.append((name, path, subprocess.Popen(cmd, env=env)))
+    deadline = time.monotonic() + ctx.budget_s - 5
     for name, path, p in procs:
         try:
-            p.wait(timeout=max(1.0, ctx.budget_s - 5))
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
         try:
             with open(path) as f:
                 part = json.load(f)
@@ -946,8 +973,9 @@ def parent_main(a) -> int:
     if install:
         pip_log = os.path.join(out_dir, "install.log")
         inst = install_env(env, probe.get("capability"))
-        cmd = ["bash", "-c", f"{' '.join(install_command(python, REPO))} > {pip_log} 2>&1; "
-               f"rc=$?; tail -5 {pip_log}; exit $rc"]
+        log_q = shlex.quote(pip_log)
+        cmd = ["bash", "-c", f"{shlex.join(install_command(python, REPO))} > {log_q} 2>&1; "
+               f"rc=$?; tail -5 {log_q}; exit $rc"]
         stages.append(Stage("install", INSTALL_BUDGET_S, cmd, os.path.join(work, "install.json"),
                             inst))
     else:

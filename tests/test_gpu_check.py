@@ -45,6 +45,14 @@ def _stage(gc, tmp_path, name, code, budget=30.0):
                     result)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_orchestrate_isolates_failures_timeouts_and_deadline(gc, tmp_path):
     write = ("import json; json.dump({{'status': {status!r}, 'checks': [{{'name': 'c', "
              "'status': {check!r}, 'detail': 'd', 'seconds': 0}}]}}, open(RESULT, 'w'))")
@@ -53,7 +61,10 @@ def test_orchestrate_isolates_failures_timeouts_and_deadline(gc, tmp_path):
         # writes a partial result, then dies: the partial result stays, the status says crashed
         _stage(gc, tmp_path, "crash", write.format(status="running", check="ok")
                + "; import sys; sys.exit(3)"),
-        _stage(gc, tmp_path, "hang", "import time; time.sleep(60)", budget=1.5),
+        # hangs, and has started a process of its own: both go at the stage's budget
+        _stage(gc, tmp_path, "hang", "import subprocess, sys, time; p = subprocess.Popen([sys.executable,"
+               " '-c', 'import time; time.sleep(60)']); open(RESULT + '.pid', 'w').write(str(p.pid));"
+               " time.sleep(60)", budget=3),
         _stage(gc, tmp_path, "after", write.format(status="failed: 1 check(s)", check="FAIL")),
         _stage(gc, tmp_path, "late", write.format(status="ok", check="ok")),
     ]
@@ -70,6 +81,12 @@ def test_orchestrate_isolates_failures_timeouts_and_deadline(gc, tmp_path):
     assert st["crash"]["status"].startswith("crashed: exit code 3")
     assert st["crash"]["checks"][0]["status"] == "ok"  # what it wrote before dying
     assert st["hang"]["status"].startswith("timeout") and st["hang"]["seconds"] < 30
+    grandchild = int((tmp_path / "hang.json.pid").read_text())
+    for _ in range(50):  # killed with its stage (gone, or a zombie until someone reaps it)
+        if not _alive(grandchild):
+            break
+        __import__("time").sleep(0.1)
+    assert not _alive(grandchild)
     assert st["after"]["status"].startswith("failed")  # ran although the one before hung
     assert late["stages"]["late"]["status"] == "skipped: global deadline reached"
     data = json.loads((out / "gpu_check.json").read_text())
