@@ -16,7 +16,7 @@ Meant for a fresh CUDA machine (H100/H200) that has torch and triton but nothing
                      GQA, past keys, key padding, decode; forward and backward (one worker
                      process per dtype, in parallel, so Triton compiles overlap)
   train_step         GPT-2-small RMT training step, segment checkpointing, bf16 autocast:
-                     tokens/s, allocator peak vs the unchekpointed step, same loss
+                     tokens/s, allocator peak vs the uncheckpointed step, same loss
   streaming_1m       StreamingReader over 1,000,000 tokens (bf16): tokens/s, allocator peak
   kernel_timing      Triton vs SDPA vs FlexAttention (same mask) vs FlashAttention (when
                      installed): TFLOP/s and fraction of peak (rmt_fast/bench/roofline.py)
