@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.rmt_fast_installed
 SOURCES := $(shell find rmt_fast kernels csrc -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) 2>/dev/null) setup.py requirements-dev.txt
 
-.PHONY: setup demo test lint check-wheel bench check-cuda-build clean
+.PHONY: setup demo test lint check-wheel bench check-cuda-build gpu-check clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,13 @@ check-cuda-build:
 	  MAX_JOBS=2 TORCH_CUDA_ARCH_LIST="8.0;9.0" $(CUDA_VENV)/bin/python setup.py build_ext --inplace
 	cd /tmp/rmt_cuda_src && $(CUDA_VENV)/bin/python -c "import torch, rmt_fast._C; \
 	  print(torch._C._dispatch_dump('rmt_fast::assemble_segment'))"
+
+# One-shot GPU check (scripts/gpu_check.py): on a CUDA machine with torch + triton, builds and
+# installs rmt_fast with its CUDA extension into GPU_PY, checks and times it (<= 8 minutes);
+# JSON + markdown under $OUT, else gpu_check_out/. Without CUDA: a CPU dry run at tiny sizes.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info rmt_fast/_C*.so

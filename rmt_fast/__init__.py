@@ -19,6 +19,11 @@ HAS_TRANSFORMERS_BACKEND = _register_transformers()
 
 # name -> module that defines it; loaded on first attribute access
 _LAZY = {
+    "ARMTConfig": "rmt_fast.models.armt",
+    "ARMTForCausalLM": "rmt_fast.models.armt",
+    "ARMTOutput": "rmt_fast.models.armt",
+    "ARMTState": "rmt_fast.models.armt",
+    "DiagonalExecutor": "rmt_fast.models.diagonal",
     "AutoRMT": "rmt_fast.models.auto",
     "RMTConfig": "rmt_fast.models.config",
     "RMTDataCollator": "rmt_fast.data",
@@ -37,9 +42,11 @@ _LAZY = {
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from rmt_fast.data import RMTDataCollator
     from rmt_fast.integrations.fused_activations import fuse_activations
+    from rmt_fast.models.armt import ARMTConfig, ARMTForCausalLM, ARMTOutput, ARMTState
     from rmt_fast.models.auto import AutoRMT
     from rmt_fast.models.config import RMTConfig
     from rmt_fast.models.decoder import RMTForCausalLM, RMTOutput
+    from rmt_fast.models.diagonal import DiagonalExecutor
     from rmt_fast.models.encoder import (
         RMTEncoderForSequenceClassification,
         RMTEncoderForTokenClassification,
@@ -64,6 +71,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ARMTConfig", "ARMTForCausalLM", "ARMTOutput", "ARMTState", "DiagonalExecutor",
     "MASK_MODES", "AttentionLayout", "AutoRMT", "MemoryTransformer", "MemoryTransformerOutput", "RMTConfig",
     "RMTEncoderForSequenceClassification", "RMTEncoderForTokenClassification", "RMTEncoderOutput",
     "RMTDataCollator", "RMTForCausalLM", "RMTOutput", "StreamingReader", "TrainConfig", "__version__",

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from rmt_fast import distributed as rd
+from rmt_fast import run_io
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
@@ -303,19 +304,16 @@ class RunDir:
         """The metrics records of steps ``<= up_to_step``."""
         if not os.path.exists(self.metrics_path):
             return []
-        with open(self.metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = run_io.read_jsonl(self.metrics_path)  # a torn last line (a kill, a full disk) is dropped
         return [r for r in records if r["step"] <= up_to_step]
 
     def rewrite_metrics(self, records: list[dict]) -> None:
         if self.is_main and os.path.exists(self.metrics_path):
-            with open(self.metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            run_io.rewrite_jsonl(self.metrics_path, records)  # atomically
 
     def append_metrics(self, record: dict) -> None:
         if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            run_io.append_jsonl(self.metrics_path, record)  # whole line, fsync: a kill cuts only this one
 
     def save_checkpoint(self, model, model_state: dict, optimizer_state: dict | None, task: Task,
                         state: dict, keep: int, progress: bool = True) -> str:
@@ -359,7 +357,7 @@ class RunDir:
         # under FSDP type(model) is a generated subclass: load with the model's own class
         cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
         loaded = cls.from_pretrained(path)
-        state = torch.load(os.path.join(path, STATE_NAME), weights_only=True)
+        state = run_io.load_torch(os.path.join(path, STATE_NAME))
         by_name = state.get("optimizer_format") == "by_name"
         if not by_name and rd.is_sharded(model):
             raise ValueError(f"checkpoint {path} keeps its optimizer state by parameter index (written "
@@ -580,9 +578,10 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
                  "global_batch_size": global_batch}
         if env.is_main or rd.is_sharded(model):  # a collective under FSDP; else rank 0's alone
             model_state, optimizer_state = rd.full_state_dicts(model, optimizer)
-        if env.is_main:
-            run.save_checkpoint(model, model_state, optimizer_state, task, state, cfg.keep_checkpoints,
-                                cfg.progress)
+        if env.is_main:  # a full disk: "No space left on device" with the path, partial write removed
+            with run_io.checkpoint_errors(os.path.join(run.path, f"checkpoint-{step}")):
+                run.save_checkpoint(model, model_state, optimizer_state, task, state,
+                                    cfg.keep_checkpoints, cfg.progress)
         rd.barrier()
 
     span = cfg.stage_steps if cfg.stage_steps is not None else cfg.steps
@@ -885,7 +884,7 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     if len(data) == 0:
         raise ValueError(f"the {split} split of {run_dir} is empty")
     model = RMTForCausalLM.from_pretrained(checkpoint)
-    state = torch.load(os.path.join(checkpoint, STATE_NAME), weights_only=True)
+    state = run_io.load_torch(os.path.join(checkpoint, STATE_NAME))
     t0 = time.perf_counter()
     acc = evaluate(model, data, batch_size)
     return {"run": run_dir, "checkpoint": checkpoint, "step": state["step"], "split": split,

@@ -28,6 +28,14 @@ def _qkv(b=1, hq=4, hkv=2, length=8, d=4, dtype=torch.float32):
      r"key_padding_mask must be \[B, P \+ L\] = \[1, 8\]"),
     (lambda a: dict(a, key_padding_mask=torch.ones(1, 8)), r"key_padding_mask must be bool"),
     (lambda a: dict(a, dropout_p=1.5), r"dropout_p must be in"),
+    (lambda a: dict(a, scale=float("nan")), r"scale must be a finite float or None, got nan"),
+    (lambda a: dict(a, scale=float("inf")), r"scale must be a finite float or None, got inf"),
+    (lambda a: dict(a, scale=-float("inf")), r"scale must be a finite float or None, got -inf"),
+    (lambda a: dict(a, scale="0.5"), r"scale must be a finite float or None, got '0.5'"),
+    (lambda a: dict(a, num_read=True), r"num_read must be a non-negative int, got True"),
+    (lambda a: dict(a, num_write=False), r"num_write must be a non-negative int, got False"),
+    (lambda a: dict(a, num_read=1.0), r"num_read must be a non-negative int, got 1.0"),
+    (lambda a: dict(a, past_visible_to_read=1), r"past_visible_to_read must be a bool, got 1"),
 ])
 def test_bad_input_raises_value_error(mutate, match):
     q, k, v = _qkv()
@@ -40,3 +48,13 @@ def test_integer_inputs_rejected():
     q, k, v = (t.long() for t in _qkv())
     with pytest.raises(ValueError, match="floating point"):
         memory_attention(q, k, v)
+
+
+@pytest.mark.parametrize("field,value", [("scale", float("nan")), ("scale", float("inf")),
+                                         ("num_read", True), ("num_write", True)])
+def test_attention_layout_rejects_nonfinite_scale_and_bool_counts(field, value):
+    """AttentionLayout (shared by every backend, also built directly by the kernels' callers)."""
+    from rmt_fast.masks import AttentionLayout
+
+    with pytest.raises(ValueError, match=field):
+        AttentionLayout(**{field: value})

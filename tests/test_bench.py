@@ -1,10 +1,61 @@
 """The benchmark harness on tiny sizes: its outputs and its budgets (no timing asserts)."""
 
 import json
+import os
 
 import pytest
+import torch
 
-from rmt_fast.bench import flops, sweep
+from rmt_fast.bench import ceilings, flops, sweep, systems
+
+# A stand-in with the official wrapper's interface (MemoryCell(base, M), RecurrentWrapper(cell,
+# segment_size=..., ...), forward(input_ids, labels=None) -> .loss, .logits), written for these
+# tests: the official file itself is not on PyPI and is never shipped or committed.
+OFFICIAL_STANDIN = """
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+class MemoryCell(torch.nn.Module):
+    def __init__(self, base_model, num_mem_tokens):
+        super().__init__()
+        self.model = base_model
+        self.memory = torch.nn.Parameter(torch.randn(num_mem_tokens, base_model.config.n_embd))
+
+    def forward(self, input_ids, memory_state=None):
+        m = self.memory.shape[0]
+        if memory_state is None:
+            memory_state = self.memory.expand(input_ids.shape[0], -1, -1)
+        x = torch.cat([memory_state, self.model.get_input_embeddings()(input_ids), memory_state], 1)
+        out = self.model(inputs_embeds=x, output_hidden_states=True)
+        return out.logits[:, m:-m], out.hidden_states[-1][:, -m:]
+
+
+class RecurrentWrapper(torch.nn.Module):
+    def __init__(self, memory_cell, **rmt_kwargs):
+        super().__init__()
+        self.memory_cell, self.rmt_config = memory_cell, rmt_kwargs
+
+    def forward(self, input_ids, labels=None):
+        memory, logits = None, []
+        for seg in input_ids.split(self.rmt_config["segment_size"], dim=1):
+            seg_logits, memory = self.memory_cell(seg, memory_state=memory)
+            logits.append(seg_logits)
+        logits = torch.cat(logits, 1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+"""
+
+
+@pytest.fixture
+def official_standin(tmp_path):
+    path = tmp_path / "language_modeling.py"
+    path.write_text(OFFICIAL_STANDIN)
+    return path
 
 
 def test_flops_model_reproduces_the_1m_report_scale():
@@ -20,22 +71,38 @@ def test_flops_model_reproduces_the_1m_report_scale():
     assert flops.forward_flops(1024, opt) > 2 * flops.forward_flops(512, opt)  # quadratic term
 
 
-def test_sweep_writes_json_markdown_png_and_stops_at_budget(tmp_path):
-    rows = sweep.main(["--systems", "rmt_fast", "full", "--modes", "infer", "train", "--lengths",
-                       "64", "128", "--config", "tiny", "--repeats", "1", "--train-batch", "2",
-                       "--mem-budget", "100000", "--out", str(tmp_path)])
+def test_sweep_writes_json_markdown_png(tmp_path, official_standin):
+    """Two dtypes, the official system from a file, 2 timed runs per point: every row has its
+    runs, spread, GFLOP/s and fraction of the ceiling measured in the same run."""
+    rows = sweep.main(["--systems", "rmt_fast", "--official-rmt", str(official_standin),
+                       "--modes", "infer", "train", "--lengths", "64", "--config", "tiny",
+                       "--repeats", "2", "--train-batch", "2", "--dtype", "float32", "bfloat16",
+                       "--mem-budget", "100000", "--ceiling-size", "128", "--ceiling-copy-mib", "4",
+                       "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
-    assert {"machine", "rows", "command"} <= set(data)
+    assert {"machine", "rows", "command", "ceilings", "dtypes"} <= set(data)
     assert data["machine"]["torch"] and data["machine"]["cores"]
+    assert data["dtypes"] == ["float32", "bfloat16"]
+    ceil = data["ceilings"]
+    assert set(ceil["gflops"]) == {"float32", "bfloat16"} and ceil["copy_gbps"] > 0
+    assert ceil["before"]["matmul"]["float32"]["size"] == 128 and ceil["after"] is not None
     ok = [r for r in data["rows"] if r["status"] == "ok"]
-    assert len(ok) == 8
+    assert len(ok) == len(rows) == 8  # 2 systems x 2 modes x 2 dtypes
+    assert {(r["system"], r["mode"], r["dtype"]) for r in ok} == {
+        (s, m, d) for s in ("rmt_fast", "official") for m in ("infer", "train")
+        for d in ("float32", "bfloat16")}
     for r in ok:
-        assert r["tokens_per_s"] > 0 and r["peak_mib"] > 0 and len(r["times_s"]) == 1
+        assert r["tokens_per_s"] > 0 and r["peak_mib"] > 0 and len(r["times_s"]) == 2
+        assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
+        assert r["flops"] > 0 and r["gflops"] > 0 and 0 < r["frac_ceiling"]
         assert r["ours_speedup"] > 0  # measured against ours in the same run
-    assert "| rmt_fast | 128 |" in (tmp_path / "results.md").read_text()
+        assert ("vs_float32" in r) == (r["dtype"] == "bfloat16")
+    md = (tmp_path / "results.md").read_text()
+    assert "### Machine ceilings" in md and "bfloat16 matrix product 128^3" in md
+    assert "### train, bfloat16 (float32 weights, bf16 autocast), batch 2" in md
+    assert "| official | 64 |" in md and "min-max" in md and "vs float32" in md
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((tmp_path / "results.partial.json").read_text())) == 8
-    assert len(rows) == 8
 
 
 def test_sweep_marks_points_past_the_memory_budget():
@@ -45,9 +112,145 @@ def test_sweep_marks_points_past_the_memory_budget():
     assert rows[1]["status"] == rows[0]["status"]  # not run again at a longer length
 
 
+def test_point_flops_by_hand():
+    cfg = systems.CONFIGS["tiny"]  # 2 layers, d 64, ffw 128, vocab 100, segment 32, memory 4
+    # 80 tokens: segments of 32, 32, 16 -> 40, 40, 24 positions with read + write memory.
+    # per layer: projections 8 P d^2, MLP 4 P d f, attention 4 d P (P + 1) / 2
+    p40 = 2 * (2 * 40 * 4 * 64 ** 2 + 2 * 40 * 2 * 64 * 128 + 4 * 64 * 40 * 41 // 2)
+    p24 = 2 * (2 * 24 * 4 * 64 ** 2 + 2 * 24 * 2 * 64 * 128 + 4 * 64 * 24 * 25 // 2)
+    assert (p40, p24) == (5_662_720, 3_299_328)
+    body = 2 * p40 + p24
+    assert systems.point_flops("rmt_fast", "infer", cfg, 80) == body  # reading: no logits
+    assert systems.point_flops("rmt_fast", "infer", cfg, 80, batch=3) == 3 * body
+    seg_logits = 2 * 64 * 100 * 80  # 2 d V per segment token
+    assert systems.point_flops("rmt_fast", "train", cfg, 80) == 3 * (body + seg_logits)
+    assert systems.point_flops("lucidrains", "infer", cfg, 80) == body + seg_logits
+    all_logits = 2 * 64 * 100 * (40 + 40 + 24)  # the official wrapper: memory positions too
+    assert systems.point_flops("official", "infer", cfg, 80) == body + all_logits
+    full = 2 * (2 * 80 * 4 * 64 ** 2 + 2 * 80 * 2 * 64 * 128 + 4 * 64 * 80 * 81 // 2)
+    assert systems.point_flops("full", "infer", cfg, 80) == full + 2 * 64 * 100 * 80
+    m = cfg.shape()
+    assert flops.matmul_forward_flops(40, m) == p40
+    assert flops.matmul_forward_flops(40, m, attention_pairs=0, logit_positions=1) == (
+        p40 - 2 * 4 * 64 * 40 * 41 // 2 + 2 * 64 * 100)
+
+
+def test_official_system_from_a_file(official_standin, tmp_path):
+    cfg = systems.CONFIGS["tiny"]
+    tokens = torch.randint(1, cfg.vocab, (2, 70))
+    for dtype in (torch.float32, torch.bfloat16):
+        systems.build("official", "infer", cfg, 70, dtype, str(official_standin))(tokens)
+        systems.build("official", "train", cfg, 70, dtype, str(official_standin))(tokens)
+    assert systems.unavailable("official") == "not run: pass --official-rmt PATH"
+    assert systems.unavailable("official", str(tmp_path / "nope.py")).startswith("not found")
+    assert systems.available("official", str(official_standin))
+    with pytest.raises(ValueError, match="--official-rmt"):
+        systems.build("official", "infer", cfg, 70)
+    with pytest.raises(FileNotFoundError, match="language_modeling.py"):
+        systems.load_official(tmp_path / "nope.py")
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(ValueError, match="MemoryCell / RecurrentWrapper"):
+        systems.load_official(empty)
+    with pytest.raises(ValueError, match="mode"):
+        systems.build("rmt_fast", "decode", cfg, 70)
+
+
+@pytest.mark.skipif(not os.environ.get("RMT_FAST_OFFICIAL_RMT"),
+                    reason="set RMT_FAST_OFFICIAL_RMT to a copy of the official language_modeling.py")
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_real_official_wrapper(mode):
+    from rmt_fast.bench.point import run_point
+
+    row = run_point("official", mode, 100, 2, repeats=1, config="tiny", dtype="bfloat16",
+                    official_rmt=os.environ["RMT_FAST_OFFICIAL_RMT"])
+    assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["dtype"] == "bfloat16"
+
+
+def test_dtype_reaches_the_models():
+    cfg = systems.CONFIGS["tiny"]
+    tokens = torch.randint(1, cfg.vocab, (1, 40))
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: seen.append(out.dtype)
+        if type(mod).__name__ in ("Linear", "Conv1D") else None)  # GPT-2's projections: Conv1D
+    try:
+        systems.build("rmt_fast", "infer", cfg, 40, torch.bfloat16)(tokens)
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        systems.build("full", "train", cfg, 40, torch.bfloat16)(tokens)  # autocast
+        assert seen and set(seen) == {torch.bfloat16}
+    finally:
+        hook.remove()
+
+
+def test_ceilings_measured_in_process():
+    out = ceilings.measure(("float32", "bfloat16"), "cpu", threads=1, size=64, copy_mib=1,
+                           repeats=2)
+    assert set(out["matmul"]) == {"float32", "bfloat16"} and out["threads"] == 1
+    for r in out["matmul"].values():
+        assert r["gflops"] >= r["median_gflops"] > 0 and len(r["times_s"]) == 2
+    assert out["copy"]["gbps"] > 0 and out["copy"]["mib"] == 1
+    best = sweep.best_ceilings([out, None, {"matmul": {"float32": {"gflops": 1e9}},
+                                            "copy": {"gbps": 0.0}}])
+    assert best["gflops"]["float32"] == 1e9 and best["copy_gbps"] == out["copy"]["gbps"]
+
+
+def test_rounds_pool_runs_ratios_and_table(tmp_path):
+    def point(system, dtype, times):
+        r = {"system": system, "mode": "infer", "dtype": dtype, "length": 100, "batch": 2}
+        sweep._merge(r, {**r, "status": "ok", "times_s": times, "median_s": 0.0, "flops": 4e9,
+                         "peak_mib": 10.0})
+        return r
+
+    ours = point("rmt_fast", "float32", [1.0, 2.0, 3.0])
+    sweep._merge(ours, {**ours, "times_s": [4.0, 5.0], "peak_mib": 30.0})  # a second round
+    assert ours["times_s"] == [1.0, 2.0, 3.0, 4.0, 5.0] and ours["rounds"] == 2
+    assert ours["median_s"] == 3.0 and ours["peak_mib"] == 30.0
+    assert ours["tokens_per_s_min"] == 200 / 5 and ours["tokens_per_s_max"] == 200 / 1
+    assert ours["gflops"] == pytest.approx(4 / 3)
+    peer = point("lucidrains", "float32", [6.0])
+    ours16, peer16 = point("rmt_fast", "bfloat16", [1.0]), point("lucidrains", "bfloat16", [4.0])
+    failed = {"system": "official", "mode": "infer", "dtype": "bfloat16", "length": 100,
+              "batch": 2, "status": "not run: pass --official-rmt PATH"}
+    rows = [ours, peer, ours16, peer16, failed]
+    sweep._add_ratios(rows)
+    sweep.add_ceiling_fractions(rows, {"gflops": {"float32": 2.0, "bfloat16": 8.0}})
+    assert peer["ours_speedup"] == pytest.approx(2.0) and peer16["ours_speedup"] == 4.0
+    assert ours16["vs_float32"] == pytest.approx(3.0) and "vs_float32" not in ours
+    assert ours["frac_ceiling"] == pytest.approx(2 / 3) and ours16["frac_ceiling"] == 0.5
+    md = sweep.markdown(rows)
+    assert "| rmt_fast | 100 | 67 | 40-200 | 5 | 1.3 | 66.7% | 30 | 1.00x | 1.00x |" in md
+    assert "| official | 100 | not run: pass --official-rmt PATH |" in md
+    for block in md.split("### ")[1:]:  # failed rows have as many cells as measured ones
+        assert len({ln.count("|") for ln in block.splitlines() if ln.startswith("|")}) == 1, block
+    sweep.plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_and_official_arguments(official_standin, monkeypatch):
+    from rmt_fast import dtypes
+
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda *a, **k: True)
+    a = sweep.parse_args(["--quick"])
+    assert a.lengths == list(sweep.QUICK_LENGTHS) and a.max_train_length == 4096
+    assert a.repeats >= 3 and a.min_repeats == 3 and a.train_batch == 1 and a.time_budget <= 90
+    assert a.dtypes == ["bfloat16"] and "official" not in a.systems
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda *a, **k: False)
+    b = sweep.parse_args(["--dtype", "auto", "bfloat16", "float32", "--official-rmt",
+                          str(official_standin)])
+    assert b.dtypes == ["float32", "bfloat16"] and b.systems[-1] == "official"
+    assert b.official_rmt == str(official_standin.resolve()) and b.train_batch == 4
+    assert b.lengths[0] == 1000 and b.lengths[-1] == 2_048_000
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--official-rmt", "/no/such/language_modeling.py"])
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--config", "gpt5"])
+
+
 @pytest.mark.parametrize("system", ["lucidrains"])
 def test_missing_peer_is_reported_not_fatal(system, monkeypatch):
-    monkeypatch.setattr(sweep, "available", lambda s: False)
+    monkeypatch.setattr(sweep, "unavailable", lambda s, official_rmt=None: "not installed")
     rows = sweep.sweep([system], ["infer"], [64], {"infer": 1, "train": 1}, 1, 60, 1e5, "tiny", 1,
                        progress=False)
     assert rows[0]["status"] == "not installed"

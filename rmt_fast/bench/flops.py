@@ -50,6 +50,23 @@ def forward_flops(n: int, m: ModelShape, embeddings: bool = True, logits: bool =
     return float(total)
 
 
+def matmul_forward_flops(positions: int, m: ModelShape, attention_pairs: int | None = None,
+                         logit_positions: int = 0) -> float:
+    """Matrix-product FLOPs of one decoder forward pass over ``positions`` positions.
+
+    Unlike :func:`forward_flops` (the Chinchilla convention, which counts the full ``n x n``
+    score matrix, the softmax and the embedding as a product) this counts what the matrix units
+    execute: q/k/v/output projections ``8 n d^2``, MLP ``4 n d f``, ``4 d`` per visible
+    (query, key) pair (``q @ k^T`` and ``p @ v``; causal: ``n (n + 1) / 2`` pairs) per layer,
+    and ``2 d V`` per position whose logits are computed. Embedding lookups, norms, softmax and
+    activations are not counted.
+    """
+    d = m.d_model
+    pairs = positions * (positions + 1) // 2 if attention_pairs is None else attention_pairs
+    per_layer = 2 * positions * 4 * d * d + 2 * positions * 2 * d * m.ffw + 4 * d * pairs
+    return float(m.layers * per_layer + 2 * logit_positions * d * m.vocab)
+
+
 def rmt_forward_flops(n: int, m: ModelShape, segment: int = 512, **kw) -> float:
     """RMT: ``ceil(n / segment)`` segments of ``segment`` positions each (memory included)."""
     segments = -(-n // segment)

@@ -10,12 +10,14 @@ from rmt_fast.models.config import CONFIG_NAME, RMTConfig
 
 
 def wrapper_classes() -> dict[str, type[RMTBase]]:
+    from rmt_fast.models.armt import ARMTForCausalLM
     from rmt_fast.models.decoder import RMTForCausalLM
     from rmt_fast.models.encoder import RMTEncoderForSequenceClassification, RMTEncoderForTokenClassification
     from rmt_fast.models.memory_transformer import MemoryTransformer
 
-    return {cls.__name__: cls for cls in (RMTForCausalLM, RMTEncoderForSequenceClassification,
-                                          RMTEncoderForTokenClassification, MemoryTransformer)}
+    classes = (RMTForCausalLM, ARMTForCausalLM, RMTEncoderForSequenceClassification,
+               RMTEncoderForTokenClassification, MemoryTransformer)
+    return {cls.__name__: cls for cls in classes}
 
 
 def _wrapper_in(path: str) -> str | None:

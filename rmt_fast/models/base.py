@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rmt_fast.integrations.fused_activations import fuse_activations
-from rmt_fast.models.config import CONFIG_NAME, RMTConfig
+from rmt_fast.manifest import base_fingerprint, reading, verify_manifest, write_manifest
+from rmt_fast.models.config import RMTConfig
 
 WEIGHTS_NAME = "rmt_weights.safetensors"
 BASE_DIR = "base"
@@ -50,8 +51,10 @@ class RMTBase(nn.Module):
     auto_class: ClassVar[str] = "AutoModel"
     #: the ``RMTConfig.kind`` this wrapper implements
     kind: ClassVar[str] = "decoder"
-    #: defaults of this kind that differ from RMTConfig's
+    #: defaults of this kind that differ from the config class's
     config_defaults: ClassVar[dict[str, Any]] = {}
+    #: the frozen dataclass holding this wrapper's configuration
+    config_class: ClassVar[type] = RMTConfig
 
     def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()
@@ -68,7 +71,7 @@ class RMTBase(nn.Module):
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)
         self._use_rmt_fast_attention()
         self.check_positions(self.positions_needed())
-        if config.fuse_activations:  # same function, one fused kernel (GPT-2's gelu_new)
+        if getattr(config, "fuse_activations", True):  # same function, one fused kernel (gelu_new)
             fuse_activations(self.base)
         # tied weights (GPT-2's lm_head = wte) appear once in state_dict(), so safetensors and
         # transformers.Trainer (which saves a plain nn.Module's state dict) can write it
@@ -114,19 +117,19 @@ class RMTBase(nn.Module):
     @classmethod
     def make_config(cls, config: RMTConfig | None = None, **kwargs) -> RMTConfig:
         """``config`` (or this wrapper's defaults) with ``kwargs`` applied, validated."""
-        fields = {f.name for f in dataclasses.fields(RMTConfig)}
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:
             raise TypeError(f"{cls.__name__}: unexpected argument(s) {unknown}; the configuration "
                             f"fields are {sorted(fields - {'kind'})}")
         if config is None:
-            config = RMTConfig(**{**cls.config_defaults, "kind": cls.kind, **kwargs})
-        elif not isinstance(config, RMTConfig):
-            raise TypeError(f"config must be an RMTConfig, got {type(config).__name__}")
+            config = cls.config_class(**{**cls.config_defaults, "kind": cls.kind, **kwargs})
+        elif not isinstance(config, cls.config_class):
+            raise TypeError(f"config must be an {cls.config_class.__name__}, got {type(config).__name__}")
         elif kwargs:
             config = dataclasses.replace(config, **kwargs)
         if config.kind != cls.kind:
-            raise ValueError(f"{cls.__name__} needs an RMTConfig of kind {cls.kind!r}, got "
+            raise ValueError(f"{cls.__name__} needs an {cls.config_class.__name__} of kind {cls.kind!r}, got "
                              f"{config.kind!r}")
         return config
 
@@ -230,13 +233,19 @@ class RMTBase(nn.Module):
         top of the base weights."""
         os.makedirs(directory, exist_ok=True)
         base_dir = os.path.join(directory, BASE_DIR)
+        base_state = None
         if self.is_peft:
             self.base.save_pretrained(base_dir, safe_serialization=True)
         else:
-            self.base.save_pretrained(base_dir, safe_serialization=True,
-                                      state_dict=self.base_state_dict(state_dict))
+            base_state = self.base_state_dict(state_dict)
+            self.base.save_pretrained(base_dir, safe_serialization=True, state_dict=base_state)
         self.rmt_config.save(directory)
         save_file(self.rmt_state_dict(state_dict), os.path.join(directory, WEIGHTS_NAME))
+        # manifest (rmt_fast/manifest.py): sizes and SHA-256 of the files above, config, fingerprint
+        write_manifest(directory, self.rmt_config.to_dict(),
+                       base_fingerprint(self.base.state_dict() if base_state is None else base_state,
+                                        self.base.config),
+                       [BASE_DIR, self.config_class.FILE_NAME, WEIGHTS_NAME])
 
     @property
     def is_peft(self) -> bool:
@@ -245,20 +254,26 @@ class RMTBase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, base_model: nn.Module | str | None = None,
-                        is_trainable: bool = False, **base_kwargs):
+                        is_trainable: bool = False, verify: bool = True, **base_kwargs):
         """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader).
         Like transformers' ``from_pretrained``, the model comes back in eval mode.
 
         A directory whose ``base`` holds a peft adapter needs the model it was trained on:
         ``base_model`` (a model or its path; default: the adapter's ``base_model_name_or_path``);
         ``is_trainable=True`` keeps the adapter trainable. A ``transformers.Trainer`` checkpoint
-        (one ``model.safetensors``) loads too."""
+        (one ``model.safetensors``) loads too.
+
+        ``verify``: check every file against the checkpoint's manifest first (sizes, SHA-256,
+        config; a ValueError naming the file on a mismatch; a warning when there is no manifest).
+        """
         import transformers
 
-        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and \
+        if not os.path.isfile(os.path.join(directory, cls.config_class.FILE_NAME)) and \
                 os.path.isfile(os.path.join(directory, TRAINER_WEIGHTS_NAME)):
             return cls._from_state_dict_file(os.path.join(directory, TRAINER_WEIGHTS_NAME), **base_kwargs)
         config = RMTConfig.load(directory)
+        if verify:  # rmt_fast/manifest.py
+            verify_manifest(directory, config.to_dict())
         auto = getattr(transformers, cls.auto_class)
         base_dir = os.path.join(directory, BASE_DIR)
         if os.path.isfile(os.path.join(base_dir, "adapter_config.json")):
@@ -271,14 +286,17 @@ class RMTBase(nn.Module):
                                      "base_model= (that model, or its path)")
             if isinstance(base_model, (str, os.PathLike)):
                 base_model = auto.from_pretrained(base_model, **base_kwargs)
-            base = PeftModel.from_pretrained(base_model, base_dir, is_trainable=is_trainable)
+            with reading(base_dir, "the peft adapter"):
+                base = PeftModel.from_pretrained(base_model, base_dir, is_trainable=is_trainable)
         elif base_model is not None:
             raise ValueError(f"base_model= is for checkpoints with a peft adapter; {base_dir} holds "
                              "a whole base model")
         else:
-            base = auto.from_pretrained(base_dir, **base_kwargs)
+            with reading(base_dir, "the base model"):
+                base = auto.from_pretrained(base_dir, **base_kwargs)
         model = cls(base, config=config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        with reading(os.path.join(directory, WEIGHTS_NAME), "the RMT weights"):
+            state = load_file(os.path.join(directory, WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if model.is_rmt_key(k)]
         if missing or unexpected:
@@ -292,7 +310,8 @@ class RMTBase(nn.Module):
         from its saved config (``base_kwargs`` go to ``from_config``), then every weight loads."""
         import transformers
 
-        state = load_file(path)
+        with reading(path, "the model weights"):
+            state = load_file(path)
         if EXTRA_STATE_KEY not in state:
             raise ValueError(f"{path} has no {EXTRA_STATE_KEY!r} entry: not a state dict of an "
                              "rmt_fast wrapper (or written before rmt_fast 0.2)")

@@ -6,7 +6,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
+from rmt_fast.manifest import read_json
 from rmt_fast.masks import MASK_MODES
 
 ALIGNMENTS = ("left", "right", "center")
@@ -53,6 +55,9 @@ class RMTConfig:
         variant: Memory Transformer variant: ``mem``, ``ctrl`` or ``bottleneck``.
         cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
     """
+
+    #: the file ``save``/``load`` use inside a checkpoint directory
+    FILE_NAME: ClassVar[str] = CONFIG_NAME
 
     num_mem_tokens: int = 16
     segment_size: int = 512
@@ -124,10 +129,32 @@ class RMTConfig:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> RMTConfig:
+        """The config saved in ``directory/rmt_config.json``. Every field is required (a removed
+        key is an error, never a silent default) and unknown keys are errors; every error names
+        the file."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: is {directory} an rmt_fast checkpoint?")
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json(path, "rmt_fast config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of RMTConfig fields, got "
+                             f"{type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        missing = sorted(known - data.keys() - LOAD_DEFAULTS.keys())
+        if missing:
+            raise ValueError(f"{path}: missing required key(s) {missing}")
+        unknown = sorted(data.keys() - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**{**LOAD_DEFAULTS, **data})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+#: fields added after checkpoints were first written, with the value an older file means (what the
+#: code that wrote it did); any other missing field is an error
+LOAD_DEFAULTS: dict[str, object] = {
+    "fuse_activations": True,  # wrappers always fused tanh-GELU before this switch existed
+    "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
+}

@@ -14,6 +14,7 @@ from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import (
     RecurrentState,
     Segment,
@@ -23,6 +24,7 @@ from rmt_fast.models.segment_loop import (
     run_segments,
 )
 from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.validation import check_causal_lm_call
 
 __all__ = ["RMTForCausalLM", "RMTOutput", "RecurrentState"]
 
@@ -233,6 +235,8 @@ class RMTForCausalLM(RMTBase):
         position would grow with the input length and are off unless asked for.
         ``return_hidden``: also return ``.hidden_states`` ``[B, T, d]``.
         """
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
+                             labels_mask=labels_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory)
         cfg = self.rmt_config
         segments = self._segments(input_ids, attention_mask, labels, labels_mask)
@@ -269,9 +273,11 @@ class RMTForCausalLM(RMTBase):
         return run_segments(self._step, state, segments, callback=callback).state
 
     @torch.no_grad()
+    @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              memory: torch.Tensor | None = None, xl: RecurrentState | None = None):
         """Read a context into memory without keeping logits: ``(memory [B, M, d], xl)``."""
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, None, None, memory)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
@@ -280,6 +286,7 @@ class RMTForCausalLM(RMTBase):
         return state.memory, state.xl
 
     @torch.no_grad()
+    @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  memory: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Read every segment but the last into memory (as :meth:`read`, with the XL cache when
@@ -287,6 +294,7 @@ class RMTForCausalLM(RMTBase):
         base model's KV cache. Memory is not updated while generating; the XL cache is not
         attended to while generating. Returns only the new tokens ``[B, N]``.
         """
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
         self._check_inputs(input_ids, attention_mask, None, None, memory)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:

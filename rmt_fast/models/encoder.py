@@ -18,6 +18,7 @@ from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.segment_loop import Segment, SegmentState, keep_rows, run_segments
 from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.validation import check_encoder_call
 
 
 @dataclass
@@ -117,6 +118,8 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
                 attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None) -> RMTEncoderOutput:
         """``input_ids``/``attention_mask`` ``[B, T]``, ``labels`` ``[B]`` class ids."""
+        check_encoder_call(self, input_ids, attention_mask=attention_mask, labels=labels, memory=memory,
+                           per_token=False)
         memory, seg_logits = self._run(input_ids, attention_mask, memory, lambda out, seg: out.logits)
         loss = None
         if labels is not None:
@@ -134,6 +137,8 @@ class RMTEncoderForTokenClassification(_RMTEncoderBase):
                 attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None) -> RMTEncoderOutput:
         """``labels`` ``[B, T]`` (-100 = ignore). ``logits`` ``[B, T, C]``."""
+        check_encoder_call(self, input_ids, attention_mask=attention_mask, labels=labels, memory=memory,
+                           per_token=True)
         m = self.rmt_config.num_mem_tokens
         memory, pieces = self._run(input_ids, attention_mask, memory,
                                    lambda out, seg: out.logits[:, m + 2: m + 2 + seg.end - seg.start])

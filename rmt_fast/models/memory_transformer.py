@@ -25,6 +25,7 @@ from rmt_fast.integrations.transformers import MemoryLayout, current_layout, mem
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import VARIANTS, RMTConfig
 from rmt_fast.models.segment_loop import Segment, SegmentState, run_segments
+from rmt_fast.validation import check_memory_transformer_call
 
 
 @dataclass
@@ -138,12 +139,9 @@ class MemoryTransformer(RMTBase):
                 attention_mask: torch.Tensor | None = None) -> MemoryTransformerOutput:
         """``input_ids``/``attention_mask`` ``[B, T]``; memory is prepended. One segment through
         the segment loop (a row whose input is all padding keeps the initial memory)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got "
-                             f"{list(getattr(input_ids, 'shape', [])) or type(input_ids).__name__}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, "
-                             f"got {list(attention_mask.shape)}")
+        check_memory_transformer_call(self, input_ids, attention_mask=attention_mask)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
         cfg = self.rmt_config
         self.check_positions(cfg.num_mem_tokens + input_ids.shape[1])
         mask = None if attention_mask is None else attention_mask.to(torch.bool)

@@ -166,13 +166,27 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
                 None, None, None)
 
 
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when its last dimension is contiguous (stride 1), else a contiguous copy
+    (differentiable). ATen's CPU flash kernel takes any stride on the other dimensions (views
+    such as ``[B, L, H, D].transpose(1, 2)`` and stride-0 expanded dims are read correctly) but,
+    unlike ``F.scaled_dot_product_attention``, assumes a unit stride on the head dimension."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout: AttentionLayout
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs in (``layout.scale`` resolved), ``(out [B, Hq, L, D], lse [B, Hq, L]
-    float32)`` out. CPU tensors only."""
+    float32)`` out. CPU tensors only, of any strides (the head dimension is copied to a unit
+    stride when it is not one already)."""
+    q, k, v, past_k, past_v = (unit_last_stride(t) for t in (q, k, v, past_k, past_v))
     if q.numel() == 0 or k.shape[2] == 0:  # the fused kernel crashes (SIGFPE) on empty inputs
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        return q.new_zeros(q.shape), lse
+        # zeros still connected to every input, so backward gives (empty or zero) gradients
+        tie = sum(t.sum() for t in (q, k, v, past_k, past_v) if t is not None) * 0
+        return q.new_zeros(q.shape) + tie.to(q.dtype), lse
     length, past_length = q.shape[2], 0 if past_k is None else past_k.shape[2]
     plan = block_plan(length, past_length, layout)
     if sum(len(g.blocks) for g in plan) > 1 + (past_length > 0) and \

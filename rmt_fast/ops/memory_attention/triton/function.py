@@ -51,7 +51,8 @@ def memory_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @memory_attention_op.register_fake
 def _(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write, mask,
       past_visible_to_read, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # contiguous like the real outputs, whatever q's strides (launch.prepare copies such inputs)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("rmt_fast::triton_memory_attention_bwd", mutates_args=())
@@ -70,17 +71,17 @@ def memory_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                                            lse, layout, need_past_grad and past_k is not None)
     grads = [dq, dk, dv]
     if need_past_grad:
-        grads += [torch.zeros_like(given_pk) if dpk is None else dpk,
-                  torch.zeros_like(given_pv) if dpv is None else dpv]
+        grads += [given_pk.new_zeros(given_pk.shape) if dpk is None else dpk,
+                  given_pv.new_zeros(given_pv.shape) if dpv is None else dpv]
     return grads
 
 
 @memory_attention_bwd_op.register_fake
 def _(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, num_read, num_write, mask,
       past_visible_to_read, scale, need_past_grad=True):
-    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
     if need_past_grad:
-        grads += [torch.empty_like(past_k), torch.empty_like(past_v)]
+        grads += [past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)]
     return grads
 
 

@@ -178,8 +178,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if need_past_grad and past_k is not None:
         dpk, dpv = _alloc(past_k), _alloc(past_v)
     n_rows = batch * hq * length
-    if n_rows == 0:
-        return dq, dk, dv, dpk, dpv
+    if n_rows == 0:  # no query rows: the past keys (P > 0 with L = 0) get zero gradients
+        return dq, dk, dv, None if dpk is None else dpk.zero_(), None if dpv is None else dpv.zero_()
     pre_block = 16 if interpreting() else 64
     bwd_preprocess_kernel[(triton.cdiv(n_rows, pre_block),)](
         out, dout, delta, n_rows, dim, BLOCK_M=pre_block, BLOCK_D=bd)

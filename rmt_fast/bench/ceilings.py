@@ -1,0 +1,110 @@
+"""The machine's own ceilings, measured in the run that reports against them.
+
+* matrix product: ``C = A @ B`` on random ``[n, n]`` operands in each dtype, ``2 n^3`` FLOPs;
+* memory copy: ``dst.copy_(src)`` of a large buffer, bytes read plus bytes written.
+
+Each is timed ``repeats`` times after a warm-up; the ceiling is the best run (the least
+disturbed one on a shared machine), the median is kept too. On CUDA the clock is read after
+``torch.cuda.synchronize()`` around ``inner`` back-to-back calls.
+
+``python -m rmt_fast.bench.ceilings [--threads 1] [--dtypes float32 bfloat16]`` prints one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from rmt_fast.dtypes import dtype_name, resolve_dtype
+
+#: defaults per device type: matrix size, copy MiB, calls per timed run
+DEFAULTS = {"cpu": dict(size=2048, copy_mib=256, inner=1),
+            "cuda": dict(size=8192, copy_mib=2048, inner=10)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int, inner: int) -> list[float]:
+    fn()  # warm-up: library handles, oneDNN/cuBLAS kernel selection
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    return times
+
+
+def matmul_rate(dtype: torch.dtype, size: int, device: torch.device, repeats: int = 5,
+                inner: int = 1) -> dict:
+    """GFLOP/s of an ``[size, size] @ [size, size]`` product (random operands, never zeros)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    c = torch.empty(size, size, device=device, dtype=dtype)
+    times = _time(lambda: torch.matmul(a, b, out=c), device, repeats, inner)
+    flops = 2.0 * size ** 3
+    return {"size": size, "gflops": flops / min(times) / 1e9,
+            "median_gflops": flops / statistics.median(times) / 1e9,
+            "times_s": times}
+
+
+def copy_rate(mib: int, device: torch.device, repeats: int = 5, inner: int = 1) -> dict:
+    """GB/s (1e9 bytes, read + written) of copying a ``mib`` MiB float32 buffer."""
+    n = mib * 2 ** 20 // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    times = _time(lambda: dst.copy_(src), device, repeats, inner)
+    moved = 2.0 * n * 4
+    return {"mib": mib, "gbps": moved / min(times) / 1e9,
+            "median_gbps": moved / statistics.median(times) / 1e9, "times_s": times}
+
+
+def measure(dtypes=("float32", "bfloat16"), device: str | torch.device = "cpu",
+            threads: int | None = None, size: int | None = None, copy_mib: int | None = None,
+            repeats: int = 5) -> dict:
+    """Matrix-product GFLOP/s per dtype and copy GB/s on ``device``.
+
+    ``threads`` sets ``torch.set_num_threads`` first (CPU; use the benchmark's own count).
+    Returns ``{"device", "threads", "matmul": {dtype name: {...}}, "copy": {...}}``.
+    """
+    device = torch.device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    d = DEFAULTS.get(device.type, DEFAULTS["cpu"])
+    size, copy_mib, inner = size or d["size"], copy_mib or d["copy_mib"], d["inner"]
+    out = {"device": str(device), "threads": torch.get_num_threads(), "matmul": {}}
+    for name in dtypes:
+        dtype = resolve_dtype(name, device)
+        out["matmul"][dtype_name(dtype)] = matmul_rate(dtype, size, device, repeats, inner)
+    out["copy"] = copy_rate(copy_mib, device, repeats, inner)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m rmt_fast.bench.ceilings",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--size", type=int, default=None, help="matrix size n (CPU 2048, CUDA 8192)")
+    p.add_argument("--copy-mib", type=int, default=None, help="copied MiB (CPU 256, CUDA 2048)")
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    result = measure(a.dtypes, a.device, a.threads, a.size, a.copy_mib, a.repeats)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

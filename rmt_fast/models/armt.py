@@ -1,0 +1,694 @@
+"""ARMT: the Associative Recurrent Memory Transformer (Rodkin, Kuratov, Bulatov, Burtsev,
+arXiv 2407.04841) around any transformers causal LM.
+
+Each segment runs as ``[segment (<= S) | memory (M)]`` with a plain causal mask; the M memory
+tokens are the same learned ``[M, d]`` parameter every segment (write tokens only). Every
+transformer block carries an associative state ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]``
+(``d_key = 2 nu d_mem``, DPFP features, ``nu = 3``):
+
+* before the block, from the second segment on, every token reads
+  ``h <- h + phi(W_q h) A / (phi(W_q h) . z + eps)``;
+* after the block, its outputs at the memory positions ``m`` write with the delta rule
+  (:func:`rmt_fast.ops.associative_memory.associative_write`: ``beta = sigmoid(W_b m)``,
+  ``v - v_bar``, the detached ``gamma`` correction of ``z``).
+
+Semantics follow the reference code (``RodkinIvan/associative-recurrent-memory-transformer``,
+``modeling_amt/language_modeling.py``: ``AssociativeLayerWrapper``, ``AssociativeMemoryCell``,
+``AssociativeRecurrentWrapper``): the state is never detached between segments (full BPTT;
+only ``gamma`` is detached), the first segment neither reads nor corrects, the loss is the
+mean next-token cross-entropy over the concatenated segments. ``position_mode="wrap"`` is the
+reference's ``wrap_pos=True`` (the learned position table grows by M rows that only the memory
+tokens use); ``position_mode="model"`` numbers ``[segment | memory]`` as the base model does
+(the newer upstream code, and the only choice for rotary models). The newer upstream code
+(``src/armt.py``) also L2-normalises the DPFP features (``use_l2_norm=True`` here), drops the
+``+ eps`` from ``|k|^2`` in the correction (done here when ``use_l2_norm``), and initialises
+``W_q``/``W_k``/``W_b`` and the memory differently (not replicated: this follows the reference).
+
+Implementation: the blocks stay the base model's own (state-dict keys unchanged); forward
+pre-hooks and hooks on them do the read and the write while a segment runs. The recurrent state
+is :class:`ARMTState` (per layer ``A``, ``z``), passed in and returned functionally; the
+stateful ``reset_memory``/``detach_memory``/``clone_state``/``restore_state`` API of the newer
+upstream code works on ``model.memory_state`` (``forward(..., persist=True)``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from rmt_fast.checkpoint import is_cut
+from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
+from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions
+from rmt_fast.models.decoder import _count_targets, _Segment
+from rmt_fast.models.memory_transformer import find_layers
+from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.ops.associative_memory import BACKENDS, associative_read, associative_write
+
+CONFIG_NAME = "armt_config.json"
+STATE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+POSITION_MODES = ("model", "wrap")
+ALIGNMENTS = ("left", "right", "center")
+
+
+@dataclass(frozen=True)
+class ARMTConfig:
+    """Hyper-parameters of :class:`ARMTForCausalLM`, saved as ``armt_config.json``.
+
+    Attributes:
+        num_mem_tokens: M memory (write) tokens appended to every segment.
+        d_mem: width of the key/query projections; the state has ``d_key = 2 nu d_mem`` rows.
+        segment_size: tokens per segment S (without memory).
+        correction: the ``gamma`` correction of ``z`` (reference default True).
+        use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
+            reference code do not).
+        nu: DPFP order (the reference fixes 3).
+        eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
+        position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
+            (the reference's ``wrap_pos``: M new rows of the learned position table for the
+            memory tokens; learned absolute position tables only, e.g. GPT-2).
+        bptt_depth: the state carries gradient into the last ``bptt_depth`` segments of a
+            forward; -1 = all (the reference).
+        segment_alignment: ``left``, ``right`` or ``center`` (as the reference wrapper).
+        state_dtype: dtype of the associative parameters and state (``float32``, ...); None =
+            the base model's dtype.
+        backend: associative-memory backend (``auto``, ``torch``, ``triton``, ``reference``).
+    """
+
+    #: the file ``save``/``load`` use inside a checkpoint directory
+    FILE_NAME: ClassVar[str] = CONFIG_NAME
+
+    num_mem_tokens: int = 16
+    d_mem: int = 64
+    segment_size: int = 512
+    correction: bool = True
+    use_l2_norm: bool = False
+    nu: int = 3
+    eps: float = 1e-5
+    position_mode: str = "model"
+    bptt_depth: int = -1
+    segment_alignment: str = "left"
+    state_dtype: str | None = None
+    backend: str = "auto"
+    fuse_activations: bool = True
+    kind: str = "armt"
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        def pos_int(name: str, minimum: int) -> None:
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+                 f"{name} must be an int >= {minimum}, got {v!r}")
+
+        pos_int("num_mem_tokens", 1)
+        pos_int("d_mem", 1)
+        pos_int("segment_size", 1)
+        pos_int("nu", 1)
+        for name in ("correction", "use_l2_norm"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got "
+                                                          f"{getattr(self, name)!r}")
+        need(isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0,
+             f"eps must be a float > 0, got {self.eps!r}")
+        need(self.position_mode in POSITION_MODES,
+             f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+        need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 0),
+             f"bptt_depth must be -1 (full) or an int >= 0, got {self.bptt_depth!r}")
+        need(self.segment_alignment in ALIGNMENTS,
+             f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
+        need(self.state_dtype is None or self.state_dtype in STATE_DTYPES,
+             f"state_dtype must be None or one of {STATE_DTYPES}, got {self.state_dtype!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
+
+    @property
+    def d_key(self) -> int:
+        return 2 * self.nu * self.d_mem
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ARMTConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {directory} an rmt_fast ARMT checkpoint?")
+        with open(path) as f:
+            data = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ARMTState:
+    """The recurrent state: per layer ``A[i]`` ``[B, d_key, d]`` and ``z[i]`` ``[B, d_key]``, and
+    how many segments have written it (0 = fresh: the next segment does not read, and writes
+    without ``v_bar`` and correction, as the reference's first segment)."""
+
+    A: tuple[torch.Tensor, ...]
+    z: tuple[torch.Tensor, ...]
+    segments: int = 0
+
+    @property
+    def fresh(self) -> bool:
+        return self.segments == 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.A[0].shape[0]
+
+    def detach(self) -> ARMTState:
+        """The same values without autograd history (truncated BPTT)."""
+        return ARMTState(tuple(a.detach() for a in self.A), tuple(z.detach() for z in self.z),
+                         self.segments)
+
+    def clone(self) -> ARMTState:
+        """An independent copy (detached), e.g. to resume a stream from this point."""
+        return ARMTState(tuple(a.detach().clone() for a in self.A),
+                         tuple(z.detach().clone() for z in self.z), self.segments)
+
+    def to(self, *args, **kwargs) -> ARMTState:
+        return ARMTState(tuple(a.to(*args, **kwargs) for a in self.A),
+                         tuple(z.to(*args, **kwargs) for z in self.z), self.segments)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (``A.{i}``, ``z.{i}``; ``segments`` in the metadata)."""
+        tensors = {f"A.{i}": a.detach().contiguous() for i, a in enumerate(self.A)}
+        tensors.update({f"z.{i}": z.detach().contiguous() for i, z in enumerate(self.z)})
+        save_file(tensors, os.fspath(path), metadata={"segments": str(self.segments),
+                                                       "layers": str(len(self.A))})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ARMTState:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if "layers" not in meta or "segments" not in meta:
+                raise ValueError(f"{path} is not an ARMTState file (no layers/segments metadata)")
+            n = int(meta["layers"])
+            A = tuple(f.get_tensor(f"A.{i}") for i in range(n))
+            z = tuple(f.get_tensor(f"z.{i}") for i in range(n))
+        return cls(A, z, int(meta["segments"]))
+
+
+@dataclass
+class ARMTOutput(ModelOutput):
+    """``loss``: scalar or None; ``logits``: ``[B, T, V]`` for every input position (None with
+    ``return_logits=False``); ``state``: the :class:`ARMTState` after the last segment."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: ARMTState | None = None
+
+
+class AssociativeMemory(nn.Module):
+    """One layer's associative memory: ``W_mq``, ``W_mk`` (``d -> d_mem``), ``W_mv`` (``d -> d``,
+    zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code."""
+
+    def __init__(self, d_model: int, config: ARMTConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.cfg = config
+        self.W_mq = nn.Linear(d_model, config.d_mem, bias=False, **kw)
+        self.W_mk = nn.Linear(d_model, config.d_mem, bias=False, **kw)
+        self.W_mv = nn.Linear(d_model, d_model, bias=False, **kw)
+        nn.init.zeros_(self.W_mv.weight)
+        self.W_mb = nn.Linear(d_model, 1, **kw)
+
+    def _opts(self):
+        c = self.cfg
+        return dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps, backend=c.backend)
+
+    def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``h`` ``[B, L, d]`` -> the read ``[B, L, d]`` (to add to ``h``), in ``h``'s dtype."""
+        x = self.W_mq(h.to(self.W_mq.weight.dtype))
+        return associative_read(x, A, z, **self._opts()).to(h.dtype)
+
+    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first):
+        """``mem`` ``[B, M, d]`` (the block's outputs at the memory positions) -> ``(A', z')``."""
+        mem = mem.to(self.W_mk.weight.dtype)
+        beta = torch.sigmoid(self.W_mb(mem))[..., 0]
+        return associative_write(self.W_mk(mem), self.W_mv(mem), beta, A, z, first=first,
+                                 correction=self.cfg.correction, **self._opts())
+
+
+class _Run:
+    """What the block hooks need while one segment runs through the base model."""
+
+    def __init__(self, layers, assoc, state: ARMTState, write: bool):
+        self.layers, self.assoc, self.state, self.write = layers, assoc, state, write
+        self.new_A, self.new_z = list(state.A), list(state.z)
+
+
+_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("rmt_fast_armt_run", default=None)
+
+
+def _active(idx: int, module: nn.Module) -> _Run | None:
+    run = _RUN.get()
+    if run is None or run.layers[idx] is not module:
+        return None
+    return run
+
+
+def _make_pre_hook(idx: int):
+    def hook(module, args, kwargs):
+        run = _active(idx, module)
+        if run is None or run.state.fresh:
+            return None
+        h = args[0] if args else kwargs["hidden_states"]
+        h = h + run.assoc[idx].read(h, run.state.A[idx], run.state.z[idx])
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    return hook
+
+
+def _make_hook(idx: int, num_mem_tokens: int):
+    def hook(module, args, kwargs, output):
+        run = _active(idx, module)
+        if run is None or not run.write:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        run.new_A[idx], run.new_z[idx] = run.assoc[idx].write(
+            out[:, -num_mem_tokens:], run.state.A[idx], run.state.z[idx], run.state.fresh)
+        return None
+
+    return hook
+
+
+def split_segments(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   labels: torch.Tensor | None, labels_mask: torch.Tensor | None, segment_size: int,
+                   alignment: str) -> list[_Segment]:
+    """Cut ``[B, T]`` inputs into segments; position ``p`` predicts ``labels[p + 1]`` and
+    ``labels_mask[p]`` selects it (the reference's loss over the concatenated segments)."""
+    targets = None
+    if labels is not None:
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        if labels_mask is not None:
+            targets = targets.masked_fill(~labels_mask.to(torch.bool), -100)
+    mask = None if attention_mask is None else attention_mask.to(torch.bool)
+    return [_Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e],
+                     None if targets is None else targets[:, s:e])
+            for s, e in segment_bounds(input_ids.shape[1], segment_size, alignment)]
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over positions whose target is not -100, in float32 (float64 for
+    float64 logits)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    return default if name is None else getattr(torch, name)
+
+
+class ARMTForCausalLM(RMTBase):
+    """ARMT around a transformers causal LM (GPT-2, Llama/Qwen with GQA and rotary, ...).
+
+    Args:
+        base_model: a transformers ``*ForCausalLM``; its attention switches to ``rmt_fast``
+            and its blocks (found by :func:`rmt_fast.models.memory_transformer.find_layers`)
+            get the associative read/write hooks.
+        config: an :class:`ARMTConfig`; keyword arguments (``num_mem_tokens=...``) build one,
+            or override fields of ``config``.
+    """
+
+    auto_class = "AutoModelForCausalLM"
+    kind = "armt"
+    config_class = ARMTConfig
+
+    def __init__(self, base_model: nn.Module, config: ARMTConfig | None = None, **kwargs):
+        config = self.make_config(config, **kwargs)
+        if not hasattr(base_model, "get_output_embeddings") or base_model.get_output_embeddings() is None:
+            raise TypeError(f"unsupported base model {type(base_model).__name__}: ARMTForCausalLM "
+                            "needs a causal LM with an output embedding (lm_head)")
+        super().__init__(base_model, config)
+        layers = find_layers(base_model)
+        self._layers = [layers]  # a list, so that the ModuleList is not registered twice
+        self._layers_name = next(n for n, mod in base_model.named_modules() if mod is layers)
+        d = hidden_size(base_model.config)
+        weight = base_model.get_input_embeddings().weight
+        sdtype = _dtype(config.state_dtype, weight.dtype)
+        self.assoc = nn.ModuleList(AssociativeMemory(d, config, sdtype, weight.device)
+                                   for _ in range(len(layers)))
+        self._hooks = []
+        for i, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_pre_hook(_make_pre_hook(i), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(_make_hook(i, config.num_mem_tokens),
+                                                           with_kwargs=True))
+        self._position_base = None
+        if config.position_mode == "wrap":
+            self._position_base = self._wrap_positions()
+            if config.segment_size > self._position_base:
+                raise ValueError(f"segment_size={config.segment_size} exceeds the base model's "
+                                 f"{self._position_base} positions")
+        else:
+            self.check_positions(config.segment_size + config.num_mem_tokens)
+        self.memory_state: ARMTState | None = None
+
+    @property
+    def armt_config(self) -> ARMTConfig:
+        return self.rmt_config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The base model's blocks (each with the read/write hooks)."""
+        return self._layers[0]
+
+    # --- positions -----------------------------------------------------------------------------
+    def _position_table(self) -> tuple[nn.Module, str, nn.Embedding]:
+        limit = max_positions(self.base.config)
+        parent = self.base.base_model
+        tok = self.base.get_input_embeddings()
+        wrapped = getattr(self.base.config, "armt_wrapped_positions", 0)
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Embedding) and child is not tok and limit is not None \
+                    and child.num_embeddings == limit:
+                return parent, name, child
+        raise TypeError(f"position_mode='wrap' needs a learned absolute position table of "
+                        f"{limit} rows in {type(parent).__name__} (e.g. GPT-2's wpe); "
+                        f"this model has none (wrapped={wrapped}): use position_mode='model'")
+
+    def _wrap_positions(self) -> int:
+        """The reference's ``wrap_pos``: the position table gets M more rows (``nn.Embedding``'s
+        default N(0, 1) init, as the reference) used only by the memory tokens. The base config's
+        position limit grows with it, so ``save_pretrained``/``from_pretrained`` round-trip.
+        Returns the number of positions the segment tokens may use."""
+        m = self.rmt_config.num_mem_tokens
+        parent, name, table = self._position_table()
+        if getattr(self.base.config, "armt_wrapped_positions", 0) == m:
+            return table.num_embeddings - m  # already wrapped (from_pretrained)
+        n, d = table.weight.shape
+        new = nn.Embedding(n + m, d, dtype=table.weight.dtype, device=table.weight.device)
+        with torch.no_grad():
+            new.weight[:n] = table.weight
+        setattr(parent, name, new)
+        for attr in ("n_positions", "max_position_embeddings"):
+            if getattr(self.base.config, attr, None) == n:
+                setattr(self.base.config, attr, n + m)
+        self.base.config.armt_wrapped_positions = m
+        return n
+
+    def _position_ids(self, seg_mask: torch.Tensor | None, seg_len: int, write: bool, device):
+        """None (the base model's ``0..L-1``) unless padding or ``wrap``. With padding, segment
+        positions count real tokens only; ``wrap`` gives memory tokens the extra table rows."""
+        m = self.rmt_config.num_mem_tokens if write else 0
+        wrap = self._position_base is not None
+        if seg_mask is None and not wrap:
+            return None
+        if seg_mask is None:
+            seg_mask = torch.ones(1, seg_len, dtype=torch.bool, device=device)
+        ones = torch.ones(seg_mask.shape[0], m, dtype=torch.long, device=device)
+        pos = (torch.cat([seg_mask.long(), ones], dim=1).cumsum(dim=1) - 1).clamp(min=0)
+        if wrap and m:
+            pos[:, seg_len:] = self._position_base + torch.arange(m, device=device)
+        return pos
+
+    # --- state -----------------------------------------------------------------------------------
+    def init_state(self, batch_size: int) -> ARMTState:
+        """A fresh (zero) state for ``batch_size`` rows."""
+        cfg = self.rmt_config
+        d = hidden_size(self.base.config)
+        w = self.assoc[0].W_mq.weight
+        n = len(self.assoc)
+        A = tuple(torch.zeros(batch_size, cfg.d_key, d, dtype=w.dtype, device=w.device) for _ in range(n))
+        z = tuple(torch.zeros(batch_size, cfg.d_key, dtype=w.dtype, device=w.device) for _ in range(n))
+        return ARMTState(A, z, 0)
+
+    def _check_state(self, state: ARMTState, batch: int) -> None:
+        if not isinstance(state, ARMTState):
+            raise TypeError(f"state must be an ARMTState, got {type(state).__name__}")
+        n, cfg, d = len(self.assoc), self.rmt_config, hidden_size(self.base.config)
+        if len(state.A) != n or len(state.z) != n:
+            raise ValueError(f"state must have {n} layers, got {len(state.A)} A and {len(state.z)} z")
+        for a, z in zip(state.A, state.z, strict=True):
+            if tuple(a.shape) != (batch, cfg.d_key, d) or tuple(z.shape) != (batch, cfg.d_key):
+                raise ValueError(f"state tensors must be A [B={batch}, d_key={cfg.d_key}, d={d}] and "
+                                 f"z [B, d_key], got {list(a.shape)} and {list(z.shape)}")
+
+    def reset_memory(self) -> None:
+        """Forget ``memory_state`` (the next ``persist=True`` forward starts fresh)."""
+        self.memory_state = None
+
+    def detach_memory(self) -> None:
+        """Cut ``memory_state``'s autograd history (truncated BPTT between calls)."""
+        if self.memory_state is not None:
+            self.memory_state = self.memory_state.detach()
+
+    def clone_state(self) -> ARMTState | None:
+        """A detached copy of ``memory_state`` (None when fresh)."""
+        return None if self.memory_state is None else self.memory_state.clone()
+
+    def restore_state(self, state: ARMTState | None) -> None:
+        """Continue from ``state`` (copied) on the next ``persist=True`` forward."""
+        self.memory_state = None if state is None else state.clone()
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        if self.memory_state is None:
+            raise ValueError("no memory state to save: run forward(..., persist=True) first")
+        self.memory_state.save(path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        state = ARMTState.load(path, device=self.device)
+        self._check_state(state, state.batch_size)
+        self.memory_state = state
+
+    # --- one segment -----------------------------------------------------------------------------
+    def segment_forward(self, state: ARMTState, ids: torch.Tensor, mask: torch.Tensor | None, *,
+                        write: bool = True, need_hidden: bool = True):
+        """Run one segment ``ids`` ``[B, S]`` (``mask`` ``[B, S]`` bool or None) from ``state``.
+
+        Returns ``(hidden [B, S, d] at the segment positions or None, new state)``. With
+        ``write=False`` no memory tokens are appended and the state is returned unchanged (the
+        read stays active). Rows whose segment is all padding keep their state.
+        """
+        if self._base_checkpointing() and torch.is_grad_enabled():
+            # its recomputation would run the blocks outside this segment, without read/write
+            raise ValueError("transformers' gradient checkpointing of the base model is not "
+                             "supported by ARMTForCausalLM (disable it; see bptt_depth)")
+        m, seg_len = self.rmt_config.num_mem_tokens, ids.shape[1]
+        embeds = self.base.get_input_embeddings()(ids)
+        if write:
+            embeds = torch.cat([embeds, self.expand_memory(ids.shape[0]).to(embeds.dtype)], dim=1)
+        kpm = None
+        if mask is not None:
+            kpm = torch.cat([mask, torch.ones(mask.shape[0], m if write else 0, dtype=torch.bool,
+                                              device=mask.device)], dim=1)
+        layout = MemoryLayout(num_read=0, num_write=m if write else 0, mask="causal",
+                              key_padding_mask=kpm)
+        run = _Run(self.layers, self.assoc, state, write)
+        token = _RUN.set(run)
+        try:
+            with memory_layout(layout):
+                hidden = self.base.base_model(inputs_embeds=embeds, use_cache=False,
+                                              position_ids=self._position_ids(mask, seg_len, write,
+                                                                              ids.device),
+                                              ).last_hidden_state
+        finally:
+            _RUN.reset(token)
+        new = state
+        if write:
+            new = ARMTState(tuple(run.new_A), tuple(run.new_z), state.segments + 1)
+            if mask is not None:
+                has = mask.any(dim=1)
+                new.A = tuple(torch.where(has[:, None, None], a, old) for a, old in zip(new.A, state.A,
+                                                                                       strict=True))
+                new.z = tuple(torch.where(has[:, None], z, old) for z, old in zip(new.z, state.z,
+                                                                                 strict=True))
+        return (hidden[:, :seg_len] if need_hidden else None), new
+
+    def _base_checkpointing(self) -> bool:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
+            if hasattr(type(self.base), name):
+                return bool(getattr(self.base, name))
+        return False
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
+        return self.base.get_output_embeddings()(hidden)
+
+    # --- whole sequences -------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, state):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T] token ids, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels),
+                        ("labels_mask", labels_mask)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} must have input_ids' shape {list(input_ids.shape)}, "
+                                 f"got {list(t.shape)}")
+        if state is not None:
+            self._check_state(state, input_ids.shape[0])
+
+    def run_segments(self, segments: list[_Segment], state: ARMTState, *,
+                     n_targets: int | None, return_logits: bool):
+        """ARMT's loop over segments (the one place to port onto a shared segment loop).
+
+        Returns ``(loss or None, [logits per segment], final state)``; ``loss`` is the sum of the
+        per-segment summed cross-entropies divided by ``n_targets``."""
+        loss = None if n_targets is None else torch.zeros((), device=self.device,
+                                                           dtype=torch.promote_types(
+                                                               self.memory.dtype, torch.float32))
+        logits = []
+        for t, seg in enumerate(segments):
+            if is_cut(t, len(segments), self.rmt_config.bptt_depth):
+                state = state.detach()
+            need = return_logits or seg.targets is not None
+            hidden, state = self.segment_forward(state, seg.ids, seg.mask, need_hidden=need)
+            if need:
+                seg_logits = self.logits(hidden)
+                if seg.targets is not None and n_targets:
+                    loss = loss + _ce_sum(seg_logits, seg.targets) / n_targets
+                if return_logits:
+                    logits.append(seg_logits)
+        return loss, logits, state
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels_mask: torch.Tensor | None = None,
+                state: ARMTState | None = None, return_logits: bool = True,
+                persist: bool = False) -> ARMTOutput:
+        """``input_ids`` ``[B, T]`` of any length; ``labels`` ``[B, T]`` (shifted inside,
+        -100 = ignore); ``labels_mask`` ``[B, T]`` bool selects the predicting positions;
+        ``attention_mask`` ``[B, T]`` (1 = real token); ``state`` continues from an
+        :class:`ARMTState` (default: fresh). ``persist=True`` starts from ``self.memory_state``
+        (when ``state`` is None) and stores the final state there."""
+        if persist and state is None:
+            state = self.memory_state
+        self._check_inputs(input_ids, attention_mask, labels, labels_mask, state)
+        cfg = self.rmt_config
+        segments = split_segments(input_ids, attention_mask, labels, labels_mask, cfg.segment_size,
+                                  cfg.segment_alignment)
+        if state is None:
+            state = self.init_state(input_ids.shape[0])
+        n_targets = _count_targets(segments) if labels is not None else None
+        loss, logits, state = self.run_segments(segments, state, n_targets=n_targets,
+                                                return_logits=return_logits)
+        if persist:
+            self.memory_state = state
+        return ARMTOutput(loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None,
+                          state=state)
+
+    # --- long-context use ------------------------------------------------------------------------
+    @torch.no_grad()
+    def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             state: ARMTState | None = None) -> ARMTState:
+        """Read a context into the state without keeping logits."""
+        return self.forward(input_ids, attention_mask=attention_mask, state=state,
+                            return_logits=False).state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 state: ARMTState | None = None, **generate_kwargs) -> torch.Tensor:
+        """Write every segment but the last into the state, then ``base.generate`` from the last
+        segment (no memory tokens) with the associative read active in every block and no
+        writes (the reference's ``generate_mode``). Returns only the new tokens ``[B, N]``."""
+        self._check_inputs(input_ids, attention_mask, None, None, state)
+        cfg = self.rmt_config
+        segments = split_segments(input_ids, attention_mask, None, None, cfg.segment_size,
+                                  cfg.segment_alignment)
+        if state is None:
+            state = self.init_state(input_ids.shape[0])
+        for seg in segments[:-1]:
+            _, state = self.segment_forward(state, seg.ids, seg.mask, need_hidden=False)
+        last = segments[-1]
+        embeds = self.base.get_input_embeddings()(last.ids)
+        mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
+        token = _RUN.set(_Run(self.layers, self.assoc, state, write=False))
+        try:
+            return self.base.generate(inputs_embeds=embeds, attention_mask=mask.long(),
+                                      **generate_kwargs)
+        finally:
+            _RUN.reset(token)
+
+    def diagonal(self, grouped: bool = True):
+        """A :class:`rmt_fast.models.diagonal.DiagonalExecutor` for inference over this model
+        (weights are snapshotted: build a new one after changing them)."""
+        from rmt_fast.models.diagonal import DiagonalExecutor
+
+        return DiagonalExecutor(self, grouped=grouped)
+
+    # --- persistence -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **base_kwargs) -> ARMTForCausalLM:
+        """Inverse of :meth:`save_pretrained` (``base_kwargs`` go to the base model's loader);
+        the model comes back in eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        config = ARMTConfig.load(directory)
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(directory, BASE_DIR), **base_kwargs)
+        model = cls(base, config=config)
+        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("base.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        return model.eval()
+
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a state dict of the reference code (``AssociativeRecurrentWrapper`` or
+        ``AssociativeMemoryCell``): ``[memory_cell.]memory``, ``[memory_cell.]model.*`` where
+        the wrapped blocks are ``<layers>.{i}.layer.*`` and their associative weights
+        ``<layers>.{i}.W_m{q,k,v,b}.*`` (the cell's ``layers.*`` alias of the same blocks is
+        skipped). A ``wrap_pos`` checkpoint needs ``position_mode="wrap"`` (its position table
+        has M extra rows)."""
+        prefix = re.escape(self._layers_name)
+        assoc_re = re.compile(rf"^{prefix}\.(\d+)\.(W_m[qkvb])\.(weight|bias)$")
+        layer_re = re.compile(rf"^{prefix}\.(\d+)\.layer\.(.+)$")
+        ours: dict[str, torch.Tensor] = {}
+        own = self.state_dict()
+        for key, value in state_dict.items():
+            k = key.removeprefix("memory_cell.")
+            if k == "memory":
+                ours["memory"] = value
+                continue
+            if k.startswith("layers."):  # the cell's alias of model.<layers> (same tensors)
+                continue
+            if not k.startswith("model."):
+                raise ValueError(f"unexpected key {key!r} in the official state dict")
+            k = k.removeprefix("model.")
+            if (mt := assoc_re.match(k)) is not None:
+                ours[f"assoc.{mt.group(1)}.{mt.group(2)}.{mt.group(3)}"] = value
+            elif (mt := layer_re.match(k)) is not None:
+                ours[f"base.{self._layers_name}.{mt.group(1)}.{mt.group(2)}"] = value
+            else:
+                ours["base." + k] = value
+        # non-persistent causal-mask buffers of old GPT-2 versions (rebuilt by wrap_pos)
+        ours = {k: v for k, v in ours.items()
+                if k in own or not re.search(r"\.attn\.(bias|masked_bias)$", k)}
+        if "memory" not in ours:
+            raise ValueError("the official state dict has no 'memory' parameter")
+        for k, v in ours.items():
+            if k in own and tuple(own[k].shape) != tuple(v.shape):
+                hint = (" (a wrap_pos checkpoint: use position_mode='wrap')"
+                        if k.endswith("wpe.weight") else "")
+                raise ValueError(f"official {k} is {list(v.shape)}, this model's is "
+                                 f"{list(own[k].shape)}{hint}")
+        missing, unexpected = self.load_state_dict(ours, strict=False)
+        tied = {"base." + k for k in (getattr(self.base, "_tied_weights_keys", None) or [])}
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ValueError(f"official state dict mismatch: missing {missing}, unexpected {unexpected}")

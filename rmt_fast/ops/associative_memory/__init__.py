@@ -1,0 +1,155 @@
+"""ARMT's associative memory (Rodkin et al., arXiv 2407.04841): the layer-wise read and the
+delta-rule write of the state ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]``.
+
+Implementations (same contract, chosen by ``backend``):
+
+* ``reference``: dense, materialises everything, float64-capable (:mod:`.reference`).
+* ``torch``: row-chunked PyTorch, no ``[B, L, d_key]`` feature tensor (:mod:`.chunked`).
+* ``triton``: fused GPU kernels (:mod:`.triton`); on CPU tensors under ``TRITON_INTERPRET=1``.
+* ``auto``: ``triton`` on CUDA tensors when Triton is installed, ``torch`` otherwise.
+
+``torch`` and ``triton`` go through the ``rmt_fast::assoc_read`` / ``rmt_fast::assoc_update``
+custom ops (:mod:`.function`), differentiable and traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import chunked
+from .chunked import stat_dtype
+from .reference import dpfp, features, reference_read, reference_write
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+    if backend == "triton":
+        from .triton import ensure_interpreter
+
+        ensure_interpreter(x.device)
+    return backend
+
+
+def _check(name: str, t, dims: int, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != dims:
+        got = getattr(t, "shape", type(t).__name__)
+        raise ValueError(f"{name} must be a {dims}-D tensor {shape_doc}, got {got}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+
+
+def _check_state(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, nu: int, what: str) -> None:
+    _check(what, x, 3, "[B, L, d_mem]")
+    _check("A", A, 3, "[B, d_key, d]")
+    _check("z", z, 2, "[B, d_key]")
+    if not isinstance(nu, int) or nu < 1:
+        raise ValueError(f"nu must be an int >= 1, got {nu!r}")
+    batch, _, dm = x.shape
+    k = 2 * nu * dm
+    if A.shape[0] != batch or A.shape[1] != k:
+        raise ValueError(f"A must be [B={batch}, d_key=2*nu*d_mem={k}, d], got {list(A.shape)}")
+    if tuple(z.shape) != (batch, k):
+        raise ValueError(f"z must be [B={batch}, d_key={k}], got {list(z.shape)}")
+    for name, t in (("A", A), ("z", z)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} must match {what}'s dtype and device ({x.dtype}, {x.device}), "
+                             f"got ({t.dtype}, {t.device})")
+
+
+def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
+                     normalize: bool = False, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """The associative read ``phi(x) A / (phi(x) . z + eps)``.
+
+    Args:
+        x: ``[B, L, d_mem]``, the query projection ``W_q h``.
+        A: ``[B, d_key, d]`` with ``d_key = 2 nu d_mem``; ``z``: ``[B, d_key]``; same dtype as ``x``.
+        nu: DPFP order; normalize: L2-normalise the features (the newer upstream ARMT).
+        eps: added to the normaliser; backend: see the module docstring.
+
+    Returns:
+        ``[B, L, d]`` in ``x``'s dtype (to be added to the hidden states).
+    """
+    _check_state(x, A, z, nu, "x")
+    backend = _resolve(backend, x)
+    if backend == "reference":
+        return reference_read(x, A, z, nu=nu, normalize=normalize, eps=eps)
+    from .function import assoc_read
+
+    return assoc_read(x.contiguous(), A.contiguous(), z.contiguous(), nu, normalize, float(eps),
+                      backend)[0]
+
+
+def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
+                      z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
+                      normalize: bool = False, eps: float = 1e-5, backend: str = "auto",
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta-rule write (see :mod:`.reference` for the formulas).
+
+    Args:
+        km: ``[B, M, d_mem]`` (``W_k m``); v: ``[B, M, d]`` (``W_v m``); beta: ``[B, M]``
+            (``sigmoid(W_b m)``); A: ``[B, d_key, d]``, z: ``[B, d_key]``.
+        first: the state is fresh (no previous write): ``v_bar = 0`` and ``gamma = 1``. A bool
+            ``[B]`` tensor marks fresh rows individually (their ``A``, ``z`` must be zero, so that
+            the read gives ``v_bar = 0`` exactly); the diagonal executor uses this.
+        correction: ``gamma = clip(1 - (k . z + eps) / |k|^2, 0, 1)`` (detached) scales the
+            keys added to ``z``; without it ``gamma = 1``.
+
+    Returns:
+        ``(A' [B, d_key, d], z' [B, d_key])``.
+    """
+    _check_state(km, A, z, nu, "km")
+    batch, m, _ = km.shape
+    want = (batch, m, A.shape[-1])
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+        raise ValueError(f"v must be [B, M, d] = {list(want)}, got {getattr(v, 'shape', v)}")
+    if not isinstance(beta, torch.Tensor) or tuple(beta.shape) != (batch, m):
+        raise ValueError(f"beta must be [B, M] = {[batch, m]}, got {getattr(beta, 'shape', beta)}")
+    rows_first = isinstance(first, torch.Tensor)
+    if rows_first and (first.dtype != torch.bool or tuple(first.shape) != (batch,)):
+        raise ValueError(f"first must be a bool or a bool tensor [B={batch}], got "
+                         f"{first.dtype} {list(first.shape)}")
+    backend = _resolve(backend, km)
+    if backend == "reference":
+        if rows_first:
+            raise ValueError("backend='reference' takes first as a bool")
+        return reference_write(km, v, beta, A, z, first=first, correction=correction, nu=nu,
+                               normalize=normalize, eps=eps)
+    from .function import assoc_read, assoc_update
+
+    km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
+    if rows_first:
+        v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend)
+        u = beta[..., None].to(v.dtype) * (v - v_bar)
+        gamma = torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
+        if correction:
+            gamma = torch.where(first[:, None], gamma, correction_gamma(den, nrm, normalize, eps))
+    elif first:
+        u = beta[..., None].to(v.dtype) * v
+        gamma = torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
+    else:
+        v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend)
+        u = beta[..., None].to(v.dtype) * (v - v_bar)
+        gamma = correction_gamma(den, nrm, normalize, eps) if correction else \
+            torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
+    return assoc_update(km, u.contiguous(), gamma, A, z, nu, normalize, backend)
+
+
+def correction_gamma(den: torch.Tensor, nrm: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """``clip(1 - den / |k|^2, 0, 1)`` from the read's ``den = k . z + eps`` and ``nrm = |phi|``
+    (``|k|^2 + eps`` for unnormalised features, ``|phi_n|^2`` for normalised ones), detached."""
+    if normalize:
+        sq = (nrm / nrm.clamp_min(1e-12)).square()
+    else:
+        sq = nrm.square() + eps
+    return torch.clip(1 - den / sq, 0, 1).detach()
+
+
+__all__ = ["BACKENDS", "associative_read", "chunked", "associative_write", "correction_gamma", "dpfp",
+           "features", "reference_read", "reference_write"]

@@ -1,0 +1,428 @@
+"""ARMTForCausalLM: semantics against an independent loop, state API, persistence, generate,
+truncated BPTT, the official state-dict layout, and the diagonal executor."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import VOCAB, ids, tiny_gpt2, tiny_llama
+from torch import nn
+
+from rmt_fast.models.armt import ARMTConfig, ARMTForCausalLM, ARMTOutput, ARMTState
+from rmt_fast.models.diagonal import DiagonalExecutor
+from rmt_fast.ops.associative_memory import reference_read, reference_write
+
+BASES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def make(kind="gpt2", seed=0, mv_std=0.3, **kw):
+    """A tiny ARMT with every associative weight random (W_mv starts at zero otherwise)."""
+    kw = {"num_mem_tokens": 3, "d_mem": 4, "segment_size": 8, **kw}
+    model = ARMTForCausalLM(BASES[kind](seed=seed), **kw).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for a in model.assoc:
+            a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g) * mv_std)
+    return model
+
+
+# --- an independent loop with the paper's formulas ----------------------------------------------
+class _RefLayer(nn.Module):
+    """Read before the block, delta-rule write after it (dense float64-capable reference ops),
+    with its own state: the semantics of the reference code, written from the formulas."""
+
+    def __init__(self, layer, assoc, cfg: ARMTConfig):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self._assoc = [assoc]  # registered once, as ref.assoc
+        self.A = self.z = None
+
+    def forward(self, h, *args, **kwargs):
+        a, c = self._assoc[0], self.cfg
+        opts = dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps)
+        if self.A is not None:
+            h = h + reference_read(a.W_mq(h), self.A, self.z, **opts)
+        out = self.layer(h, *args, **kwargs)
+        o = out[0] if isinstance(out, tuple) else out
+        mem = o[:, -c.num_mem_tokens:]
+        first = self.A is None
+        if first:
+            self.A = h.new_zeros(h.shape[0], c.d_key, h.shape[-1])
+            self.z = h.new_zeros(h.shape[0], c.d_key)
+        self.A, self.z = reference_write(a.W_mk(mem), a.W_mv(mem), torch.sigmoid(a.W_mb(mem))[..., 0],
+                                         self.A, self.z, first=first, correction=c.correction, **opts)
+        return out
+
+
+def reference_loop(model: ARMTForCausalLM, x: torch.Tensor):
+    """``(logits, loss, module)``: a deep copy of the base model with eager attention and every
+    block wrapped by :class:`_RefLayer`, called on ``[segment | memory]`` segment by segment."""
+    cfg = model.rmt_config
+    ref = nn.Module()
+    ref.base = copy.deepcopy(model.base)
+    ref.base.set_attn_implementation("eager")
+    ref.memory = copy.deepcopy(model.memory)
+    ref.assoc = copy.deepcopy(model.assoc)
+    layers = next(m for m in ref.base.modules() if isinstance(m, nn.ModuleList)
+                  and len(m) == len(model.assoc))
+    for i in range(len(layers)):
+        layers[i] = _RefLayer(layers[i], ref.assoc[i], cfg)
+    logits = []
+    for s in range(0, x.shape[1], cfg.segment_size):
+        seg = x[:, s:s + cfg.segment_size]
+        emb = ref.base.get_input_embeddings()(seg)
+        inp = torch.cat([emb, ref.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+        logits.append(ref.base(inputs_embeds=inp).logits[:, :seg.shape[1]])
+    logits = torch.cat(logits, dim=1)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    return logits, loss, ref
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("l2", [False, True])
+def test_forward_backward_match_independent_loop(kind, l2):
+    """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
+    model equal a loop over wrapped blocks with the dense reference ops (float32; gradients to
+    2e-5 of their largest entry: with L2 features float32 rounding grows to ~4e-6 relative,
+    while in float64 both agree to 1e-14)."""
+    model = make(kind, use_l2_norm=l2)
+    x = ids(2, 29)  # 4 segments, the last one short
+    out = model(x, labels=x)
+    assert isinstance(out, ARMTOutput) and out.logits.shape == (2, 29, VOCAB)
+    ref_logits, ref_loss, ref = reference_loop(model, x)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    ref_loss.backward()
+    ours = dict(model.named_parameters())
+    checked = 0
+    for name, p in ref.named_parameters():
+        name = name.replace(".layer.", ".") if ".layer." in name else name
+        q = ours[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            err, scale = (q.grad - p.grad).abs().max().item(), p.grad.abs().max().item()
+            assert err <= 2e-5 * scale + 1e-7, f"{name}: {err:.3e} (max |grad| {scale:.3e})"
+            checked += 1
+    assert checked >= 20
+    assert model.assoc[0].W_mq.weight.grad.abs().max() > 0  # the read is on the graph
+    assert model.assoc[1].W_mk.weight.grad.abs().max() > 0  # so is the write
+
+
+def test_first_segment_neither_reads_nor_corrects():
+    """One segment: the output is the base model's on ``[segment | memory]`` (no read), and the
+    state is the first write (v_bar = 0, gamma = 1)."""
+    model = make()
+    x = ids(2, 8)
+    out = model(x)
+    ref_logits, _, _ = reference_loop(model, x)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert out.state.segments == 1
+    assert all(a.abs().max() > 0 for a in out.state.A)
+
+
+# --- truncated BPTT, state API, persistence --------------------------------------------------------
+@pytest.mark.parametrize("depth", [0, 1])
+def test_detached_state_cuts_the_gradient(depth):
+    """``bptt_depth=k`` equals calling the model segment by segment and passing
+    ``state.detach()`` into segment ``t`` when ``t < N - k`` (and the state otherwise): same
+    loss, same parameter gradients. With ``k = 0`` no gradient reaches the memory tokens (they
+    only act on later segments, through the state)."""
+    x = ids(2, 24)  # N = 3 segments
+    cut = make(bptt_depth=depth)
+    loss = cut(x, labels=x).loss
+    loss.backward()
+    man = make()
+    state, total = None, 0.0
+    for t, s in enumerate(range(0, 24, 8)):
+        if state is not None and t < 3 - depth:
+            state = state.detach()
+        out = man(x[:, s:s + 8], state=state)
+        state = out.state
+        targets = x[:, s + 1:s + 9]
+        logits = out.logits[:, :targets.shape[1]]
+        total = total + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    total = total / (2 * 23)
+    total.backward()
+    torch.testing.assert_close(loss, total, rtol=1e-6, atol=1e-6)
+    got = dict(cut.named_parameters())
+    for name, p in man.named_parameters():
+        assert (got[name].grad is None) == (p.grad is None), name
+        if p.grad is not None:
+            err, scale = (got[name].grad - p.grad).abs().max().item(), p.grad.abs().max().item()
+            assert err <= 1e-5 * scale + 1e-8, f"{name}: {err:.3e} (max |grad| {scale:.3e})"
+    assert (cut.memory.grad is not None and cut.memory.grad.abs().max() > 0) == (depth > 0)
+    full = make()
+    full_loss = full(x, labels=x).loss
+    full_loss.backward()
+    torch.testing.assert_close(full_loss, loss)  # same forward
+    # segment 0's write (W_mk) reaches the later losses only through the cut state
+    cut_grad = cut.assoc[0].W_mk.weight.grad
+    cut_grad = torch.zeros(()) if cut_grad is None else cut_grad  # depth 0: it reaches nothing
+    assert (full.assoc[0].W_mk.weight.grad - cut_grad).abs().max() > 1e-6
+
+
+def test_state_clone_restore_save_load_exact(tmp_path):
+    model = make("llama")
+    x1, x2 = ids(2, 16, seed=1), ids(2, 12, seed=2)
+    model.reset_memory()
+    model(x1, persist=True)
+    snap = model.clone_state()
+    model.save_state(tmp_path / "state.safetensors")
+    a = model(x2, persist=True).logits
+    after = model.clone_state()
+    model.restore_state(snap)
+    b = model(x2, persist=True).logits
+    assert torch.equal(a, b)
+    model.load_state(tmp_path / "state.safetensors")
+    c = model(x2, persist=True).logits
+    assert torch.equal(a, c)
+    for s, t in zip(after.A + after.z, model.memory_state.A + model.memory_state.z, strict=True):
+        assert torch.equal(s, t)
+    assert model.memory_state.segments == after.segments == 4
+    model.reset_memory()
+    assert torch.equal(model(x2, persist=True).logits, model(x2).logits)  # fresh again
+    functional = model(x2, state=snap).logits  # the functional form gives the same
+    assert torch.equal(functional, a)
+    loaded = ARMTState.load(tmp_path / "state.safetensors")
+    assert loaded.segments == 2 and len(loaded.A) == 2
+
+
+def test_state_detach_and_clone_are_independent():
+    model = make()
+    x = ids(1, 16)
+    state = model(x).state
+    assert state.A[0].requires_grad
+    det = state.detach()
+    assert not det.A[0].requires_grad and det.A[0].data_ptr() == state.A[0].data_ptr()
+    clo = state.clone()
+    assert clo.A[0].data_ptr() != state.A[0].data_ptr() and torch.equal(clo.A[0], state.A[0])
+    model.memory_state = state
+    model.detach_memory()
+    assert not model.memory_state.A[0].requires_grad
+
+
+@pytest.mark.parametrize("kind,mode", [("gpt2", "wrap"), ("llama", "model")])
+def test_save_load_pretrained_exact(tmp_path, kind, mode):
+    model = make(kind, position_mode=mode, use_l2_norm=kind == "llama")
+    x = ids(2, 21)
+    want = model(x).logits
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "armt_config.json").read_text())
+    assert cfg["position_mode"] == mode and cfg["d_mem"] == 4
+    back = ARMTForCausalLM.from_pretrained(tmp_path / "m")
+    assert not back.training and back.rmt_config == model.rmt_config
+    assert torch.equal(back(x).logits, want)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_wrap_positions_give_memory_new_rows():
+    model = make(position_mode="wrap")
+    wpe = model.base.transformer.wpe
+    assert wpe.num_embeddings == 64 + 3 and model.base.config.n_positions == 67
+    pos = model._position_ids(None, 8, True, torch.device("cpu"))
+    assert pos.tolist() == [list(range(8)) + [64, 65, 66]]
+    with pytest.raises(TypeError, match="learned absolute position table"):
+        ARMTForCausalLM(tiny_llama(), num_mem_tokens=2, d_mem=4, segment_size=8, position_mode="wrap")
+
+
+# --- generate ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_generate_equals_manual_loop(kind):
+    """Greedy ``generate`` (KV cache, read active, no writes) equals re-running the last segment
+    plus the generated tokens without memory tokens and taking the argmax."""
+    model = make(kind)
+    x = ids(2, 21)  # segments 8, 8, 5
+    got = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert got.shape == (2, 4)
+    with torch.no_grad():
+        state = model.read(x[:, :16])
+        seq = x[:, 16:]
+        for _ in range(4):
+            hidden, same = model.segment_forward(state, seq, None, write=False)
+            assert same is state
+            nxt = model.logits(hidden[:, -1]).argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(got, seq[:, 5:])
+    # the read matters: with a fresh state the continuation is computed differently
+    with torch.no_grad():
+        h_read, _ = model.segment_forward(state, x[:, 16:], None, write=False)
+        h_fresh, _ = model.segment_forward(model.init_state(2), x[:, 16:], None, write=False)
+    assert (h_read - h_fresh).abs().max() > 1e-4
+
+
+# --- padding ------------------------------------------------------------------------------------
+def test_right_padding_matches_the_row_alone():
+    model = make()
+    x = ids(2, 22)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 19:] = False  # row 1 is 19 tokens long; its last segment is padded
+    out = model(x, attention_mask=mask)
+    alone = model(x[1:, :19])
+    torch.testing.assert_close(out.logits[1:, :19], alone.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out.state.A, alone.state.A, strict=True):
+        torch.testing.assert_close(a[1:], b, rtol=1e-5, atol=1e-6)
+
+
+# --- the official (reference code) state-dict layout ---------------------------------------------
+def _official(model: ARMTForCausalLM) -> dict:
+    """Our state dict under the reference's key names (AssociativeRecurrentWrapper)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "_extra_state":  # rmt_fast's own metadata entry; the reference has none
+            continue
+        if k == "memory":
+            out["memory_cell.memory"] = v
+        elif k.startswith("assoc."):
+            _, i, rest = k.split(".", 2)
+            out[f"memory_cell.model.transformer.h.{i}.{rest}"] = v
+        elif k.startswith("base.transformer.h."):
+            i, rest = k.removeprefix("base.transformer.h.").split(".", 1)
+            out[f"memory_cell.model.transformer.h.{i}.layer.{rest}"] = v
+            out[f"memory_cell.layers.{i}.layer.{rest}"] = v  # the cell's alias
+        else:
+            out["memory_cell.model." + k.removeprefix("base.")] = v
+    return out
+
+
+def test_load_official_state_dict_round_trip():
+    src = make(position_mode="wrap", seed=3)
+    dst = make(position_mode="wrap", seed=4)
+    x = ids(2, 20)
+    assert not torch.equal(src(x).logits, dst(x).logits)
+    dst.load_official_state_dict(_official(src))
+    assert torch.equal(src(x).logits, dst(x).logits)
+    plain = make(seed=5)  # no wrap_pos: its position table is M rows shorter
+    with pytest.raises(ValueError, match="wrap_pos checkpoint: use position_mode='wrap'"):
+        plain.load_official_state_dict(_official(src))
+    bad = dict(_official(src))
+    bad["memory_cell.model.transformer.h.0.W_mz.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="mismatch"):
+        dst.load_official_state_dict(bad)
+
+
+# --- the diagonal executor ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_diagonal_equals_sequential(kind, grouped):
+    """n_layers + n_segments - 1 grouped steps give the sequential logits and state (float32,
+    1e-5), from a fresh state and from a carried one; a short last segment is its own group."""
+    model = ARMTForCausalLM(tiny_gpt2(layers=3) if kind == "gpt2" else tiny_llama(),
+                            num_mem_tokens=3, d_mem=4, segment_size=8).eval()
+    with torch.no_grad():
+        for a in model.assoc:
+            a.W_mv.weight.normal_(0, 0.3)
+    ex = DiagonalExecutor(model, grouped=grouped)
+    assert ex.grouped == grouped
+    x = ids(2, 45)  # 6 segments, the last 5 tokens
+    with torch.no_grad():
+        seq = model(x)
+        dia = ex(x)
+        seq2 = model(x[:, :20], state=seq.state)
+    dia2 = ex(x[:, :20], state=dia.state)
+    torch.testing.assert_close(dia.logits, seq.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dia.state.A + dia.state.z, seq.state.A + seq.state.z, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert dia.state.segments == seq.state.segments == 6
+    torch.testing.assert_close(dia2.logits, seq2.logits, rtol=1e-5, atol=1e-5)
+    assert ex.sequential_steps(6) == (ex.n + 5, ex.n * 6)
+
+
+def test_diagonal_float64_l2_features():
+    """L2-normalised features (the newer upstream variant) in float64: equal to ~1e-12."""
+    model = make("llama", use_l2_norm=True).double()
+    x = ids(2, 37)
+    with torch.no_grad():
+        seq = model(x)
+    dia = model.diagonal()(x)
+    torch.testing.assert_close(dia.logits, seq.logits, rtol=1e-11, atol=1e-11)
+
+
+def test_diagonal_counts_steps():
+    """The grouped path calls the stacked blocks once per length group per diagonal."""
+    model = make(num_mem_tokens=2, segment_size=4)
+    ex = model.diagonal()
+    calls = []
+    orig = ex.blocks.__call__
+
+    class Spy:
+        def __call__(self, sl, H, extras):
+            calls.append((sl.start, sl.stop, H.shape[2]))
+            return orig(sl, H, extras)
+
+    ex.blocks = Spy()
+    ex(ids(1, 16))  # 4 full segments, 2 layers
+    assert len(calls) == 2 + 4 - 1
+    assert [c[:2] for c in calls] == [(0, 1), (0, 2), (0, 2), (0, 2), (1, 2)]
+
+
+# --- config and bad input -------------------------------------------------------------------------
+def test_config_frozen_json_and_overrides(tmp_path):
+    cfg = ARMTConfig(num_mem_tokens=4, d_mem=8, segment_size=16, use_l2_norm=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_mem = 3
+    assert cfg.d_key == 48
+    cfg.save(tmp_path)
+    assert ARMTConfig.load(tmp_path) == cfg
+    model = ARMTForCausalLM(tiny_gpt2(), config=cfg, d_mem=4)
+    assert model.rmt_config.d_mem == 4 and model.rmt_config.use_l2_norm
+    for bad, msg in [(dict(d_mem=0), "d_mem must be an int >= 1"),
+                     (dict(position_mode="abs"), "position_mode must be one of"),
+                     (dict(bptt_depth=-2), "bptt_depth must be -1"),
+                     (dict(state_dtype="half"), "state_dtype must be None or one of"),
+                     (dict(backend="cuda"), "backend must be one of"),
+                     (dict(correction=1), "correction must be a bool")]:
+        with pytest.raises(ValueError, match=msg):
+            ARMTConfig(**bad)
+
+
+def test_bad_inputs():
+    model = make()
+    x = ids(2, 10)
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, T\]"):
+        model(x[0])
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        model(x, labels=x[:, :5])
+    with pytest.raises(ValueError, match=r"state tensors must be A \[B=2"):
+        model(x, state=model.init_state(3))
+    with pytest.raises(TypeError, match="state must be an ARMTState"):
+        model(x, state=torch.zeros(2))
+    with pytest.raises(ValueError, match="segment of 70 positions"):
+        ARMTForCausalLM(tiny_gpt2(), num_mem_tokens=6, d_mem=4, segment_size=64)
+    with pytest.raises(TypeError, match="config must be an ARMTConfig"):
+        ARMTForCausalLM(tiny_gpt2(), config={"d_mem": 4})
+    with pytest.raises(ValueError, match="no memory state to save"):
+        model.save_state("/nonexistent/x")
+    model.base.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing of the base model is not"):
+        model(x, labels=x)
+
+
+def test_state_dtype_float32_on_bfloat16_model():
+    base = tiny_llama().to(torch.bfloat16)
+    model = ARMTForCausalLM(base, num_mem_tokens=2, d_mem=4, segment_size=8, state_dtype="float32")
+    out = model(ids(1, 20), labels=ids(1, 20))
+    assert out.logits.dtype == torch.bfloat16 and out.state.A[0].dtype == torch.float32
+    out.loss.backward()
+    assert model.assoc[0].W_mq.weight.grad.dtype == torch.float32
+
+
+def test_triton_backend_in_the_model():
+    """The model with the Triton kernels (interpreter on CPU) gives the PyTorch path's loss and
+    gradients (float32)."""
+    x = ids(1, 12)  # two segments: the second reads, both write
+    runs = {}
+    for backend in ("torch", "triton"):
+        model = make(backend=backend, num_mem_tokens=2, segment_size=6)
+        out = model(x, labels=x)
+        out.loss.backward()
+        runs[backend] = (out, {n: p.grad for n, p in model.named_parameters() if n.startswith("assoc")})
+    (a, ga), (b, gb) = runs["torch"], runs["triton"]
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        err, scale = (gb[n] - ga[n]).abs().max().item(), ga[n].abs().max().item()
+        assert err <= 1e-5 * scale + 1e-8, f"{n}: {err:.3e} ({scale:.3e})"

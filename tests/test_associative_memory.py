@@ -1,0 +1,312 @@
+"""ARMT's associative read and delta-rule write: every backend against the float64 reference.
+
+Triton kernels run under the interpreter on CPU. Tolerance (as tests/test_kernels.py): the
+error against the float64 reference must be within ``mult`` times the error of the same-dtype
+PyTorch reference, plus a floor relative to the magnitude (one rounding of the dtype).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rmt_fast.ops.associative_memory import (  # noqa: E402
+    associative_read,
+    associative_write,
+    chunked,
+    dpfp,
+    reference_read,
+    reference_write,
+)
+from rmt_fast.ops.associative_memory.function import assoc_read, assoc_update  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL_FLOOR = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _close(name, got, ref64, ref_lowp, mult, dtype):
+    """``|got - ref64| <= mult * |ref_lowp - ref64| + floor * max|ref64|`` (max norms), NaN-free."""
+    assert got is not None, name
+    assert not torch.isnan(got).any(), f"{name}: NaN (an unwritten poisoned output?)"
+    err = (got.double() - ref64).abs().max().item()
+    base = (ref_lowp.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    assert err <= mult * base + REL_FLOOR[dtype] * scale, \
+        f"{name}: err {err:.3e} vs base {base:.3e} (scale {scale:.3e})"
+
+
+def _inputs(dtype, b=2, length=21, dm=5, d=19, m=4, nu=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = 2 * nu * dm
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+        return t.to(dtype).requires_grad_()
+
+    x = rnd(b, length, dm)
+    A = rnd(b, k, d, scale=0.3)
+    z = (torch.rand(b, k, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    km, v = rnd(b, m, dm), rnd(b, m, d)
+    beta = torch.rand(b, m, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return x, A, z, km, v, beta
+
+
+def _grads(outs, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    return cots, torch.autograd.grad(outs, inputs, [c.to(o.dtype) for c, o in zip(cots, outs, strict=True)])
+
+
+def _check_read(backend, dtype, normalize, **shape):
+    x, A, z, *_ = _inputs(dtype, **shape)
+    out = associative_read(x, A, z, normalize=normalize, backend=backend)
+    ref = reference_read(x, A, z, normalize=normalize, upcast=True)
+    low = reference_read(x, A, z, normalize=normalize)
+    assert out.dtype == dtype
+    _close("read", out, ref, low, 2, dtype)
+    cots, got = _grads([out], (x, A, z))
+    want = torch.autograd.grad(ref, (x, A, z), cots[0])
+    lowg = torch.autograd.grad(low, (x, A, z), cots[0].to(dtype))
+    for name, a, r, lo in zip(("dx", "dA", "dz"), got, want, lowg, strict=True):
+        _close(f"read {name}", a, r, lo, 3, dtype)
+
+
+def _check_write(backend, dtype, normalize, first, correction=True, **shape):
+    _, A, z, km, v, beta = _inputs(dtype, **shape)
+    ins = (km, v, beta, A, z)
+    kw = dict(first=first, correction=correction, normalize=normalize)
+    out = associative_write(*ins, backend=backend, **kw)
+    ref = reference_write(*ins, upcast=True, **kw)
+    low = reference_write(*ins, **kw)
+    for name, o, r, lo in zip(("A'", "z'"), out, ref, low, strict=True):
+        assert o.dtype == dtype
+        _close(f"write {name}", o, r, lo, 2, dtype)
+    cots, got = _grads(list(out), ins)
+    want = torch.autograd.grad(ref, ins, cots)
+    lowg = torch.autograd.grad(low, ins, [c.to(dtype) for c in cots])
+    for name, a, r, lo in zip(("dkm", "dv", "dbeta", "dA", "dz"), got, want, lowg, strict=True):
+        _close(f"write {name}", a, r, lo, 3, dtype)
+
+
+# --- the PyTorch (CPU) path ---------------------------------------------------------------------
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dm", [5, 1])
+def test_torch_read_float64_exact(normalize, dm, monkeypatch):
+    """float64, chunked into several row blocks: equal to the dense reference to ~1e-13.
+    ``d_mem=1`` makes DPFP's shifts wrap (2 nu > 2 d_mem)."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 6 * dm * 4)  # 4 rows per chunk
+    x, A, z, *_ = _inputs(torch.float64, dm=dm)
+    out = associative_read(x, A, z, normalize=normalize, backend="torch")
+    ref = reference_read(x, A, z, normalize=normalize)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    cots, got = _grads([out], (x, A, z))
+    want = torch.autograd.grad(ref, (x, A, z), cots[0])
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("correction", [True, False])
+def test_torch_write_float64_exact(normalize, first, correction):
+    _, A, z, km, v, beta = _inputs(torch.float64)
+    ins = (km, v, beta, A, z)
+    kw = dict(first=first, correction=correction, normalize=normalize)
+    out = associative_write(*ins, backend="torch", **kw)
+    ref = reference_write(*ins, **kw)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    cots, got = _grads(list(out), ins)
+    want = torch.autograd.grad(ref, ins, cots)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_low_precision(dtype):
+    _check_read("torch", dtype, False)
+    _check_write("torch", dtype, True, first=False)
+
+
+def test_dpfp_layout():
+    """Block j of phi is x' * roll(x', j) with x' = [relu(x), relu(-x)] (hand-checked entries)."""
+    x = torch.tensor([[1.0, -2.0]])
+    xp = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
+    phi = dpfp(x, nu=3)
+    assert phi.shape == (1, 12)
+    # j=1: x' * [x'3, x'0, x'1, x'2] = [1*2, 0*1, 0*0, 2*0]
+    assert phi[0, :4].tolist() == [2.0, 0.0, 0.0, 0.0]
+    for j in (1, 2, 3):
+        assert torch.equal(phi[:, 4 * (j - 1): 4 * j], xp * xp.roll(j, dims=-1))
+
+
+# --- Triton under the interpreter ---------------------------------------------------------------
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_read(dtype, normalize):
+    """L=21, d=19, d_key=30 (ragged blocks of 16), d_mem=5 (masked d_mem tile)."""
+    _check_read("triton", dtype, normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_write(dtype, normalize):
+    _check_write("triton", dtype, normalize, first=False)
+
+
+def test_triton_write_first_no_correction_fp32():
+    _check_write("triton", torch.float32, False, first=True)
+    _check_write("triton", torch.float32, True, first=False, correction=False)
+
+
+def test_triton_two_dmem_tiles_fp32():
+    """d_mem=20 > the 16-wide d_mem tile of the interpreter config: two tiles in the grad kernel;
+    d_mem=1: DPFP's shifts wrap around (2 nu > 2 d_mem)."""
+    _check_read("triton", torch.float32, True, dm=20, length=17, d=16, b=1)
+    _check_read("triton", torch.float32, False, dm=1, length=9, d=16, b=1)
+
+
+def test_triton_matches_torch_path():
+    x, A, z, *_ = _inputs(torch.float32)
+    a = associative_read(x, A, z, backend="triton")
+    b = associative_read(x, A, z, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_first_tensor_equals_bool():
+    """A per-row ``first`` gives, row by row, the bool results (fresh rows need a zero state)."""
+    _, A, z, km, v, beta = _inputs(torch.float64, b=3)
+    A, z = A.detach().clone(), z.detach().clone()
+    A[1].zero_()
+    z[1].zero_()
+    first = torch.tensor([False, True, False])
+    got = associative_write(km, v, beta, A, z, first=first, backend="torch")
+    for row, f in enumerate(first.tolist()):
+        want = associative_write(km[row:row + 1], v[row:row + 1], beta[row:row + 1],
+                                 A[row:row + 1], z[row:row + 1], first=f, backend="torch")
+        torch.testing.assert_close(got[0][row:row + 1], want[0], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(got[1][row:row + 1], want[1], rtol=1e-13, atol=1e-13)
+
+
+# --- custom ops, torch.compile ------------------------------------------------------------------
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+            "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_custom_ops_opcheck(normalize):
+    x, A, z, km, v, beta = _inputs(torch.float32, length=7, d=8)
+    res = torch.library.opcheck(torch.ops.rmt_fast.assoc_read.default,
+                                (x, A, z, 3, normalize, 1e-5, "torch"), test_utils=OPCHECKS)
+    assert res == {name: "SUCCESS" for name in OPCHECKS}
+    gamma = torch.rand(2, 4)
+    u = torch.randn(2, 4, 8, requires_grad=True)
+    res = torch.library.opcheck(torch.ops.rmt_fast.assoc_update.default,
+                                (km, u, gamma, A, z, 3, normalize, "torch"), test_utils=OPCHECKS)
+    assert res == {name: "SUCCESS" for name in OPCHECKS}
+
+
+def test_torch_compile_traces_the_ops():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    x, A, z, km, v, beta = _inputs(torch.float32, length=7, d=8)
+
+    def fn(x, A, z, km, v, beta):
+        r = associative_read(x, A, z, backend="torch")
+        A2, z2 = associative_write(km, v, beta, A, z, first=False, backend="torch")
+        return r.sum() + A2.square().sum() + z2.sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    got, want = compiled(x, A, z, km, v, beta), fn(x, A, z, km, v, beta)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ins = (x, A, z, km, v, beta)
+    for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ops_return_statistics():
+    """``assoc_read`` also returns ``den = phi.z + eps`` and ``nrm = |phi|`` (not differentiable)."""
+    x, A, z, *_ = _inputs(torch.float64)
+    r, den, nrm = assoc_read(x, A, z, 3, False, 1e-5, "torch")
+    phi = dpfp(x.detach())
+    torch.testing.assert_close(den, (phi * z.detach()[:, None]).sum(-1) + 1e-5)
+    torch.testing.assert_close(nrm, phi.norm(dim=-1))
+    assert not den.requires_grad and not nrm.requires_grad
+    A2, z2 = assoc_update(x, torch.randn(2, 21, 19, dtype=torch.float64), torch.ones(2, 21,
+                          dtype=torch.float64), A, z, 3, False, "torch")
+    assert A2.shape == A.shape and z2.shape == z.shape
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    x, A, z, km, v, beta = _inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"A must be \[B=2, d_key=2\*nu\*d_mem=30"):
+        associative_read(x, A[:, :20], z)
+    with pytest.raises(ValueError, match=r"z must be \[B=2, d_key=30\]"):
+        associative_read(x, A, z[:, :3])
+    with pytest.raises(ValueError, match="x must be a 3-D tensor"):
+        associative_read(x[0], A, z)
+    with pytest.raises(ValueError, match="A must match x's dtype"):
+        associative_read(x, A.double(), z)
+    with pytest.raises(ValueError, match="nu must be an int >= 1"):
+        associative_read(x, A, z, nu=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        associative_read(x, A, z, backend="cuda")
+    with pytest.raises(ValueError, match=r"v must be \[B, M, d\] = \[2, 4, 19\]"):
+        associative_write(km, v[:, :, :3], beta, A, z, first=False)
+    with pytest.raises(ValueError, match=r"beta must be \[B, M\]"):
+        associative_write(km, v, beta[:, :2], A, z, first=False)
+    with pytest.raises(ValueError, match=r"first must be a bool or a bool tensor \[B=2\]"):
+        associative_write(km, v, beta, A, z, first=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        associative_read(x.double(), A.double(), z.double(), backend="triton")
+
+
+# --- ahead-of-time compile for sm_80 / sm_90 ----------------------------------------------------
+def _aot(*args, timeout=600):
+    """The aot module in a fresh process (the interpreter, set here, replaces @jit functions)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_DEFAULT_FP_FUSION": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-m", "rmt_fast.ops.associative_memory.triton.aot",
+                          "--json", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_aot_bf16_dmem64_no_spills():
+    rows = _aot("--caps", "80", "90", "--dtypes", "bf16", "--kernels", "matmul", "grad")
+    assert len(rows) == 4
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert 0 < r["regs"] <= 255 and r["mma"], r
+    assert any(r["wgmma"] for r in rows if r["target"] == "sm_90a")
+
+
+def test_aot_fp32_ieee_no_tf32_no_spills():
+    rows = _aot("--caps", "80", "--dtypes", "fp32", "--kernels", "outer", "grad")
+    assert len(rows) == 2
+    for r in rows:
+        assert not r["tf32"], r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
+@pytest.mark.slow
+def test_aot_full_sweep():
+    """Every kernel, dtype, d_mem 64 and 128, both targets, with and without normalisation."""
+    rows = _aot("--d-mems", "64", "128") + _aot("--d-mems", "64", "128", "--no-normalize")
+    assert len(rows) == 2 * 2 * 3 * 2 * 4
+    assert not any(r["spill_stores"] or r["spill_loads"] for r in rows), \
+        [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not any(r["tf32"] for r in rows if r["dtype"] == "fp32")

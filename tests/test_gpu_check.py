@@ -1,0 +1,188 @@
+"""scripts/gpu_check.py on the CPU: its plumbing (stages isolated, budgets, deadline, report),
+its install command, and its checkers (they must catch a wrong kernel). The end-to-end dry run
+is slow (one process per stage) and marked so."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_install_command_and_environment(gc):
+    assert gc.arch_list((9, 0)) == "9.0" and gc.arch_list([8, 6]) == "8.6"
+    env = gc.install_env({"PATH": "/bin"}, (9, 0), cpus=64)
+    assert env["RMT_FAST_BUILD_CUDA"] == "1" and env["RMT_FAST_REQUIRE_EXT"] == "1"
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["MAX_JOBS"] == "16"
+    assert env["PATH"] == "/bin"
+    kept = gc.install_env({"TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": "4"}, (9, 0))
+    assert kept["TORCH_CUDA_ARCH_LIST"] == "9.0a" and kept["MAX_JOBS"] == "4"
+    cmd = gc.install_command("/usr/bin/python3", "/repo")
+    assert cmd[:4] == ["/usr/bin/python3", "-m", "pip", "install"] and cmd[-1] == "/repo"
+    # offline machine: no build isolation, no dependency resolution, no index
+    assert {"--no-build-isolation", "--no-deps", "--no-index"} <= set(cmd)
+
+
+def _stage(gc, tmp_path, name, code, budget=30.0):
+    result = str(tmp_path / f"{name}.json")
+    return gc.Stage(name, budget, [sys.executable, "-c", code.replace("RESULT", repr(result))],
+                    result)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_orchestrate_isolates_failures_timeouts_and_deadline(gc, tmp_path):
+    write = ("import json; json.dump({{'status': {status!r}, 'checks': [{{'name': 'c', "
+             "'status': {check!r}, 'detail': 'd', 'seconds': 0}}]}}, open(RESULT, 'w'))")
+    stages = [
+        _stage(gc, tmp_path, "good", write.format(status="ok", check="ok")),
+        # writes a partial result, then dies: the partial result stays, the status says crashed
+        _stage(gc, tmp_path, "crash", write.format(status="running", check="ok")
+               + "; import sys; sys.exit(3)"),
+        # hangs, and has started a process of its own: both go at the stage's budget
+        _stage(gc, tmp_path, "hang", "import subprocess, sys, time; p = subprocess.Popen([sys.executable,"
+               " '-c', 'import time; time.sleep(60)']); open(RESULT + '.pid', 'w').write(str(p.pid));"
+               " time.sleep(60)", budget=3),
+        _stage(gc, tmp_path, "after", write.format(status="failed: 1 check(s)", check="FAIL")),
+        _stage(gc, tmp_path, "late", write.format(status="ok", check="ok")),
+    ]
+    seen = []
+    out = tmp_path / "out"
+    t0 = __import__("time").monotonic()
+    # the deadline lets the first four run and leaves the last one out
+    report = gc.orchestrate(stages[:4], str(out), 60.0, {"mode": "test"},
+                            on_result=lambda n, r, rep: seen.append(n), t0=t0)
+    late = gc.orchestrate(stages[4:], str(out / "late"), 0.0, {"mode": "test"})
+    st = report["stages"]
+    assert seen == ["good", "crash", "hang", "after"]
+    assert st["good"]["status"] == "ok"
+    assert st["crash"]["status"].startswith("crashed: exit code 3")
+    assert st["crash"]["checks"][0]["status"] == "ok"  # what it wrote before dying
+    assert st["hang"]["status"].startswith("timeout") and st["hang"]["seconds"] < 30
+    grandchild = int((tmp_path / "hang.json.pid").read_text())
+    for _ in range(50):  # killed with its stage (gone, or a zombie until someone reaps it)
+        if not _alive(grandchild):
+            break
+        __import__("time").sleep(0.1)
+    assert not _alive(grandchild)
+    assert st["after"]["status"].startswith("failed")  # ran although the one before hung
+    assert late["stages"]["late"]["status"] == "skipped: global deadline reached"
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert list(data["stages"]) == ["good", "crash", "hang", "after"]
+    md = (out / "gpu_check.md").read_text()
+    assert "| hang | timeout" in md and "| after | failed: 1 check(s)" in md
+    assert "===== stage hang" in (out / "gpu_check.log").read_text()
+    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "late"]
+
+
+def test_recorder_statuses(gc, tmp_path):
+    rec = gc.Recorder(str(tmp_path / "r.json"))
+    rec.check("fine", lambda: "detail")
+    rec.check("wrong", lambda: gc._assert(False, "values differ"))
+    rec.check("broken", lambda: 1 / 0)
+    rec.check("gpu only", skip="no CUDA device (dry run)")
+    rec.finish()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [c["status"] for c in data["checks"]] == ["ok", "FAIL", "error", "skipped"]
+    assert data["checks"][1]["detail"] == "values differ"
+    assert "ZeroDivisionError" in data["checks"][2]["detail"]
+    assert data["status"] == "failed: 2 check(s)"
+    ok = gc.Recorder(str(tmp_path / "s.json"))
+    ok.check("gpu only", skip="no CUDA")
+    ok.row(case="x", status="ok")
+    ok.finish()
+    assert json.loads((tmp_path / "s.json").read_text())["status"] == "ok"
+
+
+def test_triton_checker_passes_the_kernel_and_catches_a_wrong_one(gc, monkeypatch):
+    """check_case on the CPU (Triton interpreter): the real kernel passes; a kernel off by 1e-3
+    in its output fails, as does one with a wrong gradient (those two wrap the fast CPU backend)."""
+    case = gc.correctness_cases(tiny=True)[1]  # rmt mask, GQA, past keys
+    row = gc.check_case(case, "float32", "cpu")
+    assert row["status"] == "ok", row
+    assert row["out_err"] < 1e-5 and "dpast_v_err" in row
+
+    import rmt_fast
+
+    real = rmt_fast.memory_attention
+
+    def off(*args, **kw):
+        out, lse = real(*args, **kw)
+        return out + 1e-3, lse
+
+    monkeypatch.setattr(rmt_fast, "memory_attention", off)
+    assert gc.check_case(case, "float32", "cpu", backend="torch")["status"] == "FAIL"
+
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.01 * g
+
+    def bad_grad(*args, **kw):
+        out, lse = real(*args, **kw)
+        return WrongGrad.apply(out), lse
+
+    monkeypatch.setattr(rmt_fast, "memory_attention", bad_grad)
+    bad = gc.check_case(case, "float32", "cpu", backend="torch")
+    assert bad["status"] == "FAIL" and bad["out_err"] < 1e-5  # output right, gradients wrong
+
+
+def test_cases_cover_masks_dtypes_gqa_past_decode(gc):
+    cases = gc.correctness_cases(tiny=False)
+    assert {c["mask"] for c in cases} == {"causal", "rmt", "full", "bottleneck"}
+    assert any(c["Hq"] > c["Hkv"] and c["P"] for c in cases)  # GQA with past keys
+    assert any(c.get("kpm") and c.get("pvr") for c in cases)
+    assert any(c.get("grad") is False and c["L"] <= 16 and c["P"] >= 256 for c in cases)  # decode
+    assert set(gc.TOL_FLOOR) == {"bfloat16", "float16", "float32"}
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path):
+    """The whole script without a GPU: every stage runs its CPU part at tiny sizes, the GPU-only
+    checks say skipped, the report files are there."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path),
+                          "--deadline", "1200", "--budget-scale", "4"],
+                         capture_output=True, text=True, env=env, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["mode"].startswith("dry run")
+    names = list(data["stages"])
+    assert names == ["environment", "verify_install", "ceilings", "extension_ops", "memory_store",
+                     "triton_correctness", "train_step", "streaming_1m", "kernel_timing"]
+    assert all(s["status"] == "ok" for s in data["stages"].values()), data["stages"]
+    skipped = [c["name"] for s in data["stages"].values() for c in s.get("checks", [])
+               if c["status"] == "skipped"]
+    assert "offload + prefetch on a side stream" in skipped
+    assert "CUDA kernels registered" in skipped
+    rows = data["stages"]["triton_correctness"]["rows"]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert data["stages"]["streaming_1m"]["metrics"]["tokens_read"] == 4096
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
