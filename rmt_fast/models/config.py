@@ -157,4 +157,5 @@ class RMTConfig:
 LOAD_DEFAULTS: dict[str, object] = {
     "fuse_activations": True,  # wrappers always fused tanh-GELU before this switch existed
     "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
+    "offload_memory": False,  # checkpointed states were never offloaded before this switch
 }

@@ -168,7 +168,7 @@ class RMTForCausalLM(RMTBase):
         """The decoder's step of :func:`rmt_fast.models.segment_loop.run_segments`: one segment,
         its summed cross-entropy over ``n_targets`` (when it has targets), its logits
         ``[B, S, V]`` and hidden states ``[B, S, d]`` when asked for."""
-        has_loss = n_targets > 0 and seg.num_targets > 0
+        has_loss = n_targets > 0 and seg.targets is not None and seg.num_targets != 0
         h, memory, xl = self._run_segment(state.memory, seg.ids, seg.mask, state.xl,
                                           need_hidden=logits or hidden or has_loss)
         out = {}
@@ -335,8 +335,13 @@ class RMTForCausalLM(RMTBase):
             raise ValueError(f"official state dict mismatch: missing {missing}, unexpected {unexpected}")
 
 
+_Segment = Segment  # the name rmt_fast.models.armt imports
+
+
 def _count_targets(segments: list[Segment]) -> int:
-    return sum(s.num_targets for s in segments)
+    """Target positions over ``segments`` (counted here for segments that were not)."""
+    return sum(s.num_targets if s.num_targets is not None
+               else 0 if s.targets is None else int((s.targets != -100).sum()) for s in segments)
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ class Segment:
             False keeps its state over this segment.
         targets: ``[B, S]`` next-token targets of the segment's positions (-100 = no loss), or
             None.
-        num_targets: how many ``targets`` are not -100 (0 without targets).
+        num_targets: how many ``targets`` are not -100, if counted (None: not counted yet).
     """
 
     start: int
@@ -108,7 +108,7 @@ class Segment:
     ids: torch.Tensor
     mask: torch.Tensor | None = None
     targets: torch.Tensor | None = None
-    num_targets: int = 0
+    num_targets: int | None = None
 
 
 def rows_with_tokens(segment: Any) -> torch.Tensor | None:
