@@ -1,0 +1,698 @@
+// Memory-attention CPU kernels for one instruction set. memory_attention_cpu.cpp includes this
+// file several times, each time inside its own namespace, under its own `#pragma GCC target`
+// and with RMT_MA_ISA set: 0 portable C++, 1 AVX-512F (float32 FMA microkernels), 2 AVX-512 with
+// BF16 dot products (_mm512_dpbf16_ps). No #include here: every header comes in before.
+//
+// Scheme (FlashAttention-2 style, transposed): a task owns kBR query rows of one (batch, head).
+// For every key tile it may see (Plan::row_tiles: block skipping), it computes the transposed
+// scores S^T = K Q^T ([keys, queries], float32), so that the per-query running max, sum and
+// rescaling are vertical (column) vector operations with no horizontal reductions, and the
+// value product runs as O^T += V^T P^T. The backward pass recomputes P^T from the saved
+// log-sum-exp and forms dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q and
+// dQ^T += K^T dS^T, again without transposing a tile. All products are one register-blocked
+// microkernel C[M, N] (+)= A[M, K] B[K, N], B packed with pairs of K interleaved ("VNNI" layout,
+// [K/2][N][2]) for bf16 so that one _mm512_dpbf16_ps does 16 columns x 2 K steps, float32
+// accumulation throughout. Written by hand because neither ATen nor oneDNN exposes a stable
+// C++ bf16 microkernel API to extensions, and a library GEMM call per 64x64 tile costs more in
+// overhead than the tile's arithmetic.
+
+static_assert(kBR % 16 == 0 && kBK % 16 == 0, "tiles are whole 16-lane vectors");
+
+// ------------------------------------------------------------------------ element conversions
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T>
+inline float to_float(T x) {
+  if constexpr (sizeof(T) == 2) {
+    return bf16_bits_to_float(x);
+  } else {
+    return x;
+  }
+}
+
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (sizeof(T) == 2) {
+    return float_to_bf16_bits(x);
+  } else {
+    return x;
+  }
+}
+
+// an input element in the packed type: bf16 bits stay bits, anything else goes through float
+template <typename PT, typename TIn>
+inline PT to_packed(TIn x) {
+  if constexpr (sizeof(PT) == sizeof(TIn)) {
+    return x;
+  } else {
+    return from_float<PT>(to_float(x));
+  }
+}
+
+// exp(x), exactly 0 for x < -87 (so -inf scores give 0, not the clamp's 1e-38)
+inline float exp_or_zero(float x) {
+  const float y = exp_approx(x);
+  return x < -87.0f ? 0.0f : y;
+}
+
+// dst[2m] = bf16(r0[m]), dst[2m + 1] = bf16(r1[m]), m < n (n a multiple of 16)
+inline void to_bf16_pairs(const float* r0, const float* r1, uint16_t* dst, int64_t n) {
+#if RMT_MA_ISA >= 2
+  alignas(64) static const int16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                                7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                                29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t m = 0; m < n; m += 16) {
+    // low 16 lanes: r0, high 16 lanes: r1; then interleave
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + m), _mm512_loadu_ps(r0 + m));
+    _mm512_storeu_si512(dst + 2 * m, _mm512_permutexvar_epi16(idx, (__m512i)both));
+  }
+#else
+  for (int64_t m = 0; m < n; ++m) {
+    dst[2 * m] = float_to_bf16_bits(r0[m]);
+    dst[2 * m + 1] = float_to_bf16_bits(r1[m]);
+  }
+#endif
+}
+
+inline void to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
+#if RMT_MA_ISA >= 2
+  for (int64_t m = 0; m < n; m += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + m),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + m)));
+  }
+#else
+  for (int64_t m = 0; m < n; ++m) dst[m] = float_to_bf16_bits(src[m]);
+#endif
+}
+
+// ------------------------------------------------------------------------------- microkernel
+
+template <typename PT>
+constexpr int kPair = sizeof(PT) == 2 ? 2 : 1;
+
+// C[MR, 16 NV] (+)= A[MR, K] B[K, 16 NV] with K = ksteps * PAIR. A row m starts at A + m * lda
+// (PAIR consecutive K elements per step); step ks of B starts at B + ks * ldb and holds the
+// 16 NV columns with their PAIR K elements interleaved.
+template <typename PT, int MR, int NV>
+void ukernel(int64_t ksteps, const PT* __restrict A, int64_t lda, const PT* __restrict B,
+             int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+#if RMT_MA_ISA >= 1
+  constexpr bool kBf16 = sizeof(PT) == 2;
+  if constexpr (!kBf16 || RMT_MA_ISA >= 2) {
+    __m512 c[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NV; ++j)
+        c[m][j] = accumulate ? _mm512_loadu_ps(C + m * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int64_t ks = 0; ks < ksteps; ++ks) {
+      const PT* b = B + ks * ldb;
+      if constexpr (kBf16) {
+#if RMT_MA_ISA >= 2
+        __m512bh bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + 32 * j);
+        for (int m = 0; m < MR; ++m) {
+          int32_t word;
+          std::memcpy(&word, A + m * lda + 2 * ks, 4);
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(word);
+          for (int j = 0; j < NV; ++j) c[m][j] = _mm512_dpbf16_ps(c[m][j], a, bv[j]);
+        }
+#endif
+      } else {
+        __m512 bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + 16 * j);
+        for (int m = 0; m < MR; ++m) {
+          const __m512 a = _mm512_set1_ps(A[m * lda + ks]);
+          for (int j = 0; j < NV; ++j) c[m][j] = _mm512_fmadd_ps(a, bv[j], c[m][j]);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(C + m * ldc + 16 * j, c[m][j]);
+    return;
+  }
+#endif
+  constexpr int PAIR = kPair<PT>, N = 16 * NV;
+  float c[MR][N];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < N; ++n) c[m][n] = accumulate ? C[m * ldc + n] : 0.0f;
+  for (int64_t ks = 0; ks < ksteps; ++ks) {
+    const PT* b = B + ks * ldb;
+    for (int p = 0; p < PAIR; ++p) {
+      float bf[N];
+      for (int n = 0; n < N; ++n) bf[n] = to_float(b[n * PAIR + p]);
+      for (int m = 0; m < MR; ++m) {
+        const float a = to_float(A[m * lda + ks * PAIR + p]);
+#pragma omp simd
+        for (int n = 0; n < N; ++n) c[m][n] += a * bf[n];
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < N; ++n) C[m * ldc + n] = c[m][n];
+}
+
+template <typename PT>
+using UKernel = void (*)(int64_t, const PT*, int64_t, const PT*, int64_t, float*, int64_t, bool);
+
+constexpr int kMR = 6;  // 6 x 4 accumulators + 4 B vectors + 1 broadcast of 32 zmm registers
+
+template <typename PT, int NV>
+UKernel<PT> ukernel_rows(int64_t mr) {
+  switch (mr) {
+    case 1: return &ukernel<PT, 1, NV>;
+    case 2: return &ukernel<PT, 2, NV>;
+    case 3: return &ukernel<PT, 3, NV>;
+    case 4: return &ukernel<PT, 4, NV>;
+    case 5: return &ukernel<PT, 5, NV>;
+    default: return &ukernel<PT, 6, NV>;
+  }
+}
+
+template <typename PT>
+UKernel<PT> pick_ukernel(int64_t mr, int64_t nv) {
+  switch (nv) {
+    case 1: return ukernel_rows<PT, 1>(mr);
+    case 2: return ukernel_rows<PT, 2>(mr);
+    case 3: return ukernel_rows<PT, 3>(mr);
+    default: return ukernel_rows<PT, 4>(mr);
+  }
+}
+
+// C[M, N] (+)= A[M, K] B[K, N], N a multiple of 16 (layouts as for ukernel).
+template <typename PT>
+void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const PT* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  constexpr int PAIR = kPair<PT>;
+  if (ksteps == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nv = std::min<int64_t>(4, (N - n0) / 16);
+    const UKernel<PT> full = pick_ukernel<PT>(kMR, nv);
+    int64_t m0 = 0;
+    for (; m0 + kMR <= M; m0 += kMR)
+      full(ksteps, A + m0 * lda, lda, B + n0 * PAIR, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    if (m0 < M)
+      pick_ukernel<PT>(M - m0, nv)(ksteps, A + m0 * lda, lda, B + n0 * PAIR, ldb,
+                                    C + m0 * ldc + n0, ldc, accumulate);
+  }
+}
+
+// ------------------------------------------------------------------------------------ helpers
+
+template <typename T>
+struct Buffer {  // 64-byte aligned scratch, zero-initialised
+  T* data = nullptr;
+  explicit Buffer(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64) * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(data != nullptr, "memory_attention_cpu: out of memory for ", bytes, " bytes");
+    std::memset(data, 0, bytes);
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+template <typename TIn>
+inline const TIn* at4(const Strided& t, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const TIn*>(t.ptr) + b * t.s0 + h * t.s1 + i * t.s2;
+}
+
+// key j (concatenated index) of (b, hk) from the past or the current buffer
+template <typename TIn>
+inline const TIn* key_row(const Plan& pl, const Strided& cur, const Strided& past, int64_t b,
+                          int64_t hk, int64_t j) {
+  return j < pl.P ? at4<TIn>(past, b, hk, j) : at4<TIn>(cur, b, hk, j - pl.P);
+}
+
+inline bool key_kept(const Plan& pl, int64_t b, int64_t j) {
+  return pl.keep[b * pl.keep_s0 + j * pl.keep_s1];
+}
+
+// rows [i0, i0 + rows) of x (b, h) packed as B operand with K = head dim: [Dp/PAIR][kBR][PAIR]
+template <typename TIn, typename PT>
+void pack_rows_t(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                 PT* dst) {
+  constexpr int PAIR = kPair<PT>;
+  std::fill(dst, dst + pl.Dp * kBR, PT(0));
+  for (int64_t m = 0; m < rows; ++m) {
+    const TIn* src = at4<TIn>(x, b, h, i0 + m);
+    for (int64_t d = 0; d < pl.D; ++d)
+      dst[((d / PAIR) * kBR + m) * PAIR + d % PAIR] = to_packed<PT>(src[d * x.s3]);
+  }
+}
+
+// rows [i0, i0 + rows) of x (b, h) packed as B operand with K = rows: [kBR/PAIR][Dp][PAIR]
+template <typename TIn, typename PT>
+void pack_rows_n(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                 PT* dst) {
+  constexpr int PAIR = kPair<PT>;
+  std::fill(dst, dst + pl.Dp * kBR, PT(0));
+  for (int64_t m = 0; m < rows; ++m) {
+    const TIn* src = at4<TIn>(x, b, h, i0 + m);
+    PT* row = dst + (m / PAIR) * pl.Dp * PAIR + m % PAIR;
+    for (int64_t d = 0; d < pl.D; ++d) row[d * PAIR] = to_packed<PT>(src[d * x.s3]);
+  }
+}
+
+// -------------------------------------------------------------------------------- packing K/V
+
+// Pack keys/values of (b, hk) pairs [bh0, bh1): kn/vn row-major [Lk][Dp], vt/kt per tile
+// transposed [Dp][kBK] (null pointers are skipped).
+template <typename TIn, typename PT>
+void pack_kv_t(const Plan& pl, const Strided& k, const Strided& v, const Strided& pk,
+               const Strided& pv, const Workspace& ws, int64_t bh0, int64_t bh1) {
+  const int64_t Dp = pl.Dp, nt = pl.ntiles();
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / pl.Hkv, hk = bh % pl.Hkv;
+    for (int which = 0; which < 2; ++which) {  // 0: keys, 1: values
+      const Strided& cur = which == 0 ? k : v;
+      const Strided& past = which == 0 ? pk : pv;
+      PT* rows = static_cast<PT*>(which == 0 ? ws.kn : ws.vn);
+      PT* trans = static_cast<PT*>(which == 0 ? ws.kt : ws.vt);
+      if (rows != nullptr) {
+        PT* base = rows + bh * pl.Lk * Dp;
+        std::fill(base, base + pl.Lk * Dp, PT(0));
+        for (int64_t j = 0; j < pl.Lk; ++j) {
+          const TIn* src = key_row<TIn>(pl, cur, past, b, hk, j);
+          const int64_t s3 = j < pl.P ? past.s3 : cur.s3;
+          for (int64_t d = 0; d < pl.D; ++d) base[j * Dp + d] = to_packed<PT>(src[d * s3]);
+        }
+      }
+      if (trans != nullptr) {
+        PT* base = trans + bh * nt * Dp * kBK;
+        std::fill(base, base + nt * Dp * kBK, PT(0));
+        for (int64_t t = 0; t < nt; ++t) {
+          const KeyTile tile = pl.tiles[t];
+          PT* dst = base + t * Dp * kBK;
+          for (int64_t j = tile.start; j < tile.end; ++j) {
+            const TIn* src = key_row<TIn>(pl, cur, past, b, hk, j);
+            const int64_t s3 = j < pl.P ? past.s3 : cur.s3;
+            for (int64_t d = 0; d < pl.D; ++d)
+              dst[d * kBK + (j - tile.start)] = to_packed<PT>(src[d * s3]);
+          }
+        }
+      }
+    }
+  }
+}
+
+#if RMT_MA_ISA >= 1
+// exp(x) on 16 lanes (exp_approx's Cephes polynomial; 2^n by scalef), exactly 0 for x < -87
+// (so -inf scores give 0), NaN stays NaN
+inline __m512 exp512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // x if NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+#endif
+
+// Scores of one tile, in place in s [kt][kBR]: scaled, and -inf where hidden (the element mask
+// on mixed tiles, padded keys on every tile). With tmax, also the column (per query) maxima.
+inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart, int64_t i0,
+                            bool mixed, bool pad_rows, int64_t b, float* tmax) {
+  const float scale = pl.scale, ninf = -std::numeric_limits<float>::infinity();
+  const int32_t* lo0 = pl.lo0.data() + i0;
+  const int32_t* hi0 = pl.hi0.data() + i0;
+  const int32_t* lo1 = pl.lo1.data() + i0;
+  const int32_t* hi1 = pl.hi1.data() + i0;
+#if RMT_MA_ISA >= 1
+  constexpr int NV = kBR / 16;
+  const __m512 sc = _mm512_set1_ps(scale), vninf = _mm512_set1_ps(ninf);
+  __m512 mx[NV];
+  for (int c = 0; c < NV; ++c) mx[c] = vninf;
+  for (int64_t n = 0; n < kt; ++n) {
+    float* row = s + n * kBR;
+    const int32_t j = static_cast<int32_t>(jstart + n);
+    if (pad_rows && !key_kept(pl, b, j)) {
+      for (int c = 0; c < NV; ++c) _mm512_storeu_ps(row + 16 * c, vninf);
+      continue;
+    }
+    const __m512i jv = _mm512_set1_epi32(j);
+    for (int c = 0; c < NV; ++c) {
+      __m512 x;
+      if (mixed) {
+        const __mmask16 in0 =
+            _mm512_cmple_epi32_mask(_mm512_loadu_si512(lo0 + 16 * c), jv) &
+            _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(hi0 + 16 * c), jv);
+        const __mmask16 in1 =
+            _mm512_cmple_epi32_mask(_mm512_loadu_si512(lo1 + 16 * c), jv) &
+            _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(hi1 + 16 * c), jv);
+        x = _mm512_mask_mul_ps(vninf, in0 | in1, _mm512_loadu_ps(row + 16 * c), sc);
+      } else {
+        x = _mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), sc);
+      }
+      _mm512_storeu_ps(row + 16 * c, x);
+      mx[c] = _mm512_max_ps(mx[c], x);
+    }
+  }
+  if (tmax != nullptr)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(tmax + 16 * c, mx[c]);
+#else
+  if (tmax != nullptr) std::fill(tmax, tmax + kBR, ninf);
+  for (int64_t n = 0; n < kt; ++n) {
+    float* row = s + n * kBR;
+    const int32_t j = static_cast<int32_t>(jstart + n);
+    if (pad_rows && !key_kept(pl, b, j)) {
+      std::fill(row, row + kBR, ninf);
+      continue;
+    }
+    for (int64_t m = 0; m < kBR; ++m) {
+      const bool vis = !mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]);
+      row[m] = vis ? row[m] * scale : ninf;
+      if (tmax != nullptr) tmax[m] = std::max(tmax[m], row[m]);
+    }
+  }
+#endif
+}
+
+// row[m] = exp(row[m] - sub[m]) over one kBR row; adds the row to sum when given
+inline void exp_row(float* row, const float* sub, float* sum) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < kBR; m += 16) {
+    const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + m), _mm512_loadu_ps(sub + m)));
+    _mm512_storeu_ps(row + m, p);
+    if (sum != nullptr) _mm512_storeu_ps(sum + m, _mm512_add_ps(_mm512_loadu_ps(sum + m), p));
+  }
+#else
+  for (int64_t m = 0; m < kBR; ++m) {
+    row[m] = exp_or_zero(row[m] - sub[m]);
+    if (sum != nullptr) sum[m] += row[m];
+  }
+#endif
+}
+
+// x[m] *= y[m] over n floats (n a multiple of 16)
+inline void mul_rows(float* x, const float* y, int64_t n) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < n; m += 16)
+    _mm512_storeu_ps(x + m, _mm512_mul_ps(_mm512_loadu_ps(x + m), _mm512_loadu_ps(y + m)));
+#else
+  for (int64_t m = 0; m < n; ++m) x[m] *= y[m];
+#endif
+}
+
+// dS^T row: ds[m] = p[m] (ds[m] - delta[m]) (ds holds dP^T on entry)
+inline void ds_row(const float* p, float* ds, const float* delta) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < kBR; m += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(ds + m), _mm512_loadu_ps(delta + m));
+    _mm512_storeu_ps(ds + m, _mm512_mul_ps(_mm512_loadu_ps(p + m), d));
+  }
+#else
+  for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]);
+#endif
+}
+
+// --------------------------------------------------------------------------------- forward
+
+// Row-block tasks [task0, task1) of the forward pass; task = (b * Hq + h) * nrb + rb.
+template <typename TIn, typename PT>
+void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, float* lse,
+               int64_t task0, int64_t task1) {
+  constexpr int PAIR = kPair<PT>;
+  const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Buffer<PT> qt(Dp * kBR);
+  Buffer<float> s(kBK * kBR), ot(Dp * kBR);
+  Buffer<PT> pvnni(PAIR == 2 ? kBK * kBR : 1);
+  alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], psum[kBR];
+  for (int64_t task = task0; task < task1; ++task) {
+    const int64_t rb = task % pl.nrb, bh = task / pl.nrb, b = bh / pl.Hq, h = bh % pl.Hq;
+    const int64_t hk = h / pl.groups(), i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
+    pack_rows_t<TIn, PT>(pl, q, b, h, i0, rows, qt.data);
+    std::fill(ot.data, ot.data + D * kBR, 0.0f);
+    for (int64_t m = 0; m < kBR; ++m) {
+      mrow[m] = ninf;
+      lrow[m] = 0.0f;
+    }
+    const PT* kn = static_cast<const PT*>(ws.kn) + (b * pl.Hkv + hk) * pl.Lk * Dp;
+    const PT* vt = static_cast<const PT*>(ws.vt) + (b * pl.Hkv + hk) * nt * Dp * kBK;
+    for (const TileRef& ref : pl.row_tiles[rb]) {
+      const KeyTile tile = pl.tiles[ref.tile];
+      const int64_t kt = tile.end - tile.start;
+      bool pad_rows = false;
+      if (pl.keep != nullptr) {
+        const int32_t kept = pl.kept[b * nt + ref.tile];
+        if (kept == 0) continue;
+        pad_rows = kept < kt;
+      }
+      // S^T = K Q^T
+      gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
+               false);
+      scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, tmax);
+      bool moved = false;  // did any running max change (else alpha == 1: skip the rescale)
+      for (int64_t m = 0; m < kBR; ++m) {
+        const float mn = std::max(mrow[m], tmax[m]);
+        moved = moved || mn != mrow[m];
+        const float mu = mn == ninf ? 0.0f : mn;  // a row that has seen nothing yet
+        alpha[m] = exp_or_zero(mrow[m] - mu);
+        mrow[m] = mn;
+        muse[m] = mu;
+        psum[m] = 0.0f;
+      }
+      const PT* pmat;
+      if constexpr (PAIR == 2) {
+        uint16_t* dst = reinterpret_cast<uint16_t*>(pvnni.data);
+        for (int64_t n = 0; n < kt; n += 2) {
+          float* r0 = s.data + n * kBR;
+          exp_row(r0, muse, psum);
+          if (n + 1 < kt) {
+            exp_row(r0 + kBR, muse, psum);
+          } else {
+            std::fill(r0 + kBR, r0 + 2 * kBR, 0.0f);
+          }
+          to_bf16_pairs(r0, r0 + kBR, dst + n * kBR, kBR);
+        }
+        pmat = pvnni.data;
+      } else {
+        for (int64_t n = 0; n < kt; ++n) exp_row(s.data + n * kBR, muse, psum);
+        pmat = reinterpret_cast<const PT*>(s.data);
+      }
+      for (int64_t m = 0; m < kBR; ++m) lrow[m] = lrow[m] * alpha[m] + psum[m];
+      if (moved)
+        for (int64_t d = 0; d < D; ++d) mul_rows(ot.data + d * kBR, alpha, kBR);
+      // O^T += V^T P^T
+      gemm<PT>(D, kBR, (kt + PAIR - 1) / PAIR, vt + ref.tile * Dp * kBK, kBK, pmat, kBR * PAIR,
+               ot.data, kBR, true);
+    }
+    TIn* o = out + (bh * pl.L + i0) * D;
+    float* l = lse + bh * pl.L + i0;
+    for (int64_t m = 0; m < rows; ++m) {
+      const bool any = lrow[m] > 0.0f;
+      const float inv = any ? 1.0f / lrow[m] : 0.0f;
+      l[m] = any ? mrow[m] + std::log(lrow[m]) : ninf;
+      for (int64_t d = 0; d < D; ++d) o[m * D + d] = from_float<TIn>(ot.data[d * kBR + m] * inv);
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------- backward
+
+// Tasks [task0, task1) of (b * Hq + h): gradients of one (batch, query head). dq is written
+// (input dtype, [B, Hq, L, D] contiguous); the key/value gradients go to the float32 per-query-
+// head accumulators dk_acc/dv_acc [B * Hq][Lk][Dp] (summed over the group by finish_kv_grads).
+template <typename TIn, typename PT>
+void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                const float* lse, const Workspace& ws, TIn* dq, float* dk_acc, float* dv_acc,
+                int64_t task0, int64_t task1) {
+  constexpr int PAIR = kPair<PT>;
+  const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
+  const float inf = std::numeric_limits<float>::infinity();
+  Buffer<PT> qt(Dp * kBR), qn(Dp * kBR), dot(Dp * kBR), don(Dp * kBR);
+  Buffer<float> s(kBK * kBR), dp((kBK + 1) * kBR), dqt(Dp * kBR);
+  Buffer<PT> pn(PAIR == 2 ? kBK * kBR : 1), dsn(PAIR == 2 ? kBK * kBR : 1),
+      dsv(PAIR == 2 ? (kBK + 1) * kBR : 1);
+  alignas(64) float lse_b[kBR], delta[kBR];
+  for (int64_t bh = task0; bh < task1; ++bh) {
+    const int64_t b = bh / pl.Hq, h = bh % pl.Hq, hk = h / pl.groups();
+    const PT* kn = static_cast<const PT*>(ws.kn) + (b * pl.Hkv + hk) * pl.Lk * Dp;
+    const PT* vn = static_cast<const PT*>(ws.vn) + (b * pl.Hkv + hk) * pl.Lk * Dp;
+    const PT* ktr = static_cast<const PT*>(ws.kt) + (b * pl.Hkv + hk) * nt * Dp * kBK;
+    float* dk = dk_acc + bh * pl.Lk * Dp;
+    float* dv = dv_acc + bh * pl.Lk * Dp;
+    for (int64_t rb = 0; rb < pl.nrb; ++rb) {
+      const int64_t i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
+      pack_rows_t<TIn, PT>(pl, q, b, h, i0, rows, qt.data);
+      pack_rows_n<TIn, PT>(pl, q, b, h, i0, rows, qn.data);
+      pack_rows_t<TIn, PT>(pl, dout, b, h, i0, rows, dot.data);
+      pack_rows_n<TIn, PT>(pl, dout, b, h, i0, rows, don.data);
+      for (int64_t m = 0; m < kBR; ++m) {
+        lse_b[m] = inf;  // rows that saw nothing (and padding rows): every P = exp(-inf) = 0
+        delta[m] = 0.0f;
+        if (m >= rows) continue;
+        const float l = lse[bh * pl.L + i0 + m];
+        if (l != -inf) lse_b[m] = l;
+        const TIn* g = at4<TIn>(dout, b, h, i0 + m);
+        const TIn* o = at4<TIn>(out, b, h, i0 + m);
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += to_float(g[d * dout.s3]) * to_float(o[d * out.s3]);
+        delta[m] = acc;
+      }
+      std::fill(dqt.data, dqt.data + D * kBR, 0.0f);
+      bool any_tile = false;
+      for (const TileRef& ref : pl.row_tiles[rb]) {
+        const KeyTile tile = pl.tiles[ref.tile];
+        const int64_t kt = tile.end - tile.start, kpad = (kt + PAIR - 1) / PAIR * PAIR;
+        bool pad_rows = false;
+        if (pl.keep != nullptr) {
+          const int32_t kept = pl.kept[b * nt + ref.tile];
+          if (kept == 0) continue;
+          pad_rows = kept < kt;
+        }
+        any_tile = true;
+        // P^T = exp(scale K Q^T - lse)
+        gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
+                 false);
+        scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, nullptr);
+        for (int64_t n = 0; n < kt; ++n) exp_row(s.data + n * kBR, lse_b, nullptr);
+        const PT* pa;
+        if constexpr (PAIR == 2) {
+          for (int64_t n = 0; n < kt; ++n)
+            to_bf16_row(s.data + n * kBR, reinterpret_cast<uint16_t*>(pn.data) + n * kBR, kBR);
+          pa = pn.data;
+        } else {
+          pa = reinterpret_cast<const PT*>(s.data);
+        }
+        // dV += P^T dO
+        gemm<PT>(kt, Dp, kBR / PAIR, pa, kBR, don.data, Dp * PAIR, dv + tile.start * Dp, Dp, true);
+        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta)
+        gemm<PT>(kt, kBR, Dp / PAIR, vn + tile.start * Dp, Dp, dot.data, kBR * PAIR, dp.data, kBR,
+                 false);
+        for (int64_t n = 0; n < kt; ++n) ds_row(s.data + n * kBR, dp.data + n * kBR, delta);
+        const PT* dsa;
+        const PT* dsb;
+        if constexpr (PAIR == 2) {
+          if (kpad > kt) std::fill(dp.data + kt * kBR, dp.data + kpad * kBR, 0.0f);
+          uint16_t* natural = reinterpret_cast<uint16_t*>(dsn.data);
+          uint16_t* pairs = reinterpret_cast<uint16_t*>(dsv.data);
+          for (int64_t n = 0; n < kt; ++n) to_bf16_row(dp.data + n * kBR, natural + n * kBR, kBR);
+          for (int64_t n = 0; n < kt; n += 2)
+            to_bf16_pairs(dp.data + n * kBR, dp.data + (n + 1) * kBR, pairs + n * kBR, kBR);
+          dsa = dsn.data;
+          dsb = dsv.data;
+        } else {
+          dsa = dsb = reinterpret_cast<const PT*>(dp.data);
+        }
+        // dK += dS^T Q (scaled at the end); dQ^T += K^T dS^T
+        gemm<PT>(kt, Dp, kBR / PAIR, dsa, kBR, qn.data, Dp * PAIR, dk + tile.start * Dp, Dp, true);
+        gemm<PT>(D, kBR, kpad / PAIR, ktr + ref.tile * Dp * kBK, kBK, dsb, kBR * PAIR, dqt.data,
+                 kBR, true);
+      }
+      TIn* g = dq + (bh * pl.L + i0) * D;
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t d = 0; d < D; ++d)
+          g[m * D + d] = from_float<TIn>(any_tile ? pl.scale * dqt.data[d * kBR + m] : 0.0f);
+    }
+  }
+}
+
+// dK/dV of (b, hk) in [bh0, bh1): sum the float32 accumulators over the query heads of the
+// group, scale dK, and write them in the input dtype to the current and past outputs
+// ([B, Hkv, L, D] and [B, Hkv, P, D], contiguous; past ones null when not wanted).
+template <typename TIn>
+void finish_kv_t(const Plan& pl, const float* dk_acc, const float* dv_acc, TIn* dk, TIn* dv,
+                 TIn* dpk, TIn* dpv, int64_t bh0, int64_t bh1) {
+  const int64_t Dp = pl.Dp, D = pl.D, G = pl.groups();
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / pl.Hkv, hk = bh % pl.Hkv;
+    for (int64_t j = 0; j < pl.Lk; ++j) {
+      const bool past = j < pl.P;
+      if (past && dpk == nullptr) continue;
+      TIn* ok = past ? dpk + (bh * pl.P + j) * D : dk + (bh * pl.L + j - pl.P) * D;
+      TIn* ov = past ? dpv + (bh * pl.P + j) * D : dv + (bh * pl.L + j - pl.P) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        float gk = 0.0f, gv = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t src = ((b * pl.Hq + hk * G + g) * pl.Lk + j) * Dp + d;
+          gk += dk_acc[src];
+          gv += dv_acc[src];
+        }
+        ok[d] = from_float<TIn>(gk * pl.scale);
+        ov[d] = from_float<TIn>(gv);
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------- entry points (type dispatch)
+
+// bf16 inputs use bf16 products where the ISA has them, float32 products otherwise
+#if RMT_MA_ISA >= 2
+using Bf16Packed = uint16_t;
+#else
+using Bf16Packed = float;
+#endif
+
+inline int64_t packed_bytes(bool bf16) { return bf16 ? sizeof(Bf16Packed) : sizeof(float); }
+
+inline void pack_kv(const Plan& pl, const Strided& k, const Strided& v, const Strided& pk,
+                    const Strided& pv, const Workspace& ws, int64_t bh0, int64_t bh1) {
+  if (pl.bf16) {
+    pack_kv_t<uint16_t, Bf16Packed>(pl, k, v, pk, pv, ws, bh0, bh1);
+  } else {
+    pack_kv_t<float, float>(pl, k, v, pk, pv, ws, bh0, bh1);
+  }
+}
+
+inline void forward(const Plan& pl, const Strided& q, const Workspace& ws, void* out, float* lse,
+                    int64_t task0, int64_t task1) {
+  if (pl.bf16) {
+    forward_t<uint16_t, Bf16Packed>(pl, q, ws, static_cast<uint16_t*>(out), lse, task0, task1);
+  } else {
+    forward_t<float, float>(pl, q, ws, static_cast<float*>(out), lse, task0, task1);
+  }
+}
+
+inline void backward(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                     const float* lse, const Workspace& ws, void* dq, float* dk_acc,
+                     float* dv_acc, int64_t task0, int64_t task1) {
+  if (pl.bf16) {
+    backward_t<uint16_t, Bf16Packed>(pl, q, dout, out, lse, ws, static_cast<uint16_t*>(dq),
+                                     dk_acc, dv_acc, task0, task1);
+  } else {
+    backward_t<float, float>(pl, q, dout, out, lse, ws, static_cast<float*>(dq), dk_acc, dv_acc,
+                             task0, task1);
+  }
+}
+
+inline void finish_kv(const Plan& pl, const float* dk_acc, const float* dv_acc, void* dk,
+                      void* dv, void* dpk, void* dpv, int64_t bh0, int64_t bh1) {
+  if (pl.bf16) {
+    finish_kv_t<uint16_t>(pl, dk_acc, dv_acc, static_cast<uint16_t*>(dk),
+                          static_cast<uint16_t*>(dv), static_cast<uint16_t*>(dpk),
+                          static_cast<uint16_t*>(dpv), bh0, bh1);
+  } else {
+    finish_kv_t<float>(pl, dk_acc, dv_acc, static_cast<float*>(dk), static_cast<float*>(dv),
+                       static_cast<float*>(dpk), static_cast<float*>(dpv), bh0, bh1);
+  }
+}
