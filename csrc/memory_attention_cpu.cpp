@@ -101,10 +101,18 @@ struct Kernels {
                    const Workspace&, void*, float*, float*, int64_t, int64_t);
   void (*finish_kv)(const Plan&, const float*, const float*, void*, void*, void*, void*, int64_t,
                     int64_t);
+  void (*forward_units)(const Plan&, const Strided&, const Strided&, const Strided&,
+                        const Strided&, const Strided&, void*, float*, int64_t, int64_t);
+  void (*backward_units)(const Plan&, const Strided&, const Strided&, const Strided&,
+                         const Strided&, const Strided&, const Strided&, const Strided&,
+                         const float*, void*, void*, void*, void*, void*, int64_t, int64_t);
 };
 
-#define RMT_MA_KERNELS(ns) \
-  Kernels { &ns::packed_bytes, &ns::pack_kv, &ns::forward, &ns::backward, &ns::finish_kv }
+#define RMT_MA_KERNELS(ns)                                                                \
+  Kernels {                                                                               \
+    &ns::packed_bytes, &ns::pack_kv, &ns::forward, &ns::backward, &ns::finish_kv,         \
+        &ns::forward_units, &ns::backward_units                                           \
+  }
 
 Kernels kernels_for(int isa) {
 #ifdef RMT_MA_X86
@@ -185,7 +193,7 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int mode = parse_mask(mask);
   pl.scale = static_cast<float>(scale);
   pl.bf16 = q.scalar_type() == at::kBFloat16;
-  pl.Dp = (pl.D + 15) / 16 * 16;
+  pl.Dp = (pl.D + 31) / 32 * 32;  // whole 16-word rows for the 32-bit tile transposes
   pl.nrb = (pl.L + kBR - 1) / kBR;
   for (int64_t s = 0; s < pl.P; s += kBK) pl.tiles.push_back({s, std::min(s + kBK, pl.P)});
   for (int64_t s = pl.P; s < pl.Lk; s += kBK) pl.tiles.push_back({s, std::min(s + kBK, pl.Lk)});
@@ -235,6 +243,13 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::Tensor bytes(int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, at::kByte); }
 
+// One task per (batch, kv head) unit (packing next to its use, see forward_units_t) when the
+// units keep every thread busy; otherwise pack everything first and split finer.
+bool by_units(const Plan& pl) {
+  const int64_t threads = at::get_num_threads();
+  return threads == 1 || pl.B * pl.Hkv >= 2 * threads;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
@@ -249,18 +264,24 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   if (pl.B * pl.Hq * pl.L == 0) return {out, lse};
   const Kernels kern = kernels_for(active_isa());
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
+  const Strided sq = strided(q), sk = strided(k), sv = strided(v);
+  const Strided spk = strided(past_k.value_or(at::Tensor())),
+                spv = strided(past_v.value_or(at::Tensor()));
+  float* plse = lse.mutable_data_ptr<float>();
+  void* pout = out.data_ptr();
+  if (by_units(pl)) {
+    at::parallel_for(0, kv, 1, [&](int64_t u0, int64_t u1) {
+      kern.forward_units(pl, sq, sk, sv, spk, spv, pout, plse, u0, u1);
+    });
+    return {out, lse};
+  }
   at::Tensor kn = bytes(kv * pl.Lk * pl.Dp * pb), vt = bytes(kv * pl.ntiles() * pl.Dp * kBK * pb);
   Workspace ws;
   ws.kn = kn.data_ptr();
   ws.vt = vt.data_ptr();
-  const Strided sq = strided(q), sk = strided(k), sv = strided(v);
-  const Strided spk = strided(past_k.value_or(at::Tensor())),
-                spv = strided(past_v.value_or(at::Tensor()));
   at::parallel_for(0, kv, 1, [&](int64_t b0, int64_t b1) {
     kern.pack_kv(pl, sk, sv, spk, spv, ws, b0, b1);
   });
-  float* plse = lse.mutable_data_ptr<float>();
-  void* pout = out.data_ptr();
   at::parallel_for(0, pl.B * pl.Hq * pl.nrb, 1, [&](int64_t t0, int64_t t1) {
     kern.forward(pl, sq, ws, pout, plse, t0, t1);
   });
@@ -309,33 +330,39 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
   }
   const Kernels kern = kernels_for(active_isa());
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
+  const Strided sq = strided(q), sk = strided(k), sv = strided(v), sdo = strided(dout),
+                so = strided(out);
+  const Strided spk = strided(past_k.value_or(at::Tensor())),
+                spv = strided(past_v.value_or(at::Tensor()));
+  const at::Tensor lse_c = lse.contiguous();
+  const float* plse = lse_c.const_data_ptr<float>();
+  void* pdq = dq.data_ptr();
+  void* pk = dk.data_ptr();
+  void* pv = dv.data_ptr();
+  void* ppk = dpk.defined() ? dpk.data_ptr() : nullptr;
+  void* ppv = dpv.defined() ? dpv.data_ptr() : nullptr;
+  if (by_units(pl)) {
+    at::parallel_for(0, kv, 1, [&](int64_t u0, int64_t u1) {
+      kern.backward_units(pl, sq, sk, sv, spk, spv, sdo, so, plse, pdq, pk, pv, ppk, ppv, u0, u1);
+    });
+    return result();
+  }
   at::Tensor kn = bytes(kv * pl.Lk * pl.Dp * pb), vn = bytes(kv * pl.Lk * pl.Dp * pb),
              ktr = bytes(kv * pl.ntiles() * pl.Dp * kBK * pb);
   Workspace ws;
   ws.kn = kn.data_ptr();
   ws.vn = vn.data_ptr();
   ws.kt = ktr.data_ptr();
-  const Strided sk = strided(k), sv = strided(v);
-  const Strided spk = strided(past_k.value_or(at::Tensor())),
-                spv = strided(past_v.value_or(at::Tensor()));
   at::parallel_for(0, kv, 1, [&](int64_t b0, int64_t b1) {
     kern.pack_kv(pl, sk, sv, spk, spv, ws, b0, b1);
   });
   at::Tensor dk_acc = at::zeros({pl.B * pl.Hq * pl.Lk * pl.Dp}, q.options().dtype(at::kFloat));
   at::Tensor dv_acc = at::zeros({pl.B * pl.Hq * pl.Lk * pl.Dp}, q.options().dtype(at::kFloat));
-  const at::Tensor lse_c = lse.contiguous();
-  const Strided sq = strided(q), sdo = strided(dout), so = strided(out);
-  const float* plse = lse_c.const_data_ptr<float>();
   float* pdk = dk_acc.mutable_data_ptr<float>();
   float* pdv = dv_acc.mutable_data_ptr<float>();
-  void* pdq = dq.data_ptr();
   at::parallel_for(0, pl.B * pl.Hq, 1, [&](int64_t t0, int64_t t1) {
     kern.backward(pl, sq, sdo, so, plse, ws, pdq, pdk, pdv, t0, t1);
   });
-  void* pk = dk.data_ptr();
-  void* pv = dv.data_ptr();
-  void* ppk = dpk.defined() ? dpk.data_ptr() : nullptr;
-  void* ppv = dpv.defined() ? dpv.data_ptr() : nullptr;
   at::parallel_for(0, kv, 1, [&](int64_t b0, int64_t b1) {
     kern.finish_kv(pl, pdk, pdv, pk, pv, ppk, ppv, b0, b1);
   });

@@ -56,13 +56,17 @@ struct Plan {
   int64_t groups() const { return Hq / Hkv; }
 };
 
-// Packed keys/values of every (batch, kv head), written by pack_kv and read by the row tasks.
-// PT is the packed element type (float, or bf16 bits as uint16_t); all arrays zero padded.
+// Packed keys/values of every (batch, kv head) ("slot" bh = b * Hkv + hk), written by pack_kv
+// and read by the row tasks, or of one (batch, kv head) at a time (single: every bh uses slot
+// 0). PT is the packed element type (float, or bf16 bits as uint16_t); all arrays zero padded.
 struct Workspace {
+  bool single = false;
   void* kn = nullptr;  // [B*Hkv][Lk][Dp]           keys, row-major (A operand of K Q^T)
   void* vn = nullptr;  // [B*Hkv][Lk][Dp]           values, row-major (backward: V dO^T)
   void* vt = nullptr;  // [B*Hkv][tiles][Dp][kBK]   values transposed per tile (forward: V^T P^T)
   void* kt = nullptr;  // [B*Hkv][tiles][Dp][kBK]   keys transposed per tile (backward: K^T dS^T)
+
+  int64_t slot(int64_t bh) const { return single ? 0 : bh; }
 };
 
 // Visible concatenated-key intervals of query row i (the table in rmt_fast/masks.py).

@@ -235,41 +235,137 @@ inline const TIn* at4(const Strided& t, int64_t b, int64_t h, int64_t i) {
   return static_cast<const TIn*>(t.ptr) + b * t.s0 + h * t.s1 + i * t.s2;
 }
 
-// key j (concatenated index) of (b, hk) from the past or the current buffer
-template <typename TIn>
-inline const TIn* key_row(const Plan& pl, const Strided& cur, const Strided& past, int64_t b,
-                          int64_t hk, int64_t j) {
-  return j < pl.P ? at4<TIn>(past, b, hk, j) : at4<TIn>(cur, b, hk, j - pl.P);
-}
-
 inline bool key_kept(const Plan& pl, int64_t b, int64_t j) {
   return pl.keep[b * pl.keep_s0 + j * pl.keep_s1];
 }
 
-// rows [i0, i0 + rows) of x (b, h) packed as B operand with K = head dim: [Dp/PAIR][kBR][PAIR]
+// dst[c * ldd + r] = src[r * lds + c] for 32-bit words (a bf16 pair moves as one word),
+// r < rows and c < cols, both multiples of 16
+inline void transpose32(const void* src_v, int64_t lds, void* dst_v, int64_t ldd, int64_t rows,
+                        int64_t cols) {
+  const uint32_t* src = static_cast<const uint32_t*>(src_v);
+  uint32_t* dst = static_cast<uint32_t*>(dst_v);
+#if RMT_MA_ISA >= 1
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (r0 + i) * lds + c0);
+      for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+      }
+      // r[4k + x], 128-bit lane l: rows 4k..4k+3 of column 4l + x
+      for (int k = 0; k < 4; ++k) {
+        r[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+        r[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+        r[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+        r[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+      }
+      for (int x = 0; x < 4; ++x) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[x], r[4 + x], 0x88);   // lanes 0, 2
+        const __m512i w0 = _mm512_shuffle_i32x4(r[x], r[4 + x], 0xdd);   // lanes 1, 3
+        const __m512i v1 = _mm512_shuffle_i32x4(r[8 + x], r[12 + x], 0x88);
+        const __m512i w1 = _mm512_shuffle_i32x4(r[8 + x], r[12 + x], 0xdd);
+        uint32_t* out = dst + (c0 + x) * ldd + r0;
+        _mm512_storeu_si512(out, _mm512_shuffle_i32x4(v0, v1, 0x88));
+        _mm512_storeu_si512(out + 4 * ldd, _mm512_shuffle_i32x4(w0, w1, 0x88));
+        _mm512_storeu_si512(out + 8 * ldd, _mm512_shuffle_i32x4(v0, v1, 0xdd));
+        _mm512_storeu_si512(out + 12 * ldd, _mm512_shuffle_i32x4(w0, w1, 0xdd));
+      }
+    }
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+#endif
+}
+
+// rows [i0, i0 + rows) of x (b, h) as a zero-padded [kBR][Dp] matrix of PT
 template <typename TIn, typename PT>
-void pack_rows_t(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                 PT* dst) {
-  constexpr int PAIR = kPair<PT>;
-  std::fill(dst, dst + pl.Dp * kBR, PT(0));
-  for (int64_t m = 0; m < rows; ++m) {
+void stage_rows(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                PT* dst) {
+  const int64_t Dp = pl.Dp, D = pl.D;
+  for (int64_t m = 0; m < kBR; ++m) {
+    PT* row = dst + m * Dp;
+    if (m >= rows) {
+      std::fill(row, row + Dp, PT(0));
+      continue;
+    }
     const TIn* src = at4<TIn>(x, b, h, i0 + m);
-    for (int64_t d = 0; d < pl.D; ++d)
-      dst[((d / PAIR) * kBR + m) * PAIR + d % PAIR] = to_packed<PT>(src[d * x.s3]);
+    if (sizeof(TIn) == sizeof(PT) && x.s3 == 1) {
+      std::memcpy(row, src, D * sizeof(PT));
+    } else {
+      for (int64_t d = 0; d < D; ++d) row[d] = to_packed<PT>(src[d * x.s3]);
+    }
+    std::fill(row + D, row + Dp, PT(0));
   }
 }
 
-// rows [i0, i0 + rows) of x (b, h) packed as B operand with K = rows: [kBR/PAIR][Dp][PAIR]
-template <typename TIn, typename PT>
-void pack_rows_n(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                 PT* dst) {
-  constexpr int PAIR = kPair<PT>;
-  std::fill(dst, dst + pl.Dp * kBR, PT(0));
-  for (int64_t m = 0; m < rows; ++m) {
-    const TIn* src = at4<TIn>(x, b, h, i0 + m);
-    PT* row = dst + (m / PAIR) * pl.Dp * PAIR + m % PAIR;
-    for (int64_t d = 0; d < pl.D; ++d) row[d * PAIR] = to_packed<PT>(src[d * x.s3]);
+// staged rows [kBR][Dp] as B operand with K = head dim: [Dp/PAIR][kBR][PAIR]
+template <typename PT>
+void pack_t(const Plan& pl, const PT* stage, PT* dst) {
+  const int64_t words = pl.Dp * static_cast<int64_t>(sizeof(PT)) / 4;
+  transpose32(stage, words, dst, kBR, kBR, words);
+}
+
+// staged bf16 rows [kBR][Dp] as B operand with K = rows: [kBR/2][Dp][2]
+inline void pack_n_bf16(const Plan& pl, const uint16_t* stage, uint16_t* dst) {
+  const int64_t Dp = pl.Dp;
+#if RMT_MA_ISA >= 2
+  alignas(64) static const int16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7,
+                                             39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45,
+                                             14, 46, 15, 47};
+  alignas(64) static const int16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22,
+                                             54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60,
+                                             29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+  for (int64_t p = 0; p < kBR / 2; ++p) {
+    const uint16_t* r0 = stage + 2 * p * Dp;
+    uint16_t* out = dst + p * 2 * Dp;
+    for (int64_t d = 0; d < Dp; d += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + d), c = _mm512_loadu_si512(r0 + Dp + d);
+      _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(a, ilo, c));
+      _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(a, ihi, c));
+    }
   }
+#else
+  for (int64_t p = 0; p < kBR / 2; ++p)
+    for (int64_t d = 0; d < Dp; ++d)
+      for (int e = 0; e < 2; ++e) dst[(p * Dp + d) * 2 + e] = stage[(2 * p + e) * Dp + d];
+#endif
+}
+
+// dst[d] = TIn(src[d] * mul), d < n
+template <typename TIn>
+inline void store_row(const float* src, float mul, TIn* dst, int64_t n) {
+  int64_t d = 0;
+#if RMT_MA_ISA >= 1
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (; d + 16 <= n; d += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + d), vm);
+    if constexpr (sizeof(TIn) == 2) {
+#if RMT_MA_ISA >= 2
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+#else
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, x);
+      for (int i = 0; i < 16; ++i) dst[d + i] = float_to_bf16_bits(tmp[i]);
+#endif
+    } else {
+      _mm512_storeu_ps(dst + d, x);
+    }
+  }
+#endif
+  for (; d < n; ++d) dst[d] = from_float<TIn>(src[d] * mul);
+}
+
+// rows [0, rows) of dst ([rows][D], contiguous) = the transposed accumulator acc [Dp][kBR]
+// (rows >= D zero) times mul[m]; tmp: [kBR][Dp] scratch
+template <typename TIn>
+void store_rows_t(const Plan& pl, const float* acc, const float* mul, TIn* dst, int64_t rows,
+                  float* tmp) {
+  transpose32(acc, kBR, tmp, pl.Dp, pl.Dp, kBR);
+  for (int64_t m = 0; m < rows; ++m) store_row<TIn>(tmp + m * pl.Dp, mul[m], dst + m * pl.D, pl.D);
 }
 
 // -------------------------------------------------------------------------------- packing K/V
@@ -279,35 +375,35 @@ void pack_rows_n(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t
 template <typename TIn, typename PT>
 void pack_kv_t(const Plan& pl, const Strided& k, const Strided& v, const Strided& pk,
                const Strided& pv, const Workspace& ws, int64_t bh0, int64_t bh1) {
+  constexpr int PAIR = kPair<PT>;
+  static_assert(kBK == kBR, "key tiles are staged like row blocks");
   const int64_t Dp = pl.Dp, nt = pl.ntiles();
+  Buffer<PT> stage(kBK * Dp), pairs(PAIR == 2 ? kBK * Dp : 1);
   for (int64_t bh = bh0; bh < bh1; ++bh) {
     const int64_t b = bh / pl.Hkv, hk = bh % pl.Hkv;
     for (int which = 0; which < 2; ++which) {  // 0: keys, 1: values
-      const Strided& cur = which == 0 ? k : v;
-      const Strided& past = which == 0 ? pk : pv;
       PT* rows = static_cast<PT*>(which == 0 ? ws.kn : ws.vn);
       PT* trans = static_cast<PT*>(which == 0 ? ws.kt : ws.vt);
-      if (rows != nullptr) {
-        PT* base = rows + bh * pl.Lk * Dp;
-        std::fill(base, base + pl.Lk * Dp, PT(0));
-        for (int64_t j = 0; j < pl.Lk; ++j) {
-          const TIn* src = key_row<TIn>(pl, cur, past, b, hk, j);
-          const int64_t s3 = j < pl.P ? past.s3 : cur.s3;
-          for (int64_t d = 0; d < pl.D; ++d) base[j * Dp + d] = to_packed<PT>(src[d * s3]);
-        }
-      }
-      if (trans != nullptr) {
-        PT* base = trans + bh * nt * Dp * kBK;
-        std::fill(base, base + nt * Dp * kBK, PT(0));
-        for (int64_t t = 0; t < nt; ++t) {
-          const KeyTile tile = pl.tiles[t];
-          PT* dst = base + t * Dp * kBK;
-          for (int64_t j = tile.start; j < tile.end; ++j) {
-            const TIn* src = key_row<TIn>(pl, cur, past, b, hk, j);
-            const int64_t s3 = j < pl.P ? past.s3 : cur.s3;
-            for (int64_t d = 0; d < pl.D; ++d)
-              dst[d * kBK + (j - tile.start)] = to_packed<PT>(src[d * s3]);
-          }
+      if (rows == nullptr && trans == nullptr) continue;
+      for (int64_t t = 0; t < nt; ++t) {
+        const KeyTile tile = pl.tiles[t];
+        const bool past = tile.start < pl.P;  // a tile never straddles past and current keys
+        const Strided& src = which == 0 ? (past ? pk : k) : (past ? pv : v);
+        const int64_t first = past ? tile.start : tile.start - pl.P;
+        stage_rows<TIn, PT>(pl, src, b, hk, first, tile.end - tile.start, stage.data);
+        if (rows != nullptr)
+          std::memcpy(rows + (ws.slot(bh) * pl.Lk + tile.start) * Dp, stage.data,
+                      (tile.end - tile.start) * Dp * sizeof(PT));
+        if (trans == nullptr) continue;
+        PT* dst = trans + (ws.slot(bh) * nt + t) * Dp * kBK;
+        if constexpr (PAIR == 2) {
+          // key pairs interleaved ([kBK/2][Dp] words), then words transposed: row d holds
+          // keys 0, 1, 2, ... of the tile
+          pack_n_bf16(pl, reinterpret_cast<const uint16_t*>(stage.data),
+                      reinterpret_cast<uint16_t*>(pairs.data));
+          transpose32(pairs.data, Dp, dst, kBK / 2, kBK / 2, Dp);
+        } else {
+          transpose32(stage.data, Dp, dst, kBK, kBK, Dp);
         }
       }
     }
@@ -442,21 +538,23 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
   constexpr int PAIR = kPair<PT>;
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
   const float ninf = -std::numeric_limits<float>::infinity();
-  Buffer<PT> qt(Dp * kBR);
-  Buffer<float> s(kBK * kBR), ot(Dp * kBR);
+  Buffer<PT> stage(Dp * kBR), qt(Dp * kBR);
+  Buffer<float> s(kBK * kBR), ot(Dp * kBR), tmp(Dp * kBR);
   Buffer<PT> pvnni(PAIR == 2 ? kBK * kBR : 1);
   alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], psum[kBR];
   for (int64_t task = task0; task < task1; ++task) {
     const int64_t rb = task % pl.nrb, bh = task / pl.nrb, b = bh / pl.Hq, h = bh % pl.Hq;
     const int64_t hk = h / pl.groups(), i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
-    pack_rows_t<TIn, PT>(pl, q, b, h, i0, rows, qt.data);
+    stage_rows<TIn, PT>(pl, q, b, h, i0, rows, stage.data);
+    pack_t<PT>(pl, stage.data, qt.data);
     std::fill(ot.data, ot.data + D * kBR, 0.0f);
     for (int64_t m = 0; m < kBR; ++m) {
       mrow[m] = ninf;
       lrow[m] = 0.0f;
     }
-    const PT* kn = static_cast<const PT*>(ws.kn) + (b * pl.Hkv + hk) * pl.Lk * Dp;
-    const PT* vt = static_cast<const PT*>(ws.vt) + (b * pl.Hkv + hk) * nt * Dp * kBK;
+    const int64_t slot = ws.slot(b * pl.Hkv + hk);
+    const PT* kn = static_cast<const PT*>(ws.kn) + slot * pl.Lk * Dp;
+    const PT* vt = static_cast<const PT*>(ws.vt) + slot * nt * Dp * kBK;
     for (const TileRef& ref : pl.row_tiles[rb]) {
       const KeyTile tile = pl.tiles[ref.tile];
       const int64_t kt = tile.end - tile.start;
@@ -505,47 +603,67 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
       gemm<PT>(D, kBR, (kt + PAIR - 1) / PAIR, vt + ref.tile * Dp * kBK, kBK, pmat, kBR * PAIR,
                ot.data, kBR, true);
     }
-    TIn* o = out + (bh * pl.L + i0) * D;
     float* l = lse + bh * pl.L + i0;
-    for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t m = 0; m < kBR; ++m) {
       const bool any = lrow[m] > 0.0f;
-      const float inv = any ? 1.0f / lrow[m] : 0.0f;
-      l[m] = any ? mrow[m] + std::log(lrow[m]) : ninf;
-      for (int64_t d = 0; d < D; ++d) o[m * D + d] = from_float<TIn>(ot.data[d * kBR + m] * inv);
+      alpha[m] = any ? 1.0f / lrow[m] : 0.0f;
+      if (m < rows) l[m] = any ? mrow[m] + std::log(lrow[m]) : ninf;
     }
+    store_rows_t<TIn>(pl, ot.data, alpha, out + (bh * pl.L + i0) * D, rows, tmp.data);
   }
 }
 
 // --------------------------------------------------------------------------------- backward
 
-// Tasks [task0, task1) of (b * Hq + h): gradients of one (batch, query head). dq is written
-// (input dtype, [B, Hq, L, D] contiguous); the key/value gradients go to the float32 per-query-
-// head accumulators dk_acc/dv_acc [B * Hq][Lk][Dp] (summed over the group by finish_kv_grads).
+template <typename PT>
+struct BackwardScratch {
+  static constexpr int PAIR = kPair<PT>;
+  Buffer<PT> qs, qt, qn, dos, dot, don, pn, dsn, dsv;
+  Buffer<float> s, dp, dqt, tmp;
+  explicit BackwardScratch(int64_t Dp)
+      : qs(Dp * kBR), qt(Dp * kBR), qn(Dp * kBR), dos(Dp * kBR), dot(Dp * kBR), don(Dp * kBR),
+        pn(PAIR == 2 ? kBK * kBR : 1), dsn(PAIR == 2 ? kBK * kBR : 1),
+        dsv(PAIR == 2 ? (kBK + 1) * kBR : 1), s(kBK * kBR), dp((kBK + 1) * kBR), dqt(Dp * kBR),
+        tmp(Dp * kBR) {}
+};
+
+// Gradients of one (batch b, query head h): dq is written (input dtype, [B, Hq, L, D]
+// contiguous); the key/value gradients are added (unscaled) to the float32 accumulators
+// dk, dv [Lk][Dp] of that head (or of its whole group, when the caller runs the group's heads
+// one after the other).
 template <typename TIn, typename PT>
-void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
-                const float* lse, const Workspace& ws, TIn* dq, float* dk_acc, float* dv_acc,
-                int64_t task0, int64_t task1) {
+void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                   const float* lse, const Workspace& ws, TIn* dq, int64_t b, int64_t h,
+                   float* dk, float* dv, BackwardScratch<PT>& sc) {
   constexpr int PAIR = kPair<PT>;
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
   const float inf = std::numeric_limits<float>::infinity();
-  Buffer<PT> qt(Dp * kBR), qn(Dp * kBR), dot(Dp * kBR), don(Dp * kBR);
-  Buffer<float> s(kBK * kBR), dp((kBK + 1) * kBR), dqt(Dp * kBR);
-  Buffer<PT> pn(PAIR == 2 ? kBK * kBR : 1), dsn(PAIR == 2 ? kBK * kBR : 1),
-      dsv(PAIR == 2 ? (kBK + 1) * kBR : 1);
   alignas(64) float lse_b[kBR], delta[kBR];
-  for (int64_t bh = task0; bh < task1; ++bh) {
-    const int64_t b = bh / pl.Hq, h = bh % pl.Hq, hk = h / pl.groups();
-    const PT* kn = static_cast<const PT*>(ws.kn) + (b * pl.Hkv + hk) * pl.Lk * Dp;
-    const PT* vn = static_cast<const PT*>(ws.vn) + (b * pl.Hkv + hk) * pl.Lk * Dp;
-    const PT* ktr = static_cast<const PT*>(ws.kt) + (b * pl.Hkv + hk) * nt * Dp * kBK;
-    float* dk = dk_acc + bh * pl.Lk * Dp;
-    float* dv = dv_acc + bh * pl.Lk * Dp;
+  {
+    const int64_t bh = b * pl.Hq + h, hk = h / pl.groups();
+    const int64_t slot = ws.slot(b * pl.Hkv + hk);
+    const PT* kn = static_cast<const PT*>(ws.kn) + slot * pl.Lk * Dp;
+    const PT* vn = static_cast<const PT*>(ws.vn) + slot * pl.Lk * Dp;
+    const PT* ktr = static_cast<const PT*>(ws.kt) + slot * nt * Dp * kBK;
+    Buffer<PT>&qs = sc.qs, &qt = sc.qt, &qn = sc.qn, &dos = sc.dos, &dot = sc.dot, &don = sc.don,
+    &pn = sc.pn, &dsn = sc.dsn, &dsv = sc.dsv;
+    Buffer<float>&s = sc.s, &dp = sc.dp, &dqt = sc.dqt, &tmp = sc.tmp;
     for (int64_t rb = 0; rb < pl.nrb; ++rb) {
       const int64_t i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
-      pack_rows_t<TIn, PT>(pl, q, b, h, i0, rows, qt.data);
-      pack_rows_n<TIn, PT>(pl, q, b, h, i0, rows, qn.data);
-      pack_rows_t<TIn, PT>(pl, dout, b, h, i0, rows, dot.data);
-      pack_rows_n<TIn, PT>(pl, dout, b, h, i0, rows, don.data);
+      stage_rows<TIn, PT>(pl, q, b, h, i0, rows, qs.data);
+      stage_rows<TIn, PT>(pl, dout, b, h, i0, rows, dos.data);
+      pack_t<PT>(pl, qs.data, qt.data);
+      pack_t<PT>(pl, dos.data, dot.data);
+      const PT* qrows = qs.data;  // K = rows operands: natural rows, or row pairs for bf16
+      const PT* dorows = dos.data;
+      if constexpr (PAIR == 2) {
+        pack_n_bf16(pl, reinterpret_cast<const uint16_t*>(qs.data),
+                    reinterpret_cast<uint16_t*>(qn.data));
+        pack_n_bf16(pl, reinterpret_cast<const uint16_t*>(dos.data),
+                    reinterpret_cast<uint16_t*>(don.data));
+        qrows = qn.data;
+        dorows = don.data;
+      }
       for (int64_t m = 0; m < kBR; ++m) {
         lse_b[m] = inf;  // rows that saw nothing (and padding rows): every P = exp(-inf) = 0
         delta[m] = 0.0f;
@@ -584,7 +702,7 @@ void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Str
           pa = reinterpret_cast<const PT*>(s.data);
         }
         // dV += P^T dO
-        gemm<PT>(kt, Dp, kBR / PAIR, pa, kBR, don.data, Dp * PAIR, dv + tile.start * Dp, Dp, true);
+        gemm<PT>(kt, Dp, kBR / PAIR, pa, kBR, dorows, Dp * PAIR, dv + tile.start * Dp, Dp, true);
         // dP^T = V dO^T, then dS^T = P^T (dP^T - delta)
         gemm<PT>(kt, kBR, Dp / PAIR, vn + tile.start * Dp, Dp, dot.data, kBR * PAIR, dp.data, kBR,
                  false);
@@ -604,43 +722,105 @@ void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Str
           dsa = dsb = reinterpret_cast<const PT*>(dp.data);
         }
         // dK += dS^T Q (scaled at the end); dQ^T += K^T dS^T
-        gemm<PT>(kt, Dp, kBR / PAIR, dsa, kBR, qn.data, Dp * PAIR, dk + tile.start * Dp, Dp, true);
+        gemm<PT>(kt, Dp, kBR / PAIR, dsa, kBR, qrows, Dp * PAIR, dk + tile.start * Dp, Dp, true);
         gemm<PT>(D, kBR, kpad / PAIR, ktr + ref.tile * Dp * kBK, kBK, dsb, kBR * PAIR, dqt.data,
                  kBR, true);
       }
-      TIn* g = dq + (bh * pl.L + i0) * D;
-      for (int64_t m = 0; m < rows; ++m)
-        for (int64_t d = 0; d < D; ++d)
-          g[m * D + d] = from_float<TIn>(any_tile ? pl.scale * dqt.data[d * kBR + m] : 0.0f);
+      for (int64_t m = 0; m < kBR; ++m) delta[m] = any_tile ? pl.scale : 0.0f;
+      store_rows_t<TIn>(pl, dqt.data, delta, dq + (bh * pl.L + i0) * D, rows, tmp.data);
     }
   }
 }
 
-// dK/dV of (b, hk) in [bh0, bh1): sum the float32 accumulators over the query heads of the
-// group, scale dK, and write them in the input dtype to the current and past outputs
-// ([B, Hkv, L, D] and [B, Hkv, P, D], contiguous; past ones null when not wanted).
+template <typename TIn, typename PT>
+void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                const float* lse, const Workspace& ws, TIn* dq, float* dk_acc, float* dv_acc,
+                int64_t task0, int64_t task1) {
+  BackwardScratch<PT> sc(pl.Dp);
+  for (int64_t bh = task0; bh < task1; ++bh)
+    backward_head<TIn, PT>(pl, q, dout, out, lse, ws, dq, bh / pl.Hq, bh % pl.Hq,
+                           dk_acc + bh * pl.Lk * pl.Dp, dv_acc + bh * pl.Lk * pl.Dp, sc);
+}
+
+// dK/dV of one (b, hk) = bh: sum the float32 accumulators of `heads` heads (acc + i Lk Dp,
+// i < heads), scale dK, and write both in the input dtype to the current and past outputs
+// ([B, Hkv, L, D] and [B, Hkv, P, D], contiguous; the past ones null when not wanted).
+template <typename TIn>
+void finish_kv_unit(const Plan& pl, const float* dk_acc, const float* dv_acc, int64_t heads,
+                    int64_t bh, TIn* dk, TIn* dv, TIn* dpk, TIn* dpv) {
+  const int64_t Dp = pl.Dp, D = pl.D, stride = pl.Lk * Dp;
+  for (int64_t j = 0; j < pl.Lk; ++j) {
+    const bool past = j < pl.P;
+    if (past && dpk == nullptr) continue;
+    TIn* ok = past ? dpk + (bh * pl.P + j) * D : dk + (bh * pl.L + j - pl.P) * D;
+    TIn* ov = past ? dpv + (bh * pl.P + j) * D : dv + (bh * pl.L + j - pl.P) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      float gk = 0.0f, gv = 0.0f;
+      for (int64_t i = 0; i < heads; ++i) {
+        gk += dk_acc[i * stride + j * Dp + d];
+        gv += dv_acc[i * stride + j * Dp + d];
+      }
+      ok[d] = from_float<TIn>(gk * pl.scale);
+      ov[d] = from_float<TIn>(gv);
+    }
+  }
+}
+
+// (b, hk) in [bh0, bh1) from the per-query-head accumulators [B * Hq][Lk][Dp] of backward_t
 template <typename TIn>
 void finish_kv_t(const Plan& pl, const float* dk_acc, const float* dv_acc, TIn* dk, TIn* dv,
                  TIn* dpk, TIn* dpv, int64_t bh0, int64_t bh1) {
-  const int64_t Dp = pl.Dp, D = pl.D, G = pl.groups();
+  const int64_t G = pl.groups();
   for (int64_t bh = bh0; bh < bh1; ++bh) {
-    const int64_t b = bh / pl.Hkv, hk = bh % pl.Hkv;
-    for (int64_t j = 0; j < pl.Lk; ++j) {
-      const bool past = j < pl.P;
-      if (past && dpk == nullptr) continue;
-      TIn* ok = past ? dpk + (bh * pl.P + j) * D : dk + (bh * pl.L + j - pl.P) * D;
-      TIn* ov = past ? dpv + (bh * pl.P + j) * D : dv + (bh * pl.L + j - pl.P) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        float gk = 0.0f, gv = 0.0f;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t src = ((b * pl.Hq + hk * G + g) * pl.Lk + j) * Dp + d;
-          gk += dk_acc[src];
-          gv += dv_acc[src];
-        }
-        ok[d] = from_float<TIn>(gk * pl.scale);
-        ov[d] = from_float<TIn>(gv);
-      }
-    }
+    const int64_t first = (bh / pl.Hkv * pl.Hq + bh % pl.Hkv * G) * pl.Lk * pl.Dp;
+    finish_kv_unit<TIn>(pl, dk_acc + first, dv_acc + first, G, bh, dk, dv, dpk, dpv);
+  }
+}
+
+// A unit is one (batch, kv head) bh = b * Hkv + hk with its group of query heads: it packs its
+// keys/values right before its row tasks use them (still in L2), and in the backward pass sums
+// the group's key/value gradients in one local accumulator. Used when there are enough units
+// to keep every thread busy.
+template <typename TIn, typename PT>
+void forward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                     const Strided& pk, const Strided& pv, TIn* out, float* lse, int64_t u0,
+                     int64_t u1) {
+  Buffer<PT> kn(pl.Lk * pl.Dp), vt(pl.ntiles() * pl.Dp * kBK);
+  Workspace ws;
+  ws.single = true;
+  ws.kn = kn.data;
+  ws.vt = vt.data;
+  const int64_t G = pl.groups();
+  for (int64_t u = u0; u < u1; ++u) {
+    pack_kv_t<TIn, PT>(pl, k, v, pk, pv, ws, u, u + 1);
+    const int64_t first_head = u / pl.Hkv * pl.Hq + u % pl.Hkv * G;
+    forward_t<TIn, PT>(pl, q, ws, out, lse, first_head * pl.nrb, (first_head + G) * pl.nrb);
+  }
+}
+
+template <typename TIn, typename PT>
+void backward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                      const Strided& pk, const Strided& pv, const Strided& dout,
+                      const Strided& out, const float* lse, TIn* dq, TIn* dk, TIn* dv, TIn* dpk,
+                      TIn* dpv, int64_t u0, int64_t u1) {
+  Buffer<PT> kn(pl.Lk * pl.Dp), vn(pl.Lk * pl.Dp), kt(pl.ntiles() * pl.Dp * kBK);
+  Buffer<float> dk_acc(pl.Lk * pl.Dp), dv_acc(pl.Lk * pl.Dp);
+  BackwardScratch<PT> sc(pl.Dp);
+  Workspace ws;
+  ws.single = true;
+  ws.kn = kn.data;
+  ws.vn = vn.data;
+  ws.kt = kt.data;
+  const int64_t G = pl.groups();
+  for (int64_t u = u0; u < u1; ++u) {
+    pack_kv_t<TIn, PT>(pl, k, v, pk, pv, ws, u, u + 1);
+    std::fill(dk_acc.data, dk_acc.data + pl.Lk * pl.Dp, 0.0f);
+    std::fill(dv_acc.data, dv_acc.data + pl.Lk * pl.Dp, 0.0f);
+    const int64_t b = u / pl.Hkv, hk = u % pl.Hkv;
+    for (int64_t g = 0; g < G; ++g)
+      backward_head<TIn, PT>(pl, q, dout, out, lse, ws, dq, b, hk * G + g, dk_acc.data,
+                             dv_acc.data, sc);
+    finish_kv_unit<TIn>(pl, dk_acc.data, dv_acc.data, 1, u, dk, dv, dpk, dpv);
   }
 }
 
@@ -694,5 +874,33 @@ inline void finish_kv(const Plan& pl, const float* dk_acc, const float* dv_acc, 
   } else {
     finish_kv_t<float>(pl, dk_acc, dv_acc, static_cast<float*>(dk), static_cast<float*>(dv),
                        static_cast<float*>(dpk), static_cast<float*>(dpv), bh0, bh1);
+  }
+}
+
+inline void forward_units(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                          const Strided& pk, const Strided& pv, void* out, float* lse, int64_t u0,
+                          int64_t u1) {
+  if (pl.bf16) {
+    forward_units_t<uint16_t, Bf16Packed>(pl, q, k, v, pk, pv, static_cast<uint16_t*>(out), lse,
+                                          u0, u1);
+  } else {
+    forward_units_t<float, float>(pl, q, k, v, pk, pv, static_cast<float*>(out), lse, u0, u1);
+  }
+}
+
+inline void backward_units(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                           const Strided& pk, const Strided& pv, const Strided& dout,
+                           const Strided& out, const float* lse, void* dq, void* dk, void* dv,
+                           void* dpk, void* dpv, int64_t u0, int64_t u1) {
+  if (pl.bf16) {
+    using T = uint16_t;
+    backward_units_t<T, Bf16Packed>(pl, q, k, v, pk, pv, dout, out, lse, static_cast<T*>(dq),
+                                    static_cast<T*>(dk), static_cast<T*>(dv),
+                                    static_cast<T*>(dpk), static_cast<T*>(dpv), u0, u1);
+  } else {
+    using T = float;
+    backward_units_t<T, float>(pl, q, k, v, pk, pv, dout, out, lse, static_cast<T*>(dq),
+                               static_cast<T*>(dk), static_cast<T*>(dv), static_cast<T*>(dpk),
+                               static_cast<T*>(dpv), u0, u1);
   }
 }
