@@ -10,7 +10,8 @@
 //       key_padding_mask? [B,P+L] bool, num_read, num_write, mask, past_visible_to_read, scale)
 //       -> (out [B,Hq,L,D] in q's dtype, lse [B,Hq,L] float32; -inf and zeros on empty rows)
 //   memory_attention_cpu_backward(dout, q, k, v, past_k?, past_v?, key_padding_mask?, out, lse,
-//       ..., need_past_grad) -> [dq, dk, dv] (+ [dpast_k, dpast_v] when need_past_grad)
+//       grad_lse?, ..., need_past_grad) -> [dq, dk, dv] (+ [dpast_k, dpast_v] when
+//       need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the lse output
 //   memory_attention_cpu_isa() -> str: "avx512_bf16", "avx512" or "generic", the code path that
 //       calls take now (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16 caps it, for tests)
 #include <ATen/ATen.h>
@@ -98,14 +99,15 @@ struct Kernels {
                   const Workspace&, int64_t, int64_t);
   void (*forward)(const Plan&, const Strided&, const Workspace&, void*, float*, int64_t, int64_t);
   void (*backward)(const Plan&, const Strided&, const Strided&, const Strided&, const float*,
-                   const Workspace&, void*, float*, float*, int64_t, int64_t);
+                   const float*, const Workspace&, void*, float*, float*, int64_t, int64_t);
   void (*finish_kv)(const Plan&, const float*, const float*, void*, void*, void*, void*, int64_t,
                     int64_t);
   void (*forward_units)(const Plan&, const Strided&, const Strided&, const Strided&,
                         const Strided&, const Strided&, void*, float*, int64_t, int64_t);
   void (*backward_units)(const Plan&, const Strided&, const Strided&, const Strided&,
                          const Strided&, const Strided&, const Strided&, const Strided&,
-                         const float*, void*, void*, void*, void*, void*, int64_t, int64_t);
+                         const float*, const float*, void*, void*, void*, void*, void*, int64_t,
+                         int64_t);
 };
 
 #define RMT_MA_KERNELS(ns)                                                                \
@@ -292,8 +294,9 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_read, int64_t num_write, c10::string_view mask,
-    bool past_visible_to_read, double scale, bool need_past_grad) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, int64_t num_read,
+    int64_t num_write, c10::string_view mask, bool past_visible_to_read, double scale,
+    bool need_past_grad) {
   const Plan pl = make_plan(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write,
                             std::string(mask), past_visible_to_read, scale);
   const std::vector<int64_t> qshape = {pl.B, pl.Hq, pl.L, pl.D};
@@ -303,6 +306,10 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
               std::vector<int64_t>({pl.B, pl.Hq, pl.L}), "memory_attention_cpu_backward: lse "
               "must be float32 [B, Hq, L] = [", pl.B, ", ", pl.Hq, ", ", pl.L, "], got ",
               lse.scalar_type(), " ", lse.sizes());
+  const bool has_dlse = grad_lse.has_value() && grad_lse->defined();
+  TORCH_CHECK(!has_dlse || (grad_lse->scalar_type() == at::kFloat && grad_lse->sizes() ==
+              lse.sizes()), "memory_attention_cpu_backward: grad_lse must be float32 [B, Hq, L] "
+              "like lse, got ", has_dlse ? grad_lse->sizes() : lse.sizes());
   const bool has_past = past_k.has_value() && past_k->defined();
   TORCH_CHECK(!need_past_grad || has_past,
               "memory_attention_cpu_backward: need_past_grad=True needs past_k and past_v");
@@ -336,6 +343,8 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
                 spv = strided(past_v.value_or(at::Tensor()));
   const at::Tensor lse_c = lse.contiguous();
   const float* plse = lse_c.const_data_ptr<float>();
+  const at::Tensor dlse_c = has_dlse ? grad_lse->contiguous() : at::Tensor();
+  const float* pdlse = has_dlse ? dlse_c.const_data_ptr<float>() : nullptr;
   void* pdq = dq.data_ptr();
   void* pk = dk.data_ptr();
   void* pv = dv.data_ptr();
@@ -343,7 +352,8 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
   void* ppv = dpv.defined() ? dpv.data_ptr() : nullptr;
   if (by_units(pl)) {
     at::parallel_for(0, kv, 1, [&](int64_t u0, int64_t u1) {
-      kern.backward_units(pl, sq, sk, sv, spk, spv, sdo, so, plse, pdq, pk, pv, ppk, ppv, u0, u1);
+      kern.backward_units(pl, sq, sk, sv, spk, spv, sdo, so, plse, pdlse, pdq, pk, pv, ppk, ppv, u0,
+                          u1);
     });
     return result();
   }
@@ -361,7 +371,7 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
   float* pdk = dk_acc.mutable_data_ptr<float>();
   float* pdv = dv_acc.mutable_data_ptr<float>();
   at::parallel_for(0, pl.B * pl.Hq, 1, [&](int64_t t0, int64_t t1) {
-    kern.backward(pl, sq, sdo, so, plse, ws, pdq, pdk, pdv, t0, t1);
+    kern.backward(pl, sq, sdo, so, plse, pdlse, ws, pdq, pdk, pdv, t0, t1);
   });
   at::parallel_for(0, kv, 1, [&](int64_t b0, int64_t b1) {
     kern.finish_kv(pl, pdk, pdv, pk, pv, ppk, ppv, b0, b1);
@@ -380,7 +390,7 @@ TORCH_LIBRARY_FRAGMENT(rmt_fast, m) {
         "bool past_visible_to_read, float scale) -> (Tensor, Tensor)");
   m.def("memory_attention_cpu_backward(Tensor dout, Tensor q, Tensor k, Tensor v, "
         "Tensor? past_k, Tensor? past_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
-        "int num_read, int num_write, str mask, bool past_visible_to_read, float scale, "
+        "Tensor? grad_lse, int num_read, int num_write, str mask, bool past_visible_to_read, float scale, "
         "bool need_past_grad) -> Tensor[]");
   m.def("memory_attention_cpu_isa() -> str", &rmt_fast::ma::memory_attention_cpu_isa);
 }

@@ -216,18 +216,45 @@ void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const 
 
 // ------------------------------------------------------------------------------------ helpers
 
-template <typename T>
-struct Buffer {  // 64-byte aligned scratch, zero-initialised
-  T* data = nullptr;
-  explicit Buffer(int64_t n) {
-    const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64) * 64;
-    data = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(data != nullptr, "memory_attention_cpu: out of memory for ", bytes, " bytes");
-    std::memset(data, 0, bytes);
+// Per-thread scratch that outlives the call: a slot keeps its 64-byte aligned block and only
+// grows, so that steady-state calls neither allocate nor fault in fresh pages (a malloc of this
+// size is an mmap, and that was most of a small call's time). Not zeroed.
+enum ScratchSlot : int {
+  kPackStage, kPackPairs,                                        // pack_kv_t
+  kFwdStage, kFwdQt, kFwdS, kFwdOt, kFwdTmp, kFwdP,              // forward_t
+  kBwdQs, kBwdQt, kBwdQn, kBwdDos, kBwdDot, kBwdDon, kBwdOs, kBwdPn,  // backward_head
+  kBwdDsn, kBwdDsv, kBwdS, kBwdDp, kBwdDqt, kBwdTmp,
+  kUnitKn, kUnitVn, kUnitVt, kUnitKt, kUnitDk, kUnitDv,          // *_units_t
+  kScratchSlots
+};
+
+struct ScratchArena {
+  void* ptr[kScratchSlots] = {};
+  size_t bytes[kScratchSlots] = {};
+  ~ScratchArena() {
+    for (void* p : ptr) std::free(p);
   }
-  ~Buffer() { std::free(data); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
+};
+
+inline void* scratch(int slot, size_t bytes) {
+  thread_local ScratchArena arena;
+  bytes = (std::max<size_t>(bytes, 64) + 63) / 64 * 64;
+  if (arena.bytes[slot] < bytes) {
+    std::free(arena.ptr[slot]);
+    arena.ptr[slot] = std::aligned_alloc(64, bytes);
+    arena.bytes[slot] = arena.ptr[slot] != nullptr ? bytes : 0;
+    TORCH_CHECK(arena.ptr[slot] != nullptr, "memory_attention_cpu: out of memory for ", bytes,
+                " bytes of scratch");
+  }
+  return arena.ptr[slot];
+}
+
+template <typename T>
+struct Buffer {  // n elements of the calling thread's scratch slot
+  T* data;
+  Buffer(int slot, int64_t n)
+      : data(static_cast<T*>(scratch(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) *
+                                               sizeof(T)))) {}
 };
 
 template <typename TIn>
@@ -378,7 +405,7 @@ void pack_kv_t(const Plan& pl, const Strided& k, const Strided& v, const Strided
   constexpr int PAIR = kPair<PT>;
   static_assert(kBK == kBR, "key tiles are staged like row blocks");
   const int64_t Dp = pl.Dp, nt = pl.ntiles();
-  Buffer<PT> stage(kBK * Dp), pairs(PAIR == 2 ? kBK * Dp : 1);
+  Buffer<PT> stage(kPackStage, kBK * Dp), pairs(kPackPairs, PAIR == 2 ? kBK * Dp : 1);
   for (int64_t bh = bh0; bh < bh1; ++bh) {
     const int64_t b = bh / pl.Hkv, hk = bh % pl.Hkv;
     for (int which = 0; which < 2; ++which) {  // 0: keys, 1: values
@@ -517,6 +544,38 @@ inline void mul_rows(float* x, const float* y, int64_t n) {
 #endif
 }
 
+#if RMT_MA_ISA >= 1
+inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bf16 -> float32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// sum_d a[d] b[d] over n elements (a multiple of 16), in an order that does not depend on the
+// inputs' strides
+template <typename PT>
+inline float row_dot(const PT* a, const PT* b, int64_t n) {
+#if RMT_MA_ISA >= 1
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    __m512 x, y;
+    if constexpr (sizeof(PT) == 2) {
+      x = load_bf16x16(a + d);
+      y = load_bf16x16(b + d);
+    } else {
+      x = _mm512_loadu_ps(a + d);
+      y = _mm512_loadu_ps(b + d);
+    }
+    acc = _mm512_fmadd_ps(x, y, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc += to_float(a[d]) * to_float(b[d]);
+  return acc;
+#endif
+}
+
 // dS^T row: ds[m] = p[m] (ds[m] - delta[m]) (ds holds dP^T on entry)
 inline void ds_row(const float* p, float* ds, const float* delta) {
 #if RMT_MA_ISA >= 1
@@ -538,16 +597,16 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
   constexpr int PAIR = kPair<PT>;
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
   const float ninf = -std::numeric_limits<float>::infinity();
-  Buffer<PT> stage(Dp * kBR), qt(Dp * kBR);
-  Buffer<float> s(kBK * kBR), ot(Dp * kBR), tmp(Dp * kBR);
-  Buffer<PT> pvnni(PAIR == 2 ? kBK * kBR : 1);
+  Buffer<PT> stage(kFwdStage, Dp * kBR), qt(kFwdQt, Dp * kBR);
+  Buffer<float> s(kFwdS, (kBK + 1) * kBR), ot(kFwdOt, Dp * kBR), tmp(kFwdTmp, Dp * kBR);
+  Buffer<PT> pvnni(kFwdP, PAIR == 2 ? kBK * kBR : 1);
   alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], psum[kBR];
   for (int64_t task = task0; task < task1; ++task) {
     const int64_t rb = task % pl.nrb, bh = task / pl.nrb, b = bh / pl.Hq, h = bh % pl.Hq;
     const int64_t hk = h / pl.groups(), i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
     stage_rows<TIn, PT>(pl, q, b, h, i0, rows, stage.data);
     pack_t<PT>(pl, stage.data, qt.data);
-    std::fill(ot.data, ot.data + D * kBR, 0.0f);
+    std::fill(ot.data, ot.data + Dp * kBR, 0.0f);  // rows >= D stay zero for the transpose
     for (int64_t m = 0; m < kBR; ++m) {
       mrow[m] = ninf;
       lrow[m] = 0.0f;
@@ -618,13 +677,14 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
 template <typename PT>
 struct BackwardScratch {
   static constexpr int PAIR = kPair<PT>;
-  Buffer<PT> qs, qt, qn, dos, dot, don, pn, dsn, dsv;
+  Buffer<PT> qs, qt, qn, dos, dot, don, os, pn, dsn, dsv;
   Buffer<float> s, dp, dqt, tmp;
   explicit BackwardScratch(int64_t Dp)
-      : qs(Dp * kBR), qt(Dp * kBR), qn(Dp * kBR), dos(Dp * kBR), dot(Dp * kBR), don(Dp * kBR),
-        pn(PAIR == 2 ? kBK * kBR : 1), dsn(PAIR == 2 ? kBK * kBR : 1),
-        dsv(PAIR == 2 ? (kBK + 1) * kBR : 1), s(kBK * kBR), dp((kBK + 1) * kBR), dqt(Dp * kBR),
-        tmp(Dp * kBR) {}
+      : qs(kBwdQs, Dp * kBR), qt(kBwdQt, Dp * kBR), qn(kBwdQn, Dp * kBR),
+        dos(kBwdDos, Dp * kBR), dot(kBwdDot, Dp * kBR), don(kBwdDon, Dp * kBR), os(kBwdOs, Dp * kBR),
+        pn(kBwdPn, PAIR == 2 ? kBK * kBR : 1), dsn(kBwdDsn, PAIR == 2 ? kBK * kBR : 1),
+        dsv(kBwdDsv, PAIR == 2 ? (kBK + 1) * kBR : 1), s(kBwdS, kBK * kBR),
+        dp(kBwdDp, (kBK + 1) * kBR), dqt(kBwdDqt, Dp * kBR), tmp(kBwdTmp, Dp * kBR) {}
 };
 
 // Gradients of one (batch b, query head h): dq is written (input dtype, [B, Hq, L, D]
@@ -633,7 +693,7 @@ struct BackwardScratch {
 // one after the other).
 template <typename TIn, typename PT>
 void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
-                   const float* lse, const Workspace& ws, TIn* dq, int64_t b, int64_t h,
+                   const float* lse, const float* dlse, const Workspace& ws, TIn* dq, int64_t b, int64_t h,
                    float* dk, float* dv, BackwardScratch<PT>& sc) {
   constexpr int PAIR = kPair<PT>;
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
@@ -646,12 +706,13 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
     const PT* vn = static_cast<const PT*>(ws.vn) + slot * pl.Lk * Dp;
     const PT* ktr = static_cast<const PT*>(ws.kt) + slot * nt * Dp * kBK;
     Buffer<PT>&qs = sc.qs, &qt = sc.qt, &qn = sc.qn, &dos = sc.dos, &dot = sc.dot, &don = sc.don,
-    &pn = sc.pn, &dsn = sc.dsn, &dsv = sc.dsv;
+    &os = sc.os, &pn = sc.pn, &dsn = sc.dsn, &dsv = sc.dsv;
     Buffer<float>&s = sc.s, &dp = sc.dp, &dqt = sc.dqt, &tmp = sc.tmp;
     for (int64_t rb = 0; rb < pl.nrb; ++rb) {
       const int64_t i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
       stage_rows<TIn, PT>(pl, q, b, h, i0, rows, qs.data);
       stage_rows<TIn, PT>(pl, dout, b, h, i0, rows, dos.data);
+      stage_rows<TIn, PT>(pl, out, b, h, i0, rows, os.data);  // for delta = rowsum(dO O)
       pack_t<PT>(pl, qs.data, qt.data);
       pack_t<PT>(pl, dos.data, dot.data);
       const PT* qrows = qs.data;  // K = rows operands: natural rows, or row pairs for bf16
@@ -670,13 +731,10 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
         if (m >= rows) continue;
         const float l = lse[bh * pl.L + i0 + m];
         if (l != -inf) lse_b[m] = l;
-        const TIn* g = at4<TIn>(dout, b, h, i0 + m);
-        const TIn* o = at4<TIn>(out, b, h, i0 + m);
-        float acc = 0.0f;
-        for (int64_t d = 0; d < D; ++d) acc += to_float(g[d * dout.s3]) * to_float(o[d * out.s3]);
-        delta[m] = acc;
+        const float acc = row_dot(dos.data + m * Dp, os.data + m * Dp, Dp);
+        delta[m] = dlse == nullptr ? acc : acc - dlse[bh * pl.L + i0 + m];  // d lse / d s = P
       }
-      std::fill(dqt.data, dqt.data + D * kBR, 0.0f);
+      std::fill(dqt.data, dqt.data + Dp * kBR, 0.0f);
       bool any_tile = false;
       for (const TileRef& ref : pl.row_tiles[rb]) {
         const KeyTile tile = pl.tiles[ref.tile];
@@ -734,11 +792,11 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
 
 template <typename TIn, typename PT>
 void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
-                const float* lse, const Workspace& ws, TIn* dq, float* dk_acc, float* dv_acc,
+                const float* lse, const float* dlse, const Workspace& ws, TIn* dq, float* dk_acc, float* dv_acc,
                 int64_t task0, int64_t task1) {
   BackwardScratch<PT> sc(pl.Dp);
   for (int64_t bh = task0; bh < task1; ++bh)
-    backward_head<TIn, PT>(pl, q, dout, out, lse, ws, dq, bh / pl.Hq, bh % pl.Hq,
+    backward_head<TIn, PT>(pl, q, dout, out, lse, dlse, ws, dq, bh / pl.Hq, bh % pl.Hq,
                            dk_acc + bh * pl.Lk * pl.Dp, dv_acc + bh * pl.Lk * pl.Dp, sc);
 }
 
@@ -785,7 +843,7 @@ template <typename TIn, typename PT>
 void forward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
                      const Strided& pk, const Strided& pv, TIn* out, float* lse, int64_t u0,
                      int64_t u1) {
-  Buffer<PT> kn(pl.Lk * pl.Dp), vt(pl.ntiles() * pl.Dp * kBK);
+  Buffer<PT> kn(kUnitKn, pl.Lk * pl.Dp), vt(kUnitVt, pl.ntiles() * pl.Dp * kBK);
   Workspace ws;
   ws.single = true;
   ws.kn = kn.data;
@@ -801,10 +859,11 @@ void forward_units_t(const Plan& pl, const Strided& q, const Strided& k, const S
 template <typename TIn, typename PT>
 void backward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
                       const Strided& pk, const Strided& pv, const Strided& dout,
-                      const Strided& out, const float* lse, TIn* dq, TIn* dk, TIn* dv, TIn* dpk,
-                      TIn* dpv, int64_t u0, int64_t u1) {
-  Buffer<PT> kn(pl.Lk * pl.Dp), vn(pl.Lk * pl.Dp), kt(pl.ntiles() * pl.Dp * kBK);
-  Buffer<float> dk_acc(pl.Lk * pl.Dp), dv_acc(pl.Lk * pl.Dp);
+                      const Strided& out, const float* lse, const float* dlse, TIn* dq, TIn* dk,
+                      TIn* dv, TIn* dpk, TIn* dpv, int64_t u0, int64_t u1) {
+  Buffer<PT> kn(kUnitKn, pl.Lk * pl.Dp), vn(kUnitVn, pl.Lk * pl.Dp),
+      kt(kUnitKt, pl.ntiles() * pl.Dp * kBK);
+  Buffer<float> dk_acc(kUnitDk, pl.Lk * pl.Dp), dv_acc(kUnitDv, pl.Lk * pl.Dp);
   BackwardScratch<PT> sc(pl.Dp);
   Workspace ws;
   ws.single = true;
@@ -818,7 +877,7 @@ void backward_units_t(const Plan& pl, const Strided& q, const Strided& k, const 
     std::fill(dv_acc.data, dv_acc.data + pl.Lk * pl.Dp, 0.0f);
     const int64_t b = u / pl.Hkv, hk = u % pl.Hkv;
     for (int64_t g = 0; g < G; ++g)
-      backward_head<TIn, PT>(pl, q, dout, out, lse, ws, dq, b, hk * G + g, dk_acc.data,
+      backward_head<TIn, PT>(pl, q, dout, out, lse, dlse, ws, dq, b, hk * G + g, dk_acc.data,
                              dv_acc.data, sc);
     finish_kv_unit<TIn>(pl, dk_acc.data, dv_acc.data, 1, u, dk, dv, dpk, dpv);
   }
@@ -854,14 +913,14 @@ inline void forward(const Plan& pl, const Strided& q, const Workspace& ws, void*
 }
 
 inline void backward(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
-                     const float* lse, const Workspace& ws, void* dq, float* dk_acc,
-                     float* dv_acc, int64_t task0, int64_t task1) {
+                     const float* lse, const float* dlse, const Workspace& ws, void* dq,
+                     float* dk_acc, float* dv_acc, int64_t task0, int64_t task1) {
   if (pl.bf16) {
-    backward_t<uint16_t, Bf16Packed>(pl, q, dout, out, lse, ws, static_cast<uint16_t*>(dq),
+    backward_t<uint16_t, Bf16Packed>(pl, q, dout, out, lse, dlse, ws, static_cast<uint16_t*>(dq),
                                      dk_acc, dv_acc, task0, task1);
   } else {
-    backward_t<float, float>(pl, q, dout, out, lse, ws, static_cast<float*>(dq), dk_acc, dv_acc,
-                             task0, task1);
+    backward_t<float, float>(pl, q, dout, out, lse, dlse, ws, static_cast<float*>(dq), dk_acc,
+                             dv_acc, task0, task1);
   }
 }
 
@@ -890,16 +949,16 @@ inline void forward_units(const Plan& pl, const Strided& q, const Strided& k, co
 
 inline void backward_units(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
                            const Strided& pk, const Strided& pv, const Strided& dout,
-                           const Strided& out, const float* lse, void* dq, void* dk, void* dv,
-                           void* dpk, void* dpv, int64_t u0, int64_t u1) {
+                           const Strided& out, const float* lse, const float* dlse, void* dq,
+                           void* dk, void* dv, void* dpk, void* dpv, int64_t u0, int64_t u1) {
   if (pl.bf16) {
     using T = uint16_t;
-    backward_units_t<T, Bf16Packed>(pl, q, k, v, pk, pv, dout, out, lse, static_cast<T*>(dq),
+    backward_units_t<T, Bf16Packed>(pl, q, k, v, pk, pv, dout, out, lse, dlse, static_cast<T*>(dq),
                                     static_cast<T*>(dk), static_cast<T*>(dv),
                                     static_cast<T*>(dpk), static_cast<T*>(dpv), u0, u1);
   } else {
     using T = float;
-    backward_units_t<T, float>(pl, q, k, v, pk, pv, dout, out, lse, static_cast<T*>(dq),
+    backward_units_t<T, float>(pl, q, k, v, pk, pv, dout, out, lse, dlse, static_cast<T*>(dq),
                                static_cast<T*>(dk), static_cast<T*>(dv), static_cast<T*>(dpk),
                                static_cast<T*>(dpv), u0, u1);
   }
