@@ -390,8 +390,8 @@ TORCH_LIBRARY_FRAGMENT(rmt_fast, m) {
         "bool past_visible_to_read, float scale) -> (Tensor, Tensor)");
   m.def("memory_attention_cpu_backward(Tensor dout, Tensor q, Tensor k, Tensor v, "
         "Tensor? past_k, Tensor? past_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
-        "Tensor? grad_lse, int num_read, int num_write, str mask, bool past_visible_to_read, float scale, "
-        "bool need_past_grad) -> Tensor[]");
+        "Tensor? grad_lse, int num_read, int num_write, str mask, bool past_visible_to_read, "
+        "float scale, bool need_past_grad) -> Tensor[]");
   m.def("memory_attention_cpu_isa() -> str", &rmt_fast::ma::memory_attention_cpu_isa);
 }
 

@@ -12,9 +12,9 @@
 // dQ^T += K^T dS^T, again without transposing a tile. All products are one register-blocked
 // microkernel C[M, N] (+)= A[M, K] B[K, N], B packed with pairs of K interleaved ("VNNI" layout,
 // [K/2][N][2]) for bf16 so that one _mm512_dpbf16_ps does 16 columns x 2 K steps, float32
-// accumulation throughout. Written by hand because neither ATen nor oneDNN exposes a stable
-// C++ bf16 microkernel API to extensions, and a library GEMM call per 64x64 tile costs more in
-// overhead than the tile's arithmetic.
+// accumulation throughout. Written by hand: the online softmax, masking and bf16 repacking
+// are interleaved with the products tile by tile, and ATen's tile GEMM helpers
+// (at::native::cpublas) are internal, not an API for extensions.
 
 static_assert(kBR % 16 == 0 && kBK % 16 == 0, "tiles are whole 16-lane vectors");
 
@@ -681,7 +681,8 @@ struct BackwardScratch {
   Buffer<float> s, dp, dqt, tmp;
   explicit BackwardScratch(int64_t Dp)
       : qs(kBwdQs, Dp * kBR), qt(kBwdQt, Dp * kBR), qn(kBwdQn, Dp * kBR),
-        dos(kBwdDos, Dp * kBR), dot(kBwdDot, Dp * kBR), don(kBwdDon, Dp * kBR), os(kBwdOs, Dp * kBR),
+        dos(kBwdDos, Dp * kBR), dot(kBwdDot, Dp * kBR), don(kBwdDon, Dp * kBR),
+        os(kBwdOs, Dp * kBR),
         pn(kBwdPn, PAIR == 2 ? kBK * kBR : 1), dsn(kBwdDsn, PAIR == 2 ? kBK * kBR : 1),
         dsv(kBwdDsv, PAIR == 2 ? (kBK + 1) * kBR : 1), s(kBwdS, kBK * kBR),
         dp(kBwdDp, (kBK + 1) * kBR), dqt(kBwdDqt, Dp * kBR), tmp(kBwdTmp, Dp * kBR) {}
@@ -693,7 +694,8 @@ struct BackwardScratch {
 // one after the other).
 template <typename TIn, typename PT>
 void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
-                   const float* lse, const float* dlse, const Workspace& ws, TIn* dq, int64_t b, int64_t h,
+                   const float* lse, const float* dlse, const Workspace& ws, TIn* dq, int64_t b,
+                   int64_t h,
                    float* dk, float* dv, BackwardScratch<PT>& sc) {
   constexpr int PAIR = kPair<PT>;
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
@@ -792,7 +794,8 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
 
 template <typename TIn, typename PT>
 void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
-                const float* lse, const float* dlse, const Workspace& ws, TIn* dq, float* dk_acc, float* dv_acc,
+                const float* lse, const float* dlse, const Workspace& ws, TIn* dq, float* dk_acc,
+                float* dv_acc,
                 int64_t task0, int64_t task1) {
   BackwardScratch<PT> sc(pl.Dp);
   for (int64_t bh = task0; bh < task1; ++bh)
