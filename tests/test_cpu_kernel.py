@@ -262,3 +262,31 @@ def test_auto_uses_the_kernel_where_preferred(monkeypatch):
     calls.clear()
     memory_attention(q, q, q, mask="rmt", num_read=2, dropout_p=0.1)  # dropout: never the kernel
     assert calls == []
+
+
+def test_bench_systems_agree_and_restore_the_isa(monkeypatch):
+    """rmt_fast.bench.cpu_attention on a tiny case: every system (and ISA variant) computes the
+    same attention, forward and backward; the ISA cap is put back afterwards."""
+    import os
+
+    from rmt_fast.bench import cpu_attention as bench
+
+    monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
+    case = bench.Case("tiny", 2, 2, 12, memory=2, past=5, mask="rmt", head_dim=16)
+    systems = bench.SYSTEMS + bench.ISA_VARIANTS
+    for mode in ("fwd", "fwd+bwd"):
+        rows = bench.run_case(case, torch.float32, mode, systems, rounds=1, min_sample_s=0.0)
+        assert [r["system"] for r in rows] == list(systems)
+        assert all(r["max_diff"] < 1e-5 and r["gflops"] > 0 for r in rows), rows
+    assert "RMT_FAST_CPU_ISA" not in os.environ
+
+
+def test_profile_read_restores_the_switches():
+    from rmt_fast import _extension
+    from rmt_fast.bench import profile_read
+
+    gelu, preferred = _extension.GELU_TANH_DTYPES, cpu_kernel.preferred
+    rates = profile_read.main(["--config", "tiny", "--dtype", "float32", "--tokens", "64",
+                               "--rounds", "1", "--rows", "3"])
+    assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
+    assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.preferred is preferred
