@@ -99,7 +99,8 @@ def memory_attention(
             :func:`rmt_fast.ops.memory_attention.cpu_kernel.preferred` says it is faster, the
             ``"torch"`` path otherwise), ``"triton"`` (on CPU tensors it runs under
             ``TRITON_INTERPRET=1``), ``"torch"``, ``"cpu"`` (the extension's fused CPU kernel;
-            float16/float64 inputs take the ``"torch"`` path), ``"reference"``.
+            float16/float64 inputs, or a build without it, take the ``"torch"`` path),
+            ``"reference"``.
         dropout_p: attention dropout (torch and reference backends; uses a dense mask).
 
     Returns:

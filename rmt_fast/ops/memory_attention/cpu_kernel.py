@@ -14,6 +14,8 @@ when the extension is missing or was built without the op, and for other dtypes 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from rmt_fast import _extension
@@ -40,13 +42,20 @@ def supported(q: torch.Tensor) -> bool:
 
 #: code paths that ``backend="auto"`` uses (see :func:`preferred`)
 AUTO_ISAS = ("avx512_bf16", "avx512")
-_AUTO_ISA = isa()  # the CPU's path, read once (RMT_FAST_CPU_ISA set later does not change auto)
+
+
+@functools.cache
+def _auto_isa() -> str | None:
+    """The CPU's path, read at the first ``auto`` call (RMT_FAST_CPU_ISA set later does not
+    change what ``auto`` picks)."""
+    return isa()
 
 
 def preferred(q: torch.Tensor, past_k: torch.Tensor | None = None) -> bool:
     """Whether ``backend="auto"`` runs this kernel for ``q`` (and ``past_k``) rather than the
-    ``cpu_flash`` path: the rule measured in ``bench/README.md`` ("Fused CPU kernel")."""
-    return supported(q) and _AUTO_ISA in AUTO_ISAS
+    ``cpu_flash`` path: the rule measured in ``bench/README.md`` ("Fused CPU kernel"): float32
+    and bfloat16 CPU tensors on CPUs that run the AVX-512 paths; no shape condition."""
+    return supported(q) and _auto_isa() in AUTO_ISAS
 
 
 def cpu_kernel_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout: AttentionLayout
