@@ -37,4 +37,20 @@ inline float gelu_tanh(float x) {
   return x / (1.0f + exp_approx(minus_2u));
 }
 
+// bfloat16 bits <-> float; float -> bf16 rounds to nearest even and keeps NaN a (quiet) NaN.
+// Branch-free, so that loops over them vectorise.
+inline float bf16_to_float(uint16_t b) {
+  union { uint32_t i; float f; } u;
+  u.i = static_cast<uint32_t>(b) << 16;
+  return u.f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  union { float f; uint32_t i; } u;
+  u.f = f;
+  const uint32_t rounded = (u.i + 0x7fffu + ((u.i >> 16) & 1u)) >> 16;
+  return (u.i & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0)
+                                            : static_cast<uint16_t>(rounded);
+}
+
 }  // namespace rmt_fast

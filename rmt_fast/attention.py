@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from rmt_fast.masks import AttentionLayout, layout_visibility
+from rmt_fast.ops.memory_attention import cpu_kernel
 from rmt_fast.ops.memory_attention.cpu_flash import cpu_flash_memory_attention
 from rmt_fast.ops.memory_attention.dense import dense_sdpa
 from rmt_fast.ops.memory_attention.reference import reference_memory_attention
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "cpu", "reference")
 
 
 def _check_inputs(q, k, v, layout: AttentionLayout, past_k, past_v, key_padding_mask, backend):
@@ -94,8 +95,12 @@ def memory_attention(
         key_padding_mask: ``[B, P + L]`` bool, True = real token. Rows that see nothing give 0.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows).
-        backend: ``"auto"`` (Triton on CUDA, the fused CPU path otherwise), ``"triton"``
-            (on CPU tensors it runs under ``TRITON_INTERPRET=1``), ``"torch"``, ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA; on CPU the extension's kernel where
+            :func:`rmt_fast.ops.memory_attention.cpu_kernel.preferred` says it is faster, the
+            ``"torch"`` path otherwise), ``"triton"`` (on CPU tensors it runs under
+            ``TRITON_INTERPRET=1``), ``"torch"``, ``"cpu"`` (the extension's fused CPU kernel;
+            float16/float64 inputs, or a build without it, take the ``"torch"`` path),
+            ``"reference"``.
         dropout_p: attention dropout (torch and reference backends; uses a dense mask).
 
     Returns:
@@ -108,16 +113,23 @@ def memory_attention(
     layout = layout.with_head_dim(q.shape[-1])
     tensors = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
-    if backend == "triton" and dropout_p > 0.0:
-        raise ValueError("dropout_p > 0 is not supported by the triton backend; use backend='torch'")
+        backend = "triton" if q.is_cuda and _triton_available() else \
+            "cpu" if dropout_p == 0.0 and cpu_kernel.preferred(q, past_k) else "torch"
+    if backend in ("triton", "cpu") and dropout_p > 0.0:
+        raise ValueError(f"dropout_p > 0 is not supported by the {backend} backend; use "
+                         "backend='torch'")
+    if backend == "cpu" and q.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
     dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q)
-    if backend == "reference" or (backend == "torch" and return_lse and dense_needed):
+    if backend == "reference" or (backend in ("torch", "cpu") and return_lse and dense_needed):
         out, lse = reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
     elif backend == "triton":
         from rmt_fast.ops.memory_attention.triton import triton_memory_attention
 
         out, lse = triton_memory_attention(q, k, v, layout, **tensors)
+    elif backend == "cpu" and q.shape[-1] > 0:
+        out, lse = cpu_kernel.cpu_kernel_memory_attention(q, k, v, past_k, past_v,
+                                                          key_padding_mask, layout)
     elif dense_needed:
         visible = layout_visibility(layout, q.shape[2], past_length, key_padding_mask, q.device)
         visible = visible[:, None] if visible.dim() == 3 else visible

@@ -142,7 +142,7 @@ def test_gelu_tanh_layouts_dtypes_and_gradient():
     x = _gelu_inputs()[:, :, :64]
     xt = x.transpose(0, 2)  # non-contiguous
     assert torch.equal(torch.ops.rmt_fast.gelu_tanh(xt), torch.ops.rmt_fast.gelu_tanh(xt.contiguous()))
-    for dtype in (torch.float64, torch.bfloat16, torch.float16):  # the wrapper falls back to ATen
+    for dtype in (torch.float64, torch.float16):  # the wrapper falls back to ATen
         xd = x.to(dtype)
         torch.testing.assert_close(ext.gelu_tanh(xd), F.gelu(xd, approximate="tanh"), rtol=0, atol=0,
                                    equal_nan=True)  # +-3e38 are +-inf in float16
@@ -155,6 +155,36 @@ def test_gelu_tanh_layouts_dtypes_and_gradient():
     F.gelu(b, approximate="tanh").backward(g)
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)  # the same ATen formula
     result = torch.library.opcheck(OPS.gelu_tanh.default, (torch.randn(2, 3, 37, requires_grad=True),))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_gelu_tanh_bf16_matches_float64_reference():
+    """bf16: float32 arithmetic rounded once, so within one bf16 rounding (2^-8 relative) of the
+    exact value, plus the float32 kernel's absolute floor where gelu(x) ~ 0 (x << 0: ATen's bf16
+    kernel returns -0 there); never worse than ATen's own bf16 result."""
+    x = _gelu_inputs().to(torch.bfloat16)
+    assert torch.bfloat16 in ext.GELU_TANH_DTYPES
+    ref = F.gelu(x.double(), approximate="tanh")
+    out = torch.ops.rmt_fast.gelu_tanh(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs()
+    tol = 2.0 ** -8 * ref.abs() + 1e-7
+    assert (err <= tol).all(), f"max error {err.max().item():.3g} at x={x.view(-1)[err.argmax()].item()}"
+    aten = (F.gelu(x, approximate="tanh").double() - ref).abs()
+    assert err.max() <= aten.max() + 1e-7
+    # the wrapper routes bf16 to the kernel; layouts and the gradient (ATen's gelu_backward)
+    assert torch.equal(ext.gelu_tanh(x), out)
+    xt = x[:, :, :64].transpose(0, 2)
+    assert torch.equal(torch.ops.rmt_fast.gelu_tanh(xt), torch.ops.rmt_fast.gelu_tanh(xt.contiguous()))
+    a = x[:, :, :64].clone().requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    g = torch.randn(a.shape).to(torch.bfloat16)
+    ext.gelu_tanh(a).backward(g)
+    F.gelu(b, approximate="tanh").backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)  # the same formula
+    result = torch.library.opcheck(
+        OPS.gelu_tanh.default, (torch.randn(2, 3, 37).to(torch.bfloat16).requires_grad_(),))
     assert all(v == "SUCCESS" for v in result.values()), result
 
 

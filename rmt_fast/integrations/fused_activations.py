@@ -16,7 +16,8 @@ from rmt_fast._extension import gelu_tanh
 
 class TanhGELU(nn.Module):
     """GELU, tanh approximation: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, any shape,
-    differentiable. float32 CPU inputs use the extension's kernel; the rest ``F.gelu``."""
+    differentiable. float32 and bfloat16 CPU inputs use the extension's kernel; the rest
+    ``F.gelu``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gelu_tanh(x)

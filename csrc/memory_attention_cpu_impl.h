@@ -1,0 +1,968 @@
+// Memory-attention CPU kernels for one instruction set. memory_attention_cpu.cpp includes this
+// file several times, each time inside its own namespace, under its own `#pragma GCC target`
+// and with RMT_MA_ISA set: 0 portable C++, 1 AVX-512F (float32 FMA microkernels), 2 AVX-512 with
+// BF16 dot products (_mm512_dpbf16_ps). No #include here: every header comes in before.
+//
+// Scheme (FlashAttention-2 style, transposed): a task owns kBR query rows of one (batch, head).
+// For every key tile it may see (Plan::row_tiles: block skipping), it computes the transposed
+// scores S^T = K Q^T ([keys, queries], float32), so that the per-query running max, sum and
+// rescaling are vertical (column) vector operations with no horizontal reductions, and the
+// value product runs as O^T += V^T P^T. The backward pass recomputes P^T from the saved
+// log-sum-exp and forms dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q and
+// dQ^T += K^T dS^T, again without transposing a tile. All products are one register-blocked
+// microkernel C[M, N] (+)= A[M, K] B[K, N], B packed with pairs of K interleaved ("VNNI" layout,
+// [K/2][N][2]) for bf16 so that one _mm512_dpbf16_ps does 16 columns x 2 K steps, float32
+// accumulation throughout. Written by hand: the online softmax, masking and bf16 repacking
+// are interleaved with the products tile by tile, and ATen's tile GEMM helpers
+// (at::native::cpublas) are internal, not an API for extensions.
+
+static_assert(kBR % 16 == 0 && kBK % 16 == 0, "tiles are whole 16-lane vectors");
+
+// ------------------------------------------------------------------------ element conversions
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T>
+inline float to_float(T x) {
+  if constexpr (sizeof(T) == 2) {
+    return bf16_bits_to_float(x);
+  } else {
+    return x;
+  }
+}
+
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (sizeof(T) == 2) {
+    return float_to_bf16_bits(x);
+  } else {
+    return x;
+  }
+}
+
+// an input element in the packed type: bf16 bits stay bits, anything else goes through float
+template <typename PT, typename TIn>
+inline PT to_packed(TIn x) {
+  if constexpr (sizeof(PT) == sizeof(TIn)) {
+    return x;
+  } else {
+    return from_float<PT>(to_float(x));
+  }
+}
+
+// exp(x), exactly 0 for x < -87 (so -inf scores give 0, not the clamp's 1e-38)
+inline float exp_or_zero(float x) {
+  const float y = exp_approx(x);
+  return x < -87.0f ? 0.0f : y;
+}
+
+// dst[2m] = bf16(r0[m]), dst[2m + 1] = bf16(r1[m]), m < n (n a multiple of 16)
+inline void to_bf16_pairs(const float* r0, const float* r1, uint16_t* dst, int64_t n) {
+#if RMT_MA_ISA >= 2
+  alignas(64) static const int16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                                7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                                29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t m = 0; m < n; m += 16) {
+    // low 16 lanes: r0, high 16 lanes: r1; then interleave
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + m), _mm512_loadu_ps(r0 + m));
+    _mm512_storeu_si512(dst + 2 * m, _mm512_permutexvar_epi16(idx, (__m512i)both));
+  }
+#else
+  for (int64_t m = 0; m < n; ++m) {
+    dst[2 * m] = float_to_bf16_bits(r0[m]);
+    dst[2 * m + 1] = float_to_bf16_bits(r1[m]);
+  }
+#endif
+}
+
+inline void to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
+#if RMT_MA_ISA >= 2
+  for (int64_t m = 0; m < n; m += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + m),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + m)));
+  }
+#else
+  for (int64_t m = 0; m < n; ++m) dst[m] = float_to_bf16_bits(src[m]);
+#endif
+}
+
+// ------------------------------------------------------------------------------- microkernel
+
+template <typename PT>
+constexpr int kPair = sizeof(PT) == 2 ? 2 : 1;
+
+// C[MR, 16 NV] (+)= A[MR, K] B[K, 16 NV] with K = ksteps * PAIR. A row m starts at A + m * lda
+// (PAIR consecutive K elements per step); step ks of B starts at B + ks * ldb and holds the
+// 16 NV columns with their PAIR K elements interleaved.
+template <typename PT, int MR, int NV>
+void ukernel(int64_t ksteps, const PT* __restrict A, int64_t lda, const PT* __restrict B,
+             int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+#if RMT_MA_ISA >= 1
+  constexpr bool kBf16 = sizeof(PT) == 2;
+  if constexpr (!kBf16 || RMT_MA_ISA >= 2) {
+    __m512 c[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NV; ++j)
+        c[m][j] = accumulate ? _mm512_loadu_ps(C + m * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int64_t ks = 0; ks < ksteps; ++ks) {
+      const PT* b = B + ks * ldb;
+      if constexpr (kBf16) {
+#if RMT_MA_ISA >= 2
+        __m512bh bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + 32 * j);
+        for (int m = 0; m < MR; ++m) {
+          int32_t word;
+          std::memcpy(&word, A + m * lda + 2 * ks, 4);
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(word);
+          for (int j = 0; j < NV; ++j) c[m][j] = _mm512_dpbf16_ps(c[m][j], a, bv[j]);
+        }
+#endif
+      } else {
+        __m512 bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + 16 * j);
+        for (int m = 0; m < MR; ++m) {
+          const __m512 a = _mm512_set1_ps(A[m * lda + ks]);
+          for (int j = 0; j < NV; ++j) c[m][j] = _mm512_fmadd_ps(a, bv[j], c[m][j]);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(C + m * ldc + 16 * j, c[m][j]);
+    return;
+  }
+#endif
+  constexpr int PAIR = kPair<PT>, N = 16 * NV;
+  float c[MR][N];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < N; ++n) c[m][n] = accumulate ? C[m * ldc + n] : 0.0f;
+  for (int64_t ks = 0; ks < ksteps; ++ks) {
+    const PT* b = B + ks * ldb;
+    for (int p = 0; p < PAIR; ++p) {
+      float bf[N];
+      for (int n = 0; n < N; ++n) bf[n] = to_float(b[n * PAIR + p]);
+      for (int m = 0; m < MR; ++m) {
+        const float a = to_float(A[m * lda + ks * PAIR + p]);
+#pragma omp simd
+        for (int n = 0; n < N; ++n) c[m][n] += a * bf[n];
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < N; ++n) C[m * ldc + n] = c[m][n];
+}
+
+template <typename PT>
+using UKernel = void (*)(int64_t, const PT*, int64_t, const PT*, int64_t, float*, int64_t, bool);
+
+constexpr int kMR = 6;  // 6 x 4 accumulators + 4 B vectors + 1 broadcast of 32 zmm registers
+
+template <typename PT, int NV>
+UKernel<PT> ukernel_rows(int64_t mr) {
+  switch (mr) {
+    case 1: return &ukernel<PT, 1, NV>;
+    case 2: return &ukernel<PT, 2, NV>;
+    case 3: return &ukernel<PT, 3, NV>;
+    case 4: return &ukernel<PT, 4, NV>;
+    case 5: return &ukernel<PT, 5, NV>;
+    default: return &ukernel<PT, 6, NV>;
+  }
+}
+
+template <typename PT>
+UKernel<PT> pick_ukernel(int64_t mr, int64_t nv) {
+  switch (nv) {
+    case 1: return ukernel_rows<PT, 1>(mr);
+    case 2: return ukernel_rows<PT, 2>(mr);
+    case 3: return ukernel_rows<PT, 3>(mr);
+    default: return ukernel_rows<PT, 4>(mr);
+  }
+}
+
+// C[M, N] (+)= A[M, K] B[K, N], N a multiple of 16 (layouts as for ukernel).
+template <typename PT>
+void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const PT* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  constexpr int PAIR = kPair<PT>;
+  if (ksteps == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nv = std::min<int64_t>(4, (N - n0) / 16);
+    const UKernel<PT> full = pick_ukernel<PT>(kMR, nv);
+    int64_t m0 = 0;
+    for (; m0 + kMR <= M; m0 += kMR)
+      full(ksteps, A + m0 * lda, lda, B + n0 * PAIR, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    if (m0 < M)
+      pick_ukernel<PT>(M - m0, nv)(ksteps, A + m0 * lda, lda, B + n0 * PAIR, ldb,
+                                    C + m0 * ldc + n0, ldc, accumulate);
+  }
+}
+
+// ------------------------------------------------------------------------------------ helpers
+
+// Per-thread scratch that outlives the call: a slot keeps its 64-byte aligned block and only
+// grows, so that steady-state calls neither allocate nor fault in fresh pages (a malloc of this
+// size is an mmap, and that was most of a small call's time). Not zeroed.
+enum ScratchSlot : int {
+  kPackStage, kPackPairs,                                        // pack_kv_t
+  kFwdStage, kFwdQt, kFwdS, kFwdOt, kFwdTmp, kFwdP,              // forward_t
+  kBwdQs, kBwdQt, kBwdQn, kBwdDos, kBwdDot, kBwdDon, kBwdOs, kBwdPn,  // backward_head
+  kBwdDsn, kBwdDsv, kBwdS, kBwdDp, kBwdDqt, kBwdTmp,
+  kUnitKn, kUnitVn, kUnitVt, kUnitKt, kUnitDk, kUnitDv,          // *_units_t
+  kScratchSlots
+};
+
+struct ScratchArena {
+  void* ptr[kScratchSlots] = {};
+  size_t bytes[kScratchSlots] = {};
+  ~ScratchArena() {
+    for (void* p : ptr) std::free(p);
+  }
+};
+
+inline void* scratch(int slot, size_t bytes) {
+  thread_local ScratchArena arena;
+  bytes = (std::max<size_t>(bytes, 64) + 63) / 64 * 64;
+  if (arena.bytes[slot] < bytes) {
+    std::free(arena.ptr[slot]);
+    arena.ptr[slot] = std::aligned_alloc(64, bytes);
+    arena.bytes[slot] = arena.ptr[slot] != nullptr ? bytes : 0;
+    TORCH_CHECK(arena.ptr[slot] != nullptr, "memory_attention_cpu: out of memory for ", bytes,
+                " bytes of scratch");
+  }
+  return arena.ptr[slot];
+}
+
+template <typename T>
+struct Buffer {  // n elements of the calling thread's scratch slot
+  T* data;
+  Buffer(int slot, int64_t n)
+      : data(static_cast<T*>(scratch(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) *
+                                               sizeof(T)))) {}
+};
+
+template <typename TIn>
+inline const TIn* at4(const Strided& t, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const TIn*>(t.ptr) + b * t.s0 + h * t.s1 + i * t.s2;
+}
+
+inline bool key_kept(const Plan& pl, int64_t b, int64_t j) {
+  return pl.keep[b * pl.keep_s0 + j * pl.keep_s1];
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for 32-bit words (a bf16 pair moves as one word),
+// r < rows and c < cols, both multiples of 16
+inline void transpose32(const void* src_v, int64_t lds, void* dst_v, int64_t ldd, int64_t rows,
+                        int64_t cols) {
+  const uint32_t* src = static_cast<const uint32_t*>(src_v);
+  uint32_t* dst = static_cast<uint32_t*>(dst_v);
+#if RMT_MA_ISA >= 1
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (r0 + i) * lds + c0);
+      for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+      }
+      // r[4k + x], 128-bit lane l: rows 4k..4k+3 of column 4l + x
+      for (int k = 0; k < 4; ++k) {
+        r[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+        r[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+        r[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+        r[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+      }
+      for (int x = 0; x < 4; ++x) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[x], r[4 + x], 0x88);   // lanes 0, 2
+        const __m512i w0 = _mm512_shuffle_i32x4(r[x], r[4 + x], 0xdd);   // lanes 1, 3
+        const __m512i v1 = _mm512_shuffle_i32x4(r[8 + x], r[12 + x], 0x88);
+        const __m512i w1 = _mm512_shuffle_i32x4(r[8 + x], r[12 + x], 0xdd);
+        uint32_t* out = dst + (c0 + x) * ldd + r0;
+        _mm512_storeu_si512(out, _mm512_shuffle_i32x4(v0, v1, 0x88));
+        _mm512_storeu_si512(out + 4 * ldd, _mm512_shuffle_i32x4(w0, w1, 0x88));
+        _mm512_storeu_si512(out + 8 * ldd, _mm512_shuffle_i32x4(v0, v1, 0xdd));
+        _mm512_storeu_si512(out + 12 * ldd, _mm512_shuffle_i32x4(w0, w1, 0xdd));
+      }
+    }
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+#endif
+}
+
+// rows [i0, i0 + rows) of x (b, h) as a zero-padded [kBR][Dp] matrix of PT
+template <typename TIn, typename PT>
+void stage_rows(const Plan& pl, const Strided& x, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                PT* dst) {
+  const int64_t Dp = pl.Dp, D = pl.D;
+  for (int64_t m = 0; m < kBR; ++m) {
+    PT* row = dst + m * Dp;
+    if (m >= rows) {
+      std::fill(row, row + Dp, PT(0));
+      continue;
+    }
+    const TIn* src = at4<TIn>(x, b, h, i0 + m);
+    if (sizeof(TIn) == sizeof(PT) && x.s3 == 1) {
+      std::memcpy(row, src, D * sizeof(PT));
+    } else {
+      for (int64_t d = 0; d < D; ++d) row[d] = to_packed<PT>(src[d * x.s3]);
+    }
+    std::fill(row + D, row + Dp, PT(0));
+  }
+}
+
+// staged rows [kBR][Dp] as B operand with K = head dim: [Dp/PAIR][kBR][PAIR]
+template <typename PT>
+void pack_t(const Plan& pl, const PT* stage, PT* dst) {
+  const int64_t words = pl.Dp * static_cast<int64_t>(sizeof(PT)) / 4;
+  transpose32(stage, words, dst, kBR, kBR, words);
+}
+
+// staged bf16 rows [kBR][Dp] as B operand with K = rows: [kBR/2][Dp][2]
+inline void pack_n_bf16(const Plan& pl, const uint16_t* stage, uint16_t* dst) {
+  const int64_t Dp = pl.Dp;
+#if RMT_MA_ISA >= 2
+  alignas(64) static const int16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7,
+                                             39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45,
+                                             14, 46, 15, 47};
+  alignas(64) static const int16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22,
+                                             54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60,
+                                             29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+  for (int64_t p = 0; p < kBR / 2; ++p) {
+    const uint16_t* r0 = stage + 2 * p * Dp;
+    uint16_t* out = dst + p * 2 * Dp;
+    for (int64_t d = 0; d < Dp; d += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + d), c = _mm512_loadu_si512(r0 + Dp + d);
+      _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(a, ilo, c));
+      _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(a, ihi, c));
+    }
+  }
+#else
+  for (int64_t p = 0; p < kBR / 2; ++p)
+    for (int64_t d = 0; d < Dp; ++d)
+      for (int e = 0; e < 2; ++e) dst[(p * Dp + d) * 2 + e] = stage[(2 * p + e) * Dp + d];
+#endif
+}
+
+// dst[d] = TIn(src[d] * mul), d < n
+template <typename TIn>
+inline void store_row(const float* src, float mul, TIn* dst, int64_t n) {
+  int64_t d = 0;
+#if RMT_MA_ISA >= 1
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (; d + 16 <= n; d += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + d), vm);
+    if constexpr (sizeof(TIn) == 2) {
+#if RMT_MA_ISA >= 2
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+#else
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, x);
+      for (int i = 0; i < 16; ++i) dst[d + i] = float_to_bf16_bits(tmp[i]);
+#endif
+    } else {
+      _mm512_storeu_ps(dst + d, x);
+    }
+  }
+#endif
+  for (; d < n; ++d) dst[d] = from_float<TIn>(src[d] * mul);
+}
+
+// rows [0, rows) of dst ([rows][D], contiguous) = the transposed accumulator acc [Dp][kBR]
+// (rows >= D zero) times mul[m]; tmp: [kBR][Dp] scratch
+template <typename TIn>
+void store_rows_t(const Plan& pl, const float* acc, const float* mul, TIn* dst, int64_t rows,
+                  float* tmp) {
+  transpose32(acc, kBR, tmp, pl.Dp, pl.Dp, kBR);
+  for (int64_t m = 0; m < rows; ++m) store_row<TIn>(tmp + m * pl.Dp, mul[m], dst + m * pl.D, pl.D);
+}
+
+// -------------------------------------------------------------------------------- packing K/V
+
+// Pack keys/values of (b, hk) pairs [bh0, bh1): kn/vn row-major [Lk][Dp], vt/kt per tile
+// transposed [Dp][kBK] (null pointers are skipped).
+template <typename TIn, typename PT>
+void pack_kv_t(const Plan& pl, const Strided& k, const Strided& v, const Strided& pk,
+               const Strided& pv, const Workspace& ws, int64_t bh0, int64_t bh1) {
+  constexpr int PAIR = kPair<PT>;
+  static_assert(kBK == kBR, "key tiles are staged like row blocks");
+  const int64_t Dp = pl.Dp, nt = pl.ntiles();
+  Buffer<PT> stage(kPackStage, kBK * Dp), pairs(kPackPairs, PAIR == 2 ? kBK * Dp : 1);
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / pl.Hkv, hk = bh % pl.Hkv;
+    for (int which = 0; which < 2; ++which) {  // 0: keys, 1: values
+      PT* rows = static_cast<PT*>(which == 0 ? ws.kn : ws.vn);
+      PT* trans = static_cast<PT*>(which == 0 ? ws.kt : ws.vt);
+      if (rows == nullptr && trans == nullptr) continue;
+      for (int64_t t = 0; t < nt; ++t) {
+        const KeyTile tile = pl.tiles[t];
+        const bool past = tile.start < pl.P;  // a tile never straddles past and current keys
+        const Strided& src = which == 0 ? (past ? pk : k) : (past ? pv : v);
+        const int64_t first = past ? tile.start : tile.start - pl.P;
+        stage_rows<TIn, PT>(pl, src, b, hk, first, tile.end - tile.start, stage.data);
+        if (rows != nullptr)
+          std::memcpy(rows + (ws.slot(bh) * pl.Lk + tile.start) * Dp, stage.data,
+                      (tile.end - tile.start) * Dp * sizeof(PT));
+        if (trans == nullptr) continue;
+        PT* dst = trans + (ws.slot(bh) * nt + t) * Dp * kBK;
+        if constexpr (PAIR == 2) {
+          // key pairs interleaved ([kBK/2][Dp] words), then words transposed: row d holds
+          // keys 0, 1, 2, ... of the tile
+          pack_n_bf16(pl, reinterpret_cast<const uint16_t*>(stage.data),
+                      reinterpret_cast<uint16_t*>(pairs.data));
+          transpose32(pairs.data, Dp, dst, kBK / 2, kBK / 2, Dp);
+        } else {
+          transpose32(stage.data, Dp, dst, kBK, kBK, Dp);
+        }
+      }
+    }
+  }
+}
+
+#if RMT_MA_ISA >= 1
+// exp(x) on 16 lanes (exp_approx's Cephes polynomial; 2^n by scalef), exactly 0 for x < -87
+// (so -inf scores give 0), NaN stays NaN
+inline __m512 exp512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // x if NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+#endif
+
+// Scores of one tile, in place in s [kt][kBR]: scaled, and -inf where hidden (the element mask
+// on mixed tiles, padded keys on every tile). With tmax, also the column (per query) maxima.
+inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart, int64_t i0,
+                            bool mixed, bool pad_rows, int64_t b, float* tmax) {
+  const float scale = pl.scale, ninf = -std::numeric_limits<float>::infinity();
+  const int32_t* lo0 = pl.lo0.data() + i0;
+  const int32_t* hi0 = pl.hi0.data() + i0;
+  const int32_t* lo1 = pl.lo1.data() + i0;
+  const int32_t* hi1 = pl.hi1.data() + i0;
+#if RMT_MA_ISA >= 1
+  constexpr int NV = kBR / 16;
+  const __m512 sc = _mm512_set1_ps(scale), vninf = _mm512_set1_ps(ninf);
+  __m512 mx[NV];
+  for (int c = 0; c < NV; ++c) mx[c] = vninf;
+  for (int64_t n = 0; n < kt; ++n) {
+    float* row = s + n * kBR;
+    const int32_t j = static_cast<int32_t>(jstart + n);
+    if (pad_rows && !key_kept(pl, b, j)) {
+      for (int c = 0; c < NV; ++c) _mm512_storeu_ps(row + 16 * c, vninf);
+      continue;
+    }
+    const __m512i jv = _mm512_set1_epi32(j);
+    for (int c = 0; c < NV; ++c) {
+      __m512 x;
+      if (mixed) {
+        const __mmask16 in0 =
+            _mm512_cmple_epi32_mask(_mm512_loadu_si512(lo0 + 16 * c), jv) &
+            _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(hi0 + 16 * c), jv);
+        const __mmask16 in1 =
+            _mm512_cmple_epi32_mask(_mm512_loadu_si512(lo1 + 16 * c), jv) &
+            _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(hi1 + 16 * c), jv);
+        x = _mm512_mask_mul_ps(vninf, in0 | in1, _mm512_loadu_ps(row + 16 * c), sc);
+      } else {
+        x = _mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), sc);
+      }
+      _mm512_storeu_ps(row + 16 * c, x);
+      mx[c] = _mm512_max_ps(mx[c], x);
+    }
+  }
+  if (tmax != nullptr)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(tmax + 16 * c, mx[c]);
+#else
+  if (tmax != nullptr) std::fill(tmax, tmax + kBR, ninf);
+  for (int64_t n = 0; n < kt; ++n) {
+    float* row = s + n * kBR;
+    const int32_t j = static_cast<int32_t>(jstart + n);
+    if (pad_rows && !key_kept(pl, b, j)) {
+      std::fill(row, row + kBR, ninf);
+      continue;
+    }
+    for (int64_t m = 0; m < kBR; ++m) {
+      const bool vis = !mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]);
+      row[m] = vis ? row[m] * scale : ninf;
+      if (tmax != nullptr) tmax[m] = std::max(tmax[m], row[m]);
+    }
+  }
+#endif
+}
+
+// row[m] = exp(row[m] - sub[m]) over one kBR row; adds the row to sum when given
+inline void exp_row(float* row, const float* sub, float* sum) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < kBR; m += 16) {
+    const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + m), _mm512_loadu_ps(sub + m)));
+    _mm512_storeu_ps(row + m, p);
+    if (sum != nullptr) _mm512_storeu_ps(sum + m, _mm512_add_ps(_mm512_loadu_ps(sum + m), p));
+  }
+#else
+  for (int64_t m = 0; m < kBR; ++m) {
+    row[m] = exp_or_zero(row[m] - sub[m]);
+    if (sum != nullptr) sum[m] += row[m];
+  }
+#endif
+}
+
+// x[m] *= y[m] over n floats (n a multiple of 16)
+inline void mul_rows(float* x, const float* y, int64_t n) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < n; m += 16)
+    _mm512_storeu_ps(x + m, _mm512_mul_ps(_mm512_loadu_ps(x + m), _mm512_loadu_ps(y + m)));
+#else
+  for (int64_t m = 0; m < n; ++m) x[m] *= y[m];
+#endif
+}
+
+#if RMT_MA_ISA >= 1
+inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bf16 -> float32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// sum_d a[d] b[d] over n elements (a multiple of 16), in an order that does not depend on the
+// inputs' strides
+template <typename PT>
+inline float row_dot(const PT* a, const PT* b, int64_t n) {
+#if RMT_MA_ISA >= 1
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    __m512 x, y;
+    if constexpr (sizeof(PT) == 2) {
+      x = load_bf16x16(a + d);
+      y = load_bf16x16(b + d);
+    } else {
+      x = _mm512_loadu_ps(a + d);
+      y = _mm512_loadu_ps(b + d);
+    }
+    acc = _mm512_fmadd_ps(x, y, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc += to_float(a[d]) * to_float(b[d]);
+  return acc;
+#endif
+}
+
+// dS^T row: ds[m] = p[m] (ds[m] - delta[m]) (ds holds dP^T on entry)
+inline void ds_row(const float* p, float* ds, const float* delta) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < kBR; m += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(ds + m), _mm512_loadu_ps(delta + m));
+    _mm512_storeu_ps(ds + m, _mm512_mul_ps(_mm512_loadu_ps(p + m), d));
+  }
+#else
+  for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]);
+#endif
+}
+
+// --------------------------------------------------------------------------------- forward
+
+// Row-block tasks [task0, task1) of the forward pass; task = (b * Hq + h) * nrb + rb.
+template <typename TIn, typename PT>
+void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, float* lse,
+               int64_t task0, int64_t task1) {
+  constexpr int PAIR = kPair<PT>;
+  const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Buffer<PT> stage(kFwdStage, Dp * kBR), qt(kFwdQt, Dp * kBR);
+  Buffer<float> s(kFwdS, (kBK + 1) * kBR), ot(kFwdOt, Dp * kBR), tmp(kFwdTmp, Dp * kBR);
+  Buffer<PT> pvnni(kFwdP, PAIR == 2 ? kBK * kBR : 1);
+  alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], psum[kBR];
+  for (int64_t task = task0; task < task1; ++task) {
+    const int64_t rb = task % pl.nrb, bh = task / pl.nrb, b = bh / pl.Hq, h = bh % pl.Hq;
+    const int64_t hk = h / pl.groups(), i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
+    stage_rows<TIn, PT>(pl, q, b, h, i0, rows, stage.data);
+    pack_t<PT>(pl, stage.data, qt.data);
+    std::fill(ot.data, ot.data + Dp * kBR, 0.0f);  // rows >= D stay zero for the transpose
+    for (int64_t m = 0; m < kBR; ++m) {
+      mrow[m] = ninf;
+      lrow[m] = 0.0f;
+    }
+    const int64_t slot = ws.slot(b * pl.Hkv + hk);
+    const PT* kn = static_cast<const PT*>(ws.kn) + slot * pl.Lk * Dp;
+    const PT* vt = static_cast<const PT*>(ws.vt) + slot * nt * Dp * kBK;
+    for (const TileRef& ref : pl.row_tiles[rb]) {
+      const KeyTile tile = pl.tiles[ref.tile];
+      const int64_t kt = tile.end - tile.start;
+      bool pad_rows = false;
+      if (pl.keep != nullptr) {
+        const int32_t kept = pl.kept[b * nt + ref.tile];
+        if (kept == 0) continue;
+        pad_rows = kept < kt;
+      }
+      // S^T = K Q^T
+      gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
+               false);
+      scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, tmax);
+      bool moved = false;  // did any running max change (else alpha == 1: skip the rescale)
+      for (int64_t m = 0; m < kBR; ++m) {
+        const float mn = std::max(mrow[m], tmax[m]);
+        moved = moved || mn != mrow[m];
+        const float mu = mn == ninf ? 0.0f : mn;  // a row that has seen nothing yet
+        alpha[m] = exp_or_zero(mrow[m] - mu);
+        mrow[m] = mn;
+        muse[m] = mu;
+        psum[m] = 0.0f;
+      }
+      const PT* pmat;
+      if constexpr (PAIR == 2) {
+        uint16_t* dst = reinterpret_cast<uint16_t*>(pvnni.data);
+        for (int64_t n = 0; n < kt; n += 2) {
+          float* r0 = s.data + n * kBR;
+          exp_row(r0, muse, psum);
+          if (n + 1 < kt) {
+            exp_row(r0 + kBR, muse, psum);
+          } else {
+            std::fill(r0 + kBR, r0 + 2 * kBR, 0.0f);
+          }
+          to_bf16_pairs(r0, r0 + kBR, dst + n * kBR, kBR);
+        }
+        pmat = pvnni.data;
+      } else {
+        for (int64_t n = 0; n < kt; ++n) exp_row(s.data + n * kBR, muse, psum);
+        pmat = reinterpret_cast<const PT*>(s.data);
+      }
+      for (int64_t m = 0; m < kBR; ++m) lrow[m] = lrow[m] * alpha[m] + psum[m];
+      if (moved)
+        for (int64_t d = 0; d < D; ++d) mul_rows(ot.data + d * kBR, alpha, kBR);
+      // O^T += V^T P^T
+      gemm<PT>(D, kBR, (kt + PAIR - 1) / PAIR, vt + ref.tile * Dp * kBK, kBK, pmat, kBR * PAIR,
+               ot.data, kBR, true);
+    }
+    float* l = lse + bh * pl.L + i0;
+    for (int64_t m = 0; m < kBR; ++m) {
+      const bool any = lrow[m] > 0.0f;
+      alpha[m] = any ? 1.0f / lrow[m] : 0.0f;
+      if (m < rows) l[m] = any ? mrow[m] + std::log(lrow[m]) : ninf;
+    }
+    store_rows_t<TIn>(pl, ot.data, alpha, out + (bh * pl.L + i0) * D, rows, tmp.data);
+  }
+}
+
+// --------------------------------------------------------------------------------- backward
+
+template <typename PT>
+struct BackwardScratch {
+  static constexpr int PAIR = kPair<PT>;
+  Buffer<PT> qs, qt, qn, dos, dot, don, os, pn, dsn, dsv;
+  Buffer<float> s, dp, dqt, tmp;
+  explicit BackwardScratch(int64_t Dp)
+      : qs(kBwdQs, Dp * kBR), qt(kBwdQt, Dp * kBR), qn(kBwdQn, Dp * kBR),
+        dos(kBwdDos, Dp * kBR), dot(kBwdDot, Dp * kBR), don(kBwdDon, Dp * kBR),
+        os(kBwdOs, Dp * kBR),
+        pn(kBwdPn, PAIR == 2 ? kBK * kBR : 1), dsn(kBwdDsn, PAIR == 2 ? kBK * kBR : 1),
+        dsv(kBwdDsv, PAIR == 2 ? (kBK + 1) * kBR : 1), s(kBwdS, kBK * kBR),
+        dp(kBwdDp, (kBK + 1) * kBR), dqt(kBwdDqt, Dp * kBR), tmp(kBwdTmp, Dp * kBR) {}
+};
+
+// Gradients of one (batch b, query head h): dq is written (input dtype, [B, Hq, L, D]
+// contiguous); the key/value gradients are added (unscaled) to the float32 accumulators
+// dk, dv [Lk][Dp] of that head (or of its whole group, when the caller runs the group's heads
+// one after the other).
+template <typename TIn, typename PT>
+void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                   const float* lse, const float* dlse, const Workspace& ws, TIn* dq, int64_t b,
+                   int64_t h,
+                   float* dk, float* dv, BackwardScratch<PT>& sc) {
+  constexpr int PAIR = kPair<PT>;
+  const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
+  const float inf = std::numeric_limits<float>::infinity();
+  alignas(64) float lse_b[kBR], delta[kBR];
+  {
+    const int64_t bh = b * pl.Hq + h, hk = h / pl.groups();
+    const int64_t slot = ws.slot(b * pl.Hkv + hk);
+    const PT* kn = static_cast<const PT*>(ws.kn) + slot * pl.Lk * Dp;
+    const PT* vn = static_cast<const PT*>(ws.vn) + slot * pl.Lk * Dp;
+    const PT* ktr = static_cast<const PT*>(ws.kt) + slot * nt * Dp * kBK;
+    Buffer<PT>&qs = sc.qs, &qt = sc.qt, &qn = sc.qn, &dos = sc.dos, &dot = sc.dot, &don = sc.don,
+    &os = sc.os, &pn = sc.pn, &dsn = sc.dsn, &dsv = sc.dsv;
+    Buffer<float>&s = sc.s, &dp = sc.dp, &dqt = sc.dqt, &tmp = sc.tmp;
+    for (int64_t rb = 0; rb < pl.nrb; ++rb) {
+      const int64_t i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
+      stage_rows<TIn, PT>(pl, q, b, h, i0, rows, qs.data);
+      stage_rows<TIn, PT>(pl, dout, b, h, i0, rows, dos.data);
+      stage_rows<TIn, PT>(pl, out, b, h, i0, rows, os.data);  // for delta = rowsum(dO O)
+      pack_t<PT>(pl, qs.data, qt.data);
+      pack_t<PT>(pl, dos.data, dot.data);
+      const PT* qrows = qs.data;  // K = rows operands: natural rows, or row pairs for bf16
+      const PT* dorows = dos.data;
+      if constexpr (PAIR == 2) {
+        pack_n_bf16(pl, reinterpret_cast<const uint16_t*>(qs.data),
+                    reinterpret_cast<uint16_t*>(qn.data));
+        pack_n_bf16(pl, reinterpret_cast<const uint16_t*>(dos.data),
+                    reinterpret_cast<uint16_t*>(don.data));
+        qrows = qn.data;
+        dorows = don.data;
+      }
+      for (int64_t m = 0; m < kBR; ++m) {
+        lse_b[m] = inf;  // rows that saw nothing (and padding rows): every P = exp(-inf) = 0
+        delta[m] = 0.0f;
+        if (m >= rows) continue;
+        const float l = lse[bh * pl.L + i0 + m];
+        if (l != -inf) lse_b[m] = l;
+        const float acc = row_dot(dos.data + m * Dp, os.data + m * Dp, Dp);
+        delta[m] = dlse == nullptr ? acc : acc - dlse[bh * pl.L + i0 + m];  // d lse / d s = P
+      }
+      std::fill(dqt.data, dqt.data + Dp * kBR, 0.0f);
+      bool any_tile = false;
+      for (const TileRef& ref : pl.row_tiles[rb]) {
+        const KeyTile tile = pl.tiles[ref.tile];
+        const int64_t kt = tile.end - tile.start, kpad = (kt + PAIR - 1) / PAIR * PAIR;
+        bool pad_rows = false;
+        if (pl.keep != nullptr) {
+          const int32_t kept = pl.kept[b * nt + ref.tile];
+          if (kept == 0) continue;
+          pad_rows = kept < kt;
+        }
+        any_tile = true;
+        // P^T = exp(scale K Q^T - lse)
+        gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
+                 false);
+        scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, nullptr);
+        for (int64_t n = 0; n < kt; ++n) exp_row(s.data + n * kBR, lse_b, nullptr);
+        const PT* pa;
+        if constexpr (PAIR == 2) {
+          for (int64_t n = 0; n < kt; ++n)
+            to_bf16_row(s.data + n * kBR, reinterpret_cast<uint16_t*>(pn.data) + n * kBR, kBR);
+          pa = pn.data;
+        } else {
+          pa = reinterpret_cast<const PT*>(s.data);
+        }
+        // dV += P^T dO
+        gemm<PT>(kt, Dp, kBR / PAIR, pa, kBR, dorows, Dp * PAIR, dv + tile.start * Dp, Dp, true);
+        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta)
+        gemm<PT>(kt, kBR, Dp / PAIR, vn + tile.start * Dp, Dp, dot.data, kBR * PAIR, dp.data, kBR,
+                 false);
+        for (int64_t n = 0; n < kt; ++n) ds_row(s.data + n * kBR, dp.data + n * kBR, delta);
+        const PT* dsa;
+        const PT* dsb;
+        if constexpr (PAIR == 2) {
+          if (kpad > kt) std::fill(dp.data + kt * kBR, dp.data + kpad * kBR, 0.0f);
+          uint16_t* natural = reinterpret_cast<uint16_t*>(dsn.data);
+          uint16_t* pairs = reinterpret_cast<uint16_t*>(dsv.data);
+          for (int64_t n = 0; n < kt; ++n) to_bf16_row(dp.data + n * kBR, natural + n * kBR, kBR);
+          for (int64_t n = 0; n < kt; n += 2)
+            to_bf16_pairs(dp.data + n * kBR, dp.data + (n + 1) * kBR, pairs + n * kBR, kBR);
+          dsa = dsn.data;
+          dsb = dsv.data;
+        } else {
+          dsa = dsb = reinterpret_cast<const PT*>(dp.data);
+        }
+        // dK += dS^T Q (scaled at the end); dQ^T += K^T dS^T
+        gemm<PT>(kt, Dp, kBR / PAIR, dsa, kBR, qrows, Dp * PAIR, dk + tile.start * Dp, Dp, true);
+        gemm<PT>(D, kBR, kpad / PAIR, ktr + ref.tile * Dp * kBK, kBK, dsb, kBR * PAIR, dqt.data,
+                 kBR, true);
+      }
+      for (int64_t m = 0; m < kBR; ++m) delta[m] = any_tile ? pl.scale : 0.0f;
+      store_rows_t<TIn>(pl, dqt.data, delta, dq + (bh * pl.L + i0) * D, rows, tmp.data);
+    }
+  }
+}
+
+template <typename TIn, typename PT>
+void backward_t(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                const float* lse, const float* dlse, const Workspace& ws, TIn* dq, float* dk_acc,
+                float* dv_acc,
+                int64_t task0, int64_t task1) {
+  BackwardScratch<PT> sc(pl.Dp);
+  for (int64_t bh = task0; bh < task1; ++bh)
+    backward_head<TIn, PT>(pl, q, dout, out, lse, dlse, ws, dq, bh / pl.Hq, bh % pl.Hq,
+                           dk_acc + bh * pl.Lk * pl.Dp, dv_acc + bh * pl.Lk * pl.Dp, sc);
+}
+
+// dK/dV of one (b, hk) = bh: sum the float32 accumulators of `heads` heads (acc + i Lk Dp,
+// i < heads), scale dK, and write both in the input dtype to the current and past outputs
+// ([B, Hkv, L, D] and [B, Hkv, P, D], contiguous; the past ones null when not wanted).
+template <typename TIn>
+void finish_kv_unit(const Plan& pl, const float* dk_acc, const float* dv_acc, int64_t heads,
+                    int64_t bh, TIn* dk, TIn* dv, TIn* dpk, TIn* dpv) {
+  const int64_t Dp = pl.Dp, D = pl.D, stride = pl.Lk * Dp;
+  for (int64_t j = 0; j < pl.Lk; ++j) {
+    const bool past = j < pl.P;
+    if (past && dpk == nullptr) continue;
+    TIn* ok = past ? dpk + (bh * pl.P + j) * D : dk + (bh * pl.L + j - pl.P) * D;
+    TIn* ov = past ? dpv + (bh * pl.P + j) * D : dv + (bh * pl.L + j - pl.P) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      float gk = 0.0f, gv = 0.0f;
+      for (int64_t i = 0; i < heads; ++i) {
+        gk += dk_acc[i * stride + j * Dp + d];
+        gv += dv_acc[i * stride + j * Dp + d];
+      }
+      ok[d] = from_float<TIn>(gk * pl.scale);
+      ov[d] = from_float<TIn>(gv);
+    }
+  }
+}
+
+// (b, hk) in [bh0, bh1) from the per-query-head accumulators [B * Hq][Lk][Dp] of backward_t
+template <typename TIn>
+void finish_kv_t(const Plan& pl, const float* dk_acc, const float* dv_acc, TIn* dk, TIn* dv,
+                 TIn* dpk, TIn* dpv, int64_t bh0, int64_t bh1) {
+  const int64_t G = pl.groups();
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t first = (bh / pl.Hkv * pl.Hq + bh % pl.Hkv * G) * pl.Lk * pl.Dp;
+    finish_kv_unit<TIn>(pl, dk_acc + first, dv_acc + first, G, bh, dk, dv, dpk, dpv);
+  }
+}
+
+// A unit is one (batch, kv head) bh = b * Hkv + hk with its group of query heads: it packs its
+// keys/values right before its row tasks use them (still in L2), and in the backward pass sums
+// the group's key/value gradients in one local accumulator. Used when there are enough units
+// to keep every thread busy.
+template <typename TIn, typename PT>
+void forward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                     const Strided& pk, const Strided& pv, TIn* out, float* lse, int64_t u0,
+                     int64_t u1) {
+  Buffer<PT> kn(kUnitKn, pl.Lk * pl.Dp), vt(kUnitVt, pl.ntiles() * pl.Dp * kBK);
+  Workspace ws;
+  ws.single = true;
+  ws.kn = kn.data;
+  ws.vt = vt.data;
+  const int64_t G = pl.groups();
+  for (int64_t u = u0; u < u1; ++u) {
+    pack_kv_t<TIn, PT>(pl, k, v, pk, pv, ws, u, u + 1);
+    const int64_t first_head = u / pl.Hkv * pl.Hq + u % pl.Hkv * G;
+    forward_t<TIn, PT>(pl, q, ws, out, lse, first_head * pl.nrb, (first_head + G) * pl.nrb);
+  }
+}
+
+template <typename TIn, typename PT>
+void backward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                      const Strided& pk, const Strided& pv, const Strided& dout,
+                      const Strided& out, const float* lse, const float* dlse, TIn* dq, TIn* dk,
+                      TIn* dv, TIn* dpk, TIn* dpv, int64_t u0, int64_t u1) {
+  Buffer<PT> kn(kUnitKn, pl.Lk * pl.Dp), vn(kUnitVn, pl.Lk * pl.Dp),
+      kt(kUnitKt, pl.ntiles() * pl.Dp * kBK);
+  Buffer<float> dk_acc(kUnitDk, pl.Lk * pl.Dp), dv_acc(kUnitDv, pl.Lk * pl.Dp);
+  BackwardScratch<PT> sc(pl.Dp);
+  Workspace ws;
+  ws.single = true;
+  ws.kn = kn.data;
+  ws.vn = vn.data;
+  ws.kt = kt.data;
+  const int64_t G = pl.groups();
+  for (int64_t u = u0; u < u1; ++u) {
+    pack_kv_t<TIn, PT>(pl, k, v, pk, pv, ws, u, u + 1);
+    std::fill(dk_acc.data, dk_acc.data + pl.Lk * pl.Dp, 0.0f);
+    std::fill(dv_acc.data, dv_acc.data + pl.Lk * pl.Dp, 0.0f);
+    const int64_t b = u / pl.Hkv, hk = u % pl.Hkv;
+    for (int64_t g = 0; g < G; ++g)
+      backward_head<TIn, PT>(pl, q, dout, out, lse, dlse, ws, dq, b, hk * G + g, dk_acc.data,
+                             dv_acc.data, sc);
+    finish_kv_unit<TIn>(pl, dk_acc.data, dv_acc.data, 1, u, dk, dv, dpk, dpv);
+  }
+}
+
+// --------------------------------------------------------------- entry points (type dispatch)
+
+// bf16 inputs use bf16 products where the ISA has them, float32 products otherwise
+#if RMT_MA_ISA >= 2
+using Bf16Packed = uint16_t;
+#else
+using Bf16Packed = float;
+#endif
+
+inline int64_t packed_bytes(bool bf16) { return bf16 ? sizeof(Bf16Packed) : sizeof(float); }
+
+inline void pack_kv(const Plan& pl, const Strided& k, const Strided& v, const Strided& pk,
+                    const Strided& pv, const Workspace& ws, int64_t bh0, int64_t bh1) {
+  if (pl.bf16) {
+    pack_kv_t<uint16_t, Bf16Packed>(pl, k, v, pk, pv, ws, bh0, bh1);
+  } else {
+    pack_kv_t<float, float>(pl, k, v, pk, pv, ws, bh0, bh1);
+  }
+}
+
+inline void forward(const Plan& pl, const Strided& q, const Workspace& ws, void* out, float* lse,
+                    int64_t task0, int64_t task1) {
+  if (pl.bf16) {
+    forward_t<uint16_t, Bf16Packed>(pl, q, ws, static_cast<uint16_t*>(out), lse, task0, task1);
+  } else {
+    forward_t<float, float>(pl, q, ws, static_cast<float*>(out), lse, task0, task1);
+  }
+}
+
+inline void backward(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
+                     const float* lse, const float* dlse, const Workspace& ws, void* dq,
+                     float* dk_acc, float* dv_acc, int64_t task0, int64_t task1) {
+  if (pl.bf16) {
+    backward_t<uint16_t, Bf16Packed>(pl, q, dout, out, lse, dlse, ws, static_cast<uint16_t*>(dq),
+                                     dk_acc, dv_acc, task0, task1);
+  } else {
+    backward_t<float, float>(pl, q, dout, out, lse, dlse, ws, static_cast<float*>(dq), dk_acc,
+                             dv_acc, task0, task1);
+  }
+}
+
+inline void finish_kv(const Plan& pl, const float* dk_acc, const float* dv_acc, void* dk,
+                      void* dv, void* dpk, void* dpv, int64_t bh0, int64_t bh1) {
+  if (pl.bf16) {
+    finish_kv_t<uint16_t>(pl, dk_acc, dv_acc, static_cast<uint16_t*>(dk),
+                          static_cast<uint16_t*>(dv), static_cast<uint16_t*>(dpk),
+                          static_cast<uint16_t*>(dpv), bh0, bh1);
+  } else {
+    finish_kv_t<float>(pl, dk_acc, dv_acc, static_cast<float*>(dk), static_cast<float*>(dv),
+                       static_cast<float*>(dpk), static_cast<float*>(dpv), bh0, bh1);
+  }
+}
+
+inline void forward_units(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                          const Strided& pk, const Strided& pv, void* out, float* lse, int64_t u0,
+                          int64_t u1) {
+  if (pl.bf16) {
+    forward_units_t<uint16_t, Bf16Packed>(pl, q, k, v, pk, pv, static_cast<uint16_t*>(out), lse,
+                                          u0, u1);
+  } else {
+    forward_units_t<float, float>(pl, q, k, v, pk, pv, static_cast<float*>(out), lse, u0, u1);
+  }
+}
+
+inline void backward_units(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                           const Strided& pk, const Strided& pv, const Strided& dout,
+                           const Strided& out, const float* lse, const float* dlse, void* dq,
+                           void* dk, void* dv, void* dpk, void* dpv, int64_t u0, int64_t u1) {
+  if (pl.bf16) {
+    using T = uint16_t;
+    backward_units_t<T, Bf16Packed>(pl, q, k, v, pk, pv, dout, out, lse, dlse, static_cast<T*>(dq),
+                                    static_cast<T*>(dk), static_cast<T*>(dv),
+                                    static_cast<T*>(dpk), static_cast<T*>(dpv), u0, u1);
+  } else {
+    using T = float;
+    backward_units_t<T, float>(pl, q, k, v, pk, pv, dout, out, lse, dlse, static_cast<T*>(dq),
+                               static_cast<T*>(dk), static_cast<T*>(dv), static_cast<T*>(dpk),
+                               static_cast<T*>(dpv), u0, u1);
+  }
+}

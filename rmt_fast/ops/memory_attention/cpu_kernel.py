@@ -1,0 +1,113 @@
+"""The fused CPU kernel of the C++ extension: ``torch.ops.rmt_fast.memory_attention_cpu``.
+
+One call covers every mask of :mod:`rmt_fast.masks`, past keys/values read from their own buffer,
+key padding and grouped-query attention, for float32 and bfloat16 CPU tensors of any strides
+(``csrc/memory_attention_cpu.cpp``): flash-style tiles with block skipping, bf16 products with
+float32 accumulation (AVX-512 BF16 dot products where the CPU has them, AVX-512F float32 FMAs
+otherwise, portable C++ without AVX-512; picked at run time, see :func:`isa`). Backward
+recomputes the probabilities from the saved log-sum-exp.
+
+This module registers the op's fake kernels (``torch.compile``, meta tensors) and its autograd
+formula; it falls back to :func:`rmt_fast.ops.memory_attention.cpu_flash.cpu_flash_memory_attention`
+when the extension is missing or was built without the op, and for other dtypes or devices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from rmt_fast import _extension
+from rmt_fast.masks import AttentionLayout
+from rmt_fast.ops.memory_attention.cpu_flash import cpu_flash_memory_attention
+
+#: the extension loaded and has the op (an extension built before it existed lacks it)
+HAS_CPU_KERNEL = _extension.HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "memory_attention_cpu")
+#: input dtypes the kernel takes
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def isa() -> str | None:
+    """The kernel's code path on this CPU: ``"avx512_bf16"`` (native bf16 dot products),
+    ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32), ``"generic"`` (portable C++),
+    or None without the op. ``RMT_FAST_CPU_ISA`` caps it (read at every call)."""
+    return torch.ops.rmt_fast.memory_attention_cpu_isa() if HAS_CPU_KERNEL else None
+
+
+def supported(q: torch.Tensor) -> bool:
+    """Whether the kernel takes ``q`` (and k, v of the same dtype and device)."""
+    return HAS_CPU_KERNEL and q.device.type == "cpu" and q.dtype in DTYPES
+
+
+#: code paths that ``backend="auto"`` uses (see :func:`preferred`)
+AUTO_ISAS = ("avx512_bf16", "avx512")
+
+
+@functools.cache
+def _auto_isa() -> str | None:
+    """The CPU's path, read at the first ``auto`` call (RMT_FAST_CPU_ISA set later does not
+    change what ``auto`` picks)."""
+    return isa()
+
+
+def preferred(q: torch.Tensor, past_k: torch.Tensor | None = None) -> bool:
+    """Whether ``backend="auto"`` runs this kernel for ``q`` (and ``past_k``) rather than the
+    ``cpu_flash`` path: the rule measured in ``bench/README.md`` ("Fused CPU kernel"): float32
+    and bfloat16 CPU tensors on CPUs that run the AVX-512 paths; no shape condition."""
+    return supported(q) and _auto_isa() in AUTO_ISAS
+
+
+def cpu_kernel_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout: AttentionLayout
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated inputs in (``layout.scale`` resolved), as :func:`rmt_fast.memory_attention`:
+    ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``, ``past_k, past_v [B, Hkv, P, D]`` or None,
+    ``key_padding_mask [B, P + L]`` bool or None. Returns ``(out [B, Hq, L, D] in q's dtype,
+    lse [B, Hq, L] float32)``, differentiable in q, k, v, past_k, past_v (and through lse).
+    Unsupported dtypes/devices, or no op: the ``cpu_flash`` path."""
+    if not supported(q):
+        return cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout)
+    return torch.ops.rmt_fast.memory_attention_cpu(
+        q, k, v, past_k, past_v, key_padding_mask, layout.num_read, layout.num_write, layout.mask,
+        layout.past_visible_to_read, float(layout.scale))
+
+
+def _register() -> None:
+    lib = "rmt_fast::"
+
+    @torch.library.register_fake(lib + "memory_attention_cpu")
+    def _fwd_fake(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write, mask,
+                  past_visible_to_read, scale):
+        torch._check(q.dim() == 4, lambda: "memory_attention_cpu: q must be [B, Hq, L, D]")
+        torch._check(q.dtype in DTYPES, lambda: f"memory_attention_cpu: unsupported dtype {q.dtype}")
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "memory_attention_cpu_backward")
+    def _bwd_fake(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, grad_lse, num_read,
+                  num_write, mask, past_visible_to_read, scale, need_past_grad):
+        grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
+        if need_past_grad:
+            grads += [past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)]
+        return grads
+
+    def _setup(ctx, inputs, output):
+        q, k, v, past_k, past_v, kpm, *layout = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, past_k, past_v, kpm, out, lse)
+        ctx.layout = layout
+
+    def _backward(ctx, dout, dlse):
+        q, k, v, past_k, past_v, kpm, out, lse = ctx.saved_tensors
+        need_past = past_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        if dout is None:  # only the lse was used
+            dout = torch.zeros_like(out)
+        grads = torch.ops.rmt_fast.memory_attention_cpu_backward(
+            dout, q, k, v, past_k, past_v, kpm, out, lse, dlse, *ctx.layout, need_past)
+        dpk, dpv = (grads[3], grads[4]) if need_past else (None, None)
+        return (grads[0], grads[1], grads[2], dpk, dpv) + (None,) * 6
+
+    torch.library.register_autograd(lib + "memory_attention_cpu", _backward, setup_context=_setup)
+
+
+if HAS_CPU_KERNEL:
+    _register()

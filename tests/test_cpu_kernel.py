@@ -1,0 +1,292 @@
+"""The extension's fused CPU memory-attention kernel against the float64 reference.
+
+Tolerance as in test_kernels.py (FlashAttention's convention): the kernel's max error against the
+float64 reference is within 2x (3x for gradients) of the error of the same-dtype PyTorch
+reference, plus a small floor relative to the reference's largest value (float32: 1e-6, about 8
+ulp; the recomputed probabilities of the backward pass go through the stored float32 LSE). Every
+code path (AVX-512 BF16, AVX-512F, portable C++) runs on this CPU by capping it with
+RMT_FAST_CPU_ISA.
+"""
+
+import pytest
+import torch
+
+from rmt_fast import memory_attention
+from rmt_fast.masks import AttentionLayout
+from rmt_fast.ops.memory_attention import cpu_kernel
+from rmt_fast.ops.memory_attention.reference import reference_memory_attention
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.HAS_CPU_KERNEL,
+                                reason="rmt_fast._C built without memory_attention_cpu")
+
+MODES = ["causal", "rmt", "full", "bottleneck"]
+ISAS = ["generic", "avx512", "avx512_bf16"]
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
+OP = torch.ops.rmt_fast.memory_attention_cpu if cpu_kernel.HAS_CPU_KERNEL else None
+
+
+def _rand(*shape, dtype, seed, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+
+
+def _inputs(dtype, batch=2, hq=4, hkv=2, length=70, past=0, dim=24, pad=False, seed=0):
+    """q, k, v (+ past keys, + padding with one batch row that sees nothing)."""
+    inp = dict(q=_rand(batch, hq, length, dim, dtype=dtype, seed=seed),
+               k=_rand(batch, hkv, length, dim, dtype=dtype, seed=seed + 1),
+               v=_rand(batch, hkv, length, dim, dtype=dtype, seed=seed + 2))
+    if past:
+        inp["past_k"] = _rand(batch, hkv, past, dim, dtype=dtype, seed=seed + 3)
+        inp["past_v"] = _rand(batch, hkv, past, dim, dtype=dtype, seed=seed + 4)
+    if pad:
+        kpm = torch.rand(batch, past + length, generator=torch.Generator().manual_seed(seed)) > 0.3
+        kpm[-1] = False
+        inp["key_padding_mask"] = kpm
+    return inp
+
+
+def _close(name, got, ref64, ref_lowp, mult, dtype):
+    """``|got - ref64| <= mult * |ref_lowp - ref64| + floor * max(1, |ref64|)`` (max norms),
+    NaN-free."""
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    if got.numel() == 0:
+        return
+    err = (got.double() - ref64).abs().max().item()
+    base = (ref_lowp.double() - ref64).abs().max().item()
+    floor = FLOOR[dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= mult * base + floor, f"{name}: err {err:.3e} vs base {base:.3e}"
+
+
+def _check(inp, layout_kw, grads=True, lse_grad=False):
+    """Kernel (via the public API, backend="cpu") vs the float64 and same-dtype references."""
+    dtype = inp["q"].dtype
+    out, lse = memory_attention(**inp, backend="cpu", return_lse=True, **layout_kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == inp["q"].shape
+    exact = {n: (t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point()
+                 else t) for n, t in inp.items()}
+    ref_out, ref_lse = reference_memory_attention(**exact, **layout_kw)
+    low_out, low_lse = reference_memory_attention(**inp, **layout_kw)
+    _close("out", out, ref_out.detach(), low_out, 2, dtype)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "rows that see nothing: lse -inf, same rows"
+    assert (out[empty] == 0).all()
+    _close("lse", lse[~empty], ref_lse[~empty].double(), low_lse[~empty], 2, dtype)
+    if not grads:
+        return
+    names = [n for n in ("q", "k", "v", "past_k", "past_v") if n in inp]
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    wl = torch.randn(lse.shape, generator=g, dtype=torch.float64) if lse_grad else None
+
+    def loss(o, lo):
+        total = (o.double() * dout).sum()
+        if wl is not None:
+            total = total + (lo.double().masked_fill(torch.isinf(lo), 0) * wl).sum()
+        return total
+
+    got = torch.autograd.grad(loss(out, lse), [inp[n] for n in names])
+    ref = torch.autograd.grad(loss(ref_out, ref_lse), [exact[n] for n in names])
+    low = torch.autograd.grad(loss(low_out, low_lse), [inp[n] for n in names])
+    for n, a, r, lo in zip(names, got, ref, low, strict=True):
+        assert a.dtype == dtype
+        _close(f"grad {n}", a, r, lo, 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", MODES)
+@pytest.mark.parametrize("past,pvr,pad", [(0, False, False), (70, False, True), (9, True, False)])
+def test_matches_reference(dtype, mask, past, pvr, pad):
+    """Every mask, past keys (hidden from or seen by read rows), padding, GQA, ragged tiles
+    (L = 70 rows: two row blocks; D = 24: padded head dim)."""
+    inp = _inputs(dtype, past=past, pad=pad)
+    _check(inp, dict(num_read=5, num_write=6, mask=mask, past_visible_to_read=pvr, scale=0.3))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["rmt", "bottleneck"])
+def test_every_code_path(isa, dtype, mask, monkeypatch):
+    monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
+    top = cpu_kernel.isa()  # the CPU's best path; the variable caps it
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    assert cpu_kernel.isa() == ISAS[min(ISAS.index(isa), ISAS.index(top))]
+    inp = _inputs(dtype, batch=2, hq=3, hkv=1, length=67, past=66, dim=64, pad=True, seed=3)
+    _check(inp, dict(num_read=4, num_write=4, mask=mask, scale=0.125), lse_grad=True)
+
+
+def test_bad_isa_env_is_an_error(monkeypatch):
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="RMT_FAST_CPU_ISA must be one of"):
+        cpu_kernel.isa()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_through_lse(dtype):
+    inp = _inputs(dtype, past=20, pad=True, seed=5)
+    _check(inp, dict(num_read=3, num_write=2, mask="rmt", scale=0.2), lse_grad=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hkv", [1, 3])
+def test_both_schedules_agree(threads, hkv):
+    """One (batch, kv head) per thread when there are enough, everything packed up front
+    otherwise: same results as the reference either way."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inp = _inputs(torch.float32, batch=1, hq=3, hkv=hkv, length=90, past=30, dim=32, seed=9)
+        _check(inp, dict(num_read=8, num_write=8, mask="rmt", scale=0.18))
+    finally:
+        torch.set_num_threads(old)
+
+
+def _strided(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The same values as ``t`` [B, H, T, D] in a randomly laid out, non-contiguous buffer."""
+    perm = torch.randperm(4, generator=g).tolist()
+    big = torch.randn([2 * t.shape[p] for p in perm], generator=g, dtype=torch.float64).to(t.dtype)
+    view = big[tuple(slice(None, None, 2) for _ in perm)]  # every other element: strides x2
+    inverse = [perm.index(i) for i in range(4)]
+    out = view.permute(*inverse)
+    with torch.no_grad():
+        out.copy_(t)
+    return out.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_strides_match_contiguous(dtype):
+    g = torch.Generator().manual_seed(11)
+    inp = _inputs(dtype, batch=2, hq=4, hkv=2, length=50, past=17, dim=32, pad=True, seed=13)
+    strided = {n: _strided(t.detach(), g).requires_grad_() if t.is_floating_point() else
+               t.t().contiguous().t() for n, t in inp.items()}  # padding: column-major
+    assert not any(t.is_contiguous() for n, t in strided.items() if n != "key_padding_mask")
+    kw = dict(num_read=4, num_write=4, mask="bottleneck", scale=0.2)
+    out, lse = memory_attention(**inp, backend="cpu", return_lse=True, **kw)
+    out_s, lse_s = memory_attention(**strided, backend="cpu", return_lse=True, **kw)
+    assert torch.equal(out, out_s) and torch.equal(lse, lse_s)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dout_s = _strided(dout, g)  # a non-contiguous incoming gradient too
+    names = ["q", "k", "v", "past_k", "past_v"]
+    a = torch.autograd.grad(out, [inp[n] for n in names], dout)
+    b = torch.autograd.grad(out_s, [strided[n] for n in names], dout_s)
+    for n, x, y in zip(names, a, b, strict=True):
+        assert torch.equal(x, y), n
+    _check(strided, kw)  # and against the reference
+
+
+def test_rows_that_see_nothing_and_past_without_grad():
+    """Read rows hidden from the past with every current key padded: zeros, lse -inf, zero
+    gradients; past keys without requires_grad get none."""
+    inp = _inputs(torch.float32, batch=1, hq=2, hkv=1, length=18, past=21, dim=16, seed=2)
+    inp["past_k"].requires_grad_(False)
+    inp["past_v"].requires_grad_(False)
+    kpm = torch.ones(1, 39, dtype=torch.bool)
+    kpm[0, 21:] = False
+    inp["key_padding_mask"] = kpm
+    out, lse = memory_attention(**inp, num_read=18, mask="rmt", backend="cpu", return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), [inp["q"], inp["k"], inp["v"]])
+    assert all((g == 0).all() for g in grads)
+
+
+def test_length_one_and_long_past():
+    inp = _inputs(torch.bfloat16, batch=2, hq=4, hkv=2, length=1, past=200, dim=64, seed=4)
+    _check(inp, dict(mask="causal", scale=0.125))
+
+
+def test_empty_inputs():
+    q = torch.randn(2, 2, 0, 16)
+    out, lse = memory_attention(q, q, q, backend="cpu", return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 2, 0)
+    pk = torch.randn(2, 2, 5, 16)
+    out = memory_attention(q, q, q, past_k=pk, past_v=pk, backend="cpu")
+    assert out.shape == q.shape
+
+
+def test_opcheck():
+    inp = _inputs(torch.float32, batch=1, hq=2, hkv=1, length=20, past=6, dim=16, pad=True)
+    args = (inp["q"], inp["k"], inp["v"], inp["past_k"], inp["past_v"], inp["key_padding_mask"],
+            2, 3, "rmt", False, 0.25)
+    torch.library.opcheck(OP, args)
+    no_past = (inp["q"], inp["k"], inp["v"], None, None, None, 0, 0, "causal", False, 0.25)
+    torch.library.opcheck(OP, no_past)
+
+
+def test_bad_inputs_name_the_argument():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="q must be float32 or bfloat16"):
+        OP(q.half(), q.half(), q.half(), None, None, None, 0, 0, "causal", False, 0.25)
+    with pytest.raises(RuntimeError, match=r"k must have shape \[1, 2, 8, 16\]"):
+        OP(q, q[:, :, :4], q, None, None, None, 0, 0, "causal", False, 0.25)
+    with pytest.raises(RuntimeError, match="mask must be one of"):
+        OP(q, q, q, None, None, None, 0, 0, "diagonal", False, 0.25)
+    with pytest.raises(RuntimeError, match="num_read \\+ num_write <= L"):
+        OP(q, q, q, None, None, None, 5, 4, "rmt", False, 0.25)
+    with pytest.raises(RuntimeError, match="key_padding_mask must be bool"):
+        OP(q, q, q, None, None, torch.ones(1, 8), 0, 0, "causal", False, 0.25)
+    with pytest.raises(RuntimeError, match="past_k and past_v must be given together"):
+        OP(q, q, q, q, None, None, 0, 0, "causal", False, 0.25)
+    with pytest.raises(ValueError, match="dropout_p > 0 is not supported by the cpu backend"):
+        memory_attention(q, q, q, backend="cpu", dropout_p=0.1)
+
+
+def test_other_dtypes_fall_back_to_cpu_flash():
+    inp = _inputs(torch.float64, batch=1, hq=2, hkv=1, length=12, past=3, dim=8)
+    out = memory_attention(**inp, mask="rmt", num_read=2, backend="cpu")
+    ref, _ = reference_memory_attention(**inp, num_read=2, mask="rmt")
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_missing_op_falls_back(monkeypatch):
+    """An extension built without the op: the cpu_flash path, same results."""
+    monkeypatch.setattr(cpu_kernel, "HAS_CPU_KERNEL", False)
+    called = []
+    monkeypatch.setattr(torch.ops.rmt_fast, "memory_attention_cpu",
+                        lambda *a: called.append(1), raising=False)
+    inp = _inputs(torch.float32, batch=1, hq=2, hkv=1, length=12, past=3, dim=8)
+    layout = AttentionLayout(2, 1, "rmt", False, 0.3)
+    out, _ = cpu_kernel.cpu_kernel_memory_attention(inp["q"], inp["k"], inp["v"], inp["past_k"],
+                                                    inp["past_v"], None, layout)
+    ref, _ = reference_memory_attention(**inp, layout=layout)
+    assert not called
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+
+
+def test_auto_uses_the_kernel_where_preferred(monkeypatch):
+    calls = []
+    real = cpu_kernel.cpu_kernel_memory_attention
+    monkeypatch.setattr(cpu_kernel, "cpu_kernel_memory_attention",
+                        lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 2, 40, 16)
+    memory_attention(q, q, q, mask="rmt", num_read=2)
+    assert calls == ([1] if cpu_kernel.preferred(q) else [])
+    calls.clear()
+    memory_attention(q, q, q, mask="rmt", num_read=2, dropout_p=0.1)  # dropout: never the kernel
+    assert calls == []
+
+
+def test_bench_systems_agree_and_restore_the_isa(monkeypatch):
+    """rmt_fast.bench.cpu_attention on a tiny case: every system (and ISA variant) computes the
+    same attention, forward and backward; the ISA cap is put back afterwards."""
+    import os
+
+    from rmt_fast.bench import cpu_attention as bench
+
+    monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
+    case = bench.Case("tiny", 2, 2, 12, memory=2, past=5, mask="rmt", head_dim=16)
+    systems = bench.SYSTEMS + bench.ISA_VARIANTS
+    for mode in ("fwd", "fwd+bwd"):
+        rows = bench.run_case(case, torch.float32, mode, systems, rounds=1, min_sample_s=0.0)
+        assert [r["system"] for r in rows] == list(systems)
+        assert all(r["max_diff"] < 1e-5 and r["gflops"] > 0 for r in rows), rows
+    assert "RMT_FAST_CPU_ISA" not in os.environ
+
+
+def test_profile_read_restores_the_switches():
+    from rmt_fast import _extension
+    from rmt_fast.bench import profile_read
+
+    gelu, preferred = _extension.GELU_TANH_DTYPES, cpu_kernel.preferred
+    rates = profile_read.main(["--config", "tiny", "--dtype", "float32", "--tokens", "64",
+                               "--rounds", "1", "--rows", "3"])
+    assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
+    assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.preferred is preferred
