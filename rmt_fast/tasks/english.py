@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
-BUILD_VERSION = 1  # bump when the sources or the cleaning rules change (invalidates caches)
+BUILD_VERSION = 2  # bump when the sources or the cleaning rules change (invalidates caches)
 MIN_WORDS, MAX_WORDS = 6, 40
 MAX_TOKENS = 64  # sentences longer than this many word pieces are dropped
 
@@ -111,7 +111,7 @@ def _is_clean(sentence: str) -> bool:
         return False
     if not MIN_WORDS <= len(sentence.split()) <= MAX_WORDS:
         return False
-    if _CODE.search(_ABBREVIATIONS.sub(r"\1", sentence)):
+    if _CODE.search(_ABBREVIATIONS.sub(lambda m: m.group(1).replace(".", ""), sentence)):
         return False
     return sum(c in _PLAIN for c in sentence) >= 0.97 * len(sentence)
 
