@@ -213,6 +213,19 @@ def build_model(cfg: QATrainConfig):
     return model.train()
 
 
+def _lock(out: str):
+    """An exclusive lock on ``out/.lock`` for this process (two runs must not share a folder)."""
+    import fcntl
+
+    f = open(os.path.join(out, ".lock"), "w")  # noqa: SIM115  held until the run ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        f.close()
+        raise RuntimeError(f"another training run is using {out}") from exc
+    return f
+
+
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
 
@@ -245,10 +258,11 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
 
     step, stage, stage_start, wall_before, changes = 0, 0, 0, 0.0, []
     optimizer = new_optimizer(0)
-    metrics_path = None
+    metrics_path = lock = None
     if out is not None:
         out = os.fspath(out)
         os.makedirs(out, exist_ok=True)
+        lock = _lock(out)
         metrics_path = os.path.join(out, METRICS_NAME)
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
@@ -347,11 +361,15 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         if out is not None and (step % cfg.save_every == 0 or done or step == cfg.max_steps):
             save_checkpoint(model, optimizer, state_dict(), out, cfg.keep)
         if stop_after is not None and step - first >= stop_after:
+            if out is not None and step % cfg.save_every:
+                save_checkpoint(model, optimizer, state_dict(), out, cfg.keep)
             break
     if bar is not None:
         bar.close()
     if out is not None and (done or step >= cfg.max_steps):
         _atomic_dir(os.path.join(out, "final"), model.save_pretrained)
+    if lock is not None:
+        lock.close()
     return QAResult(step, stage, cfg.curriculum[stage], valid_acc, changes, wall())
 
 

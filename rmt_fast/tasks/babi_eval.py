@@ -57,14 +57,17 @@ def rss_mb() -> float:
 
 @torch.inference_mode()
 def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, batch_size: int = 16,
-                    split: str = "test", dtype: torch.dtype | None = None, progress: bool = False) -> dict:
+                    split: str = "test", dtype: torch.dtype | None = None, progress: bool = False,
+                    keep_logits: bool = False) -> dict:
     """Accuracy with memory and without (last segment alone) on samples ``0..samples-1`` of
     ``split`` at ``num_segments`` segments, with Wilson intervals, seconds, tokens/s and the peak
-    RSS sampled after every segment."""
+    RSS sampled after every segment (``keep_logits``: also both models' logits ``[N, C]``)."""
     from rmt_fast.train_qa import autocast
 
     model.eval()
     correct = base_correct = 0
+    logits: list[torch.Tensor] = []
+    base_logits: list[torch.Tensor] = []
     peak = rss_mb()
     start = time.perf_counter()
     size = data.segment_size
@@ -76,23 +79,28 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
         memory = model.expand_memory(len(plans))
         with autocast(dtype, model.device):
             for ids, mask in data.stream(plans):
-                ids, mask = ids.to(model.device), mask.to(model.device)
+                ids, mask = ids.to(model.device), mask.to(model.device, torch.bool)
                 out, memory = model.segment_forward(memory, ids, mask)
                 peak = max(peak, rss_mb())
                 bar.update(ids.numel())
-            predicted = out.logits.float().argmax(-1).cpu()
             alone, _ = model.segment_forward(model.expand_memory(len(plans)), ids, mask)
-            base_predicted = alone.logits.float().argmax(-1).cpu()
+        logits.append(out.logits.float().cpu())
+        base_logits.append(alone.logits.float().cpu())
+        predicted, base_predicted = logits[-1].argmax(-1), base_logits[-1].argmax(-1)
         correct += int((predicted == labels).sum())
         base_correct += int((base_predicted == labels).sum())
     bar.close()
     seconds = time.perf_counter() - start
     tokens = num_segments * size
-    return {"segments": num_segments, "tokens": tokens, "samples": samples,
-            "accuracy": correct / samples, "ci95": wilson(correct, samples),
-            "no_memory_accuracy": base_correct / samples, "no_memory_ci95": wilson(base_correct, samples),
+    row = {"segments": num_segments, "tokens": tokens, "samples": samples,
+            "accuracy": correct / samples, "ci95": list(wilson(correct, samples)),
+            "no_memory_accuracy": base_correct / samples,
+            "no_memory_ci95": list(wilson(base_correct, samples)),
             "seconds": round(seconds, 1), "tokens_per_s": round(samples * tokens / seconds, 1),
             "peak_rss_mb": round(peak, 1)}
+    if keep_logits:
+        row.update(logits=torch.cat(logits), no_memory_logits=torch.cat(base_logits))
+    return row
 
 
 def memory_flatness(rows: list[dict], from_tokens: int = 16_384) -> float | None:
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a LoRA RMT saved by rmt_fast.train_qa (final/)")
     p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--base", default=None, help="base encoder folder, if not where it was at training")
     p.add_argument("--segments", type=int, nargs="+", default=list(DEFAULT_SEGMENTS))
     p.add_argument("--tokens", type=int, nargs="*", default=[1_000_000],
                    help="extra lengths in tokens (rounded up to whole segments)")
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
     from rmt_fast.train_qa import amp_dtype
 
-    model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint)
+    model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint, base=a.base)
     size = model.rmt_config.segment_size
     data = BabiQA(a.task, model.tokenizer, size, seed=a.data_seed)
     dtype = amp_dtype(a.amp, model.device)
