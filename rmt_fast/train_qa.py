@@ -21,6 +21,7 @@ run resumes when started again with the same ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -82,6 +83,9 @@ class QATrainConfig:
     ``lr`` everywhere). ``stage_steps``: the most steps a stage may take (then it ends anyway,
     reason ``budget``). ``threshold``: validation accuracy that ends a stage. ``mix``: each
     batch draws its number of segments uniformly from the stages reached so far.
+    ``memory_noise``: :attr:`RMTConfig.memory_noise` during training. ``bptt_depth``: gradient
+    through the memory of the last that many segments only (-1: full BPTT). ``probe_size``:
+    validation samples of the twice-as-long probe when a stage ends (None: ``eval_size``).
     """
 
     task: str = "memorize"
@@ -107,6 +111,8 @@ class QATrainConfig:
     seed: int = 0
     data_seed: int = 0
     memory_noise: float = 0.0
+    bptt_depth: int = -1
+    probe_size: int | None = None
     mix: bool = False
     lora_r: int = 16
     init_from: str | None = None
@@ -131,6 +137,10 @@ class QATrainConfig:
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
+        need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
+             f"bptt_depth must be -1 (full) or an int >= 1, got {self.bptt_depth!r}")
+        need(self.probe_size is None or (isinstance(self.probe_size, int) and self.probe_size >= 1),
+             f"probe_size must be None or an int >= 1, got {self.probe_size!r}")
 
     def stage_lr(self, stage: int) -> float:
         return self.lr if self.lrs is None else self.lrs[stage]
@@ -209,7 +219,9 @@ def build_model(cfg: QATrainConfig):
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
         model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens,
                             segment_size=cfg.segment_size)
-    model.rmt_config.memory_noise = cfg.memory_noise
+    # replace, not assign: RMTConfig may be frozen
+    model.rmt_config = dataclasses.replace(model.rmt_config, memory_noise=cfg.memory_noise,
+                                           bptt_depth=cfg.bptt_depth)
     return model.train()
 
 
@@ -341,7 +353,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
                 reason = "threshold" if reached else "budget"
                 seg = cfg.curriculum[stage]
                 # generalisation probe: twice the stage's length, not trained on
-                record["valid_accuracy_2x"] = accuracy(model, data, "valid", 2 * seg, cfg.eval_size,
+                record["valid_accuracy_2x"] = accuracy(model, data, "valid", 2 * seg,
+                                                       cfg.probe_size or cfg.eval_size,
                                                        cfg.eval_batch_size, dtype)
                 if out is not None:
                     _atomic_dir(os.path.join(out, f"stage-{seg}"), model.save_pretrained)
@@ -399,6 +412,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-seed", type=int, default=d.data_seed)
     p.add_argument("--memory-noise", type=float, default=d.memory_noise)
+    p.add_argument("--bptt-depth", type=int, default=d.bptt_depth, help="-1: full BPTT")
+    p.add_argument("--probe-size", type=int, default=None, help="samples of the 2x-length probe")
     p.add_argument("--mix", action="store_true", help="draw each batch's segments from the stages so far")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
@@ -416,7 +431,8 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, stage_steps=a.stage_steps, threshold=a.threshold,
         max_steps=a.max_steps, clip_grad=a.clip_grad, eval_every=a.eval_every, eval_size=a.eval_size,
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
-        mix=a.mix, lora_r=a.lora_r, init_from=a.init_from, base=a.base)
+        bptt_depth=a.bptt_depth, probe_size=a.probe_size, mix=a.mix, lora_r=a.lora_r, init_from=a.init_from,
+        base=a.base)
     cfg.validate()
     return cfg
 

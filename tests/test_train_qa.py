@@ -166,6 +166,10 @@ def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     finally:
         held.close()
     assert train_qa(model, data, cfg, tmp_path, progress=False).step == 1
+    noisy = build_model(tiny_config(tiny_base, memory_noise=0.2, bptt_depth=3)).rmt_config
+    assert (noisy.memory_noise, noisy.bptt_depth) == (0.2, 3)
+    with pytest.raises(ValueError, match="bptt_depth must be -1"):
+        tiny_config(tiny_base, bptt_depth=0).validate()
 
 
 def test_length_evaluation_streams_what_the_model_sees_whole(tiny_base, noise):
