@@ -86,6 +86,8 @@ class QATrainConfig:
     ``memory_noise``: :attr:`RMTConfig.memory_noise` during training. ``bptt_depth``: gradient
     through the memory of the last that many segments only (-1: full BPTT). ``probe_size``:
     validation samples of the twice-as-long probe when a stage ends (None: ``eval_size``).
+    ``early_stop``: end training when the last stage reaches ``threshold`` (else it runs its
+    ``stage_steps``).
     """
 
     task: str = "memorize"
@@ -113,6 +115,7 @@ class QATrainConfig:
     memory_noise: float = 0.0
     bptt_depth: int = -1
     probe_size: int | None = None
+    early_stop: bool = True
     mix: bool = False
     lora_r: int = 16
     init_from: str | None = None
@@ -347,7 +350,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             valid_acc = accuracy(model, data, "valid", cfg.curriculum[stage], cfg.eval_size,
                                  cfg.eval_batch_size, dtype)
             record["valid_accuracy"] = valid_acc
-            reached = valid_acc >= cfg.threshold
+            last = stage + 1 == len(cfg.curriculum)
+            reached = valid_acc >= cfg.threshold and (cfg.early_stop or not last)
             spent = step - stage_start >= cfg.stage_steps
             if reached or spent:
                 reason = "threshold" if reached else "budget"
@@ -414,6 +418,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-noise", type=float, default=d.memory_noise)
     p.add_argument("--bptt-depth", type=int, default=d.bptt_depth, help="-1: full BPTT")
     p.add_argument("--probe-size", type=int, default=None, help="samples of the 2x-length probe")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="the last stage runs all its --stage-steps, even past --threshold")
     p.add_argument("--mix", action="store_true", help="draw each batch's segments from the stages so far")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
@@ -431,8 +437,8 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, stage_steps=a.stage_steps, threshold=a.threshold,
         max_steps=a.max_steps, clip_grad=a.clip_grad, eval_every=a.eval_every, eval_size=a.eval_size,
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
-        bptt_depth=a.bptt_depth, probe_size=a.probe_size, mix=a.mix, lora_r=a.lora_r, init_from=a.init_from,
-        base=a.base)
+        bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
+        lora_r=a.lora_r, init_from=a.init_from, base=a.base)
     cfg.validate()
     return cfg
 

@@ -148,6 +148,11 @@ def test_train_smoke_curriculum_and_exact_resume(tiny_base, noise, tmp_path):
     records_b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in records_b] == [1, 2, 3, 4]
     assert [r["loss"] for r in records_b] == [r["loss"] for r in records]
+    # without early stopping the last stage runs its whole budget (3 steps, checked at step 6)
+    cfg_long = tiny_config(tiny_base, early_stop=False)
+    torch.manual_seed(0)
+    long = train_qa(build_model(cfg_long), data, cfg_long, None, progress=False)
+    assert long.step == 6 and [c[3] for c in long.stage_changes] == ["threshold", "budget"]
     with pytest.raises(ValueError, match="was trained with curriculum"):
         train_qa(build_model(cfg), data, tiny_config(tiny_base, curriculum=[1, 3]), tmp_path / "b",
                  progress=False)
