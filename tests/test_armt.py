@@ -85,9 +85,11 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor):
 @pytest.mark.parametrize("l2", [False, True])
 def test_forward_backward_match_independent_loop(kind, l2):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
-    model equal a loop over wrapped blocks with the dense reference ops (float32; gradients to
-    2e-5 of their largest entry: with L2 features float32 rounding grows to ~4e-6 relative,
-    while in float64 both agree to 1e-14)."""
+    model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
+    float32; gradients in float64 to 1e-10 of their largest entry for GPT-2, 1e-4 for Llama
+    (transformers runs Llama's RMSNorm and rotary tables in float32 even in a float64 model);
+    in float32 they agree only to rounding (~1e-5 relative, set by the attention kernel's
+    summation order)."""
     model = make(kind, use_l2_norm=l2)
     x = ids(2, 29)  # 4 segments, the last one short
     out = model(x, labels=x)
@@ -95,6 +97,10 @@ def test_forward_backward_match_independent_loop(kind, l2):
     ref_logits, ref_loss, ref = reference_loop(model, x)
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-6, atol=1e-6)
+    model = model.double()
+    bound = 1e-10 if kind == "gpt2" else 1e-4
+    out = model(x, labels=x)
+    ref_logits, ref_loss, ref = reference_loop(model, x)
     out.loss.backward()
     ref_loss.backward()
     ours = dict(model.named_parameters())
@@ -105,7 +111,7 @@ def test_forward_backward_match_independent_loop(kind, l2):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             err, scale = (q.grad - p.grad).abs().max().item(), p.grad.abs().max().item()
-            assert err <= 2e-5 * scale + 1e-7, f"{name}: {err:.3e} (max |grad| {scale:.3e})"
+            assert err <= bound * scale + 1e-14, f"{name}: {err:.3e} (max |grad| {scale:.3e})"
             checked += 1
     assert checked >= 20
     assert model.assoc[0].W_mq.weight.grad.abs().max() > 0  # the read is on the graph

@@ -292,7 +292,9 @@ def test_torchrun_cli_matches_single_process(tmp_path, parallel):
     args = ["--parallel", parallel, "--task", "copy", "--segments", "2", "--segment-size", "8",
             "--mem", "2", "--layers", "2",
             "--d-model", "32", "--heads", "4", "--d-inner", "64", "--steps", "3", "--warmup", "1",
-            "--lr", "5e-4", "--eval-every", "3", "--eval-size", "16", "--save-every", "3",
+            # lr 1e-4: AdamW scales float32 rounding in small, cancelling gradient entries
+            # (two half-batch sums vs one) up to ~lr per step; see the note above assert_close
+            "--lr", "1e-4", "--eval-every", "3", "--eval-size", "16", "--save-every", "3",
             "--train-size", "100",
             "--valid-size", "16", "--test-size", "0", "--copies", "1", "--no-progress",
             "--threads", "1", "--checkpoint-segments"]
