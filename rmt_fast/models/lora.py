@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from rmt_fast.models.base import EXTRA_STATE_KEY
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.encoder import RMTEncoderForSequenceClassification
 
@@ -102,7 +103,9 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         """Inverse of :meth:`finetuned_state_dict` (every key must be used, every part filled)."""
         from peft import set_peft_model_state_dict
 
-        expected = set(self.finetuned_state_dict())
+        # the metadata entry (_extra_state) describes a saved state; files without it load too
+        expected = set(self.finetuned_state_dict()) - {EXTRA_STATE_KEY}
+        state = {k: v for k, v in state.items() if k != EXTRA_STATE_KEY}
         if set(state) != expected:
             raise ValueError(f"fine-tuned state mismatch: missing {sorted(expected - set(state))[:5]}, "
                              f"unexpected {sorted(set(state) - expected)[:5]}")
