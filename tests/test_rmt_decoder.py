@@ -286,3 +286,28 @@ def test_reading_without_hidden_gives_the_same_memory(make, mask, xl_cache):
             if xl_cache:
                 for layer, (k, _) in full.xl.kv.items():
                     torch.testing.assert_close(read_xl.kv[layer][0], k, atol=1e-5, rtol=0)
+
+
+def test_generate_refuses_to_run_past_the_base_models_positions():
+    """[read memory (2) | last segment (8)] leaves 12 - 10 = 2 positions: 3 new tokens fit (the
+    last one is never fed back), 4 are refused up front with the limit in the message."""
+    model = RMTForCausalLM(tiny_gpt2(n_positions=12), num_mem_tokens=2, segment_size=8).eval()
+    x = ids(1, 16)
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"at most 3 new tokens \(max_new_tokens\)"):
+        model.generate(x, max_new_tokens=4, do_sample=False)
+    with pytest.raises(ValueError, match="base model has 12"):
+        model.generate(x, max_length=14, do_sample=False)
+
+
+def test_generate_without_memory_from_a_one_token_segment():
+    """num_mem_tokens=0 and a last segment of one token: the prompt is that token alone, so the
+    result is the base model's own greedy continuation of it (the layout applies to the prefill
+    only, not to the cached decoding steps of the same length)."""
+    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=0, segment_size=8).eval()
+    x = ids(1, 9)
+    got = model.generate(x, max_new_tokens=4, do_sample=False)
+    ref = eager_copy(model.lm)
+    want = ref.generate(x[:, 8:], attention_mask=torch.ones(1, 1, dtype=torch.long), max_new_tokens=4,
+                        do_sample=False)[:, 1:]
+    assert torch.equal(got, want)

@@ -110,7 +110,10 @@ def rmt_fast_attention_forward(
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     layout = current_layout()
-    if layout is not None and (layout.length is None or layout.length == q_len):
+    # a layout with ``length`` is for one prefill call: q_len rows and no cached keys (later
+    # decoding steps carry a KV cache, so their keys outnumber their queries)
+    prefill = layout is not None and layout.length == q_len and key.shape[2] == q_len
+    if layout is not None and (layout.length is None or prefill):
         out = _layout_attention(module, query, key, value, layout, dropout, scaling)
         return out.transpose(1, 2).contiguous(), None
 

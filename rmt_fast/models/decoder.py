@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
-from rmt_fast.models.base import RMTBase
+from rmt_fast.models.base import RMTBase, max_positions
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import (
@@ -303,6 +303,7 @@ class RMTForCausalLM(RMTBase):
             memory = self.read_segments(SegmentState(memory), segments[:-1]).memory
         last = segments[-1]
         m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
+        self._check_generation_length(m + last.ids.shape[1], generate_kwargs)
         embeds = torch.cat([memory, self.base.get_input_embeddings()(last.ids)], dim=1)
         seg_mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
         mask = torch.cat([torch.ones(batch, m, dtype=torch.bool, device=input_ids.device), seg_mask], 1)
@@ -311,6 +312,29 @@ class RMTForCausalLM(RMTBase):
         with memory_layout(layout):
             return self.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)
+
+    def _check_generation_length(self, prompt: int, generate_kwargs: dict) -> None:
+        """Refuse up front a generation that would run past the base model's positions: the
+        ``[read memory | last segment]`` prompt takes ``prompt`` positions and every new token
+        but the last one more (memory is not rolled into a new segment while generating)."""
+        limit = max_positions(self.lm.config)
+        new = generate_kwargs.get("max_new_tokens")
+        if new is None and generate_kwargs.get("max_length") is not None:
+            new = generate_kwargs["max_length"] - prompt
+        if new is None:
+            gen = getattr(self.lm, "generation_config", None)
+            new = getattr(gen, "max_new_tokens", None)
+            if new is None and getattr(gen, "max_length", None) is not None:
+                new = gen.max_length - prompt
+        if limit is None or new is None or prompt + new - 1 <= limit:
+            return
+        cfg = self.rmt_config
+        raise ValueError(
+            f"generate: {new} new tokens after a last segment of {prompt - cfg.num_mem_tokens} "
+            f"tokens need {prompt + new - 1} positions ({cfg.num_mem_tokens} memory + segment + "
+            f"new tokens but the last), the base model has {limit}; ask for at most "
+            f"{limit - prompt + 1} new tokens (max_new_tokens), or end the prompt with a shorter "
+            "last segment")
 
     # --- compatibility -------------------------------------------------------------------------
     def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
