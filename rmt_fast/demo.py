@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from rmt_fast.dtypes import resolve_dtype
+
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "checkpoints", "needle")
 
 
@@ -33,17 +35,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for this small model: its ops are tiny)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype (auto: bfloat16 where the CPU has native bf16 dot products)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, vocab = load(args.checkpoint)
+    model = model.to(resolve_dtype(args.dtype, model.device))
     cfg = model.rmt_config
     segments = max(1, args.tokens // cfg.segment_size)
     n_tokens = segments * cfg.segment_size
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.checkpoint} ({params / 1e6:.2f}M parameters, segment {cfg.segment_size}, "
-          f"{cfg.num_mem_tokens} memory tokens, mask {cfg.mask}), {torch.get_num_threads()} threads")
+          f"{cfg.num_mem_tokens} memory tokens, mask {cfg.mask}), {torch.get_num_threads()} threads, "
+          f"{str(model.memory.dtype).removeprefix('torch.')}")
     print(f"building {args.haystacks} haystacks of {n_tokens:,} tokens ({segments:,} segments)...",
           flush=True)
     stories = needle_batch(segments, cfg.segment_size, args.haystacks, vocab, seed=args.seed)
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{cfg.num_mem_tokens} x {model.memory.shape[1]} floats per haystack")
     print(f"full attention over {n_tokens:,} tokens would materialise {full_gib:,.0f} GiB for one "
           "fp32 score matrix of one head of one layer")
-    return {"tokens": n_tokens, "haystacks": args.haystacks, "accuracy": accuracy,
+    return {"dtype": str(model.memory.dtype).removeprefix("torch."), "tokens": n_tokens,
+            "haystacks": args.haystacks, "accuracy": accuracy,
             "seconds": seconds, "tokens_per_s": total / seconds, "peak_rss_mib": peak,
             "rss_before_mib": rss_before, "full_attention_scores_gib": full_gib}
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.manifest import model_fingerprint, reading
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
 from rmt_fast.models.modes import eval_mode
@@ -43,15 +44,22 @@ class StreamingReader:
         batch_size: rows read in lockstep (an int >= 1); :meth:`feed` takes ``[B, n]`` chunks
             when > 1.
         progress: show a tqdm bar with tokens/s.
+        dtype: None (default) reads in the model's own dtype; ``"auto"``, ``"bfloat16"`` or
+            ``"float32"`` casts the model (in place, ``model.to(dtype)``) before reading;
+            ``"auto"`` is bfloat16 where the hardware computes it natively
+            (:func:`rmt_fast.dtypes.resolve_dtype`).
     """
 
-    def __init__(self, model: RMTForCausalLM, batch_size: int = 1, progress: bool = True):
+    def __init__(self, model: RMTForCausalLM, batch_size: int = 1, progress: bool = True,
+                 dtype: str | torch.dtype | None = None):
         if not isinstance(model, RMTForCausalLM):
             raise TypeError(f"model must be an RMTForCausalLM, got {type(model).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(progress, bool):
             raise ValueError(f"progress must be a bool, got {progress!r}")
+        if dtype is not None:
+            model.to(resolve_dtype(dtype, model.device))
         self.model, self.batch_size, self.progress = model, batch_size, progress
         self.reset()
 

@@ -41,13 +41,14 @@ from torch import nn
 
 from rmt_fast import distributed as rd
 from rmt_fast import run_io
+from rmt_fast.dtypes import CHOICES as DTYPE_CHOICES
+from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 ARGS_NAME = "train_args.json"
 SCHEDULES = ("linear", "cosine", "constant")
-AMP_DTYPES = {"bf16": torch.bfloat16}
 INITS = ("gpt2", "torch")
 
 
@@ -139,8 +140,9 @@ class TrainConfig:
     stop_after: int | None = _opt(None, "end this call after N steps (and checkpoint); a later call "
                                   "resumes", cli=False)
     grad_accum: int = _opt(1, "micro-batches of --batch-size per rank accumulated per step")
-    amp: str | None = _opt(None, "autocast forward/backward to this dtype (parameters stay float32)",
-                           choices=tuple(AMP_DTYPES))
+    dtype: str = _opt("float32", "compute dtype: bfloat16 runs forward/backward under autocast with "
+                      "float32 weights and optimizer state; auto = bfloat16 where the hardware has "
+                      "native bf16 (rmt_fast.dtypes)", choices=DTYPE_CHOICES, cli_default="auto")
     bucket_mb: float = _opt(rd.DEFAULT_BUCKET_MB, "gradient all-reduce bucket size (MiB)", cli=False)
     parallel: str = _opt("dp", "under torchrun: dp (replicated weights, gradient all-reduce), fsdp "
                          "(gradients and optimizer state sharded with fully_shard) or fsdp-blocks "
@@ -182,8 +184,7 @@ class TrainConfig:
              f"stop_after must be an int >= 1 or None, got {self.stop_after!r}")
         need(is_int(self.grad_accum) and self.grad_accum >= 1,
              f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
-        need(self.amp is None or self.amp in AMP_DTYPES,
-             f"amp must be None or one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        need(self.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         need(self.bptt_depth is None or (is_int(self.bptt_depth) and self.bptt_depth >= -1),
              f"bptt_depth must be -1 (full), an int >= 0 or None, got {self.bptt_depth!r}")
         if isinstance(self.segments, list):
@@ -517,7 +518,7 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
         seed: seeds batches and dropout (per step). stop_after: end this call after that many
             steps (and checkpoint), as an interruption would; a later call resumes.
         grad_accum: micro-batches of ``batch_size`` per rank accumulated into one step.
-        amp: ``"bf16"``: forward/backward under ``torch.autocast(<model device>, bfloat16)``
+        dtype: ``"bfloat16"``: forward/backward under ``torch.autocast(<model device>, bfloat16)``
             (parameters, gradients and optimizer state stay float32).
         parallel: ``"dp"`` (``DistributedDataParallel``, see
             :func:`rmt_fast.distributed.data_parallel`), ``"fsdp"`` (gradients and optimizer
@@ -586,8 +587,9 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
 
     span = cfg.stage_steps if cfg.stage_steps is not None else cfg.steps
     valid_acc = float("nan")
-    autocast_kw = {"device_type": model.device.type, "enabled": cfg.amp is not None,
-                   "dtype": AMP_DTYPES[cfg.amp] if cfg.amp else torch.float32}
+    compute = resolve_dtype(cfg.dtype, model.device)
+    autocast_kw = {"device_type": model.device.type, "enabled": compute != torch.float32,
+                   "dtype": compute}
     bar = None
     if cfg.progress and env.is_main:
         from tqdm.auto import tqdm
@@ -866,10 +868,12 @@ def load_run_args(run_dir: str) -> tuple[TaskSpec, ModelSpec, TrainConfig]:
 
 
 def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 split: str = "test", segments: int | None = None, batch_size: int = 256) -> dict:
+                 split: str = "test", segments: int | None = None, batch_size: int = 256,
+                 dtype: str = "float32") -> dict:
     """Token accuracy of a ``rmt-fast train --out RUN_DIR`` run's checkpoint (default: the
     latest) on a split of its task (default: ``test``) at ``segments`` segments (default: the
-    run's ``--segments``). Returns a dict with ``accuracy``, ``samples``, ``step``, ...."""
+    run's ``--segments``), the model cast to ``dtype`` (``auto``: bfloat16 where the hardware
+    has native bf16). Returns a dict with ``accuracy``, ``samples``, ``step``, ``dtype``, ...."""
     from rmt_fast.models import RMTForCausalLM
 
     run_dir = os.fspath(run_dir)
@@ -884,11 +888,13 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     if len(data) == 0:
         raise ValueError(f"the {split} split of {run_dir} is empty")
     model = RMTForCausalLM.from_pretrained(checkpoint)
+    model = model.to(resolve_dtype(dtype, model.device))
     state = run_io.load_torch(os.path.join(checkpoint, STATE_NAME))
     t0 = time.perf_counter()
     acc = evaluate(model, data, batch_size)
     return {"run": run_dir, "checkpoint": checkpoint, "step": state["step"], "split": split,
             "segments": n, "samples": len(data), "accuracy": acc,
+            "dtype": str(model.memory.dtype).removeprefix("torch."),
             "train_wall_time": round(state["wall_time"], 1),
             "eval_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -901,10 +907,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--segments", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="cast the model to this dtype (auto: bfloat16 where the hardware has native bf16)")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = evaluate_run(args.run_dir, args.checkpoint, args.split, args.segments)
+    result = evaluate_run(args.run_dir, args.checkpoint, args.split, args.segments, dtype=args.dtype)
     print(json.dumps(result))
     return result
 

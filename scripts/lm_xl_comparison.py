@@ -97,7 +97,8 @@ class Settings:
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,
                     weight_decay=self.weight_decay, warmup_steps=self.warmup, schedule=self.schedule,
-                    min_lr_ratio=self.min_lr_ratio, clip_grad=self.clip, seed=self.seed, amp=self.amp,
+                    min_lr_ratio=self.min_lr_ratio, clip_grad=self.clip, seed=self.seed,
+                    dtype="bfloat16" if self.amp == "bf16" else "float32",
                     eval_every=self.eval_every, eval_size=8, eval_batch_size=8,
                     save_every=self.eval_every, keep_checkpoints=2, progress=False)
 

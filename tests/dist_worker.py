@@ -137,7 +137,7 @@ def main(out: str) -> None:
 
     # bf16 autocast on CPU, checkpointed segments
     model = tiny_model(task)
-    res = train(model, task, 2, segments=2, batch_size=PER_RANK_BATCH, eval_every=100, amp="bf16",
+    res = train(model, task, 2, segments=2, batch_size=PER_RANK_BATCH, eval_every=100, dtype="bfloat16",
                 checkpoint_segments=True, **TRAIN_KW)
     results["amp_history"] = res.history
     results["amp_params"] = params(model)

@@ -297,7 +297,7 @@ def test_torchrun_cli_matches_single_process(tmp_path, parallel):
             "--lr", "1e-4", "--eval-every", "3", "--eval-size", "16", "--save-every", "3",
             "--train-size", "100",
             "--valid-size", "16", "--test-size", "0", "--copies", "1", "--no-progress",
-            "--threads", "1", "--checkpoint-segments"]
+            "--threads", "1", "--checkpoint-segments", "--dtype", "float32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "rmt_fast.train",
            *args, "--batch-size", "3", "--out", str(tmp_path / "dist")]
