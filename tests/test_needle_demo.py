@@ -45,8 +45,8 @@ def test_answer_equals_the_full_forward_prediction(tmp_path):
 
 def test_demo_runs_on_a_checkpoint(tmp_path, capsys):
     tiny_needle_model(tmp_path)
-    result = demo.main(["--checkpoint", str(tmp_path), "--tokens", "640", "--haystacks", "2",
-                        "--no-progress"])
+    result = demo.main(["--model", "needle", "--checkpoint", str(tmp_path), "--tokens", "640",
+                        "--haystacks", "2", "--no-progress"])
     out = capsys.readouterr().out
     assert "accuracy:" in out and "tokens/s" in out and "peak RSS" in out
     assert result["tokens"] == 640 and result["haystacks"] == 2
@@ -56,7 +56,7 @@ def test_demo_runs_on_a_checkpoint(tmp_path, capsys):
 def test_shipped_checkpoint_finds_the_needle():
     """The packaged checkpoint (the demo's) on fresh 256-segment stories (8,192 tokens, 4x its
     longest training length); docs/results.md has the curve up to 131,072 tokens."""
-    model, vocab = load(demo.CHECKPOINT)
+    model, vocab = load(demo.NEEDLE_CHECKPOINT)
     assert not model.training and sum(p.numel() for p in model.parameters()) < 5_000_000
     row = needle_accuracy(model, vocab, 256, samples=16, batch_size=16, seed=99)
     assert row["accuracy"] >= 0.9, row

@@ -14,8 +14,10 @@ passes ``inputs_embeds``, ``position_ids`` and ``output_hidden_states`` through 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +51,25 @@ def _resolve_base(base: str | None) -> str:
     return minilm_path() if base in (None, MINILM) else os.fspath(base)
 
 
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' load report, weight-loading bar and peft's deprecation warning off while the
+    base is built (its freshly initialised classifier is reported as missing by design)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
 class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassification):
     """:class:`RMTEncoderForSequenceClassification` whose base is a ``peft`` LoRA model.
 
@@ -80,11 +101,12 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"labels must be >= 2 distinct class names, got {labels!r}")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        encoder = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)})
         lora = dict(DEFAULT_LORA if lora is None else lora)
-        peft_model = get_peft_model(encoder, LoraConfig(**lora))
+        with _quiet_loading():  # the new classifier is "missing" from the base by design
+            encoder = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={n: i for i, n in enumerate(labels)})
+            peft_model = get_peft_model(encoder, LoraConfig(**lora))
         return cls(peft_model, tokenizer=tokenizer, labels=labels, lora=lora,
                    base_name=MINILM if base in (None, MINILM) else os.fspath(base),
                    num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)

@@ -58,8 +58,8 @@ def rss_mb() -> float:
 @torch.inference_mode()
 def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, batch_size: int = 16,
                     split: str = "test", dtype: torch.dtype | None = None, progress: bool = False,
-                    keep_logits: bool = False) -> dict:
-    """Accuracy with memory and without (last segment alone) on samples ``0..samples-1`` of
+                    keep_logits: bool = False, first: int = 0) -> dict:
+    """Accuracy with memory and without (last segment alone) on samples ``first..first+samples-1`` of
     ``split`` at ``num_segments`` segments, with Wilson intervals, seconds, tokens/s and the peak
     RSS sampled after every segment (``keep_logits``: also both models' logits ``[N, C]``)."""
     from rmt_fast.train_qa import autocast
@@ -73,8 +73,8 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
     size = data.segment_size
     bar = tqdm(total=samples * num_segments * size, unit="tok", unit_scale=True, disable=not progress,
                desc=f"{num_segments} segments", dynamic_ncols=True)
-    for first in range(0, samples, batch_size):
-        plans = data.plans(split, num_segments, range(first, min(first + batch_size, samples)))
+    for lo in range(first, first + samples, batch_size):
+        plans = data.plans(split, num_segments, range(lo, min(lo + batch_size, first + samples)))
         labels = data.labels(plans)
         memory = model.expand_memory(len(plans))
         with autocast(dtype, model.device):
