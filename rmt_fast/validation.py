@@ -189,7 +189,7 @@ def _warn_if_no_targets(model, labels: torch.Tensor, labels_mask) -> None:
     if labels_mask is not None:
         selected = selected & labels_mask[:, :-1].to(torch.bool)
     cfg = model.rmt_config
-    if cfg.loss_over == "last":
+    if getattr(cfg, "loss_over", "all") == "last":  # ARMT's config has no loss_over: all
         start = segment_bounds(labels.shape[1], cfg.segment_size, cfg.segment_alignment)[-1][0]
         selected = selected[:, start:]
     if not bool(selected.any()):

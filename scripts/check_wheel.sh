@@ -18,11 +18,12 @@ mkdir "$WORK/src"
 MAX_JOBS=2 RMT_FAST_REQUIRE_EXT=1 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" "$WORK/src"
 ls "$WORK"/dist
 
-echo "== fresh venv: torch==$TORCH_VERSION, then the wheel and its dependencies"
+echo "== fresh venv: torch==$TORCH_VERSION, then the wheel with its demo extra"
 python3 -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
 "$VPY" -m pip install -q "torch==$TORCH_VERSION" 2>&1 | grep -v "^WARNING: Location" || true
-"$VPY" -m pip install -q "$WORK"/dist/rmt_fast-*.whl 2>&1 | grep -v "^WARNING: Location" || true
+WHEEL=$(ls "$WORK"/dist/rmt_fast-*.whl)
+"$VPY" -m pip install -q "$WHEEL[demo]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VPY" -c "import rmt_fast" # fails the script if the install did not work
 
 cd "$WORK"  # outside the checkout: nothing can come from the source tree

@@ -43,4 +43,5 @@ def test_minilm_demo_prints_the_story_and_the_answer(capsys):
     assert "haystack 1: facts" in out and "(true: " in out and "accuracy:" in out
     assert result["tokens"] == 640 and result["haystacks"] == 2  # 600 rounds up to 5 segments
     assert len(result["predicted"]) == len(result["truth"]) == 2
-    assert result["accuracy"] == sum(p == t for p, t in zip(result["predicted"], result["truth"])) / 2
+    hits = sum(p == t for p, t in zip(result["predicted"], result["truth"], strict=True))
+    assert result["accuracy"] == hits / 2

@@ -284,7 +284,6 @@ def test_field_added_later_defaults_only_through_load_defaults(saved, monkeypatc
     """A key absent from an older file is an error unless RMTConfig.LOAD_DEFAULTS names it; the
     manifest's config comparison ignores such a field."""
     from rmt_fast.manifest import write_manifest
-    from rmt_fast.models import config as config_module
 
     _, path = saved
     cfg = json.loads((path / "rmt_config.json").read_text())
@@ -295,7 +294,7 @@ def test_field_added_later_defaults_only_through_load_defaults(saved, monkeypatc
                    ["base", "rmt_config.json", "rmt_weights.safetensors"])  # as an older save wrote it
     with pytest.raises(ValueError, match=r"missing required key\(s\) \['memory_noise'\]"):
         RMTForCausalLM.from_pretrained(path)
-    monkeypatch.setattr(config_module, "LOAD_DEFAULTS", {"memory_noise": 0.0})
+    monkeypatch.setattr(RMTConfig, "LOAD_DEFAULTS", {"memory_noise": 0.0})
     assert _load_quietly(path).rmt_config.memory_noise == 0.0
 
 

@@ -34,8 +34,6 @@ upstream code works on ``model.memory_state`` (``forward(..., persist=True)``).
 from __future__ import annotations
 
 import contextvars
-import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -50,19 +48,20 @@ from transformers.utils import ModelOutput
 from rmt_fast.checkpoint import is_cut
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions
+from rmt_fast.models.config import ALIGNMENTS, SavedConfig
 from rmt_fast.models.decoder import _count_targets, _Segment
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.ops.associative_memory import BACKENDS, associative_read, associative_write
+from rmt_fast.validation import check_causal_lm_call
 
 CONFIG_NAME = "armt_config.json"
 STATE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 POSITION_MODES = ("model", "wrap")
-ALIGNMENTS = ("left", "right", "center")
 
 
 @dataclass(frozen=True)
-class ARMTConfig:
+class ARMTConfig(SavedConfig):
     """Hyper-parameters of :class:`ARMTForCausalLM`, saved as ``armt_config.json``.
 
     Attributes:
@@ -136,23 +135,6 @@ class ARMTConfig:
     @property
     def d_key(self) -> int:
         return 2 * self.nu * self.d_mem
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> ARMTConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: is {directory} an rmt_fast ARMT checkpoint?")
-        with open(path) as f:
-            data = json.load(f)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -531,16 +513,8 @@ class ARMTForCausalLM(RMTBase):
 
     # --- whole sequences -------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, state):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T] token ids, got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one token")
-        for name, t in (("attention_mask", attention_mask), ("labels", labels),
-                        ("labels_mask", labels_mask)):
-            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
-                raise ValueError(f"{name} must have input_ids' shape {list(input_ids.shape)}, "
-                                 f"got {list(t.shape)}")
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
+                             labels_mask=labels_mask)
         if state is not None:
             self._check_state(state, input_ids.shape[0])
 

@@ -19,8 +19,47 @@ VARIANTS = ("mem", "ctrl", "bottleneck")
 CONFIG_NAME = "rmt_config.json"
 
 
+class SavedConfig:
+    """``save``/``load`` of a frozen config dataclass as ``directory/FILE_NAME`` (JSON). Loading is
+    strict: every field is required except those in ``LOAD_DEFAULTS`` (fields added after files
+    were first written, with the value an older file means), unknown keys are errors, and every
+    error names the file."""
+
+    FILE_NAME: ClassVar[str]
+    LOAD_DEFAULTS: ClassVar[dict[str, object]] = {}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, self.FILE_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike):
+        path = os.path.join(directory, cls.FILE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {directory} an rmt_fast checkpoint "
+                                    f"({cls.__name__})?")
+        data = read_json(path, "rmt_fast config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of {cls.__name__} fields, got "
+                             f"{type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(known - data.keys() - cls.LOAD_DEFAULTS.keys())
+        if missing:
+            raise ValueError(f"{path}: missing required key(s) {missing}")
+        unknown = sorted(data.keys() - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**{**cls.LOAD_DEFAULTS, **data})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
 @dataclass(frozen=True)
-class RMTConfig:
+class RMTConfig(SavedConfig):
     """Hyper-parameters of a recurrent-memory wrapper (frozen: derive a changed copy with
     ``dataclasses.replace(config, ...)``).
 
@@ -58,6 +97,13 @@ class RMTConfig:
 
     #: the file ``save``/``load`` use inside a checkpoint directory
     FILE_NAME: ClassVar[str] = CONFIG_NAME
+    #: fields added after checkpoints were first written, with the value an older file means (what
+    #: the code that wrote it did); any other missing field is an error
+    LOAD_DEFAULTS: ClassVar[dict[str, object]] = {
+        "fuse_activations": True,  # wrappers always fused tanh-GELU before this switch existed
+        "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
+        "offload_memory": False,  # checkpointed states were never offloaded before this switch
+    }
 
     num_mem_tokens: int = 16
     segment_size: int = 512
@@ -119,43 +165,3 @@ class RMTConfig:
         if self.kind == "encoder":
             need(self.cls_token_id is not None and self.sep_token_id is not None,
                  "an encoder RMT: cls_token_id and sep_token_id are required (or pass tokenizer=)")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> RMTConfig:
-        """The config saved in ``directory/rmt_config.json``. Every field is required (a removed
-        key is an error, never a silent default) and unknown keys are errors; every error names
-        the file."""
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: is {directory} an rmt_fast checkpoint?")
-        data = read_json(path, "rmt_fast config")
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of RMTConfig fields, got "
-                             f"{type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - data.keys() - LOAD_DEFAULTS.keys())
-        if missing:
-            raise ValueError(f"{path}: missing required key(s) {missing}")
-        unknown = sorted(data.keys() - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        try:
-            return cls(**{**LOAD_DEFAULTS, **data})
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-
-
-#: fields added after checkpoints were first written, with the value an older file means (what the
-#: code that wrote it did); any other missing field is an error
-LOAD_DEFAULTS: dict[str, object] = {
-    "fuse_activations": True,  # wrappers always fused tanh-GELU before this switch existed
-    "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
-    "offload_memory": False,  # checkpointed states were never offloaded before this switch
-}

@@ -203,22 +203,6 @@ class RMTForCausalLM(RMTBase):
                         None if targets is None else targets[:, s:e], int(c))
                 for (s, e), c in zip(bounds, counts, strict=True)]
 
-    def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, memory):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T] token ids, got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one token")
-        for name, t in (("attention_mask", attention_mask), ("labels", labels),
-                        ("labels_mask", labels_mask)):
-            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
-                raise ValueError(f"{name} must have input_ids' shape {list(input_ids.shape)}, "
-                                 f"got {list(t.shape)}")
-        if memory is not None:
-            want = (input_ids.shape[0], *self.memory.shape)
-            if tuple(memory.shape) != want:
-                raise ValueError(f"memory must be [B, M, d] = {list(want)}, got {list(memory.shape)}")
-
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, xl: RecurrentState | None = None,
@@ -237,7 +221,6 @@ class RMTForCausalLM(RMTBase):
         """
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
                              labels_mask=labels_mask, memory=memory)
-        self._check_inputs(input_ids, attention_mask, labels, labels_mask, memory)
         cfg = self.rmt_config
         segments = self._segments(input_ids, attention_mask, labels, labels_mask)
         if memory is None:
@@ -262,7 +245,8 @@ class RMTForCausalLM(RMTBase):
         """How many positions the loss of ``forward(input_ids, labels, ...)`` averages over
         (its denominator). Data-parallel training weights each rank's mean loss by this count
         so that the synchronised gradient is the mean over the global batch."""
-        self._check_inputs(input_ids, attention_mask, labels, labels_mask, None)
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
+                             labels_mask=labels_mask)
         return _count_targets(self._segments(input_ids, attention_mask, labels, labels_mask))
 
     # --- long-context use ----------------------------------------------------------------------
@@ -278,7 +262,6 @@ class RMTForCausalLM(RMTBase):
              memory: torch.Tensor | None = None, xl: RecurrentState | None = None):
         """Read a context into memory without keeping logits: ``(memory [B, M, d], xl)``."""
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
-        self._check_inputs(input_ids, attention_mask, None, None, memory)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
         segments = self._segments(input_ids, attention_mask, None, None)
@@ -295,7 +278,6 @@ class RMTForCausalLM(RMTBase):
         attended to while generating. Returns only the new tokens ``[B, N]``.
         """
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
-        self._check_inputs(input_ids, attention_mask, None, None, memory)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])

@@ -51,7 +51,6 @@ def _resolve_base(base: str | None) -> str:
     return minilm_path() if base in (None, MINILM) else os.fspath(base)
 
 
-
 @contextlib.contextmanager
 def _quiet_loading():
     """transformers' load report, weight-loading bar and peft's deprecation warning off while the
