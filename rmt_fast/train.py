@@ -50,6 +50,7 @@ METRICS_NAME = "metrics.jsonl"
 ARGS_NAME = "train_args.json"
 SCHEDULES = ("linear", "cosine", "constant")
 INITS = ("gpt2", "torch")
+MODELS = ("rmt", "armt")
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -86,8 +87,12 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model: the arguments of :func:`build_model` (a GPT-2 from a config in an RMT)."""
+    """Which model: the arguments of :func:`build_model` (a GPT-2 from a config in an RMT or an
+    ARMT)."""
 
+    model: str = _opt("rmt", "rmt (RMTForCausalLM) or armt (ARMTForCausalLM: associative memory "
+                      "per layer; --mask, --xl-cache and --memory-noise do not apply)",
+                      choices=MODELS)
     num_mem_tokens: int = _opt(6, "memory tokens (0 = no memory)", flag="--mem")
     layers: int = _opt(4, "transformer blocks")
     d_model: int = _opt(128, "hidden size")
@@ -100,6 +105,7 @@ class ModelSpec:
     xl_cache: int = _opt(0, "Transformer-XL cache: keys/values of the previous segment's last N tokens")
     memory_noise: float = _opt(0.0, "training-only noise on the memory read by each segment "
                                "(relative std)")
+    d_mem: int = _opt(64, "armt: width of the associative keys (the state has 6 d_mem rows)")
 
 
 @dataclass(frozen=True)
@@ -538,6 +544,10 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
     env = rd.init_distributed(model.device)
     changes = {k: v for k, v in (("bptt_depth", cfg.bptt_depth),
                                  ("checkpoint_segments", cfg.checkpoint_segments)) if v is not None}
+    if not hasattr(model.rmt_config, "checkpoint_segments"):  # ARMT
+        if changes.pop("checkpoint_segments", False):
+            raise ValueError(f"checkpoint_segments=True: {type(model).__name__} has no segment "
+                             "checkpointing")
     model.replace_config(**changes)
     for n in cfg.stages:
         task.splits(n)  # fail early on impossible lengths
@@ -768,8 +778,10 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
                 mask: str = "causal", xl_cache: int = 0, bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
-                memory_noise: float = 0.0):
-    """A GPT-2 of the given size (from a config, random weights) inside an RMTForCausalLM.
+                memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64):
+    """A GPT-2 of the given size (from a config, random weights) inside an RMTForCausalLM
+    (``model="rmt"``) or an ARMTForCausalLM (``model="armt"``, associative memory of width
+    ``d_mem`` per layer; ``mask``, ``xl_cache`` and ``memory_noise`` are RMT options).
 
     ``init``: ``"gpt2"`` (transformers' ``N(0, 0.02)``, tied input/output embeddings) or
     ``"torch"`` (:func:`torch_default_init`, untied output embeddings). The memory is drawn
@@ -777,10 +789,20 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rmt_fast.models import RMTForCausalLM
+    from rmt_fast.models import ARMTForCausalLM, RMTForCausalLM
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if model == "armt":
+        rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0),
+                    "memory_noise": (memory_noise, 0.0),
+                    "checkpoint_segments": (bool(checkpoint_segments), False)}
+        bad = sorted(k for k, (v, default) in rmt_only.items() if v != default)
+        if bad:
+            raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
+                             "and has no XL cache, memory noise or segment checkpointing")
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
                         n_embd=d_model, n_layer=layers, n_head=heads, n_inner=d_inner,
@@ -790,6 +812,9 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     base = GPT2LMHeadModel(config)
     if init == "torch":
         torch_default_init(base)
+    if model == "armt":
+        return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
+                               d_mem=d_mem, bptt_depth=-1 if bptt_depth is None else bptt_depth)
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
                           checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise)
@@ -874,7 +899,7 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     latest) on a split of its task (default: ``test``) at ``segments`` segments (default: the
     run's ``--segments``), the model cast to ``dtype`` (``auto``: bfloat16 where the hardware
     has native bf16). Returns a dict with ``accuracy``, ``samples``, ``step``, ``dtype``, ...."""
-    from rmt_fast.models import RMTForCausalLM
+    from rmt_fast.models.auto import AutoRMT
 
     run_dir = os.fspath(run_dir)
     task_spec, _, config = load_run_args(run_dir)
@@ -887,7 +912,7 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     data = task_spec.build(config.seed).splits(n)[split]
     if len(data) == 0:
         raise ValueError(f"the {split} split of {run_dir} is empty")
-    model = RMTForCausalLM.from_pretrained(checkpoint)
+    model = AutoRMT.from_pretrained(checkpoint)
     model = model.to(resolve_dtype(dtype, model.device))
     state = run_io.load_torch(os.path.join(checkpoint, STATE_NAME))
     t0 = time.perf_counter()

@@ -566,6 +566,16 @@ class ARMTForCausalLM(RMTBase):
         return ARMTOutput(loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None,
                           state=state)
 
+    def num_targets(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                    labels_mask: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> int:
+        """How many positions the loss of ``forward(input_ids, labels, ...)`` averages over (its
+        denominator; data-parallel training weights each rank's mean loss by it)."""
+        self._check_inputs(input_ids, attention_mask, labels, labels_mask, None)
+        cfg = self.rmt_config
+        return _count_targets(split_segments(input_ids, attention_mask, labels, labels_mask,
+                                             cfg.segment_size, cfg.segment_alignment))
+
     # --- long-context use ------------------------------------------------------------------------
     @torch.no_grad()
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
