@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import time
 
-from rmt_fast.ops.memory_attention.triton.aot import _ptxas, compile_variant
+from rmt_fast.ops.memory_attention.triton import aot as attention_aot
+from rmt_fast.ops.memory_attention.triton.aot import compile_stats
 from rmt_fast.ops.memory_attention.triton.launch import Config as AttnConfig
 from rmt_fast.ops.memory_attention.triton.launch import dot_precision
 
@@ -63,19 +62,11 @@ def aot_table(caps=(80, 90), dtypes=("fp16", "bf16", "fp32"), d_mems=(64,),
                 for name, kern, ptrs, floats, cexpr, cfg in _variants(dtype, dm, normalize):
                     if kernels is not None and name not in kernels:
                         continue
-                    t0 = time.perf_counter()
-                    compiled = compile_variant(kern, ptrs, floats, cexpr, _cfg(cfg), cap,
-                                               aligned_ints=ALIGNED)
-                    ptx = compiled.asm["ptx"]
-                    row = dict(kernel=name, dtype=dtype, d_mem=dm, target=arch,
-                               block=f"{cfg.block_a}x{cfg.block_b}x{cfg.block_d}",
-                               warps=cfg.num_warps, stages=cfg.num_stages,
-                               smem=compiled.metadata.shared,
-                               mma="mma.sync" in ptx or "wgmma" in ptx, wgmma="wgmma" in ptx,
-                               tf32=re.search(r"mma\S*\.tf32", ptx) is not None,
-                               compile_s=round(time.perf_counter() - t0, 2))
-                    row.update(_ptxas(ptx, arch, cap))
-                    rows.append(row)
+                    rows.append(dict(
+                        kernel=name, dtype=dtype, d_mem=dm, target=arch,
+                        block=f"{cfg.block_a}x{cfg.block_b}x{cfg.block_d}",
+                        **compile_stats(kern, ptrs, floats, cexpr, _cfg(cfg), cap,
+                                        aligned_ints=ALIGNED)))
     return rows
 
 
@@ -84,9 +75,7 @@ COLUMNS = ("kernel", "dtype", "d_mem", "target", "block", "warps", "stages", "re
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return attention_aot.markdown(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,6 +120,19 @@ def compile_variant(kernel, pointers, floats, constexprs, cfg: Config, cap: int,
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
+def compile_stats(kernel, pointers, floats, constexprs, cfg: Config, cap: int, **compile_kw) -> dict:
+    """Compile one variant for ``sm_<cap>`` and describe it: warps, stages, shared memory, which
+    MMA instructions the PTX uses, compile seconds, and ptxas' registers and spills."""
+    t0 = time.perf_counter()
+    compiled = compile_variant(kernel, pointers, floats, constexprs, cfg, cap, **compile_kw)
+    ptx = compiled.asm["ptx"]
+    arch = "sm_90a" if cap == 90 else f"sm_{cap}"  # Triton emits sm_90a PTX for Hopper
+    return dict(warps=cfg.num_warps, stages=cfg.num_stages, smem=compiled.metadata.shared,
+                mma="mma.sync" in ptx or "wgmma" in ptx, wgmma="wgmma" in ptx,
+                tf32=re.search(r"mma\S*\.tf32", ptx) is not None,
+                compile_s=round(time.perf_counter() - t0, 2), **_ptxas(ptx, arch, cap))
+
+
 def aot_table(caps=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(64, 128),
               kernels: tuple[str, ...] | None = None) -> list[dict]:
     """Compile every variant; one dict row per (kernel, dtype, head dim, target)."""
@@ -131,18 +144,10 @@ def aot_table(caps=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(64, 128
                 for name, kern, ptrs, floats, cexpr, cfg in _variants(DTYPES[dtype], hd):
                     if kernels is not None and name not in kernels:
                         continue
-                    t0 = time.perf_counter()
-                    compiled = compile_variant(kern, ptrs, floats, cexpr, cfg, cap)
-                    ptx = compiled.asm["ptx"]
-                    row = dict(kernel=name, dtype=dtype, head_dim=hd, target=arch,
-                               block=f"{cfg.block_m}x{cfg.block_n}" if cfg.block_n else
-                               f"{cfg.block_m}", warps=cfg.num_warps, stages=cfg.num_stages,
-                               smem=compiled.metadata.shared, wgmma="wgmma" in ptx,
-                               mma="mma.sync" in ptx or "wgmma" in ptx,
-                               tf32=re.search(r"mma\S*\.tf32", ptx) is not None,
-                               compile_s=round(time.perf_counter() - t0, 2))
-                    row.update(_ptxas(ptx, arch, cap))
-                    rows.append(row)
+                    rows.append(dict(
+                        kernel=name, dtype=dtype, head_dim=hd, target=arch,
+                        block=f"{cfg.block_m}x{cfg.block_n}" if cfg.block_n else f"{cfg.block_m}",
+                        **compile_stats(kern, ptrs, floats, cexpr, cfg, cap)))
     return rows
 
 
@@ -150,9 +155,9 @@ COLUMNS = ("kernel", "dtype", "head_dim", "target", "block", "warps", "stages", 
            "spill_stores", "spill_loads", "smem", "mma", "wgmma", "tf32")
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+def markdown(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
