@@ -5,7 +5,7 @@ The recipe of the 1M-token RMT report, sized for a CPU: a pretrained encoder (Mi
 full BPTT, a curriculum over the number of segments (start at 1; move to the next stage when the
 validation accuracy reaches ``threshold``; each stage starts from the last one's weights with a
 fresh AdamW and a fresh warmup + linear-decay schedule), gradient clipping, bf16 autocast where
-the CPU multiplies bf16 natively (:func:`native_bf16`).
+the CPU multiplies bf16 natively (:func:`rmt_fast.dtypes.resolve_dtype`).
 
 Exact resume: batch ``k`` is samples ``k*B .. k*B+B-1`` of the training split (fresh every step),
 dropout is re-seeded from ``(seed, k)`` every step, and a checkpoint holds the fine-tuned weights,
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.tasks.babi_qa import LOCATIONS, TASKS, BabiQA
 from rmt_fast.train import lr_factor
 
@@ -41,34 +42,18 @@ ARGS_NAME = "args.json"
 AMP_CHOICES = ("auto", "bf16", "fp32")
 
 
-def native_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), read from
-    PyTorch's CPU capability and, on Linux, ``/proc/cpuinfo``. (PyTorch reports ``AVX512`` on
-    a Zen 4 that has ``avx512_bf16``, so the flags are checked too.)"""
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    if "AMX" in capability or "BF16" in capability:
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def amp_dtype(amp: str, device: torch.device | str = "cpu") -> torch.dtype | None:
-    """``"bf16"`` -> bfloat16, ``"fp32"`` -> None (no autocast), ``"auto"`` -> bfloat16 on CUDA
-    or on a CPU with :func:`native_bf16`, else None."""
+    """``"bf16"`` -> bfloat16, ``"fp32"`` -> None (no autocast), ``"auto"`` -> what
+    :func:`rmt_fast.dtypes.resolve_dtype` picks for ``device`` (bfloat16 where it has native bf16
+    products), None when that is float32."""
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp32":
         return None
-    return torch.bfloat16 if torch.device(device).type == "cuda" or native_bf16() else None
+    dtype = resolve_dtype("auto", torch.device(device))
+    return None if dtype == torch.float32 else dtype
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device | str = "cpu"):

@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
+from rmt_fast.dtypes import cpu_has_native_bf16
 from rmt_fast.models.encoder import RMTEncoderForSequenceClassification
 from rmt_fast.tasks.babi_qa import LOCATIONS, WORLD_WORDS, BabiQA
-from rmt_fast.train_qa import QATrainConfig, amp_dtype, build_model, native_bf16, train_qa
+from rmt_fast.train_qa import QATrainConfig, amp_dtype, build_model, train_qa
 
 pytest.importorskip("peft")
 S = 32
@@ -227,7 +228,7 @@ def test_wilson_and_amp():
     rows = [{"tokens": t, "peak_rss_mb": m} for t, m in ((128, 50.0), (16384, 100.0), (10**6, 104.0))]
     assert memory_flatness(rows) == pytest.approx(1.04)
     assert amp_dtype("fp32") is None and amp_dtype("bf16") is torch.bfloat16
-    assert amp_dtype("auto") is (torch.bfloat16 if native_bf16() else None)
+    assert amp_dtype("auto") is (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(ValueError, match="amp must be one of"):
         amp_dtype("fp16")
     with pytest.raises(ValueError, match="curriculum must be increasing"):
