@@ -263,3 +263,33 @@ def test_stream_rate_reports_per_chunk_rates():
     assert len(out["stream_chunks"]) == 3 and len(out["fresh_before"]) == len(out["fresh_after"]) == 1
     assert all(r > 0 for r in out["stream_chunks"] + out["fresh_before"] + out["fresh_after"])
     assert out["first_tenth_mean"] > 0 and out["last_tenth_mean"] > 0
+
+
+def test_armt_systems_run_agree_and_count_their_flops():
+    """armt (sequential read) and armt_diagonal (grouped anti-diagonals) read the same model to
+    the same final state; training is armt only; FLOPs are the [segment | memory] positions
+    plus the associative read/write per layer."""
+    cfg = systems.CONFIGS["tiny"]  # segment 32, memory 4, d 64, d_mem 64, 2 layers
+    tokens = torch.randint(1, cfg.vocab, (2, 80))
+    states = []
+    for name in ("armt", "armt_diagonal"):
+        model = systems._armt(cfg).eval()
+        with torch.no_grad():
+            state = (model.read(tokens) if name == "armt"
+                     else model.diagonal()(tokens, return_logits=False).state)
+        states.append(state)
+        systems.build(name, "infer", cfg, 80)(tokens)  # the bench's own callables run too
+    for a, b in zip(states[0].A, states[1].A, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    systems.build("armt", "train", cfg, 80)(tokens)
+    assert systems.unavailable("armt_diagonal", mode="train") == "inference only"
+    with pytest.raises(ValueError, match="inference only"):
+        systems.build("armt_diagonal", "train", cfg, 80)
+    m = cfg.shape()
+    body = sum(flops.matmul_forward_flops(p, m) + 2 * systems.armt_layer_flops(cfg, p)
+               for p in (36, 36, 20))  # segments 32, 32, 16 + 4 memory rows
+    assert systems.point_flops("armt", "infer", cfg, 80) == body
+    d, dk = 64, 6 * 64
+    assert systems.armt_layer_flops(cfg, 36) == (36 * (2 * d * 64 + 2 * dk * d + 2 * dk)
+                                                 + 4 * (2 * d * 64 + 2 * d * d + 2 * d
+                                                        + 4 * dk * d + 2 * dk))

@@ -136,7 +136,7 @@ def sweep(systems: list[str], modes: list[str], lengths: list[int], batches: dic
     dtypes = dtypes or ["float32"]
     max_lengths = max_lengths or {}
     plan = [(mode, system, dtype) for mode in modes for system in systems for dtype in dtypes]
-    stopped = {key: unavailable(key[1], official_rmt) for key in plan}
+    stopped = {key: unavailable(key[1], official_rmt, key[0]) for key in plan}
     last_time: dict[tuple[str, str, str], float] = {}
     points = [(n, key) for n in lengths for key in plan if n <= max_lengths.get(key[0], n)]
     rows: dict[tuple, dict] = {}

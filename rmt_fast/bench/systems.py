@@ -8,6 +8,10 @@
 * ``lucidrains``: the PyPI package ``recurrent-memory-transformer-pytorch`` at matched width,
   depth, heads, segment and memory sizes (optional; ``pip install rmt_fast[peers]``).
   ``lucidrains_mrbp`` trains with its memory-replay backprop.
+* ``armt``: :class:`rmt_fast.ARMTForCausalLM` around the same GPT-2 (``memory`` memory tokens,
+  associative keys of width ``d_mem``); inference is ``model.read`` segment after segment
+  (``armt_diagonal``: the same model through :class:`rmt_fast.DiagonalExecutor`, all (layer,
+  segment) steps of an anti-diagonal in one grouped call; inference only), training plain BPTT.
 * ``official``: the official Hugging Face RMT wrapper (``MemoryCell`` + ``RecurrentWrapper`` of
   ``booydar/recurrent-memory-transformer``, ``modeling_rmt/language_modeling.py``) around the
   same GPT-2 base model. It is not on PyPI and is never shipped with rmt_fast: it runs only when
@@ -44,6 +48,7 @@ class BenchConfig:
     vocab: int = 1000
     segment: int = 256
     memory: int = 16
+    d_mem: int = 64  # ARMT's associative key width
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +83,15 @@ def _rmt(cfg: BenchConfig, checkpoint: bool):
     base = _gpt2(cfg, cfg.segment + 2 * cfg.memory, "sdpa")
     return RMTForCausalLM(base, num_mem_tokens=cfg.memory, segment_size=cfg.segment,
                           checkpoint_segments=checkpoint)
+
+
+def _armt(cfg: BenchConfig):
+    from rmt_fast.models import ARMTForCausalLM
+
+    base = _gpt2(cfg, cfg.segment + cfg.memory, "sdpa")
+    torch.manual_seed(0)
+    return ARMTForCausalLM(base, num_mem_tokens=cfg.memory, segment_size=cfg.segment,
+                           d_mem=cfg.d_mem)
 
 
 def load_official(path: str | os.PathLike):
@@ -151,6 +165,17 @@ def build(system: str, mode: str, cfg: BenchConfig, length: int, dtype: torch.dt
                 reader.flush()
             return _inferer(model, read, dtype)
         return _trainer(model, lambda t: model(t, labels=t, return_logits=False).loss, dtype)
+    if system in ("armt", "armt_diagonal"):
+        model = _armt(cfg)
+        if mode == INFER:
+            if system == "armt_diagonal":
+                model.to(dtype)  # the executor snapshots the weights: cast first
+                executor = model.diagonal()
+                return _inferer(model, lambda t: executor(t, return_logits=False), dtype)
+            return _inferer(model, model.read, dtype)
+        if system == "armt_diagonal":
+            raise ValueError("armt_diagonal runs inference only")
+        return _trainer(model, lambda t: model(t, labels=t, return_logits=False).loss, dtype)
     if system == "full":
         model = _gpt2(cfg, length, "sdpa")
         if mode == INFER:
@@ -192,11 +217,13 @@ def build(system: str, mode: str, cfg: BenchConfig, length: int, dtype: torch.dt
 
 
 SYSTEMS = ("rmt_fast", "rmt_fast_bptt", "rmt_fast_compiled", "full", "lucidrains", "lucidrains_mrbp",
-           "official")
+           "official", "armt", "armt_diagonal")
 
 
-def unavailable(system: str, official_rmt: str | None = None) -> str | None:
-    """Why ``system`` cannot run here (None when it can)."""
+def unavailable(system: str, official_rmt: str | None = None, mode: str | None = None) -> str | None:
+    """Why ``system`` cannot run here, in ``mode`` when given (None when it can)."""
+    if system == "armt_diagonal" and mode == TRAIN:
+        return "inference only"
     if system.startswith("lucidrains"):
         try:
             import recurrent_memory_transformer_pytorch  # noqa: F401
@@ -218,6 +245,18 @@ def _segment_sizes(length: int, segment: int) -> list[int]:
     return [segment] * (length // segment) + ([length % segment] if length % segment else [])
 
 
+def armt_layer_flops(cfg: BenchConfig, positions: int) -> float:
+    """Matrix-product FLOPs of one layer's associative read (every position: the query
+    projection ``d -> d_mem``, then ``phi(q) A`` with ``d_key = 6 d_mem`` and the normaliser) and
+    write (the ``memory`` rows: key, value and beta projections, ``phi(k) A`` for ``v_bar`` and
+    the rank-``memory`` update of ``A`` and ``z``)."""
+    d, dm, m = cfg.d_model, cfg.d_mem, cfg.memory
+    dk = 6 * dm
+    read = positions * (2 * d * dm + 2 * dk * d + 2 * dk)
+    write = m * (2 * d * dm + 2 * d * d + 2 * d + 2 * dk * d + 2 * dk * d + 2 * dk)
+    return float(read + write)
+
+
 def point_flops(system: str, mode: str, cfg: BenchConfig, length: int, batch: int = 1) -> float:
     """Matrix-product FLOPs of one call of :func:`build`'s callable on ``[batch, length]``.
 
@@ -234,6 +273,12 @@ def point_flops(system: str, mode: str, cfg: BenchConfig, length: int, batch: in
     shape = cfg.shape()
     if system == "full":
         fwd = matmul_forward_flops(length, shape, logit_positions=length)
+    elif system.startswith("armt"):
+        fwd = 0.0
+        for s in _segment_sizes(length, cfg.segment):
+            positions = s + cfg.memory  # [segment | write memory]
+            fwd += matmul_forward_flops(positions, shape, logit_positions=s if mode == TRAIN else 0)
+            fwd += cfg.layers * armt_layer_flops(cfg, positions)
     else:
         fwd = 0.0
         for s in _segment_sizes(length, cfg.segment):
