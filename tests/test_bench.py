@@ -250,7 +250,7 @@ def test_quick_and_official_arguments(official_standin, monkeypatch):
 
 @pytest.mark.parametrize("system", ["lucidrains"])
 def test_missing_peer_is_reported_not_fatal(system, monkeypatch):
-    monkeypatch.setattr(sweep, "unavailable", lambda s, official_rmt=None: "not installed")
+    monkeypatch.setattr(sweep, "unavailable", lambda s, official_rmt=None, mode=None: "not installed")
     rows = sweep.sweep([system], ["infer"], [64], {"infer": 1, "train": 1}, 1, 60, 1e5, "tiny", 1,
                        progress=False)
     assert rows[0]["status"] == "not installed"
