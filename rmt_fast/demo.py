@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rmt_fast.dtypes import resolve_dtype
+from rmt_fast.dtypes import dtype_name, resolve_dtype
 
 CHECKPOINTS = os.path.join(os.path.dirname(__file__), "checkpoints")
 NEEDLE_CHECKPOINT = os.path.join(CHECKPOINTS, "needle")
@@ -49,6 +49,18 @@ def _gib(tokens: int) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _print_cost(model, n_tokens: int, haystacks: int, seconds: float, peak: float,
+                rss_before: float) -> None:
+    """The lines both demos end with: throughput, peak memory and the recurrent state, and what
+    full attention over the same length would need."""
+    total = n_tokens * haystacks
+    print(f"read {total:,} tokens in {seconds:.1f} s: {total / seconds:,.0f} tokens/s")
+    print(f"peak RSS {peak:,.0f} MiB (after set-up: {rss_before:,.0f} MiB); the recurrent state is "
+          f"{model.rmt_config.num_mem_tokens} x {model.memory.shape[1]} floats per haystack")
+    print(f"full attention over {n_tokens:,} tokens would materialise "
+          f"{_gib(n_tokens)} for one fp32 score matrix of one head of one layer")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,7 +112,7 @@ def minilm_demo(args) -> dict:
     n_tokens = segments * cfg.segment_size
     print(f"model: all-MiniLM-L6-v2 + RMT ({cfg.num_mem_tokens} memory tokens, segments of "
           f"{cfg.segment_size}), fine-tuned part {checkpoint}; {torch.get_num_threads()} threads, "
-          f"{str(dtype).removeprefix('torch.')}")
+          f"{dtype_name(dtype)}")
     data = BabiQA(args.task, model.tokenizer, cfg.segment_size)
     first = args.seed
     plans = data.plans("test", segments, range(first, first + haystacks))
@@ -109,30 +121,24 @@ def minilm_demo(args) -> dict:
           "of standard-library documentation the model was not trained on", flush=True)
     rss_before = peak_rss_mib()
     row = evaluate_length(model, data, segments, haystacks, batch_size=haystacks,
-                          dtype=None if dtype == torch.float32 else dtype,
+                          dtype=dtype,
                           progress=not args.no_progress, keep_logits=True, first=first)
     peak = peak_rss_mib()
-    predicted = row["logits"].argmax(-1)
-    for i, plan in enumerate(plans):
-        story = data.describe(plan)
+    predicted = [model.labels[int(p)] for p in row["logits"].argmax(-1)]
+    stories = [data.describe(plan) for plan in plans]
+    for i, story in enumerate(stories):
         where = ", ".join(f"token {o:,}" for o in story["fact_token_offsets"])
         print(f"haystack {i}: facts {' '.join(story['facts'])!r} (at {where}) ... "
-              f"{story['question']!r} -> {model.labels[int(predicted[i])]} (true: {story['answer']})")
-    total = n_tokens * haystacks
+              f"{story['question']!r} -> {predicted[i]} (true: {story['answer']})")
     print(f"accuracy: {row['accuracy']:.3f} over {_plural(haystacks, 'haystack')} of "
           f"{n_tokens:,} tokens "
           f"(the same model on the last segment alone: {row['no_memory_accuracy']:.3f})")
-    print(f"read {total:,} tokens in {row['seconds']:.1f} s: {row['tokens_per_s']:,.0f} tokens/s")
-    print(f"peak RSS {peak:,.0f} MiB (after set-up: {rss_before:,.0f} MiB); the recurrent state is "
-          f"{cfg.num_mem_tokens} x {model.memory.shape[1]} floats per haystack")
-    print(f"full attention over {n_tokens:,} tokens would materialise "
-          f"{_gib(n_tokens)} for one fp32 score matrix of one head of one layer")
-    return {"model": "minilm", "task": args.task, "dtype": str(dtype).removeprefix("torch."),
+    _print_cost(model, n_tokens, haystacks, row["seconds"], peak, rss_before)
+    return {"model": "minilm", "task": args.task, "dtype": dtype_name(dtype),
             "tokens": n_tokens, "haystacks": haystacks, "accuracy": row["accuracy"],
             "no_memory_accuracy": row["no_memory_accuracy"], "seconds": row["seconds"],
             "tokens_per_s": row["tokens_per_s"], "peak_rss_mib": peak, "rss_before_mib": rss_before,
-            "predicted": [model.labels[int(p)] for p in predicted],
-            "truth": [data.describe(p)["answer"] for p in plans]}
+            "predicted": predicted, "truth": [story["answer"] for story in stories]}
 
 
 def needle_demo(args) -> dict:
@@ -148,7 +154,7 @@ def needle_demo(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {checkpoint} ({params / 1e6:.2f}M parameters, segment {cfg.segment_size}, "
           f"{cfg.num_mem_tokens} memory tokens, mask {cfg.mask}), {torch.get_num_threads()} threads, "
-          f"{str(model.memory.dtype).removeprefix('torch.')}")
+          f"{dtype_name(model.memory.dtype)}")
     print(f"building {_plural(haystacks, 'haystack')} of {n_tokens:,} tokens "
           f"({segments:,} segments)...",
           flush=True)
@@ -164,16 +170,12 @@ def needle_demo(args) -> dict:
         print(f"haystack {i}: ...{vocab.decode(fact)}... {vocab.decode(stories[i, -6:-1].tolist())} "
               f"-> {vocab.decode([int(predicted[i])])} (true: {vocab.decode([int(keys[i])])})")
     accuracy = float((predicted == keys).float().mean())
-    total = n_tokens * haystacks
     print(f"accuracy: {accuracy:.3f} over {_plural(haystacks, 'haystack')} of {n_tokens:,} tokens")
-    print(f"read {total:,} tokens in {seconds:.1f} s: {total / seconds:,.0f} tokens/s")
-    print(f"peak RSS {peak:,.0f} MiB (after set-up: {rss_before:,.0f} MiB); the recurrent state is "
-          f"{cfg.num_mem_tokens} x {model.memory.shape[1]} floats per haystack")
-    print(f"full attention over {n_tokens:,} tokens would materialise "
-          f"{_gib(n_tokens)} for one fp32 score matrix of one head of one layer")
-    return {"model": "needle", "dtype": str(model.memory.dtype).removeprefix("torch."),
+    _print_cost(model, n_tokens, haystacks, seconds, peak, rss_before)
+    return {"model": "needle", "dtype": dtype_name(model.memory.dtype),
             "tokens": n_tokens, "haystacks": haystacks, "accuracy": accuracy, "seconds": seconds,
-            "tokens_per_s": total / seconds, "peak_rss_mib": peak, "rss_before_mib": rss_before,
+            "tokens_per_s": n_tokens * haystacks / seconds, "peak_rss_mib": peak,
+            "rss_before_mib": rss_before,
             "full_attention_scores_gib": _full_attention_gib(n_tokens)}
 
 

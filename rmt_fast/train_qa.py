@@ -32,12 +32,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rmt_fast.dtypes import resolve_dtype
+from rmt_fast import dtypes
 from rmt_fast.tasks.babi_qa import LOCATIONS, TASKS, BabiQA
-from rmt_fast.train import lr_factor
+from rmt_fast.train import STATE_NAME, RunDir, _step_seed, latest_checkpoint, lr_factor
 
-STATE_NAME = "trainer_state.pt"
-METRICS_NAME = "metrics.jsonl"
 ARGS_NAME = "args.json"
 AMP_CHOICES = ("auto", "bf16", "fp32")
 
@@ -52,12 +50,8 @@ def amp_dtype(amp: str, device: torch.device | str = "cpu") -> torch.dtype | Non
         return torch.bfloat16
     if amp == "fp32":
         return None
-    dtype = resolve_dtype("auto", torch.device(device))
+    dtype = dtypes.resolve_dtype("auto", torch.device(device))
     return None if dtype == torch.float32 else dtype
-
-
-def autocast(dtype: torch.dtype | None, device: torch.device | str = "cpu"):
-    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @dataclass
@@ -141,7 +135,7 @@ def predict(model, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | N
     was = model.training
     model.eval()
     try:
-        with autocast(dtype, model.device):
+        with dtypes.autocast(dtype or torch.float32, model.device):
             logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits
     finally:
         model.train(was)
@@ -159,16 +153,6 @@ def accuracy(model, data: BabiQA, split: str, num_segments: int, samples: int, b
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def latest_checkpoint(out: str | os.PathLike) -> str | None:
-    """The complete ``checkpoint-<step>`` in ``out`` with the largest step, or None."""
-    if not os.path.isdir(out):
-        return None
-    found = [(int(n.split("-", 1)[1]), n) for n in os.listdir(out)
-             if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()
-             and os.path.isfile(os.path.join(out, n, STATE_NAME))]
-    return os.path.join(out, max(found)[1]) if found else None
-
-
 def _atomic_dir(final: str, write) -> str:
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -226,10 +210,6 @@ def _lock(out: str):
     return f
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
-
-
 @dataclass
 class QAResult:
     step: int
@@ -258,12 +238,11 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
 
     step, stage, stage_start, wall_before, changes = 0, 0, 0, 0.0, []
     optimizer = new_optimizer(0)
-    metrics_path = lock = None
+    run = lock = None
     if out is not None:
-        out = os.fspath(out)
-        os.makedirs(out, exist_ok=True)
+        run = RunDir(out)  # metrics.jsonl written and read as rmt_fast.train writes and reads it
+        out = run.path
         lock = _lock(out)
-        metrics_path = os.path.join(out, METRICS_NAME)
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
@@ -281,11 +260,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             wall_before, changes = state["wall_time"], [list(c) for c in state["stage_changes"]]
             optimizer = new_optimizer(stage)
             optimizer.load_state_dict(state["optimizer"])
-        if os.path.exists(metrics_path):  # drop records after the checkpoint, they are redone
-            with open(metrics_path) as f:
-                kept = [r for r in (json.loads(x) for x in f if x.strip()) if r["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+        run.rewrite_metrics(run.read_metrics(step))  # records after the checkpoint are redone
         with open(os.path.join(out, ARGS_NAME), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
 
@@ -293,11 +268,6 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
 
     def wall():
         return round(wall_before + time.perf_counter() - t0, 2)
-
-    def log(record):
-        if metrics_path is not None:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     def state_dict():
         return {"step": step, "stage": stage, "stage_start": stage_start, "wall_time": wall(),
@@ -321,7 +291,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             group["lr"] = cfg.stage_lr(stage) * factor
         torch.manual_seed(_step_seed(cfg.seed, step) + 1)  # dropout
         optimizer.zero_grad(set_to_none=True)
-        with autocast(dtype, model.device):
+        with dtypes.autocast(dtype or torch.float32, model.device):
             loss = model(batch["input_ids"].to(model.device), labels=batch["labels"].to(model.device),
                          attention_mask=batch["attention_mask"].to(model.device)).loss
         loss.backward()
@@ -356,7 +326,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
                 else:
                     done = True
         record["wall_time"] = wall()
-        log(record)
+        if run is not None:
+            run.append_metrics(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", seg=n, acc=f"{valid_acc:.3f}")

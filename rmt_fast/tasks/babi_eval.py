@@ -23,6 +23,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from rmt_fast import dtypes
 from rmt_fast.tasks.babi_qa import TASKS, BabiQA
 
 DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
@@ -62,7 +63,6 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
     """Accuracy with memory and without (last segment alone) on samples ``first..first+samples-1`` of
     ``split`` at ``num_segments`` segments, with Wilson intervals, seconds, tokens/s and the peak
     RSS sampled after every segment (``keep_logits``: also both models' logits ``[N, C]``)."""
-    from rmt_fast.train_qa import autocast
 
     model.eval()
     correct = base_correct = 0
@@ -77,7 +77,7 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
         plans = data.plans(split, num_segments, range(lo, min(lo + batch_size, first + samples)))
         labels = data.labels(plans)
         memory = model.expand_memory(len(plans))
-        with autocast(dtype, model.device):
+        with dtypes.autocast(dtype or torch.float32, model.device):
             for ids, mask in data.stream(plans):
                 ids, mask = ids.to(model.device), mask.to(model.device, torch.bool)
                 out, memory = model.segment_forward(memory, ids, mask)

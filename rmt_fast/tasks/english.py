@@ -43,6 +43,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from rmt_fast.tasks.text_corpus import default_cache_dir
+
 SPLITS = ("train", "valid", "test")
 BUILD_VERSION = 2  # bump when the sources or the cleaning rules change (invalidates caches)
 MIN_WORDS, MAX_WORDS = 6, 40
@@ -163,10 +165,6 @@ def document_split(name: str, seed: int = 1, valid_fraction: float = 0.1,
 def _tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()[:16]
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("RMT_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rmt_fast")
 
 
 class NoiseSplit:
