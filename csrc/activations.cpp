@@ -14,26 +14,26 @@
 
 namespace rmt_fast {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // one clone per instruction set, picked at load time (the extension is built without -march)
-__attribute__((target_clones("avx512f", "avx2", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RMT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RMT_ISA_CLONES
 #endif
+
+RMT_ISA_CLONES
 void gelu_tanh_loop(const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh(x[i]);
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+RMT_ISA_CLONES
 void bf16_to_float_loop(const uint16_t* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_float(x[i]);
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+RMT_ISA_CLONES
 void float_to_bf16_loop(const float* x, uint16_t* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);

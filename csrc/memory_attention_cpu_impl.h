@@ -20,25 +20,13 @@ static_assert(kBR % 16 == 0 && kBK % 16 == 0, "tiles are whole 16-lane vectors")
 
 // ------------------------------------------------------------------------ element conversions
 
-inline float bf16_bits_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// bf16 <-> float: bf16_to_float / float_to_bf16 of activation_math.h (round to nearest even,
+// NaN stays NaN)
 
 template <typename T>
 inline float to_float(T x) {
   if constexpr (sizeof(T) == 2) {
-    return bf16_bits_to_float(x);
+    return bf16_to_float(x);
   } else {
     return x;
   }
@@ -47,7 +35,7 @@ inline float to_float(T x) {
 template <typename T>
 inline T from_float(float x) {
   if constexpr (sizeof(T) == 2) {
-    return float_to_bf16_bits(x);
+    return float_to_bf16(x);
   } else {
     return x;
   }
@@ -83,8 +71,8 @@ inline void to_bf16_pairs(const float* r0, const float* r1, uint16_t* dst, int64
   }
 #else
   for (int64_t m = 0; m < n; ++m) {
-    dst[2 * m] = float_to_bf16_bits(r0[m]);
-    dst[2 * m + 1] = float_to_bf16_bits(r1[m]);
+    dst[2 * m] = float_to_bf16(r0[m]);
+    dst[2 * m + 1] = float_to_bf16(r1[m]);
   }
 #endif
 }
@@ -96,7 +84,7 @@ inline void to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + m)));
   }
 #else
-  for (int64_t m = 0; m < n; ++m) dst[m] = float_to_bf16_bits(src[m]);
+  for (int64_t m = 0; m < n; ++m) dst[m] = float_to_bf16(src[m]);
 #endif
 }
 
@@ -376,7 +364,7 @@ inline void store_row(const float* src, float mul, TIn* dst, int64_t n) {
 #else
       alignas(64) float tmp[16];
       _mm512_store_ps(tmp, x);
-      for (int i = 0; i < 16; ++i) dst[d + i] = float_to_bf16_bits(tmp[i]);
+      for (int i = 0; i < 16; ++i) dst[d + i] = float_to_bf16(tmp[i]);
 #endif
     } else {
       _mm512_storeu_ps(dst + d, x);
