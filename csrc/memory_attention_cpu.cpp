@@ -26,12 +26,9 @@
 #include <string>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RMT_MA_X86 1
-#include <immintrin.h>
-#endif
 
 #include "activation_math.h"
+#include "cpu_isa.h"
 #include "memory_attention_cpu.h"
 
 namespace rmt_fast {
@@ -43,11 +40,14 @@ namespace generic {
 #undef RMT_MA_ISA
 }  // namespace generic
 
-#ifdef RMT_MA_X86
+#ifdef RMT_CPU_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")
 namespace avx512 {
 #define RMT_MA_ISA 1
+#define RMT_CPU_ISA 1
+#include "avx512_math.h"
+#undef RMT_CPU_ISA
 #include "memory_attention_cpu_impl.h"
 #undef RMT_MA_ISA
 }  // namespace avx512
@@ -57,6 +57,9 @@ namespace avx512 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,prefer-vector-width=512")
 namespace avx512bf16 {
 #define RMT_MA_ISA 2
+#define RMT_CPU_ISA 2
+#include "avx512_math.h"
+#undef RMT_CPU_ISA
 #include "memory_attention_cpu_impl.h"
 #undef RMT_MA_ISA
 }  // namespace avx512bf16
@@ -64,34 +67,6 @@ namespace avx512bf16 {
 #endif
 
 namespace {
-
-enum Isa : int { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-const char* const kIsaNames[] = {"generic", "avx512", "avx512_bf16"};
-
-int detected_isa() {
-  static const int isa = [] {
-#ifdef RMT_MA_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return __builtin_cpu_supports("avx512bf16") ? int(kAvx512Bf16) : int(kAvx512);
-    }
-#endif
-    return int(kGeneric);
-  }();
-  return isa;
-}
-
-// the detected instruction set, capped by RMT_FAST_CPU_ISA (read per call: tests switch it)
-int active_isa() {
-  const int isa = detected_isa();
-  const char* env = std::getenv("RMT_FAST_CPU_ISA");
-  if (env == nullptr || *env == '\0') return isa;
-  for (int i = 0; i < 3; ++i)
-    if (std::strcmp(env, kIsaNames[i]) == 0) return std::min(i, isa);
-  TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx512, avx512_bf16, got '", env,
-              "'");
-}
 
 struct Kernels {
   int64_t (*packed_bytes)(bool);
@@ -117,7 +92,7 @@ struct Kernels {
   }
 
 Kernels kernels_for(int isa) {
-#ifdef RMT_MA_X86
+#ifdef RMT_CPU_X86
   if (isa == kAvx512Bf16) return RMT_MA_KERNELS(avx512bf16);
   if (isa == kAvx512) return RMT_MA_KERNELS(avx512);
 #endif
@@ -264,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   at::Tensor out = at::empty({pl.B, pl.Hq, pl.L, pl.D}, q.options());
   at::Tensor lse = at::empty({pl.B, pl.Hq, pl.L}, q.options().dtype(at::kFloat));
   if (pl.B * pl.Hq * pl.L == 0) return {out, lse};
-  const Kernels kern = kernels_for(active_isa());
+  const Kernels kern = kernels_for(active_cpu_isa());
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
   const Strided sq = strided(q), sk = strided(k), sv = strided(v);
   const Strided spk = strided(past_k.value_or(at::Tensor())),
@@ -335,7 +310,7 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
       if (t->defined()) t->zero_();
     return result();
   }
-  const Kernels kern = kernels_for(active_isa());
+  const Kernels kern = kernels_for(active_cpu_isa());
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
   const Strided sq = strided(q), sk = strided(k), sv = strided(v), sdo = strided(dout),
                 so = strided(out);
@@ -379,7 +354,7 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
   return result();
 }
 
-std::string memory_attention_cpu_isa() { return kIsaNames[active_isa()]; }
+std::string memory_attention_cpu_isa() { return kCpuIsaNames[active_cpu_isa()]; }
 
 }  // namespace ma
 }  // namespace rmt_fast

@@ -1,7 +1,8 @@
 // Memory-attention CPU kernels for one instruction set. memory_attention_cpu.cpp includes this
 // file several times, each time inside its own namespace, under its own `#pragma GCC target`
 // and with RMT_MA_ISA set: 0 portable C++, 1 AVX-512F (float32 FMA microkernels), 2 AVX-512 with
-// BF16 dot products (_mm512_dpbf16_ps). No #include here: every header comes in before.
+// BF16 dot products (_mm512_dpbf16_ps). No #include here: every header comes in before (the
+// 16-lane element math, exp512 and the bf16 loads, from avx512_math.h).
 //
 // Scheme (FlashAttention-2 style, transposed): a task owns kBR query rows of one (batch, head).
 // For every key tile it may see (Plan::row_tiles: block skipping), it computes the transposed
@@ -425,27 +426,6 @@ void pack_kv_t(const Plan& pl, const Strided& k, const Strided& v, const Strided
   }
 }
 
-#if RMT_MA_ISA >= 1
-// exp(x) on 16 lanes (exp_approx's Cephes polynomial; 2^n by scalef), exactly 0 for x < -87
-// (so -inf scores give 0), NaN stays NaN
-inline __m512 exp512(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // x if NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  const __m512 z = _mm512_mul_ps(r, r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
-}
-#endif
 
 // Scores of one tile, in place in s [kt][kBR]: scaled, and -inf where hidden (the element mask
 // on mixed tiles, padded keys on every tile). With tmax, also the column (per query) maxima.
@@ -531,13 +511,6 @@ inline void mul_rows(float* x, const float* y, int64_t n) {
   for (int64_t m = 0; m < n; ++m) x[m] *= y[m];
 #endif
 }
-
-#if RMT_MA_ISA >= 1
-inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bf16 -> float32
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
 
 // sum_d a[d] b[d] over n elements (a multiple of 16), in an order that does not depend on the
 // inputs' strides

@@ -123,7 +123,14 @@ def _gelu_inputs() -> torch.Tensor:
     return x
 
 
-def test_gelu_tanh_matches_float64_reference():
+#: the kernel's code paths (csrc/cpu_isa.h); RMT_FAST_CPU_ISA caps the one it takes, so on a CPU
+#: without AVX-512 every value runs the portable loop
+GELU_ISAS = ["generic", "avx512", "avx512_bf16"]
+
+
+@pytest.mark.parametrize("isa", GELU_ISAS)
+def test_gelu_tanh_matches_float64_reference(isa, monkeypatch):
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
     x = _gelu_inputs()
     ref = F.gelu(x.double(), approximate="tanh")
     out = torch.ops.rmt_fast.gelu_tanh(x)
@@ -158,10 +165,12 @@ def test_gelu_tanh_layouts_dtypes_and_gradient():
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_gelu_tanh_bf16_matches_float64_reference():
+@pytest.mark.parametrize("isa", GELU_ISAS)
+def test_gelu_tanh_bf16_matches_float64_reference(isa, monkeypatch):
     """bf16: float32 arithmetic rounded once, so within one bf16 rounding (2^-8 relative) of the
     exact value, plus the float32 kernel's absolute floor where gelu(x) ~ 0 (x << 0: ATen's bf16
     kernel returns -0 there); never worse than ATen's own bf16 result."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
     x = _gelu_inputs().to(torch.bfloat16)
     assert torch.bfloat16 in ext.GELU_TANH_DTYPES
     ref = F.gelu(x.double(), approximate="tanh")

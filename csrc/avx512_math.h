@@ -1,0 +1,64 @@
+// 16-lane versions of activation_math.h's element math, for the AVX-512 code paths. No include
+// guard on purpose: it is included once per instruction-set namespace, inside a region compiled
+// for that set (#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq[,avx512bf16]")), with
+// RMT_CPU_ISA defined as 1 (AVX-512F) or 2 (AVX-512 BF16; native float -> bf16 rounding).
+
+// exp(x) on 16 lanes (exp_approx's Cephes polynomial; 2^n by scalef), exactly 0 for x < -87
+// (so -inf scores give 0), +inf above 88.7, NaN stays NaN
+inline __m512 exp512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // x if NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+
+// gelu_tanh of activation_math.h on 16 lanes: x / (1 + exp(-2u))
+inline __m512 gelu_tanh512(__m512 x) {
+  const __m512 cubic = _mm512_fmadd_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(0.044715f),
+                                       _mm512_set1_ps(1.0f));
+  const __m512 minus_2u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.5957691216057308f)),
+                                        cubic);
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(minus_2u)));
+}
+
+// 16 bf16 values at p as floats
+inline __m512 load_bf16x16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// the lanes of m of 16 bf16 values at p as floats (the other lanes 0, not read)
+inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 floats rounded to bf16 (to nearest even, NaN a quiet NaN: float_to_bf16), lanes of m stored
+inline void store_bf16x16(uint16_t* p, __mmask16 m, __m512 v) {
+#if RMT_CPU_ISA >= 2
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+                                16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+#endif
+}
+
+// mask of the first min(n, 16) lanes
+inline __mmask16 head_mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+}

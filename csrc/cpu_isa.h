@@ -1,0 +1,47 @@
+// Run-time choice of the CPU code path for the kernels that are compiled several times (portable
+// C++, AVX-512F, AVX-512 BF16): the extension is built without -march and still runs anywhere.
+// RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16 caps the choice (read per call: tests switch it).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RMT_CPU_X86 1
+#include <immintrin.h>
+#endif
+
+namespace rmt_fast {
+
+enum CpuIsa : int { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+inline const char* const kCpuIsaNames[] = {"generic", "avx512", "avx512_bf16"};
+
+// what this CPU supports (detected once)
+inline int detected_cpu_isa() {
+  static const int isa = [] {
+#ifdef RMT_CPU_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      return __builtin_cpu_supports("avx512bf16") ? int(kAvx512Bf16) : int(kAvx512);
+    }
+#endif
+    return int(kGeneric);
+  }();
+  return isa;
+}
+
+// the detected instruction set, capped by RMT_FAST_CPU_ISA
+inline int active_cpu_isa() {
+  const int isa = detected_cpu_isa();
+  const char* env = std::getenv("RMT_FAST_CPU_ISA");
+  if (env == nullptr || *env == '\0') return isa;
+  for (int i = 0; i < 3; ++i)
+    if (std::strcmp(env, kCpuIsaNames[i]) == 0) return std::min(i, isa);
+  TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx512, avx512_bf16, got '", env,
+              "'");
+}
+
+}  // namespace rmt_fast
