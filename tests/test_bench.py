@@ -168,12 +168,14 @@ def test_real_official_wrapper(mode):
 
 
 def test_dtype_reaches_the_models():
+    from transformers.pytorch_utils import Conv1D
+
     cfg = systems.CONFIGS["tiny"]
     tokens = torch.randint(1, cfg.vocab, (1, 40))
     seen = []
     hook = torch.nn.modules.module.register_module_forward_hook(
         lambda mod, inp, out: seen.append(out.dtype)
-        if type(mod).__name__ in ("Linear", "Conv1D") else None)  # GPT-2's projections: Conv1D
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) else None)  # GPT-2's projections: Conv1D
     try:
         systems.build("rmt_fast", "infer", cfg, 40, torch.bfloat16)(tokens)
         assert seen and set(seen) == {torch.bfloat16}

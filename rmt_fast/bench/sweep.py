@@ -242,11 +242,21 @@ def ceilings_markdown(before: dict | None, after: dict | None, threads: int) -> 
     lines = [f"### Machine ceilings ({threads} thread{'s' if threads > 1 else ''}; best of the "
              "timed runs, before / after the points)", "",
              "| measurement | before | after |", "|---|---|---|"]
+    def libraries(m, n):  # "214 (onednn; aten 95)": the ceiling and every library's rate
+        if not m:
+            return "failed"
+        r = m["matmul"].get(n)
+        if r is None:
+            return "-"
+        others = "; ".join(f"{k} {v:,.0f}" for k, v in r.get("library_gflops", {}).items()
+                           if k != r.get("library"))
+        tag = r.get("library", "")
+        return f"{r['gflops']:,.0f}" + (f" ({tag}{'; ' + others if others else ''})" if tag else "")
+
     for n in names:
         size = (before or after)["matmul"][n]["size"]
-        lines.append(f"| {n} matrix product {size}^3, GFLOP/s | "
-                     f"{cell(before, lambda m, n=n: m['matmul'][n]['gflops'])} | "
-                     f"{cell(after, lambda m, n=n: m['matmul'][n]['gflops'])} |")
+        lines.append(f"| {n} matrix product {size}^3, GFLOP/s | {libraries(before, n)} | "
+                     f"{libraries(after, n)} |")
     lines.append(f"| memory copy, GB/s (read + write) | {cell(before, lambda m: m['copy']['gbps'])} | "
                  f"{cell(after, lambda m: m['copy']['gbps'])} |")
     return "\n".join(lines + [""])

@@ -51,6 +51,7 @@ from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, m
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig
 from rmt_fast.models.decoder import _count_targets, _Segment
 from rmt_fast.models.memory_transformer import find_layers
+from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.ops.associative_memory import BACKENDS, associative_read, associative_write
 from rmt_fast.validation import check_causal_lm_call
@@ -578,6 +579,7 @@ class ARMTForCausalLM(RMTBase):
 
     # --- long-context use ------------------------------------------------------------------------
     @torch.no_grad()
+    @evaluating  # inference semantics (eval mode, packed linear layers on CPU), modes restored
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              state: ARMTState | None = None) -> ARMTState:
         """Read a context into the state without keeping logits."""
@@ -585,6 +587,7 @@ class ARMTForCausalLM(RMTBase):
                             return_logits=False).state
 
     @torch.no_grad()
+    @evaluating  # inference semantics (eval mode, packed linear layers on CPU), modes restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  state: ARMTState | None = None, **generate_kwargs) -> torch.Tensor:
         """Write every segment but the last into the state, then ``base.generate`` from the last

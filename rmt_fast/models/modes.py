@@ -1,5 +1,7 @@
 """Inference semantics for reading and generation: the model in eval mode (no dropout, no memory
-noise) for the duration of a call, every submodule's own mode restored afterwards."""
+noise) for the duration of a call, every submodule's own mode restored afterwards; and inference
+execution: linear layers through oneDNN with packed weights on CPU
+(:mod:`rmt_fast.integrations.packed_linear`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import threading
 from collections.abc import Iterator
 
 from torch import nn
+
+from rmt_fast.integrations.packed_linear import packed_linears
 
 _LOCK = threading.Lock()
 _USERS, _SAVED = "_rmt_fast_eval_users", "_rmt_fast_eval_saved"
@@ -39,12 +43,21 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
                     m.training = True
 
 
+@contextlib.contextmanager
+def inference(module: nn.Module, cache: dict | None = None) -> Iterator[None]:
+    """:func:`eval_mode` and :func:`~rmt_fast.integrations.packed_linear.packed_linears` of
+    ``module`` (packed weights kept in ``cache`` if given) inside the block: what reading and
+    generation run under."""
+    with eval_mode(module), packed_linears(module, cache=cache):
+        yield
+
+
 def evaluating(method):
-    """Decorator: run ``method(self, ...)`` under :func:`eval_mode` of ``self``."""
+    """Decorator: run ``method(self, ...)`` under :func:`inference` of ``self``."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with eval_mode(self):
+        with inference(self):
             return method(self, *args, **kwargs)
 
     return wrapper

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rmt_fast import dtypes
+from rmt_fast.integrations.packed_linear import packed_linears
 from rmt_fast.tasks.babi_qa import TASKS, BabiQA
 
 DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
@@ -73,22 +74,23 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
     size = data.segment_size
     bar = tqdm(total=samples * num_segments * size, unit="tok", unit_scale=True, disable=not progress,
                desc=f"{num_segments} segments", dynamic_ncols=True)
-    for lo in range(first, first + samples, batch_size):
-        plans = data.plans(split, num_segments, range(lo, min(lo + batch_size, first + samples)))
-        labels = data.labels(plans)
-        memory = model.expand_memory(len(plans))
-        with dtypes.autocast(dtype or torch.float32, model.device):
-            for ids, mask in data.stream(plans):
-                ids, mask = ids.to(model.device), mask.to(model.device, torch.bool)
-                out, memory = model.segment_forward(memory, ids, mask)
-                peak = max(peak, rss_mb())
-                bar.update(ids.numel())
-            alone, _ = model.segment_forward(model.expand_memory(len(plans)), ids, mask)
-        logits.append(out.logits.float().cpu())
-        base_logits.append(alone.logits.float().cpu())
-        predicted, base_predicted = logits[-1].argmax(-1), base_logits[-1].argmax(-1)
-        correct += int((predicted == labels).sum())
-        base_correct += int((base_predicted == labels).sum())
+    with packed_linears(model):  # CPU: linear layers through oneDNN with packed weights
+        for lo in range(first, first + samples, batch_size):
+            plans = data.plans(split, num_segments, range(lo, min(lo + batch_size, first + samples)))
+            labels = data.labels(plans)
+            memory = model.expand_memory(len(plans))
+            with dtypes.autocast(dtype or torch.float32, model.device):
+                for ids, mask in data.stream(plans):
+                    ids, mask = ids.to(model.device), mask.to(model.device, torch.bool)
+                    out, memory = model.segment_forward(memory, ids, mask)
+                    peak = max(peak, rss_mb())
+                    bar.update(ids.numel())
+                alone, _ = model.segment_forward(model.expand_memory(len(plans)), ids, mask)
+            logits.append(out.logits.float().cpu())
+            base_logits.append(alone.logits.float().cpu())
+            predicted, base_predicted = logits[-1].argmax(-1), base_logits[-1].argmax(-1)
+            correct += int((predicted == labels).sum())
+            base_correct += int((base_predicted == labels).sum())
     bar.close()
     seconds = time.perf_counter() - start
     tokens = num_segments * size

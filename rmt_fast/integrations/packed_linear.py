@@ -1,0 +1,185 @@
+"""CPU inference through oneDNN with pre-packed weights for a model's linear layers.
+
+ATen sends a CPU ``addmm`` to MKL, and MKL runs its AVX2 code on AMD CPUs: on this project's AMD
+EPYC (AVX-512) float32 products of our shapes ran at about 95-99 GFLOP/s through ``addmm`` and at
+about 215-223 GFLOP/s through oneDNN (which torch also ships) with the weight reordered once into
+oneDNN's blocked layout; bf16 products gained 0-10%. Measurements: ``bench/README.md``. oneDNN's
+packed linear op (``torch.ops.mkldnn._linear_pointwise``, the op ``torch.compile``'s CPU backend
+emits for linear layers) is called directly because ``torch.compile`` did not speed our reading up
+(it graph-breaks at every segment; ``bench/README.md``).
+
+:func:`packed_linears` swaps the classes of a module's ``nn.Linear`` and transformers ``Conv1D``
+layers for subclasses whose forward takes the packed path where it is valid and the layer's own
+forward everywhere else, and swaps them back on exit (the model is unchanged outside the block;
+parameters, state-dict keys and ``isinstance`` checks are untouched inside). The packed path is
+taken only where autograd does not record (``torch.no_grad``/``inference_mode``, or no input
+requiring grad), on CPU, for float32 or bfloat16 (under CPU autocast: the autocast dtype, as
+``F.linear`` would compute), when oneDNN is available (bf16: where oneDNN has bf16), not while
+``torch.compile`` traces. Outputs equal the layer's own to float rounding (tests/test_packed_linear.py).
+
+Packed weights live until the outermost block ends, or, with ``cache=`` (a dict the caller keeps:
+:class:`rmt_fast.streaming.StreamingReader` keeps one per reader), as long as that dict: a weight
+is packed again when its storage or version counter changed (``model.to``, an optimizer step,
+``load_state_dict``). Writes through ``.data`` (as peft's merge does) bump no version counter:
+after one, leave the block (or make a new reader), as for the diagonal executor's snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["packed_linears", "available", "PackedLinear"]
+
+_LOCK = threading.Lock()
+_USERS, _SWAPPED = "_rmt_fast_pack_users", "_rmt_fast_pack_swapped"
+_CACHE = "_rmt_fast_packed"  # on each swapped layer inside a block: {dtype: (ptr, version, packed)}
+
+
+def _ops_present() -> bool:
+    mk = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and mk is not None
+            and hasattr(mk, "_linear_pointwise") and hasattr(mk, "_reorder_linear_weight"))
+
+
+_AVAILABLE = None
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the packed path can run ``dtype`` (float32 or bfloat16) on this machine."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _ops_present()
+    if not _AVAILABLE or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the packed path computes ``x @ weight^T`` in, or None where it must not run."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if not {x.dtype, weight.dtype} <= {torch.float32, torch.bfloat16}:
+            return None
+    else:
+        dtype = x.dtype
+        if weight.dtype != dtype:
+            return None
+    return dtype if available(dtype) else None
+
+
+def _packed_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None, transposed: bool) -> torch.Tensor | None:
+    """``x @ W^T + bias`` through the packed weight, or None where the packed path must not run.
+    ``W`` is ``weight`` ``[out, in]`` (``nn.Linear``), or its transpose when ``transposed``
+    (``Conv1D``: ``weight`` ``[in, out]``)."""
+    dtype = _compute_dtype(x, weight)
+    in_features, out_features = weight.shape[::-1] if not transposed else weight.shape
+    if dtype is None or x.shape[-1] != in_features:
+        return None
+    cache = layer.__dict__.get(_CACHE)
+    if cache is None:
+        return None
+    key = (weight.data_ptr(), weight._version)
+    entry = cache.get(dtype)
+    rows = x.numel() // max(in_features, 1)
+    if entry is None or entry[0] != key:
+        w = weight.detach().t() if transposed else weight.detach()
+        # the row count of the first call is oneDNN's layout hint; any row count computes
+        entry = cache[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(
+            w.to(dtype).contiguous(), max(rows, 1)))
+    packed = entry[1]
+    x2 = x.reshape(rows, in_features).to(dtype)
+    b = None if bias is None else bias.detach().to(dtype)
+    out = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+    return out.view(*x.shape[:-1], out_features)
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` whose forward takes the packed oneDNN path where valid (see the module doc);
+    swapped in by :func:`packed_linears` only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _packed_forward(self, x, self.weight, self.bias, transposed=False)
+        return F.linear(x, self.weight, self.bias) if out is None else out
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None, None
+
+    class PackedConv1D(Conv1D):
+        """transformers ``Conv1D`` (GPT-2's linear layer; weight ``[in, out]``) with the packed
+        path; swapped in by :func:`packed_linears` only."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = _packed_forward(self, x, self.weight, self.bias, transposed=True)
+            return super().forward(x) if out is None else out
+
+    return Conv1D, PackedConv1D
+
+
+def _swap_table() -> dict[type, type]:
+    table: dict[type, type] = {nn.Linear: PackedLinear}
+    conv1d, packed_conv1d = _conv1d_class()
+    if conv1d is not None:
+        table[conv1d] = packed_conv1d
+    return table
+
+
+_TABLE: dict[type, type] | None = None
+
+
+@contextlib.contextmanager
+def packed_linears(module: nn.Module, enabled: bool = True,
+                   cache: dict | None = None) -> Iterator[int]:
+    """Inside the block, ``module``'s ``nn.Linear`` and ``Conv1D`` layers (exactly those types,
+    not subclasses) run CPU inference through oneDNN with pre-packed weights; yields the number
+    of layers swapped (0 where oneDNN is missing, or ``enabled`` is False, or the environment
+    sets ``RMT_FAST_PACKED_LINEAR=0``). ``cache``: a dict that keeps the packed weights after the
+    block (see the module doc). Nested and concurrent uses with one module are counted: the first
+    in swaps (with the first one's ``cache``), the last out restores."""
+    global _TABLE
+    if not enabled or os.environ.get("RMT_FAST_PACKED_LINEAR", "1") == "0" or not available():
+        yield 0
+        return
+    with _LOCK:
+        if _TABLE is None:
+            _TABLE = _swap_table()
+        users = module.__dict__.get(_USERS, 0)
+        if users == 0:
+            store = {} if cache is None else cache
+            swapped = []
+            for m in module.modules():
+                new = _TABLE.get(type(m))
+                if new is not None:
+                    swapped.append((m, type(m)))
+                    m.__class__ = new
+                    m.__dict__[_CACHE] = store.setdefault(m, {})
+            module.__dict__[_SWAPPED] = swapped
+        module.__dict__[_USERS] = users + 1
+        count = len(module.__dict__[_SWAPPED])
+    try:
+        yield count
+    finally:
+        with _LOCK:
+            module.__dict__[_USERS] -= 1
+            if module.__dict__[_USERS] == 0:
+                del module.__dict__[_USERS]
+                for m, cls in module.__dict__.pop(_SWAPPED):
+                    m.__class__ = cls
+                    m.__dict__.pop(_CACHE, None)
