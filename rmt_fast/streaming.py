@@ -38,9 +38,8 @@ class StreamingReader:
 
     Reading and generating use inference semantics: the model is put in eval mode for each call
     (no dropout, no memory noise) and every submodule's mode is restored afterwards. On CPU the
-    base model's linear layers run through oneDNN with weights packed once per reader
-    (:mod:`rmt_fast.integrations.packed_linear`; ``RMT_FAST_PACKED_LINEAR=0`` turns it off): a
-    weight changed in place through ``.data`` while a reader lives is not seen by that reader.
+    base model's linear layers run through oneDNN with packed weights
+    (:mod:`rmt_fast.integrations.packed_linear`; ``RMT_FAST_PACKED_LINEAR=0`` turns it off).
 
     Args:
         model: the wrapped model.
@@ -64,9 +63,6 @@ class StreamingReader:
         if dtype is not None:
             model.to(resolve_dtype(dtype, model.device))
         self.model, self.batch_size, self.progress = model, batch_size, progress
-        # the model's linear layers packed for oneDNN (CPU), kept while this reader lives:
-        # rmt_fast.integrations.packed_linear
-        self._packed: dict = {}
         self.reset()
 
     def reset(self) -> None:
@@ -159,7 +155,7 @@ class StreamingReader:
         bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not self.progress,
                    desc="reading", dynamic_ncols=True)
         try:
-            with inference(self.model, self._packed):
+            with inference(self.model):
                 for chunk in self._chunks(tokens):
                     if buffer.shape[1]:
                         chunk = torch.cat([buffer, chunk], dim=1)
@@ -177,7 +173,7 @@ class StreamingReader:
     def flush(self) -> None:
         """Read the buffered partial segment, if any."""
         if self._buffer.shape[1]:
-            with inference(self.model, self._packed):
+            with inference(self.model):
                 memory, xl = self._read_segment(self.memory, self.xl, self._buffer)
             self.memory, self.xl = memory, xl
             self.tokens_read += self._buffer.shape[1]
@@ -267,7 +263,7 @@ class StreamingReader:
         prompt_ids = prompt_ids.to(self.model.device)
         check_ids_in_range("prompt_ids", prompt_ids, self.vocab_size)
         memory, xl, buffer = self.memory, self.xl, self._buffer
-        with inference(self.model, self._packed):
+        with inference(self.model):
             if buffer.shape[1]:
                 memory, xl = self._read_segment(memory, xl, buffer)
             out = self.model.generate(prompt_ids, memory=memory, **generate_kwargs)

@@ -17,11 +17,14 @@ requiring grad), on CPU, for float32 or bfloat16 (under CPU autocast: the autoca
 ``F.linear`` would compute), when oneDNN is available (bf16: where oneDNN has bf16), not while
 ``torch.compile`` traces. Outputs equal the layer's own to float rounding (tests/test_packed_linear.py).
 
-Packed weights live until the outermost block ends, or, with ``cache=`` (a dict the caller keeps:
-:class:`rmt_fast.streaming.StreamingReader` keeps one per reader), as long as that dict: a weight
-is packed again when its storage or version counter changed (``model.to``, an optimizer step,
-``load_state_dict``). Writes through ``.data`` (as peft's merge does) bump no version counter:
-after one, leave the block (or make a new reader), as for the diagonal executor's snapshot.
+Packed weights are kept with the model (weakly: they go with the layer) so that a new reader or
+a new call does not pack again: oneDNN's reorder and its first call with a new weight cost about
+3 ms per layer, a quarter of a 4K-token read at the default bench size. A layer's packed weight
+is packed again when its weight's storage, version counter (``model.to``, optimizer steps,
+``load_state_dict``) or fingerprint changed; the fingerprint (the float64 sum and 2-norm of the
+weight) is taken when a block begins and catches writes through ``.data`` (which bump no version
+counter: peft's merge) between blocks, though not a change that only permutes a weight's
+elements. Weights must not change inside a block. :func:`clear` frees a module's packed weights.
 """
 
 from __future__ import annotations
@@ -29,17 +32,19 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["packed_linears", "available", "PackedLinear"]
+__all__ = ["packed_linears", "available", "clear", "PackedLinear"]
 
 _LOCK = threading.Lock()
 _USERS, _SWAPPED = "_rmt_fast_pack_users", "_rmt_fast_pack_swapped"
-_CACHE = "_rmt_fast_packed"  # on each swapped layer inside a block: {dtype: (ptr, version, packed)}
+#: layer -> {"fingerprint": (ptr, version, sum, norm) or None, dtype: (ptr, version, packed), ...}
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _ops_present() -> bool:
@@ -89,7 +94,7 @@ def _packed_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     in_features, out_features = weight.shape[::-1] if not transposed else weight.shape
     if dtype is None or x.shape[-1] != in_features:
         return None
-    cache = layer.__dict__.get(_CACHE)
+    cache = _PACKED.get(layer)
     if cache is None:
         return None
     key = (weight.data_ptr(), weight._version)
@@ -144,15 +149,37 @@ def _swap_table() -> dict[type, type]:
 _TABLE: dict[type, type] | None = None
 
 
+def _fingerprint(weight: torch.Tensor) -> tuple:
+    w = weight.detach()
+    return (w.data_ptr(), w._version, float(w.sum(dtype=torch.float64)),
+            float(torch.linalg.vector_norm(w, dtype=torch.float64)))
+
+
+def _validate(layer: nn.Module) -> None:
+    """Drop ``layer``'s packed weights if its weight changed since they were packed."""
+    cache = _PACKED.setdefault(layer, {})
+    if len(cache) <= 1:  # nothing packed yet: fingerprint lazily, when something is
+        cache["fingerprint"] = None
+        return
+    now = _fingerprint(layer.weight)
+    if cache.get("fingerprint") != now:
+        cache.clear()
+    cache["fingerprint"] = now
+
+
+def clear(module: nn.Module) -> None:
+    """Free the packed weights of ``module``'s layers."""
+    for m in module.modules():
+        _PACKED.pop(m, None)
+
+
 @contextlib.contextmanager
-def packed_linears(module: nn.Module, enabled: bool = True,
-                   cache: dict | None = None) -> Iterator[int]:
+def packed_linears(module: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, ``module``'s ``nn.Linear`` and ``Conv1D`` layers (exactly those types,
     not subclasses) run CPU inference through oneDNN with pre-packed weights; yields the number
     of layers swapped (0 where oneDNN is missing, or ``enabled`` is False, or the environment
-    sets ``RMT_FAST_PACKED_LINEAR=0``). ``cache``: a dict that keeps the packed weights after the
-    block (see the module doc). Nested and concurrent uses with one module are counted: the first
-    in swaps (with the first one's ``cache``), the last out restores."""
+    sets ``RMT_FAST_PACKED_LINEAR=0``). Nested and concurrent uses with one module are counted:
+    the first in swaps, the last out restores."""
     global _TABLE
     if not enabled or os.environ.get("RMT_FAST_PACKED_LINEAR", "1") == "0" or not available():
         yield 0
@@ -162,14 +189,13 @@ def packed_linears(module: nn.Module, enabled: bool = True,
             _TABLE = _swap_table()
         users = module.__dict__.get(_USERS, 0)
         if users == 0:
-            store = {} if cache is None else cache
             swapped = []
             for m in module.modules():
                 new = _TABLE.get(type(m))
                 if new is not None:
                     swapped.append((m, type(m)))
                     m.__class__ = new
-                    m.__dict__[_CACHE] = store.setdefault(m, {})
+                    _validate(m)
             module.__dict__[_SWAPPED] = swapped
         module.__dict__[_USERS] = users + 1
         count = len(module.__dict__[_SWAPPED])
@@ -182,4 +208,6 @@ def packed_linears(module: nn.Module, enabled: bool = True,
                 del module.__dict__[_USERS]
                 for m, cls in module.__dict__.pop(_SWAPPED):
                     m.__class__ = cls
-                    m.__dict__.pop(_CACHE, None)
+                    cache = _PACKED.get(m)
+                    if cache and len(cache) > 1 and cache.get("fingerprint") is None:
+                        cache["fingerprint"] = _fingerprint(m.weight)  # packed in this block

@@ -44,11 +44,10 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def inference(module: nn.Module, cache: dict | None = None) -> Iterator[None]:
+def inference(module: nn.Module) -> Iterator[None]:
     """:func:`eval_mode` and :func:`~rmt_fast.integrations.packed_linear.packed_linears` of
-    ``module`` (packed weights kept in ``cache`` if given) inside the block: what reading and
-    generation run under."""
-    with eval_mode(module), packed_linears(module, cache=cache):
+    ``module`` inside the block: what reading and generation run under."""
+    with eval_mode(module), packed_linears(module):
         yield
 
 
