@@ -63,22 +63,8 @@ void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
 #define RMT_CPU_ISA 1
-#include "avx512_math.h"
+#include "avx512_math.h"  // gelu_tanh_loop512, gelu_tanh_bf16_loop512
 #undef RMT_CPU_ISA
-
-void gelu_tanh_loop(const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    _mm512_mask_storeu_ps(y + i, m, gelu_tanh512(_mm512_maskz_loadu_ps(m, x + i)));
-  }
-}
-
-void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    store_bf16x16(y + i, m, gelu_tanh512(load_bf16x16(x + i, m)));
-  }
-}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -88,13 +74,6 @@ namespace avx512bf16 {
 #define RMT_CPU_ISA 2
 #include "avx512_math.h"
 #undef RMT_CPU_ISA
-
-void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    store_bf16x16(y + i, m, gelu_tanh512(load_bf16x16(x + i, m)));
-  }
-}
 }  // namespace avx512bf16
 #pragma GCC pop_options
 #endif
@@ -104,7 +83,7 @@ using Bf16Loop = void (*)(const uint16_t*, uint16_t*, int64_t);
 
 F32Loop gelu_f32_for(int isa) {
 #ifdef RMT_CPU_X86
-  if (isa >= kAvx512) return &avx512::gelu_tanh_loop;
+  if (isa >= kAvx512) return &avx512::gelu_tanh_loop512;
 #endif
   (void)isa;
   return &gelu_tanh_loop;
@@ -112,8 +91,8 @@ F32Loop gelu_f32_for(int isa) {
 
 Bf16Loop gelu_bf16_for(int isa) {
 #ifdef RMT_CPU_X86
-  if (isa >= kAvx512Bf16) return &avx512bf16::gelu_tanh_bf16_loop;
-  if (isa == kAvx512) return &avx512::gelu_tanh_bf16_loop;
+  if (isa >= kAvx512Bf16) return &avx512bf16::gelu_tanh_bf16_loop512;
+  if (isa == kAvx512) return &avx512::gelu_tanh_bf16_loop512;
 #endif
   (void)isa;
   return &gelu_tanh_bf16_loop;

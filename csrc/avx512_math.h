@@ -62,3 +62,19 @@ inline void store_bf16x16(uint16_t* p, __mmask16 m, __m512 v) {
 inline __mmask16 head_mask16(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
 }
+
+// y = gelu_tanh(x) over n floats
+inline void gelu_tanh_loop512(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    _mm512_mask_storeu_ps(y + i, m, gelu_tanh512(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+// y = bf16(gelu_tanh(x)) over n bf16 values (float32 arithmetic, rounded once)
+inline void gelu_tanh_bf16_loop512(const uint16_t* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    store_bf16x16(y + i, m, gelu_tanh512(load_bf16x16(x + i, m)));
+  }
+}
