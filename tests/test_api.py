@@ -27,6 +27,35 @@ def test_top_level_exports():
         rmt_fast.Nope  # noqa: B018
 
 
+_IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys, warnings
+warnings.simplefilter("ignore")
+import rmt_fast
+names = sorted(m.name for m in pkgutil.walk_packages(rmt_fast.__path__, "rmt_fast."))
+bad = []
+for name in names:
+    for key in [k for k in sys.modules if k == "rmt_fast" or k.startswith("rmt_fast.")]:
+        del sys.modules[key]  # torch, transformers stay imported: each pass takes milliseconds
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        bad.append(f"{name}: {type(e).__name__}: {e}")
+print(len(names))
+print("\\n".join(bad))
+"""
+
+
+def test_every_module_imports_first():
+    """Each submodule imports as the first rmt_fast module of a process: no import cycle that
+    only the usual order (``rmt_fast.models`` before ``rmt_fast.checkpoint``, say) hides."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert int(lines[0]) > 40, lines[0]  # the walk found the package
+    assert lines[1:] == [], "\n".join(lines[1:])
+
+
 def test_import_is_lazy():
     """``import rmt_fast`` does not import the models, the trainer or the streaming reader."""
     code = ("import sys, rmt_fast; mods = [m for m in ('rmt_fast.models.decoder', 'rmt_fast.train', "

@@ -45,13 +45,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from rmt_fast.checkpoint import is_cut
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig
 from rmt_fast.models.decoder import _count_targets, _Segment
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
+from rmt_fast.models.segment_loop import is_cut
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.ops.associative_memory import BACKENDS, associative_read, associative_write
 from rmt_fast.validation import check_causal_lm_call
