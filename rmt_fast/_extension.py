@@ -249,19 +249,32 @@ class MemoryStore:
 
     def put(self, segment: int, state: torch.Tensor) -> None:
         """Store ``state`` (``[B, M, d]``, detached) for ``segment``, replacing any previous one."""
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"MemoryStore.put: segment {int(segment)}: state must be a tensor "
+                            f"[B, M, d], got {type(state).__name__}")
         self._impl.put(int(segment), state)
+
+    def _require(self, what: str, segment: int) -> int:
+        # Checked here as well as in C++: a C++ exception killed the process instead of raising
+        # with extensions built on one CUDA machine (bench/README.md, GPU check 2026-12-04).
+        segment = int(segment)
+        if not self._impl.has(segment):
+            stored = self.segments()
+            raise RuntimeError(f"MemoryStore.{what}: no memory state stored for segment {segment}; "
+                               f"stored segments: {stored} ({len(stored)} states)")
+        return segment
 
     def get(self, segment: int) -> torch.Tensor:
         """The state of ``segment`` on its original device."""
-        return self._impl.get(int(segment))
+        return self._impl.get(self._require("get", segment))
 
     def pop(self, segment: int) -> torch.Tensor:
         """:meth:`get`, then forget the segment."""
-        return self._impl.pop(int(segment))
+        return self._impl.pop(self._require("pop", segment))
 
     def prefetch(self, segment: int) -> None:
         """Start bringing an offloaded CUDA state back to its device (no-op otherwise)."""
-        self._impl.prefetch(int(segment))
+        self._impl.prefetch(self._require("prefetch", segment))
 
     def has(self, segment: int) -> bool:
         return bool(self._impl.has(int(segment)))

@@ -33,6 +33,7 @@ script's plumbing, not the GPU.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import glob
@@ -401,6 +402,79 @@ def stage_verify_install(ctx: Ctx, rec: Recorder) -> None:
         return "all 5 ops have CUDA kernels"
 
     rec.check("CUDA kernels registered", cuda_kernels, skip=ctx.no_cuda)
+    rec.check("C++ errors reach Python", lambda: _exception_probe(rec))
+
+
+# A TORCH_CHECK that fails inside an extension: RuntimeError, or (seen on the H200 image,
+# 2026-12-04: torch 2.11.0+cu130, Ubuntu g++ 13.3) a segfault of the whole process, for any
+# extension built there (a minimal load_inline one too), while torch's own errors were fine.
+_THROW_OURS = ("import torch, rmt_fast._extension\n"
+               "try:\n    torch.ops.rmt_fast.assemble_segment(torch.randn(2, 3, 4), "
+               "torch.randn(2, 5, 8), torch.randn(2, 3, 4))\n"
+               "except RuntimeError:\n    print('raised')\n")
+_THROW_INLINE = ("import torch, sys\nfrom torch.utils.cpp_extension import load_inline\n"
+                 "src = '#include <torch/extension.h>\\nat::Tensor boom(at::Tensor x) "
+                 "{ TORCH_CHECK(x.dim() == 5, \"boom\"); return x; }\\n'\n"
+                 "m = load_inline(name='boom_' + sys.argv[1], cpp_sources=src, functions=['boom'], "
+                 "extra_ldflags=sys.argv[2:])\n"
+                 "try:\n    m.boom(torch.ones(2))\nexcept RuntimeError:\n    print('raised')\n")
+
+
+def _throws_cleanly(code: str, *args: str, timeout: float = 150) -> str:
+    """Run ``code`` in a fresh process: "raised", or how it ended (exit code, signal)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             timeout=timeout, cwd=tempfile.gettempdir())
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    if out.returncode == 0 and out.stdout.strip().endswith("raised"):
+        return "raised"
+    return f"exit code {out.returncode}: {(out.stderr or out.stdout).strip()[-200:]}"
+
+
+def _link_facts() -> dict:
+    """Which libraries the extension needs, and which torch libraries define the C++ runtime's
+    throw/unwind entry points (a copy of libstdc++/libgcc inside torch is the usual suspect)."""
+    import torch
+
+    from rmt_fast import _extension as ext
+
+    facts = {}
+    so = getattr(getattr(ext, "_C", None), "__file__", None) or next(iter(glob.glob(
+        os.path.join(os.path.dirname(ext.__file__), "_C*.so"))), None)
+    try:
+        dyn = subprocess.run(["readelf", "-d", so], capture_output=True, text=True).stdout
+        facts["needed"] = [ln.split("[")[-1].rstrip("]") for ln in dyn.splitlines() if "NEEDED" in ln]
+    except Exception as e:  # readelf missing
+        facts["needed"] = f"{type(e).__name__}: {e}"
+    defs = {}
+    for lib in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*.so*"))):
+        try:
+            nm = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True,
+                                text=True, timeout=60).stdout
+        except Exception:
+            continue
+        hit = [sym for sym in ("__cxa_throw", "__gxx_personality_v0", "_Unwind_Resume", "_Znwm")
+               if any(ln.endswith(" " + sym) for ln in nm.splitlines())]
+        if hit:
+            defs[os.path.basename(lib)] = hit
+    facts["torch_libs_defining_runtime"] = defs
+    return facts
+
+
+def _exception_probe(rec: Recorder) -> str:
+    ours = _throws_cleanly(_THROW_OURS, timeout=60)
+    if ours == "raised":
+        return "a failing TORCH_CHECK in rmt_fast._C raised RuntimeError"
+    facts = _link_facts()
+    # the same throw from minimal extensions built here: default link, libstdc++ linked first
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = pool.map(lambda a: _throws_cleanly(_THROW_INLINE, *a),
+                        [("default",), ("stdcxx", "-lstdc++")])
+        variants = dict(zip(("default", "lstdcxx_first"), runs, strict=True))
+    rec.metric(exception_probe=dict(ours=ours, inline=variants, **facts))
+    raise AssertionError(f"a failing TORCH_CHECK in rmt_fast._C ended the process ({ours}); "
+                         f"minimal load_inline extensions: {variants}; link facts in metrics")
 
 
 def stage_ceilings(ctx: Ctx, rec: Recorder) -> None:
@@ -544,13 +618,19 @@ def stage_memory_store(ctx: Ctx, rec: Recorder) -> None:
         return f"{n} states of {list(shape)} bf16 through pinned host memory"
     rec.check("offload + prefetch on a side stream", offload_streams, skip=ctx.no_cuda)
 
-    def cpu_roundtrip():
+    def roundtrip():  # get without a prefetch: the copy back runs on the current stream
         store = MemoryStore(offload=True)
         s = torch.randn(2, 4, 8, device=dev)
         store.put(3, s)
         want = s.clone()
         s.zero_()
         assert torch.equal(store.get(3), want)
+        return ""
+    rec.check("put/get without prefetch", roundtrip)
+
+    def missing():
+        store = MemoryStore(offload=True)
+        store.put(3, torch.randn(2, 4, 8, device=dev))
         try:
             store.get(4)
         except RuntimeError as e:
@@ -558,7 +638,7 @@ def stage_memory_store(ctx: Ctx, rec: Recorder) -> None:
         else:
             raise AssertionError("get of a missing segment did not raise")
         return ""
-    rec.check("put/get/missing segment", cpu_roundtrip)
+    rec.check("get of a missing segment raises", missing)
 
     def bptt_offload():
         model, cfg = _gpt2_rmt(Ctx(ctx.device, True, ctx.budget_s, {}), checkpoint=False)
@@ -908,6 +988,9 @@ INSTALL_BUDGET_S = 240
 
 def child_main(a) -> int:
     """``--stage NAME``: run one stage in this process and write its result."""
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code still names the Python line in the log
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not a.dry_run else "cpu"

@@ -330,6 +330,26 @@ def test_memory_store_missing_segment(method):
     assert torch.equal(store.get(3), torch.ones(2))
 
 
+@pytest.mark.skipif(not ext.HAS_EXTENSION, reason="the C++ class needs the extension")
+def test_memory_store_missing_segment_cpp_check():
+    """The C++ class checks too (the wrapper checks first, see MemoryStore._require)."""
+    raw = torch.classes.rmt_fast.MemoryStore(False)
+    raw.put(2, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"MemoryStore\.pop: no memory state stored for "
+                                           r"segment 5; stored segments: \[2\]"):
+        raw.pop(5)
+    assert raw.segments() == [2]
+
+
+def test_memory_store_put_needs_a_tensor():
+    store = ext.MemoryStore()
+    store.put(0, torch.ones(2))
+    with pytest.raises(TypeError, match=r"MemoryStore\.put: segment 1: state must be a tensor "
+                                        r"\[B, M, d\], got NoneType"):
+        store.put(1, None)
+    assert store.segments() == [0]
+
+
 # -------------------------------------------------------------------------------------- fallback
 
 def test_fallback_without_extension_warns_once_and_matches():
