@@ -18,6 +18,8 @@ Meant for a fresh CUDA machine (H100/H200) that has torch and triton but nothing
   train_step         GPT-2-small RMT training step, segment checkpointing, bf16 autocast:
                      tokens/s, allocator peak vs the uncheckpointed step, same loss
   streaming_1m       StreamingReader over 1,000,000 tokens (bf16): tokens/s, allocator peak
+  armt               ARMT's associative read/write kernels vs float64 (forward and backward,
+                     fp32/bf16); GPT-2-small ARMT read: diagonal executor vs sequential order
   kernel_timing      Triton vs SDPA vs FlexAttention (same mask) vs FlashAttention (when
                      installed): TFLOP/s and fraction of peak (rmt_fast/bench/roofline.py)
 
@@ -918,6 +920,102 @@ def stage_streaming(ctx: Ctx, rec: Recorder) -> None:
     rec.check(f"StreamingReader over {total:,} tokens", read)
 
 
+def stage_armt(ctx: Ctx, rec: Recorder) -> None:
+    """ARMT on the device: the associative read/write kernels against the float64 reference
+    (forward and backward), then a GPT-2-small ARMT read in the sequential order against the
+    diagonal executor (same logits; time of each)."""
+    import torch
+
+    from rmt_fast.ops.associative_memory import associative_read, associative_write
+
+    dev = ctx.device
+    backend = "triton" if ctx.cuda else "torch"  # a dry run has no Triton interpreter set up
+    b, length, m, dm, d = (2, 528, 16, 64, 768) if not ctx.tiny else (2, 40, 4, 8, 32)
+    k = 6 * dm  # nu = 3
+
+    def op_case(dtype_name: str):
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator().manual_seed(zlib.crc32(dtype_name.encode()))
+
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dev)
+
+        base = dict(x=rnd(b, length, dm), A=rnd(b, k, d, scale=0.1), z=rnd(b, k).abs() + 1.0,
+                    km=rnd(b, m, dm), v=rnd(b, m, d), beta=torch.sigmoid(rnd(b, m)))
+        grad_out = rnd(b, length, d)
+
+        def run(which: str, dt):
+            t = {n: x.to(dt).requires_grad_(n != "beta") for n, x in base.items()}
+            out = associative_read(t["x"], t["A"], t["z"], backend=which)
+            A2, z2 = associative_write(t["km"], t["v"], t["beta"], t["A"], t["z"], first=False,
+                                       backend=which)
+            loss = (out * grad_out.to(dt)).sum() + A2.float().square().sum() + z2.float().sum()
+            grads = torch.autograd.grad(loss, [t[n] for n in ("x", "A", "z", "km", "v")])
+            return [out, A2, z2, *grads]
+
+        ref = run("reference", torch.float64)
+        same = run("reference", dtype)  # the same math in the same dtype: the error floor
+        got = run(backend, dtype)
+        names = ["read", "A'", "z'", "dx", "dA", "dz", "dkm", "dv"]
+        worst = 0.0
+        for name, r, s_, g in zip(names, ref, same, got, strict=True):
+            err = (g.double() - r).abs().max().item()
+            bound = 3 * (s_.double() - r).abs().max().item() + TOL_FLOOR[dtype_name] * (
+                1 + r.abs().max().item())
+            worst = max(worst, err / bound)
+            assert err <= bound, f"{dtype_name} {name}: error {err:.3g} > bound {bound:.3g}"
+        return f"{backend} vs float64: worst error / bound {worst:.2f} (8 outputs and gradients)"
+
+    for name in ("float32", "bfloat16"):
+        rec.check(f"associative read + write, {name}", lambda n=name: op_case(n))
+
+    def diagonal():
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from rmt_fast.models.armt import ARMTForCausalLM
+
+        layers, dmod, heads, vocab, seg, mem, segs = (12, 768, 12, 50257, 512, 16, 16) \
+            if not ctx.tiny else (2, 64, 2, 100, 16, 4, 4)
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=dmod, n_head=heads,
+                                          vocab_size=vocab, n_positions=seg + mem,
+                                          bos_token_id=0, eos_token_id=0))
+        dtype = torch.bfloat16 if ctx.cuda else torch.float32
+        model = ARMTForCausalLM(base, num_mem_tokens=mem, d_mem=64 if not ctx.tiny else 8,
+                                segment_size=seg).to(dev, dtype).eval()
+        with torch.no_grad():
+            for a in model.assoc:
+                a.W_mv.weight.normal_(0, 0.02)  # a non-zero write: the state matters
+        ids = torch.randint(1, vocab, (1, seg * segs), generator=torch.Generator().manual_seed(5))
+        ids = ids.to(dev)
+        ex = model.diagonal(grouped=True)
+        with torch.no_grad():
+            seq = model(ids).logits.float()
+            dia = ex(ids).logits.float()
+            rel = ((dia - seq).norm() / seq.norm()).item()
+            times = {}
+            for _ in range(3):
+                for name, fn in (("sequential", lambda: model(ids, return_logits=True)),
+                                 ("diagonal", lambda: ex(ids))):
+                    _sync(ctx)
+                    t = time.perf_counter()
+                    fn()
+                    _sync(ctx)
+                    times.setdefault(name, []).append(time.perf_counter() - t)
+        tps = {n: ids.numel() / sorted(v)[1] for n, v in times.items()}
+        rec.metric(armt_tokens=ids.numel(), armt_dtype=str(dtype).split(".")[-1],
+                   armt_logits_rel_diff=rel, armt_sequential_tokens_per_s=tps["sequential"],
+                   armt_diagonal_tokens_per_s=tps["diagonal"])
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert rel <= tol, f"diagonal vs sequential logits: relative difference {rel:.3g} > {tol}"
+        return (f"{layers} layers x {segs} segments, {ids.numel():,} tokens, "
+                f"{str(dtype).split('.')[-1]}: logits rel diff {rel:.1e}; sequential "
+                f"{tps['sequential']:,.0f} tokens/s, diagonal {tps['diagonal']:,.0f} "
+                f"({tps['diagonal'] / tps['sequential']:.2f}x)")
+
+    rec.check("ARMT GPT-2-small read: diagonal executor vs sequential", diagonal)
+
+
 def stage_kernel_timing(ctx: Ctx, rec: Recorder) -> None:
     import torch
 
@@ -981,6 +1079,7 @@ STAGES = {
     "triton_correctness": (stage_triton_correctness, 130),
     "train_step": (stage_train_step, 75),
     "streaming_1m": (stage_streaming, 90),
+    "armt": (stage_armt, 60),
     "kernel_timing": (stage_kernel_timing, 150),
 }
 INSTALL_BUDGET_S = 240
@@ -1064,7 +1163,7 @@ def parent_main(a) -> int:
     else:
         stage_env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("verify_install", "ceilings", "extension_ops", "memory_store",
-                 "triton_correctness", "train_step", "streaming_1m", "kernel_timing"):
+                 "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing"):
         stages.append(child(name, STAGES[name][1] * (a.budget_scale or 1.0)))
     if a.stages:
         stages = [s for s in stages if s.name in a.stages]

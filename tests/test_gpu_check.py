@@ -176,7 +176,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert data["mode"].startswith("dry run")
     names = list(data["stages"])
     assert names == ["environment", "verify_install", "ceilings", "extension_ops", "memory_store",
-                     "triton_correctness", "train_step", "streaming_1m", "kernel_timing"]
+                     "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing"]
     assert all(s["status"] == "ok" for s in data["stages"].values()), data["stages"]
     skipped = [c["name"] for s in data["stages"].values() for c in s.get("checks", [])
                if c["status"] == "skipped"]
@@ -185,4 +185,8 @@ def test_dry_run_end_to_end(tmp_path):
     rows = data["stages"]["triton_correctness"]["rows"]
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     assert data["stages"]["streaming_1m"]["metrics"]["tokens_read"] == 4096
+    checks = {c["name"]: c["status"] for s in data["stages"].values() for c in s.get("checks", [])}
+    assert checks["C++ errors reach Python"] == "ok"
+    assert checks["get of a missing segment raises"] == "ok"
+    assert data["stages"]["armt"]["metrics"]["armt_logits_rel_diff"] < 1e-5
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
