@@ -544,10 +544,6 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
     env = rd.init_distributed(model.device)
     changes = {k: v for k, v in (("bptt_depth", cfg.bptt_depth),
                                  ("checkpoint_segments", cfg.checkpoint_segments)) if v is not None}
-    if not hasattr(model.rmt_config, "checkpoint_segments"):  # ARMT
-        if changes.pop("checkpoint_segments", False):
-            raise ValueError(f"checkpoint_segments=True: {type(model).__name__} has no segment "
-                             "checkpointing")
     model.replace_config(**changes)
     for n in cfg.stages:
         task.splits(n)  # fail early on impossible lengths
@@ -797,12 +793,11 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if model == "armt":
         rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0),
-                    "memory_noise": (memory_noise, 0.0),
-                    "checkpoint_segments": (bool(checkpoint_segments), False)}
+                    "memory_noise": (memory_noise, 0.0)}
         bad = sorted(k for k, (v, default) in rmt_only.items() if v != default)
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
-                             "and has no XL cache, memory noise or segment checkpointing")
+                             "and has no XL cache or memory noise")
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
                         n_embd=d_model, n_layer=layers, n_head=heads, n_inner=d_inner,
@@ -814,7 +809,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         torch_default_init(base)
     if model == "armt":
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
-                               d_mem=d_mem, bptt_depth=-1 if bptt_depth is None else bptt_depth)
+                               d_mem=d_mem, bptt_depth=-1 if bptt_depth is None else bptt_depth,
+                               checkpoint_segments=bool(checkpoint_segments))
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
                           checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise)

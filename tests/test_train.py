@@ -318,8 +318,14 @@ def test_armt_trains_resumes_exactly_and_uses_its_memory(tmp_path):
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(ValueError, match="RMT options"):
         tiny(task, model="armt", mask="rmt")
-    with pytest.raises(ValueError, match="no segment checkpointing"):
-        train(tiny(task, model="armt"), task, 1, checkpoint_segments=True, progress=False)
+    # segment checkpointing through the shared loop: the same training, fewer saved activations
+    plain, ckpt = tiny(task, model="armt", d_mem=8), tiny(task, model="armt", d_mem=8)
+    kw2 = dict(segments=3, batch_size=4, eval_every=10, eval_size=8, progress=False)
+    train(plain, task, 3, **kw2)
+    train(ckpt, task, 3, checkpoint_segments=True, **kw2)
+    assert ckpt.rmt_config.checkpoint_segments and not plain.rmt_config.checkpoint_segments
+    for k, v in _params(plain).items():
+        torch.testing.assert_close(v, ckpt.state_dict()[k], rtol=1e-5, atol=1e-6)
 
 
 def test_armt_copies_across_segments_through_its_associative_memory():

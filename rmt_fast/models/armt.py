@@ -37,12 +37,14 @@ import contextvars
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
@@ -51,7 +53,7 @@ from rmt_fast.models.config import ALIGNMENTS, SavedConfig
 from rmt_fast.models.decoder import _count_targets, _Segment
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
-from rmt_fast.models.segment_loop import is_cut
+from rmt_fast.models.segment_loop import run_segments
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.ops.associative_memory import BACKENDS, associative_read, associative_write
 from rmt_fast.validation import check_causal_lm_call
@@ -83,6 +85,10 @@ class ARMTConfig(SavedConfig):
         state_dtype: dtype of the associative parameters and state (``float32``, ...); None =
             the base model's dtype.
         backend: associative-memory backend (``auto``, ``torch``, ``triton``, ``reference``).
+        checkpoint_segments: segment-level gradient checkpointing (the shared segment loop's:
+            only each segment's state and token ids are kept between forward and backward).
+        offload_memory: with ``checkpoint_segments``, keep those states in pinned host memory
+            (accelerator states only).
     """
 
     #: the file ``save``/``load`` use inside a checkpoint directory
@@ -101,6 +107,8 @@ class ARMTConfig(SavedConfig):
     state_dtype: str | None = None
     backend: str = "auto"
     fuse_activations: bool = True
+    checkpoint_segments: bool = False
+    offload_memory: bool = False
     kind: str = "armt"
 
     def __post_init__(self) -> None:
@@ -117,7 +125,7 @@ class ARMTConfig(SavedConfig):
         pos_int("d_mem", 1)
         pos_int("segment_size", 1)
         pos_int("nu", 1)
-        for name in ("correction", "use_l2_norm"):
+        for name in ("correction", "use_l2_norm", "checkpoint_segments", "offload_memory"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got "
                                                           f"{getattr(self, name)!r}")
         need(isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0,
@@ -276,6 +284,20 @@ def _make_hook(idx: int, num_mem_tokens: int):
         return None
 
     return hook
+
+
+def _flatten_state(state: ARMTState):
+    return [state.A, state.z], state.segments
+
+
+def _unflatten_state(children, segments: int) -> ARMTState:
+    return ARMTState(tuple(children[0]), tuple(children[1]), segments)
+
+
+# a pytree (leaves: every A and z; the segment count is context), so that the shared segment loop
+# can detach it, keep padded rows and checkpoint it
+pytree.register_pytree_node(ARMTState, _flatten_state, _unflatten_state,
+                            serialized_type_name="rmt_fast.models.armt.ARMTState")
 
 
 def split_segments(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -519,28 +541,22 @@ class ARMTForCausalLM(RMTBase):
         if state is not None:
             self._check_state(state, input_ids.shape[0])
 
-    def run_segments(self, segments: list[_Segment], state: ARMTState, *,
-                     n_targets: int | None, return_logits: bool):
-        """ARMT's loop over segments (the one place to port onto a shared segment loop).
-
-        Returns ``(loss or None, [logits per segment], final state)``; ``loss`` is the sum of the
-        per-segment summed cross-entropies divided by ``n_targets``."""
-        loss = None if n_targets is None else torch.zeros((), device=self.device,
-                                                           dtype=torch.promote_types(
-                                                               self.memory.dtype, torch.float32))
-        logits = []
-        for t, seg in enumerate(segments):
-            if is_cut(t, len(segments), self.rmt_config.bptt_depth):
-                state = state.detach()
-            need = return_logits or seg.targets is not None
-            hidden, state = self.segment_forward(state, seg.ids, seg.mask, need_hidden=need)
-            if need:
-                seg_logits = self.logits(hidden)
-                if seg.targets is not None and n_targets:
-                    loss = loss + _ce_sum(seg_logits, seg.targets) / n_targets
-                if return_logits:
-                    logits.append(seg_logits)
-        return loss, logits, state
+    def _step(self, state: ARMTState, seg: _Segment, t: int, *, n_targets: int | None,
+              logits: bool):
+        """ARMT's step of :func:`rmt_fast.models.segment_loop.run_segments`: one segment, its
+        summed cross-entropy over ``n_targets`` (when it has targets) and its logits
+        ``[B, S, V]`` when asked for."""
+        has_loss = bool(n_targets) and seg.targets is not None
+        hidden, state = self.segment_forward(state, seg.ids, seg.mask,
+                                             need_hidden=logits or has_loss)
+        out = {}
+        if logits or has_loss:
+            seg_logits = self.logits(hidden)
+            if has_loss:
+                out["loss"] = _ce_sum(seg_logits, seg.targets) / n_targets
+            if logits:
+                out["logits"] = seg_logits
+        return state, out
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels_mask: torch.Tensor | None = None,
@@ -560,12 +576,17 @@ class ARMTForCausalLM(RMTBase):
         if state is None:
             state = self.init_state(input_ids.shape[0])
         n_targets = _count_targets(segments) if labels is not None else None
-        loss, logits, state = self.run_segments(segments, state, n_targets=n_targets,
-                                                return_logits=return_logits)
+        step = partial(self._step, n_targets=n_targets, logits=return_logits)
+        res = run_segments(step, state, segments, bptt_depth=cfg.bptt_depth,
+                           checkpoint=cfg.checkpoint_segments, offload=cfg.offload_memory)
+        loss = res.loss
+        if n_targets is not None and loss is None:  # no target position at all
+            loss = torch.zeros((), device=self.device,
+                               dtype=torch.promote_types(self.memory.dtype, torch.float32))
         if persist:
-            self.memory_state = state
-        return ARMTOutput(loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None,
-                          state=state)
+            self.memory_state = res.state
+        return ARMTOutput(loss=loss, logits=torch.cat(res.outputs["logits"], dim=1)
+                          if return_logits else None, state=res.state)
 
     def num_targets(self, input_ids: torch.Tensor, labels: torch.Tensor,
                     labels_mask: torch.Tensor | None = None,
