@@ -65,3 +65,14 @@ def test_cpu_main_smoke(tmp_path):
     assert status[("flex", "rmt", "fwd")] == "ok"
     assert status[("flex", "rmt", "fwd+bwd")].startswith("skipped")
     assert len(ok) == len(rows) - 4  # sdpa_causal x rmt x 2 modes, flex backward x 2 masks
+
+
+def test_compiled_flex_starts_from_clear_dynamo_caches(monkeypatch):
+    """Each flex case compiles from clear caches: past Dynamo's recompile limit the bench would
+    time eager flex_attention (what the first GPU check did for 3 of its 8 flex rows)."""
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(("compile", fn.__name__,
+                                                                         kw)) or fn)
+    kb.compiled_flex()
+    assert calls == ["reset", ("compile", "flex_attention", {"dynamic": False})]
