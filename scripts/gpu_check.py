@@ -1156,8 +1156,10 @@ def parent_main(a) -> int:
         pip_log = os.path.join(out_dir, "install.log")
         inst = install_env(env, probe.get("capability"))
         log_q = shlex.quote(pip_log)
+        res_q = shlex.quote(os.path.join(work, "install.json"))
         cmd = ["bash", "-c", f"{shlex.join(install_command(python, REPO))} > {log_q} 2>&1; "
-               f"rc=$?; tail -5 {log_q}; exit $rc"]
+               f"rc=$?; tail -5 {log_q}; if [ $rc = 0 ]; then echo '{{\"status\": \"ok\"}}' "
+               f"> {res_q}; fi; exit $rc"]
         stages.append(Stage("install", INSTALL_BUDGET_S, cmd, os.path.join(work, "install.json"),
                             inst))
     else:
