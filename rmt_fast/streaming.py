@@ -1,11 +1,12 @@
 """Streaming long-context reading: feed any number of tokens, keep only the recurrent state.
 
 Peak memory does not depend on the input length: each segment's activations are dropped once
-its memory (and XL cache) is computed; no logits are made while reading.
+its state is computed (an RMT's memory and XL cache, an ARMT's associative state); no logits
+are made while reading.
 
 Every call is atomic: :meth:`StreamingReader.feed`, ``flush``, ``generate`` and ``load`` either
-succeed or leave the reader exactly as it was (memory, XL cache, buffer, ``tokens_read``); input
-is validated before anything is read. Reading and generation run with the model in eval mode (no
+succeed or leave the reader exactly as it was (state, buffer, ``tokens_read``); input is
+validated before anything is read. Reading and generation run with the model in eval mode (no
 dropout, no memory noise), each submodule's mode restored afterwards.
 """
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.manifest import model_fingerprint, reading
+from rmt_fast.models.armt import ARMTForCausalLM, ARMTState
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
 from rmt_fast.models.modes import inference
 from rmt_fast.models.segment_loop import Segment, SegmentState
@@ -34,7 +36,13 @@ NPY_MAGIC = b"\x93NUMPY"
 
 
 class StreamingReader:
-    """Read a token stream into an :class:`RMTForCausalLM`'s memory, segment by segment.
+    """Read a token stream into a recurrent-memory model's state, segment by segment.
+
+    The state (:attr:`state`) is what the model hands from one segment to the next: for an
+    :class:`RMTForCausalLM` a :class:`SegmentState` (``memory`` ``[B, M, d]`` and the XL cache,
+    also as :attr:`memory` and :attr:`xl`), for an :class:`ARMTForCausalLM` an
+    :class:`rmt_fast.models.armt.ARMTState` (per layer ``A`` ``[B, d_key, d]``, ``z``
+    ``[B, d_key]``).
 
     Reading and generating use inference semantics: the model is put in eval mode for each call
     (no dropout, no memory noise) and every submodule's mode is restored afterwards. On CPU the
@@ -42,7 +50,7 @@ class StreamingReader:
     (:mod:`rmt_fast.integrations.packed_linear`; ``RMT_FAST_PACKED_LINEAR=0`` turns it off).
 
     Args:
-        model: the wrapped model.
+        model: the wrapped model (:class:`RMTForCausalLM` or :class:`ARMTForCausalLM`).
         batch_size: rows read in lockstep (an int >= 1); :meth:`feed` takes ``[B, n]`` chunks
             when > 1.
         progress: show a tqdm bar with tokens/s.
@@ -52,10 +60,11 @@ class StreamingReader:
             (:func:`rmt_fast.dtypes.resolve_dtype`).
     """
 
-    def __init__(self, model: RMTForCausalLM, batch_size: int = 1, progress: bool = True,
-                 dtype: str | torch.dtype | None = None):
-        if not isinstance(model, RMTForCausalLM):
-            raise TypeError(f"model must be an RMTForCausalLM, got {type(model).__name__}")
+    def __init__(self, model: RMTForCausalLM | ARMTForCausalLM, batch_size: int = 1,
+                 progress: bool = True, dtype: str | torch.dtype | None = None):
+        if not isinstance(model, (RMTForCausalLM, ARMTForCausalLM)):
+            raise TypeError(f"model must be an RMTForCausalLM or an ARMTForCausalLM, got "
+                            f"{type(model).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(progress, bool):
@@ -66,10 +75,30 @@ class StreamingReader:
         self.reset()
 
     def reset(self) -> None:
-        self.memory = self.model.expand_memory(self.batch_size).detach().clone()
-        self.xl: RecurrentState | None = None
+        if self.armt:
+            self.state = self.model.init_state(self.batch_size)
+        else:
+            self.state = SegmentState(self.model.expand_memory(self.batch_size).detach().clone())
         self.tokens_read = 0
         self._buffer = torch.empty(self.batch_size, 0, dtype=torch.long, device=self.model.device)
+
+    @property
+    def armt(self) -> bool:
+        """Whether the model is an ARMT (state: :class:`ARMTState`)."""
+        return isinstance(self.model, ARMTForCausalLM)
+
+    @property
+    def memory(self) -> torch.Tensor:
+        """An RMT's memory ``[B, M, d]`` (an ARMT carries no memory tokens: see :attr:`state`)."""
+        if self.armt:
+            raise AttributeError("an ARMT reader carries no memory tokens between segments: its "
+                                 "state is .state (an ARMTState)")
+        return self.state.memory
+
+    @property
+    def xl(self) -> RecurrentState | None:
+        """An RMT's Transformer-XL cache (None when off, before the first segment, or ARMT)."""
+        return None if self.armt else self.state.xl
 
     @property
     def vocab_size(self) -> int:
@@ -78,22 +107,16 @@ class StreamingReader:
 
     # --- reading ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _read_segments(self, memory: torch.Tensor, xl: RecurrentState | None,
-                       segments: list[torch.Tensor], bar=None):
-        """``(memory, xl)`` after reading ``segments`` (``[B, S]`` each) in order from
-        ``(memory, xl)`` through the model's segment loop; the reader's own state is not
-        touched (callers commit)."""
+    def _read_segments(self, state, segments: list[torch.Tensor], bar=None):
+        """The state after reading ``segments`` (``[B, S]`` each) in order from ``state``
+        through the model's segment loop; the reader's own state is not touched (callers
+        commit)."""
         segs, start = [], 0
         for ids in segments:
             segs.append(Segment(start, start + ids.shape[1], ids))
             start += ids.shape[1]
         update = None if bar is None else (lambda t, seg, state: bar.update(seg.end - seg.start))
-        state = self.model.read_segments(SegmentState(memory, xl), segs, callback=update)
-        return state.memory, state.xl
-
-    def _read_segment(self, memory: torch.Tensor, xl: RecurrentState | None, ids: torch.Tensor):
-        """:meth:`_read_segments` of one segment ``ids`` ``[B, S]``."""
-        return self._read_segments(memory, xl, [ids])
+        return self.model.read_segments(state, segs, callback=update)
 
     def _check_chunk(self, tokens) -> torch.Tensor:
         """A validated ``[B, n]`` long tensor on the model's device (ids in the vocabulary)."""
@@ -151,7 +174,7 @@ class StreamingReader:
         size = self.model.rmt_config.segment_size
         if total is None and hasattr(tokens, "shape") and len(tokens.shape):
             total = int(tokens.shape[-1])
-        memory, xl, buffer, read = self.memory, self.xl, self._buffer, self.tokens_read
+        state, buffer, read = self.state, self._buffer, self.tokens_read
         bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not self.progress,
                    desc="reading", dynamic_ncols=True)
         try:
@@ -161,21 +184,20 @@ class StreamingReader:
                         chunk = torch.cat([buffer, chunk], dim=1)
                     full = chunk.shape[1] // size * size
                     if full:  # the chunk's whole segments in one pass of the segment loop
-                        memory, xl = self._read_segments(
-                            memory, xl, [chunk[:, start:start + size] for start in range(0, full, size)],
+                        state = self._read_segments(
+                            state, [chunk[:, start:start + size] for start in range(0, full, size)],
                             bar)
                         read += full
                     buffer = chunk[:, full:]
         finally:
             bar.close()
-        self.memory, self.xl, self._buffer, self.tokens_read = memory, xl, buffer, read
+        self.state, self._buffer, self.tokens_read = state, buffer, read
 
     def flush(self) -> None:
         """Read the buffered partial segment, if any."""
         if self._buffer.shape[1]:
             with inference(self.model):
-                memory, xl = self._read_segment(self.memory, self.xl, self._buffer)
-            self.memory, self.xl = memory, xl
+                self.state = self._read_segments(self.state, [self._buffer])
             self.tokens_read += self._buffer.shape[1]
             self._buffer = self._buffer[:, :0]
 
@@ -254,7 +276,7 @@ class StreamingReader:
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         """Generate after what was read: flushes the buffer, then ``model.generate`` from the
-        current memory with ``prompt_ids`` ``[B, n]`` (e.g. a question) as the last segment.
+        current state with ``prompt_ids`` ``[B, n]`` (e.g. a question) as the last segment.
         The flush is committed only when generation succeeds."""
         prompt_ids = check_token_ids("prompt_ids", prompt_ids, None)
         if prompt_ids.shape[0] != self.batch_size:
@@ -262,19 +284,30 @@ class StreamingReader:
                              f"{list(prompt_ids.shape)}")
         prompt_ids = prompt_ids.to(self.model.device)
         check_ids_in_range("prompt_ids", prompt_ids, self.vocab_size)
-        memory, xl, buffer = self.memory, self.xl, self._buffer
+        state, buffer = self.state, self._buffer
         with inference(self.model):
             if buffer.shape[1]:
-                memory, xl = self._read_segment(memory, xl, buffer)
-            out = self.model.generate(prompt_ids, memory=memory, **generate_kwargs)
-        self.memory, self.xl, self._buffer = memory, xl, buffer[:, :0]
+                state = self._read_segments(state, [buffer])
+            if self.armt:  # the associative read active while generating, no writes
+                out = self.model.generate(prompt_ids, state=state, **generate_kwargs)
+            else:
+                out = self.model.generate(prompt_ids, memory=state.memory, **generate_kwargs)
+        self.state, self._buffer = state, buffer[:, :0]
         self.tokens_read += buffer.shape[1]
         return out
 
     # --- resuming ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"memory": self.memory, "buffer": self._buffer,
-                 "tokens_read": torch.tensor(self.tokens_read)}
+        """The reader as tensors: ``buffer``, ``tokens_read`` and the model's state (RMT:
+        ``memory`` and the XL cache ``xl_k.<layer>``/``xl_v.<layer>``/``xl_padding``; ARMT:
+        ``A.<layer>``, ``z.<layer>`` and ``segments``)."""
+        state = {"buffer": self._buffer, "tokens_read": torch.tensor(self.tokens_read)}
+        if self.armt:
+            state.update({f"A.{i}": a for i, a in enumerate(self.state.A)})
+            state.update({f"z.{i}": z for i, z in enumerate(self.state.z)})
+            state["segments"] = torch.tensor(self.state.segments)
+            return state
+        state["memory"] = self.memory
         if self.xl is not None:
             state["xl_padding"] = self.xl.padding
             for layer, (k, v) in self.xl.kv.items():
@@ -284,8 +317,8 @@ class StreamingReader:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`state_dict`. Everything is checked before anything is assigned, so a
         bad state (missing or unknown keys, shapes, ids, XL cache) leaves the reader as it was."""
-        memory, buffer, tokens_read, xl = self._check_state(state)
-        self.memory, self._buffer, self.tokens_read, self.xl = memory, buffer, tokens_read, xl
+        model_state, buffer, tokens_read = self._check_state(state)
+        self.state, self._buffer, self.tokens_read = model_state, buffer, tokens_read
 
     def _check_state(self, state: dict[str, torch.Tensor]):
         def need(cond: bool, msg: str) -> None:
@@ -293,18 +326,28 @@ class StreamingReader:
                 raise ValueError(f"reader state: {msg}")
 
         need(isinstance(state, dict), f"expected a dict of tensors, got {type(state).__name__}")
-        missing = sorted({"memory", "buffer", "tokens_read"} - state.keys())
+        if self.armt:
+            n = len(self.state.A)
+            own = {f"A.{i}" for i in range(n)} | {f"z.{i}" for i in range(n)} | {"segments"}
+            xl_keys: set[str] = set()
+        else:
+            own = {"memory"}
+            xl_keys = {k for k in state if k.startswith(("xl_k.", "xl_v.")) or k == "xl_padding"}
+        missing = sorted((own | {"buffer", "tokens_read"}) - state.keys())
         need(not missing, f"missing key(s) {missing}")
-        xl_keys = {k for k in state if k.startswith(("xl_k.", "xl_v.")) or k == "xl_padding"}
-        unknown = sorted(state.keys() - {"memory", "buffer", "tokens_read"} - xl_keys)
+        unknown = sorted(state.keys() - own - {"buffer", "tokens_read"} - xl_keys)
         need(not unknown, f"unknown key(s) {unknown}")
         need(all(isinstance(v, torch.Tensor) for v in state.values()), "every value must be a tensor")
-        want = list(self.memory.shape)
-        if list(state["memory"].shape) != want:
-            raise ValueError(f"saved memory is {list(state['memory'].shape)}, this reader needs {want}")
-        need(state["memory"].is_floating_point(),
-             f"memory must be floating point, got {state['memory'].dtype}")
         device = self.model.device
+        if self.armt:
+            model_state = self._check_armt_state(state, need)
+        else:
+            want = list(self.memory.shape)
+            if list(state["memory"].shape) != want:
+                raise ValueError(f"saved memory is {list(state['memory'].shape)}, this reader needs "
+                                 f"{want}")
+            need(state["memory"].is_floating_point(),
+                 f"memory must be floating point, got {state['memory'].dtype}")
         buffer = state["buffer"]
         size = self.model.rmt_config.segment_size
         need(buffer.dim() == 2 and buffer.shape[0] == self.batch_size and buffer.shape[1] < size,
@@ -314,6 +357,8 @@ class StreamingReader:
         read = state["tokens_read"]
         need(read.dim() == 0 and not read.is_floating_point() and int(read) >= 0,
              f"tokens_read must be an integer scalar >= 0, got {read}")
+        if self.armt:
+            return model_state, buffer.to(device, torch.long), int(read)
         xl = None
         if xl_keys:
             need(self.model.rmt_config.xl_cache > 0, "it has an XL cache but the model's xl_cache is 0")
@@ -335,8 +380,25 @@ class StreamingReader:
                      f"P={padding.shape[1]}, got {list(k.shape)} and {list(v.shape)}")
                 kv[int(name)] = (k.to(device), v.to(device))
             xl = RecurrentState(kv, padding.to(device, torch.bool))
-        return (state["memory"].to(device, self.memory.dtype), buffer.to(device, torch.long),
-                int(read), xl)
+        memory = state["memory"].to(device, self.memory.dtype)
+        return SegmentState(memory, xl), buffer.to(device, torch.long), int(read)
+
+    def _check_armt_state(self, state: dict[str, torch.Tensor], need) -> ARMTState:
+        n, like = len(self.state.A), self.state
+        segments = state["segments"]
+        need(segments.dim() == 0 and not segments.is_floating_point() and int(segments) >= 0,
+             f"segments must be an integer scalar >= 0, got {segments}")
+        for name, t in state.items():
+            if name.startswith(("A.", "z.")):
+                need(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}")
+        out = ARMTState(tuple(state[f"A.{i}"].to(like.A[i].device, like.A[i].dtype) for i in range(n)),
+                        tuple(state[f"z.{i}"].to(like.z[i].device, like.z[i].dtype) for i in range(n)),
+                        int(segments))
+        try:
+            self.model._check_state(out, self.batch_size)
+        except (TypeError, ValueError) as exc:
+            need(False, str(exc))
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to a safetensors file (atomically: a temporary file, then a rename),

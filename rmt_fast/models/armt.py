@@ -599,6 +599,14 @@ class ARMTForCausalLM(RMTBase):
                                              cfg.segment_size, cfg.segment_alignment))
 
     # --- long-context use ------------------------------------------------------------------------
+    def read_segments(self, state: ARMTState, segments: list[_Segment],
+                      callback=None) -> ARMTState:
+        """Read ``segments`` into ``state`` through the segment loop (no logits, no loss);
+        ``callback(t, segment, state)`` after each. Runs under the caller's grad mode (what
+        :class:`rmt_fast.StreamingReader` calls)."""
+        step = partial(self._step, n_targets=None, logits=False)
+        return run_segments(step, state, segments, callback=callback).state
+
     @torch.no_grad()
     @evaluating  # inference semantics (eval mode, packed linear layers on CPU), modes restored
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
