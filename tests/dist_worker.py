@@ -105,6 +105,12 @@ def main(out: str) -> None:
             train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
                   checkpoint_segments=ckpt, parallel=parallel, **TRAIN_KW)
             results[f"{parallel}_plain_ckpt{int(ckpt)}"] = full_params(model)
+    # ... and the same for ARMT (data-parallel without, FSDP per block with checkpointing)
+    for parallel, ckpt in (("dp", False), ("fsdp-blocks", True)):
+        model = tiny_model(task, model="armt", d_mem=8)
+        train(model, task, 3, segments=2, batch_size=PER_RANK_BATCH, eval_every=100,
+              checkpoint_segments=ckpt, parallel=parallel, **TRAIN_KW)
+        results[f"armt_{parallel}_ckpt{int(ckpt)}"] = full_params(model)
 
     # (2) ranks with different numbers of segments (checkpointed and not): gradients after sync
     kw = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}

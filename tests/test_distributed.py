@@ -114,6 +114,25 @@ def test_two_processes_match_one_with_the_global_batch(two_ranks, parallel, ckpt
     assert_differs(ranks[0][key], dw.params(half))
 
 
+@pytest.mark.parametrize("parallel,ckpt", [("dp", False), ("fsdp-blocks", True)])
+def test_armt_two_processes_match_one(two_ranks, parallel, ckpt):
+    """ARMT through the same distributed paths: DDP, and FSDP2 per block with segment
+    checkpointing, match one process with the global batch after 3 steps."""
+    _, ranks = two_ranks
+    task = dw.make_copy_task()
+    single = dw.tiny_model(task, model="armt", d_mem=8)
+    train(single, task, 3, segments=2, batch_size=2 * dw.PER_RANK_BATCH, eval_every=100,
+          checkpoint_segments=ckpt, **dw.TRAIN_KW)
+    key = f"armt_{parallel}_ckpt{int(ckpt)}"
+    assert any(k.startswith("assoc.") for k in ranks[0][key])
+    assert_close(ranks[0][key], ranks[1][key], tol=0.0)
+    assert_close(ranks[0][key], dw.params(single))
+    half = dw.tiny_model(task, model="armt", d_mem=8)
+    train(half, task, 3, segments=2, batch_size=dw.PER_RANK_BATCH, eval_every=100,
+          checkpoint_segments=ckpt, **dw.TRAIN_KW)
+    assert_differs(ranks[0][key], dw.params(half))
+
+
 def var_reference(task, ckpt):
     """One process: both ranks' batches of the variable-segments scenario, each loss weighted by
     its share of the target count; the accumulated gradients and the summed loss."""
