@@ -41,7 +41,6 @@ from functools import partial
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -50,7 +49,7 @@ from transformers.utils import ModelOutput
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig
-from rmt_fast.models.decoder import _count_targets, _Segment
+from rmt_fast.models.decoder import _count_targets, _Segment, lm_outputs
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import run_segments
@@ -317,14 +316,6 @@ def split_segments(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             for s, e in segment_bounds(input_ids.shape[1], segment_size, alignment)]
 
 
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over positions whose target is not -100, in float32 (float64 for
-    float64 logits)."""
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
-
-
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return default if name is None else getattr(torch, name)
 
@@ -549,14 +540,8 @@ class ARMTForCausalLM(RMTBase):
         has_loss = bool(n_targets) and seg.targets is not None
         hidden, state = self.segment_forward(state, seg.ids, seg.mask,
                                              need_hidden=logits or has_loss)
-        out = {}
-        if logits or has_loss:
-            seg_logits = self.logits(hidden)
-            if has_loss:
-                out["loss"] = _ce_sum(seg_logits, seg.targets) / n_targets
-            if logits:
-                out["logits"] = seg_logits
-        return state, out
+        return state, lm_outputs(self.logits, hidden, seg, n_targets, logits=logits,
+                                 has_loss=has_loss)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels_mask: torch.Tensor | None = None,

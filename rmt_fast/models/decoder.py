@@ -171,13 +171,7 @@ class RMTForCausalLM(RMTBase):
         has_loss = n_targets > 0 and seg.targets is not None and seg.num_targets != 0
         h, memory, xl = self._run_segment(state.memory, seg.ids, seg.mask, state.xl,
                                           need_hidden=logits or hidden or has_loss)
-        out = {}
-        if logits or has_loss:
-            seg_logits = self.logits(h)
-            if has_loss:
-                out["loss"] = _ce_sum(seg_logits, seg.targets) / n_targets
-            if logits:
-                out["logits"] = seg_logits
+        out = lm_outputs(self.logits, h, seg, n_targets, logits=logits, has_loss=has_loss)
         if hidden:
             out["hidden"] = h
         return SegmentState(memory, xl, state.extra), out
@@ -348,6 +342,21 @@ def _count_targets(segments: list[Segment]) -> int:
     """Target positions over ``segments`` (counted here for segments that were not)."""
     return sum(s.num_targets if s.num_targets is not None
                else 0 if s.targets is None else int((s.targets != -100).sum()) for s in segments)
+
+
+def lm_outputs(logits_fn, hidden: torch.Tensor | None, seg: Segment, n_targets: int | None, *,
+               logits: bool, has_loss: bool) -> dict[str, torch.Tensor]:
+    """A language-model step's outputs for one segment: ``"loss"``, its summed cross-entropy
+    divided by ``n_targets`` (when ``has_loss``), and ``"logits"`` ``[B, S, V]`` (when asked
+    for); ``logits_fn`` maps ``hidden`` ``[B, S, d]`` to logits."""
+    out = {}
+    if logits or has_loss:
+        seg_logits = logits_fn(hidden)
+        if has_loss:
+            out["loss"] = _ce_sum(seg_logits, seg.targets) / n_targets
+        if logits:
+            out["logits"] = seg_logits
+    return out
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
