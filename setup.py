@@ -40,6 +40,13 @@ def _extension_kwargs():
     cxx = ["-O3", std, "-fopenmp", "-fno-trapping-math"]
     kwargs = dict(sources=cpp + (cu if use_cuda else []), extra_compile_args={"cxx": cxx},
                   extra_link_args=["-fopenmp"])
+    if sys.platform.startswith("linux"):
+        # libstdc++ ahead of torch's libraries on the link line (setuptools puts `libraries`
+        # before the -lc10 -ltorch ... that cpp_extension appends). On one CUDA machine
+        # (bench/README.md, GPU check 2026-12-04) an extension linked by Ubuntu's g++ did not need
+        # libstdc++.so at all and every C++ exception it threw killed the process; binding the
+        # C++ runtime to libstdc++ itself is the suspected cure, not yet confirmed on that machine.
+        kwargs["libraries"] = ["stdc++"]
     if use_cuda:
         kwargs["define_macros"] = [("RMT_FAST_WITH_CUDA", None)]
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", std]
