@@ -20,6 +20,8 @@ Meant for a fresh CUDA machine (H100/H200) that has torch and triton but nothing
   streaming_1m       StreamingReader over 1,000,000 tokens (bf16): tokens/s, allocator peak
   armt               ARMT's associative read/write kernels vs float64 (forward and backward,
                      fp32/bf16); GPT-2-small ARMT read: diagonal executor vs sequential order
+  tuning             (only with --stages tuning) candidate Triton tile configs timed, each
+                     checked against the shipped one: what to put in launch.GPU_CONFIGS
   kernel_timing      Triton vs SDPA vs FlexAttention (same mask) vs FlashAttention (when
                      installed): TFLOP/s and fraction of peak (rmt_fast/bench/roofline.py)
 
@@ -1016,6 +1018,116 @@ def stage_armt(ctx: Ctx, rec: Recorder) -> None:
     rec.check("ARMT GPT-2-small read: diagonal executor vs sequential", diagonal)
 
 
+#: candidate Triton tile configs (block_m, block_n, num_warps, num_stages) timed by the
+#: ``tuning`` stage; the first of each list is what ``launch.GPU_CONFIGS`` ships today
+TUNING_CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    "bwd_dkdv": [(16, 64, 4, 1), (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2),
+                 (64, 128, 8, 2), (128, 64, 8, 2)],
+    "bwd_dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
+}
+
+
+def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
+    """Not in the default run (``--stages tuning``): times the Triton kernels' candidate tile
+    configs (``TUNING_CANDIDATES``, one kernel varied at a time, the others as shipped) at
+    L 8,192, bf16, causal, D 64 and 128, fwd (fwd kernel) or fwd+bwd (backward kernels), with
+    each candidate's output and gradients checked against the shipped config's."""
+    import torch
+
+    from rmt_fast.bench import kernels as kb
+    from rmt_fast.bench.roofline import device_peak, roofline
+    from rmt_fast.ops.memory_attention.triton import launch
+
+    if not ctx.cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        rec.check("tile configs timed", skip="needs CUDA (or TRITON_INTERPRET=1: plumbing only, "
+                                             "the interpreter ignores tile configs)")
+        return
+    dev, dtype = torch.device(ctx.device), torch.bfloat16
+    peak = device_peak(torch.cuda.get_device_name()) if ctx.cuda else None
+    length, dims, batch, width = (8192, (64, 128), 2, 2048) if ctx.cuda else (32, (64,), 1, 64)
+    deadline = time.monotonic() + ctx.budget_s - 10
+    rec.data["columns"] = ["kernel", "head_dim", "config", "mode", "ms", "TFLOP/s", "max_rel_diff",
+                           "status"]
+
+    from rmt_fast import memory_attention
+
+    def run(case):
+        q, k, v, _, _ = kb._inputs(case, dev, dtype, case.mode == "fwd+bwd")
+        leaves = [q, k, v]
+
+        def fn():  # kb.build refuses Triton off CUDA; the interpreter runs it here
+            return memory_attention(q, k, v, mask=case.mask, backend="triton")
+        if case.mode == "fwd":
+            with torch.no_grad():
+                out = fn()
+            timed = lambda: fn()  # noqa: E731
+            timed_ctx = torch.no_grad
+            results = [out.float()]
+        else:
+            dout = torch.randn(fn().shape, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+
+            def timed():
+                for t in leaves:
+                    t.grad = None
+                fn().backward(dout)
+
+            timed_ctx = torch.enable_grad
+            with timed_ctx():
+                timed()
+            results = [t.grad.float() for t in leaves]
+        with timed_ctx():
+            seconds = kb.time_fn(timed, dev, 3, 1)
+        return seconds, results
+
+    best = {}
+    for hd in dims:
+        case_fwd = kb.Case("causal", length, hd, "fwd", batch=batch, heads=width // hd)
+        case_bwd = kb.Case("causal", length, hd, "fwd+bwd", batch=batch, heads=width // hd)
+        for kernel, cands in TUNING_CANDIDATES.items():
+            cands = cands if ctx.cuda else cands[:2]
+            case = case_fwd if kernel == "fwd" else case_bwd
+            key = (kernel, hd)
+            shipped = launch.GPU_CONFIGS[key]
+            ref = None
+            try:
+                for cand in cands:
+                    if time.monotonic() > deadline:
+                        rec.row(kernel=kernel, head_dim=hd, config=str(cand), mode=case.mode,
+                                status="skipped: stage budget")
+                        continue
+                    launch.GPU_CONFIGS[key] = launch.Config(*cand)
+                    try:
+                        seconds, results = run(case)
+                    except Exception as e:  # e.g. out of shared memory: the row says so
+                        rec.row(kernel=kernel, head_dim=hd, config=str(cand), mode=case.mode,
+                                status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                        continue
+                    if ref is None:
+                        ref = results
+                    rel = max(((r - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+                              for r, g in zip(results, ref, strict=True))
+                    tflops = roofline(case.shape(dtype), seconds, case.mode, peak)["tflops"]
+                    status = "ok" if rel < 2e-2 else "FAIL: differs from the shipped config"
+                    rec.row(kernel=kernel, head_dim=hd, config=str(cand), mode=case.mode,
+                            ms=seconds * 1e3, **{"TFLOP/s": tflops}, max_rel_diff=rel,
+                            status=status)
+                    if status == "ok" and (key not in best or seconds < best[key][1]):
+                        best[key] = (cand, seconds)
+            finally:
+                launch.GPU_CONFIGS[key] = shipped
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+    rec.metric(best={f"{k}_{d}": list(c) for (k, d), (c, _) in best.items()})
+
+    def summary():
+        want = {(k, d) for k in TUNING_CANDIDATES for d in dims}
+        assert set(best) == want, f"no working config for {sorted(want - set(best))}"
+        return ", ".join(f"{k} D{d}: {c} {s * 1e3:.2f} ms" for (k, d), (c, s) in best.items())
+
+    rec.check("tile configs timed", summary)
+
+
 def stage_kernel_timing(ctx: Ctx, rec: Recorder) -> None:
     import torch
 
@@ -1080,6 +1192,7 @@ STAGES = {
     "train_step": (stage_train_step, 75),
     "streaming_1m": (stage_streaming, 90),
     "armt": (stage_armt, 60),
+    "tuning": (stage_tuning, 240),
     "kernel_timing": (stage_kernel_timing, 150),
 }
 INSTALL_BUDGET_S = 240
@@ -1165,7 +1278,10 @@ def parent_main(a) -> int:
     else:
         stage_env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("verify_install", "ceilings", "extension_ops", "memory_store",
-                 "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing"):
+                 "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing",
+                 "tuning"):
+        if name == "tuning" and "tuning" not in (a.stages or ()):
+            continue  # on request only: it would not fit the default run's 8 minutes
         stages.append(child(name, STAGES[name][1] * (a.budget_scale or 1.0)))
     if a.stages:
         stages = [s for s in stages if s.name in a.stages]

@@ -190,3 +190,21 @@ def test_dry_run_end_to_end(tmp_path):
     assert checks["get of a missing segment raises"] == "ok"
     assert data["stages"]["armt"]["metrics"]["armt_logits_rel_diff"] < 1e-5
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+
+
+@pytest.mark.slow
+def test_tuning_stage_under_the_interpreter(tmp_path):
+    """The tuning stage's plumbing (rows, the check against the shipped config, the config
+    restored) under the Triton interpreter, which ignores tile configs: every row ok, the
+    differences 0, a best config per kernel."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = tmp_path / "tuning.json"
+    res = subprocess.run([sys.executable, SCRIPT, "--stage", "tuning", "--result", str(result),
+                          "--dry-run", "--budget", "900"], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(result.read_text())
+    assert [c["status"] for c in data["checks"]] == ["ok"], data["checks"]
+    assert len(data["rows"]) == 6 and all(r["status"] == "ok" for r in data["rows"]), data["rows"]
+    assert all(r["max_rel_diff"] == 0.0 for r in data["rows"])
+    assert set(data["metrics"]["best"]) == {"fwd_64", "bwd_dkdv_64", "bwd_dq_64"}
