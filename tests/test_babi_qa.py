@@ -149,3 +149,34 @@ def test_bad_input(tokenizer, noise):
         data.plan("train", 1, 0)  # two facts and a question need more than 16 tokens
     with pytest.raises(ValueError, match="same length"):
         list(data.stream(data.plans("train", 2, [0]) + data.plans("train", 3, [0])))
+
+
+def test_evaluate_length_equals_forward_on_the_whole_batch(tokenizer, noise):
+    """evaluate_length streams each sample through the segment loop lazily: its logits equal
+    the model's forward on the materialised batch, and its no-memory logits the last segment
+    alone from fresh memory."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rmt_fast.models import RMTEncoderForSequenceClassification
+    from rmt_fast.tasks.babi_eval import evaluate_length
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=S + 16, num_labels=len(LOCATIONS)))
+    model = RMTEncoderForSequenceClassification(
+        base, num_mem_tokens=4, segment_size=S, cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id).eval()
+    data = BabiQA("detect", tokenizer, S, noise=noise)
+    row = evaluate_length(model, data, 4, 5, batch_size=3, keep_logits=True)
+    batch = data.batch("test", 4, range(5))
+    with torch.no_grad():
+        want = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        last = slice(3 * S, 4 * S)
+        alone, _ = model.segment_forward(model.expand_memory(5), batch["input_ids"][:, last],
+                                         batch["attention_mask"][:, last].bool())
+    torch.testing.assert_close(row["logits"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row["no_memory_logits"], alone.logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(row["logits"], row["no_memory_logits"])  # the memory matters
+    assert row["accuracy"] == (want.argmax(-1) == batch["labels"]).float().mean().item()
+

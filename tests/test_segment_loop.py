@@ -461,3 +461,23 @@ def test_generate_reads_the_context_like_read():
     expect = model.generate(tokens[:, 18:], memory=memory, max_new_tokens=4, do_sample=False,
                             pad_token_id=0)
     assert torch.equal(got, expect)
+
+
+def test_the_segment_loop_reads_an_iterator_lazily():
+    """run_segments with bptt_depth=-1 takes one segment from an iterator per step."""
+    made, seen = [], []
+
+    def gen():
+        for t in range(4):
+            made.append(t)
+            yield Segment(t, t + 1, torch.full((2, 1), t))
+
+    def step(state, seg, t):
+        seen.append((t, len(made)))
+        return state + seg.ids.float().sum(), {}
+
+    res = run_segments(step, torch.zeros(2, 1), gen())
+    assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert res.state.sum().item() == 2 * 2 * (0 + 1 + 2 + 3)
+    with pytest.raises(ValueError, match="at least one segment"):
+        run_segments(step, torch.zeros(2, 1), iter([]))

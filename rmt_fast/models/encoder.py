@@ -6,7 +6,9 @@ next segment's memory. Attention is bidirectional (``mask="full"``) with key pad
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +98,16 @@ class _RMTEncoderBase(RMTBase):
         segments = [Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e])
                     for s, e in bounds]
 
-        def step(state: SegmentState, seg: Segment, t: int):
-            out, new_memory = self._run_segment(state.memory, seg.ids, seg.mask)
-            return SegmentState(new_memory), {"logits": head(out, seg)}
-
-        res = run_segments(step, SegmentState(memory), segments, bptt_depth=cfg.bptt_depth,
-                           checkpoint=cfg.checkpoint_segments, offload=cfg.offload_memory)
+        res = run_segments(partial(self._step, head=head), SegmentState(memory), segments,
+                           bptt_depth=cfg.bptt_depth, checkpoint=cfg.checkpoint_segments,
+                           offload=cfg.offload_memory)
         return res.state.memory, res.outputs["logits"]
+
+    def _step(self, state: SegmentState, seg: Segment, t: int, *, head):
+        """The encoder's step of :func:`rmt_fast.models.segment_loop.run_segments`: one segment,
+        its logits as ``head(base_output, segment)`` picks them."""
+        out, new_memory = self._run_segment(state.memory, seg.ids, seg.mask)
+        return SegmentState(new_memory), {"logits": head(out, seg)}
 
 
 class RMTEncoderForSequenceClassification(_RMTEncoderBase):
@@ -126,6 +131,23 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
             used = seg_logits if self.rmt_config.loss_over == "all" else seg_logits[-1:]
             loss = torch.stack([F.cross_entropy(lg.float(), labels) for lg in used]).mean()
         return RMTEncoderOutput(loss, seg_logits[-1], memory, seg_logits)
+
+
+    def classify_segments(self, memory: torch.Tensor, segments: Iterable[Segment],
+                          callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read ``segments`` (each ``ids``/``mask`` ``[B, S]``; an iterator is read lazily, one
+        segment at a time) from ``memory`` ``[B, M, d]`` through the segment loop, under the
+        caller's grad mode, with full BPTT and no checkpointing; ``callback(t, segment, state)``
+        after each. Returns ``(memory [B, M, d], the last segment's logits [B, C])``."""
+        last = []
+
+        def head(out, seg):
+            last[:] = [out.logits]
+            return None  # no per-segment outputs kept: memory stays flat in the length
+
+        res = run_segments(partial(self._step, head=head), SegmentState(memory), segments,
+                           callback=callback)
+        return res.state.memory, last[0]
 
 
 class RMTEncoderForTokenClassification(_RMTEncoderBase):

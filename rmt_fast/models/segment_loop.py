@@ -37,7 +37,7 @@ keeps the tensors in place (no copy).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,7 +280,7 @@ def _state_device(state: Any) -> torch.device | None:
     return None
 
 
-def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_depth: int = -1,
+def run_segments(step: StepFn, state: Any, segments: Iterable[Any], *, bptt_depth: int = -1,
                  checkpoint: bool = False, offload: bool = False, store: MemoryStore | None = None,
                  saved_state: str = "store", preserve_rng_state: bool = True,
                  callback: Callable[[int, Any, Any], None] | None = None) -> LoopResult:
@@ -295,7 +295,9 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
         state: the state entering segment 0: a :class:`SegmentState` or any pytree of tensors
             with the batch as dim 0 (e.g. a bare ``[B, M, d]`` memory).
         segments: the ``N >= 1`` segments (:class:`Segment` or any object; a ``mask`` attribute
-            ``[B, S]`` marks real tokens, see :func:`keep_rows`).
+            ``[B, S]`` marks real tokens, see :func:`keep_rows`). An iterator is read lazily,
+            one segment at a time, when ``bptt_depth=-1`` (e.g. a million-token evaluation
+            that is never materialised); otherwise it is listed first.
         bptt_depth: ``k``; the state entering segment ``t`` is detached when ``t < N - k``
             (segments that are padding in every row not counted, see :func:`cut_before`).
             ``-1``: full BPTT.
@@ -318,9 +320,10 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
         raise ValueError(f"bptt_depth must be -1 (full BPTT) or an int >= 0, got {bptt_depth!r}")
     if saved_state not in SAVED_STATE_MODES:
         raise ValueError(f"saved_state must be one of {SAVED_STATE_MODES}, got {saved_state!r}")
-    segments = list(segments)
-    if not segments:
-        raise ValueError("segments must hold at least one segment")
+    if bptt_depth >= 0 or not isinstance(segments, Iterator):
+        segments = list(segments)  # the cuts count the segments first
+        if not segments:
+            raise ValueError("segments must hold at least one segment")
     checkpoint = checkpoint and torch.is_grad_enabled()
     hooks: StateStore | None = None
     if checkpoint and saved_state == "store":
@@ -332,9 +335,10 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
         store = None
     loss: torch.Tensor | None = None
     outputs: dict[str, list[Any]] = {}
-    cuts = cut_before(segments, bptt_depth)
+    cuts = cut_before(segments, bptt_depth) if bptt_depth >= 0 else None
+    t = -1
     for t, seg in enumerate(segments):
-        if cuts[t]:
+        if cuts is not None and cuts[t]:
             state = detach_state(state)
         has_tokens = rows_with_tokens(seg)
         if checkpoint:
@@ -373,5 +377,7 @@ def run_segments(step: StepFn, state: Any, segments: Sequence[Any], *, bptt_dept
                 outputs.setdefault(key, []).append(value)
         if callback is not None:
             callback(t, seg, state)
+    if t < 0:
+        raise ValueError("segments must hold at least one segment")
     kept = store.nbytes() if store is not None else 0
     return LoopResult(state, loss, outputs, store, kept)

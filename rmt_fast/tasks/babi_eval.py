@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from rmt_fast import dtypes
 from rmt_fast.integrations.packed_linear import packed_linears
+from rmt_fast.models.segment_loop import Segment
 from rmt_fast.tasks.babi_qa import TASKS, BabiQA
 
 DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
@@ -78,15 +79,23 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
         for lo in range(first, first + samples, batch_size):
             plans = data.plans(split, num_segments, range(lo, min(lo + batch_size, first + samples)))
             labels = data.labels(plans)
-            memory = model.expand_memory(len(plans))
+            segments = (Segment(t * size, (t + 1) * size, ids.to(model.device),
+                                mask.to(model.device, torch.bool))
+                        for t, (ids, mask) in enumerate(data.stream(plans)))  # read lazily
+            last: list[Segment] = []
+
+            def after(t, seg, state, last=last):
+                nonlocal peak
+                peak = max(peak, rss_mb())
+                bar.update(seg.ids.numel())
+                last[:] = [seg]
+
             with dtypes.autocast(dtype or torch.float32, model.device):
-                for ids, mask in data.stream(plans):
-                    ids, mask = ids.to(model.device), mask.to(model.device, torch.bool)
-                    out, memory = model.segment_forward(memory, ids, mask)
-                    peak = max(peak, rss_mb())
-                    bar.update(ids.numel())
-                alone, _ = model.segment_forward(model.expand_memory(len(plans)), ids, mask)
-            logits.append(out.logits.float().cpu())
+                _, out_logits = model.classify_segments(model.expand_memory(len(plans)), segments,
+                                                        callback=after)
+                seg = last[0]  # the last segment alone, from fresh memory: the no-memory baseline
+                alone, _ = model.segment_forward(model.expand_memory(len(plans)), seg.ids, seg.mask)
+            logits.append(out_logits.float().cpu())
             base_logits.append(alone.logits.float().cpu())
             predicted, base_predicted = logits[-1].argmax(-1), base_logits[-1].argmax(-1)
             correct += int((predicted == labels).sum())
