@@ -406,6 +406,15 @@ def test_config_frozen_json_and_overrides(tmp_path):
     assert cfg.d_key == 48
     cfg.save(tmp_path)
     assert ARMTConfig.load(tmp_path) == cfg
+    # a file written before segment checkpointing existed loads with it off
+    path = tmp_path / ARMTConfig.FILE_NAME
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("checkpoint_segments", "offload_memory")}
+    path.write_text(json.dumps(old))
+    assert ARMTConfig.load(tmp_path) == cfg
+    path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['d_mem'\]"):
+        ARMTConfig.load(tmp_path)
     model = ARMTForCausalLM(tiny_gpt2(), config=cfg, d_mem=4)
     assert model.rmt_config.d_mem == 4 and model.rmt_config.use_l2_norm
     for bad, msg in [(dict(d_mem=0), "d_mem must be an int >= 1"),

@@ -92,6 +92,11 @@ class ARMTConfig(SavedConfig):
 
     #: the file ``save``/``load`` use inside a checkpoint directory
     FILE_NAME: ClassVar[str] = CONFIG_NAME
+    #: fields added after ARMT checkpoints were first written, with the value an older file means
+    LOAD_DEFAULTS: ClassVar[dict[str, object]] = {
+        "checkpoint_segments": False,  # ARMT had no segment checkpointing before these existed
+        "offload_memory": False,
+    }
 
     num_mem_tokens: int = 16
     d_mem: int = 64
