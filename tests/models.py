@@ -35,3 +35,18 @@ def eager_copy(model):
 
 def ids(batch, length, seed=0):
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_armt(kind="gpt2", seed=0, mv_std=0.3, **kw):
+    """A tiny ARMT (GPT-2 or Llama base) with every associative weight random (W_mv starts at
+    zero otherwise); ``kw`` go to ARMTForCausalLM."""
+    from rmt_fast.models.armt import ARMTForCausalLM
+
+    kw = {"num_mem_tokens": 3, "d_mem": 4, "segment_size": 8, **kw}
+    base = {"gpt2": tiny_gpt2, "llama": tiny_llama}[kind](seed=seed)
+    model = ARMTForCausalLM(base, **kw).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for a in model.assoc:
+            a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g) * mv_std)
+    return model

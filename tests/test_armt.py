@@ -8,25 +8,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, ids, tiny_gpt2, tiny_llama
+from models import VOCAB, ids, tiny_armt, tiny_gpt2, tiny_llama
 from torch import nn
 
 from rmt_fast.models.armt import ARMTConfig, ARMTForCausalLM, ARMTOutput, ARMTState
 from rmt_fast.models.diagonal import DiagonalExecutor
 from rmt_fast.ops.associative_memory import reference_read, reference_write
 
-BASES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
-def make(kind="gpt2", seed=0, mv_std=0.3, **kw):
-    """A tiny ARMT with every associative weight random (W_mv starts at zero otherwise)."""
-    kw = {"num_mem_tokens": 3, "d_mem": 4, "segment_size": 8, **kw}
-    model = ARMTForCausalLM(BASES[kind](seed=seed), **kw).eval()
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for a in model.assoc:
-            a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g) * mv_std)
-    return model
+make = tiny_armt
 
 
 # --- an independent loop with the paper's formulas ----------------------------------------------

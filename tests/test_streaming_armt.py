@@ -3,22 +3,12 @@ memory tokens (ARMT runs the shared segment loop)."""
 
 import pytest
 import torch
-from models import VOCAB, ids, tiny_gpt2, tiny_llama
+from models import VOCAB, ids, tiny_armt
 
-from rmt_fast.models.armt import ARMTForCausalLM, ARMTState
+from rmt_fast.models.armt import ARMTState
 from rmt_fast.streaming import StreamingReader
 
-SEG = 8
-
-
-def tiny_armt(kind="gpt2", seed=0):
-    base = (tiny_gpt2 if kind == "gpt2" else tiny_llama)(seed=seed)
-    model = ARMTForCausalLM(base, num_mem_tokens=3, d_mem=4, segment_size=SEG).eval()
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for a in model.assoc:  # W_mv starts at zero: make the writes matter
-            a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g) * 0.3)
-    return model
+SEG = 8  # tiny_armt's segment size
 
 
 def assert_same_state(a: ARMTState, b: ARMTState, exact=False):
@@ -49,7 +39,9 @@ def test_streaming_in_any_chunks_equals_reading_at_once(kind):
 
 def test_generate_after_reading_equals_model_generate():
     model = tiny_armt()
-    x, prompt = ids(1, 3 * SEG + 5, seed=1), ids(1, 4, seed=2)
+    # inputs on which the read state changes the greedy tokens (the tiny random model often
+    # repeats one token whatever it read)
+    x, prompt = ids(1, 3 * SEG + 5, seed=5), ids(1, 4, seed=6)
     reader = StreamingReader(model, progress=False)
     reader.feed(x[0])
     got = reader.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
