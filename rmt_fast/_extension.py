@@ -182,24 +182,18 @@ class _PyMemoryStore:
             state = host
         self._states[int(segment)] = (state, device)
 
-    def _lookup(self, what: str, segment: int) -> tuple[torch.Tensor, torch.device]:
-        if segment not in self._states:
-            stored = sorted(self._states)
-            raise RuntimeError(f"MemoryStore.{what}: no memory state stored for segment {segment};"
-                               f" stored segments: {stored} ({len(stored)} states)")
-        return self._states[segment]
-
-    def get(self, segment: int, what: str = "get") -> torch.Tensor:
-        state, device = self._lookup(what, segment)
+    # a missing segment is reported by MemoryStore._require before any of these is called
+    def get(self, segment: int) -> torch.Tensor:
+        state, device = self._states[segment]
         return state.to(device, non_blocking=True) if state.device != device else state
 
     def pop(self, segment: int) -> torch.Tensor:
-        out = self.get(segment, "pop")
+        out = self.get(segment)
         del self._states[segment]
         return out
 
     def prefetch(self, segment: int) -> None:
-        self._lookup("prefetch", segment)
+        pass  # states are brought back by get
 
     def has(self, segment: int) -> bool:
         return segment in self._states
