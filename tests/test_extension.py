@@ -318,9 +318,12 @@ def test_memory_store_detaches():
     assert not store.get(0).requires_grad
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("method", ["get", "pop", "prefetch"])
-def test_memory_store_missing_segment(method):
+def test_memory_store_missing_segment(method, native):
     store = ext.MemoryStore()
+    if not native:  # the dict store used without the extension
+        store._impl = ext._PyMemoryStore()
     store.put(0, torch.ones(1))
     store.put(3, torch.ones(2))
     with pytest.raises(RuntimeError, match=rf"MemoryStore\.{method}: no memory state stored for "
