@@ -1035,6 +1035,7 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
     each candidate's output and gradients checked against the shipped config's."""
     import torch
 
+    from rmt_fast import memory_attention
     from rmt_fast.bench import kernels as kb
     from rmt_fast.bench.roofline import device_peak, roofline
     from rmt_fast.ops.memory_attention.triton import launch
@@ -1049,8 +1050,6 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
     deadline = time.monotonic() + ctx.budget_s - 10
     rec.data["columns"] = ["kernel", "head_dim", "config", "mode", "ms", "TFLOP/s", "max_rel_diff",
                            "status"]
-
-    from rmt_fast import memory_attention
 
     def run(case):
         q, k, v, _, _ = kb._inputs(case, dev, dtype, case.mode == "fwd+bwd")
@@ -1121,6 +1120,9 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
     rec.metric(best={f"{k}_{d}": list(c) for (k, d), (c, _) in best.items()})
 
     def summary():
+        wrong = [(r["kernel"], r["head_dim"], r["config"]) for r in rec.data["rows"]
+                 if str(r["status"]).startswith("FAIL")]
+        assert not wrong, f"configs whose output or gradients differ from the shipped one: {wrong}"
         want = {(k, d) for k in TUNING_CANDIDATES for d in dims}
         assert set(best) == want, f"no working config for {sorted(want - set(best))}"
         return ", ".join(f"{k} D{d}: {c} {s * 1e3:.2f} ms" for (k, d), (c, s) in best.items())
@@ -1291,8 +1293,6 @@ def parent_main(a) -> int:
             result.setdefault("metrics", {}).update(
                 command=" ".join(install_command(python, REPO)),
                 arch=inst.get("TORCH_CUDA_ARCH_LIST"), log="install.log")
-            if result["status"].startswith("error: no result"):  # pip writes none: exit 0 = ok
-                result["status"] = "ok"
             if not result["status"].startswith("ok"):
                 # run the rest from the source tree (Triton paths need no extension)
                 stage_env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
