@@ -132,7 +132,6 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
             loss = torch.stack([F.cross_entropy(lg.float(), labels) for lg in used]).mean()
         return RMTEncoderOutput(loss, seg_logits[-1], memory, seg_logits)
 
-
     def classify_segments(self, memory: torch.Tensor, segments: Iterable[Segment],
                           callback=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ``segments`` (each ``ids``/``mask`` ``[B, S]``; an iterator is read lazily, one
