@@ -51,6 +51,7 @@ ARGS_NAME = "train_args.json"
 SCHEDULES = ("linear", "cosine", "constant")
 INITS = ("gpt2", "torch")
 MODELS = ("rmt", "armt")
+ARCHS = ("gpt2", "llama")
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -94,6 +95,8 @@ class ModelSpec:
                       "per layer; --mask, --xl-cache and --memory-noise do not apply)",
                       choices=MODELS)
     num_mem_tokens: int = _opt(6, "memory tokens (0 = no memory)", flag="--mem")
+    arch: str = _opt("gpt2", "base model: gpt2 (absolute positions) or llama (rotary positions, "
+                     "RMSNorm, SwiGLU; an XL cache keeps its true distances)", choices=ARCHS)
     layers: int = _opt(4, "transformer blocks")
     d_model: int = _opt(128, "hidden size")
     heads: int = _opt(4, "attention heads")
@@ -774,19 +777,23 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
                 mask: str = "causal", xl_cache: int = 0, bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
-                memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64):
-    """A GPT-2 of the given size (from a config, random weights) inside an RMTForCausalLM
-    (``model="rmt"``) or an ARMTForCausalLM (``model="armt"``, associative memory of width
-    ``d_mem`` per layer; ``mask``, ``xl_cache`` and ``memory_noise`` are RMT options).
+                memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2"):
+    """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
+    with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
+    config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
+    (``model="armt"``, associative memory of width ``d_mem`` per layer; ``mask``, ``xl_cache``
+    and ``memory_noise`` are RMT options).
 
     ``init``: ``"gpt2"`` (transformers' ``N(0, 0.02)``, tied input/output embeddings) or
     ``"torch"`` (:func:`torch_default_init`, untied output embeddings). The memory is drawn
     with the input embeddings' std either way.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from rmt_fast.models import ARMTForCausalLM, RMTForCausalLM
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if model not in MODELS:
@@ -799,12 +806,21 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
                              "and has no XL cache or memory noise")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
-                        n_embd=d_model, n_layer=layers, n_head=heads, n_inner=d_inner,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                        tie_word_embeddings=init == "gpt2")
-    base = GPT2LMHeadModel(config)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
+                            n_embd=d_model, n_layer=layers, n_head=heads, n_inner=d_inner,
+                            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                            tie_word_embeddings=init == "gpt2")
+        base = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_inner,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             max_position_embeddings=2 * num_mem_tokens + segment_size,
+                             attention_dropout=dropout, initializer_range=0.02,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                             tie_word_embeddings=init == "gpt2")
+        base = LlamaForCausalLM(config)
     if init == "torch":
         torch_default_init(base)
     if model == "armt":

@@ -1,8 +1,11 @@
 """Language modelling on real text: the RMT paper's Transformer-XL comparison at CPU scale
 (issue #18), on the byte-level stdlib corpus (:mod:`rmt_fast.tasks.text_corpus`).
 
-Every row is the same GPT-2 (``--layers``/``--d-model``/... , default 4 layers, d_model 256,
-4 heads, d_inner 1024, segment 128) inside :class:`rmt_fast.models.RMTForCausalLM`, trained
+Every row is the same Llama-style model (``--arch llama``: rotary positions, so a
+Transformer-XL cache keeps its true distances, :mod:`rmt_fast.models.rotary`; ``--arch gpt2``
+was the first round's base, whose absolute positions give cached keys their old segment's
+positions; ``--layers``/``--d-model``/... , default 4 layers, d_model 256, 4 heads, d_inner
+1024, segment 128) inside :class:`rmt_fast.models.RMTForCausalLM`, trained
 with the same budget, schedule and seed by :func:`rmt_fast.train.train` on random windows of
 ``--segments`` x 128 bytes; only the recurrence differs (:data:`ROWS`). The final numbers are
 bits per byte over the WHOLE test (and validation) split, each document read as one stream
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.tasks.lm_eval import evaluate_split, state_floats
 from rmt_fast.tasks.text_corpus import VOCAB_SIZE, load_corpus, text_task
 from rmt_fast.train import build_model, latest_checkpoint, train
@@ -60,8 +64,11 @@ RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "set
 
 @dataclass
 class Settings:
-    """What every row shares (the model size, data, budget, schedule and seed)."""
+    """What every row shares (the model size, data, budget, schedule and seed). ``amp`` /
+    ``eval_amp``: ``"bf16"``, None (float32) or ``"auto"`` (bf16 where the CPU multiplies bf16
+    natively, else float32; resolved when the settings are made, so a run records what ran)."""
 
+    arch: str = "llama"
     layers: int = 4
     d_model: int = 256
     heads: int = 4
@@ -78,13 +85,21 @@ class Settings:
     weight_decay: float = 0.01
     clip: float = 1.0
     seed: int = 0
-    amp: str | None = "bf16"
+    amp: str | None = "auto"
     eval_every: int = 100
     valid_windows: int = 64
     eval_batch_size: int = 16
     eval_lanes: int = 8
-    eval_amp: str | None = "bf16"
+    eval_amp: str | None = "auto"
     eval_docs: int | None = None
+
+    def __post_init__(self):
+        native = resolve_dtype("auto") == torch.bfloat16
+        for name in ("amp", "eval_amp"):
+            if getattr(self, name) == "auto":
+                setattr(self, name, "bf16" if native else None)
+            if getattr(self, name) not in ("bf16", None):
+                raise ValueError(f"{name} must be 'bf16', None or 'auto', got {getattr(self, name)!r}")
 
     def row_model(self, row: str, checkpoint_segments: bool = False):
         spec = ROWS[row]
@@ -92,7 +107,7 @@ class Settings:
                            layers=self.layers, d_model=self.d_model, heads=self.heads,
                            d_inner=self.d_inner, mask=spec["mask"], xl_cache=spec["xl"],
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
-                           seed=self.seed)
+                           seed=self.seed, arch=self.arch)
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,
@@ -436,8 +451,11 @@ def parser() -> argparse.ArgumentParser:
         elif f.type in ("float", float):
             p.add_argument(flag, type=float, default=f.default)
         elif name in ("amp", "eval_amp"):
-            p.add_argument(flag, type=lambda s: None if s == "none" else s, choices=(None, "bf16"),
-                           default=f.default, help="bf16 or none")
+            p.add_argument(flag, type=lambda s: None if s == "none" else s,
+                           choices=(None, "bf16", "auto"), default=f.default,
+                           help="bf16, none (float32) or auto (bf16 where the CPU has native bf16)")
+        elif name == "arch":
+            p.add_argument(flag, choices=("llama", "gpt2"), default=f.default)
         elif name == "eval_docs":
             p.add_argument(flag, type=int, default=None, help="evaluate only the first N documents")
         else:

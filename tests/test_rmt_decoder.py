@@ -145,6 +145,29 @@ def test_xl_cache_is_used_detached_and_changes_later_segments_only():
     assert b.xl.padding.shape == (2, 4)
 
 
+def test_xl_cache_of_a_rotary_model_equals_full_attention():
+    """With no memory tokens and a cache of every earlier token, Transformer-XL over segments is
+    causal attention over the whole input (a segment's keys only ever saw earlier tokens), but
+    only if the cached rotary keys are moved to their true positions before the next segment:
+    Llama's logits must equal the base model's on the whole sequence, also for a left-padded
+    row (positions count real tokens). GPT-2's absolute positions cannot be moved (differs)."""
+    seg, n = 6, 3
+    tokens = ids(2, seg * n)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, :2] = False
+    for make, equal in ((tiny_llama, True), (tiny_gpt2, False)):
+        base = make().double()
+        model = RMTForCausalLM(base, num_mem_tokens=0, segment_size=seg, xl_cache=(n - 1) * seg)
+        with torch.no_grad():
+            out = model(tokens, attention_mask=mask).logits
+            full, padded = base(tokens[1:]).logits, base(tokens[:1, 2:]).logits
+        if equal:
+            torch.testing.assert_close(out[1:], full, atol=1e-7, rtol=0)
+            torch.testing.assert_close(out[:1, 2:], padded, atol=1e-7, rtol=0)
+        else:
+            assert (out[1:, seg:] - full[:, seg:]).abs().max() > 1e-2
+
+
 def test_save_load_round_trip_exact(tmp_path):
     model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=3, segment_size=6, mask="rmt", xl_cache=2,
                            memory_noise=0.1).eval()

@@ -358,3 +358,21 @@ def test_cli_model_armt_runs_and_evaluates(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     task = make_task("reverse", 4, seed=0, train_size=50, valid_size=10, test_size=12)
     assert out["accuracy"] == pytest.approx(evaluate(model, task.splits(2)["test"]))
+
+
+def test_cli_arch_llama_trains_an_rmt_around_a_llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from rmt_fast.models.auto import AutoRMT
+
+    argv = ["--arch", "llama", "--task", "reverse", "--segments", "2", "--segment-size", "4", "--mem", "2",
+            "--xl-cache", "3", "--layers", "1", "--d-model", "16", "--heads", "2", "--d-inner", "32",
+            "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-size", "8", "--save-every",
+            "2", "--train-size", "50", "--valid-size", "10", "--test-size", "12", "--out", str(tmp_path),
+            "--no-progress", "--dtype", "float32"]
+    assert main(argv).step == 2
+    model = AutoRMT.from_pretrained(tmp_path / "checkpoint-2")
+    assert isinstance(model.lm, LlamaForCausalLM) and model.rmt_config.xl_cache == 3
+    with pytest.raises(ValueError, match=r"arch must be one of \('gpt2', 'llama'\), got 'bert'"):
+        build_model(10, 4, 2, arch="bert")
+

@@ -15,6 +15,7 @@ from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import RMTBase, max_positions
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.modes import evaluating
+from rmt_fast.models.rotary import find_rotary, shift_keys
 from rmt_fast.models.segment_loop import (
     RecurrentState,
     Segment,
@@ -136,7 +137,14 @@ class RMTForCausalLM(RMTBase):
         return hidden, new_memory, new_xl
 
     def _next_xl(self, xl, record, mask, m, seg_len) -> RecurrentState:
-        """Last ``xl_cache`` segment tokens' keys/values (detached), appended to the old cache."""
+        """Last ``xl_cache`` segment tokens' keys/values (detached), appended to the old cache.
+
+        With rotary position embeddings the kept keys are moved ``-(M + r)`` positions (``r``:
+        the row's real segment tokens), so that in the next segment, whose read memory starts
+        at position 0 again, the last cached token sits at -1 and every cached key keeps its
+        true distance to the new queries (:mod:`rmt_fast.models.rotary`). Absolute position
+        embeddings (GPT-2) have no such move: there the cache keeps its own segment's positions.
+        """
         keep = self.rmt_config.xl_cache
         batch = mask.shape[0] if mask is not None else next(iter(record.values()))[0].shape[0]
         device = next(iter(record.values()))[0].device
@@ -150,8 +158,19 @@ class RMTForCausalLM(RMTBase):
             # contiguous: a view would keep the whole [B, H, 2M + S, D] keys of the segment alive
             # (a state is kept per segment under checkpointing, and by a streaming reader)
             kv[layer] = (k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous())
+        rotary = self._xl_rotary()
+        if rotary is not None:
+            delta = -(m + seg_mask.sum(dim=1))
+            kv = {layer: (shift_keys(k, delta, rotary), v) for layer, (k, v) in kv.items()}
         padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
         return RecurrentState(kv, padding[:, -keep:].contiguous())
+
+    def _xl_rotary(self):
+        """The base model's rotary embedding (None without one), found on first use; kept out
+        of the module tree (the base model owns it)."""
+        if "_rotary" not in self.__dict__:
+            self.__dict__["_rotary"] = find_rotary(self.lm)
+        return self.__dict__["_rotary"]
 
     def compile_step(self, **compile_kwargs) -> RMTForCausalLM:
         """Opt-in ``torch.compile`` of the per-segment step the segment loop calls (checkpointed
