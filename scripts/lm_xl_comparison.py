@@ -47,7 +47,7 @@ from rmt_fast.tasks.lm_eval import evaluate_split, state_floats
 from rmt_fast.tasks.text_corpus import VOCAB_SIZE, load_corpus, text_task
 from rmt_fast.train import build_model, latest_checkpoint, train
 
-# row -> (memory tokens (0 or --mem), xl_cache, bptt_depth, mask)
+# row -> (memory tokens (0 or --mem), xl_cache, bptt_depth, mask[, model: rmt (default) or armt])
 ROWS: dict[str, dict] = {
     "plain": dict(mem=False, xl=0, depth=-1, mask="causal"),
     "xl10": dict(mem=False, xl=10, depth=-1, mask="causal"),
@@ -57,6 +57,8 @@ ROWS: dict[str, dict] = {
     # the mask comparison is for the best RMT row (chosen on validation): its rmt-mask twin
     **{f"rmt-d{k}-rmtmask": dict(mem=True, xl=0, depth=k, mask="rmt") for k in (0, 1, 2, 4)},
     "rmt-xl10-rmtmask": dict(mem=True, xl=10, depth=2, mask="rmt"),
+    # ARMT (associative memory per layer, d_mem --d-mem) with --mem memory tokens, BPTT depth 4
+    "armt-d4": dict(mem=True, xl=0, depth=4, mask="causal", model="armt"),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -76,6 +78,7 @@ class Settings:
     segment_size: int = 128
     segments: int = 8
     mem: int = 10
+    d_mem: int = 32
     batch_size: int = 8
     steps: int = 800
     lr: float = 1e-3
@@ -107,7 +110,8 @@ class Settings:
                            layers=self.layers, d_model=self.d_model, heads=self.heads,
                            d_inner=self.d_inner, mask=spec["mask"], xl_cache=spec["xl"],
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
-                           seed=self.seed, arch=self.arch)
+                           seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
+                           d_mem=self.d_mem)
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,
@@ -121,6 +125,8 @@ class Settings:
 SETTING_FLAGS = {f.name: f for f in dataclasses.fields(Settings)}
 # these may change between invocations of one run (they do not change training)
 EVAL_ONLY = ("eval_batch_size", "eval_lanes", "eval_amp", "eval_docs")
+# settings added later, with the value a settings.json written before them means
+ADDED = {"arch": "gpt2", "d_mem": 32}
 
 
 def machine() -> str:
@@ -167,6 +173,7 @@ def _check_settings(run_dir: str, settings: Settings, row: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        old = {**ADDED, **old}
         diff = {k: (old.get(k), v) for k, v in mine.items() if k not in EVAL_ONLY and old.get(k) != v}
         if diff:
             raise SystemExit(f"{run_dir} was started with other settings (old, new): {diff}; "

@@ -19,6 +19,13 @@ SEG = 8
 
 def tiny(mem, xl, mask="causal", seed=1, arch="gpt2"):
     # init="torch" (larger weights) makes the outputs depend strongly on the carried state
+    if arch == "armt":  # ARMT around GPT-2, with a W_mv that is not zero (it starts at zero)
+        model = build_model(257, SEG, mem, layers=2, d_model=32, heads=4, d_inner=64, seed=seed,
+                            init="torch", model="armt", d_mem=4).double()
+        with torch.no_grad():
+            for a in model.assoc:
+                a.W_mv.weight.normal_(0, 0.3)
+        return model
     return build_model(257, SEG, mem, layers=2, d_model=32, heads=4, d_inner=64, xl_cache=xl,
                        mask=mask, seed=seed, init="torch", arch=arch).double()
 
@@ -41,10 +48,11 @@ def full_forward_nll(model, doc):
 @pytest.mark.parametrize("mem,xl,mask,arch", [(0, 0, "causal", "gpt2"), (3, 0, "causal", "gpt2"),
                                               (0, 3, "causal", "gpt2"), (3, 3, "rmt", "gpt2"),
                                               (2, 12, "causal", "gpt2"), (2, 12, "causal", "llama"),
-                                              (0, 3, "causal", "llama")])
+                                              (0, 3, "causal", "llama"), (3, 0, "causal", "armt")])
 def test_stream_equals_full_sequence_forward(mem, xl, mask, arch):
     """Also for rotary keys moved in the XL cache, where lanes of a batch have different
-    amounts of real tokens (so different moves) when documents end inside it."""
+    amounts of real tokens (so different moves) when documents end inside it, and for ARMT
+    (lanes in waves)."""
     model = tiny(mem, xl, mask, arch=arch)
     docs = documents()
     ref = np.array([full_forward_nll(model, d) for d in docs])

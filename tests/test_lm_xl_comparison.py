@@ -23,7 +23,7 @@ spec.loader.exec_module(lm)
 
 TINY = dict(layers=1, d_model=16, heads=2, d_inner=32, segment_size=8, segments=5, mem=2,
             batch_size=2, steps=2, warmup=1, eval_every=1, valid_windows=4, eval_batch_size=4,
-            eval_lanes=3, eval_docs=4, amp=None)
+            eval_lanes=3, eval_docs=4, amp=None, d_mem=4)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,10 @@ def test_every_row_trains_and_evaluates(row, corpus, tmp_path):
         assert 0 < r["bits_per_byte"] < 9 and r["documents"] == n
         assert r["bytes"] == sum(len(corpus[split].document(i)) for i in range(n))
     d = 16
-    assert result["test"]["state_floats"] == (2 * d if spec["mem"] else 0) + spec["xl"] * 2 * d
+    if spec.get("model") == "armt":  # one layer's A [6 d_mem, d] and z [6 d_mem]
+        assert result["test"]["state_floats"] == 6 * 4 * (d + 1)
+    else:
+        assert result["test"]["state_floats"] == (2 * d if spec["mem"] else 0) + spec["xl"] * 2 * d
     hist = [json.loads(line) for line in open(tmp_path / row / lm.LM_METRICS)]
     assert [h["step"] for h in hist] == [1, 2] and all(h["valid_bpb"] > 0 for h in hist)
 
@@ -63,6 +66,17 @@ def test_settings_are_pinned_and_a_finished_row_is_not_redone(corpus, tmp_path):
     assert again == first  # evaluation-only settings may change; nothing was retrained
     hist = [json.loads(line) for line in open(tmp_path / "rmt-xl10" / lm.LM_METRICS)]
     assert [h["step"] for h in hist] == [1, 2, 3]
+
+
+def test_a_settings_file_from_before_arch_means_gpt2(tmp_path):
+    settings = lm.Settings(**{**TINY, "arch": "gpt2", "d_mem": 32})
+    old = {"row": "plain", **{k: v for k, v in vars(settings).items() if k not in lm.ADDED}}
+    os.makedirs(tmp_path / "plain")
+    with open(tmp_path / "plain" / lm.SETTINGS_NAME, "w") as f:
+        json.dump(old, f)
+    lm._check_settings(str(tmp_path / "plain"), settings, "plain")  # same run: accepted
+    with pytest.raises(SystemExit, match=r"'arch': \('gpt2', 'llama'\)"):
+        lm._check_settings(str(tmp_path / "plain"), lm.Settings(**{**TINY, "d_mem": 32}), "plain")
 
 
 def _weights(run_dir):

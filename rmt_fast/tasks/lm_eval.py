@@ -10,11 +10,14 @@ predicts ``b0`` (the first byte is scored given only the document start), ``b_i`
 ``b_{i+1}`` (within a segment, and across a segment boundary through memory and cache);
 nothing is scored after the last byte. Bits per byte = total NLL (nats) / ln 2 / total bytes.
 
-Batching: ``batch_size`` lanes read documents side by side (longest first); a lane whose
+Batching: ``batch_size`` lanes read documents side by side (longest first). RMT: a lane whose
 document ends takes the next one, starting from the learned memory with its cache cleared
-(masked out), so all lanes stay busy. A document's last segment is padded (key padding mask);
-padding positions count as nothing and padded rows keep their state, so each document gets
-the numbers it would get alone (tested against the model's full-sequence forward).
+(masked out), so all lanes stay busy. ARMT (:class:`rmt_fast.models.ARMTForCausalLM`, whose
+state marks a fresh start for the whole batch, not per row): lanes take documents in waves, the
+next wave when every lane's document has ended; a lane that is done idles on padding. A
+document's last segment is padded (key padding mask); padding positions count as nothing and
+padded rows keep their state, so each document gets the numbers it would get alone (tested
+against the model's full-sequence forward).
 
 :func:`report`: bits per byte next to the recurrent state each row carries across segments.
 """
@@ -30,8 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rmt_fast.models.armt import ARMTForCausalLM
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
 from rmt_fast.tasks.text_corpus import BOS
+
+LM_MODELS = (RMTForCausalLM, ARMTForCausalLM)
 
 
 @dataclass
@@ -60,22 +66,54 @@ def _as_tokens(doc) -> torch.Tensor:
     return torch.cat([torch.tensor([BOS]), t])
 
 
+class _Lanes:
+    """The recurrent state of the lanes and one segment step, for either model kind.
+    ``per_lane``: lanes may start new documents one at a time (RMT); else only all together."""
+
+    def __init__(self, model, lanes: int):
+        self.model, self.lanes = model, lanes
+        self.per_lane = isinstance(model, RMTForCausalLM)
+        self.init = model.memory.detach() if self.per_lane else None
+        self.xl: RecurrentState | None = None
+        self.state = None
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Fresh state for the lanes ``rows`` ``[lanes]`` bool (all of them unless per_lane)."""
+        if not self.per_lane:
+            self.state = self.model.init_state(self.lanes)
+            return
+        if self.state is None:
+            self.state = self.model.expand_memory(self.lanes).detach().clone()
+        r = rows.to(self.state.device)
+        self.state = torch.where(r[:, None, None], self.init.to(self.state.dtype), self.state)
+        if self.xl is not None:
+            self.xl = RecurrentState(self.xl.kv, self.xl.padding & ~r[:, None])
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states ``[lanes, S, d]`` of one segment; the state moves on."""
+        if self.per_lane:
+            hidden, self.state, self.xl = self.model.segment_forward(self.state, ids, mask, self.xl)
+        else:
+            hidden, self.state = self.model.segment_forward(self.state, ids, mask)
+        return hidden
+
+
 @torch.no_grad()
-def stream_nll(model: RMTForCausalLM, documents: Sequence, batch_size: int = 8, *,
+def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, batch_size: int = 8, *,
                amp: str | None = None, progress: bool = False) -> StreamResult:
     """Summed next-byte NLL of each document read as one stream (see the module docstring).
 
     Args:
-        model: an :class:`RMTForCausalLM` (any ``num_mem_tokens``, ``xl_cache``, mask); it is
-            put in eval mode for the call and restored after.
+        model: an :class:`RMTForCausalLM` (any ``num_mem_tokens``, ``xl_cache``, mask) or an
+            :class:`ARMTForCausalLM`; it is put in eval mode for the call and restored after.
         documents: sequences of byte values (``bytes``, uint8 arrays, 1-D tensors); empty ones
             score nothing.
         batch_size: lanes read side by side.
         amp: ``"bf16"``: run under ``torch.autocast(<device>, bfloat16)`` (the NLL is taken in
             float32).
     """
-    if not isinstance(model, RMTForCausalLM):
-        raise TypeError(f"model must be an RMTForCausalLM, got {type(model).__name__}")
+    if not isinstance(model, LM_MODELS):
+        raise TypeError(f"model must be an RMTForCausalLM or ARMTForCausalLM, got {type(model).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if amp not in (None, "bf16"):
@@ -94,9 +132,7 @@ def stream_nll(model: RMTForCausalLM, documents: Sequence, batch_size: int = 8, 
     lanes = min(batch_size, max(len(queue), 1))
     lane_doc = [-1] * lanes
     lane_pos = [0] * lanes
-    init = model.memory.detach()
-    memory = model.expand_memory(lanes).detach().clone()
-    xl: RecurrentState | None = None
+    state = _Lanes(model, lanes)
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -109,11 +145,17 @@ def stream_nll(model: RMTForCausalLM, documents: Sequence, batch_size: int = 8, 
     try:
         while True:
             reset = torch.zeros(lanes, dtype=torch.bool)
-            for j in range(lanes):
-                if lane_doc[j] < 0 or lane_pos[j] >= len(tokens[lane_doc[j]]) - 1:
-                    lane_doc[j] = queue.pop(0) if queue else -1
-                    lane_pos[j] = 0
-                    reset[j] = True
+            done = [lane_doc[j] < 0 or lane_pos[j] >= len(tokens[lane_doc[j]]) - 1 for j in range(lanes)]
+            if state.per_lane or all(done):
+                for j in range(lanes):
+                    if done[j]:
+                        lane_doc[j] = queue.pop(0) if queue else -1
+                        lane_pos[j] = 0
+                        reset[j] = True
+            elif any(done):  # a wave's finished lanes idle on padding until the wave ends
+                for j in range(lanes):
+                    if done[j]:
+                        lane_doc[j] = -1
             if all(d < 0 for d in lane_doc):
                 break
             ids = torch.zeros(lanes, seg, dtype=torch.int64)
@@ -129,13 +171,9 @@ def stream_nll(model: RMTForCausalLM, documents: Sequence, batch_size: int = 8, 
                 nxt = doc[pos + 1: pos + 1 + seg]  # the token after each position, if any
                 targets[j, : len(nxt)] = nxt
             if reset.any():
-                r = reset.to(device)
-                memory = torch.where(r[:, None, None], init.to(memory.dtype), memory)
-                if xl is not None:
-                    xl = RecurrentState(xl.kv, xl.padding & ~r[:, None])
+                state.reset(reset)
             with autocast:
-                hidden, memory, xl = model.segment_forward(
-                    memory, ids.to(device), None if bool(mask.all()) else mask.to(device), xl)
+                hidden = state.step(ids.to(device), None if bool(mask.all()) else mask.to(device))
                 logits = model.logits(hidden)
             targets = targets.to(device)
             picked = targets != -100
@@ -158,13 +196,17 @@ def stream_nll(model: RMTForCausalLM, documents: Sequence, batch_size: int = 8, 
     return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0)
 
 
-def state_floats(model: RMTForCausalLM) -> dict[str, int]:
+def state_floats(model: RMTForCausalLM | ARMTForCausalLM) -> dict[str, int]:
     """Floats of recurrent state one row carries from a segment to the next: ``memory``
-    ``M x d``, ``xl`` ``xl_cache x layers x 2 (k and v) x kv_dim`` (``kv_dim`` = key/value
-    heads x head dim, ``d`` for GPT-2), ``total``."""
+    ``M x d`` (ARMT: its associative state, ``layers x d_key x (d + 1)``; its memory tokens are
+    learned constants), ``xl`` ``xl_cache x layers x 2 (k and v) x kv_dim`` (``kv_dim`` =
+    key/value heads x head dim, ``d`` for GPT-2), ``total``."""
     cfg = model.base.config
     d = model.memory.shape[1]
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads  # GPT-2 maps these names too
+    if isinstance(model, ARMTForCausalLM):
+        mem = layers * model.rmt_config.d_key * (d + 1)
+        return {"memory": mem, "xl": 0, "total": mem}
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     mem = model.rmt_config.num_mem_tokens * d
@@ -172,14 +214,15 @@ def state_floats(model: RMTForCausalLM) -> dict[str, int]:
     return {"memory": mem, "xl": xl, "total": mem + xl}
 
 
-def report(model: RMTForCausalLM, result: StreamResult, bytes_per_float: int = 4) -> dict:
+def report(model: RMTForCausalLM | ARMTForCausalLM, result: StreamResult, bytes_per_float: int = 4) -> dict:
     """A results row: bits per byte, bytes scored, documents, and the recurrent state per row
     (:func:`state_floats`, and in bytes at ``bytes_per_float``: 4 for float32)."""
     floats = state_floats(model)
     cfg = model.rmt_config
     return {"bits_per_byte": result.bits_per_byte, "bytes": result.total_bytes,
             "documents": int((result.bytes > 0).sum()), "num_mem_tokens": cfg.num_mem_tokens,
-            "xl_cache": cfg.xl_cache, "bptt_depth": cfg.bptt_depth, "mask": cfg.mask,
+            "xl_cache": getattr(cfg, "xl_cache", 0), "bptt_depth": cfg.bptt_depth,
+            "mask": getattr(cfg, "mask", "causal"), "model": type(model).__name__,
             "segment_size": cfg.segment_size, "state_floats": floats["total"],
             "state_bytes": floats["total"] * bytes_per_float,
             "memory_state_bytes": floats["memory"] * bytes_per_float,
@@ -187,8 +230,8 @@ def report(model: RMTForCausalLM, result: StreamResult, bytes_per_float: int = 4
             "eval_seconds": round(result.seconds, 1), "segments_run": result.segments}
 
 
-def evaluate_split(model: RMTForCausalLM, split, batch_size: int = 8, *, amp: str | None = None,
-                   progress: bool = False) -> dict:
+def evaluate_split(model: RMTForCausalLM | ARMTForCausalLM, split, batch_size: int = 8, *,
+                   amp: str | None = None, progress: bool = False) -> dict:
     """:func:`report` of :func:`stream_nll` over every document of a
     :class:`rmt_fast.tasks.text_corpus.CorpusSplit`."""
     result = stream_nll(model, list(split.documents()), batch_size, amp=amp, progress=progress)
