@@ -70,6 +70,9 @@ class RMTConfig(SavedConfig):
         bptt_depth: memory carries gradient into the last ``bptt_depth`` segments; -1 = all.
         xl_cache: keys/values of the previous segment's last ``xl_cache`` tokens are kept
             (detached, per layer) and attended to as past keys (RMT + Transformer-XL). 0 = off.
+            Rotary models (Llama, ...) see them at their true distances (the cached keys are
+            re-rotated, :mod:`rmt_fast.models.rotary`); with absolute position embeddings
+            (GPT-2) they keep the positions of the segment they came from.
         checkpoint_segments: segment-level gradient checkpointing: only each segment's inputs
             (memory, XL cache, token ids) are kept between forward and backward, each segment
             is recomputed in backward (``torch.utils.checkpoint``, non-reentrant).
