@@ -29,10 +29,13 @@ from rmt_fast.manifest import model_fingerprint, reading
 from rmt_fast.models.armt import ARMTForCausalLM, ARMTState
 from rmt_fast.models.decoder import RecurrentState, RMTForCausalLM
 from rmt_fast.models.modes import inference
+from rmt_fast.models.rotary import find_rotary
 from rmt_fast.models.segment_loop import Segment, SegmentState
 from rmt_fast.validation import check_ids_in_range, check_token_ids
 
 NPY_MAGIC = b"\x93NUMPY"
+#: 2: XL caches of rotary models hold keys moved to the next segment's positions
+STATE_FORMAT = "rmt_fast.StreamingReader/2"
 
 
 class StreamingReader:
@@ -404,7 +407,7 @@ class StreamingReader:
         """Write the state to a safetensors file (atomically: a temporary file, then a rename),
         with the model's fingerprint and RMT config in its metadata (checked by :meth:`load`)."""
         path = os.fspath(path)
-        metadata = {"format": "rmt_fast.StreamingReader/1",
+        metadata = {"format": STATE_FORMAT,
                     "model_fingerprint": model_fingerprint(self.model),
                     "rmt_config": json.dumps(self.model.rmt_config.to_dict(), sort_keys=True)}
         tmp = path + ".tmp"
@@ -436,6 +439,10 @@ class StreamingReader:
                        "same RMT config, different weights or architecture")
                 raise ValueError(f"{path}: this state was saved by a reader of another model ({why}); "
                                  f"pass verify=False to load it anyway")
+        if (metadata.get("format") == "rmt_fast.StreamingReader/1" and "xl_padding" in state
+                and find_rotary(self.model.lm) is not None):
+            raise ValueError(f"{path}: its XL cache of a rotary model was saved before cached keys "
+                             "were moved to their true positions (format 1): read the input again")
         try:
             self.load_state_dict(state)
         except ValueError as exc:

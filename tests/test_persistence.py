@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from models import ids, tiny_gpt2
+from models import ids, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForTokenClassification
 
@@ -227,6 +227,37 @@ def test_reader_state_refused_from_another_model(tmp_path):
     same = StreamingReader(_lm(seed=0, xl_cache=4), progress=False)
     same.load(state)
     assert _same(same, source)
+
+
+def _as_format_1(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "format": "rmt_fast.StreamingReader/1"})
+
+
+def test_format_1_xl_state_of_a_rotary_model_is_refused(tmp_path):
+    """Format 1 kept a rotary model's cached keys at their old positions; format 2 moves them, so
+    an old file would be read wrongly without a word: refused, the reader unchanged. GPT-2's
+    (absolute positions, nothing moved) still load."""
+    torch.manual_seed(0)
+    llama = RMTForCausalLM(tiny_llama(), num_mem_tokens=2, segment_size=8, xl_cache=4)
+    reader = _reader_with_state(llama)
+    reader.save(tmp_path / "llama.safetensors")
+    _as_format_1(tmp_path / "llama.safetensors")
+    target, before = _reader_with_state(llama), _reader_with_state(llama)
+    with pytest.raises(ValueError, match=r"llama\.safetensors: its XL cache of a rotary model was saved "
+                                         r"before .* \(format 1\)"):
+        target.load(tmp_path / "llama.safetensors")
+    assert _same(target, before)
+    gpt2 = _lm(xl_cache=4)
+    source = _reader_with_state(gpt2)
+    source.save(tmp_path / "gpt2.safetensors")
+    _as_format_1(tmp_path / "gpt2.safetensors")
+    other = StreamingReader(gpt2, progress=False)
+    other.load(tmp_path / "gpt2.safetensors")
+    assert _same(other, source)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", b"not safetensors"])
