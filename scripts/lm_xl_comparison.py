@@ -45,7 +45,7 @@ import torch
 from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.tasks.lm_eval import evaluate_split, state_floats
 from rmt_fast.tasks.text_corpus import VOCAB_SIZE, load_corpus, text_task
-from rmt_fast.train import build_model, latest_checkpoint, train
+from rmt_fast.train import ARCHS, build_model, latest_checkpoint, train
 
 # row -> (memory tokens (0 or --mem), xl_cache, bptt_depth, mask[, model: rmt (default) or armt])
 ROWS: dict[str, dict] = {
@@ -462,7 +462,7 @@ def parser() -> argparse.ArgumentParser:
                            choices=(None, "bf16", "auto"), default=f.default,
                            help="bf16, none (float32) or auto (bf16 where the CPU has native bf16)")
         elif name == "arch":
-            p.add_argument(flag, choices=("llama", "gpt2"), default=f.default)
+            p.add_argument(flag, choices=ARCHS, default=f.default)
         elif name == "eval_docs":
             p.add_argument(flag, type=int, default=None, help="evaluate only the first N documents")
         else:

@@ -44,9 +44,15 @@ def tiny_armt(kind="gpt2", seed=0, mv_std=0.3, **kw):
 
     kw = {"num_mem_tokens": 3, "d_mem": 4, "segment_size": 8, **kw}
     base = {"gpt2": tiny_gpt2, "llama": tiny_llama}[kind](seed=seed)
-    model = ARMTForCausalLM(base, **kw).eval()
-    g = torch.Generator().manual_seed(seed + 100)
+    return random_mv(ARMTForCausalLM(base, **kw).eval(), seed + 100, mv_std)
+
+
+def random_mv(model, seed, std):
+    """``model`` (an ARMT) with every ``W_mv`` drawn from N(0, std) (it starts at zero, which
+    would make the associative write a no-op); returns the model."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for a in model.assoc:
-            a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g) * mv_std)
+            a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g, dtype=a.W_mv.weight.dtype)
+                                * std)
     return model

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from models import random_mv
 
 from rmt_fast.tasks.lm_eval import report, state_floats, stream_nll
 from rmt_fast.tasks.text_corpus import BOS
@@ -20,12 +21,8 @@ SEG = 8
 def tiny(mem, xl, mask="causal", seed=1, arch="gpt2"):
     # init="torch" (larger weights) makes the outputs depend strongly on the carried state
     if arch == "armt":  # ARMT around GPT-2, with a W_mv that is not zero (it starts at zero)
-        model = build_model(257, SEG, mem, layers=2, d_model=32, heads=4, d_inner=64, seed=seed,
-                            init="torch", model="armt", d_mem=4).double()
-        with torch.no_grad():
-            for a in model.assoc:
-                a.W_mv.weight.normal_(0, 0.3)
-        return model
+        return random_mv(build_model(257, SEG, mem, layers=2, d_model=32, heads=4, d_inner=64, seed=seed,
+                                     init="torch", model="armt", d_mem=4).double(), seed, 0.3)
     return build_model(257, SEG, mem, layers=2, d_model=32, heads=4, d_inner=64, xl_cache=xl,
                        mask=mask, seed=seed, init="torch", arch=arch).double()
 

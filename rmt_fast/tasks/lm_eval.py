@@ -146,16 +146,13 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
         while True:
             reset = torch.zeros(lanes, dtype=torch.bool)
             done = [lane_doc[j] < 0 or lane_pos[j] >= len(tokens[lane_doc[j]]) - 1 for j in range(lanes)]
-            if state.per_lane or all(done):
-                for j in range(lanes):
-                    if done[j]:
-                        lane_doc[j] = queue.pop(0) if queue else -1
-                        lane_pos[j] = 0
-                        reset[j] = True
-            elif any(done):  # a wave's finished lanes idle on padding until the wave ends
-                for j in range(lanes):
-                    if done[j]:
-                        lane_doc[j] = -1
+            # ARMT: a wave's finished lanes idle on padding until every lane is done
+            refill = state.per_lane or all(done)
+            for j in range(lanes):
+                if done[j]:
+                    lane_doc[j] = (queue.pop(0) if queue else -1) if refill else -1
+                    lane_pos[j] = 0
+                    reset[j] = refill
             if all(d < 0 for d in lane_doc):
                 break
             ids = torch.zeros(lanes, seg, dtype=torch.int64)
