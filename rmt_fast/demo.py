@@ -142,7 +142,7 @@ def minilm_demo(args) -> dict:
 
 
 def needle_demo(args) -> dict:
-    from rmt_fast.tasks.needle_eval import answer, load, needle_batch
+    from rmt_fast.tasks.length_eval import answer, load, needle_batch
 
     checkpoint = args.checkpoint or NEEDLE_CHECKPOINT
     haystacks = args.haystacks or 3

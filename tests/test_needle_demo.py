@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from rmt_fast import demo
 from rmt_fast.models import RMTForCausalLM
 from rmt_fast.tasks.babilong import default_vocab
-from rmt_fast.tasks.needle_eval import answer, load, needle_accuracy, needle_batch
+from rmt_fast.tasks.length_eval import answer, load, needle_accuracy, needle_batch
 
 
 def tiny_needle_model(tmp_path):

@@ -178,9 +178,8 @@ def test_encoder_checkpoint_has_a_verified_manifest(tmp_path):
 
 
 def test_shipped_needle_checkpoint_verifies():
-    from rmt_fast.tasks import needle_eval
+    from rmt_fast.demo import NEEDLE_CHECKPOINT as path
 
-    path = os.path.join(os.path.dirname(needle_eval.__file__), "..", "checkpoints", "needle")
     assert read_manifest(path) is not None
     _load_quietly(path)
 

@@ -227,6 +227,16 @@ def _answer_mask(length: int) -> list[bool]:
     return [p == length - 2 for p in range(length)]
 
 
+STORIES = {"qa1": _qa1_story, "qa2": _qa2_story}
+
+
+def babilong_sample(rng: random.Random, task: str, length: int, num_facts: int, vocab: Vocab) -> list[int]:
+    """One ``task`` (``qa1``/``qa2``) story of exactly ``length`` ids: ``num_facts`` facts hidden
+    in order in background text, the question, and the answer as the last id."""
+    facts, question, answer = STORIES[task](rng, num_facts)
+    return vocab.encode(_fill(rng, facts, question, answer, length), strict=True)
+
+
 def babilong_task(task: str = "qa1", length: int = 128, num_facts: int = 4, *, seed: int = 0,
                   train_size: int = 10_000, valid_size: int = 1_000, test_size: int = 1_000,
                   vocab: Vocab | None = None) -> Splits:
@@ -235,17 +245,15 @@ def babilong_task(task: str = "qa1", length: int = 128, num_facts: int = 4, *, s
     ``task``: ``qa1`` (single supporting fact) or ``qa2`` (two supporting facts); ``num_facts``
     facts per story. Uses :func:`default_vocab` unless ``vocab`` is given (it must contain it).
     """
-    if task not in ("qa1", "qa2"):
-        raise ValueError(f"task must be 'qa1' or 'qa2', got {task!r}")
+    if task not in STORIES:
+        raise ValueError(f"task must be one of {sorted(STORIES)}, got {task!r}")
     _check_int("length", length, 2)
     _check_int("num_facts", num_facts, 1)
     vocab = default_vocab() if vocab is None else vocab
-    story = _qa1_story if task == "qa1" else _qa2_story
     mask = _answer_mask(length)
 
     def sample(rng: random.Random):
-        facts, question, answer = story(rng, num_facts)
-        return vocab.encode(_fill(rng, facts, question, answer, length), strict=True), mask
+        return babilong_sample(rng, task, length, num_facts, vocab), mask
 
     return make_splits(sample, seed=seed, train_size=train_size, valid_size=valid_size,
                        test_size=test_size, name=f"babilong-{task}")
