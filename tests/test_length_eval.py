@@ -82,6 +82,17 @@ def test_cli_compares_runs_side_by_side(tmp_path, capsys):
     table = (tmp_path / "out" / "qa1_lengths.md").read_text()
     assert "| 5 | 120 |" in table and "RMT (95% CI)" in table
     assert os.path.getsize(tmp_path / "out" / "qa1_lengths.png") > 1000
+    # runs evaluated in separate processes combine into one table
+    main(["--task", "qa1", "--num-facts", "2", "--checkpoint", f"B={tmp_path / 'armt'}", "--segments", "2",
+          "--samples", "3", "--batch-size", "2", "--out", str(tmp_path / "b")])
+    first, second = str(tmp_path / "out" / "qa1_lengths.json"), str(tmp_path / "b" / "qa1_lengths.json")
+    merged = main(["--merge", first, second, "--out", str(tmp_path / "merged")])
+    assert list(merged) == ["RMT", "ARMTForCausalLM", "B"] and merged["B"][0]["segments"] == 2
+    # the same stories: the ARMT read alike in both processes
+    assert merged["B"][0]["accuracy"] == runs["ARMTForCausalLM"][0]["accuracy"]
+    assert "| B (95% CI) |" in (tmp_path / "merged" / "qa1_lengths.md").read_text()
+    with pytest.raises(ValueError, match="more than one file"):
+        main(["--merge", first, first, "--out", str(tmp_path / "m2")])
     with pytest.raises(ValueError, match="given twice"):
         main(["--checkpoint", f"A={tmp_path / 'rmt'}", "--checkpoint", f"A={tmp_path / 'armt'}",
               "--segments", "2", "--samples", "1"])

@@ -10,7 +10,8 @@ then the answer is generated from the last segment: exactly the segmentation use
 
 ``python -m rmt_fast.tasks.length_eval --task qa1 --checkpoint RMT=DIR --checkpoint ARMT=DIR2
 --segments 8 64 1024 --out results/`` writes ``qa1_lengths.json``, ``.md`` and ``.png``
-(``--checkpoint DIR`` alone labels the run by its wrapper class).
+(``--checkpoint DIR`` alone labels the run by its wrapper class); runs evaluated in separate
+processes combine with ``--merge A/qa1_lengths.json B/qa1_lengths.json --out results/``.
 """
 
 from __future__ import annotations
@@ -157,10 +158,45 @@ def _labelled(spec: str) -> tuple[str | None, str]:
     return (label, path) if sep and not os.path.isdir(spec) else (None, spec)
 
 
+def write(out: str, saved: dict, trained_tokens: int | None = None) -> None:
+    """``out/<task>_lengths.{json,md,png}`` of ``saved`` (``task``, ``runs``, ...)."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"{saved['task']}_lengths")
+    with open(stem + ".json", "w") as f:
+        json.dump(saved, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table(saved["runs"]) + "\n")
+    plot(saved["runs"], stem + ".png", trained_tokens, saved["task"])
+
+
+def merge(paths: list[str]) -> dict:
+    """One result of several ``<task>_lengths.json`` files of the same task and stories (runs
+    evaluated in separate processes, e.g. one per core)."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        if not merged:
+            merged = {**saved, "runs": {}, "checkpoints": {}}
+        for key in ("task", "num_facts", "seed"):
+            if saved.get(key) != merged.get(key):
+                raise ValueError(f"--merge: {path} has {key}={saved.get(key)!r}, the first file "
+                                 f"{merged.get(key)!r}")
+        clash = set(saved["runs"]) & set(merged["runs"])
+        if clash:
+            raise ValueError(f"--merge: run label(s) {sorted(clash)} appear in more than one file")
+        merged["runs"].update(saved["runs"])
+        merged["checkpoints"].update(saved.get("checkpoints", {}))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, action="append",
-                   help="[LABEL=]DIR of a saved RMTForCausalLM or ARMTForCausalLM (repeat to compare)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--checkpoint", action="append",
+                      help="[LABEL=]DIR of a saved RMTForCausalLM or ARMTForCausalLM (repeat to compare)")
+    mode.add_argument("--merge", nargs="+", metavar="JSON",
+                      help="combine saved <task>_lengths.json files into one table and plot under --out")
     p.add_argument("--task", choices=TASKS, default="needle")
     p.add_argument("--num-facts", type=int, default=4, help="qa tasks: facts per story")
     p.add_argument("--segments", type=int, nargs="+", default=[8, 16, 64, 256, 1024])
@@ -171,6 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--seed", type=int, default=12345, help="evaluation stories (not the training seed)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.merge:
+        if not a.out:
+            p.error("--merge needs --out")
+        saved = merge(a.merge)
+        write(a.out, saved, a.trained_segments * saved["segment_size"] if a.trained_segments else None)
+        return saved["runs"]
     if a.threads:
         torch.set_num_threads(a.threads)
     models = {}
@@ -190,16 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             print(f"{label}: {r['segments']:>6} segments ({r['tokens']:>9,} tokens): accuracy "
                   f"{r['accuracy']:.3f} ({r['samples']} stories, {r['seconds']:.0f} s)", flush=True)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"{a.task}_lengths")
-        with open(stem + ".json", "w") as f:
-            json.dump({"task": a.task, "num_facts": a.num_facts, "seed": a.seed,
-                       "checkpoints": {label: str(m[2]) for label, m in models.items()}, "runs": runs},
-                      f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(table(runs) + "\n")
         size = next(iter(models.values()))[0].rmt_config.segment_size
-        plot(runs, stem + ".png", a.trained_segments * size if a.trained_segments else None, a.task)
+        write(a.out, {"task": a.task, "num_facts": a.num_facts, "seed": a.seed, "segment_size": size,
+                      "checkpoints": {label: str(m[2]) for label, m in models.items()}, "runs": runs},
+              a.trained_segments * size if a.trained_segments else None)
     return runs
 
 
