@@ -91,6 +91,11 @@ def test_cli_compares_runs_side_by_side(tmp_path, capsys):
     # the same stories: the ARMT read alike in both processes
     assert merged["B"][0]["accuracy"] == runs["ARMTForCausalLM"][0]["accuracy"]
     assert "| B (95% CI) |" in (tmp_path / "merged" / "qa1_lengths.md").read_text()
+    # one run's lengths from two files (e.g. the longest with fewer stories)
+    main(["--task", "qa1", "--num-facts", "2", "--checkpoint", f"B={tmp_path / 'armt'}", "--segments", "9",
+          "--samples", "1", "--out", str(tmp_path / "c")])
+    both = main(["--merge", second, str(tmp_path / "c" / "qa1_lengths.json"), "--out", str(tmp_path / "m3")])
+    assert [(r["segments"], r["samples"]) for r in both["B"]] == [(2, 3), (9, 1)]
     with pytest.raises(ValueError, match="more than one file"):
         main(["--merge", first, first, "--out", str(tmp_path / "m2")])
     with pytest.raises(ValueError, match="given twice"):

@@ -171,7 +171,8 @@ def write(out: str, saved: dict, trained_tokens: int | None = None) -> None:
 
 def merge(paths: list[str]) -> dict:
     """One result of several ``<task>_lengths.json`` files of the same task and stories (runs
-    evaluated in separate processes, e.g. one per core)."""
+    evaluated in separate processes, e.g. one per core; one run's lengths may come from several
+    files, each length from one)."""
     merged: dict = {}
     for path in paths:
         with open(path) as f:
@@ -182,10 +183,13 @@ def merge(paths: list[str]) -> dict:
             if saved.get(key) != merged.get(key):
                 raise ValueError(f"--merge: {path} has {key}={saved.get(key)!r}, the first file "
                                  f"{merged.get(key)!r}")
-        clash = set(saved["runs"]) & set(merged["runs"])
-        if clash:
-            raise ValueError(f"--merge: run label(s) {sorted(clash)} appear in more than one file")
-        merged["runs"].update(saved["runs"])
+        for label, rows in saved["runs"].items():
+            have = merged["runs"].setdefault(label, [])
+            twice = {r["segments"] for r in have} & {r["segments"] for r in rows}
+            if twice:
+                raise ValueError(f"--merge: run {label!r} has {sorted(twice)} segments in more than one file")
+            have += rows
+            have.sort(key=lambda r: r["segments"])
         merged["checkpoints"].update(saved.get("checkpoints", {}))
     return merged
 
