@@ -1,0 +1,44 @@
+"""How an ARMT's associative state grows while it reads a long qa story: the largest |A| and
+|z| per layer after 8 ... 31,249 segments, and the answers at the end.
+
+``python scripts/armt_state_growth.py CHECKPOINT [--stories 4] [--segments 31250]`` (a checkpoint
+of ``rmt-fast train --model armt --task qa1``; the stories are the first ones that
+``python -m rmt_fast.tasks.length_eval --task qa1 --num-facts 1`` reads at that length)."""
+
+import argparse
+
+import torch
+
+from rmt_fast.streaming import StreamingReader
+from rmt_fast.tasks.length_eval import load, story_batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--stories", type=int, default=4)
+    p.add_argument("--segments", type=int, default=31250)
+    p.add_argument("--num-facts", type=int, default=1)
+    p.add_argument("--seed", type=int, default=12345, help="length_eval's --seed")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    model, vocab = load(a.checkpoint)
+    size = model.rmt_config.segment_size
+    stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=a.seed * 1_000_003,
+                          num_facts=a.num_facts)
+    reader = StreamingReader(model, batch_size=a.stories, progress=False)
+    context, done = stories[:, :-size], 0
+    marks = [m for m in (8, 64, 256, 1024, 4096, 8192, 16384) if m < a.segments - 1] + [a.segments - 1]
+    for m in marks:
+        reader.feed(context[:, done * size: m * size])
+        done = m
+        s = reader.state
+        print(f"after {m:>6} segments: max |A| per layer {[round(float(x.abs().max()), 2) for x in s.A]}, "
+              f"max z {[round(float(z.max()), 2) for z in s.z]}, finite "
+              f"{all(bool(torch.isfinite(x).all()) for x in s.A + s.z)}", flush=True)
+    out = reader.generate(stories[:, -size:-1], max_new_tokens=1, do_sample=False, pad_token_id=0)
+    print("answers:", vocab.decode(out[:, -1].tolist()), "| truth:", vocab.decode(stories[:, -1].tolist()))
+
+
+if __name__ == "__main__":
+    main()
