@@ -109,6 +109,7 @@ class ModelSpec:
     memory_noise: float = _opt(0.0, "training-only noise on the memory read by each segment "
                                "(relative std)")
     d_mem: int = _opt(64, "armt: width of the associative keys (the state has 6 d_mem rows)")
+    armt_l2_norm: bool = _opt(False, "armt: L2-normalise the DPFP features (the newer upstream ARMT)")
 
 
 @dataclass(frozen=True)
@@ -777,12 +778,14 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
                 mask: str = "causal", xl_cache: int = 0, bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
-                memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2"):
+                memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
+                armt_l2_norm: bool = False):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
-    (``model="armt"``, associative memory of width ``d_mem`` per layer; ``mask``, ``xl_cache``
-    and ``memory_noise`` are RMT options).
+    (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
+    L2-normalised with ``armt_l2_norm``; ``mask``, ``xl_cache`` and ``memory_noise`` are RMT
+    options).
 
     ``init``: ``"gpt2"`` (transformers' ``N(0, 0.02)``, tied input/output embeddings) or
     ``"torch"`` (:func:`torch_default_init`, untied output embeddings). The memory is drawn
@@ -805,6 +808,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
                              "and has no XL cache or memory noise")
+    elif armt_l2_norm:
+        raise ValueError("armt_l2_norm is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
@@ -825,7 +830,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         torch_default_init(base)
     if model == "armt":
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
-                               d_mem=d_mem, bptt_depth=-1 if bptt_depth is None else bptt_depth,
+                               d_mem=d_mem, use_l2_norm=armt_l2_norm,
+                               bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments))
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
