@@ -142,7 +142,7 @@ def minilm_demo(args) -> dict:
 
 
 def needle_demo(args) -> dict:
-    from rmt_fast.tasks.length_eval import answer, load, needle_batch
+    from rmt_fast.tasks.length_eval import answer, load, story_batch
 
     checkpoint = args.checkpoint or NEEDLE_CHECKPOINT
     haystacks = args.haystacks or 3
@@ -158,7 +158,7 @@ def needle_demo(args) -> dict:
     print(f"building {_plural(haystacks, 'haystack')} of {n_tokens:,} tokens "
           f"({segments:,} segments)...",
           flush=True)
-    stories = needle_batch(segments, cfg.segment_size, haystacks, vocab, seed=args.seed)
+    stories = story_batch("needle", segments, cfg.segment_size, haystacks, vocab, seed=args.seed)
     rss_before = peak_rss_mib()
     start = time.perf_counter()
     predicted = answer(model, stories, progress=not args.no_progress)

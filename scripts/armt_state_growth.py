@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from rmt_fast.streaming import StreamingReader
-from rmt_fast.tasks.length_eval import load, story_batch
+from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model, vocab = load(a.checkpoint)
     size = model.rmt_config.segment_size
-    stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=a.seed * 1_000_003,
+    stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=batch_seed(a.seed, 0),
                           num_facts=a.num_facts)
     reader = StreamingReader(model, batch_size=a.stories, progress=False)
     context, done = stories[:, :-size], 0

@@ -6,13 +6,13 @@ import random
 
 import pytest
 import torch
+from models import random_mv
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rmt_fast.models import ARMTForCausalLM, RMTForCausalLM
 from rmt_fast.tasks import make_task
 from rmt_fast.tasks.babilong import PLACES, babilong_sample, default_vocab
 from rmt_fast.tasks.length_eval import answer, length_accuracy, load, main, story_batch
-from tests.models import random_mv
 
 
 def _base(vocab, seed):

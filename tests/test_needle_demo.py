@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from rmt_fast import demo
 from rmt_fast.models import RMTForCausalLM
 from rmt_fast.tasks.babilong import default_vocab
-from rmt_fast.tasks.length_eval import answer, load, needle_accuracy, needle_batch
+from rmt_fast.tasks.length_eval import answer, length_accuracy, load, story_batch
 
 
 def tiny_needle_model(tmp_path):
@@ -22,7 +22,7 @@ def tiny_needle_model(tmp_path):
 
 def test_needle_batch_layout():
     vocab = default_vocab()
-    stories = needle_batch(5, 32, 4, vocab, seed=3)
+    stories = story_batch("needle", 5, 32, 4, vocab, seed=3)
     assert stories.shape == (4, 160)
     for row in stories.tolist():
         words = vocab.decode(row, skip_pad=False).split()
@@ -30,16 +30,16 @@ def test_needle_batch_layout():
         first = vocab.decode(row[:64]).split()  # the fact ends within 32 words of the story,
         at = first.index("key")                  # which starts after up to a sentence of padding
         assert first[at - 1: at + 2] == ["the", "key", "is"] and first[at + 2] == words[-1]
-    assert torch.equal(stories, needle_batch(5, 32, 4, vocab, seed=3))
+    assert torch.equal(stories, story_batch("needle", 5, 32, 4, vocab, seed=3))
 
 
 def test_answer_equals_the_full_forward_prediction(tmp_path):
     model, vocab = tiny_needle_model(tmp_path)
-    stories = needle_batch(4, 32, 3, vocab, seed=1)
+    stories = story_batch("needle", 4, 32, 3, vocab, seed=1)
     with torch.no_grad():
         logits = model(stories[:, :-1]).logits  # 127 tokens: the last segment is 31 long
     assert torch.equal(answer(model, stories), logits[:, -1].argmax(-1))
-    row = needle_accuracy(model, vocab, 4, samples=5, batch_size=2)
+    row = length_accuracy(model, vocab, 4, samples=5, batch_size=2, task="needle")
     assert row["samples"] == 5 and 0.0 <= row["accuracy"] <= 1.0 and row["tokens"] == 128
 
 
@@ -58,5 +58,5 @@ def test_shipped_checkpoint_finds_the_needle():
     longest training length); docs/results.md has the curve up to 131,072 tokens."""
     model, vocab = load(demo.NEEDLE_CHECKPOINT)
     assert not model.training and sum(p.numel() for p in model.parameters()) < 5_000_000
-    row = needle_accuracy(model, vocab, 256, samples=16, batch_size=16, seed=99)
+    row = length_accuracy(model, vocab, 256, samples=16, batch_size=16, seed=99, task="needle")
     assert row["accuracy"] >= 0.9, row

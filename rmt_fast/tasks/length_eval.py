@@ -54,11 +54,10 @@ def story_batch(task: str, num_segments: int, segment_size: int, batch: int, voc
     return torch.tensor(rows)
 
 
-def needle_batch(num_segments: int, segment_size: int, batch: int, vocab: Vocab, *, seed: int = 0,
-                 fact_within: int | None = None) -> torch.Tensor:
-    """``story_batch("needle", ...)``: ``[batch, num_segments * segment_size]``."""
-    return story_batch("needle", num_segments, segment_size, batch, vocab, seed=seed,
-                       fact_within=fact_within)
+def batch_seed(seed: int, first: int) -> int:
+    """The :func:`story_batch` seed of the batch that starts at story ``first`` of an evaluation
+    seeded ``seed`` (every length reads the same sequence of seeds)."""
+    return seed * 1_000_003 + first
 
 
 @torch.no_grad()
@@ -83,19 +82,13 @@ def length_accuracy(model: RMTForCausalLM | ARMTForCausalLM, vocab: Vocab, num_s
     for b in range(0, samples, batch_size):
         n = min(batch_size, samples - b)
         stories = story_batch(task, num_segments, model.rmt_config.segment_size, n, vocab,
-                              seed=seed * 1_000_003 + b, num_facts=num_facts)
+                              seed=batch_seed(seed, b), num_facts=num_facts)
         correct += int((answer(model, stories) == stories[:, -1]).sum())
         done += n
     seconds = time.perf_counter() - start
     return {"segments": num_segments, "tokens": num_segments * model.rmt_config.segment_size,
             "samples": done, "accuracy": correct / done, "ci95": list(wilson(correct, done)),
             "seconds": seconds}
-
-
-def needle_accuracy(model, vocab: Vocab, num_segments: int, samples: int = 64, batch_size: int = 32,
-                    seed: int = 0) -> dict:
-    """:func:`length_accuracy` on the needle task."""
-    return length_accuracy(model, vocab, num_segments, samples, batch_size, seed, task="needle")
 
 
 def load(checkpoint: str | os.PathLike) -> tuple[RMTForCausalLM | ARMTForCausalLM, Vocab]:
