@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 import torch
 
+from rmt_fast.bench.memory import peak_rss_mib
 from rmt_fast.dtypes import dtype_name, resolve_dtype
 
 CHECKPOINTS = os.path.join(os.path.dirname(__file__), "checkpoints")
@@ -32,10 +32,6 @@ MINILM_TASKS = ("memorize", "detect", "reasoning")
 
 def minilm_checkpoint(task: str) -> str:
     return os.path.join(CHECKPOINTS, f"minilm_babi_{task}")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _full_attention_gib(tokens: int) -> float:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rmt_fast.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
 from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.tasks.lm_eval import evaluate_split, state_floats
 from rmt_fast.tasks.text_corpus import VOCAB_SIZE, load_corpus, text_task
@@ -276,11 +277,6 @@ def _first_docs(split, n: int):
 
 
 # --- measurements ---------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: int, warmup: int,
                 corpus_dir: str) -> dict:
     """Training steps of ``row`` on real windows (read from the corpus file, not the whole
@@ -307,21 +303,15 @@ def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: 
 
     for ids in batches[:warmup]:
         step(ids)
-    reset = False
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux)
-        reset = True
-    except OSError:
-        pass
-    base = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    base = rss_mib()
     times, cpu = [], []
     for ids in batches[warmup:]:
         t, c = time.perf_counter(), time.process_time()
         step(ids)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    peak = _status_kib("VmHWM")
+    peak = peak_rss_mib()
     tokens = settings.batch_size * length
     return {"row": row, "checkpoint_segments": checkpoint_segments, "steps": steps,
             "s_per_step_mean": round(float(np.mean(times)), 3),
@@ -332,7 +322,7 @@ def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: 
             # also counts the time other processes held the core)
             "cpu_s_per_step_median": round(float(np.median(cpu)), 3),
             "tokens_per_cpu_s": round(tokens / float(np.median(cpu)), 1),
-            "peak_rss_mib": round(peak / 1024, 1), "rss_before_mib": round(base / 1024, 1),
+            "peak_rss_mib": round(peak, 1), "rss_before_mib": round(base, 1),
             "train_step_peak_mib": round((peak - base) / 1024, 1) if reset else None,
             "tokens_per_step": tokens}
 

@@ -295,3 +295,20 @@ def test_armt_systems_run_agree_and_count_their_flops():
     assert systems.armt_layer_flops(cfg, 36) == (36 * (2 * d * 64 + 2 * dk * d + 2 * dk)
                                                  + 4 * (2 * d * 64 + 2 * d * d + 2 * d
                                                         + 4 * dk * d + 2 * dk))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_rss_of_a_phase_is_its_own():
+    from rmt_fast.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    mib = 256
+    big = torch.ones(mib * 2**18)  # 256 MiB of touched pages: resident
+    high = peak_rss_mib()
+    assert high >= rss_mib() >= mib
+    del big
+    assert reset_peak_rss()
+    quiet = peak_rss_mib()
+    assert quiet <= high - 0.9 * mib  # the earlier peak is gone: it was not this phase's
+    phase = torch.ones(mib // 2 * 2**18)
+    assert peak_rss_mib() >= quiet + 0.9 * mib / 2
+    del phase

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
 import torch
 
+from rmt_fast.bench.memory import peak_rss_mib
 from rmt_fast.bench.systems import CONFIGS, INFER, TRAIN, build, point_flops
 from rmt_fast.dtypes import CHOICES, dtype_name, resolve_dtype
 
@@ -24,7 +24,7 @@ def peak_memory_mib() -> float:
     """Peak RSS of this process (CPU) or the torch allocator's peak (CUDA)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mib()
 
 
 def run_point(system: str, mode: str, length: int, batch: int, repeats: int = 3, warmup: int = 1,

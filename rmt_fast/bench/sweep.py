@@ -26,6 +26,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from rmt_fast.bench.memory import rss_mib
 from rmt_fast.bench.plotting import pyplot, save, style_length_axes
 from rmt_fast.bench.systems import INFER, SYSTEMS, TRAIN, unavailable
 
@@ -65,17 +66,6 @@ def machine() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_subprocess(args: list[str], time_budget: float, mem_budget_mib: float,
                    module: str = "rmt_fast.bench.point") -> dict:
     """Run one point; kill it past the budgets. Returns its JSON row or a status row."""
@@ -85,7 +75,7 @@ def run_subprocess(args: list[str], time_budget: float, mem_budget_mib: float,
     while proc.poll() is None:
         if time.monotonic() - start > time_budget:
             status = f"over time budget ({time_budget:.0f} s)"
-        elif _rss_mib(proc.pid) > mem_budget_mib:
+        elif rss_mib(proc.pid) > mem_budget_mib:
             status = f"over memory budget ({mem_budget_mib:,.0f} MiB)"
         if status:
             proc.kill()

@@ -4,8 +4,9 @@ Each test sample is read segment by segment (:meth:`BabiQA.stream`: the sample i
 whole; only the memory ``[B, M, d]`` is carried), and the class is read from the last segment, as
 in training. Next to it, the **no-memory baseline**: the same fine-tuned model on the last
 segment alone (the learned initial memory, nothing read before). Both come with 95% Wilson
-intervals. Peak memory: the process's resident set size (``VmRSS``), sampled after every segment,
-maximum per length; with the long lengths evaluated in one process it must stay flat.
+intervals. Peak memory per length: the process's peak resident set size (``VmHWM``) while that
+length is read, restarted before it with the heap trimmed (:mod:`rmt_fast.bench.memory`), so a
+length does not inherit the peak of the one before; it must stay flat in length.
 
 ``python -m rmt_fast.tasks.babi_eval --checkpoint DIR --task memorize --out results/memorize``
 writes ``babi_lengths.json`` (rows are added as lengths finish: a stopped evaluation resumes
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rmt_fast import dtypes
+from rmt_fast.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
 from rmt_fast.integrations.packed_linear import packed_linears
 from rmt_fast.models.segment_loop import Segment
 from rmt_fast.tasks.babi_qa import TASKS, BabiQA
@@ -43,34 +45,21 @@ def wilson(correct: int, total: int, z: float = 1.959963984540054) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB (``/proc/self/status``; where there is no
-    ``/proc``, the peak from ``resource.getrusage``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @torch.inference_mode()
 def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, batch_size: int = 16,
                     split: str = "test", dtype: torch.dtype | None = None, progress: bool = False,
                     keep_logits: bool = False, first: int = 0) -> dict:
     """Accuracy with memory and without (last segment alone) on samples ``first..first+samples-1`` of
-    ``split`` at ``num_segments`` segments, with Wilson intervals, seconds, tokens/s and the peak
-    RSS sampled after every segment (``keep_logits``: also both models' logits ``[N, C]``)."""
+    ``split`` at ``num_segments`` segments, with Wilson intervals, seconds, tokens/s, the peak
+    RSS while this length is read and the RSS before it (``keep_logits``: also both models'
+    logits ``[N, C]``)."""
 
     model.eval()
     correct = base_correct = 0
     logits: list[torch.Tensor] = []
     base_logits: list[torch.Tensor] = []
-    peak = rss_mb()
+    reset_peak_rss()
+    before = rss_mib()
     start = time.perf_counter()
     size = data.segment_size
     bar = tqdm(total=samples * num_segments * size, unit="tok", unit_scale=True, disable=not progress,
@@ -85,8 +74,6 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
             last: list[Segment] = []
 
             def after(t, seg, state, last=last):
-                nonlocal peak
-                peak = max(peak, rss_mb())
                 bar.update(seg.ids.numel())
                 last[:] = [seg]
 
@@ -108,7 +95,7 @@ def evaluate_length(model, data: BabiQA, num_segments: int, samples: int, *, bat
             "no_memory_accuracy": base_correct / samples,
             "no_memory_ci95": list(wilson(base_correct, samples)),
             "seconds": round(seconds, 1), "tokens_per_s": round(samples * tokens / seconds, 1),
-            "peak_rss_mb": round(peak, 1)}
+            "peak_rss_mb": round(peak_rss_mib(), 1), "rss_before_mb": round(before, 1)}
     if keep_logits:
         row.update(logits=torch.cat(logits), no_memory_logits=torch.cat(base_logits))
     return row
