@@ -21,13 +21,13 @@ def _base(vocab, seed):
                                       n_head=2, bos_token_id=0, eos_token_id=0))
 
 
-def _save(kind, path, seed=0):
+def _save(kind, path, seed=0, segment_size=24):
     vocab = default_vocab()
     if kind == "armt":
-        model = random_mv(ARMTForCausalLM(_base(vocab, seed), num_mem_tokens=3, d_mem=4, segment_size=24),
-                          seed + 1, 0.3)
+        model = random_mv(ARMTForCausalLM(_base(vocab, seed), num_mem_tokens=3, d_mem=4,
+                                          segment_size=segment_size), seed + 1, 0.3)
     else:
-        model = RMTForCausalLM(_base(vocab, seed), num_mem_tokens=3, segment_size=24, mask="rmt")
+        model = RMTForCausalLM(_base(vocab, seed), num_mem_tokens=3, segment_size=segment_size, mask="rmt")
     model.eval().save_pretrained(path)
     vocab.save(path)
     return model, vocab
@@ -101,6 +101,16 @@ def test_cli_compares_runs_side_by_side(tmp_path, capsys):
     with pytest.raises(ValueError, match="given twice"):
         main(["--checkpoint", f"A={tmp_path / 'rmt'}", "--checkpoint", f"A={tmp_path / 'armt'}",
               "--segments", "2", "--samples", "1"])
+    # runs of another segment size read other stories: refused, side by side and in a merge
+    _save("rmt", tmp_path / "rmt16", segment_size=16)
+    with pytest.raises(ValueError, match="one segment size"):
+        main(["--checkpoint", f"A={tmp_path / 'rmt'}", "--checkpoint", f"B={tmp_path / 'rmt16'}",
+              "--segments", "2", "--samples", "1"])
+    main(["--task", "qa1", "--num-facts", "2", "--checkpoint", f"D={tmp_path / 'rmt16'}", "--segments", "2",
+          "--samples", "1", "--out", str(tmp_path / "d")])
+    with pytest.raises(ValueError, match="segment_size=16"):
+        main(["--merge", first, str(tmp_path / "d" / "qa1_lengths.json"), "--out", str(tmp_path / "m4")])
+    assert not os.path.exists(tmp_path / "m4")
 
 
 def test_load_refuses_an_encoder(tmp_path):

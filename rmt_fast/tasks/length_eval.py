@@ -172,7 +172,7 @@ def merge(paths: list[str]) -> dict:
             saved = json.load(f)
         if not merged:
             merged = {**saved, "runs": {}, "checkpoints": {}}
-        for key in ("task", "num_facts", "seed"):
+        for key in ("task", "num_facts", "seed", "segment_size"):
             if saved.get(key) != merged.get(key):
                 raise ValueError(f"--merge: {path} has {key}={saved.get(key)!r}, the first file "
                                  f"{merged.get(key)!r}")
@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         if label in models:
             raise ValueError(f"--checkpoint: the label {label!r} is given twice; name runs LABEL=DIR")
         models[label] = (model, vocab, path)
+    sizes = {label: m[0].rmt_config.segment_size for label, m in models.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"--checkpoint: the runs must share one segment size (the stories are "
+                         f"built from it), got {sizes}")
     runs: dict[str, list[dict]] = {label: [] for label in models}
     for n in tqdm(a.segments, desc="lengths"):
         for label, (model, vocab, _) in models.items():
