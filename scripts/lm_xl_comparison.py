@@ -370,6 +370,95 @@ def measure(settings: Settings, out: str, steps: int, warmup: int, cache_dir: st
     return summary
 
 
+# --- where in a segment the recurrence helps --------------------------------------------------------
+POSITIONS_NAME = "positions.json"
+POSITION_BANDS = ((0, 8), (8, 32), (32, 128))
+
+
+def _row_model(out: str, row: str):
+    """``row``'s model with the weights of its last checkpoint under ``out``, and its step."""
+    run_dir = os.path.join(out, row)
+    with open(os.path.join(run_dir, SETTINGS_NAME)) as f:
+        saved = {**ADDED, **json.load(f)}
+    settings = Settings(**{k: saved[k] for k in SETTING_FLAGS if k in saved})
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint")
+    model = settings.row_model(row)
+    model.load_state_dict(type(model).from_pretrained(ckpt).state_dict())
+    return model, int(os.path.basename(ckpt).removeprefix("checkpoint-")), settings
+
+
+def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, log=print) -> dict:
+    """Bits per byte by position within the segment (:attr:`StreamResult.bits_per_byte_by_position`)
+    of every trained row under ``out`` on the first ``docs`` test documents, read as streams;
+    written to ``out/positions.json`` (rows already there at the same step are kept)."""
+    from rmt_fast.tasks.lm_eval import stream_nll
+
+    path = os.path.join(out, POSITIONS_NAME)
+    saved = {"docs": docs, "rows": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("docs") == docs:
+            saved = old
+    split = _first_docs((corpus if corpus is not None else load_corpus())["test"], docs)
+    for row in rows or [r for r in _runs(out) if latest_checkpoint(os.path.join(out, r))]:
+        model, step, settings = _row_model(out, row)
+        if saved["rows"].get(row, {}).get("step") == step:
+            continue
+        res = stream_nll(model, list(split.documents()), settings.eval_lanes, amp=settings.eval_amp)
+        by_pos = res.bits_per_byte_by_position
+        seg = len(res.position_bytes)
+        bands = {f"{lo}-{min(hi, seg) - 1}": float(res.position_nll[lo:hi].sum() / math.log(2)
+                                                   / res.position_bytes[lo:hi].sum())
+                 for lo, hi in POSITION_BANDS if res.position_bytes[lo:hi].sum() > 0}
+        saved["rows"][row] = {"step": step, "bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
+                              "bands": bands, "by_position": [round(float(b), 5) for b in by_pos],
+                              "seconds": round(res.seconds, 1)}
+        log(f"[{row}] {res.total_bytes:,} bytes: {res.bits_per_byte:.4f} bits/byte; by position "
+            + ", ".join(f"{k}: {v:.4f}" for k, v in bands.items()))
+        with open(path + ".tmp", "w") as f:
+            json.dump(saved, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return saved
+
+
+def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
+    """Bits per byte by segment position (top) and each row's gain over ``baseline`` (bottom)."""
+    from rmt_fast.bench.plotting import pyplot, save
+
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    base = saved["rows"].get(baseline)
+    for row, r in saved["rows"].items():
+        style = "--" if ROWS[row]["mask"] == "rmt" else "-"
+        ax.plot(r["by_position"], style, lw=1, label=f"{row} ({r['bits_per_byte']:.3f})")
+        if base is not None and row != baseline:
+            gain = np.array(base["by_position"]) - np.array(r["by_position"])
+            ax2.plot(gain, style, lw=1, label=row)
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"bits per byte by position in the 128-byte segment (first {saved['docs']} test documents)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax2.axhline(0, c="gray", lw=0.8)
+    ax2.set_ylabel(f"{baseline} minus row (bits per byte)")
+    ax2.set_xlabel("position of the predicting byte in its segment")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2)
+    save(fig, png)
+
+
+def positions_table(saved: dict) -> str:
+    bands = list(next(iter(saved["rows"].values()))["bands"]) if saved["rows"] else []
+    lines = ["| row | bits/byte | " + " | ".join(f"positions {b}" for b in bands) + " |",
+             "|---|---|" + "---|" * len(bands)]
+    for row, r in saved["rows"].items():
+        lines.append(f"| {row} | {r['bits_per_byte']:.4f} | "
+                     + " | ".join(f"{r['bands'].get(b, float('nan')):.4f}" for b in bands) + " |")
+    return "\n".join(lines)
+
+
 # --- plot and table -------------------------------------------------------------------------------
 def _runs(out: str) -> list[str]:
     return [r for r in ROWS if os.path.exists(os.path.join(out, r, LM_METRICS))]
@@ -432,7 +521,12 @@ def parser() -> argparse.ArgumentParser:
                            "segment checkpointing, side by side (writes OUT/measure.json)")
     mode.add_argument("--plot", metavar="PNG", help="validation curves of the runs under --out")
     mode.add_argument("--table", action="store_true", help="markdown table of the results under --out")
+    mode.add_argument("--positions", metavar="PNG",
+                      help="bits/byte by position in the segment of every trained row on the first "
+                           "--position-docs test documents (OUT/positions.json, PNG, table)")
     mode.add_argument("--measure-one", metavar="ROW", help=argparse.SUPPRESS)
+    p.add_argument("--position-docs", type=int, default=20)
+    p.add_argument("--position-rows", nargs="+", choices=sorted(ROWS), default=None)
     p.add_argument("--out", default="runs/lm", help="runs directory (one subdirectory per row)")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default ~/.cache/rmt_fast)")
     p.add_argument("--threads", type=int, default=1)
@@ -479,6 +573,13 @@ def main(argv: list[str] | None = None):
     if args.plot:
         plot(args.plot, args.out)
         return None
+    if args.positions:
+        hf_logging.disable_progress_bar()
+        saved = positions(args.out, args.position_docs, args.position_rows, load_corpus(args.cache_dir),
+                          log=lambda s: print(s, flush=True))
+        plot_positions(saved, args.positions)
+        print(positions_table(saved))
+        return saved
     if args.table:
         text = table(args.out)
         print(text)

@@ -67,6 +67,31 @@ def test_stream_equals_full_sequence_forward(mem, xl, mask, arch):
         assert abs(cut - ref[3]) > 1e-3 * abs(ref[3])  # 1,000 times the tolerance
 
 
+@pytest.mark.parametrize("mem,xl,arch", [(3, 3, "gpt2"), (3, 0, "armt")])
+@torch.no_grad()
+def test_bits_by_segment_position_add_up_and_match_the_full_forward(mem, xl, arch):
+    model = tiny(mem, xl, arch=arch)
+    docs = documents(3)
+    want_nll, want_bytes = np.zeros(SEG), np.zeros(SEG, dtype=np.int64)
+    for doc in docs:
+        if len(doc) == 0:
+            continue
+        ids = torch.cat([torch.tensor([BOS]), torch.as_tensor(doc).long()])
+        logits = model(ids[None]).logits[0]
+        tok = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+        for i, v in enumerate(tok.tolist()):  # token i predicts token i + 1
+            want_nll[i % SEG] += v
+            want_bytes[i % SEG] += 1
+    res = stream_nll(model, docs, batch_size=3)
+    assert res.position_bytes.tolist() == want_bytes.tolist()
+    assert res.position_bytes.sum() == res.bytes.sum()
+    np.testing.assert_allclose(res.position_nll, want_nll, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(res.position_nll.sum(), res.nll.sum(), rtol=1e-9)
+    by_pos = report(model, res)["bits_per_byte_by_position"]
+    assert len(by_pos) == SEG
+    assert by_pos[0] == pytest.approx(want_nll[0] / math.log(2) / want_bytes[0], rel=1e-4)
+
+
 def test_stream_restores_mode_and_checks_inputs():
     model = tiny(2, 0)
     model.train()

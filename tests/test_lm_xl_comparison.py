@@ -125,3 +125,15 @@ def test_measure_one_plot_and_table(corpus, tmp_path):
     assert text.count("\n") == 3 and "| plain (first 4 documents only) | 0 | 0 | - | causal |" in text
     with pytest.raises(ValueError, match="row must be one of"):
         lm.run_row("nope", settings, str(tmp_path), corpus)
+    # bits by position in the segment: they add up to the streamed total of the same documents
+    saved = lm.positions(str(tmp_path), 4, corpus=corpus, log=lambda s: None)
+    assert list(saved["rows"]) == ["plain", "rmt-d2"]
+    for row, r in saved["rows"].items():
+        result = json.load(open(tmp_path / row / lm.RESULT_NAME))
+        assert r["step"] == 2 and r["bytes"] == result["test"]["bytes"] and len(r["by_position"]) == 8
+        assert r["bits_per_byte"] == pytest.approx(result["test"]["bits_per_byte"], rel=1e-6)
+        assert r["by_position"] == pytest.approx(result["test"]["bits_per_byte_by_position"], abs=2e-5)
+    assert lm.positions(str(tmp_path), 4, corpus=corpus, log=lambda s: 1 / 0) == saved  # kept, not redone
+    lm.plot_positions(saved, str(tmp_path / "positions.png"))
+    assert (tmp_path / "positions.png").stat().st_size > 1000
+    assert lm.positions_table(saved).count("\n") == 3

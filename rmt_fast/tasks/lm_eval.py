@@ -43,12 +43,22 @@ LM_MODELS = (RMTForCausalLM, ARMTForCausalLM)
 @dataclass
 class StreamResult:
     """``nll``: summed NLL in nats per document ``[n_docs]`` float64, ``bytes`` ``[n_docs]``;
-    ``segments``: segment forwards run (lanes x steps, padding included); ``seconds``."""
+    ``segments``: segment forwards run (lanes x steps, padding included); ``seconds``;
+    ``position_nll`` / ``position_bytes`` ``[segment_size]``: the same sums by the predicting
+    token's position within its segment (position 0 reads the segment before only through
+    memory and cache)."""
 
     nll: np.ndarray
     bytes: np.ndarray
     segments: int
     seconds: float
+    position_nll: np.ndarray | None = None
+    position_bytes: np.ndarray | None = None
+
+    @property
+    def bits_per_byte_by_position(self) -> np.ndarray:
+        """``[segment_size]`` bits per byte of the bytes predicted from each segment position."""
+        return self.position_nll / math.log(2) / np.maximum(self.position_bytes, 1)
 
     @property
     def bits_per_byte(self) -> float:
@@ -125,9 +135,11 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
     tokens = [_as_tokens(d) for d in documents]
     n_docs = len(tokens)
     nll = np.zeros(n_docs, dtype=np.float64)
+    seg = model.rmt_config.segment_size
+    pos_nll = torch.zeros(seg, dtype=torch.float64)
+    pos_bytes = torch.zeros(seg, dtype=torch.int64)
     sizes = np.array([len(t) - 1 for t in tokens], dtype=np.int64)
     queue = sorted((i for i in range(n_docs) if sizes[i] > 0), key=lambda i: (-sizes[i], i))
-    seg = model.rmt_config.segment_size
     device = model.device
     lanes = min(batch_size, max(len(queue), 1))
     lane_doc = [-1] * lanes
@@ -179,6 +191,9 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
             rows = torch.arange(lanes, device=device)[:, None].expand(-1, seg)[picked]
             per_lane = torch.zeros(lanes, dtype=torch.float64, device=device).index_add_(0, rows, tok_nll)
             counted = picked.sum(1).cpu()
+            cols = torch.arange(seg, device=device)[None, :].expand(lanes, -1)[picked]
+            pos_nll += torch.zeros(seg, dtype=torch.float64, device=device).index_add_(0, cols, tok_nll).cpu()
+            pos_bytes += picked.sum(0).cpu()
             for j, d in enumerate(lane_doc):
                 if d >= 0:
                     nll[d] += float(per_lane[j])
@@ -190,7 +205,8 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0)
+    return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0, pos_nll.numpy(),
+                        pos_bytes.numpy())
 
 
 def state_floats(model: RMTForCausalLM | ARMTForCausalLM) -> dict[str, int]:
@@ -224,7 +240,8 @@ def report(model: RMTForCausalLM | ARMTForCausalLM, result: StreamResult, bytes_
             "state_bytes": floats["total"] * bytes_per_float,
             "memory_state_bytes": floats["memory"] * bytes_per_float,
             "xl_state_bytes": floats["xl"] * bytes_per_float,
-            "eval_seconds": round(result.seconds, 1), "segments_run": result.segments}
+            "eval_seconds": round(result.seconds, 1), "segments_run": result.segments,
+            "bits_per_byte_by_position": [round(float(b), 5) for b in result.bits_per_byte_by_position]}
 
 
 def evaluate_split(model: RMTForCausalLM | ARMTForCausalLM, split, batch_size: int = 8, *,
