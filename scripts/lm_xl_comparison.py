@@ -17,6 +17,7 @@ Usage (one row per invocation; rerun the same command to resume from the last ch
     python scripts/lm_xl_comparison.py --measure --out runs/lm    # memory, tokens/s, s/step
     python scripts/lm_xl_comparison.py --plot docs/lm_curves.png --out runs/lm
     python scripts/lm_xl_comparison.py --table --out runs/lm      # markdown table of results
+    python scripts/lm_xl_comparison.py --positions pos.png --out runs/lm  # bits/byte by segment position
 
 ``OUT/<row>/``: ``settings.json``, train()'s ``checkpoint-<step>/`` and ``metrics.jsonl``,
 ``lm_metrics.jsonl`` (validation bits/byte every ``--eval-every`` steps: windows of the
