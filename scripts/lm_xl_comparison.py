@@ -430,21 +430,23 @@ def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
     from rmt_fast.bench.plotting import pyplot, save
 
     plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7))
     base = saved["rows"].get(baseline)
+    colors = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))  # one per row
     for row, r in saved["rows"].items():
         style = "--" if ROWS[row]["mask"] == "rmt" else "-"
-        ax.plot(r["by_position"], style, lw=1, label=f"{row} ({r['bits_per_byte']:.3f})")
+        ax.plot(r["by_position"], style, lw=1, c=colors[row], label=f"{row} ({r['bits_per_byte']:.3f})")
         if base is not None and row != baseline:
             gain = np.array(base["by_position"]) - np.array(r["by_position"])
-            ax2.plot(gain, style, lw=1, label=row)
+            ax2.plot(gain[:48], style, lw=1, c=colors[row], marker=".", ms=3, label=row)
     ax.set_ylabel("bits per byte")
     ax.set_title(f"bits per byte by position in the 128-byte segment (first {saved['docs']} test documents)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax2.axhline(0, c="gray", lw=0.8)
     ax2.set_ylabel(f"{baseline} minus row (bits per byte)")
-    ax2.set_xlabel("position of the predicting byte in its segment")
+    ax.set_xlabel("position of the predicting byte in its segment")
+    ax2.set_xlabel("position of the predicting byte in its segment (the first 48)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)
     save(fig, png)
