@@ -374,6 +374,7 @@ def measure(settings: Settings, out: str, steps: int, warmup: int, cache_dir: st
 # --- where in a segment the recurrence helps --------------------------------------------------------
 POSITIONS_NAME = "positions.json"
 POSITION_BANDS = ((0, 8), (8, 32), (32, 128))
+INDEX_BANDS = ((0, 1), (1, 8), (8, 64), (64, 512), (512, None))  # segment index in the document
 
 
 def _row_model(out: str, row: str):
@@ -406,7 +407,7 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
     split = _first_docs((corpus if corpus is not None else load_corpus())["test"], docs)
     for row in rows or [r for r in _runs(out) if latest_checkpoint(os.path.join(out, r))]:
         model, step, settings = _row_model(out, row)
-        if saved["rows"].get(row, {}).get("step") == step:
+        if saved["rows"].get(row, {}).get("step") == step and "index_bands" in saved["rows"][row]:
             continue
         res = stream_nll(model, list(split.documents()), settings.eval_lanes, amp=settings.eval_amp)
         by_pos = res.bits_per_byte_by_position
@@ -414,11 +415,17 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
         bands = {f"{lo}-{min(hi, seg) - 1}": float(res.position_nll[lo:hi].sum() / math.log(2)
                                                    / res.position_bytes[lo:hi].sum())
                  for lo, hi in POSITION_BANDS if res.position_bytes[lo:hi].sum() > 0}
+        counted = [(f"{lo}-{'' if hi is None else hi - 1}", res.index_nll[lo:hi].sum(),
+                    int(res.index_bytes[lo:hi].sum())) for lo, hi in INDEX_BANDS]
+        index_bands = {name: float(n / math.log(2) / b) for name, n, b in counted if b}
         saved["rows"][row] = {"step": step, "bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
                               "bands": bands, "by_position": [round(float(b), 5) for b in by_pos],
+                              "index_bands": index_bands,
+                              "index_bytes": {name: b for name, _, b in counted if b},
                               "seconds": round(res.seconds, 1)}
         log(f"[{row}] {res.total_bytes:,} bytes: {res.bits_per_byte:.4f} bits/byte; by position "
-            + ", ".join(f"{k}: {v:.4f}" for k, v in bands.items()))
+            + ", ".join(f"{k}: {v:.4f}" for k, v in bands.items()) + "; by segment index "
+            + ", ".join(f"{k}: {v:.4f}" for k, v in index_bands.items()))
         with open(path + ".tmp", "w") as f:
             json.dump(saved, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -426,13 +433,15 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
 
 
 def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
-    """Bits per byte by segment position (top) and each row's gain over ``baseline`` (bottom)."""
+    """Bits per byte by segment position (top), each row's gain over ``baseline`` (middle), and
+    bits per byte by the segment's index in its document (bottom)."""
     from rmt_fast.bench.plotting import pyplot, save
 
     plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7))
+    fig, (ax, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 10))
     base = saved["rows"].get(baseline)
-    colors = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))  # one per row
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {row: palette[i % len(palette)] for i, row in enumerate(ROWS)}  # one per row
     for row, r in saved["rows"].items():
         style = "--" if ROWS[row]["mask"] == "rmt" else "-"
         ax.plot(r["by_position"], style, lw=1, c=colors[row], label=f"{row} ({r['bits_per_byte']:.3f})")
@@ -449,16 +458,34 @@ def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
     ax2.set_xlabel("position of the predicting byte in its segment (the first 48)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)
+    names = [f"{lo}-{'' if hi is None else hi - 1}" for lo, hi in INDEX_BANDS]
+    for row, r in saved["rows"].items():
+        have = [n for n in names if n in r.get("index_bands", {})]
+        if have:
+            ax3.plot([names.index(n) for n in have], [r["index_bands"][n] for n in have], marker="o",
+                     ls="--" if ROWS[row]["mask"] == "rmt" else "-", c=colors[row], label=row)
+    ax3.set_xticks(range(len(names)), [f"segments {n}" for n in names])
+    ax3.set_ylabel("bits per byte")
+    ax3.set_xlabel("index of the segment in its document (8 segments per training window)")
+    ax3.grid(alpha=0.3)
+    ax3.legend(fontsize=7, ncol=2)
     save(fig, png)
 
 
 def positions_table(saved: dict) -> str:
-    bands = list(next(iter(saved["rows"].values()))["bands"]) if saved["rows"] else []
-    lines = ["| row | bits/byte | " + " | ".join(f"positions {b}" for b in bands) + " |",
-             "|---|---|" + "---|" * len(bands)]
-    for row, r in saved["rows"].items():
-        lines.append(f"| {row} | {r['bits_per_byte']:.4f} | "
-                     + " | ".join(f"{r['bands'].get(b, float('nan')):.4f}" for b in bands) + " |")
+    rows = saved["rows"]
+    bands = list(next(iter(rows.values()))["bands"]) if rows else []
+    index = max((list(r.get("index_bands", {})) for r in rows.values()), key=len, default=[])
+    lines = ["| row | bits/byte | " + " | ".join(f"positions {b}" for b in bands) + " | "
+             + " | ".join(f"segments {b}" for b in index) + " |",
+             "|---|---|" + "---|" * (len(bands) + len(index))]
+
+    def cell(d, k):
+        return f"{d[k]:.4f}" if k in d else "-"
+
+    for row, r in rows.items():
+        lines.append(f"| {row} | {r['bits_per_byte']:.4f} | " + " | ".join(cell(r["bands"], b) for b in bands)
+                     + " | " + " | ".join(cell(r.get("index_bands", {}), b) for b in index) + " |")
     return "\n".join(lines)
 
 

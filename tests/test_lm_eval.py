@@ -69,10 +69,12 @@ def test_stream_equals_full_sequence_forward(mem, xl, mask, arch):
 
 @pytest.mark.parametrize("mem,xl,arch", [(3, 3, "gpt2"), (3, 0, "armt")])
 @torch.no_grad()
-def test_bits_by_segment_position_add_up_and_match_the_full_forward(mem, xl, arch):
+def test_bits_by_segment_position_and_index_add_up_and_match_the_full_forward(mem, xl, arch):
     model = tiny(mem, xl, arch=arch)
     docs = documents(3)
     want_nll, want_bytes = np.zeros(SEG), np.zeros(SEG, dtype=np.int64)
+    longest = max(-(-(len(d) + 1) // SEG) for d in docs)  # segments of [BOS] + doc
+    want_idx, want_idx_bytes = np.zeros(longest), np.zeros(longest, dtype=np.int64)
     for doc in docs:
         if len(doc) == 0:
             continue
@@ -82,11 +84,15 @@ def test_bits_by_segment_position_add_up_and_match_the_full_forward(mem, xl, arc
         for i, v in enumerate(tok.tolist()):  # token i predicts token i + 1
             want_nll[i % SEG] += v
             want_bytes[i % SEG] += 1
+            want_idx[i // SEG] += v
+            want_idx_bytes[i // SEG] += 1
     res = stream_nll(model, docs, batch_size=3)
     assert res.position_bytes.tolist() == want_bytes.tolist()
     assert res.position_bytes.sum() == res.bytes.sum()
     np.testing.assert_allclose(res.position_nll, want_nll, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(res.position_nll.sum(), res.nll.sum(), rtol=1e-9)
+    assert res.index_bytes.tolist() == want_idx_bytes.tolist()
+    np.testing.assert_allclose(res.index_nll, want_idx, rtol=1e-6, atol=1e-9)
     by_pos = report(model, res)["bits_per_byte_by_position"]
     assert len(by_pos) == SEG
     assert by_pos[0] == pytest.approx(want_nll[0] / math.log(2) / want_bytes[0], rel=1e-4)

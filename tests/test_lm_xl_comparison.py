@@ -133,6 +133,7 @@ def test_measure_one_plot_and_table(corpus, tmp_path):
         assert r["step"] == 2 and r["bytes"] == result["test"]["bytes"] and len(r["by_position"]) == 8
         assert r["bits_per_byte"] == pytest.approx(result["test"]["bits_per_byte"], rel=1e-6)
         assert r["by_position"] == pytest.approx(result["test"]["bits_per_byte_by_position"], abs=2e-5)
+        assert sum(r["index_bytes"].values()) == r["bytes"] and "0-0" in r["index_bands"]
     assert lm.positions(str(tmp_path), 4, corpus=corpus, log=lambda s: 1 / 0) == saved  # kept, not redone
     lm.plot_positions(saved, str(tmp_path / "positions.png"))
     assert (tmp_path / "positions.png").stat().st_size > 1000

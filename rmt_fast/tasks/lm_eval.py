@@ -46,7 +46,8 @@ class StreamResult:
     ``segments``: segment forwards run (lanes x steps, padding included); ``seconds``;
     ``position_nll`` / ``position_bytes`` ``[segment_size]``: the same sums by the predicting
     token's position within its segment (position 0 reads the segment before only through
-    memory and cache)."""
+    memory and cache); ``index_nll`` / ``index_bytes`` ``[longest document's segments]``: by the
+    segment's index in its document (how the recurrence holds up as documents go on)."""
 
     nll: np.ndarray
     bytes: np.ndarray
@@ -54,6 +55,8 @@ class StreamResult:
     seconds: float
     position_nll: np.ndarray | None = None
     position_bytes: np.ndarray | None = None
+    index_nll: np.ndarray | None = None
+    index_bytes: np.ndarray | None = None
 
     @property
     def bits_per_byte_by_position(self) -> np.ndarray:
@@ -138,6 +141,8 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
     seg = model.rmt_config.segment_size
     pos_nll = torch.zeros(seg, dtype=torch.float64)
     pos_bytes = torch.zeros(seg, dtype=torch.int64)
+    idx_nll: list[float] = []
+    idx_bytes: list[int] = []
     sizes = np.array([len(t) - 1 for t in tokens], dtype=np.int64)
     queue = sorted((i for i in range(n_docs) if sizes[i] > 0), key=lambda i: (-sizes[i], i))
     device = model.device
@@ -197,6 +202,12 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
             for j, d in enumerate(lane_doc):
                 if d >= 0:
                     nll[d] += float(per_lane[j])
+                    t = lane_pos[j] // seg
+                    if t == len(idx_nll):
+                        idx_nll.append(0.0)
+                        idx_bytes.append(0)
+                    idx_nll[t] += float(per_lane[j])
+                    idx_bytes[t] += int(counted[j])
                     lane_pos[j] += seg
             steps += 1
             if bar is not None:
@@ -206,7 +217,7 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
         if bar is not None:
             bar.close()
     return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0, pos_nll.numpy(),
-                        pos_bytes.numpy())
+                        pos_bytes.numpy(), np.array(idx_nll), np.array(idx_bytes, dtype=np.int64))
 
 
 def state_floats(model: RMTForCausalLM | ARMTForCausalLM) -> dict[str, int]:
