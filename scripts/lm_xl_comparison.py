@@ -441,7 +441,8 @@ def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
     fig, (ax, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 10))
     base = saved["rows"].get(baseline)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {row: palette[i % len(palette)] for i, row in enumerate(ROWS)}  # one per row
+    shown = [r for r in ROWS if r in saved["rows"]]
+    colors = {row: palette[i % len(palette)] for i, row in enumerate(shown)}  # one per row shown
     for row, r in saved["rows"].items():
         style = "--" if ROWS[row]["mask"] == "rmt" else "-"
         ax.plot(r["by_position"], style, lw=1, c=colors[row], label=f"{row} ({r['bits_per_byte']:.3f})")
@@ -464,6 +465,15 @@ def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
         if have:
             ax3.plot([names.index(n) for n in have], [r["index_bands"][n] for n in have], marker="o",
                      ls="--" if ROWS[row]["mask"] == "rmt" else "-", c=colors[row], label=row)
+    values = [v for r in saved["rows"].values() for v in r.get("index_bands", {}).values()]
+    if values:  # a row that breaks down off the scale keeps the others readable; its points are labelled
+        top = min(max(values), sorted(values)[len(values) // 2] + 0.4) + 0.05
+        ax3.set_ylim(min(values) - 0.05, top)
+        for row, r in saved["rows"].items():
+            for n, v in r.get("index_bands", {}).items():
+                if v > top:
+                    ax3.annotate(f"{row}: {v:.2f}", (names.index(n), top), textcoords="offset points",
+                                 xytext=(0, -12), ha="center", fontsize=7, color=colors[row])
     ax3.set_xticks(range(len(names)), [f"segments {n}" for n in names])
     ax3.set_ylabel("bits per byte")
     ax3.set_xlabel("index of the segment in its document (8 segments per training window)")
