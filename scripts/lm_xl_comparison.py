@@ -324,7 +324,7 @@ def measure_one(row: str, settings: Settings, checkpoint_segments: bool, steps: 
             "cpu_s_per_step_median": round(float(np.median(cpu)), 3),
             "tokens_per_cpu_s": round(tokens / float(np.median(cpu)), 1),
             "peak_rss_mib": round(peak, 1), "rss_before_mib": round(base, 1),
-            "train_step_peak_mib": round((peak - base) / 1024, 1) if reset else None,
+            "train_step_peak_mib": round(peak - base, 1) if reset else None,
             "tokens_per_step": tokens}
 
 

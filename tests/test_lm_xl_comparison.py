@@ -116,6 +116,8 @@ def test_measure_one_plot_and_table(corpus, tmp_path):
         rec = lm.measure_one("rmt-d4", settings, ckpt, steps=2, warmup=1, corpus_dir=corpus.directory)
         assert rec["tokens_per_step"] == 2 * 5 * 8 and rec["s_per_step_median"] > 0
         assert rec["peak_rss_mib"] > 0 and rec["checkpoint_segments"] is ckpt
+        step_peak = rec["peak_rss_mib"] - rec["rss_before_mib"]
+        assert rec["train_step_peak_mib"] == pytest.approx(step_peak, abs=0.2)
     for row in ("plain", "rmt-d2"):
         lm.run_row(row, settings, str(tmp_path), corpus, log=lambda s: None)
     png = tmp_path / "curves.png"
