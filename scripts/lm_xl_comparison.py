@@ -388,7 +388,11 @@ def _row_model(out: str, row: str):
         raise FileNotFoundError(f"{run_dir} has no checkpoint")
     model = settings.row_model(row)
     model.load_state_dict(type(model).from_pretrained(ckpt).state_dict())
-    return model, int(os.path.basename(ckpt).removeprefix("checkpoint-")), settings
+    return model, _step(ckpt), settings
+
+
+def _step(ckpt: str) -> int:
+    return int(os.path.basename(ckpt).removeprefix("checkpoint-"))
 
 
 def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, log=print) -> dict:
@@ -406,9 +410,11 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
             saved = old
     split = _first_docs((corpus if corpus is not None else load_corpus())["test"], docs)
     for row in rows or [r for r in _runs(out) if latest_checkpoint(os.path.join(out, r))]:
+        ckpt = latest_checkpoint(os.path.join(out, row))
+        done = saved["rows"].get(row, {})
+        if ckpt is not None and done.get("step") == _step(ckpt) and "index_bands" in done:
+            continue  # decided from the folder name: no model is loaded for a row already there
         model, step, settings = _row_model(out, row)
-        if saved["rows"].get(row, {}).get("step") == step and "index_bands" in saved["rows"][row]:
-            continue
         res = stream_nll(model, list(split.documents()), settings.eval_lanes, amp=settings.eval_amp)
         by_pos = res.bits_per_byte_by_position
         seg = len(res.position_bytes)

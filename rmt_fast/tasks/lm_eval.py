@@ -139,13 +139,13 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
     n_docs = len(tokens)
     nll = np.zeros(n_docs, dtype=np.float64)
     seg = model.rmt_config.segment_size
-    pos_nll = torch.zeros(seg, dtype=torch.float64)
-    pos_bytes = torch.zeros(seg, dtype=torch.int64)
+    device = model.device
+    pos_nll = torch.zeros(seg, dtype=torch.float64, device=device)  # accumulated where computed,
+    pos_bytes = torch.zeros(seg, dtype=torch.int64, device=device)  # read back once at the end
     idx_nll: list[float] = []
     idx_bytes: list[int] = []
     sizes = np.array([len(t) - 1 for t in tokens], dtype=np.int64)
     queue = sorted((i for i in range(n_docs) if sizes[i] > 0), key=lambda i: (-sizes[i], i))
-    device = model.device
     lanes = min(batch_size, max(len(queue), 1))
     lane_doc = [-1] * lanes
     lane_pos = [0] * lanes
@@ -195,10 +195,11 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
             tok_nll = -logp.gather(1, targets[picked][:, None])[:, 0].double()
             rows = torch.arange(lanes, device=device)[:, None].expand(-1, seg)[picked]
             per_lane = torch.zeros(lanes, dtype=torch.float64, device=device).index_add_(0, rows, tok_nll)
+            per_lane = per_lane.cpu()
             counted = picked.sum(1).cpu()
             cols = torch.arange(seg, device=device)[None, :].expand(lanes, -1)[picked]
-            pos_nll += torch.zeros(seg, dtype=torch.float64, device=device).index_add_(0, cols, tok_nll).cpu()
-            pos_bytes += picked.sum(0).cpu()
+            pos_nll.index_add_(0, cols, tok_nll)
+            pos_bytes += picked.sum(0)
             for j, d in enumerate(lane_doc):
                 if d >= 0:
                     nll[d] += float(per_lane[j])
@@ -216,8 +217,8 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0, pos_nll.numpy(),
-                        pos_bytes.numpy(), np.array(idx_nll), np.array(idx_bytes, dtype=np.int64))
+    return StreamResult(nll, sizes, steps * lanes, time.perf_counter() - t0, pos_nll.cpu().numpy(),
+                        pos_bytes.cpu().numpy(), np.array(idx_nll), np.array(idx_bytes, dtype=np.int64))
 
 
 def state_floats(model: RMTForCausalLM | ARMTForCausalLM) -> dict[str, int]:
