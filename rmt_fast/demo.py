@@ -34,6 +34,12 @@ def minilm_checkpoint(task: str) -> str:
     return os.path.join(CHECKPOINTS, f"minilm_babi_{task}")
 
 
+def minilm_haystacks(dtype: torch.dtype) -> int:
+    """Default number of 1M-token haystacks: what keeps ``make demo`` near 5 minutes on 2 cores
+    (measurements in docs/results.md): 2 in bfloat16, 1 in float32."""
+    return 1 if dtype == torch.float32 else 2
+
+
 def _full_attention_gib(tokens: int) -> float:
     return tokens * tokens * 4 / 2**30  # one fp32 score matrix, one head, one layer
 
@@ -65,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=MINILM_TASKS, default="memorize", help="minilm: the bAbI task")
     p.add_argument("--tokens", type=int, default=1_000_000, help="haystack length")
     p.add_argument("--haystacks", type=int, default=None,
-                   help="haystacks, read as one batch (default: minilm 2, needle 3)")
+                   help="haystacks, read as one batch (default: minilm 2 in bfloat16 and 1 in "
+                        "float32, where a haystack costs about twice as much; needle 3)")
     p.add_argument("--checkpoint", default=None, help="default: the shipped one")
     p.add_argument("--seed", type=int, default=2026, help="which test stories")
     p.add_argument("--threads", type=int, default=None,
@@ -103,7 +110,7 @@ def minilm_demo(args) -> dict:
     model = LoRARMTEncoderForSequenceClassification.from_pretrained(checkpoint)
     dtype = resolve_dtype(args.dtype, model.device)
     cfg = model.rmt_config
-    haystacks = args.haystacks or 2
+    haystacks = args.haystacks or minilm_haystacks(dtype)
     segments = max(1, -(-args.tokens // cfg.segment_size))
     n_tokens = segments * cfg.segment_size
     print(f"model: all-MiniLM-L6-v2 + RMT ({cfg.num_mem_tokens} memory tokens, segments of "

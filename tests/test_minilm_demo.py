@@ -46,3 +46,9 @@ def test_minilm_demo_prints_the_story_and_the_answer(capsys):
     assert len(result["predicted"]) == len(result["truth"]) == 2
     hits = sum(p == t for p, t in zip(result["predicted"], result["truth"], strict=True))
     assert result["accuracy"] == hits / 2
+
+
+def test_minilm_demo_reads_one_haystack_by_default_in_float32(capsys):
+    result = demo.main(["--tokens", "200", "--no-progress", "--dtype", "float32"])
+    assert result["haystacks"] == 1 and result["dtype"] == "float32" and len(result["predicted"]) == 1
+    assert demo.minilm_haystacks(torch.bfloat16) == 2
