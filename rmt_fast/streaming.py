@@ -36,6 +36,7 @@ from rmt_fast.validation import check_ids_in_range, check_token_ids
 NPY_MAGIC = b"\x93NUMPY"
 #: 2: XL caches of rotary models hold keys moved to the next segment's positions
 STATE_FORMAT = "rmt_fast.StreamingReader/2"
+BAR_DELAY_S = 1.0  # the progress bar appears once a feed has run this long
 
 
 class StreamingReader:
@@ -56,7 +57,7 @@ class StreamingReader:
         model: the wrapped model (:class:`RMTForCausalLM` or :class:`ARMTForCausalLM`).
         batch_size: rows read in lockstep (an int >= 1); :meth:`feed` takes ``[B, n]`` chunks
             when > 1.
-        progress: show a tqdm bar with tokens/s.
+        progress: show a tqdm bar with tokens/s for each :meth:`feed` that lasts over a second.
         dtype: None (default) reads in the model's own dtype; ``"auto"``, ``"bfloat16"`` or
             ``"float32"`` casts the model (in place, ``model.to(dtype)``) before reading;
             ``"auto"`` is bfloat16 where the hardware computes it natively
@@ -178,8 +179,9 @@ class StreamingReader:
         if total is None and hasattr(tokens, "shape") and len(tokens.shape):
             total = int(tokens.shape[-1])
         state, buffer, read = self.state, self._buffer, self.tokens_read
+        # delay: a bar only for a feed that lasts (a loop feeding small chunks prints none)
         bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not self.progress,
-                   desc="reading", dynamic_ncols=True)
+                   desc="reading", dynamic_ncols=True, delay=BAR_DELAY_S)
         try:
             with inference(self.model):
                 for chunk in self._chunks(tokens):

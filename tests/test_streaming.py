@@ -90,3 +90,15 @@ def test_streaming_peak_memory_is_flat():
     growth_mib = (peaks[100_000] - peaks[10_000]) / 1024
     # a model keeping per-token state would grow by tens of MiB here (logits alone: 23 MiB)
     assert growth_mib < 8, peaks
+
+
+def test_progress_bar_only_for_a_feed_that_lasts(model, capsys, monkeypatch):
+    import rmt_fast.streaming as streaming
+
+    reader = StreamingReader(model, progress=True)
+    for _ in range(4):  # short feeds in a loop: no bars
+        reader.feed(ids(1, 8)[0])
+    assert "reading" not in capsys.readouterr().err
+    monkeypatch.setattr(streaming, "BAR_DELAY_S", 0.0)  # as a feed longer than the delay
+    reader.feed(ids(1, 16)[0])
+    assert "reading" in capsys.readouterr().err
