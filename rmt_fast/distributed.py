@@ -353,9 +353,8 @@ def barrier() -> None:
 
 def destroy() -> None:
     """Tear down the default process group if one exists, after every rank has reached this
-    point (a rank that tears down while another is still using the group can abort the other's
-    communication threads at exit: seen once as "terminate called without an active exception"
-    in a 2-rank FSDP run, 2026-12-04)."""
+    point (a rank that tears down while another still uses the group can abort the other's
+    communication threads at exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -198,7 +198,7 @@ def run_row(row: str, settings: Settings, out: str, corpus=None, log=print) -> d
     valid = task.splits(settings.segments)["valid"][: settings.valid_windows]
     model = settings.row_model(row)
     ckpt = latest_checkpoint(run_dir)
-    step = 0 if ckpt is None else int(os.path.basename(ckpt).removeprefix("checkpoint-"))
+    step = 0 if ckpt is None else _step(ckpt)
     metrics_path = os.path.join(run_dir, LM_METRICS)
     kept = [r for r in _read_jsonl(metrics_path) if r["step"] <= step]
     with open(metrics_path, "w") as f:
@@ -409,8 +409,10 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
         if old.get("docs") == docs:
             saved = old
     split = _first_docs((corpus if corpus is not None else load_corpus())["test"], docs)
-    for row in rows or [r for r in _runs(out) if latest_checkpoint(os.path.join(out, r))]:
+    for row in rows or _runs(out):
         ckpt = latest_checkpoint(os.path.join(out, row))
+        if ckpt is None and not rows:
+            continue  # a row not trained yet (a row asked for by name raises below)
         done = saved["rows"].get(row, {})
         if ckpt is not None and done.get("step") == _step(ckpt) and "index_bands" in done:
             continue  # decided from the folder name: no model is loaded for a row already there
