@@ -1,0 +1,70 @@
+"""Where a MiniLM RMT's answers to the ``reasoning`` task (two bAbI qa4 facts, one question) go
+wrong: accuracy split by whether the question's direction word also appears in the asked-for
+fact and in the other fact, and by the forms of the asked-for fact and of the question.
+
+``python scripts/reasoning_errors.py CHECKPOINT [--samples 256] [--segments 1]`` (a checkpoint of
+``python -m rmt_fast.train_qa --task reasoning``; validation samples ``0..samples-1``).
+
+The two facts can share the question's direction word (``The X is east of the A.`` and ``The A
+is east of the Y.``, asked ``What is east of the A?``): then only the order of the arguments
+tells which fact answers, so a model that matches words without reading the order is at chance
+on those samples."""
+
+import argparse
+import collections
+
+import torch
+
+from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
+from rmt_fast.tasks.babi_qa import DIRECTIONS, LOCATIONS, BabiQA
+from rmt_fast.train_qa import predict
+
+
+def direction(sentence: str) -> str:
+    words = sentence.rstrip(".?").split()
+    return next(w for w in DIRECTIONS if w in words)
+
+
+def groups(story) -> dict[str, str]:
+    """The groups one story falls in (its direction-word overlaps and forms)."""
+    word = direction(story.question)
+    target = next(f for f in story.facts if f" {story.answer} " in f" {f.rstrip('.')} ")
+    other = next(f for f in story.facts if f is not target)
+    anchor_first = target.split()[1] != story.answer  # "The A is d of the X."
+    return {"question's word in asked-for fact / other fact":
+            f"{word in target.split()} / {word in other.split()}",
+            "asked-for fact form": "The A is d of the X." if anchor_first else "The X is d of the A.",
+            "question form": "What is d of the A?" if story.question.startswith(f"What is {word}")
+            else "What is the A d of?"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--segments", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint)
+    data = BabiQA("reasoning", model.tokenizer, model.rmt_config.segment_size)
+    plans = data.plans("valid", a.segments, range(a.samples))
+    batch = data.batch("valid", a.segments, range(a.samples))
+    pred = torch.cat([predict(model, batch["input_ids"][i: i + 32], batch["attention_mask"][i: i + 32])
+                      for i in range(0, a.samples, 32)])
+    correct = [LOCATIONS[y] == plan.story.answer for plan, y in zip(plans, pred.tolist(), strict=True)]
+    counts: dict = collections.defaultdict(lambda: [0, 0])
+    for plan, ok in zip(plans, correct, strict=True):
+        for kind, group in groups(plan.story).items():
+            counts[kind, group][0] += int(ok)
+            counts[kind, group][1] += 1
+    right = sum(correct)
+    print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} at {a.segments} segment(s), "
+          f"accuracy {right / a.samples:.3f}")
+    print("| split | group | right | samples | accuracy |\n|---|---|---|---|---|")
+    for (kind, group), (c, t) in sorted(counts.items()):
+        print(f"| {kind} | {group} | {c} | {t} | {c / t:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
