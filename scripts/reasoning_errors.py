@@ -16,18 +16,13 @@ import collections
 import torch
 
 from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
-from rmt_fast.tasks.babi_qa import DIRECTIONS, LOCATIONS, BabiQA
+from rmt_fast.tasks.babi_qa import LOCATIONS, BabiQA, direction_word
 from rmt_fast.train_qa import predict
-
-
-def direction(sentence: str) -> str:
-    words = sentence.rstrip(".?").split()
-    return next(w for w in DIRECTIONS if w in words)
 
 
 def groups(story) -> dict[str, str]:
     """The groups one story falls in (its direction-word overlaps and forms)."""
-    word = direction(story.question)
+    word = direction_word(story.question)
     target = next(f for f in story.facts if f" {story.answer} " in f" {f.rstrip('.')} ")
     other = next(f for f in story.facts if f is not target)
     anchor_first = target.split()[1] != story.answer  # "The A is d of the X."

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rmt_fast.tasks.babi_qa import LOCATIONS, OPPOSITE, TASKS, WORLD_WORDS, BabiQA, make_story
+from rmt_fast.tasks.babi_qa import LOCATIONS, OPPOSITE, TASKS, WORLD_WORDS, BabiQA, make_story, order_decides
 
 S = 64
 
@@ -115,6 +115,25 @@ def test_deterministic_and_split_noise(tokenizer, noise):
             plan = a.plan(split, 4, i)
             docs = {noise[split].document_of(int(s)) for s in plan.items if s >= 0}
             assert docs and all(noise.assignment[d] == split for d in docs)
+
+
+def test_order_fraction_changes_only_the_training_stories(tokenizer, noise):
+    plain = BabiQA("reasoning", tokenizer, S, noise=noise)
+    hard = BabiQA("reasoning", tokenizer, S, noise=noise, order_fraction=0.5)
+    n = 400
+    share = {name: sum(order_decides(p.story) for p in d.plans("train", 2, range(n))) / n
+             for name, d in (("plain", plain), ("hard", hard))}
+    # drawn: about 19%; with half the stories drawn among them: about 0.5 + 0.5 * 0.19 = 0.6
+    assert 0.12 < share["plain"] < 0.26 and 0.52 < share["hard"] < 0.68, share
+    for split in ("valid", "test"):
+        assert torch.equal(plain.batch(split, 2, range(20))["input_ids"],
+                           hard.batch(split, 2, range(20))["input_ids"])
+    assert torch.equal(plain.batch("train", 2, range(20))["input_ids"],  # 0: unchanged stream
+                       BabiQA("reasoning", tokenizer, S, noise=noise,
+                              order_fraction=0.0).batch("train", 2, range(20))["input_ids"])
+    for bad, task in ((1.5, "reasoning"), (-0.1, "reasoning"), (0.3, "memorize")):
+        with pytest.raises(ValueError, match="order_fraction must be in"):
+            BabiQA(task, tokenizer, S, noise=noise, order_fraction=bad)
 
 
 def test_stream_matches_batch(tokenizer, noise):

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import random
 
-from rmt_fast.tasks.babi_qa import OPPOSITE, Story, make_story
+from rmt_fast.tasks.babi_qa import OPPOSITE, Story, direction_word, make_story, order_decides
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "reasoning_errors.py")
 spec = importlib.util.spec_from_file_location("reasoning_errors", SCRIPT)
@@ -35,13 +35,14 @@ def test_groups_follow_the_story_semantics():
         target = next(f for f in story.facts if story.answer in f.split()[1:2] + f.rstrip(".").split()[-1:])
         other = next(f for f in story.facts if f != target)
         words = target.rstrip(".").split()
-        d = errors.direction(target)
+        d = direction_word(target)
         lies = d if words[1] == story.answer else OPPOSITE[d]  # where the answer lies from A
-        q = errors.direction(story.question)
+        q = direction_word(story.question)
         asked = q if g["question form"] == "What is d of the A?" else OPPOSITE[q]
         assert lies == asked, story
         assert g["asked-for fact form"] == ("The X is d of the A." if words[1] == story.answer
                                             else "The A is d of the X.")
         assert g[OVERLAP] == f"{q in words} / {q in other.rstrip('.').split()}"
+        assert order_decides(story) == g[OVERLAP].endswith("/ True")
     # the two forms decide whether the asked-for fact has the question's word: 2 x 2 x 2 groups
     assert len(seen) == 8

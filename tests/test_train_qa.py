@@ -231,6 +231,11 @@ def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     assert (noisy.memory_noise, noisy.bptt_depth) == (0.2, 3)
     with pytest.raises(ValueError, match="bptt_depth must be -1"):
         tiny_config(tiny_base, bptt_depth=0).validate()
+    with pytest.raises(ValueError, match="order_fraction must be in"):
+        tiny_config(tiny_base, order_fraction=0.5).validate()  # memorize has no argument order
+    with pytest.raises(ValueError, match="data has order_fraction 0.0, cfg 0.5"):
+        train_qa(model, data, tiny_config(tiny_base, task="reasoning", order_fraction=0.5), None,
+                 progress=False)
 
 
 def test_length_evaluation_streams_what_the_model_sees_whole(tiny_base, noise):

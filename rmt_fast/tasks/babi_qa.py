@@ -83,6 +83,24 @@ def make_story(task: str, rng: random.Random) -> Story:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def direction_word(sentence: str) -> str | None:
+    """The direction (one of :data:`DIRECTIONS`) named in ``sentence``, or None."""
+    words = sentence.rstrip(".?").split()
+    return next((w for w in DIRECTIONS if w in words), None)
+
+
+def order_decides(story: Story) -> bool:
+    """True for a ``reasoning`` story whose other fact also names the question's direction, so
+    that only the order of the two locations in the facts tells which one answers (``The X is
+    east of the A.`` / ``The A is east of the Y.`` / ``What is east of the A?``); about 19% of
+    the stories :func:`make_story` draws."""
+    if len(story.facts) != 2:
+        return False
+    word = direction_word(story.question)
+    other = next(f for f in story.facts if story.answer not in f.rstrip(".").split())
+    return word is not None and word in other.rstrip(".").split()
+
+
 @dataclass
 class Plan:
     """One sample before its tokens are laid out: ``pad`` padding tokens, then ``items`` in
@@ -107,14 +125,22 @@ class BabiQA:
         noise: the noise corpus (default: ``EnglishNoise(tokenizer, exclude_words=WORLD_WORDS)``;
             noise sentences must not contain the names, places or directions of the facts).
         seed: sample seed.
+        order_fraction: ``reasoning`` only: the share of *training* stories drawn among those
+            where the argument order decides (:func:`order_decides`) before the rest are drawn as
+            usual (default 0: all as drawn, about 19% of them such); validation and test
+            stories are never changed.
     """
 
     num_classes = len(LOCATIONS)
 
     def __init__(self, task: str, tokenizer, segment_size: int, noise: EnglishNoise | None = None,
-                 seed: int = 0):
+                 seed: int = 0, order_fraction: float = 0.0):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if not 0 <= order_fraction <= 1 or (order_fraction and task != "reasoning"):
+            raise ValueError(f"order_fraction must be in [0, 1] (and 0 unless task='reasoning'), "
+                             f"got {order_fraction!r} for task {task!r}")
+        self.order_fraction = float(order_fraction)
         if not isinstance(segment_size, int) or segment_size < 16:
             raise ValueError(f"segment_size must be an int >= 16, got {segment_size!r}")
         self.task, self.tokenizer, self.segment_size, self.seed = task, tokenizer, segment_size, seed
@@ -141,6 +167,9 @@ class BabiQA:
             raise ValueError(f"num_segments must be an int >= 1, got {num_segments!r}")
         rng = self.rng(split, num_segments, index)
         story = make_story(self.task, rng)
+        if split == "train" and self.order_fraction and rng.random() < self.order_fraction:
+            while not order_decides(story):
+                story = make_story(self.task, rng)
         noise = self.noise[split]
         length = num_segments * self.segment_size
         fixed = sum(len(self.encode(f)) for f in story.facts) + len(self.encode(story.question))
