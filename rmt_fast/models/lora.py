@@ -137,8 +137,8 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
     def merge_adapters(self) -> LoRARMTEncoderForSequenceClassification:
         """Fold the LoRA adapters into the base weights (``peft``'s ``merge_adapter``) for
         inference: the same outputs to float rounding, without the adapters' extra products
-        (about 12% fewer seconds per segment for MiniLM on a CPU core, 2026-12-05). In place;
-        returns ``self``; :meth:`unmerge_adapters` undoes it (needed to train or save)."""
+        (timed in ``docs/minilm_babi.md``). In place; returns ``self``; :meth:`unmerge_adapters`
+        undoes it (needed to train or save)."""
         self.base.merge_adapter()
         return self
 
