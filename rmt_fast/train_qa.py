@@ -146,14 +146,23 @@ def predict(model, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | N
     return logits.argmax(-1).cpu()
 
 
+def predictions(model, data: BabiQA, split: str, num_segments: int, samples: int, batch_size: int = 32,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true class ids, each ``[samples]``, of samples ``0..samples-1`` of ``split``
+    at ``num_segments`` segments (read ``batch_size`` at a time)."""
+    pred, labels = [], []
+    for start in range(0, samples, batch_size):
+        b = data.batch(split, num_segments, range(start, min(start + batch_size, samples)))
+        pred.append(predict(model, b["input_ids"], b["attention_mask"], dtype))
+        labels.append(b["labels"])
+    return torch.cat(pred), torch.cat(labels)
+
+
 def accuracy(model, data: BabiQA, split: str, num_segments: int, samples: int, batch_size: int = 32,
              dtype: torch.dtype | None = None) -> float:
     """Accuracy on samples ``0..samples-1`` of ``split`` at ``num_segments`` segments."""
-    correct = 0
-    for start in range(0, samples, batch_size):
-        b = data.batch(split, num_segments, range(start, min(start + batch_size, samples)))
-        correct += int((predict(model, b["input_ids"], b["attention_mask"], dtype) == b["labels"]).sum())
-    return correct / samples
+    pred, labels = predictions(model, data, split, num_segments, samples, batch_size, dtype)
+    return int((pred == labels).sum()) / samples
 
 
 # --- checkpoints ------------------------------------------------------------------------------

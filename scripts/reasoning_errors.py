@@ -16,15 +16,14 @@ import collections
 import torch
 
 from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
-from rmt_fast.tasks.babi_qa import LOCATIONS, BabiQA, direction_word
-from rmt_fast.train_qa import predict
+from rmt_fast.tasks.babi_qa import BabiQA, asked_and_other_fact, direction_word
+from rmt_fast.train_qa import predictions
 
 
 def groups(story) -> dict[str, str]:
     """The groups one story falls in (its direction-word overlaps and forms)."""
     word = direction_word(story.question)
-    target = next(f for f in story.facts if f" {story.answer} " in f" {f.rstrip('.')} ")
-    other = next(f for f in story.facts if f is not target)
+    target, other = asked_and_other_fact(story)
     anchor_first = target.split()[1] != story.answer  # "The A is d of the X."
     return {"question's word in asked-for fact / other fact":
             f"{word in target.split()} / {word in other.split()}",
@@ -44,10 +43,8 @@ def main() -> None:
     model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint)
     data = BabiQA("reasoning", model.tokenizer, model.rmt_config.segment_size)
     plans = data.plans("valid", a.segments, range(a.samples))
-    batch = data.batch("valid", a.segments, range(a.samples))
-    pred = torch.cat([predict(model, batch["input_ids"][i: i + 32], batch["attention_mask"][i: i + 32])
-                      for i in range(0, a.samples, 32)])
-    correct = [LOCATIONS[y] == plan.story.answer for plan, y in zip(plans, pred.tolist(), strict=True)]
+    pred, labels = predictions(model, data, "valid", a.segments, a.samples)
+    correct = (pred == labels).tolist()
     counts: dict = collections.defaultdict(lambda: [0, 0])
     for plan, ok in zip(plans, correct, strict=True):
         for kind, group in groups(plan.story).items():

@@ -6,7 +6,16 @@ import importlib.util
 import os
 import random
 
-from rmt_fast.tasks.babi_qa import OPPOSITE, Story, direction_word, make_story, order_decides
+import pytest
+
+from rmt_fast.tasks.babi_qa import (
+    OPPOSITE,
+    Story,
+    asked_and_other_fact,
+    direction_word,
+    make_story,
+    order_decides,
+)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "reasoning_errors.py")
 spec = importlib.util.spec_from_file_location("reasoning_errors", SCRIPT)
@@ -21,6 +30,9 @@ def test_the_reports_example():
     assert errors.groups(story) == {OVERLAP: "False / True",
                                     "asked-for fact form": "The X is d of the A.",
                                     "question form": "What is the A d of?"}
+    assert asked_and_other_fact(story) == story.facts[::-1]
+    with pytest.raises(ValueError, match="not a two-fact story"):
+        asked_and_other_fact(Story(("Mary went to the kitchen.",), "Where is Mary?", "kitchen"))
 
 
 def test_groups_follow_the_story_semantics():

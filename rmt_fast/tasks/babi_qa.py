@@ -89,6 +89,14 @@ def direction_word(sentence: str) -> str | None:
     return next((w for w in DIRECTIONS if w in words), None)
 
 
+def asked_and_other_fact(story: Story) -> tuple[str, str]:
+    """A ``reasoning`` story's two facts: ``(the one naming the answer, the other one)``."""
+    asked = [f for f in story.facts if story.answer in f.rstrip(".").split()]
+    if len(story.facts) != 2 or len(asked) != 1:
+        raise ValueError(f"not a two-fact story with one fact naming the answer: {story!r}")
+    return asked[0], next(f for f in story.facts if f is not asked[0])
+
+
 def order_decides(story: Story) -> bool:
     """True for a ``reasoning`` story whose other fact also names the question's direction, so
     that only the order of the two locations in the facts tells which one answers (``The X is
@@ -97,8 +105,7 @@ def order_decides(story: Story) -> bool:
     if len(story.facts) != 2:
         return False
     word = direction_word(story.question)
-    other = next(f for f in story.facts if story.answer not in f.rstrip(".").split())
-    return word is not None and word in other.rstrip(".").split()
+    return word is not None and word in asked_and_other_fact(story)[1].rstrip(".").split()
 
 
 @dataclass
