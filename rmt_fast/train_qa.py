@@ -21,7 +21,6 @@ run resumes when started again with the same ``--out``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -197,18 +196,16 @@ def build_model(cfg: QATrainConfig):
         model = M.from_pretrained(cfg.init_from, base=cfg.base)
         if cfg.train_base and not model.train_base:
             model.unfreeze_base()
-        if model.rmt_config.segment_size != cfg.segment_size:
-            raise ValueError(f"init_from has segment_size {model.rmt_config.segment_size}, "
-                             f"not {cfg.segment_size}")
         if model.labels != list(LOCATIONS):
             raise ValueError(f"init_from classifies {model.labels}, not {list(LOCATIONS)}")
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
         model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens,
                             segment_size=cfg.segment_size, train_base=cfg.train_base)
-    # replace, not assign: RMTConfig may be frozen
-    model.rmt_config = dataclasses.replace(model.rmt_config, memory_noise=cfg.memory_noise,
-                                           bptt_depth=cfg.bptt_depth)
+    # the fine-tuned part does not depend on the segment size: a model trained on short
+    # segments can start a run on longer ones (checked against the base model's positions)
+    model.replace_config(memory_noise=cfg.memory_noise, bptt_depth=cfg.bptt_depth,
+                         segment_size=cfg.segment_size)
     return model.train()
 
 
@@ -245,6 +242,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     if data.segment_size != model.rmt_config.segment_size or data.segment_size != cfg.segment_size:
         raise ValueError(f"segment sizes differ: data {data.segment_size}, model "
                          f"{model.rmt_config.segment_size}, cfg {cfg.segment_size}")
+    if data.task != cfg.task:
+        raise ValueError(f"data is task {data.task!r}, cfg.task is {cfg.task!r}")
     if data.order_fraction != cfg.order_fraction:
         raise ValueError(f"data has order_fraction {data.order_fraction}, cfg {cfg.order_fraction}")
     dtype = amp_dtype(cfg.amp, model.device)

@@ -208,10 +208,34 @@ def test_full_finetuning_trains_saves_and_resumes_the_base(tiny_base, noise, tmp
         loaded.load_finetuned_state_dict(dict(state, **{key: state[key][:1]}))
     for k, v in loaded.finetuned_state_dict().items():
         assert torch.equal(v, kept[k]), k
+    # ... also when only a later part (an adapter) is bad and the base weights would load
+    lora_key = next(k for k in state if "lora_A" in k)
+    changed = {k: v + 1 if k.startswith("base_weights.") else v for k, v in state.items()}
+    with pytest.raises(ValueError, match="shapes differ"):
+        loaded.load_finetuned_state_dict(dict(changed, **{lora_key: state[lora_key][:1]}))
+    for k, v in loaded.finetuned_state_dict().items():
+        assert torch.equal(v, kept[k]), k
     # a LoRA-only run cannot resume a full fine-tuning's checkpoints (and the reverse)
     with pytest.raises(ValueError, match="was trained with train_base"):
         lora_cfg = tiny_config(tiny_base, max_steps=4, curriculum=[1], lrs=None)
         train_qa(build_model(lora_cfg), data, lora_cfg, tmp_path / "a", progress=False)
+
+
+def test_init_from_a_model_trained_on_other_segment_sizes(tiny_base, noise, tmp_path):
+    cfg = tiny_config(tiny_base, max_steps=1, curriculum=[1], lrs=None)
+    model = build_model(cfg)
+    train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, tmp_path / "a", progress=False)
+    longer = build_model(tiny_config(tiny_base, segment_size=S + 16, init_from=str(tmp_path / "a" / "final")))
+    assert longer.rmt_config.segment_size == S + 16 and longer.training
+    a, b = model.finetuned_state_dict(), longer.finetuned_state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "_extra_state")  # the weights; metadata differs
+    data = BabiQA(cfg.task, longer.tokenizer, S + 16, noise=noise)
+    assert train_qa(longer, data, tiny_config(tiny_base, segment_size=S + 16, max_steps=1, curriculum=[1],
+                                              lrs=None), None, progress=False).step == 1
+    # the base model numbers 64 positions: 4 memory + 3 special + 60 do not fit
+    with pytest.raises(ValueError, match="positions"):
+        build_model(tiny_config(tiny_base, segment_size=60, init_from=str(tmp_path / "a" / "final")))
 
 
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
@@ -233,8 +257,11 @@ def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
         tiny_config(tiny_base, bptt_depth=0).validate()
     with pytest.raises(ValueError, match="order_fraction must be in"):
         tiny_config(tiny_base, order_fraction=0.5).validate()  # memorize has no argument order
+    with pytest.raises(ValueError, match="data is task 'memorize', cfg.task is 'detect'"):
+        train_qa(model, data, tiny_config(tiny_base, task="detect"), None, progress=False)
+    reasoning = BabiQA("reasoning", model.tokenizer, S, noise=noise)
     with pytest.raises(ValueError, match="data has order_fraction 0.0, cfg 0.5"):
-        train_qa(model, data, tiny_config(tiny_base, task="reasoning", order_fraction=0.5), None,
+        train_qa(model, reasoning, tiny_config(tiny_base, task="reasoning", order_fraction=0.5), None,
                  progress=False)
 
 

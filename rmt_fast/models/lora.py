@@ -171,16 +171,19 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         from peft import set_peft_model_state_dict
 
         # the metadata entry (_extra_state) describes a saved state; files without it load too
-        expected = set(self.finetuned_state_dict()) - {EXTRA_STATE_KEY}
+        current = self.finetuned_state_dict()
+        current.pop(EXTRA_STATE_KEY, None)
         state = {k: v for k, v in state.items() if k != EXTRA_STATE_KEY}
-        if set(state) != expected:
-            raise ValueError(f"fine-tuned state mismatch: missing {sorted(expected - set(state))[:5]}, "
-                             f"unexpected {sorted(set(state) - expected)[:5]}")
+        if set(state) != set(current):
+            raise ValueError(f"fine-tuned state mismatch: missing {sorted(set(current) - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - set(current))[:5]}")
+        # every shape is checked before anything is copied, so a bad state leaves the model as it was
+        bad = [k for k, v in current.items() if state[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"fine-tuned state mismatch: shapes differ for {bad[:5]} (expected "
+                             f"{[tuple(current[k].shape) for k in bad[:5]]})")
         if self.train_base:
             weights = dict(self._base_weights())
-            bad = [n for n, p in weights.items() if state[BASE_PREFIX + n].shape != p.shape]
-            if bad:
-                raise ValueError(f"fine-tuned state mismatch: base weight shapes differ for {bad[:5]}")
             with torch.no_grad():
                 for name, p in weights.items():
                     p.copy_(state[BASE_PREFIX + name])
