@@ -168,6 +168,39 @@ def test_xl_cache_of_a_rotary_model_equals_full_attention():
             assert (out[1:, seg:] - full[:, seg:]).abs().max() > 1e-2
 
 
+def test_xl_cache_with_memory_keeps_true_rotary_distances():
+    """With memory tokens the cached keys move ``-(M + r)``: the last cached token sits one
+    position before the next segment's read memory. Rotary attention depends on distances only,
+    so the same logits come from leaving the cache where it was computed and numbering the next
+    segment from ``M + r`` on; numbering it from ``r`` (a shift that forgot the memory) differs."""
+    m, seg = 3, 8
+    model = RMTForCausalLM(tiny_llama().double(), num_mem_tokens=m, segment_size=seg, xl_cache=5).eval()
+    tokens = ids(2, 2 * seg)
+    with torch.no_grad():
+        out = model(tokens).logits
+
+    def unshifted(offset):
+        ref = RMTForCausalLM(model.lm, num_mem_tokens=m, segment_size=seg, xl_cache=5).eval()
+        ref.load_state_dict(model.state_dict())
+        ref.__dict__["_rotary"] = None  # keep the cache at the positions it was computed at
+        calls = []
+
+        def positions(seg_mask, seg_len, write, device):
+            start = offset if calls else 0
+            calls.append(start)
+            return (torch.arange(m + seg_len + (m if write else 0), device=device) + start).expand(2, -1)
+
+        ref._position_ids = positions
+        with torch.no_grad():
+            logits = ref(tokens).logits
+        assert calls == [0, offset]
+        return logits
+
+    # the rotary angles are float32 (in transformers and in shift_keys): about 1e-8 apart
+    torch.testing.assert_close(unshifted(m + seg), out, atol=1e-6, rtol=0)
+    assert (unshifted(seg)[:, seg:] - out[:, seg:]).abs().max() > 1e-5  # (about 5e-4 here)
+
+
 def test_save_load_round_trip_exact(tmp_path):
     model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=3, segment_size=6, mask="rmt", xl_cache=2,
                            memory_noise=0.1).eval()
