@@ -75,6 +75,8 @@ class TaskSpec:
     copies: int = _opt(2, "copy: target repeats the source this often")
     num_tokens: int = _opt(10, "copy/reverse: symbols are 2..N-1")
     num_pairs: int = _opt(4, "retrieval: key-value pairs")
+    pairs_fit: bool = _opt(False, "retrieval: lengths too short for --num-pairs hold as many pairs as fit "
+                                  "(2K + 2 tokens), so a --curriculum over segments is one over pairs")
     num_facts: int = _opt(4, "qa tasks: facts per story")
     path: str | None = _opt(None, "babilong-file: the .json/.jsonl file")
 
@@ -83,7 +85,7 @@ class TaskSpec:
         return make_task(self.task, self.segment_size, seed=seed, train_size=self.train_size,
                          valid_size=self.valid_size, test_size=self.test_size,
                          num_tokens=self.num_tokens, copies=self.copies, num_pairs=self.num_pairs,
-                         num_facts=self.num_facts, path=self.path)
+                         pairs_fit=self.pairs_fit, num_facts=self.num_facts, path=self.path)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from rmt_fast.tasks import (
     sequence_accuracy,
     token_accuracy,
 )
-from rmt_fast.tasks.algorithmic import LETTER_IDS, quadratic_decode
+from rmt_fast.tasks.algorithmic import LETTER_IDS, PAD_ID, quadratic_decode
 from rmt_fast.tasks.babilong import _BACKGROUND_WORDS, _FACT_WORDS, PEOPLE, PLACES
 
 SMALL = dict(train_size=200, valid_size=50, test_size=50)
@@ -183,6 +183,17 @@ def test_make_task_lengths():
     assert needle.vocab is not None and needle.splits(5)["train"].length == 80
     with pytest.raises(ValueError, match="unknown task"):
         make_task("nope", 4)
+
+
+def test_retrieval_pairs_fit_makes_the_segment_curriculum_one_over_pairs():
+    fit = make_task("retrieval", 6, num_pairs=16, pairs_fit=True, **SMALL)
+    for segments, pairs in ((1, 2), (2, 5), (3, 8), (4, 11), (5, 14), (6, 16), (8, 16)):
+        ids = fit.splits(segments)["valid"].input_ids
+        assert ids.shape[1] == 6 * segments
+        # every sample: PAD..., K letter-digit pairs, query letter, answer digit
+        assert ((ids != PAD_ID).sum(1) == 2 * pairs + 2).all(), (segments, pairs)
+    with pytest.raises(ValueError, match="length"):  # without it, 16 pairs need 34 tokens
+        make_task("retrieval", 6, num_pairs=16, **SMALL).splits(5)
 
 
 def _simulate_qa(words: list[str]) -> tuple[dict, dict, dict]:

@@ -76,13 +76,16 @@ TASKS = ("copy", "reverse", "retrieval", "quadratic", "qa1", "qa2", "needle", "b
 
 def make_task(name: str, segment_size: int, *, seed: int = 0, train_size: int = 10_000,
               valid_size: int = 1_000, test_size: int = 1_000, num_tokens: int = 10, copies: int = 2,
-              num_pairs: int = 4, num_facts: int = 4, fact_within: int | None = None,
-              path: str | None = None) -> Task:
+              num_pairs: int = 4, pairs_fit: bool = False, num_facts: int = 4,
+              fact_within: int | None = None, path: str | None = None) -> Task:
     """Build a :class:`Task` by name (one of :data:`TASKS`).
 
     * ``copy``: ``length = src_len * (1 + copies)`` must divide evenly (72 = 24 + 48 for the
       paper's copy, 6x12); ``reverse``: even lengths; symbols ``2..num_tokens-1``.
-    * ``retrieval``: ``num_pairs`` pairs, left-padded to the length (>= ``2 * num_pairs + 2``).
+    * ``retrieval``: ``num_pairs`` pairs, left-padded to the length (>= ``2 * num_pairs + 2``);
+      with ``pairs_fit``, shorter lengths hold as many pairs as fit (``K = length // 2 - 1``), so
+      that a curriculum over segments is one over pairs (16 pairs in segments of 6: 2, 5, 8, 11,
+      14, 16 pairs at 1-6 segments).
     * ``quadratic``: only ``length == 180`` (6 steps of 30).
     * ``qa1`` / ``qa2`` / ``needle``: any length that fits the facts (``fact_within``: needle
       fact position bound, default ``segment_size``).
@@ -102,8 +105,11 @@ def make_task(name: str, segment_size: int, *, seed: int = 0, train_size: int = 
 
         return Task(name, segment_size, num_tokens, build)
     if name == "retrieval":
-        return Task(name, segment_size, RETRIEVAL_VOCAB,
-                    lambda length: retrieval_task(num_pairs, length, **sizes))
+        def build_retrieval(length: int) -> Splits:
+            pairs = min(num_pairs, length // 2 - 1) if pairs_fit else num_pairs
+            return retrieval_task(pairs, length, **sizes)
+
+        return Task(name, segment_size, RETRIEVAL_VOCAB, build_retrieval)
     if name == "quadratic":
 
         def build_quadratic(length: int) -> Splits:
