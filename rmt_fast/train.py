@@ -94,7 +94,7 @@ class ModelSpec:
     ARMT)."""
 
     model: str = _opt("rmt", "rmt (RMTForCausalLM) or armt (ARMTForCausalLM: associative memory "
-                      "per layer; --mask, --xl-cache and --memory-noise do not apply)",
+                      "per layer; --mask and --xl-cache do not apply)",
                       choices=MODELS)
     num_mem_tokens: int = _opt(6, "memory tokens (0 = no memory)", flag="--mem")
     arch: str = _opt("gpt2", "base model: gpt2 (absolute positions) or llama (rotary positions, "
@@ -109,7 +109,7 @@ class ModelSpec:
     mask: str = _opt("causal", "attention mask over [read | segment | write]")
     xl_cache: int = _opt(0, "Transformer-XL cache: keys/values of the previous segment's last N tokens")
     memory_noise: float = _opt(0.0, "training-only noise on the memory read by each segment "
-                               "(relative std)")
+                               "(relative std; armt: on each layer's associative read)")
     d_mem: int = _opt(64, "armt: width of the associative keys (the state has 6 d_mem rows)")
     armt_l2_norm: bool = _opt(False, "armt: L2-normalise the DPFP features (the newer upstream ARMT)")
 
@@ -786,8 +786,9 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
     (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
-    L2-normalised with ``armt_l2_norm``; ``mask``, ``xl_cache`` and ``memory_noise`` are RMT
-    options).
+    L2-normalised with ``armt_l2_norm``; ``mask`` and ``xl_cache`` are RMT options;
+    ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
+    from its associative state).
 
     ``init``: ``"gpt2"`` (transformers' ``N(0, 0.02)``, tied input/output embeddings) or
     ``"torch"`` (:func:`torch_default_init`, untied output embeddings). The memory is drawn
@@ -804,12 +805,11 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if model == "armt":
-        rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0),
-                    "memory_noise": (memory_noise, 0.0)}
+        rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0)}
         bad = sorted(k for k, (v, default) in rmt_only.items() if v != default)
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
-                             "and has no XL cache or memory noise")
+                             "and has no XL cache")
     elif armt_l2_norm:
         raise ValueError("armt_l2_norm is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
@@ -834,7 +834,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                                d_mem=d_mem, use_l2_norm=armt_l2_norm,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
-                               checkpoint_segments=bool(checkpoint_segments))
+                               checkpoint_segments=bool(checkpoint_segments),
+                               memory_noise=memory_noise)
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
                           checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise)

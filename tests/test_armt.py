@@ -23,9 +23,9 @@ class _RefLayer(nn.Module):
     """Read before the block, delta-rule write after it (dense float64-capable reference ops),
     with its own state: the semantics of the reference code, written from the formulas."""
 
-    def __init__(self, layer, assoc, cfg: ARMTConfig):
+    def __init__(self, layer, assoc, cfg: ARMTConfig, noise: float = 0.0):
         super().__init__()
-        self.layer, self.cfg = layer, cfg
+        self.layer, self.cfg, self.noise = layer, cfg, noise
         self._assoc = [assoc]  # registered once, as ref.assoc
         self.A = self.z = None
 
@@ -33,7 +33,11 @@ class _RefLayer(nn.Module):
         a, c = self._assoc[0], self.cfg
         opts = dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps)
         if self.A is not None:
-            h = h + reference_read(a.W_mq(h), self.A, self.z, **opts)
+            read = reference_read(a.W_mq(h), self.A, self.z, **opts)
+            if self.noise:  # memory noise: std relative to each read vector's RMS (not differentiated)
+                rms = read.detach().pow(2).mean(-1, keepdim=True).sqrt()
+                read = read + self.noise * rms * torch.randn_like(read)
+            h = h + read
         out = self.layer(h, *args, **kwargs)
         o = out[0] if isinstance(out, tuple) else out
         mem = o[:, -c.num_mem_tokens:]
@@ -46,9 +50,10 @@ class _RefLayer(nn.Module):
         return out
 
 
-def reference_loop(model: ARMTForCausalLM, x: torch.Tensor):
+def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     """``(logits, loss, module)``: a deep copy of the base model with eager attention and every
-    block wrapped by :class:`_RefLayer`, called on ``[segment | memory]`` segment by segment."""
+    block wrapped by :class:`_RefLayer` (``noise``: memory noise on every read), called on
+    ``[segment | memory]`` segment by segment."""
     cfg = model.rmt_config
     ref = nn.Module()
     ref.base = copy.deepcopy(model.base)
@@ -58,7 +63,7 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor):
     layers = next(m for m in ref.base.modules() if isinstance(m, nn.ModuleList)
                   and len(m) == len(model.assoc))
     for i in range(len(layers)):
-        layers[i] = _RefLayer(layers[i], ref.assoc[i], cfg)
+        layers[i] = _RefLayer(layers[i], ref.assoc[i], cfg, noise)
     logits = []
     for s in range(0, x.shape[1], cfg.segment_size):
         seg = x[:, s:s + cfg.segment_size]
@@ -105,6 +110,40 @@ def test_forward_backward_match_independent_loop(kind, l2):
     assert checked >= 20
     assert model.assoc[0].W_mq.weight.grad.abs().max() > 0  # the read is on the graph
     assert model.assoc[1].W_mk.weight.grad.abs().max() > 0  # so is the write
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_memory_noise_perturbs_every_read_in_training_only(kind):
+    """Training mode: every layer's associative read gets ``noise * rms(read) * N(0, 1)``, drawn
+    layer by layer, segment by segment, as the independent loop draws it (logits and gradients
+    equal); eval mode: no noise at all; the first segment reads nothing, so it is unperturbed."""
+    x = ids(2, 29)
+    model = make(kind, memory_noise=0.3).double()
+    plain = make(kind).double()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        clean = plain(x).logits
+        torch.testing.assert_close(model(x).logits, clean, atol=0, rtol=0)
+    model.train()
+    model.base.eval()  # no dropout: the noise is the only random draw
+    torch.manual_seed(5)
+    out = model(x, labels=x)
+    out.loss.backward()
+    torch.manual_seed(5)
+    ref_logits, ref_loss, ref = reference_loop(model, x, noise=0.3)
+    ref_loss.backward()
+    bound = 1e-10 if kind == "gpt2" else 1e-4  # Llama: float32 rotary/RMSNorm tables (see above)
+    torch.testing.assert_close(out.logits, ref_logits, atol=bound, rtol=0)
+    ours = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        q = ours[name.replace(".layer.", ".") if ".layer." in name else name]
+        if p.grad is not None:
+            err, scale = (q.grad - p.grad).abs().max().item(), p.grad.abs().max().item()
+            assert err <= bound * scale + 1e-14, f"{name}: {err:.3e} (max |grad| {scale:.3e})"
+    diff = (out.logits.detach() - clean).abs().amax(dim=(0, 2))
+    assert diff[:8].max() == 0 and diff[8:].min() > 1e-5  # segment 1 reads no state
+    with pytest.raises(ValueError, match="memory_noise must be a finite float >= 0"):
+        make(kind, memory_noise=-0.1)
 
 
 def test_first_segment_neither_reads_nor_corrects():
@@ -162,15 +201,21 @@ def test_detached_state_cuts_the_gradient(depth):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("depth", [-1, 1])
-def test_segment_checkpointing_same_loss_and_gradients(kind, depth):
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_segment_checkpointing_same_loss_and_gradients(kind, depth, noise):
     """``checkpoint_segments=True`` (the shared segment loop's checkpointing): the loss and every
-    gradient equal the plain forward's (float64), and between forward and backward autograd
-    keeps far fewer bytes (only each segment's state and ids, recomputed in backward)."""
+    gradient equal the plain forward's (float64), also with memory noise in training mode (the
+    recomputation draws the same noise), and between forward and backward autograd keeps far
+    fewer bytes (only each segment's state and ids, recomputed in backward)."""
     x = ids(2, 29)  # 4 segments, the last one short
     saved = {}
     grads = {}
     for ckpt in (False, True):
-        model = make(kind, bptt_depth=depth, checkpoint_segments=ckpt).double()
+        model = make(kind, bptt_depth=depth, checkpoint_segments=ckpt, memory_noise=noise).double()
+        if noise:
+            model.train()
+            model.base.eval()  # no dropout
+        torch.manual_seed(11)
         nbytes = []
 
         def pack(t, nbytes=nbytes):

@@ -47,7 +47,7 @@ from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
-from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions
+from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions, relative_noise
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig
 from rmt_fast.models.decoder import _count_targets, _Segment, lm_outputs
 from rmt_fast.models.memory_transformer import find_layers
@@ -88,6 +88,10 @@ class ARMTConfig(SavedConfig):
             only each segment's state and token ids are kept between forward and backward).
         offload_memory: with ``checkpoint_segments``, keep those states in pinned host memory
             (accelerator states only).
+        memory_noise: training only (``model.train()``): Gaussian noise of this std, relative to
+            each token's read vector's RMS, is added to what every layer reads from its
+            associative state (ARMT's counterpart of :class:`RMTConfig`'s memory noise, not in
+            the reference code). 0 = off; eval is never affected.
     """
 
     #: the file ``save``/``load`` use inside a checkpoint directory
@@ -96,6 +100,7 @@ class ARMTConfig(SavedConfig):
     LOAD_DEFAULTS: ClassVar[dict[str, object]] = {
         "checkpoint_segments": False,  # ARMT had no segment checkpointing before these existed
         "offload_memory": False,
+        "memory_noise": 0.0,
     }
 
     num_mem_tokens: int = 16
@@ -113,6 +118,7 @@ class ARMTConfig(SavedConfig):
     fuse_activations: bool = True
     checkpoint_segments: bool = False
     offload_memory: bool = False
+    memory_noise: float = 0.0
     kind: str = "armt"
 
     def __post_init__(self) -> None:
@@ -142,6 +148,9 @@ class ARMTConfig(SavedConfig):
              f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         need(self.state_dtype is None or self.state_dtype in STATE_DTYPES,
              f"state_dtype must be None or one of {STATE_DTYPES}, got {self.state_dtype!r}")
+        need(isinstance(self.memory_noise, (int, float)) and not isinstance(self.memory_noise, bool)
+             and 0 <= self.memory_noise < float("inf"),
+             f"memory_noise must be a finite float >= 0, got {self.memory_noise!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 
@@ -248,8 +257,9 @@ class AssociativeMemory(nn.Module):
 class _Run:
     """What the block hooks need while one segment runs through the base model."""
 
-    def __init__(self, layers, assoc, state: ARMTState, write: bool):
+    def __init__(self, layers, assoc, state: ARMTState, write: bool, noise: float = 0.0):
         self.layers, self.assoc, self.state, self.write = layers, assoc, state, write
+        self.noise = noise  # relative std of the noise on every read (training only)
         self.new_A, self.new_z = list(state.A), list(state.z)
 
 
@@ -269,7 +279,7 @@ def _make_pre_hook(idx: int):
         if run is None or run.state.fresh:
             return None
         h = args[0] if args else kwargs["hidden_states"]
-        h = h + run.assoc[idx].read(h, run.state.A[idx], run.state.z[idx])
+        h = h + relative_noise(run.assoc[idx].read(h, run.state.A[idx], run.state.z[idx]), run.noise)
         if args:
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
@@ -499,7 +509,8 @@ class ARMTForCausalLM(RMTBase):
                                               device=mask.device)], dim=1)
         layout = MemoryLayout(num_read=0, num_write=m if write else 0, mask="causal",
                               key_padding_mask=kpm)
-        run = _Run(self.layers, self.assoc, state, write)
+        run = _Run(self.layers, self.assoc, state, write,
+                   noise=self.rmt_config.memory_noise if self.training else 0.0)
         token = _RUN.set(run)
         try:
             with memory_layout(layout):

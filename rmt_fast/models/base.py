@@ -30,6 +30,16 @@ def hidden_size(config) -> int:
     raise ValueError(f"cannot find the hidden size of {type(config).__name__}")
 
 
+def relative_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    """``x`` ``[..., d]`` plus ``std * rms(x) * N(0, 1)`` per vector (the RMS over the last dim,
+    not differentiated); ``x`` itself when ``std == 0``. The memory noise of the wrappers."""
+    if std == 0:
+        return x
+    wide = torch.promote_types(x.dtype, torch.float32)  # at least float32 (bf16 inputs), float64 stays
+    rms = x.detach().to(wide).pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
+    return x + std * rms * torch.randn_like(x)
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the base model can number (absolute positions), if it has a limit."""
     for name in ("n_positions", "max_position_embeddings"):
@@ -181,11 +191,7 @@ class RMTBase(nn.Module):
     def perturb_memory(self, memory: torch.Tensor) -> torch.Tensor:
         """The memory a segment reads: ``memory`` ``[B, M, d]`` plus, in training mode,
         ``memory_noise * rms(memory) * N(0, 1)`` per vector (see :class:`RMTConfig`)."""
-        std = self.rmt_config.memory_noise
-        if not self.training or std == 0:
-            return memory
-        rms = memory.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(memory.dtype)
-        return memory + std * rms * torch.randn_like(memory)
+        return relative_noise(memory, self.rmt_config.memory_noise if self.training else 0.0)
 
     def expand_memory(self, batch: int) -> torch.Tensor:
         """The learned memory as a batch: ``[B, M, d]``."""
