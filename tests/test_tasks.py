@@ -194,6 +194,8 @@ def test_retrieval_pairs_fit_makes_the_segment_curriculum_one_over_pairs():
         assert ((ids != PAD_ID).sum(1) == 2 * pairs + 2).all(), (segments, pairs)
     with pytest.raises(ValueError, match="length"):  # without it, 16 pairs need 34 tokens
         make_task("retrieval", 6, num_pairs=16, **SMALL).splits(5)
+    with pytest.raises(ValueError, match="pairs_fit needs a length >= 4"):
+        make_task("retrieval", 3, num_pairs=16, pairs_fit=True, **SMALL).splits(1)
 
 
 def _simulate_qa(words: list[str]) -> tuple[dict, dict, dict]:

@@ -106,6 +106,9 @@ def make_task(name: str, segment_size: int, *, seed: int = 0, train_size: int = 
         return Task(name, segment_size, num_tokens, build)
     if name == "retrieval":
         def build_retrieval(length: int) -> Splits:
+            if pairs_fit and length < 4:
+                raise ValueError(f"retrieval with pairs_fit needs a length >= 4 (a pair and the query), "
+                                 f"got {length}")
             pairs = min(num_pairs, length // 2 - 1) if pairs_fit else num_pairs
             return retrieval_task(pairs, length, **sizes)
 
