@@ -65,7 +65,8 @@ class QATrainConfig:
     through the memory of the last that many segments only (-1: full BPTT). ``probe_size``:
     validation samples of the twice-as-long probe when a stage ends (None: ``eval_size``).
     ``early_stop``: end training when the last stage reaches ``threshold`` (else it runs its
-    ``stage_steps``).
+    ``stage_steps``). ``train_base``: full fine-tuning (the pretrained weights train too), the
+    pretrained weights at ``base_lr_ratio`` times the learning rate of the new parts.
     """
 
     task: str = "memorize"
@@ -97,6 +98,7 @@ class QATrainConfig:
     mix: bool = False
     lora_r: int = 16
     train_base: bool = False
+    base_lr_ratio: float = 1.0
     order_fraction: float = 0.0
     init_from: str | None = None
     base: str | None = None
@@ -120,6 +122,8 @@ class QATrainConfig:
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
         need(0 <= self.order_fraction <= 1 and (self.order_fraction == 0 or self.task == "reasoning"),
              f"order_fraction must be in [0, 1] (0 unless task is reasoning), got {self.order_fraction!r}")
+        need(self.base_lr_ratio > 0 and (self.base_lr_ratio == 1 or self.train_base),
+             f"base_lr_ratio must be > 0 (and 1 unless train_base), got {self.base_lr_ratio!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
         need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
@@ -248,9 +252,16 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         raise ValueError(f"data has order_fraction {data.order_fraction}, cfg {cfg.order_fraction}")
     dtype = amp_dtype(cfg.amp, model.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # full fine-tuning may train the pretrained weights slower than the new parts (adapters,
+    # memory, head): a second group whose learning rate is scaled by base_lr_ratio
+    base = {id(p) for _, p in model._base_weights()} if cfg.base_lr_ratio != 1 else set()
+    groups = [{"params": [p for p in params if id(p) not in base], "lr_scale": 1.0}]
+    if base:
+        groups.append({"params": [p for p in params if id(p) in base], "lr_scale": cfg.base_lr_ratio})
 
     def new_optimizer(stage):
-        return torch.optim.AdamW(params, lr=cfg.stage_lr(stage), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW([dict(g) for g in groups], lr=cfg.stage_lr(stage),
+                                 weight_decay=cfg.weight_decay)
 
     step, stage, stage_start, wall_before, changes = 0, 0, 0, 0.0, []
     optimizer = new_optimizer(0)
@@ -264,7 +275,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
-                        "train_base", "order_fraction"):
+                        "train_base", "base_lr_ratio", "order_fraction"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -305,7 +316,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         batch = data.batch("train", n, range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
         factor = lr_factor(step - stage_start, cfg.warmup_steps, cfg.stage_steps, "linear", cfg.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.stage_lr(stage) * factor
+            # optimizer states saved before base_lr_ratio existed have no lr_scale
+            group["lr"] = cfg.stage_lr(stage) * factor * group.get("lr_scale", 1.0)
         torch.manual_seed(_step_seed(cfg.seed, step) + 1)  # dropout
         optimizer.zero_grad(set_to_none=True)
         with dtypes.autocast(dtype or torch.float32, model.device):
@@ -397,6 +409,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--train-base", action="store_true",
                    help="full fine-tuning: train the pretrained weights too (checkpoints ~90 MB)")
+    p.add_argument("--base-lr-ratio", type=float, default=d.base_lr_ratio,
+                   help="with --train-base: the pretrained weights learn at this times the learning rate")
     p.add_argument("--order-fraction", type=float, default=d.order_fraction,
                    help="reasoning: share of training stories where only the argument order decides")
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
@@ -415,7 +429,8 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         max_steps=a.max_steps, clip_grad=a.clip_grad, eval_every=a.eval_every, eval_size=a.eval_size,
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
-        lora_r=a.lora_r, train_base=a.train_base, order_fraction=a.order_fraction, init_from=a.init_from,
+        lora_r=a.lora_r, train_base=a.train_base, base_lr_ratio=a.base_lr_ratio,
+        order_fraction=a.order_fraction, init_from=a.init_from,
         base=a.base)
     cfg.validate()
     return cfg

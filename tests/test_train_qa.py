@@ -2,6 +2,7 @@
 (smoke run, exact resume) and the length evaluation, on a tiny random BERT."""
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -219,6 +220,35 @@ def test_full_finetuning_trains_saves_and_resumes_the_base(tiny_base, noise, tmp
     with pytest.raises(ValueError, match="was trained with train_base"):
         lora_cfg = tiny_config(tiny_base, max_steps=4, curriculum=[1], lrs=None)
         train_qa(build_model(lora_cfg), data, lora_cfg, tmp_path / "a", progress=False)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_base_lr_ratio_scales_the_pretrained_weights_step(tiny_base, noise, ratio):
+    """Adam's first step moves every weight with a gradient by about its learning rate: the
+    pretrained weights by ``ratio * lr``, the adapters, memory and head by ``lr``."""
+    cfg = tiny_config(tiny_base, train_base=True, base_lr_ratio=ratio, max_steps=1, curriculum=[1],
+                      lrs=None, weight_decay=0.0)
+    model = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, None, progress=False)
+    base = {id(p) for _, p in model._base_weights()}
+    moved = {True: 0.0, False: 0.0}
+    for n, p in model.named_parameters():
+        moved[id(p) in base] = max(moved[id(p) in base], (p.detach() - before[n]).abs().max().item())
+    assert moved[False] > 0 and moved[True] / moved[False] == pytest.approx(ratio, rel=0.02)
+    with pytest.raises(ValueError, match="base_lr_ratio must be > 0"):
+        tiny_config(tiny_base, base_lr_ratio=0.1).validate()  # LoRA only: no pretrained weights train
+
+
+def test_base_lr_ratio_resumes_and_must_match(tiny_base, noise, tmp_path):
+    cfg = tiny_config(tiny_base, train_base=True, base_lr_ratio=0.1, max_steps=2, curriculum=[1],
+                      lrs=None, save_every=1)
+    data = BabiQA(cfg.task, build_model(cfg).tokenizer, S, noise=noise)
+    assert train_qa(build_model(cfg), data, cfg, tmp_path, progress=False, stop_after=1).step == 1
+    assert train_qa(build_model(cfg), data, cfg, tmp_path, progress=False).step == 2  # two groups load
+    other = dataclasses.replace(cfg, base_lr_ratio=1.0, max_steps=3)
+    with pytest.raises(ValueError, match="was trained with base_lr_ratio=0.1"):
+        train_qa(build_model(other), data, other, tmp_path, progress=False)
 
 
 def test_init_from_a_model_trained_on_other_segment_sizes(tiny_base, noise, tmp_path):
