@@ -38,9 +38,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--segments", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--segment-size", type=int, default=None,
+                   help="read segments of this size instead of the checkpoint's")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint)
+    if a.segment_size is not None:
+        model.replace_config(segment_size=a.segment_size)
     data = BabiQA("reasoning", model.tokenizer, model.rmt_config.segment_size)
     plans = data.plans("valid", a.segments, range(a.samples))
     pred, labels = predictions(model, data, "valid", a.segments, a.samples)
@@ -51,7 +55,8 @@ def main() -> None:
             counts[kind, group][0] += int(ok)
             counts[kind, group][1] += 1
     right = sum(correct)
-    print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} at {a.segments} segment(s), "
+    print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} at {a.segments} segment(s) of "
+          f"{model.rmt_config.segment_size} tokens, "
           f"accuracy {right / a.samples:.3f}")
     print("| split | group | right | samples | accuracy |\n|---|---|---|---|---|")
     for (kind, group), (c, t) in sorted(counts.items()):
