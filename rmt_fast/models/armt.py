@@ -48,7 +48,7 @@ from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions, relative_noise
-from rmt_fast.models.config import ALIGNMENTS, SavedConfig
+from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
 from rmt_fast.models.decoder import _count_targets, _Segment, lm_outputs
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
@@ -148,9 +148,7 @@ class ARMTConfig(SavedConfig):
              f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         need(self.state_dtype is None or self.state_dtype in STATE_DTYPES,
              f"state_dtype must be None or one of {STATE_DTYPES}, got {self.state_dtype!r}")
-        need(isinstance(self.memory_noise, (int, float)) and not isinstance(self.memory_noise, bool)
-             and 0 <= self.memory_noise < float("inf"),
-             f"memory_noise must be a finite float >= 0, got {self.memory_noise!r}")
+        check_memory_noise(self.memory_noise)
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 

@@ -19,6 +19,12 @@ VARIANTS = ("mem", "ctrl", "bottleneck")
 CONFIG_NAME = "rmt_config.json"
 
 
+def check_memory_noise(value: object) -> None:
+    """The ``memory_noise`` check every model config shares (a finite float >= 0)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
+        raise ValueError(f"memory_noise must be a finite float >= 0, got {value!r}")
+
+
 class SavedConfig:
     """``save``/``load`` of a frozen config dataclass as ``directory/FILE_NAME`` (JSON). Loading is
     strict: every field is required except those in ``LOAD_DEFAULTS`` (fields added after files
@@ -150,9 +156,7 @@ class RMTConfig(SavedConfig):
         need(self.segment_alignment in ALIGNMENTS,
              f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         need(self.loss_over in LOSS_OVER, f"loss_over must be one of {LOSS_OVER}, got {self.loss_over!r}")
-        need(isinstance(self.memory_noise, (int, float)) and not isinstance(self.memory_noise, bool)
-             and 0 <= self.memory_noise < float("inf"),
-             f"memory_noise must be a finite float >= 0, got {self.memory_noise!r}")
+        check_memory_noise(self.memory_noise)
         need(self.position_mode in POSITION_MODES,
              f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
         need(isinstance(self.checkpoint_segments, bool),
