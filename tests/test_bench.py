@@ -120,8 +120,17 @@ def test_point_flops_by_hand():
     p24 = 2 * (2 * 24 * 4 * 64 ** 2 + 2 * 24 * 2 * 64 * 128 + 4 * 64 * 24 * 25 // 2)
     assert (p40, p24) == (5_662_720, 3_299_328)
     body = 2 * p40 + p24
-    assert systems.point_flops("rmt_fast", "infer", cfg, 80) == body  # reading: no logits
-    assert systems.point_flops("rmt_fast", "infer", cfg, 80, batch=3) == 3 * body
+    # reading: no logits, and the last layer past q/k/v for the 4 write rows only (a write row
+    # at position P - 4 + i sees P - 4 + i + 1 keys)
+    def read(p):
+        layer = 2 * p * 4 * 64 ** 2 + 2 * p * 2 * 64 * 128 + 4 * 64 * p * (p + 1) // 2
+        last = (2 * p * 3 * 64 ** 2 + 2 * 4 * 64 ** 2 + 2 * 4 * 2 * 64 * 128
+                + 4 * 64 * sum(p - 4 + i + 1 for i in range(4)))
+        return layer + last
+    reading = 2 * read(40) + read(24)
+    assert reading < 0.8 * body
+    assert systems.point_flops("rmt_fast", "infer", cfg, 80) == reading
+    assert systems.point_flops("rmt_fast", "infer", cfg, 80, batch=3) == 3 * reading
     seg_logits = 2 * 64 * 100 * 80  # 2 d V per segment token
     assert systems.point_flops("rmt_fast", "train", cfg, 80) == 3 * (body + seg_logits)
     assert systems.point_flops("lucidrains", "infer", cfg, 80) == body + seg_logits

@@ -51,7 +51,7 @@ def forward_flops(n: int, m: ModelShape, embeddings: bool = True, logits: bool =
 
 
 def matmul_forward_flops(positions: int, m: ModelShape, attention_pairs: int | None = None,
-                         logit_positions: int = 0) -> float:
+                         logit_positions: int = 0, tail_rows: int | None = None) -> float:
     """Matrix-product FLOPs of one decoder forward pass over ``positions`` positions.
 
     Unlike :func:`forward_flops` (the Chinchilla convention, which counts the full ``n x n``
@@ -60,11 +60,20 @@ def matmul_forward_flops(positions: int, m: ModelShape, attention_pairs: int | N
     (query, key) pair (``q @ k^T`` and ``p @ v``; causal: ``n (n + 1) / 2`` pairs) per layer,
     and ``2 d V`` per position whose logits are computed. Embedding lookups, norms, softmax and
     activations are not counted.
+
+    ``tail_rows``: the last layer computes only the last ``tail_rows`` positions past the
+    key/value projections (:mod:`rmt_fast.models.tail_rows`: reading into memory): q/k/v for
+    every position, the output projection, MLP and causal attention for those rows only.
     """
     d = m.d_model
     pairs = positions * (positions + 1) // 2 if attention_pairs is None else attention_pairs
     per_layer = 2 * positions * 4 * d * d + 2 * positions * 2 * d * m.ffw + 4 * d * pairs
-    return float(m.layers * per_layer + 2 * logit_positions * d * m.vocab)
+    if tail_rows is None:
+        return float(m.layers * per_layer + 2 * logit_positions * d * m.vocab)
+    w = tail_rows
+    tail_pairs = w * (positions - w) + w * (w + 1) // 2
+    last = 2 * positions * 3 * d * d + 2 * w * d * d + 2 * w * 2 * d * m.ffw + 4 * d * tail_pairs
+    return float((m.layers - 1) * per_layer + last + 2 * logit_positions * d * m.vocab)
 
 
 def rmt_forward_flops(n: int, m: ModelShape, segment: int = 512, **kw) -> float:

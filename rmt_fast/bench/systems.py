@@ -264,10 +264,12 @@ def point_flops(system: str, mode: str, cfg: BenchConfig, length: int, batch: in
     write memory) with causal attention; ``full`` runs all ``length`` positions at once. Logits:
     ``rmt_fast`` inference computes none (it only reads); training computes them for the ``s``
     segment tokens; ``official`` computes them for every position (memory included), in both
-    modes; ``lucidrains`` for the segment tokens; ``full`` for every token. Training = 3x the
-    forward (forward + backward); the recomputation of segment checkpointing is not counted
-    (model FLOPs, as in MFU). ``lucidrains`` is counted as the GPT-2 block of the same sizes
-    (its GEGLU matches the MLP's weight count, and its memory rows see each other
+    modes; ``lucidrains`` for the segment tokens; ``full`` for every token. ``rmt_fast``
+    inference runs its last layer past the key/value projections for the write-memory rows only
+    (``tail_rows`` of :func:`matmul_forward_flops`). Training = 3x the forward (forward +
+    backward); the recomputation of segment checkpointing is not counted (model FLOPs, as in
+    MFU). ``lucidrains`` is counted as the GPT-2 block of the same sizes (its GEGLU matches the
+    MLP's weight count, and its memory rows see each other
     bidirectionally: a few pairs more).
     """
     shape = cfg.shape()
@@ -289,5 +291,7 @@ def point_flops(system: str, mode: str, cfg: BenchConfig, length: int, batch: in
                 logits = s if mode == TRAIN else 0
             else:
                 logits = s
-            fwd += matmul_forward_flops(positions, shape, logit_positions=logits)
+            # our read computes the last layer past its keys/values for the write rows only
+            tail = cfg.memory if system.startswith("rmt_fast") and mode != TRAIN else None
+            fwd += matmul_forward_flops(positions, shape, logit_positions=logits, tail_rows=tail)
     return batch * fwd * (3.0 if mode == TRAIN else 1.0)
