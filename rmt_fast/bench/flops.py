@@ -62,7 +62,7 @@ def matmul_forward_flops(positions: int, m: ModelShape, attention_pairs: int | N
     activations are not counted.
 
     ``tail_rows``: the last layer computes only the last ``tail_rows`` positions past the
-    key/value projections (:mod:`rmt_fast.models.tail_rows`: reading into memory): q/k/v for
+    key/value projections (:mod:`rmt_fast.models.used_rows`: reading into memory): q/k/v for
     every position, the output projection, MLP and causal attention for those rows only.
     """
     d = m.d_model

@@ -34,9 +34,10 @@ class MemoryLayout:
 
     ``past``: per-layer ``(past_k, past_v)`` ``[B, Hkv, P, D]`` (Transformer-XL cache), or None.
     ``record_kv``: if set, each layer stores its current ``(k, v)`` there, keyed by layer index.
-    ``tail``: ``(layer, first_row, rows)``: only the outputs of rows ``[first_row, rows)`` of layer
-    ``layer`` are used (the write block, while reading; :mod:`rmt_fast.models.tail_rows`), so
-    that layer's attention computes only those query rows and returns zeros for the others.
+    ``used_rows``: ``(layer, start, stop, rows)``: only the outputs of rows ``[start, stop)`` of
+    layer ``layer`` are used (while reading; :mod:`rmt_fast.models.used_rows`), so that layer's
+    attention computes only those query rows (write rows, or any rows under the ``"full"`` mask)
+    and returns zeros for the others.
     """
 
     num_read: int = 0
@@ -47,7 +48,7 @@ class MemoryLayout:
     past_visible_to_read: bool = False
     record_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None)
     length: int | None = None  # apply only to calls with this many query rows (generation prefill)
-    tail: tuple[int, int, int] | None = None
+    used_rows: tuple[int, int, int, int] | None = None
 
 
 _LAYOUT: contextvars.ContextVar[MemoryLayout | None] = contextvars.ContextVar(
@@ -157,10 +158,12 @@ def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, 
         past_k, past_v = layout.past[layer]
     if layout.record_kv is not None:
         layout.record_kv[layer] = (key, value)
-    tail = layout.tail
-    if tail is not None and layer == tail[0] and query.shape[2] == tail[2] \
-            and tail[2] - layout.num_write <= tail[1] < tail[2]:
-        return _tail_attention(query, key, value, layout, tail[1], past_k, past_v, dropout, scaling)
+    used = layout.used_rows
+    if used is not None and layer == used[0] and query.shape[2] == used[3] \
+            and 0 <= used[1] < used[2] <= used[3] \
+            and (layout.mask == "full" or used[3] - layout.num_write <= used[1] and used[2] == used[3]):
+        return _rows_attention(query, key, value, layout, used[1], used[2], past_k, past_v, dropout,
+                               scaling)
     return memory_attention(
         query, key, value, num_read=layout.num_read, num_write=layout.num_write, mask=layout.mask,
         past_k=past_k, past_v=past_v, past_visible_to_read=layout.past_visible_to_read,
@@ -168,21 +171,28 @@ def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, 
     )
 
 
-def _tail_attention(query, key, value, layout: MemoryLayout, first: int, past_k, past_v, dropout,
-                    scaling):
-    """Query rows ``[first, L)`` (inside the write block) only; the rows before them join the
-    past keys, which write rows see under every mask, so the concatenated key order (and the
-    key-padding mask) is unchanged. ``[B, H, L, D]`` with zeros in rows ``[0, first)``."""
-    before_k, before_v = key[:, :, :first], value[:, :, :first]
+def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: int, past_k, past_v,
+                    dropout, scaling):
+    """Query rows ``[start, stop)`` only: write rows (which see every earlier key under every
+    mask) or any rows under the ``"full"`` mask. Every other row's keys join the past keys
+    (``[past | rows before | rows after]``, the key-padding mask reordered to match), which those
+    rows see. ``[B, H, L, D]`` with zeros outside ``[start, stop)``."""
+    ks = [key[:, :, :start], key[:, :, stop:]]
+    vs = [value[:, :, :start], value[:, :, stop:]]
     if past_k is not None:
-        before_k, before_v = torch.cat([past_k, before_k], 2), torch.cat([past_v, before_v], 2)
-    rows = query.shape[2] - first
+        ks, vs = [past_k] + ks, [past_v] + vs
+    kpm = layout.key_padding_mask
+    if kpm is not None:
+        p = kpm.shape[1] - key.shape[2]  # past keys
+        kpm = torch.cat([kpm[:, :p + start], kpm[:, p + stop:], kpm[:, p + start:p + stop]], 1)
     out = memory_attention(
-        query[:, :, first:], key[:, :, first:], value[:, :, first:], num_read=0, num_write=rows,
-        mask=layout.mask, past_k=before_k, past_v=before_v,
-        key_padding_mask=layout.key_padding_mask, scale=scaling, dropout_p=dropout,
+        query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], num_read=0,
+        num_write=stop - start, mask=layout.mask, past_k=torch.cat(ks, 2), past_v=torch.cat(vs, 2),
+        key_padding_mask=kpm, scale=scaling, dropout_p=dropout,
     )
-    return torch.cat([out.new_zeros(*out.shape[:2], first, out.shape[3]), out], dim=2)
+    b, h, _, d = out.shape
+    return torch.cat([out.new_zeros(b, h, start, d), out,
+                      out.new_zeros(b, h, query.shape[2] - stop, d)], dim=2)
 
 
 def register(name: str = BACKEND_NAME, fn: Callable = rmt_fast_attention_forward) -> bool:

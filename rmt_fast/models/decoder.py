@@ -12,10 +12,9 @@ from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
-from rmt_fast.models import tail_rows
+from rmt_fast.models import used_rows
 from rmt_fast.models.base import RMTBase, max_positions
 from rmt_fast.models.config import RMTConfig
-from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.rotary import find_rotary, shift_keys
 from rmt_fast.models.segment_loop import (
@@ -129,11 +128,11 @@ class RMTForCausalLM(RMTBase):
         record: XLState | None = {} if cfg.xl_cache > 0 else None
         # reading (only the new memory is used): the last block computes the write rows only;
         # not in training mode, where dropout would draw other random numbers than a full pass
-        tail = None
+        used = None
         if write and not need_hidden and not self.training:
-            tail = (self._tail_layer(), m + seg_len, x.shape[1])
+            used = (used_rows.last_layer(self, self.lm), m + seg_len, x.shape[1], x.shape[1])
         layout = MemoryLayout(num_read=m, num_write=num_write, mask=cfg.mask, key_padding_mask=kpm,
-                              past=None if xl is None else xl.kv, record_kv=record, tail=tail)
+                              past=None if xl is None else xl.kv, record_kv=record, used_rows=used)
         position_ids = self._position_ids(mask, seg_len, write, ids.device)
         with memory_layout(layout):
             hidden = self.backbone(inputs_embeds=x, position_ids=position_ids,
@@ -171,17 +170,6 @@ class RMTForCausalLM(RMTBase):
             kv = {layer: (shift_keys(k, delta, rotary), v) for layer, (k, v) in kv.items()}
         padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
         return RecurrentState(kv, padding[:, -keep:].contiguous())
-
-    def _tail_layer(self) -> int:
-        """``layer_idx`` of the last block's attention (-1 when it has none), with the block's
-        row-wise submodules hooked on first use (:mod:`rmt_fast.models.tail_rows`)."""
-        if "_tail" not in self.__dict__:
-            block = find_layers(self.lm)[-1]
-            tail_rows.install(block)
-            idx = [mod.layer_idx for mod in block.modules()
-                   if isinstance(getattr(mod, "layer_idx", None), int)]
-            self.__dict__["_tail"] = idx[0] if idx else -1
-        return self.__dict__["_tail"]
 
     def _xl_rotary(self):
         """The base model's rotary embedding (None without one), found on first use; kept out

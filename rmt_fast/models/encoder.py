@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
+from rmt_fast.models import used_rows
 from rmt_fast.models.base import RMTBase
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.segment_loop import Segment, SegmentState, keep_rows, run_segments
@@ -77,9 +78,15 @@ class _RMTEncoderBase(RMTBase):
         kpm = torch.cat([ones, seg_mask, ones[:, :1]], dim=1)
         # positions count real tokens only: a padded row is numbered as it would be alone
         position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0)
-        with memory_layout(MemoryLayout(mask="full", key_padding_mask=kpm)):
+        layout = MemoryLayout(mask="full", key_padding_mask=kpm, used_rows=self._used_rows(x.shape[1]))
+        with memory_layout(layout):
             out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
         return out, out.hidden_states[-1][:, 1: 1 + m]
+
+    def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:
+        """Rows of the last layer whose outputs are used (:mod:`rmt_fast.models.used_rows`):
+        None (every row) unless a subclass reads fewer."""
+        return None
 
     def _run(self, input_ids, attention_mask, memory, head):
         """Every segment through the segment loop (checkpointed with ``checkpoint_segments``
@@ -118,6 +125,13 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
     """
 
     auto_class = "AutoModelForSequenceClassification"
+
+    def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:
+        """``[CLS]`` (the head) and the memory rows; in evaluation mode (dropout would draw other
+        random numbers than a full pass in training mode)."""
+        if self.training:
+            return None
+        return used_rows.last_layer(self, self.base), 0, 1 + self.rmt_config.num_mem_tokens, rows
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,

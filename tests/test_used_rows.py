@@ -1,4 +1,4 @@
-"""Reading computes the last block on the write rows only (rmt_fast.models.tail_rows), and the
+"""Reading computes the last block on the write rows only (rmt_fast.models.used_rows), and the
 memory, cache and gradients stay those of the full computation."""
 
 import pytest
@@ -8,7 +8,7 @@ from models import VOCAB, eager_copy, ids, tiny_gpt2, tiny_llama
 from test_rmt_decoder import official_loop
 
 from rmt_fast.integrations import transformers as backend
-from rmt_fast.models import RMTForCausalLM, tail_rows
+from rmt_fast.models import RMTForCausalLM, used_rows
 from rmt_fast.models.memory_transformer import find_layers
 
 
@@ -16,7 +16,7 @@ def _record_rows(model, monkeypatch):
     """Rows entering the last block's row-wise modules and query rows of every attention call."""
     seen = {"row_wise": [], "queries": []}
     block = find_layers(model.lm)[-1]
-    for mod in tail_rows.row_wise_modules(block):
+    for mod in used_rows.row_wise_modules(block):
         mod.register_forward_hook(lambda m, a, o: seen["row_wise"].append(a[0].shape[1]))
     real = backend.memory_attention
 
@@ -42,7 +42,7 @@ def test_read_runs_the_last_block_on_write_rows_and_keeps_the_memory(make, mask,
         mem, _ = model.read(tokens)
         _, want = official_loop(ref, model.memory.expand(2, -1, -1), tokens, m, s, mask)
     torch.testing.assert_close(mem, want, atol=1e-5, rtol=0)
-    assert len(tail_rows.row_wise_modules(find_layers(model.lm)[-1])) == 2
+    assert len(used_rows.row_wise_modules(find_layers(model.lm)[-1])) == 2
     assert seen["row_wise"] == [m] * 6  # MLP and output projection, three segments
     assert seen["queries"] == [s + 2 * m, m] * 3  # layer 0 all rows, last layer the write rows
 
@@ -87,7 +87,7 @@ def test_loss_on_the_last_segment_has_the_reference_gradients(make, monkeypatch)
 
 
 def test_blocks_without_known_row_wise_modules_restrict_the_attention_only(monkeypatch):
-    monkeypatch.setattr(tail_rows, "ROW_WISE", ())
+    monkeypatch.setattr(used_rows, "ROW_WISE", ())
     base = tiny_gpt2()
     ref = eager_copy(base)
     model = RMTForCausalLM(base, num_mem_tokens=3, segment_size=6, mask="rmt")
@@ -97,7 +97,7 @@ def test_blocks_without_known_row_wise_modules_restrict_the_attention_only(monke
         mem, _ = model.read(tokens)
         _, want = official_loop(ref, model.memory.expand(2, -1, -1), tokens, 3, 6, "rmt")
     torch.testing.assert_close(mem, want, atol=1e-5, rtol=0)
-    assert tail_rows.install(find_layers(model.lm)[-1]) == 0
+    assert used_rows.install(find_layers(model.lm)[-1]) == 0
     assert seen["queries"] == [12, 3] * 3
 
 
@@ -122,3 +122,36 @@ def test_training_mode_reads_every_row(monkeypatch):
     tokens = ids(2, 15)
     model(tokens, labels=tokens, return_logits=False).loss.backward()
     assert seen["row_wise"] == [9] * 6
+
+
+def test_encoder_classifier_reads_cls_and_memory_rows_only(monkeypatch):
+    """Encoder classifier in evaluation mode: the last block runs on [CLS] + memory rows only;
+    logits and memory equal the full pass (every row), with and without key padding."""
+    from test_rmt_encoder import CLS, SEP, make, tokens
+    from transformers import BertForSequenceClassification
+
+    from rmt_fast.models import RMTEncoderForSequenceClassification
+
+    m = 4
+    model = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), num_mem_tokens=m,
+                                                segment_size=6, cls_token_id=CLS, sep_token_id=SEP).eval()
+    block = find_layers(model.base)[-1]
+    seen = []
+    x = tokens(2, 16)
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, 4:9] = 0  # padding inside the second segment of row 1
+    with torch.no_grad():
+        got = [model(x), model(x, attention_mask=am)]
+    assert len(used_rows.row_wise_modules(block)) == 3  # attention.output, intermediate, output
+    for mod in used_rows.row_wise_modules(block):
+        mod.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[1]))
+    with torch.no_grad():
+        model(x)
+    assert seen == [1 + m] * 9  # 3 modules x 3 segments
+    monkeypatch.setattr(RMTEncoderForSequenceClassification, "_used_rows", lambda self, rows: None)
+    with torch.no_grad():
+        want = [model(x), model(x, attention_mask=am)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.logits, w.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g.memory, w.memory, atol=1e-5, rtol=0)
+    assert not torch.allclose(got[0].memory, got[1].memory)  # the padding mattered
