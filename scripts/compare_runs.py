@@ -4,6 +4,8 @@ split (:func:`rmt_fast.train.evaluate_run`). Writes ``NAME.json``, ``NAME.md`` a
 
     python scripts/compare_runs.py --runs armt=/tmp/rmt_runs/capacity/armt \
         rmt=/tmp/rmt_runs/capacity/rmt --out docs/armt/capacity_8pairs --title "..."
+
+``--keep OLD.json`` adds the runs of an earlier output as they were scored then.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from rmt_fast.run_io import read_jsonl
 from rmt_fast.train import evaluate_run
 
 
-def compare(runs: dict[str, str], out: str, title: str, threads: int = 1) -> dict:
+def compare(runs: dict[str, str], out: str, title: str, threads: int = 1,
+            keep: str | None = None) -> dict:
+    """``keep``: an earlier output's JSON whose runs join as they were scored then (their run
+    directories may be gone); a run named again in ``runs`` is scored anew."""
     import torch
 
     torch.set_num_threads(threads)
     result = {"title": title, "runs": {}}
+    if keep is not None:
+        with open(keep) as f:
+            result["runs"] = {k: v for k, v in json.load(f)["runs"].items() if k not in runs}
     for name, path in runs.items():
         rows = [r for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if "valid_accuracy" in r]
         test = evaluate_run(path, split="test", dtype="float32")
@@ -63,9 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="path prefix of the .json/.md/.png files")
     p.add_argument("--title", default="")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep", default=None,
+                   help="an earlier output's .json: its runs join as scored then")
     a = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in a.runs)
-    result = compare(runs, a.out, a.title, a.threads)
+    result = compare(runs, a.out, a.title, a.threads, a.keep)
     with open(a.out + ".md") as f:
         print(f.read())
     return result
