@@ -142,6 +142,9 @@ def test_encoder_classifier_reads_cls_and_memory_rows_only(monkeypatch):
     am[1, 4:9] = 0  # padding inside the second segment of row 1
     with torch.no_grad():
         got = [model(x), model(x, attention_mask=am)]
+        # the public one-segment call returns every row's hidden states: no rows skipped there
+        out, _ = model.segment_forward(model.expand_memory(2), x[:, :6], None)
+        hidden = out.hidden_states[-1]
     assert len(used_rows.row_wise_modules(block)) == 3  # attention.output, intermediate, output
     for mod in used_rows.row_wise_modules(block):
         mod.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[1]))
@@ -151,6 +154,8 @@ def test_encoder_classifier_reads_cls_and_memory_rows_only(monkeypatch):
     monkeypatch.setattr(RMTEncoderForSequenceClassification, "_used_rows", lambda self, rows: None)
     with torch.no_grad():
         want = [model(x), model(x, attention_mask=am)]
+        full, _ = model.segment_forward(model.expand_memory(2), x[:, :6], None)
+    torch.testing.assert_close(hidden, full.hidden_states[-1], atol=1e-6, rtol=0)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.logits, w.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(g.memory, w.memory, atol=1e-5, rtol=0)

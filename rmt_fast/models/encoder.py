@@ -65,8 +65,12 @@ class _RMTEncoderBase(RMTBase):
         out, new_memory = self._run_segment(memory, ids, mask)
         return out, keep_rows(None if mask is None else mask.any(dim=1), new_memory, memory)
 
-    def _run_segment(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
-        """:meth:`segment_forward` without keeping the memory of empty rows (the loop does)."""
+    def _run_segment(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None,
+                     used_only: bool = False):
+        """:meth:`segment_forward` without keeping the memory of empty rows (the loop does).
+        ``used_only``: the caller reads only the head's logits and the memory, so the last
+        layer may skip the other rows (:meth:`_used_rows`); their hidden states are then not
+        the model's."""
         cfg = self.rmt_config
         m, batch = cfg.num_mem_tokens, ids.shape[0]
         emb = self.base.get_input_embeddings()
@@ -78,7 +82,8 @@ class _RMTEncoderBase(RMTBase):
         kpm = torch.cat([ones, seg_mask, ones[:, :1]], dim=1)
         # positions count real tokens only: a padded row is numbered as it would be alone
         position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0)
-        layout = MemoryLayout(mask="full", key_padding_mask=kpm, used_rows=self._used_rows(x.shape[1]))
+        used = self._used_rows(x.shape[1]) if used_only else None
+        layout = MemoryLayout(mask="full", key_padding_mask=kpm, used_rows=used)
         with memory_layout(layout):
             out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
         return out, out.hidden_states[-1][:, 1: 1 + m]
@@ -113,7 +118,7 @@ class _RMTEncoderBase(RMTBase):
     def _step(self, state: SegmentState, seg: Segment, t: int, *, head):
         """The encoder's step of :func:`rmt_fast.models.segment_loop.run_segments`: one segment,
         its logits as ``head(base_output, segment)`` picks them."""
-        out, new_memory = self._run_segment(state.memory, seg.ids, seg.mask)
+        out, new_memory = self._run_segment(state.memory, seg.ids, seg.mask, used_only=True)
         return SegmentState(new_memory), {"logits": head(out, seg)}
 
 
