@@ -37,17 +37,6 @@ inline float gelu_tanh(float x) {
   return x / (1.0f + exp_approx(minus_2u));
 }
 
-// d gelu_tanh / dx = s + x 2 s (1 - s) du/dx with s = sigmoid(2u) = 1 / (1 + exp(-2u)) and
-// du/dx = sqrt(2 / pi) (1 + 3 * 0.044715 x^2) (1 - tanh(u)^2 = 4 s (1 - s): no cancellation).
-// x is clamped to [-10, 10] (NaN stays NaN): beyond, the derivative is 1 or 0 to within 1e-35,
-// and x^3 would overflow (0 * inf) for |x| > 1e12.
-inline float gelu_tanh_grad(float x) {
-  x = x > 10.0f ? 10.0f : (x < -10.0f ? -10.0f : x);
-  const float minus_2u = -1.5957691216057308f * x * (1.0f + 0.044715f * x * x);
-  const float s = 1.0f / (1.0f + exp_approx(minus_2u));
-  return s + x * s * (1.0f - s) * 1.5957691216057308f * (1.0f + 0.134145f * x * x);
-}
-
 // bfloat16 bits <-> float; float -> bf16 rounds to nearest even and keeps NaN a (quiet) NaN.
 // Branch-free, so that loops over them vectorise.
 inline float bf16_to_float(uint16_t b) {

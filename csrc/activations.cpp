@@ -7,9 +7,7 @@
 // (native float -> bf16 rounding), AVX-512F (intrinsics), and portable loops that the compiler
 // vectorises (one clone per instruction set). The AVX-512 loops are written with intrinsics
 // because GCC's vectorisation of the portable loop ran 3-5x slower than them (2026-12-04).
-// rmt_fast::gelu_tanh_backward: its gradient, the same way (ATen's gelu_backward ran at the same
-// speed in bf16 as in float32, about 4% of a bf16 training step of the bench's default model;
-// the autograd registration is in rmt_fast/_extension.py).
+// The gradient is ATen's gelu_backward (registered from Python, rmt_fast/_extension.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,12 +45,6 @@ void float_to_bf16_loop(const float* x, uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
 }
 
-RMT_ISA_CLONES
-void gelu_tanh_backward_loop(const float* dy, const float* x, float* dx, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * gelu_tanh_grad(x[i]);
-}
-
 // bf16 through the float32 loop in L1-sized chunks (one fused loop over bf16 vectorised 2-3x
 // worse than this with GCC 12)
 void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
@@ -63,18 +55,6 @@ void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
     bf16_to_float_loop(x + i, in, m);
     gelu_tanh_loop(in, out, m);
     float_to_bf16_loop(out, y + i, m);
-  }
-}
-
-void gelu_tanh_backward_bf16_loop(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t n) {
-  constexpr int64_t kChunk = 1024;
-  alignas(64) float g[kChunk], in[kChunk], out[kChunk];
-  for (int64_t i = 0; i < n; i += kChunk) {
-    const int64_t m = std::min(kChunk, n - i);
-    bf16_to_float_loop(dy + i, g, m);
-    bf16_to_float_loop(x + i, in, m);
-    gelu_tanh_backward_loop(g, in, out, m);
-    float_to_bf16_loop(out, dx + i, m);
   }
 }
 
@@ -118,26 +98,6 @@ Bf16Loop gelu_bf16_for(int isa) {
   return &gelu_tanh_bf16_loop;
 }
 
-using F32Backward = void (*)(const float*, const float*, float*, int64_t);
-using Bf16Backward = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t);
-
-F32Backward gelu_backward_f32_for(int isa) {
-#ifdef RMT_CPU_X86
-  if (isa >= kAvx512) return &avx512::gelu_tanh_backward_loop512;
-#endif
-  (void)isa;
-  return &gelu_tanh_backward_loop;
-}
-
-Bf16Backward gelu_backward_bf16_for(int isa) {
-#ifdef RMT_CPU_X86
-  if (isa >= kAvx512Bf16) return &avx512bf16::gelu_tanh_backward_bf16_loop512;
-  if (isa == kAvx512) return &avx512::gelu_tanh_backward_bf16_loop512;
-#endif
-  (void)isa;
-  return &gelu_tanh_backward_bf16_loop;
-}
-
 at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "rmt_fast::gelu_tanh: x must be float32 or bfloat16, got ", x.scalar_type());
@@ -161,45 +121,8 @@ at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   return y;
 }
 
-// dx = dy * gelu_tanh'(x), same shape and dtype as x
-at::Tensor gelu_tanh_backward_cpu(const at::Tensor& dy, const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "rmt_fast::gelu_tanh_backward: x must be float32 or bfloat16, got ",
-              x.scalar_type());
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes(),
-              "rmt_fast::gelu_tanh_backward: grad must have x's dtype ", x.scalar_type(),
-              " and shape ", x.sizes(), ", got ", dy.scalar_type(), " ", dy.sizes());
-  const at::Tensor xc = x.contiguous(), gc = dy.contiguous();
-  at::Tensor dx = at::empty_like(xc);
-  const int isa = active_cpu_isa();
-  if (x.scalar_type() == at::kBFloat16) {
-    const auto* px = static_cast<const uint16_t*>(xc.const_data_ptr());
-    const auto* pg = static_cast<const uint16_t*>(gc.const_data_ptr());
-    auto* pd = static_cast<uint16_t*>(dx.data_ptr());
-    const Bf16Backward loop = gelu_backward_bf16_for(isa);
-    at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-      loop(pg + begin, px + begin, pd + begin, end - begin);
-    });
-    return dx;
-  }
-  const float* px = xc.const_data_ptr<float>();
-  const float* pg = gc.const_data_ptr<float>();
-  float* pd = dx.mutable_data_ptr<float>();
-  const F32Backward loop = gelu_backward_f32_for(isa);
-  at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    loop(pg + begin, px + begin, pd + begin, end - begin);
-  });
-  return dx;
-}
-
 }  // namespace rmt_fast
 
-TORCH_LIBRARY_FRAGMENT(rmt_fast, m) {
-  m.def("gelu_tanh(Tensor x) -> Tensor");
-  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
-}
+TORCH_LIBRARY_FRAGMENT(rmt_fast, m) { m.def("gelu_tanh(Tensor x) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {
-  m.impl("gelu_tanh", &rmt_fast::gelu_tanh_cpu);
-  m.impl("gelu_tanh_backward", &rmt_fast::gelu_tanh_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) { m.impl("gelu_tanh", &rmt_fast::gelu_tanh_cpu); }
