@@ -104,8 +104,16 @@ def memory_attention(
         dropout_p: attention dropout (torch and reference backends; uses a dense mask).
 
     Returns:
-        ``[B, Hq, L, D]`` in the input dtype, and the LSE when ``return_lse``.
+        ``[B, Hq, L, D]`` in the input dtype (under ``torch.autocast``: q, k, v and the past
+        keys/values are cast to the autocast dtype first, as SDPA does), and the LSE when
+        ``return_lse``.
     """
+    if isinstance(q, torch.Tensor) and q.is_floating_point() and torch.is_autocast_enabled(q.device.type):
+        # as SDPA under autocast: compute in the autocast dtype (a rotary embedding makes q and k
+        # float32 under bf16 autocast while v stays bf16)
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v, past_k, past_v = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                   else t for t in (q, k, v, past_k, past_v))
     layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale)
     past_length = _check_inputs(q, k, v, layout, past_k, past_v, key_padding_mask, backend)
     if not 0.0 <= dropout_p < 1.0:

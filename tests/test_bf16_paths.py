@@ -55,3 +55,61 @@ def test_streaming_reader_dtype_casts_the_model():
     assert reader.memory.dtype == torch.bfloat16 and torch.isfinite(reader.memory.float()).all()
     with pytest.raises(ValueError, match="dtype"):
         rmt_fast.StreamingReader(model, dtype="int8")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_memory_attention_under_autocast_computes_in_the_autocast_dtype(backend):
+    """As SDPA: under bf16 autocast mixed q/k (float32, after a rotary embedding) and v (bf16)
+    are cast to bf16; the result equals the all-bf16 call. Outside autocast mixed dtypes are
+    refused."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, pk, pv = (torch.randn(2, 4, n, 16, generator=g) for n in (12, 12, 12, 5, 5))
+    kw = dict(num_read=2, num_write=2, mask="rmt", backend=backend)
+    want = rmt_fast.memory_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), past_k=pk.bfloat16(),
+                                     past_v=pv.bfloat16(), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rmt_fast.memory_attention(q, k, v.bfloat16(), past_k=pk, past_v=pv.bfloat16(), **kw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="v must match q's dtype"):
+        rmt_fast.memory_attention(q, k, v.bfloat16(), **kw)
+
+
+def test_rotary_model_streams_under_bf16_autocast():
+    """A Llama RMT (rotary: q and k leave the embedding in float32 under autocast) reads and
+    scores segments under bf16 autocast; the memory is within bf16 tolerance of float32."""
+    from models import tiny_llama
+
+    from rmt_fast.models import RMTForCausalLM
+
+    model = RMTForCausalLM(tiny_llama(), num_mem_tokens=3, segment_size=6).eval()
+    tokens = ids(2, 18)
+    with torch.no_grad():
+        ref = model(tokens).memory
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens)
+            mem, _ = model.read(tokens)
+    assert out.logits.dtype == torch.bfloat16
+    for m in (out.memory, mem):
+        err = (m.float() - ref).abs().max() / ref.abs().max()
+        assert err < 5e-2, err
+
+
+def test_armt_trains_under_bf16_autocast_with_a_float32_state():
+    """ARMT under bf16 autocast: the projections arrive in bf16, the associative state stays
+    float32 (the associative ops compute in its dtype); loss within bf16 tolerance of float32,
+    gradients reach every associative weight."""
+    from models import tiny_armt
+
+    model = tiny_armt("llama").train()
+    tokens = ids(2, 24)
+    ref = model(tokens, labels=tokens).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, labels=tokens)
+    assert abs(out.loss.item() - ref.item()) < 2e-2 * abs(ref.item())
+    out.loss.backward()
+    for a in model.assoc:
+        assert a.W_mv.weight.grad is not None and torch.isfinite(a.W_mv.weight.grad).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.eval().read(tokens)
+    assert len(state.A) == len(model.assoc) and all(t.dtype == torch.float32 for t in state.A)

@@ -14,6 +14,7 @@ custom ops (:mod:`.function`), differentiable and traceable by ``torch.compile``
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -63,6 +64,27 @@ def _check_state(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, nu: int, wha
                              f"got ({t.dtype}, {t.device})")
 
 
+def _outside_autocast(fn):
+    """Under ``torch.autocast`` the projections arrive in the autocast dtype while the state
+    ``A``/``z`` keeps its own (float32: it accumulates over every segment): the associative ops
+    then cast their inputs to the state's dtype and compute with autocast off, as autocast runs
+    its float32-listed ops (autocast would otherwise turn the products inside them to bf16)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        pos = 1 if fn.__name__ == "associative_read" else 3  # where A sits
+        A = kwargs.get("A", args[pos] if len(args) > pos else None)
+        if not isinstance(A, torch.Tensor) or not torch.is_autocast_enabled(A.device.type):
+            return fn(*args, **kwargs)
+
+        def cast(t):
+            return t.to(A.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        with torch.autocast(A.device.type, enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    return wrapped
+
+
+@_outside_autocast
 def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
                      normalize: bool = False, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """The associative read ``phi(x) A / (phi(x) . z + eps)``.
@@ -74,7 +96,8 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
         eps: added to the normaliser; backend: see the module docstring.
 
     Returns:
-        ``[B, L, d]`` in ``x``'s dtype (to be added to the hidden states).
+        ``[B, L, d]`` in ``x``'s dtype (to be added to the hidden states); under
+        ``torch.autocast``, in the state's dtype (``x`` is cast to it).
     """
     _check_state(x, A, z, nu, "x")
     backend = _resolve(backend, x)
@@ -86,6 +109,7 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
                       backend)[0]
 
 
+@_outside_autocast
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
                       normalize: bool = False, eps: float = 1e-5, backend: str = "auto",
@@ -102,7 +126,8 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
             keys added to ``z``; without it ``gamma = 1``.
 
     Returns:
-        ``(A' [B, d_key, d], z' [B, d_key])``.
+        ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
+        are cast to the state's dtype first.
     """
     _check_state(km, A, z, nu, "km")
     batch, m, _ = km.shape
