@@ -160,3 +160,35 @@ def test_encoder_classifier_reads_cls_and_memory_rows_only(monkeypatch):
         torch.testing.assert_close(g.logits, w.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(g.memory, w.memory, atol=1e-5, rtol=0)
     assert not torch.allclose(got[0].memory, got[1].memory)  # the padding mattered
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_armt_read_runs_the_last_block_on_memory_rows_and_keeps_the_state(kind):
+    """ARMT reading (no hidden states): the last block's row-wise modules see the memory rows
+    only; the associative state (every layer's A and z) equals the full pass's."""
+    from models import tiny_armt
+
+    model = tiny_armt(kind).eval()
+    m = model.rmt_config.num_mem_tokens
+    seen = []
+    for mod in tail_modules(model.base):
+        mod.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[1]))
+    tokens = ids(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        state = model.init_state(2)
+        for mk in (None, mask):
+            seen.clear()
+            _, fast = model.segment_forward(state, tokens, mk, need_hidden=False)
+            assert seen == [m, m]
+            seen.clear()
+            _, full = model.segment_forward(state, tokens, mk, need_hidden=True)
+            assert seen == [8 + m, 8 + m]
+            for a, b in zip(fast.A + fast.z, full.A + full.z, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            state = full  # the second round reads from a written state
+
+
+def tail_modules(lm):
+    return used_rows.row_wise_modules(find_layers(lm)[-1])

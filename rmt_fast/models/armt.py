@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
+from rmt_fast.models import used_rows
 from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions, relative_noise
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
 from rmt_fast.models.decoder import _count_targets, _Segment, lm_outputs
@@ -505,8 +506,13 @@ class ARMTForCausalLM(RMTBase):
         if mask is not None:
             kpm = torch.cat([mask, torch.ones(mask.shape[0], m if write else 0, dtype=torch.bool,
                                               device=mask.device)], dim=1)
+        # reading (only the new state is used): the last block computes the memory rows only
+        # (rmt_fast.models.used_rows); not in training mode, where dropout draws other numbers
+        used = None
+        if write and not need_hidden and not self.training:
+            used = (used_rows.last_layer(self, self.base), seg_len, seg_len + m, seg_len + m)
         layout = MemoryLayout(num_read=0, num_write=m if write else 0, mask="causal",
-                              key_padding_mask=kpm)
+                              key_padding_mask=kpm, used_rows=used)
         run = _Run(self.layers, self.assoc, state, write,
                    noise=self.rmt_config.memory_noise if self.training else 0.0)
         token = _RUN.set(run)
