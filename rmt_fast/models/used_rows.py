@@ -1,7 +1,7 @@
 """Reading without outputs: the last layer computes only the rows whose outputs are used.
 
 While an RMT model reads a segment into memory, the only outputs of the last transformer block
-that anyone uses are a few rows: a decoder's write-memory rows (the next read memory), an
+that anyone uses are a few rows: a decoder's (and ARMT's) memory rows (the next state), an
 encoder classifier's ``[CLS]`` and memory rows. The block's keys and values must still come
 from every row (the used rows attend to them), but everything after the attention is row-wise
 (output projection, residuals, norms, MLP), so for the other rows the last block's attention,
