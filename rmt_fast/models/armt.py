@@ -507,10 +507,8 @@ class ARMTForCausalLM(RMTBase):
             kpm = torch.cat([mask, torch.ones(mask.shape[0], m if write else 0, dtype=torch.bool,
                                               device=mask.device)], dim=1)
         # reading (only the new state is used): the last block computes the memory rows only
-        # (rmt_fast.models.used_rows); not in training mode, where dropout draws other numbers
-        used = None
-        if write and not need_hidden and not self.training:
-            used = (used_rows.last_layer(self, self.base), seg_len, seg_len + m, seg_len + m)
+        used = used_rows.rows(self, self.base, seg_len, seg_len + m, seg_len + m) \
+            if write and not need_hidden else None
         layout = MemoryLayout(num_read=0, num_write=m if write else 0, mask="causal",
                               key_padding_mask=kpm, used_rows=used)
         run = _Run(self.layers, self.assoc, state, write,

@@ -126,11 +126,9 @@ class RMTForCausalLM(RMTBase):
             if xl is not None:
                 kpm = torch.cat([xl.padding, kpm], dim=1)
         record: XLState | None = {} if cfg.xl_cache > 0 else None
-        # reading (only the new memory is used): the last block computes the write rows only;
-        # not in training mode, where dropout would draw other random numbers than a full pass
-        used = None
-        if write and not need_hidden and not self.training:
-            used = (used_rows.last_layer(self, self.lm), m + seg_len, x.shape[1], x.shape[1])
+        # reading (only the new memory is used): the last block computes the write rows only
+        used = used_rows.rows(self, self.lm, m + seg_len, x.shape[1], x.shape[1]) \
+            if write and not need_hidden else None
         layout = MemoryLayout(num_read=m, num_write=num_write, mask=cfg.mask, key_padding_mask=kpm,
                               past=None if xl is None else xl.kv, record_kv=record, used_rows=used)
         position_ids = self._position_ids(mask, seg_len, write, ids.device)

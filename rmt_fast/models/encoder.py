@@ -132,11 +132,8 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
     auto_class = "AutoModelForSequenceClassification"
 
     def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:
-        """``[CLS]`` (the head) and the memory rows; in evaluation mode (dropout would draw other
-        random numbers than a full pass in training mode)."""
-        if self.training:
-            return None
-        return used_rows.last_layer(self, self.base), 0, 1 + self.rmt_config.num_mem_tokens, rows
+        """``[CLS]`` (the head) and the memory rows (evaluation mode only)."""
+        return used_rows.rows(self, self.base, 0, 1 + self.rmt_config.num_mem_tokens, rows)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,

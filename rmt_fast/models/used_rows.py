@@ -36,7 +36,7 @@ from torch import nn
 from rmt_fast.integrations.transformers import current_layout
 from rmt_fast.models.memory_transformer import find_layers
 
-__all__ = ["ROW_WISE", "install", "last_layer", "row_wise_modules"]
+__all__ = ["ROW_WISE", "install", "last_layer", "row_wise_modules", "rows"]
 
 #: paths, relative to a transformer block, of row-wise submodules (output row t depends on input
 #: row t only): MLPs and attention output projections of GPT-2, GPT-NeoX, Llama/Qwen/Mistral,
@@ -47,20 +47,16 @@ ROW_WISE = ("mlp", "feed_forward", "attn.c_proj", "self_attn.o_proj", "attention
 _HANDLES = "_rmt_fast_used_rows_hooks"
 
 
-def _used(x):
-    """``(start, stop, rows)`` when a used-rows layout is active and ``x`` is ``[B, rows, ...]``."""
+def _active() -> tuple[int, int, int] | None:
+    """``(start, stop, rows)`` of the current layout's ``used_rows``, or None."""
     layout = current_layout()
-    used = None if layout is None else layout.used_rows
-    if used is None or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != used[3]:
-        return None
-    return used[1:]
+    return None if layout is None or layout.used_rows is None else layout.used_rows[1:]
 
 
 def _pre_hook(module, args, kwargs):
-    if not args:
-        return None
-    used = _used(args[0])
-    if used is None:
+    used = _active()
+    if used is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2 \
+            or args[0].shape[1] != used[2]:
         return None
     start, stop, rows = used
 
@@ -73,11 +69,10 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, out):
-    layout = current_layout()
-    used = None if layout is None else layout.used_rows
+    used = _active()
     if used is None or not isinstance(out, torch.Tensor) or out.dim() < 2:
         return None
-    _, start, stop, rows = used
+    start, stop, rows = used
     if out.shape[1] != stop - start or not args or args[0].shape[1] != stop - start:
         return None
     if stop - start == rows:
@@ -112,6 +107,16 @@ def install(block: nn.Module) -> int:
         handles.append(module.register_forward_hook(_post_hook, with_kwargs=True))
     block.__dict__[_HANDLES] = handles
     return len(handles) // 2
+
+
+def rows(owner: nn.Module, model: nn.Module, start: int, stop: int,
+         total: int) -> tuple[int, int, int, int] | None:
+    """The ``MemoryLayout.used_rows`` of a read whose caller uses only rows ``[start, stop)``
+    of ``total`` from ``model``'s last block (``owner``: the RMT wrapper); None in training mode,
+    where dropout would draw other random numbers than a full pass."""
+    if owner.training:
+        return None
+    return last_layer(owner, model), start, stop, total
 
 
 def last_layer(owner: nn.Module, model: nn.Module) -> int:

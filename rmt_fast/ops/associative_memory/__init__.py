@@ -64,27 +64,29 @@ def _check_state(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, nu: int, wha
                              f"got ({t.dtype}, {t.device})")
 
 
-def _outside_autocast(fn):
+def _outside_autocast(a_pos: int):
     """Under ``torch.autocast`` the projections arrive in the autocast dtype while the state
     ``A``/``z`` keeps its own (float32: it accumulates over every segment): the associative ops
     then cast their inputs to the state's dtype and compute with autocast off, as autocast runs
-    its float32-listed ops (autocast would otherwise turn the products inside them to bf16)."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        pos = 1 if fn.__name__ == "associative_read" else 3  # where A sits
-        A = kwargs.get("A", args[pos] if len(args) > pos else None)
-        if not isinstance(A, torch.Tensor) or not torch.is_autocast_enabled(A.device.type):
-            return fn(*args, **kwargs)
+    its float32-listed ops (autocast would otherwise turn the products inside them to bf16).
+    ``a_pos``: the position of ``A`` among the decorated function's arguments."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            A = kwargs.get("A", args[a_pos] if len(args) > a_pos else None)
+            if not isinstance(A, torch.Tensor) or not torch.is_autocast_enabled(A.device.type):
+                return fn(*args, **kwargs)
 
-        def cast(t):
-            return t.to(A.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            def cast(t):
+                return t.to(A.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-        with torch.autocast(A.device.type, enabled=False):
-            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
-    return wrapped
+            with torch.autocast(A.device.type, enabled=False):
+                return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+        return wrapped
+    return decorate
 
 
-@_outside_autocast
+@_outside_autocast(a_pos=1)
 def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
                      normalize: bool = False, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """The associative read ``phi(x) A / (phi(x) . z + eps)``.
@@ -109,7 +111,7 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
                       backend)[0]
 
 
-@_outside_autocast
+@_outside_autocast(a_pos=3)
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
                       normalize: bool = False, eps: float = 1e-5, backend: str = "auto",
