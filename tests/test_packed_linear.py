@@ -88,6 +88,24 @@ def test_autograd_and_other_dtypes_take_the_layers_own_forward():
     torch.testing.assert_close(x.grad, ref_grad, rtol=1e-5, atol=1e-4)
 
 
+def test_trainable_bias_alone_keeps_its_gradient():
+    """Frozen weights with trainable biases (BitFit): autograd records through the bias, so the
+    packed path (which does not record) must not run."""
+    model = _layers()
+    for layer in model:
+        layer.weight.requires_grad_(False)
+    x = torch.randn(4, 48)
+    with packed_linears(model):
+        out, packed = _calls(lambda: model(x))
+        assert not packed
+        out.sum().backward()
+    ref = _reference(model, x)
+    want = torch.autograd.grad(ref.sum(), [model[0].bias, model[1].bias], allow_unused=True)
+    for layer, g in zip(model, want):
+        assert layer.bias.grad is not None
+        torch.testing.assert_close(layer.bias.grad, g, rtol=1e-5, atol=1e-4)
+
+
 def test_packed_weights_follow_weight_changes_and_model_is_restored():
     model = _layers()
     x = torch.randn(5, 48)

