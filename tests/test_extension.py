@@ -197,6 +197,105 @@ def test_gelu_tanh_bf16_matches_float64_reference(isa, monkeypatch):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+# ------------------------------------------------------------------------------ layer_norm
+
+
+@pytest.mark.parametrize("isa", GELU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [256, 37, 1000])  # 37, 1000: vector tails
+def test_layer_norm_matches_float64_reference(isa, dtype, n, monkeypatch):
+    """float32 arithmetic rounded once: float32 within a few ulps of the float64 LayerNorm,
+    bf16 within one bf16 rounding of it (never worse than ATen's own), statistics as ATen's."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    torch.manual_seed(n)
+    x = (torch.randn(3, 29, n) * 3 + 2).to(dtype)  # a mean far from 0 checks the two passes
+    w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+    ref = F.layer_norm(x.double(), (n,), w.double(), b.double(), 1e-5)
+    y, mean, rstd = OPS.layer_norm(x, w, b, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and mean.shape == rstd.shape == (3, 29, 1)
+    assert mean.dtype == rstd.dtype == torch.float32
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(-1, keepdim=True), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), (xd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+                               .rsqrt(), rtol=1e-5, atol=0)
+    err = (y.double() - ref).abs()
+    aten = (F.layer_norm(x, (n,), w, b, 1e-5).double() - ref).abs()
+    if dtype == torch.float32:
+        # the normalised value times |w| carries the float32 error of x - mean: scale by the row
+        tol = 16 * torch.finfo(torch.float32).eps * (ref.abs() + w.double().abs() * 4 + b.double().abs())
+    else:
+        tol = 2.0 ** -8 * ref.abs() + 1e-6
+    assert (err <= tol).all(), f"max error {err.max().item():.3g}"
+    assert err.max() <= 2 * aten.max() + 1e-6
+    # no weight / bias
+    y0 = OPS.layer_norm(x, None, None, 1e-5)[0]
+    torch.testing.assert_close(y0.double(), F.layer_norm(xd, (n,), eps=1e-5),
+                               **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32
+                                  else dict(rtol=2 ** -8, atol=1e-6)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_gradient_layouts_and_fallbacks(dtype):
+    torch.manual_seed(1)
+    n = 48
+    x = torch.randn(4, 6, n).to(dtype)
+    w = torch.randn(n).to(dtype).requires_grad_()
+    b = torch.randn(n).to(dtype).requires_grad_()
+    a = x.clone().requires_grad_()
+    g = torch.randn(x.shape).to(dtype)
+    ext.layer_norm(a, (n,), w, b, 1e-5).backward(g)
+    grads = [a.grad, w.grad, b.grad]
+    a2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    F.layer_norm(a2, (n,), w2, b2, 1e-5).backward(g)
+    for got, want in zip(grads, [a2.grad, w2.grad, b2.grad], strict=True):
+        # ATen's backward formula on statistics computed in another order
+        torch.testing.assert_close(got, want, **({} if dtype == torch.float32
+                                                 else dict(rtol=2e-2, atol=2e-2)))
+    # float64 reference of the input gradient
+    xd = x.double().requires_grad_()
+    F.layer_norm(xd, (n,), w.double().detach(), b.double().detach(), 1e-5).backward(g.double())
+    torch.testing.assert_close(grads[0].double(), xd.grad,
+                               **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32
+                                  else dict(rtol=3e-2, atol=3e-2)))
+    xt = x.transpose(0, 1)  # non-contiguous
+    assert torch.equal(OPS.layer_norm(xt, w.detach(), b.detach(), 1e-5)[0],
+                       OPS.layer_norm(xt.contiguous(), w.detach(), b.detach(), 1e-5)[0])
+    result = torch.library.opcheck(OPS.layer_norm.default, (x.clone().requires_grad_(), w, b, 1e-5))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    # float64, a 2-D normalized shape and autocast take F.layer_norm
+    assert torch.equal(ext.layer_norm(x.double(), (n,), None, None), F.layer_norm(x.double(), (n,)))
+    x2 = torch.randn(3, 4, 5)
+    assert torch.equal(ext.layer_norm(x2, (4, 5)), F.layer_norm(x2, (4, 5)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ext.layer_norm(x.float(), (n,), None, None)
+    assert out.dtype == torch.float32  # autocast runs LayerNorm in float32, as F.layer_norm does
+    with pytest.raises(RuntimeError, match="weight and bias must be"):
+        OPS.layer_norm(x, torch.randn(n + 1).to(dtype), None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        OPS.layer_norm(x.double(), None, None, 1e-5)
+
+
+def test_fuse_layer_norms_keeps_outputs_and_state_dict():
+    from rmt_fast.integrations.fused_activations import FastLayerNorm, fuse_layer_norms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                                torch.nn.LayerNorm((4, 4)))
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(5, 8)
+    want = model[1](model[0](x))
+    keys = list(model.state_dict())
+    assert fuse_layer_norms(model) == 1  # the 2-D one stays
+    assert type(model[1]) is FastLayerNorm and type(model[2]) is torch.nn.LayerNorm
+    assert isinstance(model[1], torch.nn.LayerNorm) and list(model.state_dict()) == keys
+    got = model[1](model[0](x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.profiler.profile() as prof:
+        model[1](model[0](x))
+    assert "rmt_fast::layer_norm" in [e.key for e in prof.key_averages()]
+
+
 def test_fuse_activations_keeps_gpt2_outputs():
     from transformers import GPT2Config, GPT2LMHeadModel
 
