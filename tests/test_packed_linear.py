@@ -101,7 +101,7 @@ def test_trainable_bias_alone_keeps_its_gradient():
         out.sum().backward()
     ref = _reference(model, x)
     want = torch.autograd.grad(ref.sum(), [model[0].bias, model[1].bias], allow_unused=True)
-    for layer, g in zip(model, want):
+    for layer, g in zip(model, want, strict=True):
         assert layer.bias.grad is not None
         torch.testing.assert_close(layer.bias.grad, g, rtol=1e-5, atol=1e-4)
 
