@@ -42,9 +42,6 @@ def _gelu_takes_bf16() -> bool:
     return True
 
 
-#: the extension has the LayerNorm kernel (an older build lacks it)
-HAS_LAYER_NORM = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "layer_norm")
-
 #: dtypes that ``gelu_tanh`` sends to the extension's kernel (others: ``F.gelu``)
 GELU_TANH_DTYPES = ((torch.float32, torch.bfloat16) if _gelu_takes_bf16() else (torch.float32,)) \
     if HAS_GELU_TANH else ()
@@ -166,26 +163,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     if x.dtype in GELU_TANH_DTYPES and x.device.type == "cpu":
         return torch.ops.rmt_fast.gelu_tanh(x)
     return F.gelu(x, approximate="tanh")
-
-
-def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """``F.layer_norm`` over the last dimension, ``x`` ``[..., N]``, ``weight``/``bias`` ``[N]``.
-
-    float32 and bfloat16 CPU tensors (weight and bias in x's dtype) go through the extension's
-    kernel (float32 arithmetic, rounded once; bf16 [288, 256]: about 1.5x ATen's on this
-    project's CPU); the gradient is ATen's ``native_layer_norm_backward``. Under CPU autocast
-    (which runs LayerNorm in float32), for other dtypes, devices or shapes, or without the
-    extension: ``F.layer_norm``.
-    """
-    shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
-    if (HAS_LAYER_NORM and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and len(shape) == 1 and x.dim() >= 1 and x.shape[-1] == shape[0] and shape[0] > 0
-            and (weight is None or weight.dtype == x.dtype)
-            and (bias is None or bias.dtype == x.dtype)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        return torch.ops.rmt_fast.layer_norm(x, weight, bias, float(eps))[0]
-    return F.layer_norm(x, shape, weight, bias, eps)
 
 
 class _PyMemoryStore:
@@ -402,31 +379,6 @@ def _register() -> None:
             return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
 
         torch.library.register_autograd(lib + "gelu_tanh", _gelu_backward, setup_context=_gelu_setup)
-
-    if HAS_LAYER_NORM:
-        @torch.library.register_fake(lib + "layer_norm")
-        def _ln_fake(x, weight, bias, eps):
-            torch._check(x.dtype in (torch.float32, torch.bfloat16),
-                         lambda: "layer_norm: x must be float32 or bfloat16")
-            stats = x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
-            return (torch.empty_like(x, memory_format=torch.contiguous_format), stats,
-                    torch.empty_like(stats))
-
-        def _ln_setup(ctx, inputs, output):
-            x, weight, bias, _ = inputs
-            ctx.save_for_backward(x, weight, bias, output[1], output[2])
-
-        def _ln_backward(ctx, grad, _gmean, _grstd):
-            x, weight, bias, mean, rstd = ctx.saved_tensors
-            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                    bias is not None and ctx.needs_input_grad[2]]
-            # ATen's formula, with the statistics in x's dtype as its own forward returns them
-            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-                grad.contiguous(), x, [x.shape[-1]], mean.to(x.dtype), rstd.to(x.dtype), weight,
-                bias, mask)
-            return gx, gw, gb, None
-
-        torch.library.register_autograd(lib + "layer_norm", _ln_backward, setup_context=_ln_setup)
 
 
 if HAS_EXTENSION:

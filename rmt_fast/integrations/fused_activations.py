@@ -1,10 +1,9 @@
-"""Swap transformers' tanh-approximation GELU modules (and ``nn.LayerNorm``) for one fast kernel.
+"""Swap transformers' tanh-approximation GELU modules for one fast kernel.
 
 GPT-2's ``gelu_new`` (``NewGELUActivation``) computes the tanh approximation with five separate
 element-wise kernels, and ATen's fused ``F.gelu(approximate="tanh")`` is itself about 5x slower
 than the erf GELU on CPU; :class:`TanhGELU` runs the extension's one-pass kernel instead
 (:func:`rmt_fast._extension.gelu_tanh`). Same function, outputs equal to float rounding.
-:func:`fuse_layer_norms` does the same for ``nn.LayerNorm`` (:func:`rmt_fast._extension.layer_norm`).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmt_fast._extension import gelu_tanh, layer_norm
+from rmt_fast._extension import gelu_tanh
 
 
 class TanhGELU(nn.Module):
@@ -40,23 +39,3 @@ def fuse_activations(model: nn.Module) -> int:
                 setattr(parent, name, TanhGELU())
                 replaced += 1
     return replaced
-
-
-class FastLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose forward runs the extension's kernel on float32/bfloat16 CPU inputs
-    (:func:`rmt_fast._extension.layer_norm`; ``F.layer_norm`` elsewhere and under autocast).
-    Same parameters, state-dict keys and ``isinstance``; swapped in by :func:`fuse_layer_norms`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-def fuse_layer_norms(model: nn.Module) -> int:
-    """Turn ``model``'s ``nn.LayerNorm`` modules (exactly that class, over the last dimension)
-    into :class:`FastLayerNorm` in place (class swap: parameters untouched). Returns the count."""
-    swapped = 0
-    for m in model.modules():
-        if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:
-            m.__class__ = FastLayerNorm
-            swapped += 1
-    return swapped

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rmt_fast.integrations.fused_activations import fuse_activations, fuse_layer_norms
+from rmt_fast.integrations.fused_activations import fuse_activations
 from rmt_fast.manifest import base_fingerprint, reading, verify_manifest, write_manifest
 from rmt_fast.models.config import RMTConfig
 
@@ -81,9 +81,8 @@ class RMTBase(nn.Module):
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)
         self._use_rmt_fast_attention()
         self.check_positions(self.positions_needed())
-        if getattr(config, "fuse_activations", True):  # same functions, one kernel each
+        if getattr(config, "fuse_activations", True):  # same function, one fused kernel (gelu_new)
             fuse_activations(self.base)
-            fuse_layer_norms(self.base)
         # tied weights (GPT-2's lm_head = wte) appear once in state_dict(), so safetensors and
         # transformers.Trainer (which saves a plain nn.Module's state dict) can write it
         self.register_state_dict_post_hook(_drop_tied_aliases)

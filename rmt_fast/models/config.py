@@ -97,10 +97,8 @@ class RMTConfig(SavedConfig):
             memory update correct small drifts, so that a state survives far more segments than
             the training length (``docs/results.md``, needle). 0 = off; eval is never affected.
         fuse_activations: replace the base model's tanh-GELU modules by the identical one-kernel
-            :class:`rmt_fast.integrations.fused_activations.TanhGELU` and turn its
-            ``nn.LayerNorm`` modules into :class:`~rmt_fast.integrations.fused_activations.FastLayerNorm`
-            (same parameters) when wrapping (the only module replacements the wrappers make;
-            ``False`` leaves the base model untouched).
+            :class:`rmt_fast.integrations.fused_activations.TanhGELU` when wrapping (the only
+            module replacement the wrappers make; ``False`` leaves the base model untouched).
         kind: ``decoder``, ``encoder`` or ``memory_transformer`` (set by the wrapper class).
         variant: Memory Transformer variant: ``mem``, ``ctrl`` or ``bottleneck``.
         cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
