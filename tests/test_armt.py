@@ -461,6 +461,25 @@ def test_config_frozen_json_and_overrides(tmp_path):
             ARMTConfig(**bad)
 
 
+@pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False)])
+def test_replace_config_reaches_the_associative_memory(change):
+    """A changed option reaches every layer's read and write (the model equals one built with
+    it); fields that shape the associative weights are refused."""
+    x = ids(2, 24, seed=3)
+    model = make()
+    fresh = make(**change)
+    fresh.load_state_dict(model.state_dict())
+    before = model(x).logits
+    model.replace_config(**change)
+    torch.testing.assert_close(model(x).logits, fresh(x).logits, rtol=0, atol=0)
+    assert (model(x).logits - before).abs().max() > 1e-4  # the option matters here
+    torch.testing.assert_close(model.diagonal()(x).logits, fresh.diagonal()(x).logits,
+                               rtol=1e-5, atol=1e-5)
+    for fixed in (dict(d_mem=8), dict(state_dtype="float64"), dict(position_mode="wrap")):
+        with pytest.raises(ValueError, match="cannot change after construction"):
+            model.replace_config(**fixed)
+
+
 def test_bad_inputs():
     model = make()
     x = ids(2, 10)

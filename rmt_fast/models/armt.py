@@ -221,43 +221,48 @@ class ARMTOutput(ModelOutput):
     state: ARMTState | None = None
 
 
+def associative_options(cfg: ARMTConfig) -> dict:
+    """Keyword options of :func:`associative_read` / :func:`associative_write` from ``cfg``, the
+    model's current config (so that ``replace_config(use_l2_norm=...)`` reaches every layer)."""
+    return dict(nu=cfg.nu, normalize=cfg.use_l2_norm, eps=cfg.eps, backend=cfg.backend)
+
+
 class AssociativeMemory(nn.Module):
     """One layer's associative memory: ``W_mq``, ``W_mk`` (``d -> d_mem``), ``W_mv`` (``d -> d``,
-    zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code."""
+    zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code. Holds the
+    weights only: the options come with each call (:func:`associative_options`)."""
 
     def __init__(self, d_model: int, config: ARMTConfig, dtype: torch.dtype | None = None,
                  device: torch.device | None = None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.cfg = config
         self.W_mq = nn.Linear(d_model, config.d_mem, bias=False, **kw)
         self.W_mk = nn.Linear(d_model, config.d_mem, bias=False, **kw)
         self.W_mv = nn.Linear(d_model, d_model, bias=False, **kw)
         nn.init.zeros_(self.W_mv.weight)
         self.W_mb = nn.Linear(d_model, 1, **kw)
 
-    def _opts(self):
-        c = self.cfg
-        return dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps, backend=c.backend)
-
-    def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, opts: dict) -> torch.Tensor:
         """``h`` ``[B, L, d]`` -> the read ``[B, L, d]`` (to add to ``h``), in ``h``'s dtype."""
         x = self.W_mq(h.to(self.W_mq.weight.dtype))
-        return associative_read(x, A, z, **self._opts()).to(h.dtype)
+        return associative_read(x, A, z, **opts).to(h.dtype)
 
-    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first):
+    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first, correction: bool,
+              opts: dict):
         """``mem`` ``[B, M, d]`` (the block's outputs at the memory positions) -> ``(A', z')``."""
         mem = mem.to(self.W_mk.weight.dtype)
         beta = torch.sigmoid(self.W_mb(mem))[..., 0]
         return associative_write(self.W_mk(mem), self.W_mv(mem), beta, A, z, first=first,
-                                 correction=self.cfg.correction, **self._opts())
+                                 correction=correction, **opts)
 
 
 class _Run:
     """What the block hooks need while one segment runs through the base model."""
 
-    def __init__(self, layers, assoc, state: ARMTState, write: bool, noise: float = 0.0):
+    def __init__(self, layers, assoc, state: ARMTState, write: bool, cfg: ARMTConfig,
+                 noise: float = 0.0):
         self.layers, self.assoc, self.state, self.write = layers, assoc, state, write
+        self.opts, self.correction = associative_options(cfg), cfg.correction
         self.noise = noise  # relative std of the noise on every read (training only)
         self.new_A, self.new_z = list(state.A), list(state.z)
 
@@ -278,7 +283,8 @@ def _make_pre_hook(idx: int):
         if run is None or run.state.fresh:
             return None
         h = args[0] if args else kwargs["hidden_states"]
-        h = h + relative_noise(run.assoc[idx].read(h, run.state.A[idx], run.state.z[idx]), run.noise)
+        h = h + relative_noise(run.assoc[idx].read(h, run.state.A[idx], run.state.z[idx], run.opts),
+                               run.noise)
         if args:
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
@@ -293,7 +299,8 @@ def _make_hook(idx: int, num_mem_tokens: int):
             return None
         out = output[0] if isinstance(output, tuple) else output
         run.new_A[idx], run.new_z[idx] = run.assoc[idx].write(
-            out[:, -num_mem_tokens:], run.state.A[idx], run.state.z[idx], run.state.fresh)
+            out[:, -num_mem_tokens:], run.state.A[idx], run.state.z[idx], run.state.fresh,
+            run.correction, run.opts)
         return None
 
     return hook
@@ -348,6 +355,8 @@ class ARMTForCausalLM(RMTBase):
     auto_class = "AutoModelForCausalLM"
     kind = "armt"
     config_class = ARMTConfig
+    # d_mem and state_dtype shape the associative weights; position_mode="wrap" is set up once
+    FIXED_FIELDS = RMTBase.FIXED_FIELDS + ("d_mem", "state_dtype", "position_mode")
 
     def __init__(self, base_model: nn.Module, config: ARMTConfig | None = None, **kwargs):
         config = self.make_config(config, **kwargs)
@@ -511,7 +520,7 @@ class ARMTForCausalLM(RMTBase):
             if write and not need_hidden else None
         layout = MemoryLayout(num_read=0, num_write=m if write else 0, mask="causal",
                               key_padding_mask=kpm, used_rows=used)
-        run = _Run(self.layers, self.assoc, state, write,
+        run = _Run(self.layers, self.assoc, state, write, self.rmt_config,
                    noise=self.rmt_config.memory_noise if self.training else 0.0)
         token = _RUN.set(run)
         try:
@@ -637,7 +646,7 @@ class ARMTForCausalLM(RMTBase):
         last = segments[-1]
         embeds = self.base.get_input_embeddings()(last.ids)
         mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
-        token = _RUN.set(_Run(self.layers, self.assoc, state, write=False))
+        token = _RUN.set(_Run(self.layers, self.assoc, state, False, self.rmt_config))
         try:
             return self.base.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)

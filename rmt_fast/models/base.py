@@ -65,6 +65,8 @@ class RMTBase(nn.Module):
     config_defaults: ClassVar[dict[str, Any]] = {}
     #: the frozen dataclass holding this wrapper's configuration
     config_class: ClassVar[type] = RMTConfig
+    #: config fields that shape parameters or modules: :meth:`replace_config` refuses them
+    FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("num_mem_tokens", "kind", "variant", "fuse_activations")
 
     def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()
@@ -146,7 +148,7 @@ class RMTBase(nn.Module):
     def replace_config(self, **changes) -> RMTConfig:
         """Swap in a copy of the config with ``changes`` (e.g. ``bptt_depth=2``) for settings
         that only affect how segments run, not the parameters; returns the new config."""
-        fixed = {"num_mem_tokens", "kind", "variant", "fuse_activations"} & set(changes)
+        fixed = set(self.FIXED_FIELDS) & set(changes)
         if fixed:
             raise ValueError(f"{sorted(fixed)} cannot change after construction (they shape the "
                              "parameters or modules); build a new wrapper instead")

@@ -28,7 +28,7 @@ from torch import nn
 
 from rmt_fast.attention import memory_attention
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
-from rmt_fast.models.armt import ARMTForCausalLM, ARMTOutput, ARMTState
+from rmt_fast.models.armt import ARMTForCausalLM, ARMTOutput, ARMTState, associative_options
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.ops.associative_memory import associative_read, associative_write
 
@@ -186,10 +186,6 @@ class DiagonalExecutor:
     def grouped(self) -> bool:
         return self.blocks is not None
 
-    def _opts(self):
-        c = self.model.rmt_config
-        return dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps, backend=c.backend)
-
     def _block_inputs(self, ids: torch.Tensor):
         """``(hidden [B, L, d], args, kwargs)`` that the base model gives its first block for the
         segment ``ids`` followed by the memory tokens (captured, then the forward is aborted)."""
@@ -219,20 +215,21 @@ class DiagonalExecutor:
         """Layers ``l0..l1`` on their cells: read, block, write. ``H`` ``[G, B, L, d]``."""
         sl = slice(l0, l1 + 1)
         G, B, L, d = H.shape
-        sd = self.Wq.dtype
+        sd, cfg = self.Wq.dtype, self.model.rmt_config
+        opts = associative_options(cfg)
         A = A_all[sl].reshape(G * B, *A_all.shape[2:])
         z = z_all[sl].reshape(G * B, z_all.shape[-1])
         x = torch.bmm(H.reshape(G, B * L, d).to(sd), self.Wq[sl]).reshape(G * B, L, -1)
         # fresh cells hold a zero state, where the read is exactly 0 (as skipping it)
-        H = H + associative_read(x, A, z, **self._opts()).reshape(G, B, L, d).to(H.dtype)
+        H = H + associative_read(x, A, z, **opts).reshape(G, B, L, d).to(H.dtype)
         out = call(sl, H)
-        m = self.model.rmt_config.num_mem_tokens
+        m = cfg.num_mem_tokens
         mem = out[:, :, -m:].reshape(G, B * m, d).to(sd)
         km = torch.bmm(mem, self.Wk[sl]).reshape(G * B, m, -1)
         v = torch.bmm(mem, self.Wv[sl]).reshape(G * B, m, d)
         beta = torch.sigmoid(torch.baddbmm(self.bb[sl], mem, self.Wb[sl])).reshape(G * B, m)
         A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B),
-                                   correction=self.model.rmt_config.correction, **self._opts())
+                                   correction=cfg.correction, **opts)
         A_all[sl] = A2.reshape(A_all[sl].shape)
         z_all[sl] = z2.reshape(z_all[sl].shape)
         return out
