@@ -254,7 +254,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     params = [p for p in model.parameters() if p.requires_grad]
     # full fine-tuning may train the pretrained weights slower than the new parts (adapters,
     # memory, head): a second group whose learning rate is scaled by base_lr_ratio
-    base = {id(p) for _, p in model._base_weights()} if cfg.base_lr_ratio != 1 else set()
+    base = {id(p) for _, p in model.base_weights()} if cfg.base_lr_ratio != 1 else set()
     groups = [{"params": [p for p in params if id(p) not in base], "lr_scale": 1.0}]
     if base:
         groups.append({"params": [p for p in params if id(p) in base], "lr_scale": cfg.base_lr_ratio})

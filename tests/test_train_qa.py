@@ -231,7 +231,7 @@ def test_base_lr_ratio_scales_the_pretrained_weights_step(tiny_base, noise, rati
     model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, None, progress=False)
-    base = {id(p) for _, p in model._base_weights()}
+    base = {id(p) for _, p in model.base_weights()}
     moved = {True: 0.0, False: 0.0}
     for n, p in model.named_parameters():
         moved[id(p) in base] = max(moved[id(p) in base], (p.detach() - before[n]).abs().max().item())

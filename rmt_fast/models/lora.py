@@ -91,7 +91,7 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         if train_base:
             self.unfreeze_base()
 
-    def _base_weights(self):
+    def base_weights(self):
         """``(name, parameter)`` of the pretrained weights the adapters sit on (not the adapters,
         not peft's trained copies of ``modules_to_save`` nor the originals they replace)."""
         for name, p in self.base.named_parameters():
@@ -103,7 +103,7 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         head); :meth:`finetuned_state_dict` then holds them as ``base_weights.<name>`` (the
         whole encoder, ~90 MB in float32 for MiniLM)."""
         self.train_base = True
-        for _, p in self._base_weights():
+        for _, p in self.base_weights():
             p.requires_grad_(True)
 
     @classmethod
@@ -163,7 +163,7 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         state = {k: v for k, v in self.rmt_state_dict().items()}
         state.update(get_peft_model_state_dict(self.base))
         if self.train_base:
-            state.update({BASE_PREFIX + name: p for name, p in self._base_weights()})
+            state.update({BASE_PREFIX + name: p for name, p in self.base_weights()})
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_finetuned_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -183,7 +183,7 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
             raise ValueError(f"fine-tuned state mismatch: shapes differ for {bad[:5]} (expected "
                              f"{[tuple(current[k].shape) for k in bad[:5]]})")
         if self.train_base:
-            weights = dict(self._base_weights())
+            weights = dict(self.base_weights())
             with torch.no_grad():
                 for name, p in weights.items():
                     p.copy_(state[BASE_PREFIX + name])
