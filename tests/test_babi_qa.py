@@ -136,6 +136,46 @@ def test_order_fraction_changes_only_the_training_stories(tokenizer, noise):
             BabiQA(task, tokenizer, S, noise=noise, order_fraction=bad)
 
 
+@pytest.mark.parametrize("task", ["reasoning", "detect"])
+def test_memory_fraction_puts_every_fact_before_the_question_segment(task, tokenizer, noise):
+    """Training samples drawn with memory_fraction=1 carry every fact in the memory (all end
+    before the last segment), keep their story and answer, and lay out as the tokens say;
+    validation and test samples, and memory_fraction=0, are unchanged."""
+    plain = BabiQA(task, tokenizer, S, noise=noise)
+    held = BabiQA(task, tokenizer, S, noise=noise, memory_fraction=1.0)
+    half = BabiQA(task, tokenizer, S, noise=noise, memory_fraction=0.5)
+    n = 200
+
+    def before_last(data, plan, segments):
+        ends = [start + len(data.encode(f)) for f, start in zip(plan.story.facts, plan.fact_starts,
+                                                                strict=True)]
+        return max(ends) <= (segments - 1) * S
+
+    for segments in (2, 4):
+        plans = held.plans("train", segments, range(n))
+        assert all(before_last(held, p, segments) for p in plans)
+        share = {name: sum(before_last(d, p, segments) for p in d.plans("train", segments, range(n))) / n
+                 for name, d in (("plain", plain), ("half", half))}
+        assert share["plain"] < share["half"] < 1.0, share
+        for i, p in enumerate(plans[:40]):  # the tokens hold each fact where the plan says
+            tokens = held.tokens(p)
+            for fact, start in zip(p.story.facts, p.fact_starts, strict=True):
+                ids = held.encode(fact)
+                assert np.array_equal(tokens[start:start + len(ids)], ids)
+            assert p.story == plain.plan("train", segments, i).story
+    for split in ("valid", "test"):
+        assert torch.equal(plain.batch(split, 4, range(20))["input_ids"],
+                           held.batch(split, 4, range(20))["input_ids"])
+    assert torch.equal(plain.batch("train", 1, range(20))["input_ids"],  # 1 segment: nothing to hold
+                       held.batch("train", 1, range(20))["input_ids"])
+    assert torch.equal(plain.batch("train", 2, range(20))["input_ids"],  # 0: unchanged stream
+                       BabiQA(task, tokenizer, S, noise=noise,
+                              memory_fraction=0.0).batch("train", 2, range(20))["input_ids"])
+    for bad, t in ((1.5, task), (-0.1, task), (0.3, "memorize")):
+        with pytest.raises(ValueError, match="memory_fraction must be in"):
+            BabiQA(t, tokenizer, S, noise=noise, memory_fraction=bad)
+
+
 def test_stream_matches_batch(tokenizer, noise):
     data = BabiQA("detect", tokenizer, S, noise=noise)
     plans = data.plans("test", 5, range(7))

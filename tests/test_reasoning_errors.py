@@ -58,3 +58,18 @@ def test_groups_follow_the_story_semantics():
         assert order_decides(story) == g[OVERLAP].endswith("/ True")
     # the two forms decide whether the asked-for fact has the question's word: 2 x 2 x 2 groups
     assert len(seen) == 8
+
+
+def test_positions_count_segments_to_the_question():
+    from rmt_fast.tasks.babi_qa import Plan
+
+    story = Story(("The hallway is east of the bathroom.", "The bedroom is west of the bathroom."),
+                  "What is the bathroom east of?", "bedroom")  # asks the second fact
+    plan = Plan(story, "valid", 0, None, fact_starts=(5, 300), length=4 * 128)
+    assert errors.positions(plan, 128) == {
+        "segments from asked-for fact / other fact to the question": "1 / 3",
+        "facts in one segment": "False"}
+    plan = Plan(story, "valid", 0, None, fact_starts=(130, 200), length=4 * 128)
+    assert errors.positions(plan, 128) == {
+        "segments from asked-for fact / other fact to the question": "2 / 2",
+        "facts in one segment": "True"}

@@ -293,6 +293,15 @@ def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     with pytest.raises(ValueError, match="data has order_fraction 0.0, cfg 0.5"):
         train_qa(model, reasoning, tiny_config(tiny_base, task="reasoning", order_fraction=0.5), None,
                  progress=False)
+    with pytest.raises(ValueError, match="memory_fraction must be in"):
+        tiny_config(tiny_base, memory_fraction=0.5).validate()  # memorize's fact is always first
+    with pytest.raises(ValueError, match="data has memory_fraction 0.0, cfg 0.5"):
+        train_qa(model, reasoning, tiny_config(tiny_base, task="reasoning", memory_fraction=0.5), None,
+                 progress=False)
+    from rmt_fast.train_qa import config_from_args, parser
+
+    args = parser().parse_args(["--task", "reasoning", "--out", str(tmp_path), "--memory-fraction", "0.5"])
+    assert config_from_args(args).memory_fraction == 0.5
 
 
 def test_length_evaluation_streams_what_the_model_sees_whole(tiny_base, noise):

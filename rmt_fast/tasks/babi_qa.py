@@ -136,18 +136,26 @@ class BabiQA:
             where the argument order decides (:func:`order_decides`) before the rest are drawn as
             usual (default 0: all as drawn, about 19% of them such); validation and test
             stories are never changed.
+        memory_fraction: ``detect``/``reasoning``, samples of two or more segments: the share of
+            *training* samples whose facts all end before the question's segment begins, so that
+            the memory must carry every fact (drawn as usual, only one in four at 2 segments has
+            both facts before the last one); validation and test samples are never changed.
     """
 
     num_classes = len(LOCATIONS)
 
     def __init__(self, task: str, tokenizer, segment_size: int, noise: EnglishNoise | None = None,
-                 seed: int = 0, order_fraction: float = 0.0):
+                 seed: int = 0, order_fraction: float = 0.0, memory_fraction: float = 0.0):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if not 0 <= order_fraction <= 1 or (order_fraction and task != "reasoning"):
             raise ValueError(f"order_fraction must be in [0, 1] (and 0 unless task='reasoning'), "
                              f"got {order_fraction!r} for task {task!r}")
         self.order_fraction = float(order_fraction)
+        if not 0 <= memory_fraction <= 1 or (memory_fraction and task == "memorize"):
+            raise ValueError(f"memory_fraction must be in [0, 1] (and 0 for task='memorize', whose "
+                             f"fact is always first), got {memory_fraction!r} for task {task!r}")
+        self.memory_fraction = float(memory_fraction)
         if not isinstance(segment_size, int) or segment_size < 16:
             raise ValueError(f"segment_size must be an int >= 16, got {segment_size!r}")
         self.task, self.tokenizer, self.segment_size, self.seed = task, tokenizer, segment_size, seed
@@ -203,6 +211,33 @@ class BabiQA:
             slots = [0] * k
         else:
             slots = sorted(rng.randrange(len(sentences) + 1) for _ in range(k))
+        items, starts = self._layout(story, lengths, sentences, slots, budget)
+        if (split == "train" and self.memory_fraction and num_segments > 1
+                and rng.random() < self.memory_fraction):
+            # every fact must end before the question's segment: the slots (sentence boundaries)
+            # that allow it, drawn among those; the noise and the story stay as drawn
+            last = (num_segments - 1) * self.segment_size
+            room = sum(len(self.encode(f)) for f in story.facts)
+            bounds = self._boundaries(lengths, sentences, budget)
+            ok = [pos for pos, at in enumerate(bounds) if at + room <= last]
+            if ok:
+                slots = sorted(rng.choice(ok) for _ in range(k))
+                items, starts = self._layout(story, lengths, sentences, slots, budget)
+        return Plan(story, split, budget, np.asarray(items, dtype=np.int32), tuple(starts), length)
+
+    @staticmethod
+    def _boundaries(lengths: np.ndarray, sentences: list[int], budget: int) -> list[int]:
+        """Token offset of each sentence boundary ``0..len(sentences)`` before any fact."""
+        at, out = budget, [budget]
+        for i in sentences:
+            at += int(lengths[i])
+            out.append(at)
+        return out
+
+    def _layout(self, story: Story, lengths: np.ndarray, sentences: list[int], slots: list[int],
+                budget: int):
+        """``(items, fact_starts)`` with fact ``f`` before sentence ``slots[f]``."""
+        k = len(story.facts)
         items: list[int] = []
         f = 0
         for pos in range(len(sentences) + 1):
@@ -218,7 +253,7 @@ class BabiQA:
                 at += len(self.encode(story.facts[-1 - it]))
             else:
                 at += int(lengths[it])
-        return Plan(story, split, budget, np.asarray(items, dtype=np.int32), tuple(starts), length)
+        return items, starts
 
     def plans(self, split: str, num_segments: int, indices: Sequence[int]) -> list[Plan]:
         return [self.plan(split, num_segments, int(i)) for i in indices]
