@@ -211,7 +211,6 @@ class BabiQA:
             slots = [0] * k
         else:
             slots = sorted(rng.randrange(len(sentences) + 1) for _ in range(k))
-        items, starts = self._layout(story, lengths, sentences, slots, budget)
         if (split == "train" and self.memory_fraction and num_segments > 1
                 and rng.random() < self.memory_fraction):
             # every fact must end before the question's segment: the slots (sentence boundaries)
@@ -222,7 +221,7 @@ class BabiQA:
             ok = [pos for pos, at in enumerate(bounds) if at + room <= last]
             if ok:
                 slots = sorted(rng.choice(ok) for _ in range(k))
-                items, starts = self._layout(story, lengths, sentences, slots, budget)
+        items, starts = self._layout(story, lengths, sentences, slots, budget)
         return Plan(story, split, budget, np.asarray(items, dtype=np.int32), tuple(starts), length)
 
     @staticmethod
