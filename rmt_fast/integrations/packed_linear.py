@@ -154,17 +154,16 @@ def _swap_table() -> dict[type, type]:
 _TABLE: dict[type, type] | None = None
 
 
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: integer dtype of each element size (larger elements, e.g. complex128, view as several int64)
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple:
     """``(ptr, version, sum of the raw bits)``: the weight's elements viewed as integers of their
-    size and summed exactly in int64, so any one changed element changes it (about 3x cheaper
-    than a float64 sum and norm, which took most of a short read's fixed cost)."""
+    size and summed in int64, so any one changed element changes it (about 3x cheaper than a
+    float64 sum and norm, which took most of a short read's fixed cost)."""
     w = weight.detach()
-    bits = _BITS.get(w.element_size())
-    if bits is None or w.is_complex():
-        return (w.data_ptr(), w._version, float(w.sum(dtype=torch.float64)))
+    bits = _BITS.get(w.element_size(), torch.int64)
     return (w.data_ptr(), w._version, int(w.contiguous().view(bits).sum(dtype=torch.int64)))
 
 

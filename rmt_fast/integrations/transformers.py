@@ -172,6 +172,13 @@ def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, 
     )
 
 
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, 2)``, without a copy when at most one part has rows (the decoder's
+    write rows are the last rows: the keys after them are empty; the kernels take strided keys)."""
+    full = [t for t in parts if t.shape[2]]
+    return full[0] if len(full) == 1 else torch.cat(parts, 2)
+
+
 def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: int, past_k, past_v,
                     dropout, scaling):
     """Query rows ``[start, stop)`` only: write rows (which see every earlier key under every
@@ -188,7 +195,7 @@ def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: i
         kpm = torch.cat([kpm[:, :p + start], kpm[:, p + stop:], kpm[:, p + start:p + stop]], 1)
     out = memory_attention(
         query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], num_read=0,
-        num_write=stop - start, mask=layout.mask, past_k=torch.cat(ks, 2), past_v=torch.cat(vs, 2),
+        num_write=stop - start, mask=layout.mask, past_k=_join(ks), past_v=_join(vs),
         key_padding_mask=kpm, scale=scaling, dropout_p=dropout,
     )
     b, h, _, d = out.shape
