@@ -1,5 +1,6 @@
 """bAbI facts in real English for the encoder RMT: layout, answers, determinism, disjoint noise."""
 
+import os
 import random
 import re
 
@@ -239,3 +240,34 @@ def test_evaluate_length_equals_forward_on_the_whole_batch(tokenizer, noise):
     assert not torch.allclose(row["logits"], row["no_memory_logits"])  # the memory matters
     assert row["accuracy"] == (want.argmax(-1) == batch["labels"]).float().mean().item()
 
+
+
+def test_plot_tasks_draws_every_result_on_one_figure(tmp_path):
+    """scripts/plot_babi_tasks.py: LABEL=JSON pairs -> one PNG; a malformed pair is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from rmt_fast.tasks.babi_eval import plot_tasks
+
+    def result(task, acc):
+        rows = [{"segments": n, "tokens": 128 * n, "accuracy": acc, "ci95": [acc - 0.1, min(1, acc + 0.1)],
+                 "no_memory_accuracy": 0.2, "no_memory_ci95": [0.1, 0.3]} for n in (1, 4, 64)]
+        return {"task": task, "segment_size": 128, "trained_segments": 4, "rows": rows}
+
+    with pytest.raises(ValueError, match="at least one"):
+        plot_tasks({}, str(tmp_path / "none.png"))
+    paths = []
+    for task, acc in (("memorize", 0.95), ("reasoning", 0.6)):
+        paths.append(tmp_path / f"{task}.json")
+        paths[-1].write_text(json.dumps(result(task, acc)))
+    out = tmp_path / "tasks.png"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "plot_babi_tasks.py")
+    run = subprocess.run([sys.executable, script, str(out), *(f"{p.stem}={p}" for p in paths)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "x.png"), str(paths[0])],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected LABEL=JSON" in bad.stderr

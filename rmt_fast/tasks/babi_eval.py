@@ -107,33 +107,68 @@ def memory_flatness(rows: list[dict], from_tokens: int = 16_384) -> float | None
     return round(max(peaks) / min(peaks), 4) if len(peaks) >= 2 else None
 
 
+def _curve(ax, rows: list[dict], key: str, ci: str, **style) -> None:
+    """``rows[i][key]`` against tokens with its 95% interval ``rows[i][ci]`` as error bars."""
+    y = [r[key] for r in rows]
+    err = [[r[key] - r[ci][0] for r in rows], [r[ci][1] - r[key] for r in rows]]
+    ax.errorbar([r["tokens"] for r in rows], y, yerr=err, capsize=3, **style)
+
+
+def _accuracy_axes(ax, title: str, **legend) -> None:
+    ax.axhline(1 / 6, ls=":", c="gray", label="chance (1/6)")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy (95% Wilson)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**{"fontsize": 8, "loc": "lower left", **legend})
+
+
 def plot(result: dict, path: str) -> None:
+    """One evaluation: accuracy and the no-memory baseline vs length, peak RSS below."""
     from rmt_fast.bench.plotting import pyplot, save
 
     rows = sorted(result["rows"], key=lambda r: r["tokens"])
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
-    x = [r["tokens"] for r in rows]
-    for key, ci, label, marker in (("accuracy", "ci95", "RMT (memory)", "o"),
-                                   ("no_memory_accuracy", "no_memory_ci95", "no memory (last segment)", "s")):
-        y = [r[key] for r in rows]
-        err = [[r[key] - r[ci][0] for r in rows], [r[ci][1] - r[key] for r in rows]]
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=label)
-    ax.axhline(1 / 6, ls=":", c="gray", label="chance (1/6)")
+    _curve(ax, rows, "accuracy", "ci95", marker="o", label="RMT (memory)")
+    _curve(ax, rows, "no_memory_accuracy", "no_memory_ci95", marker="s", label="no memory (last segment)")
     trained = result.get("trained_segments")
     if trained:
         ax.axvline(trained * result["segment_size"], ls="--", c="gray", label="longest training length")
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (95% Wilson)")
-    ax.set_title(f"MiniLM-L6 RMT, {result['task']}: accuracy vs input length")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    _accuracy_axes(ax, f"MiniLM-L6 RMT, {result['task']}: accuracy vs input length")
+    x = [r["tokens"] for r in rows]
     ax2.plot(x, [r["peak_rss_mb"] for r in rows], marker="o")
     ax2.set_ylabel("peak RSS (MiB)")
     ax2.set_xlabel("input length (tokens)")
     ax2.grid(True, which="both", alpha=0.3)
+    save(fig, path)
+
+
+def plot_tasks(results: dict[str, dict], path: str) -> None:
+    """Several evaluations on one figure (the layout of the 1M-token report's Figure 1):
+    ``results`` maps a label to a ``babi_lengths.json`` result; each gets its accuracy curve
+    (solid), its no-memory baseline (dotted, same colour) and its longest training length (a
+    mark on the x axis)."""
+    from rmt_fast.bench.plotting import pyplot, save
+
+    if not results:
+        raise ValueError("results must name at least one evaluation")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for i, (label, result) in enumerate(results.items()):
+        rows = sorted(result["rows"], key=lambda r: r["tokens"])
+        color = f"C{i}"
+        _curve(ax, rows, "accuracy", "ci95", marker="o", color=color, label=label)
+        _curve(ax, rows, "no_memory_accuracy", "no_memory_ci95", marker="s", ms=3, ls=":",
+               color=color, alpha=0.6, label=f"{label}: no memory")
+        trained = result.get("trained_segments")
+        if trained:
+            ax.plot([trained * result["segment_size"]], [0.02], marker="^", ms=9, color=color, ls="none")
+    ax.set_xlabel("input length (tokens); triangles: longest training length")
+    _accuracy_axes(ax, "MiniLM-L6 RMT on bAbI facts in English noise: accuracy vs input length",
+                   loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     save(fig, path)
 
 
