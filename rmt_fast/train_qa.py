@@ -67,6 +67,8 @@ class QATrainConfig:
     ``early_stop``: end training when the last stage reaches ``threshold`` (else it runs its
     ``stage_steps``). ``train_base``: full fine-tuning (the pretrained weights train too), the
     pretrained weights at ``base_lr_ratio`` times the learning rate of the new parts.
+    ``num_mem_tokens``: memory tokens (None: 10 for a new model, ``init_from``'s otherwise; more
+    than ``init_from``'s adds new ones: ``LoRARMTEncoderForSequenceClassification.with_memory_tokens``).
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
@@ -74,7 +76,7 @@ class QATrainConfig:
 
     task: str = "memorize"
     segment_size: int = 128
-    num_mem_tokens: int = 10
+    num_mem_tokens: int | None = None
     curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 16
     lr: float = 5e-4
@@ -120,9 +122,12 @@ class QATrainConfig:
              f"lrs must have one learning rate per stage ({len(self.curriculum)}), got {self.lrs!r}")
         need(self.lr > 0 and all(x > 0 for x in self.lrs or []), "learning rates must be > 0")
         for name in ("batch_size", "stage_steps", "max_steps", "eval_every", "eval_size", "save_every",
-                     "eval_batch_size", "segment_size", "num_mem_tokens", "lora_r"):
+                     "eval_batch_size", "segment_size", "lora_r"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        mem = self.num_mem_tokens
+        need(mem is None or (isinstance(mem, int) and mem >= 1),
+             f"num_mem_tokens must be None or an int >= 1, got {self.num_mem_tokens!r}")
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
         need(0 <= self.order_fraction <= 1 and (self.order_fraction == 0 or self.task == "reasoning"),
              f"order_fraction must be in [0, 1] (0 unless task is reasoning), got {self.order_fraction!r}")
@@ -208,9 +213,11 @@ def build_model(cfg: QATrainConfig):
             model.unfreeze_base()
         if model.labels != list(LOCATIONS):
             raise ValueError(f"init_from classifies {model.labels}, not {list(LOCATIONS)}")
+        if cfg.num_mem_tokens not in (None, model.rmt_config.num_mem_tokens):
+            model = model.with_memory_tokens(cfg.num_mem_tokens).train()
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
-        model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens,
+        model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens or 10,
                             segment_size=cfg.segment_size, train_base=cfg.train_base)
     # the fine-tuned part does not depend on the segment size: a model trained on short
     # segments can start a run on longer ones (checked against the base model's positions)
@@ -389,7 +396,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default=d.task)
     p.add_argument("--out", required=True, help="checkpoints, metrics.jsonl, final/ (resumed if present)")
     p.add_argument("--segment-size", type=int, default=d.segment_size)
-    p.add_argument("--mem", type=int, default=d.num_mem_tokens, help="memory tokens")
+    p.add_argument("--mem", type=int, default=d.num_mem_tokens,
+                   help="memory tokens (default 10, or --init-from's; more than --init-from's adds new ones)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

@@ -268,6 +268,39 @@ def test_init_from_a_model_trained_on_other_segment_sizes(tiny_base, noise, tmp_
         build_model(tiny_config(tiny_base, segment_size=60, init_from=str(tmp_path / "a" / "final")))
 
 
+@pytest.mark.parametrize("train_base", [False, True])
+def test_init_from_with_more_memory_tokens(tiny_base, noise, tmp_path, train_base):
+    """--mem above --init-from's adds memory tokens: every fine-tuned weight and the old memory
+    vectors carried over, new vectors appended; fewer is refused; None keeps the saved count."""
+    cfg = tiny_config(tiny_base, max_steps=1, curriculum=[1], lrs=None, train_base=train_base)
+    model = build_model(cfg)
+    train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, tmp_path / "a", progress=False)
+    final = str(tmp_path / "a" / "final")
+    kept = build_model(tiny_config(tiny_base, num_mem_tokens=None, init_from=final, train_base=train_base))
+    assert kept.rmt_config.num_mem_tokens == 4
+    more = build_model(tiny_config(tiny_base, num_mem_tokens=7, init_from=final, train_base=train_base))
+    assert more.rmt_config.num_mem_tokens == 7 and more.training and more.train_base == train_base
+    a, b = kept.finetuned_state_dict(), more.finetuned_state_dict()
+    assert set(a) == set(b)
+    assert torch.equal(b["memory"][:4], a["memory"]) and b["memory"].shape == (7, a["memory"].shape[1])
+    assert not torch.equal(b["memory"][4:], b["memory"][:3])  # new vectors, not copies
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in ("memory", "_extra_state"))
+    assert sum(p.numel() for p in more.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in kept.parameters() if p.requires_grad) + 3 * a["memory"].shape[1]
+    data = BabiQA(cfg.task, more.tokenizer, S, noise=noise)
+    batch = data.batch("valid", 2, range(3))
+    with torch.no_grad():
+        out = more.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert out.shape == (3, len(LOCATIONS)) and torch.isfinite(out).all()
+    run = tiny_config(tiny_base, num_mem_tokens=7, max_steps=1, curriculum=[1], lrs=None,
+                      train_base=train_base)
+    assert train_qa(more.train(), data, run, None, progress=False).step == 1
+    with pytest.raises(ValueError, match="can be added, not removed"):
+        build_model(tiny_config(tiny_base, num_mem_tokens=3, init_from=final))
+    with pytest.raises(ValueError, match="num_mem_tokens must be None or an int >= 1"):
+        tiny_config(tiny_base, num_mem_tokens=0).validate()
+
+
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     from rmt_fast.train_qa import _lock
 

@@ -133,6 +133,30 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
                    base_name=MINILM if base in (None, MINILM) else os.fspath(base),
                    num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)
 
+    def with_memory_tokens(self, num_mem_tokens: int) -> LoRARMTEncoderForSequenceClassification:
+        """A copy with ``num_mem_tokens`` memory tokens, more than this model's ``M``: every
+        fine-tuned weight and the first ``M`` memory vectors copied, the new vectors drawn as a
+        new model draws its memory (the segment's positions move up by the added tokens). In
+        eval mode, float32, as :meth:`from_pretrained` returns a model."""
+        m = self.rmt_config.num_mem_tokens
+        if not isinstance(num_mem_tokens, int) or num_mem_tokens <= m:
+            raise ValueError(f"num_mem_tokens must be an int > this model's {m} (memory tokens can "
+                             f"be added, not removed), got {num_mem_tokens!r}")
+        if self.adapters_merged:
+            raise ValueError("the LoRA adapters are merged into the base weights: call "
+                             "unmerge_adapters() first")
+        cfg = self.rmt_config
+        new = type(self).from_base(self.base_name, labels=self.labels, lora=self.lora,
+                                   train_base=self.train_base, num_mem_tokens=num_mem_tokens,
+                                   segment_size=cfg.segment_size, bptt_depth=cfg.bptt_depth,
+                                   segment_alignment=cfg.segment_alignment, loss_over=cfg.loss_over,
+                                   memory_noise=cfg.memory_noise)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in self.finetuned_state_dict().items()}
+        state["memory"] = torch.cat([state["memory"], new.memory.detach()[m:].float()])
+        state.pop(EXTRA_STATE_KEY, None)
+        new.load_finetuned_state_dict(state)
+        return new.eval()
+
     # --- inference ----------------------------------------------------------------------------
     def merge_adapters(self) -> LoRARMTEncoderForSequenceClassification:
         """Fold the LoRA adapters into the base weights (``peft``'s ``merge_adapter``) for
