@@ -72,6 +72,13 @@ def _quiet_loading():
         if bar:
             hf_logging.enable_progress_bar()
 
+def _saved_fields(config: RMTConfig, num_mem_tokens: int) -> dict:
+    """The :class:`RMTConfig` fields a saved model is rebuilt with (``from_base`` keywords)."""
+    return dict(num_mem_tokens=num_mem_tokens, segment_size=config.segment_size,
+                bptt_depth=config.bptt_depth, segment_alignment=config.segment_alignment,
+                loss_over=config.loss_over, memory_noise=config.memory_noise)
+
+
 class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassification):
     """:class:`RMTEncoderForSequenceClassification` whose base is a ``peft`` LoRA model.
 
@@ -145,12 +152,9 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         if self.adapters_merged:
             raise ValueError("the LoRA adapters are merged into the base weights: call "
                              "unmerge_adapters() first")
-        cfg = self.rmt_config
+        fields = _saved_fields(self.rmt_config, num_mem_tokens)
         new = type(self).from_base(self.base_name, labels=self.labels, lora=self.lora,
-                                   train_base=self.train_base, num_mem_tokens=num_mem_tokens,
-                                   segment_size=cfg.segment_size, bptt_depth=cfg.bptt_depth,
-                                   segment_alignment=cfg.segment_alignment, loss_over=cfg.loss_over,
-                                   memory_noise=cfg.memory_noise)
+                                   train_base=self.train_base, **fields)
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.finetuned_state_dict().items()}
         state["memory"] = torch.cat([state["memory"], new.memory.detach()[m:].float()])
         state.pop(EXTRA_STATE_KEY, None)
@@ -246,10 +250,7 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
         config = RMTConfig.load(directory)
         model = cls.from_base(base if base is not None else meta["base"], labels=meta["labels"],
                               lora=meta["lora"], train_base=meta.get("train_base", False),
-                              num_mem_tokens=config.num_mem_tokens,
-                              segment_size=config.segment_size, bptt_depth=config.bptt_depth,
-                              segment_alignment=config.segment_alignment, loss_over=config.loss_over,
-                              memory_noise=config.memory_noise)
+                              **_saved_fields(config, config.num_mem_tokens))
         state = load_file(os.path.join(directory, FINETUNED_NAME))
         model.load_finetuned_state_dict({k: v.float() if v.is_floating_point() else v
                                          for k, v in state.items()})
