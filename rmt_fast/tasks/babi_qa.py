@@ -211,48 +211,40 @@ class BabiQA:
             slots = [0] * k
         else:
             slots = sorted(rng.randrange(len(sentences) + 1) for _ in range(k))
+        sizes = [len(self.encode(f)) for f in story.facts]
+        bounds = self._boundaries(lengths, sentences, budget)
         if (split == "train" and self.memory_fraction and num_segments > 1
                 and rng.random() < self.memory_fraction):
             # every fact must end before the question's segment: the slots (sentence boundaries)
             # that allow it, drawn among those; the noise and the story stay as drawn
             last = (num_segments - 1) * self.segment_size
-            room = sum(len(self.encode(f)) for f in story.facts)
-            bounds = self._boundaries(lengths, sentences, budget)
-            ok = [pos for pos, at in enumerate(bounds) if at + room <= last]
+            ok = np.flatnonzero(bounds + sum(sizes) <= last).tolist()
             if ok:
                 slots = sorted(rng.choice(ok) for _ in range(k))
-        items, starts = self._layout(story, lengths, sentences, slots, budget)
-        return Plan(story, split, budget, np.asarray(items, dtype=np.int32), tuple(starts), length)
+        # fact f follows every earlier fact (slots are sorted) at its sentence boundary
+        starts = tuple(int(bounds[slot]) + sum(sizes[:f]) for f, slot in enumerate(slots))
+        items = self._items(sentences, slots)
+        return Plan(story, split, budget, np.asarray(items, dtype=np.int32), starts, length)
 
     @staticmethod
-    def _boundaries(lengths: np.ndarray, sentences: list[int], budget: int) -> list[int]:
-        """Token offset of each sentence boundary ``0..len(sentences)`` before any fact."""
-        at, out = budget, [budget]
-        for i in sentences:
-            at += int(lengths[i])
-            out.append(at)
-        return out
+    def _boundaries(lengths: np.ndarray, sentences: list[int], budget: int) -> np.ndarray:
+        """``[len(sentences) + 1]`` int64: token offset of each sentence boundary before any fact
+        (the sample starts with ``budget`` padding tokens)."""
+        ends = np.cumsum(lengths[np.asarray(sentences, dtype=np.intp)], dtype=np.int64)
+        return np.concatenate(([0], ends)) + budget
 
-    def _layout(self, story: Story, lengths: np.ndarray, sentences: list[int], slots: list[int],
-                budget: int):
-        """``(items, fact_starts)`` with fact ``f`` before sentence ``slots[f]``."""
-        k = len(story.facts)
+    @staticmethod
+    def _items(sentences: list[int], slots: list[int]) -> list[int]:
+        """Sentence indices in order, fact ``f`` as ``-1 - f`` before sentence ``slots[f]``."""
         items: list[int] = []
         f = 0
         for pos in range(len(sentences) + 1):
-            while f < k and slots[f] == pos:
+            while f < len(slots) and slots[f] == pos:
                 items.append(-1 - f)
                 f += 1
             if pos < len(sentences):
                 items.append(sentences[pos])
-        starts, at = [], budget
-        for it in items:
-            if it < 0:
-                starts.append(at)
-                at += len(self.encode(story.facts[-1 - it]))
-            else:
-                at += int(lengths[it])
-        return items, starts
+        return items
 
     def plans(self, split: str, num_segments: int, indices: Sequence[int]) -> list[Plan]:
         return [self.plan(split, num_segments, int(i)) for i in indices]
