@@ -214,11 +214,12 @@ def build_model(cfg: QATrainConfig):
         if model.labels != list(LOCATIONS):
             raise ValueError(f"init_from classifies {model.labels}, not {list(LOCATIONS)}")
         if cfg.num_mem_tokens not in (None, model.rmt_config.num_mem_tokens):
-            model = model.with_memory_tokens(cfg.num_mem_tokens).train()
+            model = model.with_memory_tokens(cfg.num_mem_tokens)
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
-        model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, num_mem_tokens=cfg.num_mem_tokens or 10,
-                            segment_size=cfg.segment_size, train_base=cfg.train_base)
+        mem = {} if cfg.num_mem_tokens is None else {"num_mem_tokens": cfg.num_mem_tokens}  # else from_base's
+        model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, segment_size=cfg.segment_size,
+                            train_base=cfg.train_base, **mem)
     # the fine-tuned part does not depend on the segment size: a model trained on short
     # segments can start a run on longer ones (checked against the base model's positions)
     model.replace_config(memory_noise=cfg.memory_noise, bptt_depth=cfg.bptt_depth,

@@ -72,6 +72,7 @@ def _quiet_loading():
         if bar:
             hf_logging.enable_progress_bar()
 
+
 def _saved_fields(config: RMTConfig, num_mem_tokens: int) -> dict:
     """The :class:`RMTConfig` fields a saved model is rebuilt with (``from_base`` keywords)."""
     return dict(num_mem_tokens=num_mem_tokens, segment_size=config.segment_size,
@@ -157,7 +158,6 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
                                    train_base=self.train_base, **fields)
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.finetuned_state_dict().items()}
         state["memory"] = torch.cat([state["memory"], new.memory.detach()[m:].float()])
-        state.pop(EXTRA_STATE_KEY, None)
         new.load_finetuned_state_dict(state)
         return new.eval()
 
