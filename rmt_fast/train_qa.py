@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rmt_fast import dtypes
+from rmt_fast.models.config import MEMORY_UPDATES
 from rmt_fast.tasks.babi_qa import LOCATIONS, TASKS, BabiQA
 from rmt_fast.train import STATE_NAME, RunDir, _step_seed, latest_checkpoint, lr_factor
 
@@ -68,7 +69,9 @@ class QATrainConfig:
     ``stage_steps``). ``train_base``: full fine-tuning (the pretrained weights train too), the
     pretrained weights at ``base_lr_ratio`` times the learning rate of the new parts.
     ``num_mem_tokens``: memory tokens (None: 10 for a new model, ``init_from``'s otherwise; more
-    than ``init_from``'s adds new ones: ``LoRARMTEncoderForSequenceClassification.with_memory_tokens``).
+    than ``init_from``'s adds new ones: ``LoRARMTEncoderForSequenceClassification.with_memory``).
+    ``memory_update``: :attr:`RMTConfig.memory_update` (None: ``replace`` for a new model,
+    ``init_from``'s otherwise; ``gated`` on a ``replace`` model adds a new gate).
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
@@ -77,6 +80,7 @@ class QATrainConfig:
     task: str = "memorize"
     segment_size: int = 128
     num_mem_tokens: int | None = None
+    memory_update: str | None = None
     curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 16
     lr: float = 5e-4
@@ -128,6 +132,8 @@ class QATrainConfig:
         mem = self.num_mem_tokens
         need(mem is None or (isinstance(mem, int) and mem >= 1),
              f"num_mem_tokens must be None or an int >= 1, got {self.num_mem_tokens!r}")
+        need(self.memory_update in (None, *MEMORY_UPDATES),
+             f"memory_update must be None or one of {MEMORY_UPDATES}, got {self.memory_update!r}")
         need(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold!r}")
         need(0 <= self.order_fraction <= 1 and (self.order_fraction == 0 or self.task == "reasoning"),
              f"order_fraction must be in [0, 1] (0 unless task is reasoning), got {self.order_fraction!r}")
@@ -213,13 +219,15 @@ def build_model(cfg: QATrainConfig):
             model.unfreeze_base()
         if model.labels != list(LOCATIONS):
             raise ValueError(f"init_from classifies {model.labels}, not {list(LOCATIONS)}")
-        if cfg.num_mem_tokens not in (None, model.rmt_config.num_mem_tokens):
-            model = model.with_memory_tokens(cfg.num_mem_tokens)
+        if (cfg.num_mem_tokens not in (None, model.rmt_config.num_mem_tokens)
+                or cfg.memory_update not in (None, model.rmt_config.memory_update)):
+            model = model.with_memory(cfg.num_mem_tokens, cfg.memory_update)
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
         mem = {} if cfg.num_mem_tokens is None else {"num_mem_tokens": cfg.num_mem_tokens}  # else from_base's
+        update = {} if cfg.memory_update is None else {"memory_update": cfg.memory_update}
         model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, segment_size=cfg.segment_size,
-                            train_base=cfg.train_base, **mem)
+                            train_base=cfg.train_base, **mem, **update)
     # the fine-tuned part does not depend on the segment size: a model trained on short
     # segments can start a run on longer ones (checked against the base model's positions)
     model.replace_config(memory_noise=cfg.memory_noise, bptt_depth=cfg.bptt_depth,
@@ -399,6 +407,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-size", type=int, default=d.segment_size)
     p.add_argument("--mem", type=int, default=d.num_mem_tokens,
                    help="memory tokens (default 10, or --init-from's; more than --init-from's adds new ones)")
+    p.add_argument("--memory-update", choices=MEMORY_UPDATES, default=d.memory_update,
+                   help="next memory: replace (RMT) or gated (default: replace, or --init-from's; "
+                        "gated on a replace model adds a new gate)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -441,7 +452,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace) -> QATrainConfig:
     cfg = QATrainConfig(
-        task=a.task, segment_size=a.segment_size, num_mem_tokens=a.mem,
+        task=a.task, segment_size=a.segment_size, num_mem_tokens=a.mem, memory_update=a.memory_update,
         curriculum=[int(x) for x in a.curriculum.split(",")], batch_size=a.batch_size, lr=a.lr,
         lrs=None if a.lrs is None else [float(x) for x in a.lrs.split(",")], weight_decay=a.weight_decay,
         warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, stage_steps=a.stage_steps, threshold=a.threshold,

@@ -301,6 +301,41 @@ def test_init_from_with_more_memory_tokens(tiny_base, noise, tmp_path, train_bas
         tiny_config(tiny_base, num_mem_tokens=0).validate()
 
 
+def test_init_from_with_a_memory_gate(tiny_base, noise, tmp_path):
+    """--memory-update gated on a replace model adds a new gate (every other fine-tuned weight
+    carried over, answers close to the model's); the gate trains, is saved, resumes and stays;
+    it is never dropped."""
+    cfg = tiny_config(tiny_base, max_steps=1, curriculum=[1], lrs=None)
+    model = build_model(cfg)
+    train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, tmp_path / "a", progress=False)
+    final = str(tmp_path / "a" / "final")
+    plain = build_model(tiny_config(tiny_base, init_from=final)).eval()
+    # two segments: the gate's output is read by the second one
+    gated_cfg = tiny_config(tiny_base, init_from=final, memory_update="gated", max_steps=2, curriculum=[2],
+                            lrs=None)
+    gated = build_model(gated_cfg)
+    assert plain.memory_gate is None and gated.rmt_config.memory_update == "gated" and gated.training
+    a, b = plain.finetuned_state_dict(), gated.finetuned_state_dict()
+    assert set(b) - set(a) == {"memory_gate.proj.weight", "memory_gate.proj.bias"}
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "_extra_state")
+    data = BabiQA(cfg.task, gated.tokenizer, S, noise=noise)
+    batch = data.batch("valid", 2, range(4))
+    with torch.no_grad():
+        p0 = plain(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        g0 = gated.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert 0 < (p0 - g0).abs().max() < 0.1 * p0.abs().max()  # a new gate: close to the plain update
+    gate0 = gated.memory_gate.proj.weight.detach().clone()
+    train_qa(gated.train(), data, gated_cfg, tmp_path / "b", progress=False)
+    assert not torch.equal(gated.memory_gate.proj.weight, gate0)  # the gate trains
+    again = build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final")))  # None keeps it
+    assert again.rmt_config.memory_update == "gated"
+    assert torch.equal(again.memory_gate.proj.weight, gated.memory_gate.proj.weight)
+    with pytest.raises(ValueError, match="cannot be dropped"):
+        build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final"), memory_update="replace"))
+    with pytest.raises(ValueError, match="memory_update must be None or one of"):
+        tiny_config(tiny_base, memory_update="blend").validate()
+
+
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     from rmt_fast.train_qa import _lock
 

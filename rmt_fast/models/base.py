@@ -40,6 +40,31 @@ def relative_noise(x: torch.Tensor, std: float) -> torch.Tensor:
     return x + std * rms * torch.randn_like(x)
 
 
+class MemoryGate(nn.Module):
+    """The gated memory update (``RMTConfig.memory_update="gated"``): per memory vector and
+    channel ``z = sigmoid(W [written; read] + b)``, next memory ``(1 - z) * written + z * read``,
+    so a slot can keep what it held instead of being rewritten every segment.
+
+    ``W`` ``[d, 2d]`` starts at zero and ``b`` at :attr:`INIT_BIAS` (``z`` about 0.05): a new gate
+    is close to the plain replacement, so it can be added to a trained model.
+    """
+
+    INIT_BIAS = -3.0
+
+    def __init__(self, d: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.proj = nn.Linear(2 * d, d, dtype=dtype)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.fill_(self.INIT_BIAS)
+
+    def forward(self, read: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """``read`` (the memory the segment read), ``written`` (its write outputs) ``[B, M, d]``
+        -> next memory ``[B, M, d]``."""
+        z = torch.sigmoid(self.proj(torch.cat([written, read], dim=-1)))
+        return written + z * (read - written)
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the base model can number (absolute positions), if it has a limit."""
     for name in ("n_positions", "max_position_embeddings"):
@@ -66,7 +91,8 @@ class RMTBase(nn.Module):
     #: the frozen dataclass holding this wrapper's configuration
     config_class: ClassVar[type] = RMTConfig
     #: config fields that shape parameters or modules: :meth:`replace_config` refuses them
-    FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("num_mem_tokens", "kind", "variant", "fuse_activations")
+    FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("num_mem_tokens", "kind", "variant", "fuse_activations",
+                                               "memory_update")
 
     def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()
@@ -81,6 +107,8 @@ class RMTBase(nn.Module):
         std = embeddings.weight.detach().float().std().item()
         self.memory = nn.Parameter(
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)
+        gated = getattr(config, "memory_update", "replace") == "gated"
+        self.memory_gate = MemoryGate(d, embeddings.weight.dtype) if gated else None
         self._use_rmt_fast_attention()
         self.check_positions(self.positions_needed())
         if getattr(config, "fuse_activations", True):  # same function, one fused kernel (gelu_new)
@@ -194,6 +222,11 @@ class RMTBase(nn.Module):
         """The memory a segment reads: ``memory`` ``[B, M, d]`` plus, in training mode,
         ``memory_noise * rms(memory) * N(0, 1)`` per vector (see :class:`RMTConfig`)."""
         return relative_noise(memory, self.rmt_config.memory_noise if self.training else 0.0)
+
+    def update_memory(self, read: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """The next memory ``[B, M, d]`` from the memory a segment read and its write outputs
+        (``RMTConfig.memory_update``): ``written`` itself, or :class:`MemoryGate`'s mix."""
+        return written if self.memory_gate is None else self.memory_gate(read, written)
 
     def expand_memory(self, batch: int) -> torch.Tensor:
         """The learned memory as a batch: ``[B, M, d]``."""

@@ -16,6 +16,7 @@ LOSS_OVER = ("all", "last")
 POSITION_MODES = ("model", "mirror")
 KINDS = ("decoder", "encoder", "memory_transformer")
 VARIANTS = ("mem", "ctrl", "bottleneck")
+MEMORY_UPDATES = ("replace", "gated")
 CONFIG_NAME = "rmt_config.json"
 
 
@@ -96,6 +97,11 @@ class RMTConfig(SavedConfig):
             each memory vector's RMS, is added to the memory every segment reads. It makes the
             memory update correct small drifts, so that a state survives far more segments than
             the training length (``docs/results.md``, needle). 0 = off; eval is never affected.
+        memory_update: how the write outputs become the next memory. ``replace`` (RMT): they
+            are the next memory. ``gated``: a learned per-channel gate keeps part of the memory
+            the segment read, ``z = sigmoid(W [written; read] + b)``, next memory
+            ``(1 - z) * written + z * read`` (:class:`rmt_fast.models.base.MemoryGate`; starts
+            close to ``replace``). Decoders and encoders; a Memory Transformer has no recurrence.
         fuse_activations: replace the base model's tanh-GELU modules by the identical one-kernel
             :class:`rmt_fast.integrations.fused_activations.TanhGELU` when wrapping (the only
             module replacement the wrappers make; ``False`` leaves the base model untouched).
@@ -112,6 +118,7 @@ class RMTConfig(SavedConfig):
         "fuse_activations": True,  # wrappers always fused tanh-GELU before this switch existed
         "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
         "offload_memory": False,  # checkpointed states were never offloaded before this switch
+        "memory_update": "replace",  # the only update before the gate existed
     }
 
     num_mem_tokens: int = 16
@@ -125,6 +132,7 @@ class RMTConfig(SavedConfig):
     loss_over: str = "all"
     position_mode: str = "model"
     memory_noise: float = 0.0
+    memory_update: str = "replace"
     fuse_activations: bool = True
     kind: str = "decoder"
     variant: str = "mem"
@@ -164,6 +172,11 @@ class RMTConfig(SavedConfig):
         need(isinstance(self.fuse_activations, bool),
              f"fuse_activations must be a bool, got {self.fuse_activations!r}")
         need(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
+        need(self.memory_update in MEMORY_UPDATES,
+             f"memory_update must be one of {MEMORY_UPDATES}, got {self.memory_update!r}")
+        need(self.memory_update == "replace" or self.kind != "memory_transformer",
+             f"memory_update {self.memory_update!r}: a Memory Transformer has no recurrent memory "
+             "to update (use 'replace')")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for name in ("cls_token_id", "sep_token_id"):
             value = getattr(self, name)

@@ -135,7 +135,7 @@ class RMTForCausalLM(RMTBase):
         with memory_layout(layout):
             hidden = self.backbone(inputs_embeds=x, position_ids=position_ids, use_cache=False,
                                    attention_mask=layout_attention_mask(x)).last_hidden_state
-        new_memory = extract_memory(hidden, m + seg_len, m) if write else memory
+        new_memory = self.update_memory(read, extract_memory(hidden, m + seg_len, m)) if write else memory
         hidden = hidden[:, m: m + seg_len] if need_hidden else None
         new_xl = self._next_xl(xl, record, mask, m, seg_len) if record is not None else None
         return hidden, new_memory, new_xl

@@ -76,7 +76,8 @@ class _RMTEncoderBase(RMTBase):
         emb = self.base.get_input_embeddings()
         special = torch.tensor([cfg.cls_token_id, cfg.sep_token_id], device=ids.device)
         cls, sep = emb(special).unsqueeze(0).expand(batch, -1, -1).split(1, dim=1)
-        x = torch.cat([cls, self.perturb_memory(memory), sep, emb(ids), sep], dim=1)
+        read = self.perturb_memory(memory)
+        x = torch.cat([cls, read, sep, emb(ids), sep], dim=1)
         seg_mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         ones = torch.ones(batch, m + 2, dtype=torch.bool, device=ids.device)
         kpm = torch.cat([ones, seg_mask, ones[:, :1]], dim=1)
@@ -86,7 +87,7 @@ class _RMTEncoderBase(RMTBase):
         layout = MemoryLayout(mask="full", key_padding_mask=kpm, used_rows=used)
         with memory_layout(layout):
             out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
-        return out, out.hidden_states[-1][:, 1: 1 + m]
+        return out, self.update_memory(read, out.hidden_states[-1][:, 1: 1 + m])
 
     def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:
         """Rows of the last layer whose outputs are used (:mod:`rmt_fast.models.used_rows`):

@@ -77,7 +77,8 @@ def _saved_fields(config: RMTConfig, num_mem_tokens: int) -> dict:
     """The :class:`RMTConfig` fields a saved model is rebuilt with (``from_base`` keywords)."""
     return dict(num_mem_tokens=num_mem_tokens, segment_size=config.segment_size,
                 bptt_depth=config.bptt_depth, segment_alignment=config.segment_alignment,
-                loss_over=config.loss_over, memory_noise=config.memory_noise)
+                loss_over=config.loss_over, memory_noise=config.memory_noise,
+                memory_update=config.memory_update)
 
 
 class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassification):
@@ -141,23 +142,33 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
                    base_name=MINILM if base in (None, MINILM) else os.fspath(base),
                    num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)
 
-    def with_memory_tokens(self, num_mem_tokens: int) -> LoRARMTEncoderForSequenceClassification:
-        """A copy with ``num_mem_tokens`` memory tokens, more than this model's ``M``: every
-        fine-tuned weight and the first ``M`` memory vectors copied, the new vectors drawn as a
-        new model draws its memory (the segment's positions move up by the added tokens). In
-        eval mode, float32, as :meth:`from_pretrained` returns a model."""
-        m = self.rmt_config.num_mem_tokens
-        if not isinstance(num_mem_tokens, int) or num_mem_tokens <= m:
-            raise ValueError(f"num_mem_tokens must be an int > this model's {m} (memory tokens can "
+    def with_memory(self, num_mem_tokens: int | None = None, memory_update: str | None = None
+                    ) -> LoRARMTEncoderForSequenceClassification:
+        """A copy with more memory tokens and/or another memory update (``None``: this model's).
+        Every fine-tuned weight and the ``M`` memory vectors are copied; added memory vectors are
+        drawn as a new model draws its memory (the segment's positions move up by the added
+        tokens); a gate added with ``memory_update="gated"`` starts as a new one
+        (:class:`rmt_fast.models.base.MemoryGate`, close to the plain update); a gate is never
+        dropped. In eval mode, float32, as :meth:`from_pretrained` returns a model."""
+        m, update = self.rmt_config.num_mem_tokens, self.rmt_config.memory_update
+        num_mem_tokens = m if num_mem_tokens is None else num_mem_tokens
+        memory_update = update if memory_update is None else memory_update
+        if not isinstance(num_mem_tokens, int) or isinstance(num_mem_tokens, bool) or num_mem_tokens < m:
+            raise ValueError(f"num_mem_tokens must be an int >= this model's {m} (memory tokens can "
                              f"be added, not removed), got {num_mem_tokens!r}")
+        if update == "gated" and memory_update != "gated":
+            raise ValueError(f"memory_update: this model's memory is gated; its gate cannot be "
+                             f"dropped, got {memory_update!r}")
         if self.adapters_merged:
             raise ValueError("the LoRA adapters are merged into the base weights: call "
                              "unmerge_adapters() first")
-        fields = _saved_fields(self.rmt_config, num_mem_tokens)
+        fields = {**_saved_fields(self.rmt_config, num_mem_tokens), "memory_update": memory_update}
         new = type(self).from_base(self.base_name, labels=self.labels, lora=self.lora,
                                    train_base=self.train_base, **fields)
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.finetuned_state_dict().items()}
         state["memory"] = torch.cat([state["memory"], new.memory.detach()[m:].float()])
+        for k, v in new.finetuned_state_dict().items():
+            state.setdefault(k, v.float())  # a new gate's weights
         new.load_finetuned_state_dict(state)
         return new.eval()
 
