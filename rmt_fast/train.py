@@ -43,6 +43,7 @@ from rmt_fast import distributed as rd
 from rmt_fast import run_io
 from rmt_fast.dtypes import CHOICES as DTYPE_CHOICES
 from rmt_fast.dtypes import resolve_dtype
+from rmt_fast.models.config import MEMORY_UPDATES
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
@@ -110,6 +111,9 @@ class ModelSpec:
     xl_cache: int = _opt(0, "Transformer-XL cache: keys/values of the previous segment's last N tokens")
     memory_noise: float = _opt(0.0, "training-only noise on the memory read by each segment "
                                "(relative std; armt: on each layer's associative read)")
+    memory_update: str = _opt("replace", "rmt: how the write outputs become the next memory: replace "
+                              "or gated (a learned gate keeps part of the old memory)",
+                              choices=MEMORY_UPDATES)
     d_mem: int = _opt(64, "armt: width of the associative keys (the state has 6 d_mem rows)")
     armt_l2_norm: bool = _opt(False, "armt: L2-normalise the DPFP features (the newer upstream ARMT)")
 
@@ -781,14 +785,14 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 mask: str = "causal", xl_cache: int = 0, bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
-                armt_l2_norm: bool = False):
+                armt_l2_norm: bool = False, memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
     (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
     L2-normalised with ``armt_l2_norm``; ``mask`` and ``xl_cache`` are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
-    from its associative state).
+    from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
 
     ``init``: ``"gpt2"`` (transformers' ``N(0, 0.02)``, tied input/output embeddings) or
     ``"torch"`` (:func:`torch_default_init`, untied output embeddings). The memory is drawn
@@ -805,11 +809,12 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if model == "armt":
-        rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0)}
+        rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0),
+                    "memory_update": (memory_update, "replace")}
         bad = sorted(k for k, (v, default) in rmt_only.items() if v != default)
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
-                             "and has no XL cache")
+                             "and has no XL cache nor memory gate")
     elif armt_l2_norm:
         raise ValueError("armt_l2_norm is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
@@ -838,7 +843,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                                memory_noise=memory_noise)
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
-                          checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise)
+                          checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise,
+                          memory_update=memory_update)
 
 
 def _ints(text: str) -> list[int]:

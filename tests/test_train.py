@@ -179,6 +179,8 @@ def test_build_model_inits():
     assert base.lm_head.weight.abs().max().item() <= 64 ** -0.5
     with pytest.raises(ValueError, match="init must be one of"):
         build_model(37, 3, 2, init="xavier")
+    with pytest.raises(ValueError, match=r"\['memory_update'\] are RMT options"):
+        build_model(37, 3, 2, model="armt", memory_update="gated")
 
 
 def test_lr_schedule():
@@ -195,7 +197,7 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
             "--d-model", "16", "--heads", "2", "--d-inner", "32", "--steps", "4", "--batch-size", "4",
             "--eval-every", "2", "--eval-size", "8", "--save-every", "2", "--train-size", "50",
             "--valid-size", "10", "--test-size", "12", "--out", str(tmp_path), "--no-progress",
-            "--init", "torch", "--memory-noise", "0.25"]
+            "--init", "torch", "--memory-noise", "0.25", "--memory-update", "gated"]
     res = main(argv)
     assert res.step == 4 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
     assert latest_checkpoint(tmp_path).endswith("checkpoint-4")
@@ -215,6 +217,7 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     task = make_task("reverse", 4, seed=0, train_size=50, valid_size=10, test_size=12)
     model = RMTForCausalLM.from_pretrained(tmp_path / "checkpoint-6")
     assert model.rmt_config.memory_noise == 0.25 and not model.training
+    assert model.rmt_config.memory_update == "gated" and model.memory_gate is not None
     assert model.base.lm_head.weight is not model.base.transformer.wte.weight  # --init torch
     assert out["accuracy"] == pytest.approx(evaluate(model, task.splits(2)["test"]))
     with pytest.raises(FileNotFoundError, match="train_args.json"):
