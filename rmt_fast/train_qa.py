@@ -71,7 +71,9 @@ class QATrainConfig:
     ``num_mem_tokens``: memory tokens (None: 10 for a new model, ``init_from``'s otherwise; more
     than ``init_from``'s adds new ones: ``LoRARMTEncoderForSequenceClassification.with_memory``).
     ``memory_update``: :attr:`RMTConfig.memory_update` (None: ``replace`` for a new model,
-    ``init_from``'s otherwise; ``gated`` on a ``replace`` model adds a new gate).
+    ``init_from``'s otherwise; ``gated`` on a ``replace`` model adds a new gate); the gate's
+    weights learn at ``gate_lr_ratio`` times the learning rate (a new gate on a trained model
+    barely moves at the model's rate: ``docs/minilm_babi.md``).
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
@@ -108,6 +110,7 @@ class QATrainConfig:
     lora_r: int = 16
     train_base: bool = False
     base_lr_ratio: float = 1.0
+    gate_lr_ratio: float = 1.0
     order_fraction: float = 0.0
     memory_fraction: float = 0.0
     init_from: str | None = None
@@ -141,6 +144,7 @@ class QATrainConfig:
              f"memory_fraction must be in [0, 1] (0 for task memorize), got {self.memory_fraction!r}")
         need(self.base_lr_ratio > 0 and (self.base_lr_ratio == 1 or self.train_base),
              f"base_lr_ratio must be > 0 (and 1 unless train_base), got {self.base_lr_ratio!r}")
+        need(self.gate_lr_ratio > 0, f"gate_lr_ratio must be > 0, got {self.gate_lr_ratio!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
         need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
@@ -277,10 +281,17 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     params = [p for p in model.parameters() if p.requires_grad]
     # full fine-tuning may train the pretrained weights slower than the new parts (adapters,
     # memory, head): a second group whose learning rate is scaled by base_lr_ratio
+    # and a memory gate added to a trained model may learn faster (gate_lr_ratio)
     base = {id(p) for _, p in model.base_weights()} if cfg.base_lr_ratio != 1 else set()
-    groups = [{"params": [p for p in params if id(p) not in base], "lr_scale": 1.0}]
+    gate = set()
+    if model.memory_gate is not None and cfg.gate_lr_ratio != 1:
+        gate = {id(p) for p in model.memory_gate.parameters()}
+    scaled = base | gate
+    groups = [{"params": [p for p in params if id(p) not in scaled], "lr_scale": 1.0}]
     if base:
         groups.append({"params": [p for p in params if id(p) in base], "lr_scale": cfg.base_lr_ratio})
+    if gate:
+        groups.append({"params": [p for p in params if id(p) in gate], "lr_scale": cfg.gate_lr_ratio})
 
     def new_optimizer(stage):
         return torch.optim.AdamW([dict(g) for g in groups], lr=cfg.stage_lr(stage),
@@ -298,7 +309,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
-                        "train_base", "base_lr_ratio", "order_fraction", "memory_fraction"):
+                        "train_base", "base_lr_ratio", "gate_lr_ratio", "order_fraction", "memory_fraction"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -438,6 +449,8 @@ def parser() -> argparse.ArgumentParser:
                    help="full fine-tuning: train the pretrained weights too (checkpoints ~90 MB)")
     p.add_argument("--base-lr-ratio", type=float, default=d.base_lr_ratio,
                    help="with --train-base: the pretrained weights learn at this times the learning rate")
+    p.add_argument("--gate-lr-ratio", type=float, default=d.gate_lr_ratio,
+                   help="with a gated memory: the gate learns at this times the learning rate")
     p.add_argument("--order-fraction", type=float, default=d.order_fraction,
                    help="reasoning: share of training stories where only the argument order decides")
     p.add_argument("--memory-fraction", type=float, default=d.memory_fraction,
@@ -460,8 +473,8 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         save_every=a.save_every, amp=a.amp, seed=a.seed, data_seed=a.data_seed, memory_noise=a.memory_noise,
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
         lora_r=a.lora_r, train_base=a.train_base, base_lr_ratio=a.base_lr_ratio,
-        order_fraction=a.order_fraction, memory_fraction=a.memory_fraction, init_from=a.init_from,
-        base=a.base)
+        gate_lr_ratio=a.gate_lr_ratio, order_fraction=a.order_fraction, memory_fraction=a.memory_fraction,
+        init_from=a.init_from, base=a.base)
     cfg.validate()
     return cfg
 

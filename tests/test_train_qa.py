@@ -240,6 +240,29 @@ def test_base_lr_ratio_scales_the_pretrained_weights_step(tiny_base, noise, rati
         tiny_config(tiny_base, base_lr_ratio=0.1).validate()  # LoRA only: no pretrained weights train
 
 
+@pytest.mark.parametrize("ratio", [1.0, 10.0])
+def test_gate_lr_ratio_scales_the_gates_step(tiny_base, noise, ratio, tmp_path):
+    """As base_lr_ratio: Adam's first step moves the memory gate's weights by ``ratio * lr``,
+    everything else by ``lr``; the ratio must match on resume."""
+    cfg = tiny_config(tiny_base, memory_update="gated", gate_lr_ratio=ratio, max_steps=1, curriculum=[2],
+                      lrs=None, weight_decay=0.0, save_every=1)
+    model = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    train_qa(model, data, cfg, tmp_path, progress=False)
+    moved = {True: 0.0, False: 0.0}
+    for n, p in model.named_parameters():
+        gate = n.startswith("memory_gate.")
+        moved[gate] = max(moved[gate], (p.detach() - before[n]).abs().max().item())
+    # the new gate's gradients are tiny (about 1e-7 here): Adam's eps takes a few percent off
+    assert moved[False] > 0 and moved[True] / moved[False] == pytest.approx(ratio, rel=0.05)
+    other = dataclasses.replace(cfg, gate_lr_ratio=ratio * 2, max_steps=2)
+    with pytest.raises(ValueError, match="was trained with gate_lr_ratio"):
+        train_qa(build_model(other), data, other, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="gate_lr_ratio must be > 0"):
+        tiny_config(tiny_base, gate_lr_ratio=0.0).validate()
+
+
 def test_base_lr_ratio_resumes_and_must_match(tiny_base, noise, tmp_path):
     cfg = tiny_config(tiny_base, train_base=True, base_lr_ratio=0.1, max_steps=2, curriculum=[1],
                       lrs=None, save_every=1)
