@@ -157,6 +157,38 @@ def test_encoder_with_a_gate_equals_the_reference_loop():
     assert model.memory_gate.proj.weight.grad.abs().sum() > 0
 
 
+def test_gate_openness_script():
+    """scripts/memory_gate_stats.py: one row per segment; a new gate keeps sigmoid(-3) of every
+    channel of every slot; a trained-looking gate's rows match z computed by hand."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "memory_gate_stats.py")
+    spec = importlib.util.spec_from_file_location("memory_gate_stats", path)
+    stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    kw = dict(num_mem_tokens=4, segment_size=6, cls_token_id=CLS, sep_token_id=SEP)
+    model = RMTEncoderForSequenceClassification(bert(), memory_update="gated", **kw).eval()
+    x = torch.randint(3, 53, (2, 18), generator=torch.Generator().manual_seed(1))
+    rows = stats.gate_openness(model, x)
+    z0 = torch.sigmoid(torch.tensor(MemoryGate.INIT_BIAS)).item()
+    assert [r["segment"] for r in rows] == [0, 1, 2]
+    assert all(abs(r["mean"] - z0) < 1e-6 and r["over_half"] == 0 and r["slot_spread"] < 1e-6 for r in rows)
+    randomize(model.memory_gate, seed=3)
+    rows = stats.gate_openness(model, x)
+    with torch.no_grad():  # the first segment's z by hand
+        cls_, sep = (model.base.get_input_embeddings()(torch.tensor([[t]] * 2)) for t in (CLS, SEP))
+        mem = model.memory.expand(2, -1, -1)
+        emb = model.base.get_input_embeddings()(x[:, :6])
+        o = model.base(inputs_embeds=torch.cat([cls_, mem, sep, emb, sep], 1), output_hidden_states=True)
+        z = model.memory_gate.keep(mem, o.hidden_states[-1][:, 1:5])
+    assert rows[0]["mean"] == pytest.approx(z.mean().item(), abs=1e-5)
+    assert rows[0]["over_half"] == pytest.approx((z > 0.5).float().mean().item(), abs=1e-6)
+    assert 0 < rows[0]["over_half"] < 1 and rows[0]["slot_spread"] > 0
+    with pytest.raises(ValueError, match="not gated"):
+        stats.gate_openness(RMTEncoderForSequenceClassification(bert(), **kw), x)
+
+
 def test_gate_errors():
     with pytest.raises(ValueError, match="memory_update must be one of"):
         RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=4, memory_update="blend")

@@ -58,11 +58,14 @@ class MemoryGate(nn.Module):
             self.proj.weight.zero_()
             self.proj.bias.fill_(self.INIT_BIAS)
 
+    def keep(self, read: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """``z`` ``[B, M, d]``: the share of ``read`` each channel of the next memory keeps."""
+        return torch.sigmoid(self.proj(torch.cat([written, read], dim=-1)))
+
     def forward(self, read: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
         """``read`` (the memory the segment read), ``written`` (its write outputs) ``[B, M, d]``
         -> next memory ``[B, M, d]``."""
-        z = torch.sigmoid(self.proj(torch.cat([written, read], dim=-1)))
-        return written + z * (read - written)
+        return written + self.keep(read, written) * (read - written)
 
 
 def max_positions(config) -> int | None:

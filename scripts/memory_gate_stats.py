@@ -1,0 +1,63 @@
+"""How much of the old memory a gated MiniLM RMT keeps (``memory_update="gated"``): per segment,
+the mean of the gate's ``z`` (share of the memory read that the next memory keeps), the share of
+channels with ``z > 0.5`` and ``z > 0.9``, and how much ``z`` differs between the memory slots.
+
+``python scripts/memory_gate_stats.py CHECKPOINT [--task reasoning] [--segments 8] [--samples 64]``
+(a checkpoint of ``python -m rmt_fast.train_qa ... --memory-update gated``; validation samples
+``0..samples-1``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
+from rmt_fast.tasks.babi_qa import TASKS, BabiQA
+
+
+def gate_openness(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[dict]:
+    """One row per segment of ``input_ids`` ``[B, T]``: ``mean``, ``over_half``, ``over_0.9`` of the
+    gate's ``z`` ``[B, M, d]`` and ``slot_spread`` (max - min over the slots of the per-slot mean)."""
+    if model.memory_gate is None:
+        raise ValueError("the model's memory is not gated (memory_update='replace')")
+    rows = []
+
+    def record(gate, args, output):
+        z = gate.keep(*args).float()
+        per_slot = z.mean(dim=(0, 2))
+        share = {f"over_{t}": (z > t).float().mean().item() for t in (0.5, 0.9)}
+        rows.append({"segment": len(rows), "mean": z.mean().item(), "over_half": share["over_0.5"],
+                     "over_0.9": share["over_0.9"], "slot_spread": (per_slot.max() - per_slot.min()).item()})
+
+    handle = model.memory_gate.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model(input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--task", choices=TASKS, default="reasoning")
+    p.add_argument("--segments", type=int, default=8)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = LoRARMTEncoderForSequenceClassification.from_pretrained(a.checkpoint)
+    data = BabiQA(a.task, model.tokenizer, model.rmt_config.segment_size)
+    batch = data.batch("valid", a.segments, range(a.samples))
+    rows = gate_openness(model, batch["input_ids"], batch["attention_mask"])
+    print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} of {a.task} at {a.segments} segments")
+    print("| after segment | mean z | z > 0.5 | z > 0.9 | spread of the slot means |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['segment'] + 1} | {r['mean']:.3f} | {r['over_half']:.3f} | {r['over_0.9']:.3f} | "
+              f"{r['slot_spread']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
