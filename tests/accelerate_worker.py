@@ -6,6 +6,7 @@ global batch, or under ``accelerate launch`` with 2 CPU processes (gloo) and hal
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -19,9 +20,13 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import rmt_fast  # noqa: E402
 from rmt_fast.data import RMTDataCollator  # noqa: E402
+from rmt_fast.distributed import destroy  # noqa: E402
 
 
 def main(out: str, per_device: int, checkpoint_segments: bool) -> None:
+    # a hang shows where it is (every thread's stack on stderr) and ends the rank in minutes,
+    # not at the test's 600 s timeout; a run takes 10-60 s
+    faulthandler.dump_traceback_later(240, exit=True)
     torch.set_num_threads(1)
     model = rmt_fast.RMTForCausalLM(tiny_gpt2(seed=0), num_mem_tokens=2, segment_size=8,
                                     checkpoint_segments=checkpoint_segments)
@@ -43,11 +48,11 @@ def main(out: str, per_device: int, checkpoint_segments: bool) -> None:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"world_size": trainer.args.world_size, "losses": losses}, f)
-    if torch.distributed.is_initialized():
-        # leave together: a rank whose peer has already exited can abort in gloo's teardown
-        # ("terminate called without an active exception", seen once in a full test run)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # the Trainer holds the DistributedDataParallel wrapper: it must go while the process group
+    # exists (freed after destroy_process_group, it hung a rank at exit in 3 of 12 runs); then
+    # leave together (a rank whose peer has already exited can abort in gloo's teardown)
+    del trainer
+    destroy()
 
 
 if __name__ == "__main__":
