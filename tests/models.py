@@ -5,7 +5,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 VOCAB = 61
 
@@ -24,6 +31,15 @@ def tiny_llama(seed=0):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       bos_token_id=0, eos_token_id=0)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(cls=BertForSequenceClassification, seed=0, layers=2, dropout=0.0):
+    """A 2-layer d32 BERT of class ``cls`` (vocabulary 53, 3 labels), in eval mode."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                     max_position_embeddings=64, num_labels=3)
+    return cls(cfg).eval()
 
 
 def eager_copy(model):

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from models import eager_copy, ids, tiny_gpt2
-from transformers import BertConfig, BertForSequenceClassification
+from models import eager_copy, ids, tiny_bert, tiny_gpt2
 
 from rmt_fast.models import MemoryTransformer, RMTEncoderForSequenceClassification, RMTForCausalLM
 from rmt_fast.models.base import MemoryGate
@@ -125,16 +124,8 @@ def test_a_config_file_without_the_field_loads_as_replace(tmp_path):
     assert RMTConfig.load(tmp_path).memory_update == "replace"
 
 
-def bert(seed=0):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
-        num_labels=3)).eval()
-
-
 def test_encoder_with_a_gate_equals_the_reference_loop():
-    base = bert()
+    base = tiny_bert()
     ref = copy.deepcopy(base)
     ref.set_attn_implementation("eager")
     m, s = 4, 6
@@ -168,7 +159,7 @@ def test_gate_openness_script():
     stats = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stats)
     kw = dict(num_mem_tokens=4, segment_size=6, cls_token_id=CLS, sep_token_id=SEP)
-    model = RMTEncoderForSequenceClassification(bert(), memory_update="gated", **kw).eval()
+    model = RMTEncoderForSequenceClassification(tiny_bert(), memory_update="gated", **kw).eval()
     x = torch.randint(3, 53, (2, 18), generator=torch.Generator().manual_seed(1))
     rows = stats.gate_openness(model, x)
     z0 = torch.sigmoid(torch.tensor(MemoryGate.INIT_BIAS)).item()
@@ -186,14 +177,14 @@ def test_gate_openness_script():
     assert rows[0]["over_half"] == pytest.approx((z > 0.5).float().mean().item(), abs=1e-6)
     assert 0 < rows[0]["over_half"] < 1 and rows[0]["slot_spread"] > 0
     with pytest.raises(ValueError, match="not gated"):
-        stats.gate_openness(RMTEncoderForSequenceClassification(bert(), **kw), x)
+        stats.gate_openness(RMTEncoderForSequenceClassification(tiny_bert(), **kw), x)
 
 
 def test_gate_errors():
     with pytest.raises(ValueError, match="memory_update must be one of"):
         RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=4, memory_update="blend")
     with pytest.raises(ValueError, match="Memory Transformer has no recurrent memory"):
-        MemoryTransformer(bert(), num_mem_tokens=2, memory_update="gated")
+        MemoryTransformer(tiny_bert(), num_mem_tokens=2, memory_update="gated")
     model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=4)
     with pytest.raises(ValueError, match="memory_update"):
         model.replace_config(memory_update="gated")  # it adds parameters: fixed at construction

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel
+from models import tiny_bert
+from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
 
 from rmt_fast.models import (
     MemoryTransformer,
@@ -15,23 +16,12 @@ from rmt_fast.models import (
 CLS, SEP = 1, 2
 
 
-def bert_config(layers=2):
-    return BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                      intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      max_position_embeddings=64, num_labels=3)
-
-
-def make(cls, seed=0, layers=2):
-    torch.manual_seed(seed)
-    return cls(bert_config(layers)).eval()
-
-
 def tokens(batch, length, seed=0):
     return torch.randint(3, 53, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def test_sequence_classification_equals_reference_loop():
-    base = make(BertForSequenceClassification)
+    base = tiny_bert()
     ref = copy.deepcopy(base)
     ref.set_attn_implementation("eager")
     m, s = 4, 6
@@ -59,8 +49,8 @@ def test_memory_noise_perturbs_every_read_in_training_only():
     training mode, in segment order; eval mode is noise-free."""
     kw = dict(num_mem_tokens=3, segment_size=6, cls_token_id=CLS, sep_token_id=SEP)
     x = tokens(2, 12)
-    model = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), memory_noise=0.3, **kw)
-    plain = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), **kw).eval()
+    model = RMTEncoderForSequenceClassification(tiny_bert(), memory_noise=0.3, **kw)
+    plain = RMTEncoderForSequenceClassification(tiny_bert(), **kw).eval()
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         clean = plain(x)
@@ -84,7 +74,7 @@ def test_memory_noise_perturbs_every_read_in_training_only():
 
 
 def test_padded_rows_equal_rows_run_alone():
-    model = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), num_mem_tokens=3,
+    model = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=3,
                                                 segment_size=5, cls_token_id=CLS, sep_token_id=SEP)
     long, short = tokens(1, 13, seed=1), tokens(1, 7, seed=2)
     batch = torch.zeros(2, 13, dtype=torch.long)
@@ -100,7 +90,7 @@ def test_padded_rows_equal_rows_run_alone():
 
 
 def test_token_classification_logits_cover_every_token(tmp_path):
-    model = RMTEncoderForTokenClassification(make(BertForTokenClassification), num_mem_tokens=2,
+    model = RMTEncoderForTokenClassification(tiny_bert(BertForTokenClassification), num_mem_tokens=2,
                                              segment_size=4, cls_token_id=CLS, sep_token_id=SEP)
     x = tokens(2, 11)
     labels = torch.randint(0, 3, (2, 11))
@@ -138,7 +128,7 @@ def _embed(model, x):
 
 
 def test_mem_transformer_equals_prepended_memory():
-    base = make(BertModel)
+    base = tiny_bert(BertModel)
     ref = copy.deepcopy(base)
     model = MemoryTransformer(base, num_mem_tokens=3, variant="mem", mask="full")
     x = tokens(2, 9)
@@ -150,7 +140,7 @@ def test_mem_transformer_equals_prepended_memory():
 
 
 def test_mem_ctrl_uses_its_own_layer_copy_for_memory_rows():
-    base = make(BertModel, layers=1)
+    base = tiny_bert(BertModel, layers=1)
     model = MemoryTransformer(base, num_mem_tokens=3, variant="ctrl")
     layer = model.base.encoder.layer[0]
     with torch.no_grad():
@@ -166,7 +156,7 @@ def test_mem_ctrl_uses_its_own_layer_copy_for_memory_rows():
 
 
 def test_mem_bottleneck_two_pass_reference():
-    base = make(BertModel, layers=1)
+    base = tiny_bert(BertModel, layers=1)
     ref = copy.deepcopy(base)
     ref.set_attn_implementation("eager")
     model = MemoryTransformer(base, num_mem_tokens=3, variant="bottleneck")
@@ -189,10 +179,10 @@ def test_mem_bottleneck_two_pass_reference():
 
 def test_encoder_bad_arguments():
     with pytest.raises(ValueError, match="cls_token_id and sep_token_id are required"):
-        RMTEncoderForSequenceClassification(make(BertForSequenceClassification), num_mem_tokens=2,
+        RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=2,
                                             segment_size=4)
     with pytest.raises(ValueError, match="exceeds the base model's 64 positions"):
-        RMTEncoderForSequenceClassification(make(BertForSequenceClassification), num_mem_tokens=20,
+        RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=20,
                                             segment_size=50, cls_token_id=CLS, sep_token_id=SEP)
     with pytest.raises(ValueError, match="variant must be one of"):
-        MemoryTransformer(make(BertModel), variant="nope")
+        MemoryTransformer(tiny_bert(BertModel), variant="nope")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import LiveBytes
-from models import ids, tiny_gpt2
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel
+from models import ids, tiny_bert, tiny_gpt2
+from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
 
 from rmt_fast._extension import MemoryStore
 from rmt_fast.models import (
@@ -220,11 +220,7 @@ def test_compiled_step_aot_eager():
 # ------------------------------------------------------------------------------------- encoder
 
 def bert(cls, dtype):
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                     max_position_embeddings=64, num_labels=3)
-    return cls(cfg).to(dtype).train()
+    return tiny_bert(cls, dropout=0.1).to(dtype).train()
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
