@@ -17,7 +17,7 @@ from rmt_fast.tasks.babi_qa import TASKS, BabiQA
 
 
 def gate_openness(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[dict]:
-    """One row per segment of ``input_ids`` ``[B, T]``: ``mean``, ``over_half``, ``over_0.9`` of the
+    """One row per segment of ``input_ids`` ``[B, T]``: ``mean``, ``over_0.5``, ``over_0.9`` of the
     gate's ``z`` ``[B, M, d]`` and ``slot_spread`` (max - min over the slots of the per-slot mean)."""
     if model.memory_gate is None:
         raise ValueError("the model's memory is not gated (memory_update='replace')")
@@ -26,9 +26,9 @@ def gate_openness(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     def record(gate, args, output):
         z = gate.keep(*args).float()
         per_slot = z.mean(dim=(0, 2))
-        share = {f"over_{t}": (z > t).float().mean().item() for t in (0.5, 0.9)}
-        rows.append({"segment": len(rows), "mean": z.mean().item(), "over_half": share["over_0.5"],
-                     "over_0.9": share["over_0.9"], "slot_spread": (per_slot.max() - per_slot.min()).item()})
+        rows.append({"segment": len(rows), "mean": z.mean().item(),
+                     **{f"over_{t}": (z > t).float().mean().item() for t in (0.5, 0.9)},
+                     "slot_spread": (per_slot.max() - per_slot.min()).item()})
 
     handle = model.memory_gate.register_forward_hook(record)
     try:
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} of {a.task} at {a.segments} segments")
     print("| after segment | mean z | z > 0.5 | z > 0.9 | spread of the slot means |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['segment'] + 1} | {r['mean']:.3f} | {r['over_half']:.3f} | {r['over_0.9']:.3f} | "
+        print(f"| {r['segment'] + 1} | {r['mean']:.3f} | {r['over_0.5']:.3f} | {r['over_0.9']:.3f} | "
               f"{r['slot_spread']:.3f} |")
 
 

@@ -164,7 +164,7 @@ def test_gate_openness_script():
     rows = stats.gate_openness(model, x)
     z0 = torch.sigmoid(torch.tensor(MemoryGate.INIT_BIAS)).item()
     assert [r["segment"] for r in rows] == [0, 1, 2]
-    assert all(abs(r["mean"] - z0) < 1e-6 and r["over_half"] == 0 and r["slot_spread"] < 1e-6 for r in rows)
+    assert all(abs(r["mean"] - z0) < 1e-6 and r["over_0.5"] == 0 and r["slot_spread"] < 1e-6 for r in rows)
     randomize(model.memory_gate, seed=3)
     rows = stats.gate_openness(model, x)
     with torch.no_grad():  # the first segment's z by hand
@@ -174,8 +174,8 @@ def test_gate_openness_script():
         o = model.base(inputs_embeds=torch.cat([cls_, mem, sep, emb, sep], 1), output_hidden_states=True)
         z = model.memory_gate.keep(mem, o.hidden_states[-1][:, 1:5])
     assert rows[0]["mean"] == pytest.approx(z.mean().item(), abs=1e-5)
-    assert rows[0]["over_half"] == pytest.approx((z > 0.5).float().mean().item(), abs=1e-6)
-    assert 0 < rows[0]["over_half"] < 1 and rows[0]["slot_spread"] > 0
+    assert rows[0]["over_0.5"] == pytest.approx((z > 0.5).float().mean().item(), abs=1e-6)
+    assert 0 < rows[0]["over_0.5"] < 1 and rows[0]["slot_spread"] > 0
     with pytest.raises(ValueError, match="not gated"):
         stats.gate_openness(RMTEncoderForSequenceClassification(tiny_bert(), **kw), x)
 
