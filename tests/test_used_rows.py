@@ -127,13 +127,13 @@ def test_training_mode_reads_every_row(monkeypatch):
 def test_encoder_classifier_reads_cls_and_memory_rows_only(monkeypatch):
     """Encoder classifier in evaluation mode: the last block runs on [CLS] + memory rows only;
     logits and memory equal the full pass (every row), with and without key padding."""
-    from test_rmt_encoder import CLS, SEP, make, tokens
-    from transformers import BertForSequenceClassification
+    from models import tiny_bert
+    from test_rmt_encoder import CLS, SEP, tokens
 
     from rmt_fast.models import RMTEncoderForSequenceClassification
 
     m = 4
-    model = RMTEncoderForSequenceClassification(make(BertForSequenceClassification), num_mem_tokens=m,
+    model = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=m,
                                                 segment_size=6, cls_token_id=CLS, sep_token_id=SEP).eval()
     block = find_layers(model.base)[-1]
     seen = []
