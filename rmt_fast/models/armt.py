@@ -33,6 +33,7 @@ upstream code works on ``model.memory_state`` (``forward(..., persist=True)``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
@@ -232,12 +233,12 @@ class AssociativeMemory(nn.Module):
     zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code. Holds the
     weights only: the options come with each call (:func:`associative_options`)."""
 
-    def __init__(self, d_model: int, config: ARMTConfig, dtype: torch.dtype | None = None,
+    def __init__(self, d_model: int, d_mem: int, dtype: torch.dtype | None = None,
                  device: torch.device | None = None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.W_mq = nn.Linear(d_model, config.d_mem, bias=False, **kw)
-        self.W_mk = nn.Linear(d_model, config.d_mem, bias=False, **kw)
+        self.W_mq = nn.Linear(d_model, d_mem, bias=False, **kw)
+        self.W_mk = nn.Linear(d_model, d_mem, bias=False, **kw)
         self.W_mv = nn.Linear(d_model, d_model, bias=False, **kw)
         nn.init.zeros_(self.W_mv.weight)
         self.W_mb = nn.Linear(d_model, 1, **kw)
@@ -257,14 +258,20 @@ class AssociativeMemory(nn.Module):
 
 
 class _Run:
-    """What the block hooks need while one segment runs through the base model."""
+    """What the block hooks need while one segment runs through the base model.
 
-    def __init__(self, layers, assoc, state: ARMTState, write: bool, cfg: ARMTConfig,
-                 noise: float = 0.0):
-        self.layers, self.assoc, self.state, self.write = layers, assoc, state, write
-        self.opts, self.correction = associative_options(cfg), cfg.correction
-        self.noise = noise  # relative std of the noise on every read (training only)
-        self.new_A, self.new_z = list(state.A), list(state.z)
+    ``A``/``z``: per layer the state the blocks read (``[B, d_key, d]``, ``[B, d_key]``);
+    ``read``: whether the blocks read it; ``write``: the positions (a slice of the sequence) whose
+    block outputs write, or None (no write); ``first``: the state is fresh (a bool, or ``[B]``
+    bool for fresh rows, see :func:`associative_write`); ``opts``: :func:`associative_options`;
+    ``noise``: relative std of the noise on every read (training only)."""
+
+    def __init__(self, layers, assoc, A, z, *, read: bool, write: slice | None, first, opts: dict,
+                 correction: bool, noise: float = 0.0):
+        self.layers, self.assoc, self.A, self.z = layers, assoc, A, z
+        self.read, self.write, self.first = read, write, first
+        self.opts, self.correction, self.noise = opts, correction, noise
+        self.new_A, self.new_z = list(A), list(z)
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("rmt_fast_armt_run", default=None)
@@ -280,11 +287,10 @@ def _active(idx: int, module: nn.Module) -> _Run | None:
 def _make_pre_hook(idx: int):
     def hook(module, args, kwargs):
         run = _active(idx, module)
-        if run is None or run.state.fresh:
+        if run is None or not run.read:
             return None
         h = args[0] if args else kwargs["hidden_states"]
-        h = h + relative_noise(run.assoc[idx].read(h, run.state.A[idx], run.state.z[idx], run.opts),
-                               run.noise)
+        h = h + relative_noise(run.assoc[idx].read(h, run.A[idx], run.z[idx], run.opts), run.noise)
         if args:
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
@@ -292,18 +298,37 @@ def _make_pre_hook(idx: int):
     return hook
 
 
-def _make_hook(idx: int, num_mem_tokens: int):
+def _make_hook(idx: int):
     def hook(module, args, kwargs, output):
         run = _active(idx, module)
-        if run is None or not run.write:
+        if run is None or run.write is None:
             return None
         out = output[0] if isinstance(output, tuple) else output
         run.new_A[idx], run.new_z[idx] = run.assoc[idx].write(
-            out[:, -num_mem_tokens:], run.state.A[idx], run.state.z[idx], run.state.fresh,
-            run.correction, run.opts)
+            out[:, run.write], run.A[idx], run.z[idx], run.first, run.correction, run.opts)
         return None
 
     return hook
+
+
+def install_hooks(layers: nn.ModuleList) -> list:
+    """The associative read (pre-hook) and write (hook) on every block of ``layers``; active only
+    inside :func:`running`. Returns the hook handles."""
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(_make_pre_hook(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(_make_hook(i), with_kwargs=True))
+    return handles
+
+
+@contextlib.contextmanager
+def running(run: _Run):
+    """Makes ``run`` the one the block hooks of :func:`install_hooks` serve."""
+    token = _RUN.set(run)
+    try:
+        yield run
+    finally:
+        _RUN.reset(token)
 
 
 def _flatten_state(state: ARMTState):
@@ -370,13 +395,9 @@ class ARMTForCausalLM(RMTBase):
         d = hidden_size(base_model.config)
         weight = base_model.get_input_embeddings().weight
         sdtype = _dtype(config.state_dtype, weight.dtype)
-        self.assoc = nn.ModuleList(AssociativeMemory(d, config, sdtype, weight.device)
+        self.assoc = nn.ModuleList(AssociativeMemory(d, config.d_mem, sdtype, weight.device)
                                    for _ in range(len(layers)))
-        self._hooks = []
-        for i, layer in enumerate(layers):
-            self._hooks.append(layer.register_forward_pre_hook(_make_pre_hook(i), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(_make_hook(i, config.num_mem_tokens),
-                                                           with_kwargs=True))
+        self._hooks = install_hooks(layers)
         self._position_base = None
         if config.position_mode == "wrap":
             self._position_base = self._wrap_positions()
@@ -495,6 +516,13 @@ class ARMTForCausalLM(RMTBase):
         self.memory_state = state
 
     # --- one segment -----------------------------------------------------------------------------
+    def _run(self, state: ARMTState, write: slice | None, noise: float = 0.0) -> _Run:
+        """The hooks' view of one segment from ``state`` (a fresh state is not read)."""
+        cfg = self.rmt_config
+        return _Run(self.layers, self.assoc, state.A, state.z, read=not state.fresh, write=write,
+                    first=state.fresh, opts=associative_options(cfg), correction=cfg.correction,
+                    noise=noise)
+
     def segment_forward(self, state: ARMTState, ids: torch.Tensor, mask: torch.Tensor | None, *,
                         write: bool = True, need_hidden: bool = True):
         """Run one segment ``ids`` ``[B, S]`` (``mask`` ``[B, S]`` bool or None) from ``state``.
@@ -520,18 +548,14 @@ class ARMTForCausalLM(RMTBase):
             if write and not need_hidden else None
         layout = MemoryLayout(num_read=0, num_write=m if write else 0, mask="causal",
                               key_padding_mask=kpm, used_rows=used)
-        run = _Run(self.layers, self.assoc, state, write, self.rmt_config,
-                   noise=self.rmt_config.memory_noise if self.training else 0.0)
-        token = _RUN.set(run)
-        try:
-            with memory_layout(layout):
-                hidden = self.base.base_model(inputs_embeds=embeds, use_cache=False,
-                                              attention_mask=layout_attention_mask(embeds),
-                                              position_ids=self._position_ids(mask, seg_len, write,
-                                                                              ids.device),
-                                              ).last_hidden_state
-        finally:
-            _RUN.reset(token)
+        run = self._run(state, slice(seg_len, seg_len + m) if write else None,
+                        noise=self.rmt_config.memory_noise if self.training else 0.0)
+        with running(run), memory_layout(layout):
+            hidden = self.base.base_model(inputs_embeds=embeds, use_cache=False,
+                                          attention_mask=layout_attention_mask(embeds),
+                                          position_ids=self._position_ids(mask, seg_len, write,
+                                                                          ids.device),
+                                          ).last_hidden_state
         new = state
         if write:
             new = ARMTState(tuple(run.new_A), tuple(run.new_z), state.segments + 1)
@@ -646,12 +670,9 @@ class ARMTForCausalLM(RMTBase):
         last = segments[-1]
         embeds = self.base.get_input_embeddings()(last.ids)
         mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
-        token = _RUN.set(_Run(self.layers, self.assoc, state, False, self.rmt_config))
-        try:
+        with running(self._run(state, None)):
             return self.base.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)
-        finally:
-            _RUN.reset(token)
 
     def diagonal(self, grouped: bool = True):
         """A :class:`rmt_fast.models.diagonal.DiagonalExecutor` for inference over this model
