@@ -74,6 +74,9 @@ class QATrainConfig:
     ``init_from``'s otherwise; ``gated`` on a ``replace`` model adds a new gate); the gate's
     weights learn at ``gate_lr_ratio`` times the learning rate (a new gate on a trained model
     barely moves at the model's rate: ``docs/minilm_babi.md``).
+    ``associative_d_mem``: :attr:`RMTConfig.associative_d_mem` (None: 0 for a new model,
+    ``init_from``'s otherwise; > 0 on a model without one adds a new associative memory), its
+    weights at ``assoc_lr_ratio`` times the learning rate.
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
@@ -83,6 +86,7 @@ class QATrainConfig:
     segment_size: int = 128
     num_mem_tokens: int | None = None
     memory_update: str | None = None
+    associative_d_mem: int | None = None
     curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 16
     lr: float = 5e-4
@@ -111,6 +115,7 @@ class QATrainConfig:
     train_base: bool = False
     base_lr_ratio: float = 1.0
     gate_lr_ratio: float = 1.0
+    assoc_lr_ratio: float = 1.0
     order_fraction: float = 0.0
     memory_fraction: float = 0.0
     init_from: str | None = None
@@ -145,6 +150,10 @@ class QATrainConfig:
         need(self.base_lr_ratio > 0 and (self.base_lr_ratio == 1 or self.train_base),
              f"base_lr_ratio must be > 0 (and 1 unless train_base), got {self.base_lr_ratio!r}")
         need(self.gate_lr_ratio > 0, f"gate_lr_ratio must be > 0, got {self.gate_lr_ratio!r}")
+        need(self.assoc_lr_ratio > 0, f"assoc_lr_ratio must be > 0, got {self.assoc_lr_ratio!r}")
+        assoc = self.associative_d_mem
+        need(assoc is None or (isinstance(assoc, int) and not isinstance(assoc, bool) and assoc >= 0),
+             f"associative_d_mem must be None or an int >= 0, got {assoc!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
         need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
@@ -224,14 +233,16 @@ def build_model(cfg: QATrainConfig):
         if model.labels != list(LOCATIONS):
             raise ValueError(f"init_from classifies {model.labels}, not {list(LOCATIONS)}")
         if (cfg.num_mem_tokens not in (None, model.rmt_config.num_mem_tokens)
-                or cfg.memory_update not in (None, model.rmt_config.memory_update)):
-            model = model.with_memory(cfg.num_mem_tokens, cfg.memory_update)
+                or cfg.memory_update not in (None, model.rmt_config.memory_update)
+                or cfg.associative_d_mem not in (None, model.rmt_config.associative_d_mem)):
+            model = model.with_memory(cfg.num_mem_tokens, cfg.memory_update, cfg.associative_d_mem)
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
-        mem = {} if cfg.num_mem_tokens is None else {"num_mem_tokens": cfg.num_mem_tokens}  # else from_base's
-        update = {} if cfg.memory_update is None else {"memory_update": cfg.memory_update}
+        given = {"num_mem_tokens": cfg.num_mem_tokens, "memory_update": cfg.memory_update,
+                 "associative_d_mem": cfg.associative_d_mem}
         model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, segment_size=cfg.segment_size,
-                            train_base=cfg.train_base, **mem, **update)
+                            train_base=cfg.train_base,
+                            **{k: v for k, v in given.items() if v is not None})  # else from_base's
     # the fine-tuned part does not depend on the segment size: a model trained on short
     # segments can start a run on longer ones (checked against the base model's positions)
     model.replace_config(memory_noise=cfg.memory_noise, bptt_depth=cfg.bptt_depth,
@@ -281,17 +292,18 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     params = [p for p in model.parameters() if p.requires_grad]
     # full fine-tuning may train the pretrained weights slower than the new parts (adapters,
     # memory, head): a second group whose learning rate is scaled by base_lr_ratio
-    # and a memory gate added to a trained model may learn faster (gate_lr_ratio)
-    base = {id(p) for _, p in model.base_weights()} if cfg.base_lr_ratio != 1 else set()
-    gate = set()
-    if model.memory_gate is not None and cfg.gate_lr_ratio != 1:
-        gate = {id(p) for p in model.memory_gate.parameters()}
-    scaled = base | gate
+    # and a memory gate or associative memory added to a trained model may learn faster
+    # (gate_lr_ratio, assoc_lr_ratio): one more group each, only where the ratio is not 1
+    scaled_groups = []
+    if cfg.base_lr_ratio != 1:
+        scaled_groups.append(({id(p) for _, p in model.base_weights()}, cfg.base_lr_ratio))
+    for module, ratio in ((model.memory_gate, cfg.gate_lr_ratio), (model.assoc, cfg.assoc_lr_ratio)):
+        if module is not None and ratio != 1:
+            scaled_groups.append(({id(p) for p in module.parameters()}, ratio))
+    scaled = set().union(*(ids for ids, _ in scaled_groups))
     groups = [{"params": [p for p in params if id(p) not in scaled], "lr_scale": 1.0}]
-    if base:
-        groups.append({"params": [p for p in params if id(p) in base], "lr_scale": cfg.base_lr_ratio})
-    if gate:
-        groups.append({"params": [p for p in params if id(p) in gate], "lr_scale": cfg.gate_lr_ratio})
+    groups += [{"params": [p for p in params if id(p) in ids], "lr_scale": ratio}
+               for ids, ratio in scaled_groups]
 
     def new_optimizer(stage):
         return torch.optim.AdamW([dict(g) for g in groups], lr=cfg.stage_lr(stage),
@@ -309,7 +321,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             state = torch.load(os.path.join(ckpt, STATE_NAME), weights_only=True)
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
-                        "train_base", "base_lr_ratio", "gate_lr_ratio", "order_fraction", "memory_fraction"):
+                        "train_base", "base_lr_ratio", "gate_lr_ratio", "assoc_lr_ratio",
+                        "order_fraction", "memory_fraction"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -421,6 +434,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-update", choices=MEMORY_UPDATES, default=d.memory_update,
                    help="next memory: replace (RMT) or gated (default: replace, or --init-from's; "
                         "gated on a replace model adds a new gate)")
+    p.add_argument("--associative-d-mem", type=int, default=d.associative_d_mem,
+                   help="ARMT's layer-wise associative memory with keys of this width (0: none; "
+                        "default: none, or --init-from's; > 0 on a model without one adds it)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -451,6 +467,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --train-base: the pretrained weights learn at this times the learning rate")
     p.add_argument("--gate-lr-ratio", type=float, default=d.gate_lr_ratio,
                    help="with a gated memory: the gate learns at this times the learning rate")
+    p.add_argument("--assoc-lr-ratio", type=float, default=d.assoc_lr_ratio,
+                   help="with an associative memory: it learns at this times the learning rate")
     p.add_argument("--order-fraction", type=float, default=d.order_fraction,
                    help="reasoning: share of training stories where only the argument order decides")
     p.add_argument("--memory-fraction", type=float, default=d.memory_fraction,
@@ -466,6 +484,7 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> QATrainConfig:
     cfg = QATrainConfig(
         task=a.task, segment_size=a.segment_size, num_mem_tokens=a.mem, memory_update=a.memory_update,
+        associative_d_mem=a.associative_d_mem, assoc_lr_ratio=a.assoc_lr_ratio,
         curriculum=[int(x) for x in a.curriculum.split(",")], batch_size=a.batch_size, lr=a.lr,
         lrs=None if a.lrs is None else [float(x) for x in a.lrs.split(",")], weight_decay=a.weight_decay,
         warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, stage_steps=a.stage_steps, threshold=a.threshold,

@@ -153,6 +153,10 @@ def _check_input(model, input_ids, attention_mask) -> None:
 
 
 def _check_model_memory(model, memory, batch: int) -> None:
+    from rmt_fast.models.segment_loop import SegmentState
+
+    if isinstance(memory, SegmentState):  # an encoder's whole state: the wrapper checks the rest
+        memory = memory.memory
     if memory is not None:
         mem = model.memory
         check_memory("memory", memory, batch, mem.shape[0], mem.shape[1], mem.dtype, model.device)

@@ -240,11 +240,19 @@ def test_base_lr_ratio_scales_the_pretrained_weights_step(tiny_base, noise, rati
         tiny_config(tiny_base, base_lr_ratio=0.1).validate()  # LoRA only: no pretrained weights train
 
 
+NEW_MEMORY_PARTS = [  # (the config field that adds it, value, its lr-ratio field, its key prefix)
+    ("memory_update", "gated", "gate_lr_ratio", "memory_gate."),
+    ("associative_d_mem", 8, "assoc_lr_ratio", "assoc."),
+]
+
+
+@pytest.mark.parametrize("part", NEW_MEMORY_PARTS, ids=["gate", "associative"])
 @pytest.mark.parametrize("ratio", [1.0, 10.0])
-def test_gate_lr_ratio_scales_the_gates_step(tiny_base, noise, ratio, tmp_path):
-    """As base_lr_ratio: Adam's first step moves the memory gate's weights by ``ratio * lr``,
-    everything else by ``lr``; the ratio must match on resume."""
-    cfg = tiny_config(tiny_base, memory_update="gated", gate_lr_ratio=ratio, max_steps=1, curriculum=[2],
+def test_new_memory_part_lr_ratio_scales_its_step(tiny_base, noise, ratio, part, tmp_path):
+    """As base_lr_ratio: Adam's first step moves a memory gate's / an associative memory's
+    weights by ``ratio * lr``, everything else by ``lr``; the ratio must match on resume."""
+    field, value, ratio_field, prefix = part
+    cfg = tiny_config(tiny_base, **{field: value, ratio_field: ratio}, max_steps=1, curriculum=[2],
                       lrs=None, weight_decay=0.0, save_every=1)
     model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -252,15 +260,15 @@ def test_gate_lr_ratio_scales_the_gates_step(tiny_base, noise, ratio, tmp_path):
     train_qa(model, data, cfg, tmp_path, progress=False)
     moved = {True: 0.0, False: 0.0}
     for n, p in model.named_parameters():
-        gate = n.startswith("memory_gate.")
-        moved[gate] = max(moved[gate], (p.detach() - before[n]).abs().max().item())
-    # the new gate's gradients are tiny (about 1e-7 here): Adam's eps takes a few percent off
+        part_of = n.startswith(prefix)
+        moved[part_of] = max(moved[part_of], (p.detach() - before[n]).abs().max().item())
+    # a new gate's gradients are tiny (about 1e-7 here): Adam's eps takes a few percent off
     assert moved[False] > 0 and moved[True] / moved[False] == pytest.approx(ratio, rel=0.05)
-    other = dataclasses.replace(cfg, gate_lr_ratio=ratio * 2, max_steps=2)
-    with pytest.raises(ValueError, match="was trained with gate_lr_ratio"):
+    other = dataclasses.replace(cfg, **{ratio_field: ratio * 2}, max_steps=2)
+    with pytest.raises(ValueError, match=f"was trained with {ratio_field}"):
         train_qa(build_model(other), data, other, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="gate_lr_ratio must be > 0"):
-        tiny_config(tiny_base, gate_lr_ratio=0.0).validate()
+    with pytest.raises(ValueError, match=f"{ratio_field} must be > 0"):
+        tiny_config(tiny_base, **{ratio_field: 0.0}).validate()
 
 
 def test_base_lr_ratio_resumes_and_must_match(tiny_base, noise, tmp_path):
@@ -357,6 +365,42 @@ def test_init_from_with_a_memory_gate(tiny_base, noise, tmp_path):
         build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final"), memory_update="replace"))
     with pytest.raises(ValueError, match="memory_update must be None or one of"):
         tiny_config(tiny_base, memory_update="blend").validate()
+
+
+def test_init_from_with_an_associative_memory(tiny_base, noise, tmp_path):
+    """--associative-d-mem on a model without one adds a new associative memory: every other
+    fine-tuned weight carried over, the same answers (its W_v is zero); it trains, is saved,
+    resumes and stays; it is never dropped or resized."""
+    cfg = tiny_config(tiny_base, max_steps=1, curriculum=[1], lrs=None)
+    model = build_model(cfg)
+    train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, tmp_path / "a", progress=False)
+    final = str(tmp_path / "a" / "final")
+    plain = build_model(tiny_config(tiny_base, init_from=final)).eval()
+    run = tiny_config(tiny_base, init_from=final, associative_d_mem=8, max_steps=2, curriculum=[2],
+                      lrs=None)
+    assoc = build_model(run)
+    assert plain.assoc is None and assoc.rmt_config.associative_d_mem == 8 and assoc.training
+    a, b = plain.finetuned_state_dict(), assoc.finetuned_state_dict()
+    assert {k.split(".")[0] for k in set(b) - set(a)} == {"assoc"}
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "_extra_state")
+    data = BabiQA(cfg.task, assoc.tokenizer, S, noise=noise)
+    batch = data.batch("valid", 2, range(4))
+    with torch.no_grad():
+        p0 = plain(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        a0 = assoc.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(p0, a0)
+    mv0 = assoc.assoc[0].W_mv.weight.detach().clone()
+    train_qa(assoc.train(), data, run, tmp_path / "b", progress=False)
+    assert not torch.equal(assoc.assoc[0].W_mv.weight, mv0)  # it trains
+    again = build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final")))  # None keeps it
+    assert again.rmt_config.associative_d_mem == 8
+    assert torch.equal(again.assoc[0].W_mv.weight, assoc.assoc[0].W_mv.weight)
+    for size in (0, 16):
+        with pytest.raises(ValueError, match="cannot be dropped or resized"):
+            build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final"),
+                                    associative_d_mem=size))
+    with pytest.raises(ValueError, match="associative_d_mem must be None or an int >= 0"):
+        tiny_config(tiny_base, associative_d_mem=-1).validate()
 
 
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):

@@ -257,7 +257,7 @@ class AssociativeMemory(nn.Module):
                                  correction=correction, **opts)
 
 
-class _Run:
+class AssociativeRun:
     """What the block hooks need while one segment runs through the base model.
 
     ``A``/``z``: per layer the state the blocks read (``[B, d_key, d]``, ``[B, d_key]``);
@@ -274,10 +274,11 @@ class _Run:
         self.new_A, self.new_z = list(A), list(z)
 
 
-_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("rmt_fast_armt_run", default=None)
+_RUN: contextvars.ContextVar[AssociativeRun | None] = contextvars.ContextVar("rmt_fast_armt_run",
+                                                                             default=None)
 
 
-def _active(idx: int, module: nn.Module) -> _Run | None:
+def _active(idx: int, module: nn.Module) -> AssociativeRun | None:
     run = _RUN.get()
     if run is None or run.layers[idx] is not module:
         return None
@@ -322,8 +323,8 @@ def install_hooks(layers: nn.ModuleList) -> list:
 
 
 @contextlib.contextmanager
-def running(run: _Run):
-    """Makes ``run`` the one the block hooks of :func:`install_hooks` serve."""
+def running(run: AssociativeRun | None):
+    """Makes ``run`` the one the block hooks of :func:`install_hooks` serve (None: none)."""
     token = _RUN.set(run)
     try:
         yield run
@@ -516,10 +517,10 @@ class ARMTForCausalLM(RMTBase):
         self.memory_state = state
 
     # --- one segment -----------------------------------------------------------------------------
-    def _run(self, state: ARMTState, write: slice | None, noise: float = 0.0) -> _Run:
+    def _run(self, state: ARMTState, write: slice | None, noise: float = 0.0) -> AssociativeRun:
         """The hooks' view of one segment from ``state`` (a fresh state is not read)."""
         cfg = self.rmt_config
-        return _Run(self.layers, self.assoc, state.A, state.z, read=not state.fresh, write=write,
+        return AssociativeRun(self.layers, self.assoc, state.A, state.z, read=not state.fresh, write=write,
                     first=state.fresh, opts=associative_options(cfg), correction=cfg.correction,
                     noise=noise)
 

@@ -95,7 +95,7 @@ class RMTBase(nn.Module):
     config_class: ClassVar[type] = RMTConfig
     #: config fields that shape parameters or modules: :meth:`replace_config` refuses them
     FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("num_mem_tokens", "kind", "variant", "fuse_activations",
-                                               "memory_update")
+                                               "memory_update", "associative_d_mem")
 
     def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()

@@ -102,6 +102,13 @@ class RMTConfig(SavedConfig):
             the segment read, ``z = sigmoid(W [written; read] + b)``, next memory
             ``(1 - z) * written + z * read`` (:class:`rmt_fast.models.base.MemoryGate`; starts
             close to ``replace``). Decoders and encoders; a Memory Transformer has no recurrence.
+        associative_d_mem: 0 = none; ``d_mem > 0`` adds ARMT's layer-wise associative memory to
+            an encoder RMT (:class:`rmt_fast.models.armt.AssociativeMemory` per block, keys of
+            width ``d_mem``, ``d_key = 6 d_mem`` DPFP features): before every block each token
+            reads the layer's state ``A``, ``z``; after it the block's outputs at the memory
+            positions write into it (the delta rule), next to the memory tokens' own recurrence.
+            ``W_v`` starts at zero, so it can be added to a trained RMT encoder without changing
+            its outputs. Encoders only (``ARMTForCausalLM`` is ARMT for decoders).
         fuse_activations: replace the base model's tanh-GELU modules by the identical one-kernel
             :class:`rmt_fast.integrations.fused_activations.TanhGELU` when wrapping (the only
             module replacement the wrappers make; ``False`` leaves the base model untouched).
@@ -119,6 +126,7 @@ class RMTConfig(SavedConfig):
         "variant": "mem",  # decoder and encoder checkpoints (Memory Transformers kept it in `kind`)
         "offload_memory": False,  # checkpointed states were never offloaded before this switch
         "memory_update": "replace",  # the only update before the gate existed
+        "associative_d_mem": 0,  # no associative memory before it existed
     }
 
     num_mem_tokens: int = 16
@@ -133,6 +141,7 @@ class RMTConfig(SavedConfig):
     position_mode: str = "model"
     memory_noise: float = 0.0
     memory_update: str = "replace"
+    associative_d_mem: int = 0
     fuse_activations: bool = True
     kind: str = "decoder"
     variant: str = "mem"
@@ -177,6 +186,11 @@ class RMTConfig(SavedConfig):
         need(self.memory_update == "replace" or self.kind != "memory_transformer",
              f"memory_update {self.memory_update!r}: a Memory Transformer has no recurrent memory "
              "to update (use 'replace')")
+        need(is_int(self.associative_d_mem) and self.associative_d_mem >= 0,
+             f"associative_d_mem must be an int >= 0, got {self.associative_d_mem!r}")
+        need(self.associative_d_mem == 0 or self.kind == "encoder",
+             f"associative_d_mem={self.associative_d_mem}: the associative memory is for encoder "
+             f"RMTs (kind 'encoder', got {self.kind!r}); ARMTForCausalLM is ARMT for decoders")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for name in ("cls_token_id", "sep_token_id"):
             value = getattr(self, name)

@@ -2,6 +2,12 @@
 
 Memory is read and written at the same positions (1..M): the last hidden state there becomes the
 next segment's memory. Attention is bidirectional (``mask="full"``) with key padding.
+
+With ``RMTConfig(associative_d_mem=d_mem)`` every block also carries ARMT's associative memory
+(:mod:`rmt_fast.models.armt`): each token reads the layer's state before the block, the block's
+outputs at the memory positions 1..M write into it after. The recurrent state is then a
+:class:`~rmt_fast.models.segment_loop.SegmentState`: ``memory`` ``[B, M, d]`` and ``extra``
+``{"A.<layer>": [B, d_key, d], "z.<layer>": [B, d_key]}`` (zero = not yet written).
 """
 
 from __future__ import annotations
@@ -17,8 +23,17 @@ from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
 from rmt_fast.models import used_rows
-from rmt_fast.models.base import RMTBase
+from rmt_fast.models.armt import (
+    ARMTConfig,
+    AssociativeMemory,
+    AssociativeRun,
+    associative_options,
+    install_hooks,
+    running,
+)
+from rmt_fast.models.base import RMTBase, hidden_size
 from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.segment_loop import Segment, SegmentState, keep_rows, run_segments
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.validation import check_encoder_call
@@ -28,12 +43,15 @@ from rmt_fast.validation import check_encoder_call
 class RMTEncoderOutput(ModelOutput):
     """``loss``; ``logits`` (``[B, C]`` for sequence classification from the last segment, or
     ``[B, T, C]`` per token); ``memory`` ``[B, M, d]``; ``segment_logits``: per segment (sequence
-    classification only). A transformers ``ModelOutput``."""
+    classification only); ``state``: the whole recurrent state after the last segment (the
+    memory and, with ``associative_d_mem``, the associative state; pass it as ``memory=`` to
+    continue). A transformers ``ModelOutput``."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     memory: torch.Tensor | None = None
     segment_logits: list[torch.Tensor] | None = None
+    state: SegmentState | None = None
 
 
 class _RMTEncoderBase(RMTBase):
@@ -52,31 +70,77 @@ class _RMTEncoderBase(RMTBase):
                 if kwargs.get(name) is None and (config is None or getattr(config, name) is None):
                     kwargs[name] = getattr(tokenizer, name)
         super().__init__(base_model, config, **kwargs)
+        self.assoc = None
+        # ARMT's defaults (DPFP nu = 3, unnormalised features, eps, backend, correction)
+        self._assoc_config = ARMTConfig(d_mem=max(1, self.rmt_config.associative_d_mem))
+        if self.rmt_config.associative_d_mem:
+            layers = find_layers(self.base)
+            weight = self.base.get_input_embeddings().weight
+            self._assoc_layers = [layers]  # a list: the blocks stay registered under base only
+            self.assoc = nn.ModuleList(
+                AssociativeMemory(hidden_size(self.base.config), self.rmt_config.associative_d_mem,
+                                  weight.dtype, weight.device) for _ in layers)
+            self._assoc_hooks = install_hooks(layers)
+
+    # --- the recurrent state ---------------------------------------------------------------------
+    def init_state(self, batch: int) -> SegmentState:
+        """A new state for ``batch`` rows: the learned memory and, with an associative memory,
+        zero ``A``/``z`` per layer."""
+        return SegmentState(self.expand_memory(batch), extra=self._fresh_associative(batch))
+
+    def _fresh_associative(self, batch: int) -> dict[str, torch.Tensor]:
+        if self.assoc is None:
+            return {}
+        w = self.assoc[0].W_mq.weight
+        d_key, d = self._assoc_config.d_key, w.shape[1]
+        state = {}
+        for i in range(len(self.assoc)):
+            state[f"A.{i}"] = torch.zeros(batch, d_key, d, dtype=w.dtype, device=w.device)
+            state[f"z.{i}"] = torch.zeros(batch, d_key, dtype=w.dtype, device=w.device)
+        return state
+
+    def _as_state(self, memory, batch: int) -> SegmentState:
+        """``memory``: None (a new state), a memory tensor ``[B, M, d]`` (with a new associative
+        state) or a :class:`SegmentState` this model returned (checked)."""
+        if memory is None:
+            return self.init_state(batch)
+        if not isinstance(memory, SegmentState):
+            return SegmentState(memory, extra=self._fresh_associative(batch))
+        want = self._fresh_associative(batch)
+        got = memory.extra
+        if set(got) != set(want) or any(got[k].shape != v.shape for k, v in want.items()):
+            raise ValueError(f"memory: a state of this model has extra "
+                             f"{ {k: list(v.shape) for k, v in want.items()} or 'none'}, got "
+                             f"{ {k: list(getattr(v, 'shape', [])) for k, v in got.items()} or 'none'}")
+        return memory
 
     def positions_needed(self, config: RMTConfig | None = None) -> int:
         cfg = config or self.rmt_config
         return cfg.num_mem_tokens + cfg.segment_size + 3
 
-    def segment_forward(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
-        """``memory`` ``[B, M, d]``, ``ids``/``mask`` ``[B, S]`` -> (base model output, new memory).
+    def segment_forward(self, memory, ids: torch.Tensor, mask: torch.Tensor | None):
+        """``memory`` ``[B, M, d]`` (or a :class:`SegmentState`), ``ids``/``mask`` ``[B, S]`` ->
+        (base model output, new memory, of ``memory``'s kind).
 
-        Rows whose segment is all padding keep their memory.
+        Rows whose segment is all padding keep their state.
         """
-        out, new_memory = self._run_segment(memory, ids, mask)
-        return out, keep_rows(None if mask is None else mask.any(dim=1), new_memory, memory)
+        state = self._as_state(memory, ids.shape[0])
+        out, new = self._run_segment(state, ids, mask)
+        new = keep_rows(None if mask is None else mask.any(dim=1), new, state)
+        return out, (new if isinstance(memory, SegmentState) else new.memory)
 
-    def _run_segment(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None,
-                     used_only: bool = False):
-        """:meth:`segment_forward` without keeping the memory of empty rows (the loop does).
-        ``used_only``: the caller reads only the head's logits and the memory, so the last
-        layer may skip the other rows (:meth:`_used_rows`); their hidden states are then not
-        the model's."""
+    def _run_segment(self, state: SegmentState, ids: torch.Tensor, mask: torch.Tensor | None,
+                     used_only: bool = False) -> tuple[object, SegmentState]:
+        """:meth:`segment_forward` on a :class:`SegmentState` without keeping the state of empty
+        rows (the loop does). ``used_only``: the caller reads only the head's logits and the
+        memory, so the last layer may skip the other rows (:meth:`_used_rows`); their hidden
+        states are then not the model's."""
         cfg = self.rmt_config
         m, batch = cfg.num_mem_tokens, ids.shape[0]
         emb = self.base.get_input_embeddings()
         special = torch.tensor([cfg.cls_token_id, cfg.sep_token_id], device=ids.device)
         cls, sep = emb(special).unsqueeze(0).expand(batch, -1, -1).split(1, dim=1)
-        read = self.perturb_memory(memory)
+        read = self.perturb_memory(state.memory)
         x = torch.cat([cls, read, sep, emb(ids), sep], dim=1)
         seg_mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         ones = torch.ones(batch, m + 2, dtype=torch.bool, device=ids.device)
@@ -85,9 +149,36 @@ class _RMTEncoderBase(RMTBase):
         position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0)
         used = self._used_rows(x.shape[1]) if used_only else None
         layout = MemoryLayout(mask="full", key_padding_mask=kpm, used_rows=used)
-        with memory_layout(layout):
+        run = self._associative_run(state, slice(1, 1 + m))
+        with running(run), memory_layout(layout):
             out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
-        return out, self.update_memory(read, out.hidden_states[-1][:, 1: 1 + m])
+        extra = {}
+        if run is not None:
+            for i, (A, z) in enumerate(zip(run.new_A, run.new_z, strict=True)):
+                extra[f"A.{i}"], extra[f"z.{i}"] = A, z
+        return out, SegmentState(self.update_memory(read, out.hidden_states[-1][:, 1: 1 + m]),
+                                 extra=extra)
+
+    def _associative_run(self, state: SegmentState, write: slice) -> AssociativeRun | None:
+        """The associative hooks' view of one segment (None without an associative memory).
+        Rows whose ``z`` is zero have never been written: they do not read and write as ARMT's
+        first segment does."""
+        if self.assoc is None:
+            return None
+        n = len(self.assoc)
+        A = [state.extra[f"A.{i}"] for i in range(n)]
+        z = [state.extra[f"z.{i}"] for i in range(n)]
+        fresh = ~z[0].any(dim=-1)
+        if bool(fresh.all()):
+            first = True
+        elif not bool(fresh.any()):
+            first = False
+        else:
+            first = fresh  # some rows not yet written (their first segments were padding)
+        cfg = self._assoc_config
+        return AssociativeRun(self._assoc_layers[0], self.assoc, A, z, read=first is not True, write=write,
+                    first=first, opts=associative_options(cfg), correction=cfg.correction,
+                    noise=self.rmt_config.memory_noise if self.training else 0.0)
 
     def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:
         """Rows of the last layer whose outputs are used (:mod:`rmt_fast.models.used_rows`):
@@ -97,7 +188,7 @@ class _RMTEncoderBase(RMTBase):
     def _run(self, input_ids, attention_mask, memory, head):
         """Every segment through the segment loop (checkpointed with ``checkpoint_segments``
         when grad is enabled); ``head(base_output, segment)`` picks each segment's logits.
-        Returns ``(final memory [B, M, d], per-segment logits)``."""
+        Returns ``(final state, per-segment logits)``."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [B, T] token ids with T >= 1, got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -107,20 +198,20 @@ class _RMTEncoderBase(RMTBase):
         cfg = self.rmt_config
         bounds = segment_bounds(input_ids.shape[1], cfg.segment_size, cfg.segment_alignment)
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        memory = self.expand_memory(input_ids.shape[0]) if memory is None else memory
+        state = self._as_state(memory, input_ids.shape[0])
         segments = [Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e])
                     for s, e in bounds]
 
-        res = run_segments(partial(self._step, head=head), SegmentState(memory), segments,
+        res = run_segments(partial(self._step, head=head), state, segments,
                            bptt_depth=cfg.bptt_depth, checkpoint=cfg.checkpoint_segments,
                            offload=cfg.offload_memory)
-        return res.state.memory, res.outputs["logits"]
+        return res.state, res.outputs["logits"]
 
     def _step(self, state: SegmentState, seg: Segment, t: int, *, head):
         """The encoder's step of :func:`rmt_fast.models.segment_loop.run_segments`: one segment,
         its logits as ``head(base_output, segment)`` picks them."""
-        out, new_memory = self._run_segment(state.memory, seg.ids, seg.mask, used_only=True)
-        return SegmentState(new_memory), {"logits": head(out, seg)}
+        out, new = self._run_segment(state, seg.ids, seg.mask, used_only=True)
+        return new, {"logits": head(out, seg)}
 
 
 class RMTEncoderForSequenceClassification(_RMTEncoderBase):
@@ -142,28 +233,30 @@ class RMTEncoderForSequenceClassification(_RMTEncoderBase):
         """``input_ids``/``attention_mask`` ``[B, T]``, ``labels`` ``[B]`` class ids."""
         check_encoder_call(self, input_ids, attention_mask=attention_mask, labels=labels, memory=memory,
                            per_token=False)
-        memory, seg_logits = self._run(input_ids, attention_mask, memory, lambda out, seg: out.logits)
+        state, seg_logits = self._run(input_ids, attention_mask, memory, lambda out, seg: out.logits)
         loss = None
         if labels is not None:
             used = seg_logits if self.rmt_config.loss_over == "all" else seg_logits[-1:]
             loss = torch.stack([F.cross_entropy(lg.float(), labels) for lg in used]).mean()
-        return RMTEncoderOutput(loss, seg_logits[-1], memory, seg_logits)
+        return RMTEncoderOutput(loss, seg_logits[-1], state.memory, seg_logits, state)
 
-    def classify_segments(self, memory: torch.Tensor, segments: Iterable[Segment],
-                          callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify_segments(self, memory, segments: Iterable[Segment],
+                          callback=None) -> tuple[torch.Tensor | SegmentState, torch.Tensor]:
         """Read ``segments`` (each ``ids``/``mask`` ``[B, S]``; an iterator is read lazily, one
-        segment at a time) from ``memory`` ``[B, M, d]`` through the segment loop, under the
-        caller's grad mode, with full BPTT and no checkpointing; ``callback(t, segment, state)``
-        after each. Returns ``(memory [B, M, d], the last segment's logits [B, C])``."""
+        segment at a time) from ``memory`` ``[B, M, d]`` (or a :class:`SegmentState`) through
+        the segment loop, under the caller's grad mode, with full BPTT and no checkpointing;
+        ``callback(t, segment, state)`` after each. Returns ``(memory [B, M, d] or the state, as
+        given; the last segment's logits [B, C])``."""
         last = []
 
         def head(out, seg):
             last[:] = [out.logits]
             return None  # no per-segment outputs kept: memory stays flat in the length
 
-        res = run_segments(partial(self._step, head=head), SegmentState(memory), segments,
-                           callback=callback)
-        return res.state.memory, last[0]
+        state = self._as_state(memory, memory.memory.shape[0] if isinstance(memory, SegmentState)
+                               else memory.shape[0])
+        res = run_segments(partial(self._step, head=head), state, segments, callback=callback)
+        return (res.state if isinstance(memory, SegmentState) else res.state.memory), last[0]
 
 
 class RMTEncoderForTokenClassification(_RMTEncoderBase):
@@ -178,10 +271,10 @@ class RMTEncoderForTokenClassification(_RMTEncoderBase):
         check_encoder_call(self, input_ids, attention_mask=attention_mask, labels=labels, memory=memory,
                            per_token=True)
         m = self.rmt_config.num_mem_tokens
-        memory, pieces = self._run(input_ids, attention_mask, memory,
-                                   lambda out, seg: out.logits[:, m + 2: m + 2 + seg.end - seg.start])
+        state, pieces = self._run(input_ids, attention_mask, memory,
+                                  lambda out, seg: out.logits[:, m + 2: m + 2 + seg.end - seg.start])
         logits = torch.cat(pieces, dim=1)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return RMTEncoderOutput(loss, logits, memory)
+        return RMTEncoderOutput(loss, logits, state.memory, state=state)

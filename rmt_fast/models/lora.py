@@ -78,7 +78,7 @@ def _saved_fields(config: RMTConfig, num_mem_tokens: int) -> dict:
     return dict(num_mem_tokens=num_mem_tokens, segment_size=config.segment_size,
                 bptt_depth=config.bptt_depth, segment_alignment=config.segment_alignment,
                 loss_over=config.loss_over, memory_noise=config.memory_noise,
-                memory_update=config.memory_update)
+                memory_update=config.memory_update, associative_d_mem=config.associative_d_mem)
 
 
 class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassification):
@@ -142,33 +142,41 @@ class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassificatio
                    base_name=MINILM if base in (None, MINILM) else os.fspath(base),
                    num_mem_tokens=num_mem_tokens, segment_size=segment_size, **rmt_kwargs)
 
-    def with_memory(self, num_mem_tokens: int | None = None, memory_update: str | None = None
-                    ) -> LoRARMTEncoderForSequenceClassification:
-        """A copy with more memory tokens and/or another memory update (``None``: this model's).
-        Every fine-tuned weight and the ``M`` memory vectors are copied; added memory vectors are
-        drawn as a new model draws its memory (the segment's positions move up by the added
-        tokens); a gate added with ``memory_update="gated"`` starts as a new one
-        (:class:`rmt_fast.models.base.MemoryGate`, close to the plain update); a gate is never
-        dropped. In eval mode, float32, as :meth:`from_pretrained` returns a model."""
-        m, update = self.rmt_config.num_mem_tokens, self.rmt_config.memory_update
+    def with_memory(self, num_mem_tokens: int | None = None, memory_update: str | None = None,
+                    associative_d_mem: int | None = None) -> LoRARMTEncoderForSequenceClassification:
+        """A copy with more memory tokens, another memory update and/or an associative memory
+        (``None``: this model's). Every fine-tuned weight and the ``M`` memory vectors are
+        copied; added memory vectors are drawn as a new model draws its memory (the segment's
+        positions move up by the added tokens); a gate added with ``memory_update="gated"``
+        starts as a new one (:class:`rmt_fast.models.base.MemoryGate`, close to the plain
+        update), an associative memory added with ``associative_d_mem`` as a new one (its
+        ``W_v`` is zero: the outputs do not change until it learns); neither is ever dropped.
+        In eval mode, float32, as :meth:`from_pretrained` returns a model."""
+        cfg = self.rmt_config
+        m, update, assoc = cfg.num_mem_tokens, cfg.memory_update, cfg.associative_d_mem
         num_mem_tokens = m if num_mem_tokens is None else num_mem_tokens
         memory_update = update if memory_update is None else memory_update
+        associative_d_mem = assoc if associative_d_mem is None else associative_d_mem
         if not isinstance(num_mem_tokens, int) or isinstance(num_mem_tokens, bool) or num_mem_tokens < m:
             raise ValueError(f"num_mem_tokens must be an int >= this model's {m} (memory tokens can "
                              f"be added, not removed), got {num_mem_tokens!r}")
         if update == "gated" and memory_update != "gated":
             raise ValueError(f"memory_update: this model's memory is gated; its gate cannot be "
                              f"dropped, got {memory_update!r}")
+        if assoc and associative_d_mem != assoc:
+            raise ValueError(f"associative_d_mem: this model has an associative memory of d_mem "
+                             f"{assoc}; it cannot be dropped or resized, got {associative_d_mem!r}")
         if self.adapters_merged:
             raise ValueError("the LoRA adapters are merged into the base weights: call "
                              "unmerge_adapters() first")
-        fields = {**_saved_fields(self.rmt_config, num_mem_tokens), "memory_update": memory_update}
+        fields = {**_saved_fields(cfg, num_mem_tokens), "memory_update": memory_update,
+                  "associative_d_mem": associative_d_mem}
         new = type(self).from_base(self.base_name, labels=self.labels, lora=self.lora,
                                    train_base=self.train_base, **fields)
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.finetuned_state_dict().items()}
         state["memory"] = torch.cat([state["memory"], new.memory.detach()[m:].float()])
         for k, v in new.finetuned_state_dict().items():
-            state.setdefault(k, v.float())  # a new gate's weights
+            state.setdefault(k, v.float())  # a new gate's or associative memory's weights
         new.load_finetuned_state_dict(state)
         return new.eval()
 

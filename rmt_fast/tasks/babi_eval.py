@@ -1,9 +1,10 @@
 """Accuracy vs input length of an encoder RMT on :mod:`rmt_fast.tasks.babi_qa`, out to 1M+ tokens.
 
 Each test sample is read segment by segment (:meth:`BabiQA.stream`: the sample is never built
-whole; only the memory ``[B, M, d]`` is carried), and the class is read from the last segment, as
-in training. Next to it, the **no-memory baseline**: the same fine-tuned model on the last
-segment alone (the learned initial memory, nothing read before). Both come with 95% Wilson
+whole; only the memory ``[B, M, d]`` is carried, and with an associative memory its fixed-size
+per-layer state), and the class is read from the last segment, as in training. Next to it, the
+**no-memory baseline**: the same fine-tuned model on the last segment alone (the learned initial
+memory, a fresh associative state, nothing read before). Both come with 95% Wilson
 intervals. Peak memory per length: the process's peak resident set size (``VmHWM``) while that
 length is read, restarted before it with the heap trimmed (:mod:`rmt_fast.bench.memory`), so a
 length does not inherit the peak of the one before; it must stay flat in length.

@@ -1,0 +1,215 @@
+"""ARMT's associative memory on an encoder RMT (``RMTConfig(associative_d_mem=...)``): the loop
+against a reference that reads and writes by hand with the float64 reference formulas, fresh rows
+under padding, a new memory changing nothing, gradients, checkpointing, continuing from a
+returned state, persistence and the errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+from models import tiny_bert, tiny_gpt2
+from transformers import BertForTokenClassification
+
+from rmt_fast.models import (
+    RMTEncoderForSequenceClassification,
+    RMTEncoderForTokenClassification,
+    RMTForCausalLM,
+)
+from rmt_fast.models.config import RMTConfig
+from rmt_fast.models.segment_loop import Segment, SegmentState
+from rmt_fast.ops.associative_memory import reference_read, reference_write
+
+CLS, SEP = 1, 2
+M, S, D_MEM = 4, 6, 8
+
+
+def make(seed=0, randomize=True, **kw):
+    model = RMTEncoderForSequenceClassification(tiny_bert(seed=seed), num_mem_tokens=M, segment_size=S,
+                                                cls_token_id=CLS, sep_token_id=SEP,
+                                                associative_d_mem=D_MEM, **kw)
+    if randomize:  # a new memory's W_v is zero: it would neither write nor be read
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for p in model.assoc.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def tokens(batch=2, length=16, seed=0):
+    return torch.randint(3, 53, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_loop(model, x, bounds):
+    """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
+    blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
+    write (the delta rule on the memory rows' outputs) through the float64 reference formulas.
+    Returns (logits of the last segment, memory, per layer (A, z))."""
+    ref = copy.deepcopy(model.base)
+    ref.set_attn_implementation("eager")
+    from rmt_fast.models.memory_transformer import find_layers
+
+    layers, assoc = find_layers(ref), model.assoc
+    n, batch = len(layers), x.shape[0]
+    d_key, d = 6 * D_MEM, model.memory.shape[1]
+    A = [torch.zeros(batch, d_key, d, dtype=torch.float64) for _ in range(n)]
+    z = [torch.zeros(batch, d_key, dtype=torch.float64) for _ in range(n)]
+    first = [True]
+    opts = dict(nu=3, normalize=False, eps=1e-5)
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            if first[0]:
+                return None
+            h = args[0]
+            q = (h.double() @ assoc[i].W_mq.weight.double().T)
+            return (h + reference_read(q, A[i], z[i], **opts).float(), *args[1:]), kwargs
+        return hook
+
+    def post(i):
+        def hook(module, args, kwargs, out):
+            mem = (out[0] if isinstance(out, tuple) else out)[:, 1:1 + M].double()
+            a = assoc[i]
+            km = mem @ a.W_mk.weight.double().T
+            v = mem @ a.W_mv.weight.double().T
+            beta = torch.sigmoid(mem @ a.W_mb.weight.double().T + a.W_mb.bias.double())[..., 0]
+            A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0], correction=True, **opts)
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(pre(i), with_kwargs=True)
+        layer.register_forward_hook(post(i), with_kwargs=True)
+    emb = ref.get_input_embeddings()
+    with torch.no_grad():
+        mem = model.memory.expand(batch, -1, -1)
+        cls_, sep = emb(torch.tensor([[CLS]] * batch)), emb(torch.tensor([[SEP]] * batch))
+        for start, end in bounds:
+            o = ref(inputs_embeds=torch.cat([cls_, mem, sep, emb(x[:, start:end]), sep], 1),
+                    output_hidden_states=True)
+            mem = o.hidden_states[-1][:, 1:1 + M]
+            first[0] = False
+    return o.logits, mem, A, z
+
+
+def test_encoder_with_an_associative_memory_equals_the_reference_loop():
+    model = make()
+    x = tokens()
+    out = model(x, labels=torch.tensor([0, 2]))
+    logits, mem, A, z = reference_loop(model, x, [(0, 4), (4, 10), (10, 16)])  # right-aligned
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.memory, mem, atol=1e-4, rtol=0)
+    for i in range(2):
+        torch.testing.assert_close(out.state.extra[f"A.{i}"].double(), A[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.state.extra[f"z.{i}"].double(), z[i], atol=1e-4, rtol=1e-4)
+    # the reference can tell the associative memory apart: without it the logits differ
+    plain = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
+                                                cls_token_id=CLS, sep_token_id=SEP)
+    with torch.no_grad():
+        plain.memory.copy_(model.memory)
+        assert (plain(x).logits - logits).abs().max() > 1e-3
+    out.loss.backward()
+    for name, p in model.assoc.named_parameters():  # every associative weight learns
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_new_associative_memory_changes_nothing_until_it_learns():
+    """W_v = 0: nothing is written, so the outputs are the plain RMT's exactly; W_v's gradient is
+    not zero (the way in), the other associative weights' gradients are."""
+    model = make(randomize=False)
+    plain = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
+                                                cls_token_id=CLS, sep_token_id=SEP)
+    with torch.no_grad():
+        plain.memory.copy_(model.memory)
+    x = tokens(seed=1)
+    out = model(x, labels=torch.tensor([1, 0]))
+    assert torch.equal(out.logits, plain(x).logits)
+    out.loss.backward()
+    assert model.assoc[0].W_mv.weight.grad.abs().sum() > 0
+    assert model.assoc[0].W_mq.weight.grad.abs().sum() == 0
+
+
+def test_padded_rows_stay_fresh_and_checkpointing_gives_the_same_gradients():
+    model = make(seed=1)
+    x = tokens(seed=2)
+    am = torch.ones_like(x)
+    am[1, :4] = 0  # row 1: its first (right-aligned, short) segment is all padding
+    with torch.no_grad():
+        both = model(x, attention_mask=am)
+        alone = model(x[1:, 4:])  # the same row without the padding: segments (4,10), (10,16)
+    torch.testing.assert_close(both.logits[1:], alone.logits, atol=1e-5, rtol=0)
+    for k in alone.state.extra:
+        torch.testing.assert_close(both.state.extra[k][1:], alone.state.extra[k], atol=1e-5, rtol=1e-5)
+    grads = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(model).train()
+        m.replace_config(checkpoint_segments=ckpt)
+        m(x, attention_mask=am, labels=torch.tensor([0, 1])).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert any(n.startswith("assoc.") for n in grads[0]) and grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=0)
+
+
+def test_continuing_from_a_returned_state_and_reading_segments():
+    model = make(seed=2, segment_alignment="left").eval()
+    x = tokens(length=18, seed=3)
+    with torch.no_grad():
+        whole = model(x)
+        half = model(x[:, :12])
+        rest = model(x[:, 12:], memory=half.state)  # the whole state continues
+        fresh = model(x[:, 12:], memory=half.memory)  # a memory tensor: a new associative state
+        segs = [Segment(s, s + S, x[:, s:s + S]) for s in range(0, 18, S)]
+        state, last = model.classify_segments(model.init_state(2), iter(segs))
+        mem_only, _ = model.classify_segments(model.expand_memory(2), iter(segs))
+    torch.testing.assert_close(rest.logits, whole.logits, atol=1e-5, rtol=0)
+    assert (fresh.logits - whole.logits).abs().max() > 1e-4
+    assert isinstance(state, SegmentState) and isinstance(mem_only, torch.Tensor)
+    torch.testing.assert_close(last, whole.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mem_only, whole.memory, atol=1e-5, rtol=0)
+    _, seg_state = model.segment_forward(model.init_state(2), x[:, :S], None)
+    assert isinstance(seg_state, SegmentState) and set(seg_state.extra) == set(whole.state.extra)
+
+
+def test_token_classification_and_persistence(tmp_path):
+    model = RMTEncoderForTokenClassification(
+        tiny_bert(cls=BertForTokenClassification), num_mem_tokens=M,
+        segment_size=S, cls_token_id=CLS, sep_token_id=SEP, associative_d_mem=D_MEM)
+    x = tokens(seed=4)
+    out = model(x, labels=torch.randint(0, 3, x.shape))
+    assert out.logits.shape == (2, 16, 3) and set(out.state.extra) == {"A.0", "z.0", "A.1", "z.1"}
+    out.loss.backward()
+    assert model.assoc[1].W_mv.weight.grad.abs().sum() > 0
+    seq = make(seed=3).eval()
+    seq.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "rmt_config.json").read_text())["associative_d_mem"] == D_MEM
+    loaded = RMTEncoderForSequenceClassification.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, seq(x).logits)
+
+
+def test_associative_errors(tmp_path):
+    with pytest.raises(ValueError, match="associative memory is for encoder RMTs"):
+        RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=4,
+                       associative_d_mem=8)
+    with pytest.raises(ValueError, match="associative_d_mem must be an int >= 0"):
+        RMTConfig(kind="encoder", cls_token_id=1, sep_token_id=2, associative_d_mem=-1)
+    model = make(seed=4)
+    with pytest.raises(ValueError, match="associative_d_mem"):
+        model.replace_config(associative_d_mem=16)  # it shapes parameters
+    x = tokens(seed=5)
+    bad = model.init_state(2)
+    bad.extra.pop("z.1")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="memory: a state of this model has extra"):
+        model(x, memory=bad)
+    plain = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
+                                                cls_token_id=CLS, sep_token_id=SEP)
+    with pytest.raises(ValueError, match="a state of this model has extra"):
+        plain(x, memory=model.init_state(2))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # older config files (before the field existed) load without an associative memory
+    RMTConfig(kind="encoder", cls_token_id=1, sep_token_id=2).save(tmp_path)
+    data = json.loads((tmp_path / "rmt_config.json").read_text())
+    del data["associative_d_mem"]
+    (tmp_path / "rmt_config.json").write_text(json.dumps(data))
+    assert RMTConfig.load(tmp_path).associative_d_mem == 0
