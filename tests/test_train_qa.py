@@ -332,75 +332,60 @@ def test_init_from_with_more_memory_tokens(tiny_base, noise, tmp_path, train_bas
         tiny_config(tiny_base, num_mem_tokens=0).validate()
 
 
-def test_init_from_with_a_memory_gate(tiny_base, noise, tmp_path):
-    """--memory-update gated on a replace model adds a new gate (every other fine-tuned weight
-    carried over, answers close to the model's); the gate trains, is saved, resumes and stays;
-    it is never dropped."""
+INIT_FROM_PARTS = {  # a new memory part added to a trained model by init_from
+    "gate": dict(field="memory_update", value="gated", key="memory_gate",
+                 weight=lambda m: m.memory_gate.proj.weight, same_answers=False,
+                 drop=["replace"], drop_error="cannot be dropped",
+                 bad="blend", bad_error="memory_update must be None or one of"),
+    "associative": dict(field="associative_d_mem", value=8, key="assoc",
+                        weight=lambda m: m.assoc[0].W_mv.weight, same_answers=True,
+                        drop=[0, 16], drop_error="cannot be dropped or resized",
+                        bad=-1, bad_error="associative_d_mem must be None or an int >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(INIT_FROM_PARTS))
+def test_init_from_adds_a_new_memory_part(tiny_base, noise, tmp_path, name):
+    """--memory-update gated / --associative-d-mem on a model without that part adds a new one:
+    every other fine-tuned weight carried over, answers close to the model's (a new gate) or the
+    same (a new associative memory: its W_v is zero); it trains, is saved, resumes and stays; it
+    is never dropped (nor an associative memory resized)."""
+    part = INIT_FROM_PARTS[name]
     cfg = tiny_config(tiny_base, max_steps=1, curriculum=[1], lrs=None)
     model = build_model(cfg)
     train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, tmp_path / "a", progress=False)
     final = str(tmp_path / "a" / "final")
     plain = build_model(tiny_config(tiny_base, init_from=final)).eval()
-    # two segments: the gate's output is read by the second one
-    gated_cfg = tiny_config(tiny_base, init_from=final, memory_update="gated", max_steps=2, curriculum=[2],
-                            lrs=None)
-    gated = build_model(gated_cfg)
-    assert plain.memory_gate is None and gated.rmt_config.memory_update == "gated" and gated.training
-    a, b = plain.finetuned_state_dict(), gated.finetuned_state_dict()
-    assert set(b) - set(a) == {"memory_gate.proj.weight", "memory_gate.proj.bias"}
+    # two segments: what the new part does in the first is read by the second
+    run = tiny_config(tiny_base, init_from=final, max_steps=2, curriculum=[2], lrs=None,
+                      **{part["field"]: part["value"]})
+    new = build_model(run)
+    assert getattr(plain, part["key"]) is None and new.training
+    assert getattr(new.rmt_config, part["field"]) == part["value"]
+    a, b = plain.finetuned_state_dict(), new.finetuned_state_dict()
+    assert {k.split(".")[0] for k in set(b) - set(a)} == {part["key"]}
     assert all(torch.equal(a[k], b[k]) for k in a if k != "_extra_state")
-    data = BabiQA(cfg.task, gated.tokenizer, S, noise=noise)
+    data = BabiQA(cfg.task, new.tokenizer, S, noise=noise)
     batch = data.batch("valid", 2, range(4))
     with torch.no_grad():
         p0 = plain(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        g0 = gated.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert 0 < (p0 - g0).abs().max() < 0.1 * p0.abs().max()  # a new gate: close to the plain update
-    gate0 = gated.memory_gate.proj.weight.detach().clone()
-    train_qa(gated.train(), data, gated_cfg, tmp_path / "b", progress=False)
-    assert not torch.equal(gated.memory_gate.proj.weight, gate0)  # the gate trains
+        n0 = new.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if part["same_answers"]:
+        assert torch.equal(p0, n0)
+    else:
+        assert 0 < (p0 - n0).abs().max() < 0.1 * p0.abs().max()  # close to the plain update
+    w0 = part["weight"](new).detach().clone()
+    train_qa(new.train(), data, run, tmp_path / "b", progress=False)
+    assert not torch.equal(part["weight"](new), w0)  # it trains
     again = build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final")))  # None keeps it
-    assert again.rmt_config.memory_update == "gated"
-    assert torch.equal(again.memory_gate.proj.weight, gated.memory_gate.proj.weight)
-    with pytest.raises(ValueError, match="cannot be dropped"):
-        build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final"), memory_update="replace"))
-    with pytest.raises(ValueError, match="memory_update must be None or one of"):
-        tiny_config(tiny_base, memory_update="blend").validate()
-
-
-def test_init_from_with_an_associative_memory(tiny_base, noise, tmp_path):
-    """--associative-d-mem on a model without one adds a new associative memory: every other
-    fine-tuned weight carried over, the same answers (its W_v is zero); it trains, is saved,
-    resumes and stays; it is never dropped or resized."""
-    cfg = tiny_config(tiny_base, max_steps=1, curriculum=[1], lrs=None)
-    model = build_model(cfg)
-    train_qa(model, BabiQA(cfg.task, model.tokenizer, S, noise=noise), cfg, tmp_path / "a", progress=False)
-    final = str(tmp_path / "a" / "final")
-    plain = build_model(tiny_config(tiny_base, init_from=final)).eval()
-    run = tiny_config(tiny_base, init_from=final, associative_d_mem=8, max_steps=2, curriculum=[2],
-                      lrs=None)
-    assoc = build_model(run)
-    assert plain.assoc is None and assoc.rmt_config.associative_d_mem == 8 and assoc.training
-    a, b = plain.finetuned_state_dict(), assoc.finetuned_state_dict()
-    assert {k.split(".")[0] for k in set(b) - set(a)} == {"assoc"}
-    assert all(torch.equal(a[k], b[k]) for k in a if k != "_extra_state")
-    data = BabiQA(cfg.task, assoc.tokenizer, S, noise=noise)
-    batch = data.batch("valid", 2, range(4))
-    with torch.no_grad():
-        p0 = plain(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        a0 = assoc.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert torch.equal(p0, a0)
-    mv0 = assoc.assoc[0].W_mv.weight.detach().clone()
-    train_qa(assoc.train(), data, run, tmp_path / "b", progress=False)
-    assert not torch.equal(assoc.assoc[0].W_mv.weight, mv0)  # it trains
-    again = build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final")))  # None keeps it
-    assert again.rmt_config.associative_d_mem == 8
-    assert torch.equal(again.assoc[0].W_mv.weight, assoc.assoc[0].W_mv.weight)
-    for size in (0, 16):
-        with pytest.raises(ValueError, match="cannot be dropped or resized"):
+    assert getattr(again.rmt_config, part["field"]) == part["value"]
+    assert torch.equal(part["weight"](again), part["weight"](new))
+    for value in part["drop"]:
+        with pytest.raises(ValueError, match=part["drop_error"]):
             build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final"),
-                                    associative_d_mem=size))
-    with pytest.raises(ValueError, match="associative_d_mem must be None or an int >= 0"):
-        tiny_config(tiny_base, associative_d_mem=-1).validate()
+                                    **{part["field"]: value}))
+    with pytest.raises(ValueError, match=part["bad_error"]):
+        tiny_config(tiny_base, **{part["field"]: part["bad"]}).validate()
 
 
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):

@@ -96,7 +96,8 @@ class RMTConfig(SavedConfig):
         memory_noise: training only (``model.train()``): Gaussian noise of this std, relative to
             each memory vector's RMS, is added to the memory every segment reads. It makes the
             memory update correct small drifts, so that a state survives far more segments than
-            the training length (``docs/results.md``, needle). 0 = off; eval is never affected.
+            the training length (``docs/results.md``, needle). With an associative memory the same
+            relative noise is added to every read of it. 0 = off; eval is never affected.
         memory_update: how the write outputs become the next memory. ``replace`` (RMT): they
             are the next memory. ``gated``: a learned per-channel gate keeps part of the memory
             the segment read, ``z = sigmoid(W [written; read] + b)``, next memory
