@@ -213,3 +213,33 @@ def test_associative_errors(tmp_path):
     del data["associative_d_mem"]
     (tmp_path / "rmt_config.json").write_text(json.dumps(data))
     assert RMTConfig.load(tmp_path).associative_d_mem == 0
+
+
+def test_read_share_script():
+    """scripts/associative_stats.py: nothing read in the first segment, nothing by a new memory;
+    layer 0's share in segment 2 matches the read computed by hand from segment 1's state."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "associative_stats.py")
+    spec = importlib.util.spec_from_file_location("associative_stats", path)
+    stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    x = tokens(length=2 * S, seed=6)
+    model = make(seed=5, segment_alignment="left").eval()
+    shares = stats.read_share(model, x)
+    assert len(shares) == 2 and shares[0] == [0.0, 0.0] and min(shares[1]) > 0
+    with torch.no_grad():
+        state = model(x[:, :S]).state
+        emb = model.base.get_input_embeddings()
+        cls_, sep = emb(torch.tensor([[CLS]] * 2)), emb(torch.tensor([[SEP]] * 2))
+        seq = torch.cat([cls_, state.memory, sep, emb(x[:, S:]), sep], 1)
+        h0 = model.base.bert.embeddings(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None])
+        q = h0.double() @ model.assoc[0].W_mq.weight.double().T
+        read = reference_read(q, state.extra["A.0"].double(), state.extra["z.0"].double(), nu=3, eps=1e-5)
+    want = read.pow(2).mean().sqrt() / h0.double().pow(2).mean().sqrt()
+    assert shares[1][0] == pytest.approx(want.item(), rel=1e-4)
+    assert all(s == 0 for row in stats.read_share(make(seed=5, randomize=False), x) for s in row)
+    with pytest.raises(ValueError, match="no associative memory"):
+        stats.read_share(RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
+                                                             cls_token_id=CLS, sep_token_id=SEP), x)
