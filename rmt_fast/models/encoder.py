@@ -71,9 +71,9 @@ class _RMTEncoderBase(RMTBase):
                     kwargs[name] = getattr(tokenizer, name)
         super().__init__(base_model, config, **kwargs)
         self.assoc = None
-        # ARMT's defaults (DPFP nu = 3, unnormalised features, eps, backend, correction)
-        self._assoc_config = ARMTConfig(d_mem=max(1, self.rmt_config.associative_d_mem))
         if self.rmt_config.associative_d_mem:
+            # ARMT's defaults (DPFP nu = 3, unnormalised features, eps, backend, correction)
+            self._assoc_config = ARMTConfig(d_mem=self.rmt_config.associative_d_mem)
             layers = find_layers(self.base)
             weight = self.base.get_input_embeddings().weight
             self._assoc_layers = [layers]  # a list: the blocks stay registered under base only
