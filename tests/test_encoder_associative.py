@@ -216,13 +216,13 @@ def test_associative_errors(tmp_path):
 
 
 def test_read_share_script():
-    """scripts/associative_stats.py: nothing read in the first segment, nothing by a new memory;
-    layer 0's share in segment 2 matches the read computed by hand from segment 1's state."""
+    """scripts/memory_stats.py (associative): nothing read in the first segment, nothing by a new
+    memory; layer 0's share in segment 2 matches the read computed by hand from segment 1's state."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "associative_stats.py")
-    spec = importlib.util.spec_from_file_location("associative_stats", path)
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "memory_stats.py")
+    spec = importlib.util.spec_from_file_location("memory_stats", path)
     stats = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stats)
     x = tokens(length=2 * S, seed=6)

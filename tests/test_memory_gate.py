@@ -149,13 +149,13 @@ def test_encoder_with_a_gate_equals_the_reference_loop():
 
 
 def test_gate_openness_script():
-    """scripts/memory_gate_stats.py: one row per segment; a new gate keeps sigmoid(-3) of every
+    """scripts/memory_stats.py (gate): one row per segment; a new gate keeps sigmoid(-3) of every
     channel of every slot; a trained-looking gate's rows match z computed by hand."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "memory_gate_stats.py")
-    spec = importlib.util.spec_from_file_location("memory_gate_stats", path)
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "memory_stats.py")
+    spec = importlib.util.spec_from_file_location("memory_stats", path)
     stats = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stats)
     kw = dict(num_mem_tokens=4, segment_size=6, cls_token_id=CLS, sep_token_id=SEP)
