@@ -49,7 +49,7 @@ def read_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     hidden states entering the block (over every row and position)."""
     if model.assoc is None:
         raise ValueError("the model has no associative memory (associative_d_mem=0)")
-    layers = model._assoc_layers[0]
+    layers = model.associative_layers
     entering: dict[int, torch.Tensor] = {}
     shares: list[list[float]] = []
 

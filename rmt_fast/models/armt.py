@@ -520,9 +520,9 @@ class ARMTForCausalLM(RMTBase):
     def _run(self, state: ARMTState, write: slice | None, noise: float = 0.0) -> AssociativeRun:
         """The hooks' view of one segment from ``state`` (a fresh state is not read)."""
         cfg = self.rmt_config
-        return AssociativeRun(self.layers, self.assoc, state.A, state.z, read=not state.fresh, write=write,
-                    first=state.fresh, opts=associative_options(cfg), correction=cfg.correction,
-                    noise=noise)
+        return AssociativeRun(self.layers, self.assoc, state.A, state.z, read=not state.fresh,
+                              write=write, first=state.fresh, opts=associative_options(cfg),
+                              correction=cfg.correction, noise=noise)
 
     def segment_forward(self, state: ARMTState, ids: torch.Tensor, mask: torch.Tensor | None, *,
                         write: bool = True, need_hidden: bool = True):

@@ -54,6 +54,19 @@ class RMTEncoderOutput(ModelOutput):
     state: SegmentState | None = None
 
 
+def _pack_associative(A, z) -> dict[str, torch.Tensor]:
+    """Per-layer associative states as :attr:`SegmentState.extra`: ``{"A.<i>", "z.<i>"}``."""
+    extra = {}
+    for i, (a, zi) in enumerate(zip(A, z, strict=True)):
+        extra[f"A.{i}"], extra[f"z.{i}"] = a, zi
+    return extra
+
+
+def _unpack_associative(extra: dict[str, torch.Tensor], layers: int):
+    """Inverse of :func:`_pack_associative`: ``(A, z)`` lists of ``layers`` tensors."""
+    return ([extra[f"A.{i}"] for i in range(layers)], [extra[f"z.{i}"] for i in range(layers)])
+
+
 class _RMTEncoderBase(RMTBase):
     """Shared by the encoder wrappers: ``Wrapper(base, config=RMTConfig(kind="encoder", ...))`` or
     keyword arguments (defaults: 10 memory tokens, segments of 499, right-aligned, loss on the
@@ -88,16 +101,21 @@ class _RMTEncoderBase(RMTBase):
         zero ``A``/``z`` per layer."""
         return SegmentState(self.expand_memory(batch), extra=self._fresh_associative(batch))
 
+    @property
+    def associative_layers(self) -> nn.ModuleList | None:
+        """The base model's blocks that carry the associative read/write hooks (None without an
+        associative memory)."""
+        return None if self.assoc is None else self._assoc_layers[0]
+
     def _fresh_associative(self, batch: int) -> dict[str, torch.Tensor]:
         if self.assoc is None:
             return {}
         w = self.assoc[0].W_mq.weight
         d_key, d = self._assoc_config.d_key, w.shape[1]
-        state = {}
-        for i in range(len(self.assoc)):
-            state[f"A.{i}"] = torch.zeros(batch, d_key, d, dtype=w.dtype, device=w.device)
-            state[f"z.{i}"] = torch.zeros(batch, d_key, dtype=w.dtype, device=w.device)
-        return state
+        n = len(self.assoc)
+        return _pack_associative(
+            [torch.zeros(batch, d_key, d, dtype=w.dtype, device=w.device) for _ in range(n)],
+            [torch.zeros(batch, d_key, dtype=w.dtype, device=w.device) for _ in range(n)])
 
     def _as_state(self, memory, batch: int) -> SegmentState:
         """``memory``: None (a new state), a memory tensor ``[B, M, d]`` (with a new associative
@@ -152,10 +170,7 @@ class _RMTEncoderBase(RMTBase):
         run = self._associative_run(state, slice(1, 1 + m))
         with running(run), memory_layout(layout):
             out = self.base(inputs_embeds=x, position_ids=position_ids, output_hidden_states=True)
-        extra = {}
-        if run is not None:
-            for i, (A, z) in enumerate(zip(run.new_A, run.new_z, strict=True)):
-                extra[f"A.{i}"], extra[f"z.{i}"] = A, z
+        extra = {} if run is None else _pack_associative(run.new_A, run.new_z)
         return out, SegmentState(self.update_memory(read, out.hidden_states[-1][:, 1: 1 + m]),
                                  extra=extra)
 
@@ -165,9 +180,7 @@ class _RMTEncoderBase(RMTBase):
         first segment does."""
         if self.assoc is None:
             return None
-        n = len(self.assoc)
-        A = [state.extra[f"A.{i}"] for i in range(n)]
-        z = [state.extra[f"z.{i}"] for i in range(n)]
+        A, z = _unpack_associative(state.extra, len(self.assoc))
         fresh = ~z[0].any(dim=-1)
         if bool(fresh.all()):
             first = True
@@ -176,9 +189,10 @@ class _RMTEncoderBase(RMTBase):
         else:
             first = fresh  # some rows not yet written (their first segments were padding)
         cfg = self._assoc_config
-        return AssociativeRun(self._assoc_layers[0], self.assoc, A, z, read=first is not True, write=write,
-                    first=first, opts=associative_options(cfg), correction=cfg.correction,
-                    noise=self.rmt_config.memory_noise if self.training else 0.0)
+        return AssociativeRun(self.associative_layers, self.assoc, A, z, read=first is not True,
+                              write=write, first=first, opts=associative_options(cfg),
+                              correction=cfg.correction,
+                              noise=self.rmt_config.memory_noise if self.training else 0.0)
 
     def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:
         """Rows of the last layer whose outputs are used (:mod:`rmt_fast.models.used_rows`):
