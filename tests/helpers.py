@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import torch
 
 from rmt_fast.bench.live_bytes import LiveBytes  # noqa: F401  (for the tests)
@@ -34,3 +38,14 @@ def grads(out, inputs, seed=1):
     cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     return torch.autograd.grad(out, inputs, cot)
 
+
+
+def load_script(name: str):
+    """The module ``scripts/<name>.py``, loaded under ``name`` (registered in ``sys.modules``,
+    where dataclasses look their module up). The scripts are not a package: users run them."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

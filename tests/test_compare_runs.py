@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "compare_runs.py")
-spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
+from helpers import load_script
+
+compare_runs = load_script("compare_runs")
 
 
 def _run(tmp_path, name, accs):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import load_script
 from models import tiny_bert, tiny_gpt2
 from transformers import BertForTokenClassification
 
@@ -218,13 +219,7 @@ def test_associative_errors(tmp_path):
 def test_read_share_script():
     """scripts/memory_stats.py (associative): nothing read in the first segment, nothing by a new
     memory; layer 0's share in segment 2 matches the read computed by hand from segment 1's state."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "memory_stats.py")
-    spec = importlib.util.spec_from_file_location("memory_stats", path)
-    stats = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stats)
+    stats = load_script("memory_stats")
     x = tokens(length=2 * S, seed=6)
     model = make(seed=5, segment_alignment="left").eval()
     shares = stats.read_share(model, x)

@@ -2,7 +2,6 @@
 its install command, and its checkers (they must catch a wrong kernel). The end-to-end dry run
 is slow (one process per stage) and marked so."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
@@ -17,12 +17,8 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("gpu_check")
+    sys.modules.pop("gpu_check", None)
 
 
 def test_install_command_and_environment(gc):

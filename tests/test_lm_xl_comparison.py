@@ -3,23 +3,18 @@ settings are pinned per run; the measurement, plot and table modes work."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
+from helpers import load_script
 from test_text_corpus import fake_stdlib
 
 from rmt_fast.tasks.text_corpus import load_corpus
 
 torch.set_num_threads(1)
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "lm_xl_comparison.py")
-spec = importlib.util.spec_from_file_location("lm_xl_comparison", SCRIPT)
-lm = importlib.util.module_from_spec(spec)
-sys.modules["lm_xl_comparison"] = lm  # dataclasses look their module up there
-spec.loader.exec_module(lm)
+lm = load_script("lm_xl_comparison")
 
 TINY = dict(layers=1, d_model=16, heads=2, d_inner=32, segment_size=8, segments=5, mem=2,
             batch_size=2, steps=2, warmup=1, eval_every=1, valid_windows=4, eval_batch_size=4,

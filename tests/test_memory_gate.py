@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import load_script
 from models import eager_copy, ids, tiny_bert, tiny_gpt2
 
 from rmt_fast.models import MemoryTransformer, RMTEncoderForSequenceClassification, RMTForCausalLM
@@ -151,13 +152,7 @@ def test_encoder_with_a_gate_equals_the_reference_loop():
 def test_gate_openness_script():
     """scripts/memory_stats.py (gate): one row per segment; a new gate keeps sigmoid(-3) of every
     channel of every slot; a trained-looking gate's rows match z computed by hand."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "memory_stats.py")
-    spec = importlib.util.spec_from_file_location("memory_stats", path)
-    stats = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stats)
+    stats = load_script("memory_stats")
     kw = dict(num_mem_tokens=4, segment_size=6, cls_token_id=CLS, sep_token_id=SEP)
     model = RMTEncoderForSequenceClassification(tiny_bert(), memory_update="gated", **kw).eval()
     x = torch.randint(3, 53, (2, 18), generator=torch.Generator().manual_seed(1))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 
 import pytest
+from helpers import load_script
 
 from rmt_fast.tasks.babi_qa import (
     OPPOSITE,
@@ -17,10 +16,7 @@ from rmt_fast.tasks.babi_qa import (
     order_decides,
 )
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "reasoning_errors.py")
-spec = importlib.util.spec_from_file_location("reasoning_errors", SCRIPT)
-errors = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(errors)
+errors = load_script("reasoning_errors")
 OVERLAP = "question's word in asked-for fact / other fact"
 
 
