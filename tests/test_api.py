@@ -146,3 +146,34 @@ def test_memory_transformer_variant_survives_save_and_load(tmp_path, variant):
     assert loaded.variant == variant and loaded.rmt_config == model.rmt_config
     x = ids(2, 9)
     torch.testing.assert_close(loaded(x).hidden, model(x).hidden)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "armt"])
+def test_segment_forward_takes_an_attention_mask_of_zeros_and_ones(kind):
+    """segment_forward reads a 0/1 integer mask (as ``attention_mask``) as the bool mask: the
+    same outputs and state, the padded row included."""
+    from models import tiny_armt, tiny_bert
+
+    from rmt_fast.models import RMTEncoderForSequenceClassification, RMTForCausalLM
+
+    x = ids(2, 6, seed=3)
+    if kind == "encoder":
+        x = x % 50 + 3
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :4] = False
+    if kind == "encoder":
+        model = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=2, segment_size=6,
+                                                    cls_token_id=1, sep_token_id=2)
+        start = model.init_state(2)
+    elif kind == "decoder":
+        model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=6)
+        start = model.expand_memory(2)
+    else:
+        model = tiny_armt(segment_size=6)
+        start = model.init_state(2)
+    with torch.no_grad():
+        outs = [model.segment_forward(start, x, m) for m in (mask, mask.long())]
+    flat = [[t for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)] for o in outs]
+    assert len(flat[0]) == len(flat[1]) > 1
+    for a, b in zip(*flat, strict=True):
+        assert torch.equal(a, b)

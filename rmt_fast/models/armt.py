@@ -526,7 +526,7 @@ class ARMTForCausalLM(RMTBase):
 
     def segment_forward(self, state: ARMTState, ids: torch.Tensor, mask: torch.Tensor | None, *,
                         write: bool = True, need_hidden: bool = True):
-        """Run one segment ``ids`` ``[B, S]`` (``mask`` ``[B, S]`` bool or None) from ``state``.
+        """Run one segment ``ids`` ``[B, S]`` (``mask`` ``[B, S]`` bool or 0/1, or None) from ``state``.
 
         Returns ``(hidden [B, S, d] at the segment positions or None, new state)``. With
         ``write=False`` no memory tokens are appended and the state is returned unchanged (the
@@ -536,6 +536,7 @@ class ARMTForCausalLM(RMTBase):
             # its recomputation would run the blocks outside this segment, without read/write
             raise ValueError("transformers' gradient checkpointing of the base model is not "
                              "supported by ARMTForCausalLM (disable it; see bptt_depth)")
+        mask = None if mask is None else mask.to(torch.bool)
         m, seg_len = self.rmt_config.num_mem_tokens, ids.shape[1]
         embeds = self.base.get_input_embeddings()(ids)
         if write:

@@ -97,13 +97,15 @@ class RMTForCausalLM(RMTBase):
     def segment_forward(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None,
                         xl: RecurrentState | None = None, *, write: bool = True,
                         need_hidden: bool = True):
-        """Run one segment. ``memory`` ``[B, M, d]``, ``ids`` ``[B, S]``, ``mask`` ``[B, S]`` bool.
+        """Run one segment. ``memory`` ``[B, M, d]``, ``ids`` ``[B, S]``, ``mask`` ``[B, S]`` bool
+        (or 0/1 as ``attention_mask``).
 
         Returns ``(hidden [B, S, d] at the segment positions, new memory [B, M, d],
         new XL state or None)``. Rows whose segment is all padding keep their memory and cache
         (:func:`rmt_fast.models.segment_loop.keep_rows`, as in the segment loop).
         ``need_hidden=False`` (reading a context) returns ``None`` for ``hidden``.
         """
+        mask = None if mask is None else mask.to(torch.bool)
         hidden, new_memory, new_xl = self._run_segment(memory, ids, mask, xl, write=write,
                                                        need_hidden=need_hidden)
         has = None if mask is None else mask.any(dim=1)

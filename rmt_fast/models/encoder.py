@@ -137,11 +137,13 @@ class _RMTEncoderBase(RMTBase):
         return cfg.num_mem_tokens + cfg.segment_size + 3
 
     def segment_forward(self, memory, ids: torch.Tensor, mask: torch.Tensor | None):
-        """``memory`` ``[B, M, d]`` (or a :class:`SegmentState`), ``ids``/``mask`` ``[B, S]`` ->
-        (base model output, new memory, of ``memory``'s kind).
+        """``memory`` ``[B, M, d]`` (or a :class:`SegmentState`), ``ids``/``mask`` ``[B, S]``
+        (``mask`` bool or 0/1 as ``attention_mask``) -> (base model output, new memory, of
+        ``memory``'s kind).
 
         Rows whose segment is all padding keep their state.
         """
+        mask = None if mask is None else mask.to(torch.bool)
         state = self._as_state(memory, ids.shape[0])
         out, new = self._run_segment(state, ids, mask)
         new = keep_rows(None if mask is None else mask.any(dim=1), new, state)
