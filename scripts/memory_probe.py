@@ -6,11 +6,13 @@ enters the question's segment, on validation stories whose two facts both lie be
   fact's direction). A memory holding both facts answers both; one holding one fact answers one
   of them, or names the same place twice.
 * **linear probes**: a multinomial logistic regression from the memory ``[M * d]`` to each fact's
-  own place (the older fact's, the newer fact's) and to the shared anchor, fitted on the first
-  ``--fit`` share of the stories (its L2 weight picked on the last fifth of those), scored on the
-  rest. A place the probe reads well above chance (1/6) is in the memory in a linear form.
+  own place (the older fact's, the newer fact's), its direction from the anchor and its
+  direction word as written, to the shared anchor, and to the place the model's answer named and
+  the one it did not, fitted on the first ``--fit`` share of the stories (its L2 weight picked on
+  the last fifth of those), scored on the rest. What a probe reads well above its majority
+  baseline is in the memory in a linear form.
 
-``python scripts/memory_probe.py CHECKPOINT [--segments 8] [--samples 1536]`` (a checkpoint of
+``python scripts/memory_probe.py CHECKPOINT [--segments 8] [--samples 2048]`` (a checkpoint of
 ``python -m rmt_fast.train_qa --task reasoning``; validation samples ``0..samples-1``)."""
 
 from __future__ import annotations
@@ -24,39 +26,9 @@ import torch.nn.functional as F
 
 from rmt_fast import dtypes
 from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
-from rmt_fast.tasks.babi_qa import LOCATIONS, OPPOSITE, BabiQA, Story
+from rmt_fast.tasks.babi_qa import LOCATIONS, OPPOSITE, BabiQA, Story, anchor_of, fact_parts, other_question
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def fact_parts(fact: str, anchor: str) -> tuple[str, str]:
-    """``(place, direction of place from anchor)`` of a qa4 fact about ``anchor``
-    (``The P is d of the A.`` or ``The A is d' of the P.``)."""
-    words = fact.rstrip(".").split()
-    first, d, second = words[1], words[3], words[-1]
-    if second == anchor:
-        return first, d
-    if first == anchor:
-        return second, OPPOSITE[d]
-    raise ValueError(f"{fact!r} is not about {anchor!r}")
-
-
-def anchor_of(story: Story) -> str:
-    """The location both facts of a ``reasoning`` story name."""
-    first, second = (set(f.rstrip(".").split()) for f in story.facts)
-    (anchor,) = first & second & set(LOCATIONS)
-    return anchor
-
-
-def other_question(story: Story) -> Story:
-    """The story asking for the other fact's place, in the story's question form."""
-    anchor = anchor_of(story)
-    (other, d), = [fact_parts(f, anchor) for f in story.facts if fact_parts(f, anchor)[0] != story.answer]
-    if story.question.startswith("What is the "):
-        question = f"What is the {anchor} {OPPOSITE[d]} of?"
-    else:
-        question = f"What is {d} of the {anchor}?"
-    return Story(story.facts, question, other)
 
 
 def swap_question(data: BabiQA, ids: torch.Tensor, story: Story, twin: Story) -> torch.Tensor:
@@ -145,7 +117,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--segments", type=int, default=8)
-    p.add_argument("--samples", type=int, default=1536)
+    p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--fit", type=float, default=2 / 3, help="share of the carried stories the probes fit on")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
@@ -185,9 +157,23 @@ def main(argv=None) -> None:
                "newer fact's place": [fact_parts(s.facts[1], anchor_of(s))[0] for s in stories],
                "anchor": [anchor_of(s) for s in stories],
                "older fact's direction": [fact_parts(s.facts[0], anchor_of(s))[1] for s in stories],
-               "newer fact's direction": [fact_parts(s.facts[1], anchor_of(s))[1] for s in stories]}
+               "newer fact's direction": [fact_parts(s.facts[1], anchor_of(s))[1] for s in stories],
+               # the direction word as written (the direction above also needs the word order)
+               "older fact's direction word": [s.facts[0].split()[3] for s in stories],
+               "newer fact's direction word": [s.facts[1].split()[3] for s in stories]}
     names = {**{w: i for i, w in enumerate(LOCATIONS)}, **{w: i for i, w in enumerate(OPPOSITE)}}
     result["probes"] = {k: probe(x, torch.tensor([names[v] for v in vs]), fit) for k, vs in targets.items()}
+    # where the story's answer names one of the two places: is the place it did not name in the
+    # memory too? (4 places are left once the anchor and the named place are known: 0.25)
+    older, newer = targets["older fact's place"], targets["newer fact's place"]
+    places = [set(pair) for pair in zip(older, newer, strict=True)]
+    named = [i for i, s in enumerate(places) if LOCATIONS[pred[i, 0]] in s]
+    left = [next(iter(places[i] - {LOCATIONS[pred[i, 0]]})) for i in named]
+    result["named_one_of_the_places"] = len(named) / len(stories)
+    sub = x[named]
+    result["probes"]["place the answer named"] = probe(sub, pred[named, 0], int(len(named) * a.fit))
+    result["probes"]["place the answer did not name"] = probe(
+        sub, torch.tensor([names[v] for v in left]), int(len(named) * a.fit))
     result["seconds"] = round(time.time() - t0, 1)
     q = result["both_questions"]
     print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} at {a.segments} segments of {size} "

@@ -12,7 +12,18 @@ from helpers import load_script
 from test_babi_qa import noise, solve, tokenizer  # noqa: F401  (fixtures)
 from transformers import BertConfig, BertForSequenceClassification
 
-from rmt_fast.tasks.babi_qa import LOCATIONS, BabiQA, Story, asked_and_other_fact, make_story
+from rmt_fast.tasks.babi_qa import (
+    DIRECTIONS,
+    LOCATIONS,
+    BabiQA,
+    Story,
+    anchor_of,
+    asked_and_other_fact,
+    fact_parts,
+    fact_targets,
+    make_story,
+    other_question,
+)
 
 probe = load_script("memory_probe")
 S = 64
@@ -24,16 +35,20 @@ def test_other_question_asks_for_the_other_fact():
     rng = random.Random(0)
     for _ in range(400):
         story = make_story("reasoning", rng)
-        twin = probe.other_question(story)
+        twin = other_question(story)
         assert twin.facts == story.facts and twin.answer != story.answer
         assert solve(twin.facts, twin.question) == twin.answer
         assert asked_and_other_fact(twin) == asked_and_other_fact(story)[::-1]
         assert twin.question.startswith("What is the ") == story.question.startswith("What is the ")
-        anchor = probe.anchor_of(story)
-        assert anchor in story.question and {probe.fact_parts(f, anchor)[0] for f in story.facts} == \
+        anchor = anchor_of(story)
+        assert anchor in story.question and {fact_parts(f, anchor)[0] for f in story.facts} == \
             {story.answer, twin.answer}
+        # the targets of an auxiliary fact loss: each fact's place and where it lies from the anchor
+        for (place, d), fact in zip(fact_targets(story), story.facts, strict=True):
+            question = f"What is {DIRECTIONS[d]} of the {anchor}?"
+            assert solve(story.facts, question) == LOCATIONS[place] and LOCATIONS[place] in fact
     with pytest.raises(ValueError, match="not about"):
-        probe.fact_parts("The garden is north of the office.", "kitchen")
+        fact_parts("The garden is north of the office.", "kitchen")
 
 
 def test_read_gives_the_models_answers_to_both_questions(tokenizer, noise):  # noqa: F811
@@ -53,7 +68,7 @@ def test_read_gives_the_models_answers_to_both_questions(tokenizer, noise):  # n
     data = BabiQA("reasoning", tokenizer, S, noise=noise)
     plans = data.plans("valid", 3, range(5))
     memory, got = probe.read(model, data, plans, torch.float32, batch_size=2)
-    twin_plans = [dataclasses.replace(p, story=probe.other_question(p.story)) for p in plans]
+    twin_plans = [dataclasses.replace(p, story=other_question(p.story)) for p in plans]
     with torch.no_grad():
         prefix = data.batch("valid", 3, range(5))
         ids, mask = prefix["input_ids"], prefix["attention_mask"]

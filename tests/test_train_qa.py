@@ -479,3 +479,73 @@ def test_wilson_and_amp():
         amp_dtype("fp16")
     with pytest.raises(ValueError, match="curriculum must be increasing"):
         QATrainConfig(curriculum=[2, 1]).validate()
+
+
+def test_fact_head_loss_by_hand():
+    """FactHead: zero at the start (log 6 + log 4) / 2 whatever the memory; with weights, the
+    mean of the place and direction cross-entropies over both facts, computed by hand."""
+    import math
+
+    from rmt_fast.train_qa import FactHead
+
+    head = FactHead(3, 8)
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(5, 3, 8, generator=g, requires_grad=True)
+    places, directions = torch.randint(0, 6, (5, 2), generator=g), torch.randint(0, 4, (5, 2), generator=g)
+    labels = torch.stack([places, directions], -1)
+    assert head(memory, labels).item() == pytest.approx((math.log(6) + math.log(4)) / 2)
+    with torch.no_grad():
+        head.proj.weight.normal_(generator=g)
+        head.proj.bias.normal_(generator=g)
+    got = head(memory, labels)
+    logits = (memory.detach().flatten(1).double() @ head.proj.weight.double().T + head.proj.bias.double())
+    want = 0.0
+    for b in range(5):
+        for f in range(2):
+            row = logits[b, 10 * f: 10 * f + 10]
+            place, direction = torch.log_softmax(row[:6], 0), torch.log_softmax(row[6:], 0)
+            want -= place[places[b, f]] + direction[directions[b, f]]
+    assert got.item() == pytest.approx(want.item() / 20, rel=1e-5)
+    got.backward()
+    assert memory.grad.abs().sum() > 0
+
+
+def test_fact_loss_trains_the_memory_and_resumes_exactly(tiny_base, noise, tmp_path):
+    """reasoning with fact_loss: the head's loss is recorded, it changes the model's training
+    (from step 2: the head starts at zero), an interrupted run resumes to the same weights and
+    losses (the head is in the checkpoint), and a resume with another weight is refused."""
+    import math
+
+    cfg = tiny_config(tiny_base, task="reasoning", fact_loss=1.0, curriculum=[1], lrs=None, max_steps=4,
+                      save_every=1, eval_every=10)
+    plain_cfg = dataclasses.replace(cfg, fact_loss=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    assert data.batch("train", 1, range(2))["fact_labels"].shape == (2, 2, 2)
+    train_qa(model, data, cfg, tmp_path / "a", progress=False)
+    records = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert records[0]["fact_loss"] == pytest.approx((math.log(6) + math.log(4)) / 2, rel=1e-4)
+    assert len({r["fact_loss"] for r in records}) == len(records)  # the head learns from step 1 on
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg)
+    train_qa(plain, data, plain_cfg, tmp_path / "plain", progress=False)
+    plain_records = [json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert "fact_loss" not in plain_records[0]
+    a, p = model.finetuned_state_dict(), plain.finetuned_state_dict()
+    assert any(not torch.equal(a[k], p[k]) for k in a)  # the head's gradient reached the model
+    torch.manual_seed(0)
+    assert train_qa(build_model(cfg), data, cfg, tmp_path / "b", progress=False, stop_after=2).step == 2
+    torch.manual_seed(123)
+    resumed = build_model(cfg)
+    train_qa(resumed, data, cfg, tmp_path / "b", progress=False)
+    b = resumed.finetuned_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    records_b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [(r["loss"], r["fact_loss"]) for r in records_b] == [(r["loss"], r["fact_loss"]) for r in records]
+    more = dataclasses.replace(cfg, fact_loss=0.5, max_steps=5)
+    with pytest.raises(ValueError, match="was trained with fact_loss=1.0"):
+        train_qa(build_model(more), data, more, tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="fact_loss must be >= 0 .0 unless task is reasoning"):
+        tiny_config(tiny_base, fact_loss=1.0).validate()

@@ -108,6 +108,45 @@ def order_decides(story: Story) -> bool:
     return word is not None and word in asked_and_other_fact(story)[1].rstrip(".").split()
 
 
+def anchor_of(story: Story) -> str:
+    """The location both facts of a ``reasoning`` story name."""
+    first, second = (set(f.rstrip(".").split()) for f in story.facts)
+    (anchor,) = first & second & set(LOCATIONS)
+    return anchor
+
+
+def fact_parts(fact: str, anchor: str) -> tuple[str, str]:
+    """``(place, direction of the place from anchor)`` of a qa4 fact about ``anchor``
+    (``The P is d of the A.`` or ``The A is d' of the P.``)."""
+    words = fact.rstrip(".").split()
+    first, d, second = words[1], words[3], words[-1]
+    if second == anchor:
+        return first, d
+    if first == anchor:
+        return second, OPPOSITE[d]
+    raise ValueError(f"{fact!r} is not about {anchor!r}")
+
+
+def fact_targets(story: Story) -> list[tuple[int, int]]:
+    """A ``reasoning`` story's facts in order as ``(place, direction)`` class ids: the place's
+    index in :data:`LOCATIONS`, its direction from the anchor's in :data:`DIRECTIONS`."""
+    anchor = anchor_of(story)
+    parts = (fact_parts(f, anchor) for f in story.facts)
+    return [(LOCATIONS.index(place), DIRECTIONS.index(d)) for place, d in parts]
+
+
+def other_question(story: Story) -> Story:
+    """The ``reasoning`` story asking for the other fact's place, in the story's question form
+    (the same words but the direction)."""
+    anchor = anchor_of(story)
+    (other, d), = [fact_parts(f, anchor) for f in story.facts if fact_parts(f, anchor)[0] != story.answer]
+    if story.question.startswith("What is the "):
+        question = f"What is the {anchor} {OPPOSITE[d]} of?"
+    else:
+        question = f"What is {d} of the {anchor}?"
+    return Story(story.facts, question, other)
+
+
 @dataclass
 class Plan:
     """One sample before its tokens are laid out: ``pad`` padding tokens, then ``items`` in
@@ -283,13 +322,17 @@ class BabiQA:
     # --- batches ------------------------------------------------------------------------------
     def batch(self, split: str, num_segments: int, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """``input_ids`` ``[B, T]`` long, ``attention_mask`` ``[B, T]`` long (0 on padding),
-        ``labels`` ``[B]`` long, with ``T = num_segments * segment_size``."""
+        ``labels`` ``[B]`` long, with ``T = num_segments * segment_size``; ``reasoning`` also
+        ``fact_labels`` ``[B, 2, 2]`` long (:func:`fact_targets` of each story)."""
         plans = self.plans(split, num_segments, indices)
         ids = torch.from_numpy(np.stack([self.tokens(p) for p in plans]).astype(np.int64))
         mask = torch.ones_like(ids)
         for row, p in enumerate(plans):
             mask[row, : p.pad] = 0
-        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels(plans)}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels(plans)}
+        if self.task == "reasoning":
+            out["fact_labels"] = torch.tensor([fact_targets(p.story) for p in plans], dtype=torch.long)
+        return out
 
     @staticmethod
     def labels(plans: Sequence[Plan]) -> torch.Tensor:
