@@ -387,7 +387,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
 
     def state_dict():
         st = {"step": step, "stage": stage, "stage_start": stage_start, "wall_time": wall(),
-               "stage_changes": changes, "config": asdict(cfg)}
+              "stage_changes": changes, "config": asdict(cfg)}
         if fact_head is not None:
             st["fact_head"] = fact_head.state_dict()
         return st
