@@ -26,7 +26,15 @@ import torch.nn.functional as F
 
 from rmt_fast import dtypes
 from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
-from rmt_fast.tasks.babi_qa import LOCATIONS, OPPOSITE, BabiQA, Story, anchor_of, fact_parts, other_question
+from rmt_fast.tasks.babi_qa import (
+    DIRECTIONS,
+    LOCATIONS,
+    BabiQA,
+    Story,
+    anchor_of,
+    fact_targets,
+    other_question,
+)
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -141,39 +149,34 @@ def main(argv=None) -> None:
     stories = [pl.story for pl in carried]
     twins = [other_question(s) for s in stories]
     label, twin_label = (torch.tensor([s.label for s in ss]) for ss in (stories, twins))
-    newer_asked = torch.tensor([s.answer == fact_parts(s.facts[1], anchor_of(s))[0] for s in stories])
+    facts = torch.tensor([fact_targets(s) for s in stories])  # [N, 2 facts, (place, direction)]
+    newer_asked = label == facts[:, 1, 0]
     # accuracy per asked-for fact: every story asks once for each
-    older = torch.where(newer_asked, pred[:, 1] == twin_label, pred[:, 0] == label)
-    newer = torch.where(newer_asked, pred[:, 0] == label, pred[:, 1] == twin_label)
+    older_right = torch.where(newer_asked, pred[:, 1] == twin_label, pred[:, 0] == label)
+    newer_right = torch.where(newer_asked, pred[:, 0] == label, pred[:, 1] == twin_label)
     result = {"checkpoint": a.checkpoint, "segments": a.segments, "samples": a.samples,
               "carried_stories": len(carried), "dtype": dtypes.dtype_name(dtype),
               "story_question_accuracy": (pred[:, 0] == label).float().mean().item(),
-              "asked_for_older_fact": older.float().mean().item(),
-              "asked_for_newer_fact": newer.float().mean().item(),
+              "asked_for_older_fact": older_right.float().mean().item(),
+              "asked_for_newer_fact": newer_right.float().mean().item(),
               "both_questions": both_questions(pred[:, 0], pred[:, 1], label, twin_label)}
     x = memory.flatten(1)
     fit = int(len(carried) * a.fit)
-    targets = {"older fact's place": [fact_parts(s.facts[0], anchor_of(s))[0] for s in stories],
-               "newer fact's place": [fact_parts(s.facts[1], anchor_of(s))[0] for s in stories],
-               "anchor": [anchor_of(s) for s in stories],
-               "older fact's direction": [fact_parts(s.facts[0], anchor_of(s))[1] for s in stories],
-               "newer fact's direction": [fact_parts(s.facts[1], anchor_of(s))[1] for s in stories],
-               # the direction word as written (the direction above also needs the word order)
-               "older fact's direction word": [s.facts[0].split()[3] for s in stories],
-               "newer fact's direction word": [s.facts[1].split()[3] for s in stories]}
-    names = {**{w: i for i, w in enumerate(LOCATIONS)}, **{w: i for i, w in enumerate(OPPOSITE)}}
-    result["probes"] = {k: probe(x, torch.tensor([names[v] for v in vs]), fit) for k, vs in targets.items()}
+    # the direction word as written (the direction from the anchor also needs the word order)
+    words = torch.tensor([[DIRECTIONS.index(f.split()[3]) for f in s.facts] for s in stories])
+    targets = {"older fact's place": facts[:, 0, 0], "newer fact's place": facts[:, 1, 0],
+               "anchor": torch.tensor([LOCATIONS.index(anchor_of(s)) for s in stories]),
+               "older fact's direction": facts[:, 0, 1], "newer fact's direction": facts[:, 1, 1],
+               "older fact's direction word": words[:, 0], "newer fact's direction word": words[:, 1]}
+    result["probes"] = {k: probe(x, y, fit) for k, y in targets.items()}
     # where the story's answer names one of the two places: is the place it did not name in the
     # memory too? (4 places are left once the anchor and the named place are known: 0.25)
-    older, newer = targets["older fact's place"], targets["newer fact's place"]
-    places = [set(pair) for pair in zip(older, newer, strict=True)]
-    named = [i for i, s in enumerate(places) if LOCATIONS[pred[i, 0]] in s]
-    left = [next(iter(places[i] - {LOCATIONS[pred[i, 0]]})) for i in named]
+    named = ((facts[:, :, 0] == pred[:, :1]).any(1)).nonzero().squeeze(1)
+    unnamed = torch.where(facts[named, 0, 0] == pred[named, 0], facts[named, 1, 0], facts[named, 0, 0])
     result["named_one_of_the_places"] = len(named) / len(stories)
-    sub = x[named]
-    result["probes"]["place the answer named"] = probe(sub, pred[named, 0], int(len(named) * a.fit))
-    result["probes"]["place the answer did not name"] = probe(
-        sub, torch.tensor([names[v] for v in left]), int(len(named) * a.fit))
+    cut = int(len(named) * a.fit)
+    result["probes"]["place the answer named"] = probe(x[named], pred[named, 0], cut)
+    result["probes"]["place the answer did not name"] = probe(x[named], unnamed, cut)
     result["seconds"] = round(time.time() - t0, 1)
     q = result["both_questions"]
     print(f"{a.checkpoint}: validation samples 0..{a.samples - 1} at {a.segments} segments of {size} "

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import load_script
 from test_babi_qa import noise, solve, tokenizer  # noqa: F401  (fixtures)
+from test_train_qa import tiny_base  # noqa: F401  (fixture)
 from transformers import BertConfig, BertForSequenceClassification
 
 from rmt_fast.tasks.babi_qa import (
@@ -104,3 +105,33 @@ def test_both_questions_counts():
     got = probe.both_questions(story_pred, twin_pred, label, twin)
     assert got == {"stories": 4, "both right": 0.25, "only one right": 0.25, "neither right": 0.5,
                    "same place for both questions": 0.25, "answers swapped": 0.25}
+
+
+def test_main_end_to_end(tiny_base, tmp_path):  # noqa: F811
+    """The command on a tiny saved checkpoint: its JSON agrees with read() on the same stories
+    (the story question's accuracy, both-questions shares) and probes every target."""
+    import json
+
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LoRARMTEncoderForSequenceClassification.from_base(tiny_base, labels=LOCATIONS, num_mem_tokens=2,
+                                                              segment_size=32)
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "probe.json"
+    probe.main([str(tmp_path / "ckpt"), "--segments", "3", "--samples", "60", "--dtype", "float32",
+                "--json", str(out)])
+    got = json.loads(out.read_text())
+    data = BabiQA("reasoning", model.tokenizer, 32)
+    carried = [p for p in data.plans("valid", 3, range(60)) if max(p.fact_starts) // 32 < 2]
+    assert got["carried_stories"] == len(carried) >= 10
+    _, logits = probe.read(model.eval(), data, carried, torch.float32)
+    pred = logits.argmax(-1)
+    labels = torch.tensor([p.story.label for p in carried])
+    twins = torch.tensor([other_question(p.story).label for p in carried])
+    assert got["story_question_accuracy"] == pytest.approx((pred[:, 0] == labels).float().mean().item())
+    assert got["both_questions"] == probe.both_questions(pred[:, 0], pred[:, 1], labels, twins)
+    assert set(got["probes"]) == {f"{age} fact's {what}" for age in ("older", "newer")
+                                  for what in ("place", "direction", "direction word")} | {
+        "anchor", "place the answer named", "place the answer did not name"}
+    assert all(0 <= r["test_accuracy"] <= 1 for r in got["probes"].values())
