@@ -9,8 +9,9 @@ enters the question's segment, on validation stories whose two facts both lie be
   own place (the older fact's, the newer fact's), its direction from the anchor and its
   direction word as written, to the shared anchor, and to the place the model's answer named and
   the one it did not, fitted on the first ``--fit`` share of the stories (its L2 weight picked on
-  the last fifth of those), scored on the rest. What a probe reads well above its majority
-  baseline is in the memory in a linear form.
+  the last fifth of those), scored on the rest; the same with one hidden layer (64 ReLU units),
+  for a code a linear probe cannot read. What a probe reads well above its majority baseline is
+  in the memory.
 
 ``python scripts/memory_probe.py CHECKPOINT [--segments 8] [--samples 2048]`` (a checkpoint of
 ``python -m rmt_fast.train_qa --task reasoning``; validation samples ``0..samples-1``)."""
@@ -37,6 +38,7 @@ from rmt_fast.tasks.babi_qa import (
 )
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+MLP_DECAY = (1e-2, 1e-1, 1.0)
 
 
 def swap_question(data: BabiQA, ids: torch.Tensor, story: Story, twin: Story) -> torch.Tensor:
@@ -95,19 +97,50 @@ def probe_accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     return ((xb @ w).argmax(-1) == y).float().mean().item()
 
 
-def probe(x: torch.Tensor, y: torch.Tensor, fit: int) -> dict:
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, weight_decay: float, classes: int = len(LOCATIONS),
+            hidden: int = 64, steps: int = 300, seed: int = 0) -> torch.nn.Module:
+    """A one-hidden-layer ReLU probe on ``x`` ``[N, F]`` (float32), full-batch AdamW."""
+    with torch.random.fork_rng():  # torch's default init, seeded, the global RNG left as it was
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
+                                  torch.nn.Linear(hidden, classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    return net.eval()
+
+
+def mlp_accuracy(net, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (net(x).argmax(-1) == y).float().mean().item()
+
+
+def probe(x: torch.Tensor, y: torch.Tensor, fit: int, mlp: bool = True) -> dict:
     """Fit on rows ``:fit`` (L2 weight picked on the last fifth of them, then refitted on all),
-    score on rows ``fit:``. ``x`` is standardized by the fitting rows' mean and deviation."""
+    score on rows ``fit:``. ``x`` is standardized by the fitting rows' mean and deviation.
+    ``mlp``: also a one-hidden-layer probe (its weight decay picked the same way), for what a
+    linear probe cannot read."""
     mean, std = x[:fit].mean(0), x[:fit].std(0).clamp(min=1e-6)
-    x = ((x - mean) / std).double()
+    x = (x - mean) / std
+    xd = x.double()
     cut = fit - fit // 5
-    held = {l2: probe_accuracy(fit_probe(x[:cut], y[:cut], l2), x[cut:fit], y[cut:fit]) for l2 in L2_GRID}
+    held = {l2: probe_accuracy(fit_probe(xd[:cut], y[:cut], l2), xd[cut:fit], y[cut:fit]) for l2 in L2_GRID}
     best = max(held, key=held.get)
-    w = fit_probe(x[:fit], y[:fit], best)
+    w = fit_probe(xd[:fit], y[:fit], best)
     majority = torch.bincount(y[:fit], minlength=len(LOCATIONS)).argmax()
-    return {"l2": best, "held_out": held[best], "fit_accuracy": probe_accuracy(w, x[:fit], y[:fit]),
-            "test_accuracy": probe_accuracy(w, x[fit:], y[fit:]),
-            "majority_baseline": (y[fit:] == majority).float().mean().item(), "test_rows": len(y) - fit}
+    out = {"l2": best, "held_out": held[best], "fit_accuracy": probe_accuracy(w, xd[:fit], y[:fit]),
+           "test_accuracy": probe_accuracy(w, xd[fit:], y[fit:]),
+           "majority_baseline": (y[fit:] == majority).float().mean().item(), "test_rows": len(y) - fit}
+    if mlp:
+        x = x.float()
+        held = {wd: mlp_accuracy(fit_mlp(x[:cut], y[:cut], wd), x[cut:fit], y[cut:fit]) for wd in MLP_DECAY}
+        wd = max(held, key=held.get)
+        net = fit_mlp(x[:fit], y[:fit], wd)
+        out.update(mlp_weight_decay=wd, mlp_test_accuracy=mlp_accuracy(net, x[fit:], y[fit:]))
+    return out
 
 
 def both_questions(story_pred: torch.Tensor, twin_pred: torch.Tensor, story_label: torch.Tensor,
@@ -188,11 +221,12 @@ def main(argv=None) -> None:
     for k, v in q.items():
         if k != "stories":
             print(f"| {k} | {v:.3f} |")
-    print(f"\n| linear probe on the memory ({fit} stories fitted, {len(carried) - fit} scored) | test "
-          f"accuracy | majority | fit accuracy | L2 |\n|---|---|---|---|---|")
+    print(f"\n| probe on the memory ({fit} stories fitted, {len(carried) - fit} scored) | linear: test "
+          f"accuracy | one hidden layer: test accuracy | majority | linear: fit accuracy | L2 |\n"
+          f"|---|---|---|---|---|---|")
     for k, r in result["probes"].items():
-        print(f"| {k} | {r['test_accuracy']:.3f} | {r['majority_baseline']:.3f} | {r['fit_accuracy']:.3f} "
-              f"| {r['l2']:g} |")
+        print(f"| {k} | {r['test_accuracy']:.3f} | {r['mlp_test_accuracy']:.3f} | "
+              f"{r['majority_baseline']:.3f} | {r['fit_accuracy']:.3f} | {r['l2']:g} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

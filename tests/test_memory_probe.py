@@ -93,9 +93,19 @@ def test_probe_reads_a_linear_code_and_not_noise():
     code = torch.randn(6, 40, generator=g)
     x = code[y] + 0.5 * torch.randn(600, 40, generator=g)
     coded = probe.probe(x, y, 400)
-    assert coded["test_accuracy"] > 0.9 and coded["test_rows"] == 200
+    assert coded["test_accuracy"] > 0.9 and coded["mlp_test_accuracy"] > 0.9 and coded["test_rows"] == 200
     noise_only = probe.probe(torch.randn(600, 40, generator=g), y, 400)
     assert noise_only["test_accuracy"] < 0.35 and noise_only["fit_accuracy"] > noise_only["test_accuracy"]
+    assert noise_only["mlp_test_accuracy"] < 0.35
+
+
+def test_the_hidden_layer_probe_reads_what_a_linear_one_cannot():
+    """XOR of two signs: no linear probe beats chance by much, one hidden layer does."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(800, 10, generator=g)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()
+    got = probe.probe(x, y, 600)
+    assert got["test_accuracy"] < 0.65 and got["mlp_test_accuracy"] > 0.85
 
 
 def test_both_questions_counts():
