@@ -340,7 +340,7 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
                for ids, ratio in scaled_groups]
     fact_head = None
     if cfg.fact_loss:
-        fact_head = FactHead(*model.init_state(1).memory.shape[1:]).to(model.device)
+        fact_head = FactHead(*model.memory.shape).to(model.device)  # the learned initial memory [M, d]
         groups.append({"params": list(fact_head.parameters()), "lr_scale": cfg.fact_lr_ratio})
         params = params + list(fact_head.parameters())
 

@@ -39,7 +39,6 @@ def grads(out, inputs, seed=1):
     return torch.autograd.grad(out, inputs, cot)
 
 
-
 def load_script(name: str):
     """The module ``scripts/<name>.py``, loaded under ``name`` (registered in ``sys.modules``,
     where dataclasses look their module up). The scripts are not a package: users run them."""

@@ -139,7 +139,7 @@ def other_question(story: Story) -> Story:
     """The ``reasoning`` story asking for the other fact's place, in the story's question form
     (the same words but the direction)."""
     anchor = anchor_of(story)
-    (other, d), = [fact_parts(f, anchor) for f in story.facts if fact_parts(f, anchor)[0] != story.answer]
+    (other, d), = [part for part in (fact_parts(f, anchor) for f in story.facts) if part[0] != story.answer]
     if story.question.startswith("What is the "):
         question = f"What is the {anchor} {OPPOSITE[d]} of?"
     else:
