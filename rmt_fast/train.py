@@ -43,7 +43,7 @@ from rmt_fast import distributed as rd
 from rmt_fast import run_io
 from rmt_fast.dtypes import CHOICES as DTYPE_CHOICES
 from rmt_fast.dtypes import resolve_dtype
-from rmt_fast.models.config import MEMORY_UPDATES
+from rmt_fast.models.config import MEMORY_UPDATES, XL_POSITIONS
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
@@ -109,6 +109,10 @@ class ModelSpec:
                      "layer defaults, untied; needed for associative retrieval)", choices=INITS)
     mask: str = _opt("causal", "attention mask over [read | segment | write]")
     xl_cache: int = _opt(0, "Transformer-XL cache: keys/values of the previous segment's last N tokens")
+    xl_positions: str = _opt("before_memory", "where a rotary (llama) model's XL cache sits: "
+                             "before_memory (the official order [cache | read | segment]) or "
+                             "before_segment (its last token right before the first segment token)",
+                             choices=XL_POSITIONS)
     memory_noise: float = _opt(0.0, "training-only noise on the memory read by each segment "
                                "(relative std; armt: on each layer's associative read)")
     memory_update: str = _opt("replace", "rmt: how the write outputs become the next memory: replace "
@@ -782,7 +786,8 @@ def torch_default_init(model: nn.Module) -> None:
 
 def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, layers: int = 4,
                 d_model: int = 128, heads: int = 4, d_inner: int = 256, dropout: float = 0.0,
-                mask: str = "causal", xl_cache: int = 0, bptt_depth: int | None = -1,
+                mask: str = "causal", xl_cache: int = 0, xl_positions: str = "before_memory",
+                bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
                 armt_l2_norm: bool = False, memory_update: str = "replace"):
@@ -790,7 +795,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
     (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
-    L2-normalised with ``armt_l2_norm``; ``mask`` and ``xl_cache`` are RMT options;
+    L2-normalised with ``armt_l2_norm``; ``mask``, ``xl_cache`` and ``xl_positions``
+    (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
 
@@ -810,6 +816,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if model == "armt":
         rmt_only = {"mask": (mask, "causal"), "xl_cache": (xl_cache, 0),
+                    "xl_positions": (xl_positions, "before_memory"),
                     "memory_update": (memory_update, "replace")}
         bad = sorted(k for k, (v, default) in rmt_only.items() if v != default)
         if bad:
@@ -843,6 +850,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                                memory_noise=memory_noise)
     return RMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size, mask=mask,
                           bptt_depth=-1 if bptt_depth is None else bptt_depth, xl_cache=xl_cache,
+                          xl_positions=xl_positions,
                           checkpoint_segments=bool(checkpoint_segments), memory_noise=memory_noise,
                           memory_update=memory_update)
 

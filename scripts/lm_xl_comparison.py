@@ -56,6 +56,9 @@ ROWS: dict[str, dict] = {
     "xl128": dict(mem=False, xl=128, depth=-1, mask="causal"),
     **{f"rmt-d{k}": dict(mem=True, xl=0, depth=k, mask="causal") for k in (0, 1, 2, 4)},
     "rmt-xl10": dict(mem=True, xl=10, depth=2, mask="causal"),
+    # the same with the cache's last token right before the first segment token, not before
+    # the read memory (RMTConfig.xl_positions)
+    "rmt-xl10-adjacent": dict(mem=True, xl=10, depth=2, mask="causal", xl_positions="before_segment"),
     # the mask comparison is for the best RMT row (chosen on validation): its rmt-mask twin
     **{f"rmt-d{k}-rmtmask": dict(mem=True, xl=0, depth=k, mask="rmt") for k in (0, 1, 2, 4)},
     "rmt-xl10-rmtmask": dict(mem=True, xl=10, depth=2, mask="rmt"),
@@ -111,6 +114,7 @@ class Settings:
         return build_model(VOCAB_SIZE, self.segment_size, self.mem if spec["mem"] else 0,
                            layers=self.layers, d_model=self.d_model, heads=self.heads,
                            d_inner=self.d_inner, mask=spec["mask"], xl_cache=spec["xl"],
+                           xl_positions=spec.get("xl_positions", "before_memory"),
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
                            seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
                            d_mem=self.d_mem)

@@ -168,13 +168,17 @@ def test_xl_cache_of_a_rotary_model_equals_full_attention():
             assert (out[1:, seg:] - full[:, seg:]).abs().max() > 1e-2
 
 
-def test_xl_cache_with_memory_keeps_true_rotary_distances():
-    """With memory tokens the cached keys move ``-(M + r)``: the last cached token sits one
-    position before the next segment's read memory. Rotary attention depends on distances only,
-    so the same logits come from leaving the cache where it was computed and numbering the next
-    segment from ``M + r`` on; numbering it from ``r`` (a shift that forgot the memory) differs."""
+@pytest.mark.parametrize("xl_positions", ["before_memory", "before_segment"])
+def test_xl_cache_with_memory_keeps_true_rotary_distances(xl_positions):
+    """With memory tokens the cached keys move ``-(M + r)`` (``before_memory``: the last cached
+    token sits one position before the next segment's read memory) or ``-r``
+    (``before_segment``: one position before the first segment token). Rotary attention depends
+    on distances only, so the same logits come from leaving the cache where it was computed and
+    numbering the next segment from ``M + r`` on (``before_memory``) or from ``r`` on
+    (``before_segment``); the other numbering differs."""
     m, seg = 3, 8
-    model = RMTForCausalLM(tiny_llama().double(), num_mem_tokens=m, segment_size=seg, xl_cache=5).eval()
+    model = RMTForCausalLM(tiny_llama().double(), num_mem_tokens=m, segment_size=seg, xl_cache=5,
+                           xl_positions=xl_positions).eval()
     tokens = ids(2, 2 * seg)
     with torch.no_grad():
         out = model(tokens).logits
@@ -196,14 +200,33 @@ def test_xl_cache_with_memory_keeps_true_rotary_distances():
         assert calls == [0, offset]
         return logits
 
+    same, other = (m + seg, seg) if xl_positions == "before_memory" else (seg, m + seg)
     # the rotary angles are float32 (in transformers and in shift_keys): about 1e-8 apart
-    torch.testing.assert_close(unshifted(m + seg), out, atol=1e-6, rtol=0)
-    assert (unshifted(seg)[:, seg:] - out[:, seg:]).abs().max() > 1e-5  # (about 5e-4 here)
+    torch.testing.assert_close(unshifted(same), out, atol=1e-6, rtol=0)
+    assert (unshifted(other)[:, seg:] - out[:, seg:]).abs().max() > 1e-5  # (about 5e-4 here)
 
 
-def test_save_load_round_trip_exact(tmp_path):
-    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=3, segment_size=6, mask="rmt", xl_cache=2,
-                           memory_noise=0.1).eval()
+def test_xl_positions_before_segment_needs_rotary_positions():
+    """GPT-2's cached keys cannot be moved: ``before_segment`` is refused at construction and by
+    ``replace_config`` (the config stays as it was); without a cache it is harmless."""
+    with pytest.raises(ValueError, match="xl_positions='before_segment'.*rotary"):
+        RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=6, xl_cache=3,
+                       xl_positions="before_segment")
+    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=6, xl_cache=3)
+    before = model.rmt_config
+    with pytest.raises(ValueError, match="rotary"):
+        model.replace_config(xl_positions="before_segment")
+    assert model.rmt_config is before
+    RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=6, xl_positions="before_segment")
+    with pytest.raises(ValueError, match="xl_positions must be one of"):
+        RMTForCausalLM(tiny_llama(), num_mem_tokens=2, segment_size=6, xl_positions="after")
+
+
+@pytest.mark.parametrize("make,extra", [(tiny_gpt2, {}),
+                                        (tiny_llama, {"xl_positions": "before_segment"})])
+def test_save_load_round_trip_exact(tmp_path, make, extra):
+    model = RMTForCausalLM(make(), num_mem_tokens=3, segment_size=6, mask="rmt", xl_cache=2,
+                           memory_noise=0.1, **extra).eval()
     tokens = ids(2, 14)
     with torch.no_grad():
         before = model(tokens).logits

@@ -181,6 +181,10 @@ def test_build_model_inits():
         build_model(37, 3, 2, init="xavier")
     with pytest.raises(ValueError, match=r"\['memory_update'\] are RMT options"):
         build_model(37, 3, 2, model="armt", memory_update="gated")
+    with pytest.raises(ValueError, match=r"\['xl_positions'\] are RMT options"):
+        build_model(37, 3, 2, model="armt", xl_positions="before_segment")
+    llama = build_model(37, 3, 2, arch="llama", xl_cache=2, xl_positions="before_segment")
+    assert llama.rmt_config.xl_positions == "before_segment"
 
 
 def test_lr_schedule():

@@ -113,7 +113,7 @@ class RMTBase(nn.Module):
         gated = getattr(config, "memory_update", "replace") == "gated"
         self.memory_gate = MemoryGate(d, embeddings.weight.dtype) if gated else None
         self._use_rmt_fast_attention()
-        self.check_positions(self.positions_needed())
+        self.check_config(config)
         if getattr(config, "fuse_activations", True):  # same function, one fused kernel (gelu_new)
             fuse_activations(self.base)
         # tied weights (GPT-2's lm_head = wte) appear once in state_dict(), so safetensors and
@@ -184,7 +184,7 @@ class RMTBase(nn.Module):
             raise ValueError(f"{sorted(fixed)} cannot change after construction (they shape the "
                              "parameters or modules); build a new wrapper instead")
         config = self.make_config(self.rmt_config, **changes)
-        self.check_positions(self.positions_needed(config))
+        self.check_config(config)
         self.rmt_config = config
         return config
 
@@ -200,6 +200,11 @@ class RMTBase(nn.Module):
         if self.base.config._attn_implementation != "rmt_fast":
             raise TypeError(f"unsupported base model {type(self.base).__name__}: it ignores "
                             "attn_implementation (no AttentionInterface support)")
+
+    def check_config(self, config: RMTConfig) -> None:
+        """Raise if ``config`` does not fit the base model (at construction and in
+        :meth:`replace_config`, before anything changes)."""
+        self.check_positions(self.positions_needed(config))
 
     def positions_needed(self, config: RMTConfig | None = None) -> int:
         """Positions one segment occupies in the base model (0: not known before a forward)."""

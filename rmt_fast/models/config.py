@@ -14,6 +14,7 @@ from rmt_fast.masks import MASK_MODES
 ALIGNMENTS = ("left", "right", "center")
 LOSS_OVER = ("all", "last")
 POSITION_MODES = ("model", "mirror")
+XL_POSITIONS = ("before_memory", "before_segment")
 KINDS = ("decoder", "encoder", "memory_transformer")
 VARIANTS = ("mem", "ctrl", "bottleneck")
 MEMORY_UPDATES = ("replace", "gated")
@@ -80,6 +81,12 @@ class RMTConfig(SavedConfig):
             Rotary models (Llama, ...) see them at their true distances (the cached keys are
             re-rotated, :mod:`rmt_fast.models.rotary`); with absolute position embeddings
             (GPT-2) they keep the positions of the segment they came from.
+        xl_positions: where a rotary model's cache sits: ``before_memory`` (the last cached
+            token one position before the read memory, the sequence order
+            ``[cache | read | segment | write]`` of the official LM-RMT code; the first segment
+            token sees it ``M + 1`` back) or ``before_segment`` (one position before the first
+            segment token, as if the memory took no positions: the cache's tail shares positions
+            with the read memory). Needs rotary positions when ``xl_cache > 0``.
         checkpoint_segments: segment-level gradient checkpointing: only each segment's inputs
             (memory, XL cache, token ids) are kept between forward and backward, each segment
             is recomputed in backward (``torch.utils.checkpoint``, non-reentrant).
@@ -128,6 +135,7 @@ class RMTConfig(SavedConfig):
         "offload_memory": False,  # checkpointed states were never offloaded before this switch
         "memory_update": "replace",  # the only update before the gate existed
         "associative_d_mem": 0,  # no associative memory before it existed
+        "xl_positions": "before_memory",  # the only placement before the switch existed
     }
 
     num_mem_tokens: int = 16
@@ -135,6 +143,7 @@ class RMTConfig(SavedConfig):
     mask: str = "causal"
     bptt_depth: int = -1
     xl_cache: int = 0
+    xl_positions: str = "before_memory"
     checkpoint_segments: bool = False
     offload_memory: bool = False
     segment_alignment: str = "left"
@@ -169,6 +178,8 @@ class RMTConfig(SavedConfig):
              f"bptt_depth must be -1 (full) or an int >= 0, got {self.bptt_depth!r}")
         need(is_int(self.xl_cache) and self.xl_cache >= 0,
              f"xl_cache must be an int >= 0, got {self.xl_cache!r}")
+        need(self.xl_positions in XL_POSITIONS,
+             f"xl_positions must be one of {XL_POSITIONS}, got {self.xl_positions!r}")
         need(isinstance(self.offload_memory, bool),
              f"offload_memory must be a bool, got {self.offload_memory!r}")
         need(self.segment_alignment in ALIGNMENTS,

@@ -74,6 +74,13 @@ class RMTForCausalLM(RMTBase):
         cfg = config or self.rmt_config
         return 2 * cfg.num_mem_tokens + cfg.segment_size
 
+    def check_config(self, config: RMTConfig) -> None:
+        super().check_config(config)
+        if config.xl_cache > 0 and config.xl_positions != "before_memory" and self._xl_rotary() is None:
+            raise ValueError(f"xl_positions={config.xl_positions!r} moves the cached keys, which needs "
+                             f"rotary positions; {type(self.lm).__name__} has absolute ones (use "
+                             "'before_memory', where they keep their own segment's positions)")
+
     # --- one segment -------------------------------------------------------------------------
     def _position_ids(self, seg_mask: torch.Tensor | None, seg_len: int, write: bool, device):
         """``None`` (the base model's own 0..L-1) unless padding or ``position_mode="mirror"``.
@@ -148,8 +155,10 @@ class RMTForCausalLM(RMTBase):
         With rotary position embeddings the kept keys are moved ``-(M + r)`` positions (``r``:
         the row's real segment tokens), so that in the next segment, whose read memory starts
         at position 0 again, the last cached token sits at -1 and every cached key keeps its
-        true distance to the new queries (:mod:`rmt_fast.models.rotary`). Absolute position
-        embeddings (GPT-2) have no such move: there the cache keeps its own segment's positions.
+        true distance to the new queries (:mod:`rmt_fast.models.rotary`); with
+        ``xl_positions="before_segment"`` they move ``-r``: the last cached token sits at
+        ``M - 1``, right before the first segment token. Absolute position embeddings (GPT-2)
+        have no such move: there the cache keeps its own segment's positions.
         """
         keep = self.rmt_config.xl_cache
         batch = mask.shape[0] if mask is not None else next(iter(record.values()))[0].shape[0]
@@ -166,7 +175,8 @@ class RMTForCausalLM(RMTBase):
             kv[layer] = (k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous())
         rotary = self._xl_rotary()
         if rotary is not None:
-            delta = -(m + seg_mask.sum(dim=1))
+            before_memory = self.rmt_config.xl_positions == "before_memory"
+            delta = -((m if before_memory else 0) + seg_mask.sum(dim=1))
             kv = {layer: (shift_keys(k, delta, rotary), v) for layer, (k, v) in kv.items()}
         padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
         return RecurrentState(kv, padding[:, -keep:].contiguous())
