@@ -18,6 +18,7 @@ Usage (one row per invocation; rerun the same command to resume from the last ch
     python scripts/lm_xl_comparison.py --plot docs/lm_curves.png --out runs/lm
     python scripts/lm_xl_comparison.py --table --out runs/lm      # markdown table of results
     python scripts/lm_xl_comparison.py --positions pos.png --out runs/lm  # bits/byte by segment position
+    python scripts/lm_xl_comparison.py --drift drift.png --out runs/lm    # ... by segment index, long streams
 
 ``OUT/<row>/``: ``settings.json``, train()'s ``checkpoint-<step>/`` and ``metrics.jsonl``,
 ``lm_metrics.jsonl`` (validation bits/byte every ``--eval-every`` steps: windows of the
@@ -62,6 +63,9 @@ ROWS: dict[str, dict] = {
     # the mask comparison is for the best RMT row (chosen on validation): its rmt-mask twin
     **{f"rmt-d{k}-rmtmask": dict(mem=True, xl=0, depth=k, mask="rmt") for k in (0, 1, 2, 4)},
     "rmt-xl10-rmtmask": dict(mem=True, xl=10, depth=2, mask="rmt"),
+    # RMT depth 4 trained with memory noise 0.2 (RMTConfig.memory_noise, the needle recipe):
+    # does it stop the memory's drift on streams far longer than training (--drift)?
+    "rmt-d4-noise": dict(mem=True, xl=0, depth=4, mask="causal", noise=0.2),
     # ARMT (associative memory per layer, d_mem --d-mem) with --mem memory tokens, BPTT depth 4
     "armt-d4": dict(mem=True, xl=0, depth=4, mask="causal", model="armt"),
 }
@@ -115,6 +119,7 @@ class Settings:
                            layers=self.layers, d_model=self.d_model, heads=self.heads,
                            d_inner=self.d_inner, mask=spec["mask"], xl_cache=spec["xl"],
                            xl_positions=spec.get("xl_positions", "before_memory"),
+                           memory_noise=spec.get("noise", 0.0),
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
                            seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
                            d_mem=self.d_mem)
@@ -379,6 +384,19 @@ def measure(settings: Settings, out: str, steps: int, warmup: int, cache_dir: st
 POSITIONS_NAME = "positions.json"
 POSITION_BANDS = ((0, 8), (8, 32), (32, 128))
 INDEX_BANDS = ((0, 1), (1, 8), (8, 64), (64, 512), (512, None))  # segment index in the document
+DRIFT_BANDS = ((0, 8), (8, 64), (64, 512), (512, 1024), (1024, 2048), (2048, None))  # in a long stream
+DRIFT_NAME, DRIFT_WINDOW = "drift.json", 32  # the curve: bits per byte over 32 segments at a time
+
+
+def _bands(nll: np.ndarray, counts: np.ndarray, bands) -> dict[str, tuple[float, int]]:
+    """``{"lo-hi": (bits per byte, bytes)}`` of the sums ``nll`` (nats) / ``counts`` over each
+    band ``[lo, hi)`` that holds bytes."""
+    out = {}
+    for lo, hi in bands:
+        n = int(counts[lo:hi].sum())
+        if n:
+            out[f"{lo}-{'' if hi is None else hi - 1}"] = (float(nll[lo:hi].sum() / math.log(2) / n), n)
+    return out
 
 
 def _row_model(out: str, row: str):
@@ -427,13 +445,12 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
         bands = {f"{lo}-{min(hi, seg) - 1}": float(res.position_nll[lo:hi].sum() / math.log(2)
                                                    / res.position_bytes[lo:hi].sum())
                  for lo, hi in POSITION_BANDS if res.position_bytes[lo:hi].sum() > 0}
-        counted = [(f"{lo}-{'' if hi is None else hi - 1}", res.index_nll[lo:hi].sum(),
-                    int(res.index_bytes[lo:hi].sum())) for lo, hi in INDEX_BANDS]
-        index_bands = {name: float(n / math.log(2) / b) for name, n, b in counted if b}
+        counted = _bands(res.index_nll, res.index_bytes, INDEX_BANDS)
+        index_bands = {name: bpb for name, (bpb, _) in counted.items()}
         saved["rows"][row] = {"step": step, "bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
                               "bands": bands, "by_position": [round(float(b), 5) for b in by_pos],
                               "index_bands": index_bands,
-                              "index_bytes": {name: b for name, _, b in counted if b},
+                              "index_bytes": {name: b for name, (_, b) in counted.items()},
                               "seconds": round(res.seconds, 1)}
         log(f"[{row}] {res.total_bytes:,} bytes: {res.bits_per_byte:.4f} bits/byte; by position "
             + ", ".join(f"{k}: {v:.4f}" for k, v in bands.items()) + "; by segment index "
@@ -442,6 +459,81 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
             json.dump(saved, f, indent=1)
         os.replace(path + ".tmp", path)
     return saved
+
+
+def drift(out: str, streams: int, segments: int, rows: list[str] | None = None, corpus=None,
+          log=print) -> dict:
+    """Bits per byte by segment index on ``streams`` streams of ``segments`` segments each, cut
+    one after the other from the test split's ``[BOS] doc [BOS] doc ...``
+    (:func:`rmt_fast.tasks.lm_eval.long_streams`; a stream crosses document starts as the
+    training windows do, but runs ``segments / --segments`` times longer), every trained row
+    under ``out``: whether its recurrent state holds up or drifts. Written to
+    ``out/drift.json`` (rows already there at the same step and stream shape are kept)."""
+    from rmt_fast.tasks.lm_eval import long_streams, stream_nll
+
+    path = os.path.join(out, DRIFT_NAME)
+    saved = {"streams": streams, "segments": segments, "window": DRIFT_WINDOW, "rows": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if (old.get("streams"), old.get("segments"), old.get("window")) == (streams, segments, DRIFT_WINDOW):
+            saved = old
+    split = (corpus if corpus is not None else load_corpus())["test"]
+    for row in rows or _runs(out):
+        ckpt = latest_checkpoint(os.path.join(out, row))
+        if ckpt is None and not rows:
+            continue
+        if ckpt is not None and saved["rows"].get(row, {}).get("step") == _step(ckpt):
+            continue
+        model, step, settings = _row_model(out, row)
+        pieces = long_streams(split, streams, segments * settings.segment_size)
+        res = stream_nll(model, pieces, streams, amp=settings.eval_amp)
+        w = DRIFT_WINDOW
+        curve = [float(res.index_nll[i: i + w].sum() / math.log(2) / res.index_bytes[i: i + w].sum())
+                 for i in range(0, len(res.index_bytes), w)]
+        counted = _bands(res.index_nll, res.index_bytes, DRIFT_BANDS)
+        saved["rows"][row] = {"step": step, "bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
+                              "bands": {name: bpb for name, (bpb, _) in counted.items()},
+                              "band_bytes": {name: b for name, (_, b) in counted.items()},
+                              "curve": [round(c, 5) for c in curve], "seconds": round(res.seconds, 1)}
+        log(f"[{row}] {res.total_bytes:,} bytes in {streams} streams of {segments} segments: "
+            f"{res.bits_per_byte:.4f} bits/byte; by segment index "
+            + ", ".join(f"{k}: {v:.4f}" for k, v in saved["rows"][row]["bands"].items()))
+        with open(path + ".tmp", "w") as f:
+            json.dump(saved, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return saved
+
+
+def plot_drift(saved: dict, png: str) -> None:
+    """Bits per byte over the segment index of the long streams (windows of ``window``
+    segments), one line per row."""
+    from rmt_fast.bench.plotting import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    w = saved["window"]
+    for row, r in saved["rows"].items():
+        x = [i * w + (w - 1) / 2 for i in range(len(r["curve"]))]
+        ax.plot(x, r["curve"], "--" if ROWS[row]["mask"] == "rmt" else "-", lw=1,
+                label=f"{row} ({r['bits_per_byte']:.3f})")
+    ax.set_xlabel(f"segment index in the stream (mean over {w} segments; training windows: 8)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"{saved['streams']} streams of {saved['segments']} segments from the test split")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, png)
+
+
+def drift_table(saved: dict) -> str:
+    rows = saved["rows"]
+    bands = max((list(r["bands"]) for r in rows.values()), key=len, default=[])
+    lines = ["| row | bits/byte | " + " | ".join(f"segments {b}" for b in bands) + " |",
+             "|---|---|" + "---|" * len(bands)]
+    for row, r in rows.items():
+        lines.append(f"| {row} | {r['bits_per_byte']:.4f} | "
+                     + " | ".join(f"{r['bands'][b]:.4f}" if b in r["bands"] else "-" for b in bands) + " |")
+    return "\n".join(lines)
 
 
 def plot_positions(saved: dict, png: str, baseline: str = "plain") -> None:
@@ -576,9 +668,16 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--positions", metavar="PNG",
                       help="bits/byte by position in the segment of every trained row on the first "
                            "--position-docs test documents (OUT/positions.json, PNG, table)")
+    mode.add_argument("--drift", metavar="PNG",
+                      help="bits/byte by segment index of every trained row on --drift-streams "
+                           "streams of --drift-segments segments cut from the test split "
+                           "(OUT/drift.json, PNG, table)")
     mode.add_argument("--measure-one", metavar="ROW", help=argparse.SUPPRESS)
     p.add_argument("--position-docs", type=int, default=20)
-    p.add_argument("--position-rows", nargs="+", choices=sorted(ROWS), default=None)
+    p.add_argument("--position-rows", nargs="+", choices=sorted(ROWS), default=None,
+                   help="the rows --positions / --drift evaluate (default: every trained row)")
+    p.add_argument("--drift-streams", type=int, default=6)
+    p.add_argument("--drift-segments", type=int, default=2048)
     p.add_argument("--out", default="runs/lm", help="runs directory (one subdirectory per row)")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default ~/.cache/rmt_fast)")
     p.add_argument("--threads", type=int, default=1)
@@ -631,6 +730,13 @@ def main(argv: list[str] | None = None):
                           log=lambda s: print(s, flush=True))
         plot_positions(saved, args.positions)
         print(positions_table(saved))
+        return saved
+    if args.drift:
+        hf_logging.disable_progress_bar()
+        saved = drift(args.out, args.drift_streams, args.drift_segments, args.position_rows,
+                      load_corpus(args.cache_dir), log=lambda s: print(s, flush=True))
+        plot_drift(saved, args.drift)
+        print(drift_table(saved))
         return saved
     if args.table:
         text = table(args.out)

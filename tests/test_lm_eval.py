@@ -10,8 +10,8 @@ import pytest
 import torch
 from models import random_mv
 
-from rmt_fast.tasks.lm_eval import report, state_floats, stream_nll
-from rmt_fast.tasks.text_corpus import BOS
+from rmt_fast.tasks.lm_eval import long_streams, report, state_floats, stream_nll
+from rmt_fast.tasks.text_corpus import BOS, CorpusSplit
 from rmt_fast.train import build_model
 
 torch.set_num_threads(1)
@@ -96,6 +96,40 @@ def test_bits_by_segment_position_and_index_add_up_and_match_the_full_forward(me
     by_pos = report(model, res)["bits_per_byte_by_position"]
     assert len(by_pos) == SEG
     assert by_pos[0] == pytest.approx(want_nll[0] / math.log(2) / want_bytes[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("mem,xl,arch", [(3, 0, "gpt2"), (2, 12, "llama")])
+@torch.no_grad()
+def test_streams_of_several_documents_carry_the_state_through_bos(mem, xl, arch):
+    """A stream ``[BOS] d0 [BOS] d1 ...`` (:func:`long_streams`) is read through with the state
+    carried: its NLL is the full forward's over the whole stream with nothing scored where BOS
+    is the next token, and it differs from reading the documents apart (state reset)."""
+    model = tiny(mem, xl, arch=arch)
+    docs = documents(5, sizes=(13, 9, 21, 6, 17))
+    split = CorpusSplit("test", np.concatenate(docs), np.cumsum([0] + [len(d) for d in docs]),
+                        tuple(f"d{i}" for i in range(len(docs))))
+    pieces = long_streams(split, 2, 34)
+    whole = split.stream()
+    assert torch.equal(torch.cat(pieces), whole[:68]) and int(pieces[0][0]) == BOS
+    want = []
+    for piece in pieces:
+        ids = piece if int(piece[0]) == BOS else torch.cat([torch.tensor([BOS]), piece])
+        tok = torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="none")
+        want.append(float(tok[ids[1:] != BOS].sum()))
+    for lanes in (1, 2):
+        res = stream_nll(model, pieces, batch_size=lanes)
+        assert res.bytes.tolist() == [int((p[1:] != BOS).sum()) if int(p[0]) == BOS
+                                      else int((p != BOS).sum()) for p in pieces]
+        np.testing.assert_allclose(res.nll, want, rtol=1e-6, atol=1e-9)
+    # [BOS] d0 [BOS] d1 read as one stream against d0 and d1 read apart: the test can tell
+    together = stream_nll(model, [pieces[0][: 1 + 13 + 1 + 9]])
+    apart = stream_nll(model, docs[:2])
+    assert together.bytes.sum() == apart.bytes.sum() == 22
+    assert abs(together.nll.sum() - apart.nll.sum()) > 1e-4 * apart.nll.sum()  # 100x the rtol
+    with pytest.raises(ValueError, match="need 102 tokens"):
+        long_streams(split, 3, 34)
+    with pytest.raises(ValueError, match="streams must be"):
+        long_streams(split, 0, 34)
 
 
 def test_stream_restores_mode_and_checks_inputs():

@@ -11,7 +11,8 @@ import torch
 from helpers import load_script
 from test_text_corpus import fake_stdlib
 
-from rmt_fast.tasks.text_corpus import load_corpus
+from rmt_fast.tasks.lm_eval import long_streams
+from rmt_fast.tasks.text_corpus import BOS, load_corpus
 
 torch.set_num_threads(1)
 lm = load_script("lm_xl_comparison")
@@ -48,6 +49,10 @@ def test_every_row_trains_and_evaluates(row, corpus, tmp_path):
         assert result["test"]["state_floats"] == (2 * d if spec["mem"] else 0) + spec["xl"] * 2 * d
     hist = [json.loads(line) for line in open(tmp_path / row / lm.LM_METRICS)]
     assert [h["step"] for h in hist] == [1, 2] and all(h["valid_bpb"] > 0 for h in hist)
+    cfg = settings.row_model(row).rmt_config
+    if spec.get("model") != "armt":
+        assert cfg.memory_noise == spec.get("noise", 0.0)
+        assert cfg.xl_positions == spec.get("xl_positions", "before_memory")
 
 
 def test_settings_are_pinned_and_a_finished_row_is_not_redone(corpus, tmp_path):
@@ -137,3 +142,20 @@ def test_measure_one_plot_and_table(corpus, tmp_path, monkeypatch):
     lm.plot_positions(saved, str(tmp_path / "positions.png"))
     assert (tmp_path / "positions.png").stat().st_size > 1000
     assert lm.positions_table(saved).count("\n") == 3
+    # long streams cut from the test split's [BOS] doc [BOS] doc ...: every byte in them scored
+    # once, the bands add up to the total
+    segs = min(40, len(corpus["test"].stream()) // (2 * 8))
+    saved = lm.drift(str(tmp_path), 2, segs, corpus=corpus, log=lambda s: None)
+    assert (saved["streams"], saved["segments"], list(saved["rows"])) == (2, segs, ["plain", "rmt-d2"])
+    pieces = long_streams(corpus["test"], 2, segs * 8)
+    for r in saved["rows"].values():
+        assert r["bytes"] == sum(int((p != BOS).sum()) for p in pieces) == sum(r["band_bytes"].values())
+        mean = sum(r["bands"][b] * n for b, n in r["band_bytes"].items()) / r["bytes"]
+        assert mean == pytest.approx(r["bits_per_byte"], rel=1e-9)
+        assert len(r["curve"]) == -(-segs // lm.DRIFT_WINDOW) and r["step"] == 2
+    with monkeypatch.context() as m:
+        m.setattr(lm, "_row_model", lambda *a: 1 / 0)
+        assert lm.drift(str(tmp_path), 2, segs, corpus=corpus, log=lambda s: 1 / 0) == saved
+    lm.plot_drift(saved, str(tmp_path / "drift.png"))
+    assert (tmp_path / "drift.png").stat().st_size > 1000
+    assert lm.drift_table(saved).count("\n") == 3

@@ -73,10 +73,26 @@ class StreamResult:
 
 
 def _as_tokens(doc) -> torch.Tensor:
+    """``[BOS] + doc`` (``doc`` as it is when it already starts with ``BOS``)."""
     t = torch.as_tensor(np.asarray(doc)).to(torch.int64).flatten()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 255):
-        raise ValueError("documents must hold byte values 0..255")
-    return torch.cat([torch.tensor([BOS]), t])
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > BOS):
+        raise ValueError(f"documents must hold byte values 0..255 (and {BOS} = BOS where a "
+                         "document starts inside a stream)")
+    return t if t.numel() and int(t[0]) == BOS else torch.cat([torch.tensor([BOS]), t])
+
+
+def long_streams(split, streams: int, tokens: int) -> list[torch.Tensor]:
+    """``streams`` pieces of ``tokens`` tokens ``[tokens]`` int64 cut one after the other from
+    ``split``'s ``[BOS] doc0 [BOS] doc1 ...`` (:meth:`CorpusSplit.stream`): streams far longer
+    than any document, for :func:`stream_nll` (how the recurrence holds up over many segments
+    on text like the training windows', which also cross document starts)."""
+    stream = split.stream()
+    if not isinstance(streams, int) or not isinstance(tokens, int) or streams < 1 or tokens < 2:
+        raise ValueError(f"streams must be an int >= 1 and tokens an int >= 2, got {streams!r}, {tokens!r}")
+    if streams * tokens > len(stream):
+        raise ValueError(f"{streams} streams of {tokens:,} tokens need {streams * tokens:,} tokens; "
+                         f"the {split.name} split has {len(stream):,}")
+    return [stream[i * tokens: (i + 1) * tokens] for i in range(streams)]
 
 
 class _Lanes:
@@ -120,7 +136,9 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
         model: an :class:`RMTForCausalLM` (any ``num_mem_tokens``, ``xl_cache``, mask) or an
             :class:`ARMTForCausalLM`; it is put in eval mode for the call and restored after.
         documents: sequences of byte values (``bytes``, uint8 arrays, 1-D tensors); empty ones
-            score nothing.
+            score nothing. Integer arrays/tensors may hold ``BOS`` where another document starts
+            inside one stream (:func:`long_streams`): read through with the state carried, as in
+            training windows; nothing predicts ``BOS``, so only bytes are scored and counted.
         batch_size: lanes read side by side.
         amp: ``"bf16"``: run under ``torch.autocast(<device>, bfloat16)`` (the NLL is taken in
             float32).
@@ -144,7 +162,7 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
     pos_bytes = torch.zeros(seg, dtype=torch.int64, device=device)  # read back once at the end
     idx_nll: list[float] = []
     idx_bytes: list[int] = []
-    sizes = np.array([len(t) - 1 for t in tokens], dtype=np.int64)
+    sizes = np.array([int((t[1:] != BOS).sum()) for t in tokens], dtype=np.int64)  # bytes scored
     queue = sorted((i for i in range(n_docs) if sizes[i] > 0), key=lambda i: (-sizes[i], i))
     lanes = min(batch_size, max(len(queue), 1))
     lane_doc = [-1] * lanes
@@ -183,7 +201,7 @@ def stream_nll(model: RMTForCausalLM | ARMTForCausalLM, documents: Sequence, bat
                 ids[j, : len(chunk)] = chunk
                 mask[j, : len(chunk)] = True
                 nxt = doc[pos + 1: pos + 1 + seg]  # the token after each position, if any
-                targets[j, : len(nxt)] = nxt
+                targets[j, : len(nxt)] = torch.where(nxt == BOS, -100, nxt)  # nothing predicts BOS
             if reset.any():
                 state.reset(reset)
             with autocast:
