@@ -505,23 +505,33 @@ def drift(out: str, streams: int, segments: int, rows: list[str] | None = None, 
     return saved
 
 
-def plot_drift(saved: dict, png: str) -> None:
+def plot_drift(saved: dict, png: str, baseline: str = "plain") -> None:
     """Bits per byte over the segment index of the long streams (windows of ``window``
-    segments), one line per row."""
+    segments), one line per row (top); each row's gain over ``baseline`` on the same bytes
+    (bottom, when the baseline row is there: the text's own ups and downs cancel)."""
     from rmt_fast.bench.plotting import pyplot, save
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    base = saved["rows"].get(baseline)
+    fig, axes = plt.subplots(2 if base else 1, 1, figsize=(8, 8 if base else 4.5), squeeze=False)
+    ax = axes[0, 0]
     w = saved["window"]
     for row, r in saved["rows"].items():
         x = [i * w + (w - 1) / 2 for i in range(len(r["curve"]))]
-        ax.plot(x, r["curve"], "--" if ROWS[row]["mask"] == "rmt" else "-", lw=1,
-                label=f"{row} ({r['bits_per_byte']:.3f})")
-    ax.set_xlabel(f"segment index in the stream (mean over {w} segments; training windows: 8)")
+        style = "--" if ROWS[row]["mask"] == "rmt" else "-"
+        line, = ax.plot(x, r["curve"], style, lw=1, label=f"{row} ({r['bits_per_byte']:.3f})")
+        if base and row != baseline:
+            axes[1, 0].plot(x, np.array(base["curve"]) - np.array(r["curve"]), style, lw=1,
+                            c=line.get_color(), label=row)
     ax.set_ylabel("bits per byte")
     ax.set_title(f"{saved['streams']} streams of {saved['segments']} segments from the test split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for a in axes[:, 0]:
+        a.set_xlabel(f"segment index in the stream (mean over {w} segments; training windows: 8)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    if base:
+        axes[1, 0].axhline(0, c="gray", lw=0.8)
+        axes[1, 0].set_ylabel(f"{baseline} minus row (bits per byte)")
     save(fig, png)
 
 
