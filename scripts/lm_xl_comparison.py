@@ -417,28 +417,44 @@ def _step(ckpt: str) -> int:
     return int(os.path.basename(ckpt).removeprefix("checkpoint-"))
 
 
+def _evaluate_rows(out: str, name: str, key: dict, rows: list[str] | None, evaluate,
+                   required: tuple[str, ...] = ()) -> dict:
+    """``out/name``: ``{**key, "rows": {row: {"step": ..., **evaluate(row, model, settings)}}}``
+    for every trained row under ``out`` (or ``rows``, which must be trained), each with the
+    weights of its last checkpoint; the file is rewritten after each row. Rows already in the
+    file at their last checkpoint's step (and holding ``required``) are kept, when its ``key``
+    fields match; no model is loaded for them."""
+    path = os.path.join(out, name)
+    saved = {**key, "rows": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if all(old.get(k) == v for k, v in key.items()):
+            saved = old
+    for row in rows or _runs(out):
+        ckpt = latest_checkpoint(os.path.join(out, row))
+        if ckpt is None and not rows:
+            continue  # a row not trained yet (a row asked for by name raises below)
+        done = saved["rows"].get(row, {})
+        if ckpt is not None and done.get("step") == _step(ckpt) and all(k in done for k in required):
+            continue  # decided from the folder name: no model is loaded for a row already there
+        model, step, settings = _row_model(out, row)
+        saved["rows"][row] = {"step": step, **evaluate(row, model, settings)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(saved, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return saved
+
+
 def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, log=print) -> dict:
     """Bits per byte by position within the segment (:attr:`StreamResult.bits_per_byte_by_position`)
     of every trained row under ``out`` on the first ``docs`` test documents, read as streams;
     written to ``out/positions.json`` (rows already there at the same step are kept)."""
     from rmt_fast.tasks.lm_eval import stream_nll
 
-    path = os.path.join(out, POSITIONS_NAME)
-    saved = {"docs": docs, "rows": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("docs") == docs:
-            saved = old
     split = _first_docs((corpus if corpus is not None else load_corpus())["test"], docs)
-    for row in rows or _runs(out):
-        ckpt = latest_checkpoint(os.path.join(out, row))
-        if ckpt is None and not rows:
-            continue  # a row not trained yet (a row asked for by name raises below)
-        done = saved["rows"].get(row, {})
-        if ckpt is not None and done.get("step") == _step(ckpt) and "index_bands" in done:
-            continue  # decided from the folder name: no model is loaded for a row already there
-        model, step, settings = _row_model(out, row)
+
+    def evaluate(row, model, settings) -> dict:
         res = stream_nll(model, list(split.documents()), settings.eval_lanes, amp=settings.eval_amp)
         by_pos = res.bits_per_byte_by_position
         seg = len(res.position_bytes)
@@ -447,18 +463,16 @@ def positions(out: str, docs: int, rows: list[str] | None = None, corpus=None, l
                  for lo, hi in POSITION_BANDS if res.position_bytes[lo:hi].sum() > 0}
         counted = _bands(res.index_nll, res.index_bytes, INDEX_BANDS)
         index_bands = {name: bpb for name, (bpb, _) in counted.items()}
-        saved["rows"][row] = {"step": step, "bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
-                              "bands": bands, "by_position": [round(float(b), 5) for b in by_pos],
-                              "index_bands": index_bands,
-                              "index_bytes": {name: b for name, (_, b) in counted.items()},
-                              "seconds": round(res.seconds, 1)}
         log(f"[{row}] {res.total_bytes:,} bytes: {res.bits_per_byte:.4f} bits/byte; by position "
             + ", ".join(f"{k}: {v:.4f}" for k, v in bands.items()) + "; by segment index "
             + ", ".join(f"{k}: {v:.4f}" for k, v in index_bands.items()))
-        with open(path + ".tmp", "w") as f:
-            json.dump(saved, f, indent=1)
-        os.replace(path + ".tmp", path)
-    return saved
+        return {"bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
+                "bands": bands, "by_position": [round(float(b), 5) for b in by_pos],
+                "index_bands": index_bands,
+                "index_bytes": {name: b for name, (_, b) in counted.items()},
+                "seconds": round(res.seconds, 1)}
+
+    return _evaluate_rows(out, POSITIONS_NAME, {"docs": docs}, rows, evaluate, required=("index_bands",))
 
 
 def drift(out: str, streams: int, segments: int, rows: list[str] | None = None, corpus=None,
@@ -471,38 +485,25 @@ def drift(out: str, streams: int, segments: int, rows: list[str] | None = None, 
     ``out/drift.json`` (rows already there at the same step and stream shape are kept)."""
     from rmt_fast.tasks.lm_eval import long_streams, stream_nll
 
-    path = os.path.join(out, DRIFT_NAME)
-    saved = {"streams": streams, "segments": segments, "window": DRIFT_WINDOW, "rows": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if (old.get("streams"), old.get("segments"), old.get("window")) == (streams, segments, DRIFT_WINDOW):
-            saved = old
     split = (corpus if corpus is not None else load_corpus())["test"]
-    for row in rows or _runs(out):
-        ckpt = latest_checkpoint(os.path.join(out, row))
-        if ckpt is None and not rows:
-            continue
-        if ckpt is not None and saved["rows"].get(row, {}).get("step") == _step(ckpt):
-            continue
-        model, step, settings = _row_model(out, row)
+
+    def evaluate(row, model, settings) -> dict:
         pieces = long_streams(split, streams, segments * settings.segment_size)
         res = stream_nll(model, pieces, streams, amp=settings.eval_amp)
         w = DRIFT_WINDOW
         curve = [float(res.index_nll[i: i + w].sum() / math.log(2) / res.index_bytes[i: i + w].sum())
                  for i in range(0, len(res.index_bytes), w)]
         counted = _bands(res.index_nll, res.index_bytes, DRIFT_BANDS)
-        saved["rows"][row] = {"step": step, "bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte,
-                              "bands": {name: bpb for name, (bpb, _) in counted.items()},
-                              "band_bytes": {name: b for name, (_, b) in counted.items()},
-                              "curve": [round(c, 5) for c in curve], "seconds": round(res.seconds, 1)}
+        bands = {name: bpb for name, (bpb, _) in counted.items()}
         log(f"[{row}] {res.total_bytes:,} bytes in {streams} streams of {segments} segments: "
             f"{res.bits_per_byte:.4f} bits/byte; by segment index "
-            + ", ".join(f"{k}: {v:.4f}" for k, v in saved["rows"][row]["bands"].items()))
-        with open(path + ".tmp", "w") as f:
-            json.dump(saved, f, indent=1)
-        os.replace(path + ".tmp", path)
-    return saved
+            + ", ".join(f"{k}: {v:.4f}" for k, v in bands.items()))
+        return {"bytes": res.total_bytes, "bits_per_byte": res.bits_per_byte, "bands": bands,
+                "band_bytes": {name: b for name, (_, b) in counted.items()},
+                "curve": [round(c, 5) for c in curve], "seconds": round(res.seconds, 1)}
+
+    key = {"streams": streams, "segments": segments, "window": DRIFT_WINDOW}
+    return _evaluate_rows(out, DRIFT_NAME, key, rows, evaluate)
 
 
 def plot_drift(saved: dict, png: str, baseline: str = "plain") -> None:
