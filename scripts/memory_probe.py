@@ -118,6 +118,16 @@ def mlp_accuracy(net, x: torch.Tensor, y: torch.Tensor) -> float:
         return (net(x).argmax(-1) == y).float().mean().item()
 
 
+def tuned(fit_fn, score, grid, x: torch.Tensor, y: torch.Tensor, fit: int):
+    """``fit_fn(x, y, h)`` for each ``h`` in ``grid`` fitted on rows ``:cut`` (the first four
+    fifths of ``:fit``) and scored by ``score(model, x, y)`` on rows ``cut:fit``; the best ``h``
+    refitted on rows ``:fit``. Returns ``(h, its held-out score, the refitted model)``."""
+    cut = fit - fit // 5
+    held = {h: score(fit_fn(x[:cut], y[:cut], h), x[cut:fit], y[cut:fit]) for h in grid}
+    best = max(held, key=held.get)
+    return best, held[best], fit_fn(x[:fit], y[:fit], best)
+
+
 def probe(x: torch.Tensor, y: torch.Tensor, fit: int, mlp: bool = True) -> dict:
     """Fit on rows ``:fit`` (L2 weight picked on the last fifth of them, then refitted on all),
     score on rows ``fit:``. ``x`` is standardized by the fitting rows' mean and deviation.
@@ -126,19 +136,14 @@ def probe(x: torch.Tensor, y: torch.Tensor, fit: int, mlp: bool = True) -> dict:
     mean, std = x[:fit].mean(0), x[:fit].std(0).clamp(min=1e-6)
     x = (x - mean) / std
     xd = x.double()
-    cut = fit - fit // 5
-    held = {l2: probe_accuracy(fit_probe(xd[:cut], y[:cut], l2), xd[cut:fit], y[cut:fit]) for l2 in L2_GRID}
-    best = max(held, key=held.get)
-    w = fit_probe(xd[:fit], y[:fit], best)
+    l2, held, w = tuned(fit_probe, probe_accuracy, L2_GRID, xd, y, fit)
     majority = torch.bincount(y[:fit], minlength=len(LOCATIONS)).argmax()
-    out = {"l2": best, "held_out": held[best], "fit_accuracy": probe_accuracy(w, xd[:fit], y[:fit]),
+    out = {"l2": l2, "held_out": held, "fit_accuracy": probe_accuracy(w, xd[:fit], y[:fit]),
            "test_accuracy": probe_accuracy(w, xd[fit:], y[fit:]),
            "majority_baseline": (y[fit:] == majority).float().mean().item(), "test_rows": len(y) - fit}
     if mlp:
         x = x.float()
-        held = {wd: mlp_accuracy(fit_mlp(x[:cut], y[:cut], wd), x[cut:fit], y[cut:fit]) for wd in MLP_DECAY}
-        wd = max(held, key=held.get)
-        net = fit_mlp(x[:fit], y[:fit], wd)
+        wd, _, net = tuned(fit_mlp, mlp_accuracy, MLP_DECAY, x, y, fit)
         out.update(mlp_weight_decay=wd, mlp_test_accuracy=mlp_accuracy(net, x[fit:], y[fit:]))
     return out
 
