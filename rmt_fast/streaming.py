@@ -296,7 +296,8 @@ class StreamingReader:
             if self.armt:  # the associative read active while generating, no writes
                 out = self.model.generate(prompt_ids, state=state, **generate_kwargs)
             else:
-                out = self.model.generate(prompt_ids, memory=state.memory, **generate_kwargs)
+                out = self.model.generate(prompt_ids, memory=state.memory, xl=state.xl,
+                                          **generate_kwargs)
         self.state, self._buffer = state, buffer[:, :0]
         self.tokens_read += buffer.shape[1]
         return out

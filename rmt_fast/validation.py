@@ -162,8 +162,35 @@ def _check_model_memory(model, memory, batch: int) -> None:
         check_memory("memory", memory, batch, mem.shape[0], mem.shape[1], mem.dtype, model.device)
 
 
+def _check_model_xl(model, xl, batch: int) -> None:
+    """``xl``: the Transformer-XL cache a model with ``xl_cache > 0`` left (``.xl`` of its output,
+    ``read``'s second value): per layer ``[B, Hkv, P, D]`` keys/values, ``padding`` ``[B, P]``."""
+    from rmt_fast.models.segment_loop import RecurrentState
+
+    if xl is None:
+        return
+    if not isinstance(xl, RecurrentState):
+        raise TypeError(f"xl must be the RecurrentState a model with xl_cache > 0 returns (.xl of "
+                        f"its output), got {type(xl).__name__}")
+    if getattr(model.rmt_config, "xl_cache", 0) <= 0:
+        raise ValueError("xl (a Transformer-XL cache) was given, but the model has xl_cache=0")
+    pad = xl.padding
+    if not (torch.is_tensor(pad) and pad.dtype == torch.bool and pad.dim() == 2
+            and pad.shape[0] == batch):
+        raise ValueError(f"xl.padding must be a bool tensor [B={batch}, P], got "
+                         f"{_describe(pad)}")
+    for layer, (k, v) in xl.kv.items():
+        for name, t in (("keys", k), ("values", v)):
+            if not (torch.is_tensor(t) and t.dim() == 4 and t.shape[0] == batch
+                    and t.shape[2] == pad.shape[1]):
+                raise ValueError(f"xl's layer-{layer} {name} must be [B={batch}, Hkv, "
+                                 f"P={pad.shape[1]}, D], got {_describe(t)}")
+            if t.device != model.device or pad.device != model.device:
+                raise ValueError(f"xl must be on the model's device {model.device}, got {t.device}")
+
+
 def check_causal_lm_call(model, input_ids, *, attention_mask=None, labels=None, labels_mask=None,
-                         memory=None) -> None:
+                         memory=None, xl=None) -> None:
     """:meth:`RMTForCausalLM.forward` / ``generate``: ``input_ids`` ``[B, T]`` in the input
     vocabulary; ``labels`` ``[B, T]`` in the output vocabulary or -100; ``labels_mask`` only with
     ``labels``; ``memory`` ``[B, M, d]`` of the model's dtype and device. Warns when the labels
@@ -182,6 +209,7 @@ def check_causal_lm_call(model, input_ids, *, attention_mask=None, labels=None, 
             check_mask("labels_mask", labels_mask, "input_ids", input_ids)
         _warn_if_no_targets(model, labels, labels_mask)
     _check_model_memory(model, memory, input_ids.shape[0])
+    _check_model_xl(model, xl, input_ids.shape[0])
 
 
 def _warn_if_no_targets(model, labels: torch.Tensor, labels_mask) -> None:

@@ -111,11 +111,76 @@ def test_generate_equals_manual_greedy_loop():
     assert torch.equal(new, seq[:, 4:])
 
 
-def test_padded_rows_equal_rows_run_alone():
-    """Left padding + right alignment: a short row gets fewer segments, nothing leaks."""
+@pytest.mark.parametrize("make,xl_positions", [(tiny_gpt2, "before_memory"),
+                                               (tiny_llama, "before_memory"),
+                                               (tiny_llama, "before_segment")])
+def test_generate_attends_to_the_xl_cache(make, xl_positions):
+    """A model with an XL cache generates as it reads: the prompt's last segment and every new
+    token see the cache left by the segment before (prefill and each decoding step), equal to
+    re-running ``[mem | last + generated]`` with that cache; dropping the cache differs."""
+    m, s, keep = 3, 6, 4
+    model = RMTForCausalLM(make(), num_mem_tokens=m, segment_size=s, mask="rmt", xl_cache=keep,
+                           xl_positions=xl_positions).eval()
+    tokens = ids(2, 15)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    new = model.generate(tokens, **kw)
+
+    def manual(use_xl: bool):
+        mem, xl = model.expand_memory(2), None
+        with torch.no_grad():
+            for start in (0, 6):
+                _, mem, xl = model.segment_forward(mem, tokens[:, start:start + s], None, xl)
+            seq, steps = tokens[:, 12:], []
+            for _ in range(5):
+                hidden, _, _ = model.segment_forward(mem, seq, None, xl if use_xl else None,
+                                                     write=False)
+                logits = model.logits(hidden[:, -1])
+                steps.append(logits)
+                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        return seq[:, 3:], torch.stack(steps, 1)
+
+    expect, with_cache = manual(True)
+    assert torch.equal(new.sequences, expect)
+    torch.testing.assert_close(torch.stack(new.logits, 1), with_cache, atol=1e-5, rtol=0)
+    _, without = manual(False)
+    assert (with_cache - without).abs().max() > 1e-3  # the cache changes the logits
+    # the cached state passed in explicitly, as a streaming reader does
+    mem, xl = model.read(tokens[:, :12])
+    again = model.generate(tokens[:, 12:], memory=mem, xl=xl, **kw)
+    assert torch.equal(again.sequences, expect)
+    torch.testing.assert_close(torch.stack(again.logits, 1), with_cache, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_generate_with_an_xl_cache_pads_rows_as_if_alone(make):
+    """A left-padded batch generates, XL cache included, what each row generates alone."""
+    model = RMTForCausalLM(make(), num_mem_tokens=2, segment_size=5, xl_cache=4,
+                           segment_alignment="right").eval()
+    long, short = ids(1, 17, seed=1), ids(1, 8, seed=2)
+    batch = torch.zeros(2, 17, dtype=torch.long)
+    batch[0], batch[1, 9:] = long[0], short[0]
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, :9] = 0
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    both = torch.stack(model.generate(batch, attention_mask=mask, **kw).logits, 1)
+    for row, alone in enumerate((long, short)):
+        torch.testing.assert_close(both[row], torch.stack(model.generate(alone, **kw).logits, 1)[0],
+                                   atol=1e-5, rtol=0)
+
+
+XL_SETTINGS = [(tiny_gpt2, 0, "before_memory"), (tiny_gpt2, 4, "before_memory"),
+               (tiny_llama, 4, "before_memory"), (tiny_llama, 7, "before_segment")]
+
+
+@pytest.mark.parametrize("make,xl_cache,xl_positions", XL_SETTINGS)
+def test_padded_rows_equal_rows_run_alone(make, xl_cache, xl_positions):
+    """Left padding + right alignment: a short row gets fewer segments, nothing leaks; its
+    empty segments leave its memory as it was, also while an XL cache is first made."""
     m, s = 2, 5
-    model = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=m, segment_size=s,
-                           segment_alignment="right")
+    model = RMTForCausalLM(make(), num_mem_tokens=m, segment_size=s, segment_alignment="right",
+                           xl_cache=xl_cache, xl_positions=xl_positions)
     long, short = ids(1, 17, seed=1), ids(1, 8, seed=2)
     batch = torch.zeros(2, 17, dtype=torch.long)
     batch[0], batch[1, 9:] = long[0], short[0]
@@ -127,6 +192,34 @@ def test_padded_rows_equal_rows_run_alone():
     torch.testing.assert_close(out.logits[0], alone_long.logits[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.logits[1, 9:], alone_short.logits[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.memory[1], alone_short.memory[0], atol=1e-5, rtol=0)
+
+
+def _real_xl(xl, row):
+    """Per layer the keys and values of ``xl``'s real (unpadded) entries in ``row``."""
+    keep = xl.padding[row]
+    return [(k[row][:, keep], v[row][:, keep]) for k, v in xl.kv.values()]
+
+
+@pytest.mark.parametrize("make,xl_cache,xl_positions", XL_SETTINGS[1:])
+def test_right_padded_rows_end_with_the_state_of_rows_run_alone(make, xl_cache, xl_positions):
+    """Right padding + left alignment: a short row's last segments are empty; it ends with the
+    memory and the XL cache (its real entries, at their positions) it has alone, also when
+    its empty segments come while the cache still fills up."""
+    model = RMTForCausalLM(make(), num_mem_tokens=2, segment_size=4, xl_cache=xl_cache,
+                           xl_positions=xl_positions)
+    long, short = ids(1, 16, seed=1), ids(1, 5, seed=2)
+    batch = torch.zeros(2, 16, dtype=torch.long)
+    batch[0], batch[1, :5] = long[0], short[0]
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask)
+        alone = [model(long), model(short)]
+    for row in (0, 1):
+        torch.testing.assert_close(out.memory[row], alone[row].memory[0], atol=1e-5, rtol=0)
+        for (k, v), (ka, va) in zip(_real_xl(out.xl, row), _real_xl(alone[row].xl, 0), strict=True):
+            torch.testing.assert_close(k, ka, atol=1e-5, rtol=0)
+            torch.testing.assert_close(v, va, atol=1e-5, rtol=0)
 
 
 def test_xl_cache_is_used_detached_and_changes_later_segments_only():

@@ -58,10 +58,13 @@ def test_generate_after_stream_equals_model_generate(model):
     question = ids(1, 5, seed=9)
     reader = StreamingReader(model, progress=False)
     reader.feed(tokens[0])
-    got = reader.generate(question, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    expect = model.generate(torch.cat([tokens, question], 1), max_new_tokens=4, do_sample=False,
-                            pad_token_id=0)
-    assert torch.equal(got, expect)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    got = reader.generate(question, **kw)
+    expect = model.generate(torch.cat([tokens, question], 1), **kw)  # XL cache included
+    assert torch.equal(got.sequences, expect.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expect.logits), atol=1e-6,
+                               rtol=0)
 
 
 PEAK_SCRIPT = textwrap.dedent("""

@@ -156,3 +156,45 @@ def test_pretrained_minilm_matches_sdpa():
     m = batch["attention_mask"][..., None].float()
     emb = torch.nn.functional.normalize((b * m).sum(1) / m.sum(1), dim=-1)
     assert emb[0] @ emb[2] > emb[0] @ emb[1]
+
+
+@pytest.mark.parametrize("kind", ["none", "padding", "window", "float"])
+def test_decoding_calls_see_a_generation_layouts_past(kind):
+    """Under a generation layout (``length`` set: it drives the prefill only), a decoding call
+    attends to the layout's past keys (a Transformer-XL cache; its padding from the layout's
+    key-padding mask) before transformers' KV cache, under every kind of mask transformers
+    passes: equal to float64 attention over ``[past | cache | new]`` with that visibility."""
+    b, h, hkv, d, p, cache, q = 2, 4, 2, 8, 5, 6, 2
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(b, h, q, d, generator=g, dtype=torch.float64)
+    key, value = (torch.randn(b, hkv, cache + q, d, generator=g, dtype=torch.float64)
+                  for _ in range(2))
+    pk, pv = (torch.randn(b, hkv, p, d, generator=g, dtype=torch.float64) for _ in range(2))
+    past_pad = torch.ones(b, p, dtype=torch.bool)
+    past_pad[0, :2] = False  # a row whose cache holds padding
+    kpm = torch.cat([past_pad, torch.ones(b, 3, dtype=torch.bool)], 1)  # [past | prompt of 3]
+    layout = integ.MemoryLayout(num_read=1, key_padding_mask=kpm, past={0: (pk, pv)}, length=3)
+    k_len = cache + q
+    vis = torch.ones(q, k_len, dtype=torch.bool).tril(cache)[None, None].expand(b, 1, q, k_len)
+    if kind == "padding":
+        vis = vis.clone()
+        vis[1, :, :, :2] = False  # a left-padded prompt
+    elif kind == "window":
+        vis = vis & ~torch.ones(q, k_len, dtype=torch.bool).tril(cache - 4)
+    mask = {"none": None, "padding": vis, "window": vis,
+            "float": torch.zeros(vis.shape, dtype=torch.float64).masked_fill(~vis, -1e300)}[kind]
+
+    class Layer(torch.nn.Module):
+        layer_idx, is_causal = 0, True
+
+    with integ.memory_layout(layout):
+        out, _ = integ.rmt_fast_attention_forward(Layer(), query, key, value, mask)
+    full_vis = torch.cat([past_pad[:, None, None, :].expand(b, 1, q, p), vis], 3)
+    keys = torch.cat([pk, key], 2).repeat_interleave(h // hkv, 1)
+    vals = torch.cat([pv, value], 2).repeat_interleave(h // hkv, 1)
+    scores = (query @ keys.transpose(-1, -2) / d ** 0.5).masked_fill(~full_vis, float("-inf"))
+    expect = (scores.softmax(-1) @ vals).transpose(1, 2)
+    torch.testing.assert_close(out, expect, atol=1e-10, rtol=0)
+    with integ.memory_layout(integ.MemoryLayout(num_read=1, length=3)):  # no past: the cache only
+        plain, _ = integ.rmt_fast_attention_forward(Layer(), query, key, value, mask)
+    assert (plain - out).abs().max() > 1e-3

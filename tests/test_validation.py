@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertForToken
 from rmt_fast import validation
 from rmt_fast.models import (
     MemoryTransformer,
+    RecurrentState,
     RMTEncoderForSequenceClassification,
     RMTEncoderForTokenClassification,
     RMTForCausalLM,
@@ -94,6 +95,31 @@ def test_causal_lm_generate_rejects(lm, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lm.generate(**kwargs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     _unchanged(lm, snap)
+
+
+def test_causal_lm_rejects_a_bad_xl_cache(lm):
+    """``xl`` (forward, read, generate): a RecurrentState of this batch, only for a model with
+    an XL cache; refused with the argument named, the model unchanged."""
+    xl_lm = RMTForCausalLM(tiny_gpt2(), num_mem_tokens=2, segment_size=4, xl_cache=3)
+    good = xl_lm(X).xl
+    one_row = RecurrentState({i: (k[:1], v[:1]) for i, (k, v) in good.kv.items()}, good.padding)
+    cases = [
+        (lm, good, r"xl \(a Transformer-XL cache\) was given, but the model has xl_cache=0"),
+        (xl_lm, {0: good.kv[0]}, r"xl must be the RecurrentState .* got dict"),
+        (xl_lm, RecurrentState(good.kv, good.padding[:1]), r"xl\.padding must be a bool tensor "
+                                                           r"\[B=2, P\]"),
+        (xl_lm, RecurrentState(good.kv, good.padding.long()), r"xl\.padding must be a bool"),
+        (xl_lm, one_row, r"xl's layer-0 keys must be \[B=2, Hkv, P=3, D\]"),
+    ]
+    for model, xl, match in cases:
+        snap = _snapshot(model)
+        for method, kw in ((model.forward, {}), (model.read, {}),
+                           (model.generate, dict(max_new_tokens=2, do_sample=False,
+                                                 pad_token_id=0))):
+            with pytest.raises((ValueError, TypeError), match=match):
+                method(X, xl=xl, **kw)
+        _unchanged(model, snap)
+    xl_lm(X, xl=good)  # the cache a forward returns goes back in
 
 
 def test_valid_inputs_still_work(lm):

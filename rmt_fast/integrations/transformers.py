@@ -39,6 +39,9 @@ class MemoryLayout:
     layer ``layer`` are used (while reading; :mod:`rmt_fast.models.used_rows`), so that layer's
     attention computes only those query rows (write rows, or any rows under the ``"full"`` mask)
     and returns zeros for the others.
+    ``length`` (generation): the layout drives only the prefill call of that many query rows;
+    the later decoding calls run transformers' mask over its KV cache, and see ``past`` too
+    (with its part of ``key_padding_mask``), as segment rows do.
     """
 
     num_read: int = 0
@@ -124,32 +127,73 @@ def rmt_fast_attention_forward(
         return out.transpose(1, 2).contiguous(), None
 
     common = dict(scale=scaling, dropout_p=dropout)
+    xl = _decoding_past(layout, module, key.shape[0])
     if attention_mask is None:
-        if causal and q_len > 1:
+        if causal and q_len > 1 and xl is None:
             # as sdpa: an unmasked causal prefill into a longer (static) cache sees the first q_len
             out = memory_attention(query, key[:, :, :q_len], value[:, :, :q_len], mask="causal",
                                    **common)
         else:
-            out = _full(query, key, value, common)
+            out = _cached(query, key, value, "causal" if causal and q_len > 1 else "full", None,
+                          xl, common)
     elif attention_mask.dtype == torch.bool:
         reduced = _reduce_bool_mask(attention_mask, q_len, causal)
         if reduced is not None:
-            mode, kpm = reduced
-            k, v, pk, pv = _split_past(key, value, q_len)
-            out = memory_attention(query, k, v, mask=mode, past_k=pk, past_v=pv,
-                                   key_padding_mask=kpm, **common)
+            out = _cached(query, key, value, *reduced, xl, common)
         else:
+            if xl is not None:
+                key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
             out = dense_sdpa(query, key, value, attention_mask, scale=scaling, dropout_p=dropout)
     else:  # additive float mask, as the user passed it
+        if xl is not None:
+            key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
-def _full(query, key, value, common):
+def _decoding_past(layout: MemoryLayout | None, module, batch: int):
+    """A generation layout's ``past`` for this layer, seen by the decoding calls (which the
+    layout does not drive): ``(past_k, past_v, padding [B, P] bool)``, or None."""
+    if layout is None or layout.length is None or layout.past is None:
+        return None
+    past = layout.past.get(getattr(module, "layer_idx", None))
+    if past is None:
+        return None
+    pk, pv = past
+    kpm = layout.key_padding_mask
+    padding = (kpm[:, :pk.shape[2]] if kpm is not None
+               else torch.ones(batch, pk.shape[2], dtype=torch.bool, device=pk.device))
+    return pk, pv, padding
+
+
+def _cached(query, key, value, mode: str, kpm, xl, common):
+    """``memory_attention`` with the keys beyond the query rows as past keys (a KV cache), and
+    ``xl``'s past keys before those."""
     k, v, pk, pv = _split_past(key, value, query.shape[2])
-    return memory_attention(query, k, v, mask="full", past_k=pk, past_v=pv, **common)
+    if xl is not None:
+        xk, xv, padding = xl
+        pk = xk if pk is None else torch.cat([xk, pk], 2)
+        pv = xv if pv is None else torch.cat([xv, pv], 2)
+        if kpm is None:
+            kpm = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
+        kpm = torch.cat([padding, kpm], 1)
+    return memory_attention(query, k, v, mask=mode, past_k=pk, past_v=pv, key_padding_mask=kpm,
+                            **common)
+
+
+def _prepend_past(key, value, mask: torch.Tensor, xl):
+    """Keys, values and a 4-d mask (bool or additive) with ``xl``'s past keys in front, seen by
+    every query row where ``xl``'s padding says they are real."""
+    xk, xv, padding = xl
+    b, q = key.shape[0], mask.shape[2]
+    mask = mask.expand(b, -1, -1, -1)
+    seen = padding[:, None, None, :].expand(b, mask.shape[1], q, -1)
+    if mask.dtype != torch.bool:
+        seen = torch.zeros(seen.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~seen, torch.finfo(mask.dtype).min)
+    return torch.cat([xk, key], 2), torch.cat([xv, value], 2), torch.cat([seen, mask], 3)
 
 
 def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling):

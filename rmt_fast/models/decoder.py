@@ -150,35 +150,46 @@ class RMTForCausalLM(RMTBase):
         return hidden, new_memory, new_xl
 
     def _next_xl(self, xl, record, mask, m, seg_len) -> RecurrentState:
-        """Last ``xl_cache`` segment tokens' keys/values (detached), appended to the old cache.
+        """Each row's last ``xl_cache`` real tokens' keys/values (detached): the segment's
+        appended to the old cache. With padding (``mask``), every row's real entries are moved
+        to the end first (in order), so a row keeps as many real tokens as it would alone.
 
         With rotary position embeddings the kept keys are moved ``-(M + r)`` positions (``r``:
         the row's real segment tokens), so that in the next segment, whose read memory starts
         at position 0 again, the last cached token sits at -1 and every cached key keeps its
         true distance to the new queries (:mod:`rmt_fast.models.rotary`); with
         ``xl_positions="before_segment"`` they move ``-r``: the last cached token sits at
-        ``M - 1``, right before the first segment token. Absolute position embeddings (GPT-2)
-        have no such move: there the cache keeps its own segment's positions.
+        ``M - 1``, right before the first segment token. A row with no token in the segment
+        does not move. Absolute position embeddings (GPT-2) have no such move: there the cache
+        keeps its own segment's positions.
         """
         keep = self.rmt_config.xl_cache
         batch = mask.shape[0] if mask is not None else next(iter(record.values()))[0].shape[0]
         device = next(iter(record.values()))[0].device
         seg_mask = mask if mask is not None else torch.ones(batch, seg_len, dtype=torch.bool,
                                                               device=device)
+        padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
+        order = None
+        if mask is not None:  # padding first, then the real entries in their order (stable)
+            order = torch.sort(padding.to(torch.uint8), dim=1, stable=True).indices[:, -keep:]
+            padding = padding.gather(1, order)
         kv = {}
         for layer, (k, v) in record.items():
             k, v = k[:, :, m: m + seg_len].detach(), v[:, :, m: m + seg_len].detach()
             if xl is not None:
                 k, v = torch.cat([xl.kv[layer][0], k], 2), torch.cat([xl.kv[layer][1], v], 2)
+            if order is not None:
+                k, v = (t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                        for t in (k, v))
             # contiguous: a view would keep the whole [B, H, 2M + S, D] keys of the segment alive
             # (a state is kept per segment under checkpointing, and by a streaming reader)
             kv[layer] = (k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous())
         rotary = self._xl_rotary()
         if rotary is not None:
             before_memory = self.rmt_config.xl_positions == "before_memory"
-            delta = -((m if before_memory else 0) + seg_mask.sum(dim=1))
+            real = seg_mask.sum(dim=1)
+            delta = torch.where(real > 0, -((m if before_memory else 0) + real), 0)
             kv = {layer: (shift_keys(k, delta, rotary), v) for layer, (k, v) in kv.items()}
-        padding = seg_mask if xl is None else torch.cat([xl.padding, seg_mask], 1)
         return RecurrentState(kv, padding[:, -keep:].contiguous())
 
     def _xl_rotary(self):
@@ -249,7 +260,7 @@ class RMTForCausalLM(RMTBase):
         ``return_hidden``: also return ``.hidden_states`` ``[B, T, d]``.
         """
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, labels=labels,
-                             labels_mask=labels_mask, memory=memory)
+                             labels_mask=labels_mask, memory=memory, xl=xl)
         cfg = self.rmt_config
         segments = self._segments(input_ids, attention_mask, labels, labels_mask)
         if memory is None:
@@ -290,7 +301,7 @@ class RMTForCausalLM(RMTBase):
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              memory: torch.Tensor | None = None, xl: RecurrentState | None = None):
         """Read a context into memory without keeping logits: ``(memory [B, M, d], xl)``."""
-        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory, xl=xl)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
         segments = self._segments(input_ids, attention_mask, None, None)
@@ -300,26 +311,32 @@ class RMTForCausalLM(RMTBase):
     @torch.no_grad()
     @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 memory: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+                 memory: torch.Tensor | None = None, xl: RecurrentState | None = None,
+                 **generate_kwargs) -> torch.Tensor:
         """Read every segment but the last into memory (as :meth:`read`, with the XL cache when
         ``xl_cache > 0``), then ``base.generate`` from ``[read memory | last segment]`` with the
-        base model's KV cache. Memory is not updated while generating; the XL cache is not
-        attended to while generating. Returns only the new tokens ``[B, N]``.
+        base model's KV cache. ``memory`` ``[B, M, d]`` and ``xl`` resume from a saved state.
+        The last segment and every new token attend to the XL cache the segments before left,
+        as in :meth:`forward`; memory and cache are not updated while generating. Returns only
+        the new tokens ``[B, N]`` (or transformers' output dict when asked for).
         """
-        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory)
+        check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory, xl=xl)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
         if len(segments) > 1:
-            memory = self.read_segments(SegmentState(memory), segments[:-1]).memory
+            state = self.read_segments(SegmentState(memory, xl), segments[:-1])
+            memory, xl = state.memory, state.xl
         last = segments[-1]
         m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
         self._check_generation_length(m + last.ids.shape[1], generate_kwargs)
         embeds = torch.cat([memory, self.base.get_input_embeddings()(last.ids)], dim=1)
         seg_mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
         mask = torch.cat([torch.ones(batch, m, dtype=torch.bool, device=input_ids.device), seg_mask], 1)
+        kpm = mask if xl is None else torch.cat([xl.padding, mask], 1)
         layout = MemoryLayout(num_read=m, num_write=0, mask=self.rmt_config.mask,
-                              key_padding_mask=mask, length=embeds.shape[1])
+                              key_padding_mask=kpm, past=None if xl is None else xl.kv,
+                              length=embeds.shape[1])
         with memory_layout(layout):
             return self.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)

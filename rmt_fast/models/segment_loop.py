@@ -37,6 +37,7 @@ keeps the tensors in place (no copy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,14 +122,19 @@ def rows_with_tokens(segment: Any) -> torch.Tensor | None:
 def keep_rows(has_tokens: torch.Tensor | None, new: Any, old: Any) -> Any:
     """``new`` state, except rows where ``has_tokens`` ``[B]`` is False keep ``old``.
 
-    Leaf by leaf (batch = dim 0); a leaf whose shape changed (e.g. an XL cache still filling up)
-    and a state whose structure changed (e.g. no XL cache before the first segment) are taken
-    from ``new`` whole: there the old state holds nothing a padded row could keep."""
+    Leaf by leaf (batch = dim 0). A leaf whose shape changed (an XL cache still filling up: the
+    decoder appends only padding to an empty row's cache, unmoved) and a part whose structure
+    changed (no XL cache before the first segment) are taken from ``new``; the other fields
+    of the same dataclass (the memory) are still kept row by row."""
     if has_tokens is None:
         return new
     new_leaves, new_spec = pytree.tree_flatten(new)
     old_leaves, old_spec = pytree.tree_flatten(old)
     if new_spec != old_spec:
+        if dataclasses.is_dataclass(new) and type(new) is type(old):
+            return dataclasses.replace(new, **{
+                f.name: keep_rows(has_tokens, getattr(new, f.name), getattr(old, f.name))
+                for f in dataclasses.fields(new) if f.init})
         return new
     out = []
     for n, o in zip(new_leaves, old_leaves, strict=True):
