@@ -72,3 +72,21 @@ def random_mv(model, seed, std):
             a.W_mv.weight.copy_(torch.randn(a.W_mv.weight.shape, generator=g, dtype=a.W_mv.weight.dtype)
                                 * std)
     return model
+
+
+def check_repeated_rows(model, tokens):
+    """``model.generate`` with the rows that transformers repeats (``num_return_sequences``,
+    beams): sampling two sequences per row equals sampling from the rows repeated by hand
+    (same seed), and beam search on the batch equals each row searched alone."""
+    kw = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)  # no early EOS: full length
+    torch.manual_seed(3)
+    two = model.generate(tokens, do_sample=True, num_return_sequences=2, **kw)
+    torch.manual_seed(3)
+    by_hand = model.generate(tokens.repeat_interleave(2, 0), do_sample=True, **kw)
+    assert two.shape == (2 * tokens.shape[0], 4) and torch.equal(two, by_hand)
+    kw.update(num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    beams = model.generate(tokens, **kw)
+    for row in range(tokens.shape[0]):
+        alone = model.generate(tokens[row:row + 1], **kw)
+        assert torch.equal(beams.sequences[row], alone.sequences[0])
+        torch.testing.assert_close(beams.sequences_scores[row], alone.sequences_scores[0])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, ids, tiny_armt, tiny_gpt2, tiny_llama
+from models import VOCAB, check_repeated_rows, ids, tiny_armt, tiny_gpt2, tiny_llama
 from torch import nn
 
 from rmt_fast.models.armt import ARMTConfig, ARMTForCausalLM, ARMTOutput, ARMTState
@@ -325,6 +325,12 @@ def test_generate_equals_manual_loop(kind):
         h_read, _ = model.segment_forward(state, x[:, 16:], None, write=False)
         h_fresh, _ = model.segment_forward(model.init_state(2), x[:, 16:], None, write=False)
     assert (h_read - h_fresh).abs().max() > 1e-4
+
+
+def test_generate_with_beams_and_several_sequences_per_row():
+    """transformers' generate repeats each row for beams and ``num_return_sequences``: the
+    associative state the blocks read is repeated alike."""
+    check_repeated_rows(make("llama"), ids(2, 21))
 
 
 # --- padding ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, eager_copy, ids, tiny_gpt2, tiny_llama
+from models import VOCAB, check_repeated_rows, eager_copy, ids, tiny_gpt2, tiny_llama
 
 from rmt_fast import dense_visibility
 from rmt_fast.models import RMTForCausalLM
@@ -172,6 +172,14 @@ def test_generate_with_an_xl_cache_pads_rows_as_if_alone(make):
 
 XL_SETTINGS = [(tiny_gpt2, 0, "before_memory"), (tiny_gpt2, 4, "before_memory"),
                (tiny_llama, 4, "before_memory"), (tiny_llama, 7, "before_segment")]
+
+
+@pytest.mark.parametrize("xl_cache", [0, 4])
+def test_generate_with_beams_and_several_sequences_per_row(xl_cache):
+    """transformers' generate repeats each row for beams and ``num_return_sequences``: memory,
+    padding and XL cache are repeated alike."""
+    model = RMTForCausalLM(tiny_llama(), num_mem_tokens=3, segment_size=6, xl_cache=xl_cache).eval()
+    check_repeated_rows(model, ids(2, 15))
 
 
 @pytest.mark.parametrize("make,xl_cache,xl_positions", XL_SETTINGS)

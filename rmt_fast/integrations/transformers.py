@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -53,6 +54,9 @@ class MemoryLayout:
     record_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None)
     length: int | None = None  # apply only to calls with this many query rows (generation prefill)
     used_rows: tuple[int, int, int, int] | None = None
+    #: this layout for other batch sizes (:func:`_for_batch`), made once, gone with the layout
+    batches: dict[int, MemoryLayout] = field(default_factory=dict, init=False, repr=False,
+                                             compare=False)
 
 
 _LAYOUT: contextvars.ContextVar[MemoryLayout | None] = contextvars.ContextVar(
@@ -119,6 +123,8 @@ def rmt_fast_attention_forward(
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     layout = current_layout()
+    if layout is not None and layout.length is not None:
+        layout = _for_batch(layout, query.shape[0])
     # a layout with ``length`` is for one prefill call: q_len rows and no cached keys (later
     # decoding steps carry a KV cache, so their keys outnumber their queries)
     prefill = layout is not None and layout.length == q_len and key.shape[2] == q_len
@@ -151,6 +157,27 @@ def rmt_fast_attention_forward(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _for_batch(layout: MemoryLayout, batch: int) -> MemoryLayout:
+    """A generation layout for ``batch`` rows: transformers' ``generate`` repeats each row
+    ``batch // B`` times (``repeat_interleave``: beams, ``num_return_sequences``), so the
+    layout's per-row tensors are repeated alike (once per generation; beams of one row share
+    them, so reordering beams needs nothing here)."""
+    kpm = layout.key_padding_mask
+    rows = kpm.shape[0] if kpm is not None else None
+    if rows is None and layout.past:
+        rows = next(iter(layout.past.values()))[0].shape[0]
+    if rows is None or rows == batch or batch % rows:
+        return layout
+    if batch not in layout.batches:
+        n = batch // rows
+        past = None if layout.past is None else {
+            i: (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
+            for i, (k, v) in layout.past.items()}
+        layout.batches[batch] = dataclasses.replace(
+            layout, past=past, key_padding_mask=None if kpm is None else kpm.repeat_interleave(n, 0))
+    return layout.batches[batch]
 
 
 def _decoding_past(layout: MemoryLayout | None, module, batch: int):

@@ -272,6 +272,20 @@ class AssociativeRun:
         self.read, self.write, self.first = read, write, first
         self.opts, self.correction, self.noise = opts, correction, noise
         self.new_A, self.new_z = list(A), list(z)
+        self._repeated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def state_for(self, idx: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``idx``'s ``(A, z)`` for ``batch`` rows. While generating (no writes),
+        transformers' ``generate`` repeats each row ``batch // B`` times (``repeat_interleave``:
+        beams, ``num_return_sequences``), and the state is repeated alike, once per layer."""
+        A, z = self.A[idx], self.z[idx]
+        rows = A.shape[0]
+        if batch == rows or self.write is not None or batch % rows:
+            return A, z
+        if (idx, batch) not in self._repeated:
+            n = batch // rows
+            self._repeated[idx, batch] = (A.repeat_interleave(n, 0), z.repeat_interleave(n, 0))
+        return self._repeated[idx, batch]
 
 
 _RUN: contextvars.ContextVar[AssociativeRun | None] = contextvars.ContextVar("rmt_fast_armt_run",
@@ -291,7 +305,8 @@ def _make_pre_hook(idx: int):
         if run is None or not run.read:
             return None
         h = args[0] if args else kwargs["hidden_states"]
-        h = h + relative_noise(run.assoc[idx].read(h, run.A[idx], run.z[idx], run.opts), run.noise)
+        A, z = run.state_for(idx, h.shape[0])
+        h = h + relative_noise(run.assoc[idx].read(h, A, z, run.opts), run.noise)
         if args:
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
