@@ -90,3 +90,39 @@ def check_repeated_rows(model, tokens):
         alone = model.generate(tokens[row:row + 1], **kw)
         assert torch.equal(beams.sequences[row], alone.sequences[0])
         torch.testing.assert_close(beams.sequences_scores[row], alone.sequences_scores[0])
+
+
+def tiny_scored(kind: str, impl: str, window: int = 4):
+    """Tiny models whose scores carry more than ``q k^T``: Gemma 2 (logit softcapping, q scaled
+    up so that it binds), gpt-oss (a sink logit per head, set non-zero), T5 (relative bias)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GptOssConfig,
+        GptOssForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size=32,
+                 intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64,
+                 bos_token_id=0, eos_token_id=0, pad_token_id=0, vocab_size=97)
+    cls, cfg = {
+        "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(
+            sliding_window=window, attn_logit_softcapping=5.0, query_pre_attn_scalar=8, **heads)),
+        "gpt_oss": lambda: (GptOssForCausalLM, GptOssConfig(
+            num_local_experts=2, num_experts_per_tok=1, sliding_window=window,
+            layer_types=["sliding_attention", "full_attention"], **heads)),
+        "t5": lambda: (T5ForConditionalGeneration, T5Config(
+            d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, vocab_size=97)),
+    }[kind]()
+    torch.manual_seed(0)
+    model = cls._from_config(cfg, attn_implementation=impl).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 2)
+            if name.endswith("q_proj.weight"):
+                p.mul_(30)
+    return model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, check_repeated_rows, eager_copy, ids, tiny_gpt2, tiny_llama
+from models import VOCAB, check_repeated_rows, eager_copy, ids, tiny_gpt2, tiny_llama, tiny_scored
 
 from rmt_fast import dense_visibility
 from rmt_fast.models import RMTForCausalLM
@@ -24,6 +24,58 @@ def official_loop(ref, memory, tokens, m, s, mask="causal"):
         logits.append(out.logits[:, m:m + seg.shape[1]])
         mem = out.hidden_states[-1][:, -m:]
     return torch.cat(logits, dim=1), mem
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+@pytest.mark.parametrize("mask", ["causal", "rmt"])
+def test_models_with_softcap_or_sinks_equal_reference_loop(kind, mask):
+    """Gemma 2's logit softcapping and gpt-oss's sinks under the memory layout: logits and
+    memory equal the official loop on the eager model (the exact-scores path); a sliding
+    window shorter than a segment's keys is refused before anything changes."""
+    m, s = 3, 7
+    model = RMTForCausalLM(tiny_scored(kind, "eager", window=64), num_mem_tokens=m,
+                           segment_size=s, mask=mask)
+    ref = tiny_scored(kind, "eager", window=64)
+    tokens = ids(2, 25)
+    with torch.no_grad():
+        out = model(tokens)
+        logits, mem = official_loop(ref, model.memory.expand(2, -1, -1), tokens, m, s, mask)
+    # scores are large (q scaled up so that the softcap binds): float32 rounding ~3e-5
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.memory, mem, atol=1e-4, rtol=1e-4)
+    short = RMTForCausalLM(tiny_scored(kind, "eager", window=8), num_mem_tokens=m, segment_size=s)
+    before = short.memory.detach().clone()
+    with pytest.raises(ValueError, match="sliding window of 8 keys, shorter than the 13 keys"):
+        short(tokens)
+    assert torch.equal(short.memory, before)
+
+
+def test_a_sliding_window_shorter_than_a_segment_is_refused():
+    """Mistral's window is applied by transformers' mask, which the memory layout replaces: a
+    window that would cut a segment's keys is refused (also through an XL cache, and while
+    generating); one that holds them all runs as the base model would."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral(window):
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            sliding_window=window)).eval()
+
+    tokens = ids(2, 14)
+    with pytest.raises(ValueError, match="sliding window of 10 keys, shorter than the 11 keys"):
+        RMTForCausalLM(mistral(10), num_mem_tokens=2, segment_size=7)(tokens)
+    with pytest.raises(ValueError, match="sliding window of 12 keys, shorter than the 14 keys"):
+        RMTForCausalLM(mistral(12), num_mem_tokens=2, segment_size=7, xl_cache=3)(tokens)
+    fits = RMTForCausalLM(mistral(11), num_mem_tokens=2, segment_size=7)
+    unbounded = RMTForCausalLM(mistral(None), num_mem_tokens=2, segment_size=7)
+    unbounded.load_state_dict(fits.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fits(tokens).logits, unbounded(tokens).logits)
+    xl = RMTForCausalLM(mistral(13), num_mem_tokens=2, segment_size=7, xl_cache=4).eval()
+    with pytest.raises(ValueError, match="sliding window of 13 keys, shorter than the 14 keys"):
+        xl.generate(tokens, max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])

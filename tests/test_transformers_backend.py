@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from models import tiny_scored
 from transformers import (
     BertConfig,
     BertModel,
@@ -198,3 +199,41 @@ def test_decoding_calls_see_a_generation_layouts_past(kind):
     with integ.memory_layout(integ.MemoryLayout(num_read=1, length=3)):  # no past: the cache only
         plain, _ = integ.rmt_fast_attention_forward(Layer(), query, key, value, mask)
     assert (plain - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss", "t5"])
+def test_softcap_sinks_and_position_bias_equal_eager(kind):
+    """softcap (Gemma 2), s_aux sinks (gpt-oss) and position_bias (T5) change the scores: the
+    backend computes them exactly (was: silently dropped, 2e-3 to 0.4 off in the logits):
+    logits and gradients with padding, and generation with the KV cache, equal eager's."""
+    ref, ours = tiny_scored(kind, "eager"), tiny_scored(kind, "rmt_fast")
+    ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(3, 14, dtype=torch.long)
+    am[1, :5] = 0
+    kw = dict(input_ids=ids, attention_mask=am)
+    if kind == "t5":
+        kw["decoder_input_ids"] = ids[:, :6]
+    valid = slice(None) if kind == "t5" else am.bool()
+    a, b = ref(**kw).logits, ours(**kw).logits
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
+    a[valid].square().mean().backward()
+    b[valid].square().mean().backward()
+    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+    gen = dict(attention_mask=am, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+               output_scores=True, return_dict_in_generate=True)
+    g_ref, g_ours = ref.generate(ids, **gen), ours.generate(ids, **gen)
+    assert torch.equal(g_ref.sequences, g_ours.sequences)
+    for s_ref, s_ours in zip(g_ref.scores, g_ours.scores, strict=True):
+        torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_cache_is_refused():
+    class PagedAttentionCache:  # what transformers' continuous batching passes as ``cache``
+        pass
+
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match="paged attention cache"):
+        integ.rmt_fast_attention_forward(torch.nn.Module(), q, q, q, None,
+                                         cache=PagedAttentionCache())

@@ -119,9 +119,14 @@ def rmt_fast_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: ``[B, H, L, D]`` in, ``([B, Lq, H, D], None)`` out."""
+    """transformers attention function: ``[B, H, L, D]`` in, ``([B, Lq, H, D], None)`` out.
+
+    Models whose attention scores carry more than ``q k^T * scaling`` and a mask (``softcap``:
+    Gemma 2; ``s_aux``: gpt-oss's sinks; ``position_bias``: T5) run :func:`_exact_attention`,
+    the eager formula on dense scores; the fused kernels serve all others."""
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    terms = _score_terms(kwargs)
     layout = current_layout()
     if layout is not None and layout.length is not None:
         layout = _for_batch(layout, query.shape[0])
@@ -129,11 +134,31 @@ def rmt_fast_attention_forward(
     # decoding steps carry a KV cache, so their keys outnumber their queries)
     prefill = layout is not None and layout.length == q_len and key.shape[2] == q_len
     if layout is not None and (layout.length is None or prefill):
-        out = _layout_attention(module, query, key, value, layout, dropout, scaling)
+        _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
+        if terms is None:
+            out = _layout_attention(module, query, key, value, layout, dropout, scaling)
+        else:
+            out = _exact_layout_attention(module, query, key, value, layout, dropout, scaling,
+                                          terms)
         return out.transpose(1, 2).contiguous(), None
 
     common = dict(scale=scaling, dropout_p=dropout)
     xl = _decoding_past(layout, module, key.shape[0])
+    if xl is not None:
+        _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
+    if terms is not None:
+        if attention_mask is None:
+            if causal and q_len > 1 and xl is None:  # as below: a causal prefill, first q_len keys
+                key, value = key[:, :, :q_len], value[:, :, :q_len]
+            k_len = key.shape[2]
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+            if causal and q_len > 1:
+                attention_mask = attention_mask.tril(k_len - q_len)
+            attention_mask = attention_mask[None, None]
+        if xl is not None:
+            key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
+        out = _exact_attention(query, key, value, attention_mask, scaling, dropout, *terms)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is None:
         if causal and q_len > 1 and xl is None:
             # as sdpa: an unmasked causal prefill into a longer (static) cache sees the first q_len
@@ -178,6 +203,98 @@ def _for_batch(layout: MemoryLayout, batch: int) -> MemoryLayout:
         layout.batches[batch] = dataclasses.replace(
             layout, past=past, key_padding_mask=None if kpm is None else kpm.repeat_interleave(n, 0))
     return layout.batches[batch]
+
+
+def _score_terms(kwargs: dict):
+    """``(softcap, sinks, position_bias)`` when a model passes any of them, else None; refuses
+    what this backend does not implement."""
+    cache = kwargs.get("cache")
+    if cache is not None and type(cache).__name__ == "PagedAttentionCache":
+        raise NotImplementedError("attn_implementation='rmt_fast' does not implement transformers' "
+                                  "paged attention cache (continuous batching); use 'sdpa' there")
+    softcap, sinks, bias = (kwargs.get(k) for k in ("softcap", "s_aux", "position_bias"))
+    if softcap is None and sinks is None and bias is None:
+        return None
+    return softcap, sinks, bias
+
+
+def _exact_attention(query, key, value, mask: torch.Tensor, scaling, dropout: float, softcap,
+                     sinks, bias) -> torch.Tensor:
+    """transformers' eager attention on dense scores, for the terms the fused kernels do not
+    have: ``q k^T * scaling``, then ``softcap * tanh(. / softcap)``, ``+ position_bias``, the
+    mask (bool, True = attend, or additive), a sink logit per head (``sinks`` ``[H]``) in the
+    softmax's denominator. ``[B, H, Lq, D]``; rows that see nothing return zeros (bool mask).
+    Dense ``[B, H, Lq, Lk]`` scores: for these models only (why: no fused kernel has them)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    seen = None
+    if mask.dtype == torch.bool:
+        seen = mask.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1,
+                                                                 scores.shape[2], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores.float() if scores.element_size() < 4 else scores, dim=-1)
+    probs = probs.to(value.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    if dropout:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs, value)
+    return out if seen is None else out.masked_fill(~seen, 0.0)
+
+
+def _layer_past(layout: MemoryLayout, module):
+    """``(past_k, past_v)`` of the layout for this attention layer, or ``(None, None)``."""
+    layer = getattr(module, "layer_idx", None)
+    if layout.past is not None and layer in layout.past:
+        return layout.past[layer]
+    return None, None
+
+
+def _check_window(sliding_window, layout: MemoryLayout, module, length: int) -> None:
+    """A layer with a sliding window shorter than the layout's keys (past + ``length``) is
+    refused: the layout's keys (XL cache, read memory, segment, write memory) are not one
+    position-ordered sequence that the window could cut as the base model would."""
+    if sliding_window is None:
+        return
+    past_k, _ = _layer_past(layout, module)
+    keys = length + (0 if past_k is None else past_k.shape[2])
+    if keys > sliding_window:
+        raise ValueError(
+            f"the base model's attention has a sliding window of {sliding_window} keys, shorter "
+            f"than the {keys} keys of a segment (XL cache + read memory + segment + write "
+            "memory): choose segment_size / num_mem_tokens / xl_cache so that they fit")
+
+
+def _exact_layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling,
+                            terms) -> torch.Tensor:
+    """:func:`_exact_attention` under a memory layout: its visibility (past keys, masks,
+    padding) as a dense mask."""
+    past_k, past_v = _layer_past(layout, module)
+    if layout.record_kv is not None:
+        layout.record_kv[getattr(module, "layer_idx", None)] = (key, value)
+    p = 0 if past_k is None else past_k.shape[2]
+    if terms[2] is not None and p:
+        raise ValueError("position_bias (T5-style relative attention bias) has no entries for the "
+                         "XL cache's keys: use xl_cache=0 with this model")
+    vis = dense_visibility(query.shape[2], p, num_read=layout.num_read,
+                           num_write=layout.num_write, mask=layout.mask,
+                           past_visible_to_read=layout.past_visible_to_read,
+                           key_padding_mask=layout.key_padding_mask, device=query.device)
+    vis = vis[:, None] if vis.dim() == 3 else vis[None, None]
+    if past_k is not None:
+        key, value = torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)
+    return _exact_attention(query, key, value, vis, scaling, dropout, *terms)
 
 
 def _decoding_past(layout: MemoryLayout | None, module, batch: int):
@@ -225,9 +342,7 @@ def _prepend_past(key, value, mask: torch.Tensor, xl):
 
 def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling):
     layer = getattr(module, "layer_idx", None)
-    past_k = past_v = None
-    if layout.past is not None and layer in layout.past:
-        past_k, past_v = layout.past[layer]
+    past_k, past_v = _layer_past(layout, module)
     if layout.record_kv is not None:
         layout.record_kv[layer] = (key, value)
     used = layout.used_rows
