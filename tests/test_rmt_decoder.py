@@ -30,8 +30,9 @@ def official_loop(ref, memory, tokens, m, s, mask="causal"):
 @pytest.mark.parametrize("mask", ["causal", "rmt"])
 def test_models_with_softcap_or_sinks_equal_reference_loop(kind, mask):
     """Gemma 2's logit softcapping and gpt-oss's sinks under the memory layout: logits and
-    memory equal the official loop on the eager model (the exact-scores path); a sliding
-    window shorter than a segment's keys is refused before anything changes."""
+    memory equal the official loop on the eager model (the exact-scores path), and reading
+    gives the same memory; a sliding window shorter than a segment's keys is refused before
+    anything changes."""
     m, s = 3, 7
     model = RMTForCausalLM(tiny_scored(kind, "eager", window=64), num_mem_tokens=m,
                            segment_size=s, mask=mask)
@@ -43,6 +44,8 @@ def test_models_with_softcap_or_sinks_equal_reference_loop(kind, mask):
     # scores are large (q scaled up so that the softcap binds): float32 rounding ~3e-5
     torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.memory, mem, atol=1e-4, rtol=1e-4)
+    # reading: the last block runs the memory rows only (gpt-oss's MoE block returns a tuple)
+    torch.testing.assert_close(model.eval().read(tokens)[0], out.memory, atol=1e-5, rtol=1e-5)
     short = RMTForCausalLM(tiny_scored(kind, "eager", window=8), num_mem_tokens=m, segment_size=s)
     before = short.memory.detach().clone()
     with pytest.raises(ValueError, match="sliding window of 8 keys, shorter than the 13 keys"):

@@ -70,10 +70,21 @@ def _pre_hook(module, args, kwargs):
 
 def _post_hook(module, args, kwargs, out):
     used = _active()
-    if used is None or not isinstance(out, torch.Tensor) or out.dim() < 2:
+    if used is None:
         return None
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        # an MoE block's (hidden, router logits): the hidden rows are padded back; the router
+        # logits (used by training's auxiliary loss only, and these hooks run in eval only)
+        # keep the rows that ran
+        padded = _pad(out[0], args, used)
+        return None if padded is None else (padded, *out[1:])
+    return _pad(out, args, used) if isinstance(out, torch.Tensor) else None
+
+
+def _pad(out: torch.Tensor, args, used) -> torch.Tensor | None:
+    """``out`` ``[B, stop - start, ...]`` back to ``[B, rows, ...]`` with zero rows around it."""
     start, stop, rows = used
-    if out.shape[1] != stop - start or not args or args[0].shape[1] != stop - start:
+    if out.dim() < 2 or out.shape[1] != stop - start or not args or args[0].shape[1] != stop - start:
         return None
     if stop - start == rows:
         return None
