@@ -14,6 +14,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from rmt_fast import dense_visibility
+
 VOCAB = 61
 
 
@@ -126,3 +128,20 @@ def tiny_scored(kind: str, impl: str, window: int = 4):
             if name.endswith("q_proj.weight"):
                 p.mul_(30)
     return model
+
+
+def official_loop(ref, memory, tokens, m, s, mask="causal"):
+    """The official wrapper's forward, spelled out: cat([mem, seg, mem]) into the base model."""
+    logits, mem = [], memory
+    for start in range(0, tokens.shape[1], s):
+        seg = tokens[:, start:start + s]
+        x = torch.cat([mem, ref.get_input_embeddings()(seg), mem], dim=1)
+        kw = {}
+        if mask != "causal":
+            vis = dense_visibility(x.shape[1], num_read=m, num_write=m, mask=mask)
+            bias = torch.zeros(vis.shape).masked_fill(~vis, torch.finfo(torch.float32).min)
+            kw["attention_mask"] = bias[None, None].expand(x.shape[0], 1, -1, -1)  # eager adds it
+        out = ref(inputs_embeds=x, output_hidden_states=True, **kw)
+        logits.append(out.logits[:, m:m + seg.shape[1]])
+        mem = out.hidden_states[-1][:, -m:]
+    return torch.cat(logits, dim=1), mem

@@ -3,27 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, check_repeated_rows, eager_copy, ids, tiny_gpt2, tiny_llama, tiny_scored
+from models import (
+    VOCAB,
+    check_repeated_rows,
+    eager_copy,
+    ids,
+    official_loop,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_scored,
+)
 
-from rmt_fast import dense_visibility
 from rmt_fast.models import RMTForCausalLM
-
-
-def official_loop(ref, memory, tokens, m, s, mask="causal"):
-    """The official wrapper's forward, spelled out: cat([mem, seg, mem]) into the base model."""
-    logits, mem = [], memory
-    for start in range(0, tokens.shape[1], s):
-        seg = tokens[:, start:start + s]
-        x = torch.cat([mem, ref.get_input_embeddings()(seg), mem], dim=1)
-        kw = {}
-        if mask != "causal":
-            vis = dense_visibility(x.shape[1], num_read=m, num_write=m, mask=mask)
-            bias = torch.zeros(vis.shape).masked_fill(~vis, torch.finfo(torch.float32).min)
-            kw["attention_mask"] = bias[None, None].expand(x.shape[0], 1, -1, -1)  # eager adds it
-        out = ref(inputs_embeds=x, output_hidden_states=True, **kw)
-        logits.append(out.logits[:, m:m + seg.shape[1]])
-        mem = out.hidden_states[-1][:, -m:]
-    return torch.cat(logits, dim=1), mem
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])

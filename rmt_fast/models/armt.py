@@ -49,7 +49,16 @@ from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
 from rmt_fast.models import used_rows
-from rmt_fast.models.base import BASE_DIR, WEIGHTS_NAME, RMTBase, hidden_size, max_positions, relative_noise
+from rmt_fast.models.base import (
+    BASE_DIR,
+    WEIGHTS_NAME,
+    RMTBase,
+    check_logits_head,
+    hidden_size,
+    lm_logits,
+    max_positions,
+    relative_noise,
+)
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
 from rmt_fast.models.decoder import _count_targets, _Segment, lm_outputs
 from rmt_fast.models.memory_transformer import find_layers
@@ -404,6 +413,7 @@ class ARMTForCausalLM(RMTBase):
         if not hasattr(base_model, "get_output_embeddings") or base_model.get_output_embeddings() is None:
             raise TypeError(f"unsupported base model {type(base_model).__name__}: ARMTForCausalLM "
                             "needs a causal LM with an output embedding (lm_head)")
+        check_logits_head(base_model)
         super().__init__(base_model, config)
         layers = find_layers(base_model)
         self._layers = [layers]  # a list, so that the ModuleList is not registered twice
@@ -592,7 +602,7 @@ class ARMTForCausalLM(RMTBase):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
-        return self.base.get_output_embeddings()(hidden)
+        return lm_logits(self.base, hidden)
 
     # --- whole sequences -------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, labels, labels_mask, state):

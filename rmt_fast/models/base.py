@@ -68,6 +68,59 @@ class MemoryGate(nn.Module):
         return written + self.keep(read, written) * (read - written)
 
 
+#: how a causal LM's forward applies ``config.logits_scaling`` after its output embedding, by
+#: ``model_type`` of its text config (prefix match): Granite and MiniCPM3 divide, HyperCLOVA X
+#: multiplies
+LOGITS_SCALING = {"granite": "divide", "minicpm3": "divide", "hyperclovax": "multiply"}
+
+
+def _text_config(lm):
+    cfg = lm.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _logits_scaling(lm) -> str | None:
+    """``"divide"``/``"multiply"`` for a model with ``config.logits_scaling``, else None."""
+    cfg = _text_config(lm)
+    if getattr(cfg, "logits_scaling", None) is None:
+        return None
+    kind = str(getattr(cfg, "model_type", ""))
+    for prefix, how in LOGITS_SCALING.items():
+        if kind.startswith(prefix):
+            return how
+    raise TypeError(f"{type(lm).__name__} has config.logits_scaling, which rmt_fast does not know "
+                    f"how to apply to its logits (model_type {kind!r}; known: "
+                    f"{sorted(LOGITS_SCALING)}); its logits would differ from the model's own")
+
+
+def check_logits_head(lm) -> None:
+    """Refuse a causal LM whose forward changes its logits after the output embedding in a way
+    :func:`lm_logits` does not reproduce."""
+    _logits_scaling(lm)
+    if getattr(_text_config(lm), "output_multiplier", None) is not None:
+        raise TypeError(f"{type(lm).__name__} has config.output_multiplier, which rmt_fast does "
+                        "not apply to its logits; its logits would differ from the model's own")
+
+
+def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` ``[..., d]`` (the backbone's last hidden state) -> logits ``[..., V]`` as the
+    causal LM's own forward makes them: its output embedding, then Cohere's ``logit_scale``,
+    ``config.logits_scaling`` (:data:`LOGITS_SCALING`) and Gemma's
+    ``final_logit_softcapping``, where the model has them."""
+    logits = lm.get_output_embeddings()(hidden)
+    scale = getattr(lm, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    how = _logits_scaling(lm)
+    if how is not None:
+        factor = _text_config(lm).logits_scaling
+        logits = logits / factor if how == "divide" else logits * factor
+    cap = getattr(_text_config(lm), "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the base model can number (absolute positions), if it has a limit."""
     for name in ("n_positions", "max_position_embeddings"):

@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
 from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
 from rmt_fast.models import used_rows
-from rmt_fast.models.base import RMTBase, max_positions
+from rmt_fast.models.base import RMTBase, check_logits_head, lm_logits, max_positions
 from rmt_fast.models.config import RMTConfig
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.rotary import find_rotary, shift_keys
@@ -68,6 +68,7 @@ class RMTForCausalLM(RMTBase):
         if not hasattr(base_model, "get_output_embeddings") or base_model.get_output_embeddings() is None:
             raise TypeError(f"unsupported base model {type(base_model).__name__}: RMTForCausalLM "
                             "needs a causal LM with an output embedding (lm_head)")
+        check_logits_head(base_model)
         super().__init__(base_model, config, **kwargs)
 
     def positions_needed(self, config: RMTConfig | None = None) -> int:
@@ -207,7 +208,7 @@ class RMTForCausalLM(RMTBase):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, d]`` -> ``[B, S, V]`` with the base model's output embedding."""
-        return self.lm.get_output_embeddings()(hidden)
+        return lm_logits(self.lm, hidden)
 
     def _step(self, state: SegmentState, seg: Segment, t: int, *, n_targets: int = 0,
               logits: bool = False, hidden: bool = False):

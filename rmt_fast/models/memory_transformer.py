@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from rmt_fast.integrations.transformers import MemoryLayout, current_layout, memory_layout
-from rmt_fast.models.base import RMTBase
+from rmt_fast.models.base import RMTBase, lm_logits
 from rmt_fast.models.config import VARIANTS, RMTConfig
 from rmt_fast.models.segment_loop import Segment, SegmentState, run_segments
 from rmt_fast.validation import check_memory_transformer_call
@@ -164,5 +164,6 @@ class MemoryTransformer(RMTBase):
         with memory_layout(layout):
             hidden = self.backbone(inputs_embeds=x).last_hidden_state
         head = getattr(self.base, "get_output_embeddings", lambda: None)()
-        out = {"hidden": hidden[:, m:], "logits": head(hidden[:, m:]) if head is not None else None}
+        out = {"hidden": hidden[:, m:],
+               "logits": lm_logits(self.base, hidden[:, m:]) if head is not None else None}
         return SegmentState(hidden[:, :m]), out
