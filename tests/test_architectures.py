@@ -88,3 +88,85 @@ def test_unknown_logit_scaling_is_refused():
     config.logits_scaling = 2.0
     with pytest.raises(TypeError, match="logits_scaling, which rmt_fast does not know"):
         RMTForCausalLM(T.LlamaForCausalLM(config), num_mem_tokens=2, segment_size=4)
+
+
+# --- encoders ------------------------------------------------------------------------------------
+CLS, SEP = 1, 2
+BERT_LIKE = dict(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+ENCODERS = {
+    # RoBERTa-style embeddings number tokens from padding_idx + 1 (here 2)
+    "roberta": (T.RobertaConfig, T.RobertaForSequenceClassification, dict(BERT_LIKE, pad_token_id=1)),
+    "xlm_roberta": (T.XLMRobertaConfig, T.XLMRobertaForSequenceClassification,
+                    dict(BERT_LIKE, pad_token_id=1)),
+    "electra": (T.ElectraConfig, T.ElectraForSequenceClassification,
+                dict(BERT_LIKE, embedding_size=32)),
+    "distilbert": (T.DistilBertConfig, T.DistilBertForSequenceClassification,
+                   dict(vocab_size=53, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3,
+                        dropout=0.0, attention_dropout=0.0, max_position_embeddings=64,
+                        seq_classif_dropout=0.0)),
+    "modernbert": (T.ModernBertConfig, T.ModernBertForSequenceClassification,
+                   dict(vocab_size=53, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3, max_position_embeddings=64,
+                        local_attention=32, pad_token_id=0, cls_token_id=CLS, sep_token_id=SEP)),
+}
+
+
+def _encoder(spec, **config):
+    config_cls, model_cls, kw = spec
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{**kw, **config})).eval()
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encoder_architecture_equals_the_official_loop(name):
+    """``[CLS] memory [SEP] segment [SEP]`` per segment through the eager model, memory from the
+    hidden states at 1..M (the official encoder wrapper); positions as the model numbers a
+    sequence given as embeddings."""
+    from rmt_fast.models import RMTEncoderForSequenceClassification
+
+    base = _encoder(ENCODERS[name])
+    ref = copy.deepcopy(base)
+    ref.set_attn_implementation("eager")
+    m = 4
+    model = RMTEncoderForSequenceClassification(base, num_mem_tokens=m, segment_size=6,
+                                                cls_token_id=CLS, sep_token_id=SEP).eval()
+    x = torch.randint(3, 53, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+        emb = ref.get_input_embeddings()
+        mem = model.memory.expand(2, -1, -1)
+        cls, sep = emb(torch.tensor([[CLS]] * 2)), emb(torch.tensor([[SEP]] * 2))
+        for start, end in [(0, 4), (4, 10), (10, 16)]:  # right alignment: the first is short
+            o = ref(inputs_embeds=torch.cat([cls, mem, sep, emb(x[:, start:end]), sep], 1),
+                    output_hidden_states=True)
+            mem = o.hidden_states[-1][:, 1:1 + m]
+    torch.testing.assert_close(out.logits, o.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.memory, mem, atol=1e-5, rtol=1e-5)
+
+
+def test_embeddings_narrower_than_hidden_states_are_refused():
+    """ALBERT's factorised embeddings and OPT-350m's projected ones: memory written from hidden
+    states cannot be read back as input embeddings."""
+    from rmt_fast.models import RMTEncoderForSequenceClassification
+
+    albert = _encoder((T.AlbertConfig, T.AlbertForSequenceClassification,
+                       dict(BERT_LIKE, embedding_size=16)))
+    with pytest.raises(TypeError, match="input embeddings are 16 wide but its hidden states 32"):
+        RMTEncoderForSequenceClassification(albert, num_mem_tokens=2, segment_size=4,
+                                            cls_token_id=CLS, sep_token_id=SEP)
+    opt = _base((T.OPTConfig, T.OPTForCausalLM,
+                 dict(ARCHS["opt"][2], word_embed_proj_dim=16)))
+    with pytest.raises(TypeError, match="input embeddings are 16 wide but its hidden states 32"):
+        RMTForCausalLM(opt, num_mem_tokens=2, segment_size=4)
+
+
+def test_encoder_local_attention_shorter_than_a_segment_is_refused():
+    from rmt_fast.models import RMTEncoderForSequenceClassification
+
+    base = _encoder(ENCODERS["modernbert"], local_attention=8)
+    model = RMTEncoderForSequenceClassification(base, num_mem_tokens=4, segment_size=6,
+                                                cls_token_id=CLS, sep_token_id=SEP)
+    with pytest.raises(ValueError, match="sliding window of 5 keys, shorter than the 11 keys"):
+        model(torch.randint(3, 53, (2, 16)))

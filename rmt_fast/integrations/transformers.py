@@ -272,8 +272,8 @@ def _check_window(sliding_window, layout: MemoryLayout, module, length: int) -> 
     if keys > sliding_window:
         raise ValueError(
             f"the base model's attention has a sliding window of {sliding_window} keys, shorter "
-            f"than the {keys} keys of a segment (XL cache + read memory + segment + write "
-            "memory): choose segment_size / num_mem_tokens / xl_cache so that they fit")
+            f"than the {keys} keys of a segment (its tokens, memory tokens and any XL cache): "
+            "choose segment_size / num_mem_tokens / xl_cache so that they fit")
 
 
 def _exact_layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling,

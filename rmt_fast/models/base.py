@@ -160,6 +160,12 @@ class RMTBase(nn.Module):
         self.rmt_config = config
         embeddings = base_model.get_input_embeddings()
         d = hidden_size(base_model.config)
+        if embeddings.weight.shape[1] != d:
+            raise TypeError(
+                f"unsupported base model {type(base_model).__name__}: its input embeddings are "
+                f"{embeddings.weight.shape[1]} wide but its hidden states {d} (factorised or "
+                "projected embeddings, as in ALBERT or OPT-350m): memory written from hidden "
+                "states could not be read back as input embeddings")
         std = embeddings.weight.detach().float().std().item()
         self.memory = nn.Parameter(
             torch.randn(config.num_mem_tokens, d, dtype=embeddings.weight.dtype) * std)

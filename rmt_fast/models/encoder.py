@@ -133,8 +133,24 @@ class _RMTEncoderBase(RMTBase):
         return memory
 
     def positions_needed(self, config: RMTConfig | None = None) -> int:
+        """``[CLS] memory [SEP] segment [SEP]``, numbered from :attr:`position_offset`."""
         cfg = config or self.rmt_config
-        return cfg.num_mem_tokens + cfg.segment_size + 3
+        return self.position_offset + cfg.num_mem_tokens + cfg.segment_size + 3
+
+    @property
+    def position_offset(self) -> int:
+        """The position id of a sequence's first token: ``padding_idx + 1`` for RoBERTa-style
+        embeddings (RoBERTa, XLM-R, CamemBERT, ...: they number tokens after the padding id
+        and take given position ids as they are), else 0. Found once."""
+        if "_position_offset" not in self.__dict__:
+            offset = 0
+            for module in self.base.modules():
+                if hasattr(type(module), "create_position_ids_from_inputs_embeds") \
+                        and isinstance(getattr(module, "padding_idx", None), int):
+                    offset = module.padding_idx + 1
+                    break
+            self.__dict__["_position_offset"] = offset
+        return self.__dict__["_position_offset"]
 
     def segment_forward(self, memory, ids: torch.Tensor, mask: torch.Tensor | None):
         """``memory`` ``[B, M, d]`` (or a :class:`SegmentState`), ``ids``/``mask`` ``[B, S]``
@@ -166,7 +182,7 @@ class _RMTEncoderBase(RMTBase):
         ones = torch.ones(batch, m + 2, dtype=torch.bool, device=ids.device)
         kpm = torch.cat([ones, seg_mask, ones[:, :1]], dim=1)
         # positions count real tokens only: a padded row is numbered as it would be alone
-        position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0)
+        position_ids = (kpm.long().cumsum(1) - 1).clamp(min=0) + self.position_offset
         used = self._used_rows(x.shape[1]) if used_only else None
         layout = MemoryLayout(mask="full", key_padding_mask=kpm, used_rows=used)
         run = self._associative_run(state, slice(1, 1 + m))
