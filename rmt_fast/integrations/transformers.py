@@ -300,12 +300,11 @@ def _exact_layout_attention(module, query, key, value, layout: MemoryLayout, dro
 def _decoding_past(layout: MemoryLayout | None, module, batch: int):
     """A generation layout's ``past`` for this layer, seen by the decoding calls (which the
     layout does not drive): ``(past_k, past_v, padding [B, P] bool)``, or None."""
-    if layout is None or layout.length is None or layout.past is None:
+    if layout is None or layout.length is None:
         return None
-    past = layout.past.get(getattr(module, "layer_idx", None))
-    if past is None:
+    pk, pv = _layer_past(layout, module)
+    if pk is None:
         return None
-    pk, pv = past
     kpm = layout.key_padding_mask
     padding = (kpm[:, :pk.shape[2]] if kpm is not None
                else torch.ones(batch, pk.shape[2], dtype=torch.bool, device=pk.device))
