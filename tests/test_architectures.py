@@ -75,6 +75,23 @@ def test_architecture_equals_the_official_loop(name):
     assert new.shape == (2, 3)
 
 
+ROTARY = ["gpt_neox", "qwen2", "qwen3", "phi", "phi3", "stablelm", "olmo2", "gemma", "gemma3",
+          "cohere", "granite", "hyperclovax", "gemma2"]
+
+
+@pytest.mark.parametrize("name", ROTARY)
+def test_rotary_xl_cache_equals_full_attention(name):
+    """No memory, a cache of every earlier token: Transformer-XL over segments is causal
+    attention over the whole input when the cached keys move to their true positions (each
+    model's rotary frequencies, partial rotaries, Cohere's interleaved pairs)."""
+    seg, n = 6, 3
+    base = _base(ARCHS[name]).double()
+    model = RMTForCausalLM(base, num_mem_tokens=0, segment_size=seg, xl_cache=(n - 1) * seg).eval()
+    tokens = ids(2, seg * n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, base(tokens).logits, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_architecture_without_attention_interface_is_refused(name):
     with pytest.raises(TypeError, match="ignores attn_implementation"):
