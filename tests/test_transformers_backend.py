@@ -237,3 +237,32 @@ def test_paged_attention_cache_is_refused():
     with pytest.raises(NotImplementedError, match="paged attention cache"):
         integ.rmt_fast_attention_forward(torch.nn.Module(), q, q, q, None,
                                          cache=PagedAttentionCache())
+
+
+def test_cross_attention_to_a_shorter_sequence_equals_eager():
+    """An encoder-decoder whose decoder runs longer than its encoder (cross-attention keys fewer
+    than queries; was a shape error), with and without encoder padding, and generating."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=61, d_model=32, encoder_layers=1, decoder_layers=1,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                     attention_dropout=0.0)
+    models = []
+    for impl in ("eager", "rmt_fast"):
+        torch.manual_seed(0)
+        models.append(BartForConditionalGeneration._from_config(cfg, attn_implementation=impl).eval())
+    ref, ours = models
+    g = torch.Generator().manual_seed(4)
+    enc, dec = torch.randint(3, 61, (2, 5), generator=g), torch.randint(3, 61, (2, 9), generator=g)
+    pad = torch.ones(2, 5, dtype=torch.long)
+    pad[1, 3:] = 0
+    for mask in (None, pad):
+        kw = dict(input_ids=enc, attention_mask=mask, decoder_input_ids=dec)
+        torch.testing.assert_close(ours(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
+    gen = dict(attention_mask=pad, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+               output_scores=True, return_dict_in_generate=True)
+    g_ref, g_ours = ref.generate(enc, **gen), ours.generate(enc, **gen)
+    assert torch.equal(g_ref.sequences, g_ours.sequences)
+    for s_ref, s_ours in zip(g_ref.scores, g_ours.scores, strict=True):
+        torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=1e-5)

@@ -164,6 +164,10 @@ def rmt_fast_attention_forward(
             # as sdpa: an unmasked causal prefill into a longer (static) cache sees the first q_len
             out = memory_attention(query, key[:, :, :q_len], value[:, :, :q_len], mask="causal",
                                    **common)
+        elif key.shape[2] < q_len and xl is None:  # cross-attention to a shorter sequence
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1])
         else:
             out = _cached(query, key, value, "causal" if causal and q_len > 1 else "full", None,
                           xl, common)
