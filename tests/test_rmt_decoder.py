@@ -221,6 +221,51 @@ XL_SETTINGS = [(tiny_gpt2, 0, "before_memory"), (tiny_gpt2, 4, "before_memory"),
 
 
 @pytest.mark.parametrize("xl_cache", [0, 4])
+def test_generate_rolling_segments_equals_the_forward_over_its_output(xl_cache):
+    """``roll_segments=True``: greedy tokens across two segment boundaries (memory and XL cache
+    written as each segment fills) are the argmax of :meth:`forward` over prompt + output, a
+    left-padded row included (EOS, which ``min_new_tokens`` holds back, masked there too)."""
+    m, s = 3, 6
+    model = RMTForCausalLM(tiny_llama(), num_mem_tokens=m, segment_size=s, mask="rmt",
+                           xl_cache=xl_cache).eval()
+    tokens = ids(2, 15)
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[1, :4] = 0
+    kw = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0)
+    new = model.generate(tokens, attention_mask=mask, roll_segments=True, **kw)
+    assert new.shape == (2, 14)
+    full = torch.cat([tokens, new], 1)
+    with torch.no_grad():
+        logits = model(full, attention_mask=torch.cat([mask, torch.ones_like(new)], 1)).logits
+    logits[..., model.lm.generation_config.eos_token_id] = float("-inf")
+    assert torch.equal(logits[:, 14:-1].argmax(-1), new)
+    # without rolling the last segment grows past segment_size: other tokens after the boundary
+    grown = model.generate(tokens, attention_mask=mask, **kw)
+    assert torch.equal(grown[:, :3], new[:, :3]) and not torch.equal(grown, new)
+
+
+def test_generate_rolling_segments_stops_rows_at_eos_and_refuses_what_it_cannot_do():
+    model = RMTForCausalLM(tiny_llama(), num_mem_tokens=2, segment_size=4).eval()
+    tokens = ids(2, 6)
+    kw = dict(roll_segments=True, max_new_tokens=9, do_sample=False, suppress_tokens=[0])
+    first = model.generate(tokens, pad_token_id=0, **kw)  # the default EOS (0) never comes
+    row = first[0].tolist()
+    end = next(i for i in range(4, 9) if row[i] not in row[:i])  # a token new in segment 2+
+    out = model.generate(tokens, eos_token_id=row[end], pad_token_id=60, **kw)
+    assert out[0, :end + 1].tolist() == row[:end + 1] and (out[0, end + 1:] == 60).all()
+    other = first[1].tolist()
+    stop = other.index(row[end]) + 1 if row[end] in other else 9
+    assert out[1, :stop].tolist() == other[:stop] and (out[1, stop:] == 60).all()
+    for bad in (dict(num_beams=2), dict(num_return_sequences=2, do_sample=True),
+                dict(return_dict_in_generate=True)):
+        with pytest.raises(ValueError, match=r"roll_segments=True\) needs max_new_tokens"):
+            model.generate(tokens, roll_segments=True, max_new_tokens=5, pad_token_id=0, **bad)
+    for bad in (dict(max_length=20), dict()):
+        with pytest.raises(ValueError, match=r"roll_segments=True\) needs max_new_tokens"):
+            model.generate(tokens, roll_segments=True, pad_token_id=0, **bad)
+
+
+@pytest.mark.parametrize("xl_cache", [0, 4])
 def test_generate_with_beams_and_several_sequences_per_row(xl_cache):
     """transformers' generate repeats each row for beams and ``num_return_sequences``: memory,
     padding and XL cache are repeated alike."""

@@ -313,15 +313,24 @@ class RMTForCausalLM(RMTBase):
     @evaluating  # inference semantics: no dropout, no memory noise; the model's modes are restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  memory: torch.Tensor | None = None, xl: RecurrentState | None = None,
-                 **generate_kwargs) -> torch.Tensor:
+                 roll_segments: bool = False, **generate_kwargs) -> torch.Tensor:
         """Read every segment but the last into memory (as :meth:`read`, with the XL cache when
         ``xl_cache > 0``), then ``base.generate`` from ``[read memory | last segment]`` with the
         base model's KV cache. ``memory`` ``[B, M, d]`` and ``xl`` resume from a saved state.
         The last segment and every new token attend to the XL cache the segments before left,
-        as in :meth:`forward`; memory and cache are not updated while generating. Returns only
-        the new tokens ``[B, N]`` (or transformers' output dict when asked for).
+        as in :meth:`forward`. Returns only the new tokens ``[B, N]`` (or transformers' output
+        dict when asked for).
+
+        By default memory and cache are not updated while generating: the segment grows past
+        ``segment_size`` (up to the base model's positions). With ``roll_segments=True`` a
+        segment that is full is written into memory (and the cache) and generation goes on in
+        a new one, as :meth:`forward` reads the prompt and the new tokens with left-aligned
+        segments: any length (``max_new_tokens`` required; no beams, ``num_return_sequences``
+        or output dict; rows that ended with EOS get ``pad_token_id`` after it).
         """
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory, xl=xl)
+        if roll_segments:
+            _check_rolling(generate_kwargs)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
@@ -329,18 +338,57 @@ class RMTForCausalLM(RMTBase):
             state = self.read_segments(SegmentState(memory, xl), segments[:-1])
             memory, xl = state.memory, state.xl
         last = segments[-1]
-        m, batch = self.rmt_config.num_mem_tokens, input_ids.shape[0]
-        self._check_generation_length(m + last.ids.shape[1], generate_kwargs)
-        embeds = torch.cat([memory, self.base.get_input_embeddings()(last.ids)], dim=1)
-        seg_mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
-        mask = torch.cat([torch.ones(batch, m, dtype=torch.bool, device=input_ids.device), seg_mask], 1)
+        if roll_segments:
+            return self._generate_rolling(memory, xl, last.ids, last.mask, generate_kwargs)
+        self._check_generation_length(self.rmt_config.num_mem_tokens + last.ids.shape[1],
+                                      generate_kwargs)
+        return self._generate_in_segment(memory, xl, last.ids, last.mask, **generate_kwargs)
+
+    def _generate_in_segment(self, memory, xl, ids, seg_mask, **generate_kwargs):
+        """``base.generate`` from ``[read memory | ids]`` (``seg_mask`` ``[B, S]`` or None),
+        attending to ``xl``: the new tokens."""
+        m, batch = self.rmt_config.num_mem_tokens, ids.shape[0]
+        embeds = torch.cat([memory, self.base.get_input_embeddings()(ids)], dim=1)
+        if seg_mask is None:
+            seg_mask = torch.ones_like(ids, dtype=torch.bool)
+        mask = torch.cat([torch.ones(batch, m, dtype=torch.bool, device=ids.device), seg_mask], 1)
         kpm = mask if xl is None else torch.cat([xl.padding, mask], 1)
         layout = MemoryLayout(num_read=m, num_write=0, mask=self.rmt_config.mask,
                               key_padding_mask=kpm, past=None if xl is None else xl.kv,
                               length=embeds.shape[1])
         with memory_layout(layout):
             return self.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
-                                      **generate_kwargs)
+                                    **generate_kwargs)
+
+    def _generate_rolling(self, memory, xl, ids, seg_mask, kwargs: dict) -> torch.Tensor:
+        """:meth:`generate` with ``roll_segments=True``: fill the segment, write it, go on."""
+        kwargs = dict(kwargs)
+        left, least = kwargs.pop("max_new_tokens"), kwargs.pop("min_new_tokens", None) or 0
+        gen = self.lm.generation_config
+        pad = kwargs.get("pad_token_id", gen.pad_token_id)
+        eos = kwargs.get("eos_token_id", gen.eos_token_id)
+        eos = torch.tensor([] if eos is None else eos, device=ids.device).flatten()
+        batch, size = ids.shape[0], self.rmt_config.segment_size
+        if seg_mask is None:
+            seg_mask = torch.ones_like(ids, dtype=torch.bool)
+        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        out = []
+        while left > 0:
+            n = min(left, size - ids.shape[1] + 1)  # the full segment's last position predicts one more
+            new = self._generate_in_segment(memory, xl, ids, seg_mask, max_new_tokens=n,
+                                            min_new_tokens=min(least, n), **kwargs)
+            if done.any():
+                new = new.masked_fill(done[:, None], pad)
+            out.append(new)
+            done |= torch.isin(new, eos).any(dim=1)
+            left, least = left - new.shape[1], max(0, least - new.shape[1])
+            if new.shape[1] < n or bool(done.all()) or left == 0:
+                break
+            ones = torch.ones(batch, n - 1, dtype=torch.bool, device=ids.device)
+            _, memory, xl = self.segment_forward(memory, torch.cat([ids, new[:, :-1]], 1),
+                                                 torch.cat([seg_mask, ones], 1), xl)
+            ids, seg_mask = new[:, -1:], ones[:, :1]
+        return torch.cat(out, dim=1)
 
     def _check_generation_length(self, prompt: int, generate_kwargs: dict) -> None:
         """Refuse up front a generation that would run past the base model's positions: the
@@ -395,6 +443,16 @@ def _count_targets(segments: list[Segment]) -> int:
     """Target positions over ``segments`` (counted here for segments that were not)."""
     return sum(s.num_targets if s.num_targets is not None
                else 0 if s.targets is None else int((s.targets != -100).sum()) for s in segments)
+
+
+def _check_rolling(kwargs: dict) -> None:
+    """What ``generate(roll_segments=True)`` supports: ``max_new_tokens``, one sequence per row,
+    plain token output."""
+    bad = [k for k in ("num_beams", "num_return_sequences") if kwargs.get(k, 1) != 1]
+    bad += [k for k in ("max_length", "return_dict_in_generate") if kwargs.get(k)]
+    if bad or kwargs.get("max_new_tokens") is None:
+        raise ValueError(f"generate(roll_segments=True) needs max_new_tokens and returns the new "
+                         f"tokens of one sequence per row; not supported: {bad or 'no max_new_tokens'}")
 
 
 def lm_outputs(logits_fn, hidden: torch.Tensor | None, seg: Segment, n_targets: int | None, *,
