@@ -327,6 +327,21 @@ def test_generate_equals_manual_loop(kind):
     assert (h_read - h_fresh).abs().max() > 1e-4
 
 
+def test_generate_rolling_segments_equals_the_forward_over_its_output():
+    """``roll_segments=True``: each full segment written into the associative state; greedy
+    tokens across two boundaries are the argmax of the forward over prompt + output."""
+    model = make("llama")
+    x = ids(2, 19)  # segments 8, 8, 3
+    new = model.generate(x, roll_segments=True, max_new_tokens=14, min_new_tokens=14,
+                         do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(torch.cat([x, new], 1)).logits
+    logits[..., model.base.generation_config.eos_token_id] = float("-inf")
+    assert torch.equal(logits[:, 18:-1].argmax(-1), new)
+    grown = model.generate(x, max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0)
+    assert not torch.equal(grown, new)
+
+
 def test_generate_with_beams_and_several_sequences_per_row():
     """transformers' generate repeats each row for beams and ``num_return_sequences``: the
     associative state the blocks read is repeated alike."""

@@ -60,7 +60,13 @@ from rmt_fast.models.base import (
     relative_noise,
 )
 from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
-from rmt_fast.models.decoder import _count_targets, _Segment, lm_outputs
+from rmt_fast.models.decoder import (
+    _count_targets,
+    _Segment,
+    check_rolling,
+    generate_rolling,
+    lm_outputs,
+)
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import run_segments
@@ -682,11 +688,16 @@ class ARMTForCausalLM(RMTBase):
     @torch.no_grad()
     @evaluating  # inference semantics (eval mode, packed linear layers on CPU), modes restored
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 state: ARMTState | None = None, **generate_kwargs) -> torch.Tensor:
+                 state: ARMTState | None = None, roll_segments: bool = False,
+                 **generate_kwargs) -> torch.Tensor:
         """Write every segment but the last into the state, then ``base.generate`` from the last
         segment (no memory tokens) with the associative read active in every block and no
-        writes (the reference's ``generate_mode``). Returns only the new tokens ``[B, N]``."""
+        writes (the reference's ``generate_mode``). Returns only the new tokens ``[B, N]``.
+        ``roll_segments=True``: each full segment is written into the state and generation goes
+        on in a new one (as :meth:`RMTForCausalLM.generate`)."""
         self._check_inputs(input_ids, attention_mask, None, None, state)
+        if roll_segments:
+            check_rolling(generate_kwargs)
         cfg = self.rmt_config
         segments = split_segments(input_ids, attention_mask, None, None, cfg.segment_size,
                                   cfg.segment_alignment)
@@ -695,8 +706,18 @@ class ARMTForCausalLM(RMTBase):
         for seg in segments[:-1]:
             _, state = self.segment_forward(state, seg.ids, seg.mask, need_hidden=False)
         last = segments[-1]
-        embeds = self.base.get_input_embeddings()(last.ids)
-        mask = last.mask if last.mask is not None else torch.ones_like(last.ids, dtype=torch.bool)
+        if roll_segments:
+            def write(state, ids, mask):
+                return self.segment_forward(state, ids, mask, need_hidden=False)[1]
+
+            return generate_rolling(self._generate_in_segment, write, state, last.ids, last.mask,
+                                    generate_kwargs, cfg.segment_size, self.base.generation_config)
+        return self._generate_in_segment(state, last.ids, last.mask, **generate_kwargs)
+
+    def _generate_in_segment(self, state: ARMTState, ids: torch.Tensor, mask, **generate_kwargs):
+        """``base.generate`` from ``ids`` ``[B, S]`` (``mask`` or None) reading ``state``."""
+        embeds = self.base.get_input_embeddings()(ids)
+        mask = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         with running(self._run(state, None)):
             return self.base.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                       **generate_kwargs)

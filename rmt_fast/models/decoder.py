@@ -330,7 +330,7 @@ class RMTForCausalLM(RMTBase):
         """
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory, xl=xl)
         if roll_segments:
-            _check_rolling(generate_kwargs)
+            check_rolling(generate_kwargs)
         segments = self._segments(input_ids, attention_mask, None, None)
         if memory is None:
             memory = self.expand_memory(input_ids.shape[0])
@@ -362,33 +362,14 @@ class RMTForCausalLM(RMTBase):
 
     def _generate_rolling(self, memory, xl, ids, seg_mask, kwargs: dict) -> torch.Tensor:
         """:meth:`generate` with ``roll_segments=True``: fill the segment, write it, go on."""
-        kwargs = dict(kwargs)
-        left, least = kwargs.pop("max_new_tokens"), kwargs.pop("min_new_tokens", None) or 0
-        gen = self.lm.generation_config
-        pad = kwargs.get("pad_token_id", gen.pad_token_id)
-        eos = kwargs.get("eos_token_id", gen.eos_token_id)
-        eos = torch.tensor([] if eos is None else eos, device=ids.device).flatten()
-        batch, size = ids.shape[0], self.rmt_config.segment_size
-        if seg_mask is None:
-            seg_mask = torch.ones_like(ids, dtype=torch.bool)
-        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        out = []
-        while left > 0:
-            n = min(left, size - ids.shape[1] + 1)  # the full segment's last position predicts one more
-            new = self._generate_in_segment(memory, xl, ids, seg_mask, max_new_tokens=n,
-                                            min_new_tokens=min(least, n), **kwargs)
-            if done.any():
-                new = new.masked_fill(done[:, None], pad)
-            out.append(new)
-            done |= torch.isin(new, eos).any(dim=1)
-            left, least = left - new.shape[1], max(0, least - new.shape[1])
-            if new.shape[1] < n or bool(done.all()) or left == 0:
-                break
-            ones = torch.ones(batch, n - 1, dtype=torch.bool, device=ids.device)
-            _, memory, xl = self.segment_forward(memory, torch.cat([ids, new[:, :-1]], 1),
-                                                 torch.cat([seg_mask, ones], 1), xl)
-            ids, seg_mask = new[:, -1:], ones[:, :1]
-        return torch.cat(out, dim=1)
+        def generate(state, ids, seg_mask, **kw):
+            return self._generate_in_segment(state[0], state[1], ids, seg_mask, **kw)
+
+        def write(state, ids, seg_mask):
+            return self.segment_forward(state[0], ids, seg_mask, state[1])[1:]
+
+        return generate_rolling(generate, write, (memory, xl), ids, seg_mask, kwargs,
+                                self.rmt_config.segment_size, self.lm.generation_config)
 
     def _check_generation_length(self, prompt: int, generate_kwargs: dict) -> None:
         """Refuse up front a generation that would run past the base model's positions: the
@@ -445,7 +426,42 @@ def _count_targets(segments: list[Segment]) -> int:
                else 0 if s.targets is None else int((s.targets != -100).sum()) for s in segments)
 
 
-def _check_rolling(kwargs: dict) -> None:
+def generate_rolling(generate, write, state, ids: torch.Tensor, seg_mask: torch.Tensor | None,
+                     kwargs: dict, size: int, generation_config) -> torch.Tensor:
+    """Generation that writes each full segment into the recurrent state (``roll_segments=True``
+    of the decoders' ``generate``): ``generate(state, ids, seg_mask, **kw)`` -> new tokens
+    ``[B, n]`` after the partial segment ``ids`` ``[B, s]``; ``write(state, ids, seg_mask)`` -> the
+    state after the full segment ``ids`` ``[B, size]``. The full segment's last position
+    predicts the first token of the next one. Rows that produced EOS get the pad id after it.
+    Returns the new tokens ``[B, max_new_tokens]`` (fewer when every row ended)."""
+    kwargs = dict(kwargs)
+    left, least = kwargs.pop("max_new_tokens"), kwargs.pop("min_new_tokens", None) or 0
+    pad = kwargs.get("pad_token_id", generation_config.pad_token_id)
+    eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+    eos = torch.tensor([] if eos is None else eos, device=ids.device).flatten()
+    batch = ids.shape[0]
+    if seg_mask is None:
+        seg_mask = torch.ones_like(ids, dtype=torch.bool)
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    out = []
+    while left > 0:
+        n = min(left, size - ids.shape[1] + 1)  # the full segment's last position predicts one more
+        new = generate(state, ids, seg_mask, max_new_tokens=n, min_new_tokens=min(least, n),
+                       **kwargs)
+        if done.any():
+            new = new.masked_fill(done[:, None], pad)
+        out.append(new)
+        done |= torch.isin(new, eos).any(dim=1)
+        left, least = left - new.shape[1], max(0, least - new.shape[1])
+        if new.shape[1] < n or bool(done.all()) or left == 0:
+            break
+        ones = torch.ones(batch, n - 1, dtype=torch.bool, device=ids.device)
+        state = write(state, torch.cat([ids, new[:, :-1]], 1), torch.cat([seg_mask, ones], 1))
+        ids, seg_mask = new[:, -1:], ones[:, :1]
+    return torch.cat(out, dim=1)
+
+
+def check_rolling(kwargs: dict) -> None:
     """What ``generate(roll_segments=True)`` supports: ``max_new_tokens``, one sequence per row,
     plain token output."""
     bad = [k for k in ("num_beams", "num_return_sequences") if kwargs.get(k, 1) != 1]
