@@ -221,12 +221,7 @@ def test_softcap_sinks_and_position_bias_equal_eager(kind):
     for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
-    gen = dict(attention_mask=am, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-               output_scores=True, return_dict_in_generate=True)
-    g_ref, g_ours = ref.generate(ids, **gen), ours.generate(ids, **gen)
-    assert torch.equal(g_ref.sequences, g_ours.sequences)
-    for s_ref, s_ours in zip(g_ref.scores, g_ours.scores, strict=True):
-        torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=1e-5)
+    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=5)
 
 
 def test_paged_attention_cache_is_refused():
@@ -260,9 +255,14 @@ def test_cross_attention_to_a_shorter_sequence_equals_eager():
     for mask in (None, pad):
         kw = dict(input_ids=enc, attention_mask=mask, decoder_input_ids=dec)
         torch.testing.assert_close(ours(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
-    gen = dict(attention_mask=pad, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-               output_scores=True, return_dict_in_generate=True)
-    g_ref, g_ours = ref.generate(enc, **gen), ours.generate(enc, **gen)
+    _same_generation(ref, ours, enc, attention_mask=pad, max_new_tokens=8)
+
+
+def _same_generation(ref, ours, ids, max_new_tokens: int, **kw):
+    """Greedy generation of exactly ``max_new_tokens``: the same tokens and step scores."""
+    kw.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    g_ref, g_ours = ref.generate(ids, **kw), ours.generate(ids, **kw)
     assert torch.equal(g_ref.sequences, g_ours.sequences)
     for s_ref, s_ours in zip(g_ref.scores, g_ours.scores, strict=True):
         torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=1e-5)
