@@ -689,6 +689,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the rows --positions / --drift evaluate (default: every trained row)")
     p.add_argument("--drift-streams", type=int, default=6)
     p.add_argument("--drift-segments", type=int, default=2048)
+    p.add_argument("--baseline", default="plain", choices=sorted(ROWS),
+                   help="the row whose bits/byte the --positions / --drift plots subtract")
     p.add_argument("--out", default="runs/lm", help="runs directory (one subdirectory per row)")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default ~/.cache/rmt_fast)")
     p.add_argument("--threads", type=int, default=1)
@@ -739,14 +741,14 @@ def main(argv: list[str] | None = None):
         hf_logging.disable_progress_bar()
         saved = positions(args.out, args.position_docs, args.position_rows, load_corpus(args.cache_dir),
                           log=lambda s: print(s, flush=True))
-        plot_positions(saved, args.positions)
+        plot_positions(saved, args.positions, args.baseline)
         print(positions_table(saved))
         return saved
     if args.drift:
         hf_logging.disable_progress_bar()
         saved = drift(args.out, args.drift_streams, args.drift_segments, args.position_rows,
                       load_corpus(args.cache_dir), log=lambda s: print(s, flush=True))
-        plot_drift(saved, args.drift)
+        plot_drift(saved, args.drift, args.baseline)
         print(drift_table(saved))
         return saved
     if args.table:
