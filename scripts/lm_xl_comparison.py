@@ -68,6 +68,9 @@ ROWS: dict[str, dict] = {
     "rmt-d4-noise": dict(mem=True, xl=0, depth=4, mask="causal", noise=0.2),
     # ARMT (associative memory per layer, d_mem --d-mem) with --mem memory tokens, BPTT depth 4
     "armt-d4": dict(mem=True, xl=0, depth=4, mask="causal", model="armt"),
+    # the same with L2-normalised DPFP features (what kept ARMT's associative state bounded
+    # past the trained length on qa1, docs/armt.md)
+    "armt-d4-l2": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -122,7 +125,7 @@ class Settings:
                            memory_noise=spec.get("noise", 0.0),
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
                            seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
-                           d_mem=self.d_mem)
+                           d_mem=self.d_mem, armt_l2_norm=spec.get("l2", False))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,
