@@ -188,24 +188,31 @@ def rmt_fast_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def generation_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``t`` ``[B, ...]`` for the ``batch`` rows transformers' ``generate`` runs: it repeats each
+    row ``batch // B`` times (``repeat_interleave``: beams, ``num_return_sequences``); beams of
+    one row share the row's state, so reordering beams needs nothing. ``t`` itself when
+    ``batch`` is ``B`` or not a multiple of it."""
+    rows = t.shape[0]
+    if batch == rows or batch % rows:
+        return t
+    return t.repeat_interleave(batch // rows, 0)
+
+
 def _for_batch(layout: MemoryLayout, batch: int) -> MemoryLayout:
-    """A generation layout for ``batch`` rows: transformers' ``generate`` repeats each row
-    ``batch // B`` times (``repeat_interleave``: beams, ``num_return_sequences``), so the
-    layout's per-row tensors are repeated alike (once per generation; beams of one row share
-    them, so reordering beams needs nothing here)."""
+    """A generation layout for ``batch`` rows: its per-row tensors through
+    :func:`generation_rows`, once per generation and batch size (the layout itself where
+    the batch is its own)."""
     kpm = layout.key_padding_mask
-    rows = kpm.shape[0] if kpm is not None else None
-    if rows is None and layout.past:
-        rows = next(iter(layout.past.values()))[0].shape[0]
-    if rows is None or rows == batch or batch % rows:
+    per_row = kpm if kpm is not None else next(iter(layout.past.values()))[0] if layout.past else None
+    if per_row is None or per_row.shape[0] == batch:
         return layout
     if batch not in layout.batches:
-        n = batch // rows
         past = None if layout.past is None else {
-            i: (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
+            i: (generation_rows(k, batch), generation_rows(v, batch))
             for i, (k, v) in layout.past.items()}
         layout.batches[batch] = dataclasses.replace(
-            layout, past=past, key_padding_mask=None if kpm is None else kpm.repeat_interleave(n, 0))
+            layout, past=past, key_padding_mask=None if kpm is None else generation_rows(kpm, batch))
     return layout.batches[batch]
 
 

@@ -47,7 +47,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
-from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
+from rmt_fast.integrations.transformers import (
+    MemoryLayout,
+    generation_rows,
+    layout_attention_mask,
+    memory_layout,
+)
 from rmt_fast.models import used_rows
 from rmt_fast.models.base import (
     BASE_DIR,
@@ -290,16 +295,13 @@ class AssociativeRun:
         self._repeated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def state_for(self, idx: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``idx``'s ``(A, z)`` for ``batch`` rows. While generating (no writes),
-        transformers' ``generate`` repeats each row ``batch // B`` times (``repeat_interleave``:
-        beams, ``num_return_sequences``), and the state is repeated alike, once per layer."""
+        """Layer ``idx``'s ``(A, z)`` for ``batch`` rows: while generating (no writes), through
+        :func:`~rmt_fast.integrations.transformers.generation_rows`, once per layer."""
         A, z = self.A[idx], self.z[idx]
-        rows = A.shape[0]
-        if batch == rows or self.write is not None or batch % rows:
+        if batch == A.shape[0] or self.write is not None:
             return A, z
         if (idx, batch) not in self._repeated:
-            n = batch // rows
-            self._repeated[idx, batch] = (A.repeat_interleave(n, 0), z.repeat_interleave(n, 0))
+            self._repeated[idx, batch] = (generation_rows(A, batch), generation_rows(z, batch))
         return self._repeated[idx, batch]
 
 

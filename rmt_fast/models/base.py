@@ -79,9 +79,9 @@ def _text_config(lm):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _logits_scaling(lm) -> str | None:
-    """``"divide"``/``"multiply"`` for a model with ``config.logits_scaling``, else None."""
-    cfg = _text_config(lm)
+def _logits_scaling(lm, cfg) -> str | None:
+    """``"divide"``/``"multiply"`` for a model with ``config.logits_scaling`` (``cfg``: its
+    text config), else None."""
     if getattr(cfg, "logits_scaling", None) is None:
         return None
     kind = str(getattr(cfg, "model_type", ""))
@@ -96,8 +96,9 @@ def _logits_scaling(lm) -> str | None:
 def check_logits_head(lm) -> None:
     """Refuse a causal LM whose forward changes its logits after the output embedding in a way
     :func:`lm_logits` does not reproduce."""
-    _logits_scaling(lm)
-    if getattr(_text_config(lm), "output_multiplier", None) is not None:
+    cfg = _text_config(lm)
+    _logits_scaling(lm, cfg)
+    if getattr(cfg, "output_multiplier", None) is not None:
         raise TypeError(f"{type(lm).__name__} has config.output_multiplier, which rmt_fast does "
                         "not apply to its logits; its logits would differ from the model's own")
 
@@ -111,11 +112,11 @@ def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     scale = getattr(lm, "logit_scale", None)
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         logits = logits * scale
-    how = _logits_scaling(lm)
+    cfg = _text_config(lm)
+    how = _logits_scaling(lm, cfg)
     if how is not None:
-        factor = _text_config(lm).logits_scaling
-        logits = logits / factor if how == "divide" else logits * factor
-    cap = getattr(_text_config(lm), "final_logit_softcapping", None)
+        logits = logits / cfg.logits_scaling if how == "divide" else logits * cfg.logits_scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
