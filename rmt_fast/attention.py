@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rmt_fast.masks import AttentionLayout, layout_visibility
 from rmt_fast.ops.memory_attention import cpu_kernel
@@ -95,9 +96,10 @@ def memory_attention(
         key_padding_mask: ``[B, P + L]`` bool, True = real token. Rows that see nothing give 0.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows).
-        backend: ``"auto"`` (Triton on CUDA; on CPU the extension's kernel where
-            :func:`rmt_fast.ops.memory_attention.cpu_kernel.preferred` says it is faster, the
-            ``"torch"`` path otherwise), ``"triton"`` (on CPU tensors it runs under
+        backend: ``"auto"`` (Triton on CUDA; on CPU what
+            :func:`rmt_fast.ops.memory_attention.cpu_kernel.auto_path` measured fastest: the
+            extension's kernel, ATen's SDPA with a dense mask (bf16 inference on AMX CPUs) or
+            the ``"torch"`` path), ``"triton"`` (on CPU tensors it runs under
             ``TRITON_INTERPRET=1``), ``"torch"``, ``"cpu"`` (the extension's fused CPU kernel;
             float16/float64 inputs, or a build without it, take the ``"torch"`` path),
             ``"reference"``.
@@ -120,15 +122,24 @@ def memory_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     layout = layout.with_head_dim(q.shape[-1])
     tensors = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask)
+    auto_sdpa = False
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else \
-            "cpu" if dropout_p == 0.0 and cpu_kernel.preferred(q, past_k) else "torch"
+        if q.is_cuda and _triton_available():
+            backend = "triton"
+        elif dropout_p > 0.0:
+            backend = "torch"
+        else:
+            needs_grad = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, past_k, past_v))
+            backend = cpu_kernel.auto_path(q, past_k, needs_grad=needs_grad, return_lse=return_lse)
+            auto_sdpa = backend == "sdpa"
+            backend = "torch" if auto_sdpa else backend
     if backend in ("triton", "cpu") and dropout_p > 0.0:
         raise ValueError(f"dropout_p > 0 is not supported by the {backend} backend; use "
                          "backend='torch'")
     if backend == "cpu" and q.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
-    dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q)
+    dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q) or auto_sdpa
     if backend == "reference" or (backend in ("torch", "cpu") and return_lse and dense_needed):
         out, lse = reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
     elif backend == "triton":
@@ -138,6 +149,12 @@ def memory_attention(
     elif backend == "cpu" and q.shape[-1] > 0:
         out, lse = cpu_kernel.cpu_kernel_memory_attention(q, k, v, past_k, past_v,
                                                           key_padding_mask, layout)
+    elif (dense_needed and layout.mask == "causal" and past_length == 0 and key_padding_mask is None
+          and q.shape[-1] > 0):
+        # plain causal attention: SDPA's own causal mask, none built
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                             scale=layout.scale, enable_gqa=q.shape[1] != k.shape[1])
+        lse = None
     elif dense_needed:
         visible = layout_visibility(layout, q.shape[2], past_length, key_padding_mask, q.device)
         visible = visible[:, None] if visible.dim() == 3 else visible

@@ -264,6 +264,56 @@ def test_auto_uses_the_kernel_where_preferred(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("mask,past,pad", [("causal", 0, False), ("causal", 5, False),
+                                            ("causal", 0, True), ("rmt", 6, True), ("full", 0, False)])
+def test_auto_runs_sdpa_for_bf16_inference_on_amx(monkeypatch, mask, past, pad):
+    """On a CPU whose ATen runs bf16 products on AMX (patched), bf16 calls needing no gradient go
+    to SDPA (neither the kernel nor the cpu_flash path), with the same attention as the float64
+    reference; with a gradient, the log-sum-exp or float32 they do not."""
+    monkeypatch.setattr(cpu_kernel, "aten_amx", lambda: True)
+    calls = []
+    real = cpu_kernel.cpu_kernel_memory_attention
+    monkeypatch.setattr(cpu_kernel, "cpu_kernel_memory_attention",
+                        lambda *a: calls.append("kernel") or real(*a))
+    import rmt_fast.attention as attention_mod
+
+    real_flash = attention_mod.cpu_flash_memory_attention
+    monkeypatch.setattr(attention_mod, "cpu_flash_memory_attention",
+                        lambda *a, **k: calls.append("flash") or real_flash(*a, **k))
+    inp = _inputs(torch.bfloat16, length=40, past=past, dim=16, pad=pad, seed=11)
+    kw = dict(num_read=3, num_write=2, mask=mask)
+    with torch.no_grad():
+        out = memory_attention(**inp, **kw)
+    assert calls == []
+    ref, _ = reference_memory_attention(**{k: v.double() if v.is_floating_point() else v
+                                           for k, v in inp.items()},
+                                        layout=AttentionLayout(3, 2, mask))
+    assert (out.double() - ref).abs().max() <= 2e-2 * max(1.0, ref.abs().max().item())
+    with torch.no_grad():
+        memory_attention(**inp, **kw, return_lse=True)  # the log-sum-exp: not SDPA
+    assert calls and all(c in ("kernel", "flash") for c in calls)
+    calls.clear()
+    q = inp["q"].clone().requires_grad_()
+    memory_attention(**{**inp, "q": q}, **kw).sum().backward()  # a gradient: not SDPA
+    assert calls == ["kernel" if cpu_kernel.preferred(q) else "flash"]
+    calls.clear()
+    with torch.no_grad():
+        memory_attention(**{k: v.float() if v.is_floating_point() else v for k, v in inp.items()}, **kw)
+    assert calls == ["kernel" if cpu_kernel.preferred(inp["q"].float()) else "flash"]
+
+
+def test_auto_path_rule(monkeypatch):
+    q32, q16 = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).bfloat16()
+    kernel = "cpu" if cpu_kernel.preferred(q16) else "torch"
+    for amx in (False, True):
+        monkeypatch.setattr(cpu_kernel, "aten_amx", lambda amx=amx: amx)
+        assert cpu_kernel.auto_path(q16, needs_grad=False) == ("sdpa" if amx else kernel)
+        assert cpu_kernel.auto_path(q16, needs_grad=True) == kernel
+        assert cpu_kernel.auto_path(q16, needs_grad=False, return_lse=True) == kernel
+        fp32 = "cpu" if cpu_kernel.preferred(q32) else "torch"
+        assert cpu_kernel.auto_path(q32, needs_grad=False) == fp32
+
+
 def test_bench_systems_agree_and_restore_the_isa(monkeypatch):
     """rmt_fast.bench.cpu_attention on a tiny case: every system (and ISA variant) computes the
     same attention, forward and backward; the ISA cap is put back afterwards."""
@@ -285,8 +335,8 @@ def test_profile_read_restores_the_switches():
     from rmt_fast import _extension
     from rmt_fast.bench import profile_read
 
-    gelu, preferred = _extension.GELU_TANH_DTYPES, cpu_kernel.preferred
+    gelu, auto_path = _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path
     rates = profile_read.main(["--config", "tiny", "--dtype", "float32", "--tokens", "64",
                                "--rounds", "1", "--rows", "3"])
     assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
-    assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.preferred is preferred
+    assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.auto_path is auto_path

@@ -171,3 +171,25 @@ def test_streaming_reader_reads_the_same_with_and_without_packing(monkeypatch):
     assert packed == 8  # c_attn, c_proj, c_fc, c_proj x 2 layers
     torch.testing.assert_close(memories[0], memories[1], rtol=1e-4, atol=1e-5)
     assert type(base.transformer.h[0].attn.c_attn) is Conv1D
+
+
+@pytest.mark.parametrize("dtype,shape,offset", [(torch.bfloat16, (16, 24), 0),
+                                                (torch.bfloat16, (5, 7), 0),     # 70 bytes: elements
+                                                (torch.float32, (9, 8), 1),      # offset 4 bytes
+                                                (torch.float64, (6, 5), 3)])
+def test_fingerprint_changes_with_any_one_element(dtype, shape, offset):
+    """Word sums or element sums: flipping any single element (even its lowest bit) changes it."""
+    g = torch.Generator().manual_seed(3)
+    n = shape[0] * shape[1]
+    storage = torch.randn(offset + n, generator=g).to(dtype)
+    w = storage[offset:].view(shape)
+    base = pl._fingerprint(w)
+    assert pl._fingerprint(w) == base
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+    for i in torch.randperm(n, generator=g)[:12].tolist():
+        for flip in (1, 1 << 5):
+            changed = w.clone()
+            flat = changed.view(-1).view(bits)
+            flat[i] ^= flip
+            fp = pl._fingerprint(changed)
+            assert fp[2] != base[2], (i, flip)

@@ -6,6 +6,8 @@ builds the bench's RMT model (:mod:`rmt_fast.bench.systems`, weights from a fixe
 times three variants in alternating rounds in this one process:
 
 * ``fused``: as shipped (``backend="auto"`` attention, the extension's tanh GELU);
+* ``kernel``: the same with attention always on the extension's fused kernel (where ``auto``
+  picks ATen's SDPA instead: bf16 on AMX CPUs, ``cpu_kernel.auto_path``);
 * ``aten_gelu``: the same with GELU through ``F.gelu(approximate="tanh")``;
 * ``before``: ``aten_gelu`` with attention on the ``cpu_flash`` path (ATen's CPU flash attention
   per mask block), i.e. CPU inference before the fused attention and bf16 GELU kernels.
@@ -28,21 +30,23 @@ from rmt_fast.bench.systems import CONFIGS, _rmt
 from rmt_fast.ops.memory_attention import cpu_kernel
 from rmt_fast.streaming import StreamingReader
 
-VARIANTS = ("fused", "aten_gelu", "before")
+VARIANTS = ("fused", "kernel", "aten_gelu", "before")
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """Switch the GELU kernel and/or the attention path for the duration of the block."""
-    gelu, preferred = _extension.GELU_TANH_DTYPES, cpu_kernel.preferred
+    gelu, auto_path = _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path
     if name in ("aten_gelu", "before"):
         _extension.GELU_TANH_DTYPES = ()
     if name == "before":
-        cpu_kernel.preferred = lambda q, past_k=None: False
+        cpu_kernel.auto_path = lambda q, past_k=None, **kw: "torch"
+    if name == "kernel":
+        cpu_kernel.auto_path = lambda q, past_k=None, **kw: "cpu" if cpu_kernel.supported(q) else "torch"
     try:
         yield
     finally:
-        _extension.GELU_TANH_DTYPES, cpu_kernel.preferred = gelu, preferred
+        _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path = gelu, auto_path
 
 
 def main(argv=None) -> dict:

@@ -58,6 +58,34 @@ def preferred(q: torch.Tensor, past_k: torch.Tensor | None = None) -> bool:
     return supported(q) and _auto_isa() in AUTO_ISAS
 
 
+@functools.cache
+def aten_amx() -> bool:
+    """Whether ATen runs bfloat16 matrix products on AMX tiles on this CPU (Intel Sapphire
+    Rapids and later; ``torch.cpu._is_amx_tile_supported``), read once."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def auto_path(q: torch.Tensor, past_k: torch.Tensor | None = None, *, needs_grad: bool = True,
+              return_lse: bool = False) -> str:
+    """What ``backend="auto"`` runs for a CPU call: ``"sdpa"`` (ATen's SDPA with the layout's
+    dense bool mask, or its own causal mask), ``"cpu"`` (this kernel) or ``"torch"`` (the
+    ``cpu_flash`` path).
+
+    The rule measured in ``bench/README.md`` ("On an AMX CPU"): where ATen's bf16 products run
+    on AMX tiles, its flash attention beats this kernel's AVX-512 BF16 dot products on bfloat16
+    forward calls, and one dense-mask call beats the per-block ``cpu_flash`` path, so bfloat16
+    calls that need no gradient (nor the log-sum-exp) go to SDPA there; with a gradient this
+    kernel stays faster on most shapes. Elsewhere :func:`preferred` decides."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not needs_grad
+            and not return_lse and aten_amx()):
+        return "sdpa"
+    return "cpu" if preferred(q, past_k) else "torch"
+
+
 def cpu_kernel_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout: AttentionLayout
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs in (``layout.scale`` resolved), as :func:`rmt_fast.memory_attention`:
