@@ -10,6 +10,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RMT_CPU_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -31,6 +32,24 @@ inline int detected_cpu_isa() {
     return int(kGeneric);
   }();
   return isa;
+}
+
+// whether the CPU has AMX-BF16 tiles (CPUID leaf 7: EDX bit 22; Intel Sapphire Rapids and later)
+inline bool cpu_has_amx_bf16() {
+  static const bool amx = [] {
+#ifdef RMT_CPU_X86
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) return ((d >> 22) & 1u) != 0;
+#endif
+    return false;
+  }();
+  return amx;
+}
+
+// whether RMT_FAST_CPU_ISA names a path
+inline bool cpu_isa_env_set() {
+  const char* env = std::getenv("RMT_FAST_CPU_ISA");
+  return env != nullptr && *env != '\0';
 }
 
 // the detected instruction set, capped by RMT_FAST_CPU_ISA

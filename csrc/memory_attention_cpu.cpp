@@ -12,8 +12,9 @@
 //   memory_attention_cpu_backward(dout, q, k, v, past_k?, past_v?, key_padding_mask?, out, lse,
 //       grad_lse?, ..., need_past_grad) -> [dq, dk, dv] (+ [dpast_k, dpast_v] when
 //       need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the lse output
-//   memory_attention_cpu_isa() -> str: "avx512_bf16", "avx512" or "generic", the code path that
-//       calls take now (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16 caps it, for tests)
+//   memory_attention_cpu_isa(dtype=None) -> str: "avx512_bf16", "avx512" or "generic", the code
+//       path that calls with inputs of that dtype (None: float32) take now
+//       (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16 caps it, for tests; attention_isa)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -107,6 +108,16 @@ int parse_mask(const std::string& mask) {
   if (mask == "bottleneck") return kBottleneck;
   TORCH_CHECK(false, "memory_attention_cpu: mask must be one of causal, rmt, full, bottleneck, "
               "got '", mask, "'");
+}
+
+// The attention kernels' path for inputs of this dtype: active_cpu_isa(), except bf16 inputs on
+// CPUs with AMX-BF16, which take the AVX-512F path (float32 FMAs) unless RMT_FAST_CPU_ISA names
+// one: on such a CPU (an Intel Xeon with AMX, bench/README.md "On an AMX CPU") it ran our bf16
+// attention 1.4-1.7x faster than _mm512_dpbf16_ps, where an AMD Zen 5 ran it ~1.5x slower.
+int attention_isa(bool bf16) {
+  const int isa = active_cpu_isa();
+  if (bf16 && isa == kAvx512Bf16 && !cpu_isa_env_set() && cpu_has_amx_bf16()) return kAvx512;
+  return isa;
 }
 
 Strided strided(const at::Tensor& t) {
@@ -239,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   at::Tensor out = at::empty({pl.B, pl.Hq, pl.L, pl.D}, q.options());
   at::Tensor lse = at::empty({pl.B, pl.Hq, pl.L}, q.options().dtype(at::kFloat));
   if (pl.B * pl.Hq * pl.L == 0) return {out, lse};
-  const Kernels kern = kernels_for(active_cpu_isa());
+  const Kernels kern = kernels_for(attention_isa(pl.bf16));
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
   const Strided sq = strided(q), sk = strided(k), sv = strided(v);
   const Strided spk = strided(past_k.value_or(at::Tensor())),
@@ -310,7 +321,7 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
       if (t->defined()) t->zero_();
     return result();
   }
-  const Kernels kern = kernels_for(active_cpu_isa());
+  const Kernels kern = kernels_for(attention_isa(pl.bf16));
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
   const Strided sq = strided(q), sk = strided(k), sv = strided(v), sdo = strided(dout),
                 so = strided(out);
@@ -354,7 +365,9 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
   return result();
 }
 
-std::string memory_attention_cpu_isa() { return kCpuIsaNames[active_cpu_isa()]; }
+std::string memory_attention_cpu_isa(std::optional<at::ScalarType> dtype) {
+  return kCpuIsaNames[attention_isa(dtype.has_value() && *dtype == at::kBFloat16)];
+}
 
 }  // namespace ma
 }  // namespace rmt_fast
@@ -367,7 +380,8 @@ TORCH_LIBRARY_FRAGMENT(rmt_fast, m) {
         "Tensor? past_k, Tensor? past_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
         "Tensor? grad_lse, int num_read, int num_write, str mask, bool past_visible_to_read, "
         "float scale, bool need_past_grad) -> Tensor[]");
-  m.def("memory_attention_cpu_isa() -> str", &rmt_fast::ma::memory_attention_cpu_isa);
+  m.def("memory_attention_cpu_isa(ScalarType? dtype=None) -> str",
+        &rmt_fast::ma::memory_attention_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {

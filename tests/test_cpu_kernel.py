@@ -114,6 +114,26 @@ def test_every_code_path(isa, dtype, mask, monkeypatch):
     _check(inp, dict(num_read=4, num_write=4, mask=mask, scale=0.125), lse_grad=True)
 
 
+def _cpu_flags() -> set[str]:
+    from rmt_fast.dtypes import cpu_flags
+
+    return set(cpu_flags() or ())
+
+
+def test_bf16_path_on_amx_cpus(monkeypatch):
+    """Without RMT_FAST_CPU_ISA, bf16 inputs take the AVX-512F path on CPUs with AMX-BF16 (the
+    dot products measured slower there), the best path elsewhere; the variable still picks the
+    path exactly (capped by the CPU; test_every_code_path checks each path's numbers)."""
+    monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
+    top = cpu_kernel.isa()
+    amx = "amx_bf16" in _cpu_flags()
+    assert cpu_kernel.isa(torch.float32) == top
+    assert cpu_kernel.isa(torch.bfloat16) == ("avx512" if amx and top == "avx512_bf16" else top)
+    for isa in ISAS:
+        monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+        assert cpu_kernel.isa(torch.bfloat16) == ISAS[min(ISAS.index(isa), ISAS.index(top))]
+
+
 def test_bad_isa_env_is_an_error(monkeypatch):
     monkeypatch.setenv("RMT_FAST_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="RMT_FAST_CPU_ISA must be one of"):

@@ -2,10 +2,11 @@
 
 ``python -m rmt_fast.bench.cpu_attention`` prints one markdown row per (case, system). Systems:
 
-* ``kernel``: ``memory_attention(..., backend="cpu")``, the fused C++ kernel (ours);
-  ``kernel[avx512]`` / ``kernel[generic]`` (with ``--isa-variants``): the same kernel capped to
-  its AVX-512F float32 path or its portable C++ path (``RMT_FAST_CPU_ISA``), i.e. what CPUs
-  without native bf16 dot products, or without AVX-512, run;
+* ``kernel``: ``memory_attention(..., backend="cpu")``, the fused C++ kernel (ours), on the
+  path it picks for the dtype (:func:`rmt_fast.ops.memory_attention.cpu_kernel.isa`);
+  ``kernel[avx512_bf16]`` / ``kernel[avx512]`` / ``kernel[generic]`` (with ``--isa-variants``):
+  the same kernel on its AVX-512 BF16 dot-product path, its AVX-512F float32 path or its
+  portable C++ path (``RMT_FAST_CPU_ISA``), i.e. what other CPUs run;
 * ``cpu_flash``: ``memory_attention(..., backend="torch")``, ATen's CPU flash attention per mask
   block, merged by log-sum-exp (what ``backend="auto"`` ran on CPU before the kernel);
 * ``sdpa``: ``F.scaled_dot_product_attention``, with ``is_causal=True`` for plain causal
@@ -40,7 +41,7 @@ from rmt_fast.masks import AttentionLayout, layout_visibility
 from rmt_fast.ops.memory_attention import cpu_kernel
 
 SYSTEMS = ("kernel", "cpu_flash", "sdpa")
-ISA_VARIANTS = ("kernel[avx512]", "kernel[generic]")
+ISA_VARIANTS = ("kernel[avx512_bf16]", "kernel[avx512]", "kernel[generic]")
 COLUMNS = ("case", "dtype", "mode", "system", "ms", "cpu_ms", "GFLOP/s", "x cpu_flash", "x sdpa",
            "max_diff")
 
@@ -214,7 +215,8 @@ def main(argv=None) -> list[dict]:
         cases = [c for c in CASES if c.name in args.cases]
     rounds = args.rounds or (3 if args.quick else 7)
     systems = SYSTEMS + (ISA_VARIANTS if args.isa_variants else ())
-    print(f"kernel isa: {cpu_kernel.isa()}, threads: {torch.get_num_threads()}, rounds: {rounds}")
+    print(f"kernel isa: {cpu_kernel.isa()} (bfloat16: {cpu_kernel.isa(torch.bfloat16)}), "
+          f"threads: {torch.get_num_threads()}, rounds: {rounds}")
     rows = []
     for case in cases:
         for dtype in args.dtypes:

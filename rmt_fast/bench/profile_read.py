@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
                 cpu[v].append(time.thread_time() - start)
     rates = {v: args.tokens / min(t) for v, t in cpu.items()}
     print(f"{args.config} {args.dtype}, {args.tokens} tokens, one thread, kernel isa "
-          f"{cpu_kernel.isa()}: tokens/s (thread CPU time, best of {args.rounds})")
+          f"{cpu_kernel.isa(getattr(torch, args.dtype))}: tokens/s (thread CPU time, best of {args.rounds})")
     for v in VARIANTS:
         print(f"  {v:10s} {rates[v]:8.0f}  ({rates[v] / rates['before']:.2f}x before)")
     for v in VARIANTS:

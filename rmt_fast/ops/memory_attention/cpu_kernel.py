@@ -28,11 +28,18 @@ HAS_CPU_KERNEL = _extension.HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "memor
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def isa() -> str | None:
-    """The kernel's code path on this CPU: ``"avx512_bf16"`` (native bf16 dot products),
-    ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32), ``"generic"`` (portable C++),
-    or None without the op. ``RMT_FAST_CPU_ISA`` caps it (read at every call)."""
-    return torch.ops.rmt_fast.memory_attention_cpu_isa() if HAS_CPU_KERNEL else None
+def isa(dtype: torch.dtype = torch.float32) -> str | None:
+    """The kernel's code path on this CPU for inputs of ``dtype``: ``"avx512_bf16"`` (native
+    bf16 dot products), ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32),
+    ``"generic"`` (portable C++), or None without the op. ``RMT_FAST_CPU_ISA`` caps it (read at
+    every call). Without it, bfloat16 inputs on CPUs with AMX-BF16 take ``"avx512"``, measured
+    faster there than the bf16 dot products (``bench/README.md``, "On an AMX CPU")."""
+    if not HAS_CPU_KERNEL:
+        return None
+    try:
+        return torch.ops.rmt_fast.memory_attention_cpu_isa(dtype)
+    except RuntimeError:  # an extension built before the op took a dtype
+        return torch.ops.rmt_fast.memory_attention_cpu_isa()
 
 
 def supported(q: torch.Tensor) -> bool:
