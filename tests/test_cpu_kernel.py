@@ -360,3 +360,19 @@ def test_profile_read_restores_the_switches():
                                "--rounds", "1", "--rows", "3"])
     assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
     assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.auto_path is auto_path
+
+
+def test_train_paths_runs_every_path_and_restores_the_env(monkeypatch):
+    import os
+
+    from rmt_fast.bench import train_paths
+
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", "generic")
+    rates = train_paths.main(["--config", "tiny", "--length", "32", "--batch", "1", "--rounds", "1"])
+    assert os.environ["RMT_FAST_CPU_ISA"] == "generic"
+    monkeypatch.delenv("RMT_FAST_CPU_ISA")
+    top = cpu_kernel.isa()
+    paths = train_paths.PATHS[train_paths.PATHS.index(top):]
+    assert set(rates) == {"float32", f"bf16 picked ({cpu_kernel.isa(torch.bfloat16)})",
+                          *(f"bf16 {p}" for p in paths)}
+    assert all(best > 0 and med > 0 for best, med in rates.values())

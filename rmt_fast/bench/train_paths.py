@@ -1,0 +1,85 @@
+"""bf16 training steps on each of the fused CPU kernel's bf16 code paths, against float32.
+
+``python -m rmt_fast.bench.train_paths [--config default] [--length 4096] [--batch 4]
+[--rounds 5]`` builds the bench's ``rmt_fast`` training step (:func:`rmt_fast.bench.systems.build`:
+segment checkpointing; bf16 = float32 master weights under autocast) and times, in alternating
+rounds in this one process on one thread, a float32 step and a bf16 step on every kernel path
+this CPU runs (``RMT_FAST_CPU_ISA`` is read at every call, so it is switched per step), plus
+the bf16 step on the path the kernel picks by itself. Tokens/s use the thread's CPU time (min
+and median over the rounds; the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from rmt_fast.bench.systems import CONFIGS, build
+from rmt_fast.ops.memory_attention import cpu_kernel
+
+PATHS = ("avx512_bf16", "avx512", "generic")
+
+
+@contextlib.contextmanager
+def isa_env(path: str | None):
+    """``RMT_FAST_CPU_ISA=path`` for the block (None: unset), restored after."""
+    old = os.environ.get("RMT_FAST_CPU_ISA")
+    if path is None:
+        os.environ.pop("RMT_FAST_CPU_ISA", None)
+    else:
+        os.environ["RMT_FAST_CPU_ISA"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RMT_FAST_CPU_ISA", None)
+        else:
+            os.environ["RMT_FAST_CPU_ISA"] = old
+
+
+def main(argv=None) -> dict[str, tuple[float, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="default", choices=sorted(CONFIGS))
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = CONFIGS[args.config]
+    with isa_env(None):
+        top, picked = cpu_kernel.isa(), cpu_kernel.isa(torch.bfloat16)
+    paths = PATHS[PATHS.index(top):] if top in PATHS else ()
+    arms = {"float32": (torch.float32, None), f"bf16 picked ({picked})": (torch.bfloat16, None),
+            **{f"bf16 {p}": (torch.bfloat16, p) for p in paths}}
+    steps = {name: build("rmt_fast", "train", cfg, args.length, dtype=dt) for name, (dt, _) in arms.items()}
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, cfg.vocab, (args.batch, args.length), generator=gen)
+
+    def run(name: str) -> float:
+        with isa_env(arms[name][1]):
+            start = time.thread_time()
+            steps[name](tokens)
+            return time.thread_time() - start
+
+    for name in arms:  # warm-up
+        run(name)
+    cpu = {name: [] for name in arms}
+    for _ in range(args.rounds):
+        for name in arms:
+            cpu[name].append(run(name))
+    n = args.batch * args.length
+    rates = {name: (n / min(t), n / statistics.median(t)) for name, t in cpu.items()}
+    print(f"{args.config} training step, {args.batch} x {args.length} tokens, one thread: tokens/s "
+          f"(thread CPU time, best / median of {args.rounds})")
+    for name, (best, med) in rates.items():
+        print(f"  {name:24s} {best:8.0f} / {med:8.0f}  ({best / rates['float32'][0]:.2f}x float32)")
+    return rates
+
+
+if __name__ == "__main__":
+    main()
