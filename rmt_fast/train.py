@@ -790,12 +790,14 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
-                armt_l2_norm: bool = False, memory_update: str = "replace"):
+                armt_l2_norm: bool = False, armt_correction: bool = True,
+                memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
     (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
-    L2-normalised with ``armt_l2_norm``; ``mask``, ``xl_cache`` and ``xl_positions``
+    L2-normalised with ``armt_l2_norm``, the ``gamma`` correction of ``z`` unless
+    ``armt_correction=False``: :attr:`ARMTConfig.correction`); ``mask``, ``xl_cache`` and ``xl_positions``
     (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -822,8 +824,9 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
                              "and has no XL cache nor memory gate")
-    elif armt_l2_norm:
-        raise ValueError("armt_l2_norm is an ARMT option (model='armt'), got model='rmt'")
+    elif armt_l2_norm or not armt_correction:
+        bad = "armt_l2_norm" if armt_l2_norm else "armt_correction=False"
+        raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
@@ -844,7 +847,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         torch_default_init(base)
     if model == "armt":
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
-                               d_mem=d_mem, use_l2_norm=armt_l2_norm,
+                               d_mem=d_mem, use_l2_norm=armt_l2_norm, correction=armt_correction,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

@@ -71,6 +71,10 @@ ROWS: dict[str, dict] = {
     # the same with L2-normalised DPFP features (what kept ARMT's associative state bounded
     # past the trained length on qa1, docs/armt.md)
     "armt-d4-l2": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True),
+    # the same without the gamma correction of z (ARMTConfig.correction=False): z then sums every
+    # key that A holds, so the read stays a bounded average (scripts/armt_state_trace.py showed
+    # the corrected z freeze after the first segment while A grows, and reads explode)
+    "armt-d4-nocorr": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", correction=False),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -125,7 +129,8 @@ class Settings:
                            memory_noise=spec.get("noise", 0.0),
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
                            seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
-                           d_mem=self.d_mem, armt_l2_norm=spec.get("l2", False))
+                           d_mem=self.d_mem, armt_l2_norm=spec.get("l2", False),
+                           armt_correction=spec.get("correction", True))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,

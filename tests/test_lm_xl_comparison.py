@@ -4,6 +4,7 @@ settings are pinned per run; the measurement, plot and table modes work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -50,7 +51,10 @@ def test_every_row_trains_and_evaluates(row, corpus, tmp_path):
     hist = [json.loads(line) for line in open(tmp_path / row / lm.LM_METRICS)]
     assert [h["step"] for h in hist] == [1, 2] and all(h["valid_bpb"] > 0 for h in hist)
     cfg = settings.row_model(row).rmt_config
-    if spec.get("model") != "armt":
+    if spec.get("model") == "armt":
+        assert cfg.correction == spec.get("correction", True)
+        assert cfg.use_l2_norm == spec.get("l2", False)
+    else:
         assert cfg.memory_noise == spec.get("noise", 0.0)
         assert cfg.xl_positions == spec.get("xl_positions", "before_memory")
 
@@ -159,3 +163,29 @@ def test_measure_one_plot_and_table(corpus, tmp_path, monkeypatch):
     lm.plot_drift(saved, str(tmp_path / "drift.png"))
     assert (tmp_path / "drift.png").stat().st_size > 1000
     assert lm.drift_table(saved).count("\n") == 3
+
+
+def test_armt_state_trace(corpus, tmp_path):
+    """scripts/armt_state_trace.py on a tiny trained ARMT row: every regime, one record per
+    segment; 'every' starts fresh (no read) every --every segments; with the correction off z
+    sums every key (never smaller than the corrected z); JSON and plot written."""
+    trace = load_script("armt_state_trace")
+    lm.run_row("armt-d4", lm.Settings(**TINY), str(tmp_path), corpus, log=lambda s: None)
+    png = tmp_path / "trace.png"
+    saved = trace.main(["--out", str(tmp_path), "--row", "armt-d4", "--streams", "2", "--segments",
+                        "12", "--every", "4", "--png", str(png)], corpus=corpus)
+    assert set(saved["modes"]) == set(trace.MODES) and saved["correction"] is True
+    for recs in saved["modes"].values():
+        assert len(recs) == 12 and all(r["bytes"] > 0 and math.isfinite(r["bits"]) for r in recs)
+        assert len(recs[0]["read_ratio"]) == 0 and all(len(r["read_ratio"]) == 1 for r in recs[1:4])
+    every = saved["modes"]["every"]
+    assert [len(every[t]["read_ratio"]) for t in (4, 5, 8, 9)] == [0, 1, 0, 1]
+    assert every[:4] == saved["modes"]["carry"][:4]
+    last = saved["modes"]["carry"][-1]["z"][0], saved["modes"]["carry-nocorr"][-1]["z"][0]
+    assert last[1] >= last[0] > 0
+    assert "0-7" in saved["bands"]["carry"]
+    assert json.load(open(tmp_path / "armt-d4" / "state_trace.json"))["segments"] == 12
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit, match="not an ARMT row"):
+        lm.run_row("plain", lm.Settings(**TINY), str(tmp_path), corpus, log=lambda s: None)
+        trace.main(["--out", str(tmp_path), "--row", "plain"], corpus=corpus)

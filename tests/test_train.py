@@ -183,6 +183,10 @@ def test_build_model_inits():
         build_model(37, 3, 2, model="armt", memory_update="gated")
     with pytest.raises(ValueError, match=r"\['xl_positions'\] are RMT options"):
         build_model(37, 3, 2, model="armt", xl_positions="before_segment")
+    with pytest.raises(ValueError, match=r"armt_correction=False is an ARMT option"):
+        build_model(37, 3, 2, armt_correction=False)
+    assert build_model(37, 3, 2, model="armt", d_mem=4).rmt_config.correction is True
+    assert build_model(37, 3, 2, model="armt", d_mem=4, armt_correction=False).rmt_config.correction is False
     llama = build_model(37, 3, 2, arch="llama", xl_cache=2, xl_positions="before_segment")
     assert llama.rmt_config.xl_positions == "before_segment"
 
