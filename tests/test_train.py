@@ -361,11 +361,12 @@ def test_cli_model_armt_runs_and_evaluates(tmp_path, capsys, l2):
             "4", "--mem", "2", "--layers", "1", "--d-model", "16", "--heads", "2", "--d-inner", "32",
             "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-size", "8", "--save-every",
             "2", "--train-size", "50", "--valid-size", "10", "--test-size", "12", "--out", str(tmp_path),
-            "--no-progress", "--dtype", "float32"] + (["--armt-l2-norm"] if l2 else [])
+            "--no-progress", "--dtype", "float32"]
+    argv += ["--armt-l2-norm", "--no-armt-correction"] if l2 else []
     assert main(argv).step == 4
     model = AutoRMT.from_pretrained(tmp_path / "checkpoint-4")
     assert isinstance(model, ARMTForCausalLM) and model.rmt_config.d_mem == 8
-    assert model.rmt_config.use_l2_norm is l2
+    assert model.rmt_config.use_l2_norm is l2 and model.rmt_config.correction is not l2
     if l2:
         with pytest.raises(ValueError, match="armt_l2_norm is an ARMT option"):
             main(argv[2:] + ["--model", "rmt", "--out", str(tmp_path / "rmt")])
