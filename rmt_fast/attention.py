@@ -131,7 +131,12 @@ def memory_attention(
         else:
             needs_grad = torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, past_k, past_v))
-            backend = cpu_kernel.auto_path(q, past_k, needs_grad=needs_grad, return_lse=return_lse)
+            length = q.shape[2]
+            plain = mask == "causal" and past_length == 0 and key_padding_mask is None
+            elements = 0 if plain else \
+                (1 if key_padding_mask is None else q.shape[0]) * length * (past_length + length)
+            backend = cpu_kernel.auto_path(q, past_k, needs_grad=needs_grad, return_lse=return_lse,
+                                           mask_elements=elements)
             auto_sdpa = backend == "sdpa"
             backend = "torch" if auto_sdpa else backend
     if backend in ("triton", "cpu") and dropout_p > 0.0:

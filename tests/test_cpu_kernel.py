@@ -309,6 +309,12 @@ def test_auto_runs_sdpa_for_bf16_inference_on_amx(monkeypatch, mask, past, pad):
                                            for k, v in inp.items()},
                                         layout=AttentionLayout(3, 2, mask))
     assert (out.double() - ref).abs().max() <= 2e-2 * max(1.0, ref.abs().max().item())
+    monkeypatch.setattr(cpu_kernel, "SDPA_MASK_MAX_ELEMENTS", 0)  # a mask too large to build
+    with torch.no_grad():
+        memory_attention(**inp, **kw)
+    plain = mask == "causal" and not past and not pad  # SDPA's own causal mask: nothing built
+    assert calls == ([] if plain else ["kernel" if cpu_kernel.preferred(inp["q"]) else "flash"])
+    calls.clear()
     with torch.no_grad():
         memory_attention(**inp, **kw, return_lse=True)  # the log-sum-exp: not SDPA
     assert calls and all(c in ("kernel", "flash") for c in calls)
@@ -330,6 +336,9 @@ def test_auto_path_rule(monkeypatch):
         assert cpu_kernel.auto_path(q16, needs_grad=False) == ("sdpa" if amx else kernel)
         assert cpu_kernel.auto_path(q16, needs_grad=True) == kernel
         assert cpu_kernel.auto_path(q16, needs_grad=False, return_lse=True) == kernel
+        big = cpu_kernel.SDPA_MASK_MAX_ELEMENTS
+        assert cpu_kernel.auto_path(q16, needs_grad=False, mask_elements=big) == ("sdpa" if amx else kernel)
+        assert cpu_kernel.auto_path(q16, needs_grad=False, mask_elements=big + 1) == kernel
         fp32 = "cpu" if cpu_kernel.preferred(q32) else "torch"
         assert cpu_kernel.auto_path(q32, needs_grad=False) == fp32
 

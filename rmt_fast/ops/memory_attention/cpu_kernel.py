@@ -76,19 +76,25 @@ def aten_amx() -> bool:
         return False
 
 
+#: the largest dense bool mask (elements) that ``auto`` builds for SDPA (16 MiB); larger calls
+#: stay on the mask-free paths
+SDPA_MASK_MAX_ELEMENTS = 1 << 24
+
+
 def auto_path(q: torch.Tensor, past_k: torch.Tensor | None = None, *, needs_grad: bool = True,
-              return_lse: bool = False) -> str:
-    """What ``backend="auto"`` runs for a CPU call: ``"sdpa"`` (ATen's SDPA with the layout's
-    dense bool mask, or its own causal mask), ``"cpu"`` (this kernel) or ``"torch"`` (the
-    ``cpu_flash`` path).
+              return_lse: bool = False, mask_elements: int = 0) -> str:
+    """What ``backend="auto"`` runs for a CPU call: ``"sdpa"`` (ATen's SDPA with its own causal
+    mask, or with the layout's dense bool mask of ``mask_elements`` elements), ``"cpu"`` (this
+    kernel) or ``"torch"`` (the ``cpu_flash`` path).
 
     The rule measured in ``bench/README.md`` ("On an AMX CPU"): where ATen's bf16 products run
-    on AMX tiles, its flash attention beats this kernel's AVX-512 BF16 dot products on bfloat16
-    forward calls, and one dense-mask call beats the per-block ``cpu_flash`` path, so bfloat16
-    calls that need no gradient (nor the log-sum-exp) go to SDPA there; with a gradient this
-    kernel stays faster on most shapes. Elsewhere :func:`preferred` decides."""
+    on AMX tiles, its flash attention beat this kernel on bfloat16 forward calls at every model
+    shape, and one dense-mask call beat the per-block ``cpu_flash`` path, so bfloat16 calls that
+    need no gradient (nor the log-sum-exp) go to SDPA there, unless their mask would exceed
+    :data:`SDPA_MASK_MAX_ELEMENTS`; with a gradient this kernel was faster at every model shape.
+    Elsewhere :func:`preferred` decides."""
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not needs_grad
-            and not return_lse and aten_amx()):
+            and not return_lse and mask_elements <= SDPA_MASK_MAX_ELEMENTS and aten_amx()):
         return "sdpa"
     return "cpu" if preferred(q, past_k) else "torch"
 
