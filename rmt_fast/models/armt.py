@@ -92,7 +92,10 @@ class ARMTConfig(SavedConfig):
         num_mem_tokens: M memory (write) tokens appended to every segment.
         d_mem: width of the key/query projections; the state has ``d_key = 2 nu d_mem`` rows.
         segment_size: tokens per segment S (without memory).
-        correction: the ``gamma`` correction of ``z`` (reference default True).
+        correction: the ``gamma`` correction of ``z`` (reference default True). With it ``z``
+            stops growing after the first segment while ``A`` keeps every write, and reads far
+            past the trained length can explode; False (``z`` sums every key) keeps the read a
+            bounded average (``docs/results.md``, "Why ARMT breaks down on long streams").
         use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
             reference code do not).
         nu: DPFP order (the reference fixes 3).
