@@ -25,9 +25,9 @@ recomputes the scores). ``max_diff``: max abs difference of the output from ``ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -136,10 +136,7 @@ def run_case(case: Case, dtype: torch.dtype, mode: str, systems, rounds: int,
 
     def step(system):
         isa = _isa_env(system)
-        old = os.environ.get("RMT_FAST_CPU_ISA")
-        if isa is not None:
-            os.environ["RMT_FAST_CPU_ISA"] = isa
-        try:
+        with cpu_kernel.isa_env(isa) if isa is not None else contextlib.nullcontext():
             if grad:
                 out = calls[system]()
                 out.backward(dout)
@@ -148,12 +145,6 @@ def run_case(case: Case, dtype: torch.dtype, mode: str, systems, rounds: int,
                 return out.detach()
             with torch.no_grad():
                 return calls[system]()
-        finally:
-            if isa is not None:
-                if old is None:
-                    os.environ.pop("RMT_FAST_CPU_ISA", None)
-                else:
-                    os.environ["RMT_FAST_CPU_ISA"] = old
 
     outs = {s: step(s) for s in systems}  # warm-up, and the outputs to compare
     reps = {}

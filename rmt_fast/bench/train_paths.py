@@ -12,8 +12,6 @@ and median over the rounds; the machine may be shared).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import time
 
@@ -25,23 +23,6 @@ from rmt_fast.ops.memory_attention import cpu_kernel
 PATHS = ("avx512_bf16", "avx512", "generic")
 
 
-@contextlib.contextmanager
-def isa_env(path: str | None):
-    """``RMT_FAST_CPU_ISA=path`` for the block (None: unset), restored after."""
-    old = os.environ.get("RMT_FAST_CPU_ISA")
-    if path is None:
-        os.environ.pop("RMT_FAST_CPU_ISA", None)
-    else:
-        os.environ["RMT_FAST_CPU_ISA"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RMT_FAST_CPU_ISA", None)
-        else:
-            os.environ["RMT_FAST_CPU_ISA"] = old
-
-
 def main(argv=None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="default", choices=sorted(CONFIGS))
@@ -51,7 +32,7 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = CONFIGS[args.config]
-    with isa_env(None):
+    with cpu_kernel.isa_env(None):
         top, picked = cpu_kernel.isa(), cpu_kernel.isa(torch.bfloat16)
     paths = PATHS[PATHS.index(top):] if top in PATHS else ()
     arms = {"float32": (torch.float32, None), f"bf16 picked ({picked})": (torch.bfloat16, None),
@@ -61,7 +42,7 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     tokens = torch.randint(1, cfg.vocab, (args.batch, args.length), generator=gen)
 
     def run(name: str) -> float:
-        with isa_env(arms[name][1]):
+        with cpu_kernel.isa_env(arms[name][1]):
             start = time.thread_time()
             steps[name](tokens)
             return time.thread_time() - start

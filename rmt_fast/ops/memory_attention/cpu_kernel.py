@@ -14,7 +14,9 @@ when the extension is missing or was built without the op, and for other dtypes 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 
@@ -40,6 +42,24 @@ def isa(dtype: torch.dtype = torch.float32) -> str | None:
         return torch.ops.rmt_fast.memory_attention_cpu_isa(dtype)
     except RuntimeError:  # an extension built before the op took a dtype
         return torch.ops.rmt_fast.memory_attention_cpu_isa()
+
+
+@contextlib.contextmanager
+def isa_env(path: str | None):
+    """``RMT_FAST_CPU_ISA=path`` for the block (None: unset, the kernel picks its path), the
+    variable restored after (benchmarks switch the kernel's path per call with it)."""
+    old = os.environ.get("RMT_FAST_CPU_ISA")
+    if path is None:
+        os.environ.pop("RMT_FAST_CPU_ISA", None)
+    else:
+        os.environ["RMT_FAST_CPU_ISA"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RMT_FAST_CPU_ISA", None)
+        else:
+            os.environ["RMT_FAST_CPU_ISA"] = old
 
 
 def supported(q: torch.Tensor) -> bool:
