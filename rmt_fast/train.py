@@ -121,8 +121,8 @@ class ModelSpec:
     d_mem: int = _opt(64, "armt: width of the associative keys (the state has 6 d_mem rows)")
     armt_l2_norm: bool = _opt(False, "armt: L2-normalise the DPFP features (the newer upstream ARMT)")
     armt_correction: bool = _opt(True, "armt: the gamma correction of z (the reference's); off, z "
-                                 "sums every key written, which keeps the read bounded on streams "
-                                 "far longer than training (docs/armt.md)")
+                                 "sums every key written: the read stays bounded far past the "
+                                 "training length but old content is diluted (docs/armt.md)")
 
 
 @dataclass(frozen=True)

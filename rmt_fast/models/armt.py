@@ -95,7 +95,8 @@ class ARMTConfig(SavedConfig):
         correction: the ``gamma`` correction of ``z`` (reference default True). With it ``z``
             stops growing after the first segment while ``A`` keeps every write, and reads far
             past the trained length can explode; False (``z`` sums every key) keeps the read a
-            bounded average (``docs/results.md``, "Why ARMT breaks down on long streams").
+            bounded average but dilutes old content (``docs/results.md``, "Why ARMT breaks
+            down on long streams"; ``docs/armt.md``).
         use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
             reference code do not).
         nu: DPFP order (the reference fixes 3).
