@@ -46,17 +46,17 @@ inline bool cpu_has_amx_bf16() {
   return amx;
 }
 
-// whether RMT_FAST_CPU_ISA names a path
-inline bool cpu_isa_env_set() {
+// RMT_FAST_CPU_ISA, or nullptr when it is unset or empty
+inline const char* cpu_isa_env() {
   const char* env = std::getenv("RMT_FAST_CPU_ISA");
-  return env != nullptr && *env != '\0';
+  return env != nullptr && *env != '\0' ? env : nullptr;
 }
 
 // the detected instruction set, capped by RMT_FAST_CPU_ISA
 inline int active_cpu_isa() {
   const int isa = detected_cpu_isa();
-  const char* env = std::getenv("RMT_FAST_CPU_ISA");
-  if (env == nullptr || *env == '\0') return isa;
+  const char* env = cpu_isa_env();
+  if (env == nullptr) return isa;
   for (int i = 0; i < 3; ++i)
     if (std::strcmp(env, kCpuIsaNames[i]) == 0) return std::min(i, isa);
   TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx512, avx512_bf16, got '", env,

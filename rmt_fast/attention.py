@@ -122,6 +122,8 @@ def memory_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     layout = layout.with_head_dim(q.shape[-1])
     tensors = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask)
+    # plain causal attention (no past keys, no padding): SDPA's own causal mask, none built
+    plain_causal = layout.mask == "causal" and past_length == 0 and key_padding_mask is None
     auto_sdpa = False
     if backend == "auto":
         if q.is_cuda and _triton_available():
@@ -132,8 +134,7 @@ def memory_attention(
             needs_grad = torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, past_k, past_v))
             length = q.shape[2]
-            plain = mask == "causal" and past_length == 0 and key_padding_mask is None
-            elements = 0 if plain else \
+            elements = 0 if plain_causal else \
                 (1 if key_padding_mask is None else q.shape[0]) * length * (past_length + length)
             backend = cpu_kernel.auto_path(q, past_k, needs_grad=needs_grad, return_lse=return_lse,
                                            mask_elements=elements)
@@ -154,9 +155,7 @@ def memory_attention(
     elif backend == "cpu" and q.shape[-1] > 0:
         out, lse = cpu_kernel.cpu_kernel_memory_attention(q, k, v, past_k, past_v,
                                                           key_padding_mask, layout)
-    elif (dense_needed and layout.mask == "causal" and past_length == 0 and key_padding_mask is None
-          and q.shape[-1] > 0):
-        # plain causal attention: SDPA's own causal mask, none built
+    elif dense_needed and plain_causal and q.shape[-1] > 0:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                              scale=layout.scale, enable_gqa=q.shape[1] != k.shape[1])
         lse = None

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_xl_comparison as lm  # noqa: E402
 
 from rmt_fast.models import armt as armt_mod  # noqa: E402
+from rmt_fast.models.segment_loop import keep_rows  # noqa: E402
 from rmt_fast.tasks.lm_eval import long_streams  # noqa: E402
 from rmt_fast.tasks.text_corpus import BOS, load_corpus  # noqa: E402
 
@@ -44,12 +45,9 @@ BANDS = ((0, 8), (8, 64), (64, 128), (128, 256), (256, 512), (512, 1024))
 
 def _fresh_rows(model, state, rows: torch.Tensor):
     """``state`` with the lanes ``rows`` ``[B]`` bool reset (all: a fresh state)."""
-    if bool(rows.all()) or state.fresh:
-        return model.init_state(len(rows)) if bool(rows.all()) else state
-    fresh = model.init_state(len(rows))
-    A = tuple(torch.where(rows[:, None, None], f, a) for f, a in zip(fresh.A, state.A, strict=True))
-    z = tuple(torch.where(rows[:, None], f, a) for f, a in zip(fresh.z, state.z, strict=True))
-    return armt_mod.ARMTState(A, z, state.segments)
+    if bool(rows.all()):
+        return model.init_state(len(rows))
+    return state if state.fresh else keep_rows(~rows, state, model.init_state(len(rows)))
 
 
 def trace(model, streams: torch.Tensor, mode: str, every: int, amp: str | None) -> list[dict]:
