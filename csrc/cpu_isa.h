@@ -1,6 +1,7 @@
 // Run-time choice of the CPU code path for the kernels that are compiled several times (portable
-// C++, AVX-512F, AVX-512 BF16): the extension is built without -march and still runs anywhere.
-// RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16 caps the choice (read per call: tests switch it).
+// C++, AVX-512F, AVX-512 BF16, AMX-BF16 tiles): the extension is built without -march and still
+// runs anywhere. RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16|amx caps the choice (read per call:
+// tests switch it). Kernels without an AMX variant take their AVX-512 BF16 one on "amx".
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,12 +13,47 @@
 #define RMT_CPU_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#if __GNUC__ >= 11  // the first GCC with the AMX intrinsics (-mamx-tile, -mamx-bf16)
+#define RMT_CPU_AMX 1
+#endif
 #endif
 
 namespace rmt_fast {
 
-enum CpuIsa : int { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-inline const char* const kCpuIsaNames[] = {"generic", "avx512", "avx512_bf16"};
+enum CpuIsa : int { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAmx = 3 };
+inline constexpr int kCpuIsas = 4;
+inline const char* const kCpuIsaNames[kCpuIsas] = {"generic", "avx512", "avx512_bf16", "amx"};
+
+// whether the CPU has AMX-BF16 tiles (CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; Intel
+// Sapphire Rapids and later)
+inline bool cpu_has_amx_bf16() {
+  static const bool amx = [] {
+#ifdef RMT_CPU_X86
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) return ((d >> 22) & 1u) && ((d >> 24) & 1u);
+#endif
+    return false;
+  }();
+  return amx;
+}
+
+// whether this process may use the AMX tiles: the extension was compiled with them, the CPU has
+// them and Linux granted the tile data state (arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), once per process; ATen/oneDNN ask the same way, a second request is a
+// no-op)
+inline bool amx_usable() {
+  static const bool ok = [] {
+#if defined(RMT_CPU_AMX) && defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return cpu_has_amx_bf16() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
 
 // what this CPU supports (detected once)
 inline int detected_cpu_isa() {
@@ -26,24 +62,13 @@ inline int detected_cpu_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return __builtin_cpu_supports("avx512bf16") ? int(kAvx512Bf16) : int(kAvx512);
+      if (!__builtin_cpu_supports("avx512bf16")) return int(kAvx512);
+      return amx_usable() ? int(kAmx) : int(kAvx512Bf16);
     }
 #endif
     return int(kGeneric);
   }();
   return isa;
-}
-
-// whether the CPU has AMX-BF16 tiles (CPUID leaf 7: EDX bit 22; Intel Sapphire Rapids and later)
-inline bool cpu_has_amx_bf16() {
-  static const bool amx = [] {
-#ifdef RMT_CPU_X86
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) return ((d >> 22) & 1u) != 0;
-#endif
-    return false;
-  }();
-  return amx;
 }
 
 // RMT_FAST_CPU_ISA, or nullptr when it is unset or empty
@@ -57,10 +82,10 @@ inline int active_cpu_isa() {
   const int isa = detected_cpu_isa();
   const char* env = cpu_isa_env();
   if (env == nullptr) return isa;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kCpuIsas; ++i)
     if (std::strcmp(env, kCpuIsaNames[i]) == 0) return std::min(i, isa);
-  TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx512, avx512_bf16, got '", env,
-              "'");
+  TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx512, avx512_bf16, amx, got '",
+              env, "'");
 }
 
 }  // namespace rmt_fast

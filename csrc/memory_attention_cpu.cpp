@@ -2,7 +2,7 @@
 // (out + float32 log-sum-exp) and backward (dq, dk, dv and the past keys' dk, dv), every mask of
 // rmt_fast/masks.py, grouped-query attention, past keys/values in their own buffers, key
 // padding, inputs of any strides. The kernels are in memory_attention_cpu_impl.h, compiled here
-// three times (portable C++, AVX-512F, AVX-512 BF16) and picked at run time from the CPU's
+// four times (portable C++, AVX-512F, AVX-512 BF16, AMX-BF16) and picked at run time from the CPU's
 // features, so the extension is built without -march and still runs anywhere.
 //
 // Ops (autograd and fake kernels are registered from rmt_fast/ops/memory_attention/cpu_kernel.py):
@@ -12,9 +12,9 @@
 //   memory_attention_cpu_backward(dout, q, k, v, past_k?, past_v?, key_padding_mask?, out, lse,
 //       grad_lse?, ..., need_past_grad) -> [dq, dk, dv] (+ [dpast_k, dpast_v] when
 //       need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the lse output
-//   memory_attention_cpu_isa(dtype=None) -> str: "avx512_bf16", "avx512" or "generic", the code
-//       path that calls with inputs of that dtype (None: float32) take now
-//       (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16 caps it, for tests; attention_isa)
+//   memory_attention_cpu_isa(dtype=None) -> str: "amx", "avx512_bf16", "avx512" or "generic",
+//       the code path that calls with inputs of that dtype (None: float32) take now
+//       (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16|amx caps it, for tests; attention_isa)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,6 +65,21 @@ namespace avx512bf16 {
 #undef RMT_MA_ISA
 }  // namespace avx512bf16
 #pragma GCC pop_options
+
+#ifdef RMT_CPU_AMX
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,fma," \
+                   "prefer-vector-width=512")
+namespace amx {
+#define RMT_MA_ISA 3
+#define RMT_CPU_ISA 2
+#include "avx512_math.h"
+#undef RMT_CPU_ISA
+#include "memory_attention_cpu_impl.h"
+#undef RMT_MA_ISA
+}  // namespace amx
+#pragma GCC pop_options
+#endif
 #endif
 
 namespace {
@@ -94,7 +109,10 @@ struct Kernels {
 
 Kernels kernels_for(int isa) {
 #ifdef RMT_CPU_X86
-  if (isa == kAvx512Bf16) return RMT_MA_KERNELS(avx512bf16);
+#ifdef RMT_CPU_AMX
+  if (isa == kAmx) return RMT_MA_KERNELS(amx);
+#endif
+  if (isa >= kAvx512Bf16) return RMT_MA_KERNELS(avx512bf16);
   if (isa == kAvx512) return RMT_MA_KERNELS(avx512);
 #endif
   (void)isa;
@@ -110,13 +128,15 @@ int parse_mask(const std::string& mask) {
               "got '", mask, "'");
 }
 
-// The attention kernels' path for inputs of this dtype: active_cpu_isa(), except bf16 inputs on
-// CPUs with AMX-BF16, which take the AVX-512F path (float32 FMAs) unless RMT_FAST_CPU_ISA names
-// one: on such a CPU (an Intel Xeon with AMX, bench/README.md "On an AMX CPU") it ran our bf16
-// attention 1.4-1.7x faster than _mm512_dpbf16_ps, where an AMD Zen 5 ran it ~1.5x slower.
+// The attention kernels' path for inputs of this dtype: active_cpu_isa(), except that float32
+// inputs never take AMX (tiles multiply bf16) and bf16 inputs on CPUs with AMX-BF16 hardware
+// that this process may not use take the AVX-512F path (float32 FMAs) unless RMT_FAST_CPU_ISA
+// names one: on an Intel Xeon with AMX that path ran our bf16 attention 1.4-1.7x faster than
+// _mm512_dpbf16_ps, where an AMD Zen 5 ran it ~1.5x slower (bench/README.md, "On an AMX CPU").
 int attention_isa(bool bf16) {
   const int isa = active_cpu_isa();
-  if (bf16 && isa == kAvx512Bf16 && cpu_isa_env() == nullptr && cpu_has_amx_bf16()) return kAvx512;
+  if (!bf16) return std::min(isa, int(kAvx512Bf16));
+  if (isa == kAvx512Bf16 && cpu_isa_env() == nullptr && cpu_has_amx_bf16()) return kAvx512;
   return isa;
 }
 

@@ -1,7 +1,8 @@
 // Memory-attention CPU kernels for one instruction set. memory_attention_cpu.cpp includes this
 // file several times, each time inside its own namespace, under its own `#pragma GCC target`
 // and with RMT_MA_ISA set: 0 portable C++, 1 AVX-512F (float32 FMA microkernels), 2 AVX-512 with
-// BF16 dot products (_mm512_dpbf16_ps). No #include here: every header comes in before (the
+// BF16 dot products (_mm512_dpbf16_ps), 3 as 2 with the bf16 products of whole 16-row tiles on
+// AMX-BF16 (_tile_dpbf16ps). No #include here: every header comes in before (the
 // 16-lane element math, exp512 and the bf16 loads, from avx512_math.h).
 //
 // Scheme (FlashAttention-2 style, transposed): a task owns kBR query rows of one (batch, head).
@@ -13,9 +14,10 @@
 // dQ^T += K^T dS^T, again without transposing a tile. All products are one register-blocked
 // microkernel C[M, N] (+)= A[M, K] B[K, N], B packed with pairs of K interleaved ("VNNI" layout,
 // [K/2][N][2]) for bf16 so that one _mm512_dpbf16_ps does 16 columns x 2 K steps, float32
-// accumulation throughout. Written by hand: the online softmax, masking and bf16 repacking
-// are interleaved with the products tile by tile, and ATen's tile GEMM helpers
-// (at::native::cpublas) are internal, not an API for extensions.
+// accumulation throughout; with AMX (RMT_MA_ISA 3) the bf16 products of whole 16-row blocks
+// run on tiles instead (amx_block, same operand layouts). Written by hand: the online softmax,
+// masking and bf16 repacking are interleaved with the products tile by tile, and ATen's tile
+// GEMM helpers (at::native::cpublas) are internal, not an API for extensions.
 
 static_assert(kBR % 16 == 0 && kBK % 16 == 0, "tiles are whole 16-lane vectors");
 
@@ -181,10 +183,10 @@ UKernel<PT> pick_ukernel(int64_t mr, int64_t nv) {
   }
 }
 
-// C[M, N] (+)= A[M, K] B[K, N], N a multiple of 16 (layouts as for ukernel).
+// C[M, N] (+)= A[M, K] B[K, N], N a multiple of 16 (layouts as for ukernel), on vector registers.
 template <typename PT>
-void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const PT* B,
-          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+void gemm_vec(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const PT* B,
+              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int PAIR = kPair<PT>;
   if (ksteps == 0) {
     if (!accumulate)
@@ -201,6 +203,103 @@ void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const 
       pick_ukernel<PT>(M - m0, nv)(ksteps, A + m0 * lda, lda, B + n0 * PAIR, ldb,
                                     C + m0 * ldc + n0, ldc, accumulate);
   }
+}
+
+#if RMT_MA_ISA >= 3
+// AMX-BF16 tiles (written by hand: ATen's brgemm wrapper is internal, see the top of the file).
+// One configuration for every product: eight 16 x 64-byte tiles, C blocks in tiles 0-3
+// (C[mi][nj] in 2 mi + nj: 16 x 16 float32 each), A in 4-5 (16 rows x 32 bf16), B in 6-7 (16 K
+// pairs x 16 columns x 2: exactly the VNNI layout ukernel reads). The tile registers
+// are per thread and other libraries (oneDNN) configure them too, so every kernel entry loads
+// the configuration and releases the tiles when it returns (TileScope).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+struct TileScope {
+  bool on;
+  explicit TileScope(bool bf16) : on(bf16) {
+    static const TileConfig cfg;
+    if (on) _tile_loadconfig(&cfg);
+  }
+  ~TileScope() {
+    if (on) _tile_release();
+  }
+};
+
+// C[16 MT, 32] (+)= A[16 MT, 32 kc] B[16 kc][32][2] over kc chunks of 16 K pairs; lda, ldb,
+// ldc in elements
+template <int MT>
+inline void amx_block(int64_t kchunks, const uint16_t* A, int64_t lda, const uint16_t* B,
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  __asm__ volatile("" ::: "memory");  // the tile loads' asm does not say it reads memory
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    _tile_loadd(1, C + 16, sc);
+    if constexpr (MT == 2) _tile_loadd(2, C + 16 * ldc, sc);
+    if constexpr (MT == 2) _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (MT == 2) _tile_zero(2);
+    if constexpr (MT == 2) _tile_zero(3);
+  }
+  for (int64_t kc = 0; kc < kchunks; ++kc) {
+    const uint16_t* a = A + 32 * kc;
+    const uint16_t* b = B + 16 * kc * ldb;
+    _tile_loadd(4, a, sa);
+    _tile_loadd(6, b, sb);
+    _tile_loadd(7, b + 32, sb);
+    if constexpr (MT == 2) _tile_loadd(5, a + 16 * lda, sa);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (MT == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, sc);
+  _tile_stored(1, C + 16, sc);
+  if constexpr (MT == 2) _tile_stored(2, C + 16 * ldc, sc);
+  if constexpr (MT == 2) _tile_stored(3, C + 16 * ldc + 16, sc);
+}
+#else
+struct TileScope {
+  explicit TileScope(bool) {}
+};
+#endif
+
+// C[M, N] (+)= A[M, K] B[K, N], N a multiple of 16 (layouts as for ukernel). With AMX (bf16)
+// and K, N multiples of 32 (every product of a whole key tile: K and N are Dp, kBR or kBK): the
+// whole 16-row blocks on tiles, the last rows on vector registers; other shapes (a partial key
+// tile's P^T and dS^T products) all on vector registers.
+template <typename PT>
+void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const PT* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if RMT_MA_ISA >= 3
+  if constexpr (sizeof(PT) == 2) {
+    const int64_t mt = M / 16 * 16;
+    if (mt > 0 && ksteps > 0 && ksteps % 16 == 0 && N % 32 == 0) {
+      for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        for (int64_t m0 = 0; m0 < mt; m0 += 32) {
+          const uint16_t* a = A + m0 * lda;
+          const uint16_t* b = B + n0 * 2;
+          float* c = C + m0 * ldc + n0;
+          if (mt - m0 >= 32) {
+            amx_block<2>(ksteps / 16, a, lda, b, ldb, c, ldc, accumulate);
+          } else {
+            amx_block<1>(ksteps / 16, a, lda, b, ldb, c, ldc, accumulate);
+          }
+        }
+      }
+      if (mt < M)  // the last rows
+        gemm_vec<PT>(M - mt, N, ksteps, A + mt * lda, lda, B, ldb, C + mt * ldc, ldc, accumulate);
+      return;
+    }
+  }
+#endif
+  gemm_vec<PT>(M, N, ksteps, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // ------------------------------------------------------------------------------------ helpers
@@ -897,6 +996,7 @@ inline void pack_kv(const Plan& pl, const Strided& k, const Strided& v, const St
 
 inline void forward(const Plan& pl, const Strided& q, const Workspace& ws, void* out, float* lse,
                     int64_t task0, int64_t task1) {
+  const TileScope tiles(pl.bf16);
   if (pl.bf16) {
     forward_t<uint16_t, Bf16Packed>(pl, q, ws, static_cast<uint16_t*>(out), lse, task0, task1);
   } else {
@@ -907,6 +1007,7 @@ inline void forward(const Plan& pl, const Strided& q, const Workspace& ws, void*
 inline void backward(const Plan& pl, const Strided& q, const Strided& dout, const Strided& out,
                      const float* lse, const float* dlse, const Workspace& ws, void* dq,
                      float* dk_acc, float* dv_acc, int64_t task0, int64_t task1) {
+  const TileScope tiles(pl.bf16);
   if (pl.bf16) {
     backward_t<uint16_t, Bf16Packed>(pl, q, dout, out, lse, dlse, ws, static_cast<uint16_t*>(dq),
                                      dk_acc, dv_acc, task0, task1);
@@ -931,6 +1032,7 @@ inline void finish_kv(const Plan& pl, const float* dk_acc, const float* dv_acc, 
 inline void forward_units(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
                           const Strided& pk, const Strided& pv, void* out, float* lse, int64_t u0,
                           int64_t u1) {
+  const TileScope tiles(pl.bf16);
   if (pl.bf16) {
     forward_units_t<uint16_t, Bf16Packed>(pl, q, k, v, pk, pv, static_cast<uint16_t*>(out), lse,
                                           u0, u1);
@@ -943,6 +1045,7 @@ inline void backward_units(const Plan& pl, const Strided& q, const Strided& k, c
                            const Strided& pk, const Strided& pv, const Strided& dout,
                            const Strided& out, const float* lse, const float* dlse, void* dq,
                            void* dk, void* dv, void* dpk, void* dpv, int64_t u0, int64_t u1) {
+  const TileScope tiles(pl.bf16);
   if (pl.bf16) {
     using T = uint16_t;
     backward_units_t<T, Bf16Packed>(pl, q, k, v, pk, pv, dout, out, lse, dlse, static_cast<T*>(dq),

@@ -4,8 +4,8 @@ Tolerance as in test_kernels.py (FlashAttention's convention): the kernel's max 
 float64 reference is within 2x (3x for gradients) of the error of the same-dtype PyTorch
 reference, plus a small floor relative to the reference's largest value (float32: 1e-6, about 8
 ulp; the recomputed probabilities of the backward pass go through the stored float32 LSE). Every
-code path (AVX-512 BF16, AVX-512F, portable C++) runs on this CPU by capping it with
-RMT_FAST_CPU_ISA.
+code path (AMX-BF16, AVX-512 BF16, AVX-512F, portable C++) that this CPU has runs by capping it
+with RMT_FAST_CPU_ISA.
 """
 
 import pytest
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.HAS_CPU_KERNEL,
                                 reason="rmt_fast._C built without memory_attention_cpu")
 
 MODES = ["causal", "rmt", "full", "bottleneck"]
-ISAS = ["generic", "avx512", "avx512_bf16"]
+ISAS = ["generic", "avx512", "avx512_bf16", "amx"]
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 OP = torch.ops.rmt_fast.memory_attention_cpu if cpu_kernel.HAS_CPU_KERNEL else None
 
@@ -102,16 +102,43 @@ def test_matches_reference(dtype, mask, past, pvr, pad):
     _check(inp, dict(num_read=5, num_write=6, mask=mask, past_visible_to_read=pvr, scale=0.3))
 
 
+def _capped(cap: str, top: str, dtype: torch.dtype) -> str:
+    """The path RMT_FAST_CPU_ISA=cap gives inputs of dtype on a CPU whose best path is top:
+    the cap, at most top; float32 never "amx" (tiles multiply bf16)."""
+    path = ISAS[min(ISAS.index(cap), ISAS.index(top))]
+    return "avx512_bf16" if path == "amx" and dtype == torch.float32 else path
+
+
+@pytest.fixture
+def top_isa(monkeypatch) -> str:
+    """The CPU's best path (what a bfloat16 call capped at "amx" takes)."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", "amx")
+    top = cpu_kernel.isa(torch.bfloat16)
+    monkeypatch.delenv("RMT_FAST_CPU_ISA")
+    return top
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask", ["rmt", "bottleneck"])
-def test_every_code_path(isa, dtype, mask, monkeypatch):
-    monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
-    top = cpu_kernel.isa()  # the CPU's best path; the variable caps it
+def test_every_code_path(isa, dtype, mask, monkeypatch, top_isa):
+    """D = 64 (whole AMX K chunks) and L = 67, P = 66: ragged key tiles, so the AMX path runs
+    tiles, leftover rows and leftover K pairs on vectors."""
     monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
-    assert cpu_kernel.isa() == ISAS[min(ISAS.index(isa), ISAS.index(top))]
+    assert cpu_kernel.isa(dtype) == _capped(isa, top_isa, dtype)
     inp = _inputs(dtype, batch=2, hq=3, hkv=1, length=67, past=66, dim=64, pad=True, seed=3)
     _check(inp, dict(num_read=4, num_write=4, mask=mask, scale=0.125), lse_grad=True)
+
+
+@pytest.mark.parametrize("dim", [32, 80, 128])
+@pytest.mark.parametrize("mask", MODES)
+def test_amx_path_head_dims(dim, mask, monkeypatch, top_isa):
+    """The AMX path (where the CPU has it; the best bf16 path elsewhere) at head dims of one,
+    several and a partial 32-wide K chunk, every mask, past keys, padding, forward and backward."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", "amx")
+    assert cpu_kernel.isa(torch.bfloat16) == top_isa
+    inp = _inputs(torch.bfloat16, batch=2, hq=2, hkv=1, length=97, past=40, dim=dim, pad=True, seed=dim)
+    _check(inp, dict(num_read=5, num_write=7, mask=mask, scale=dim ** -0.5), lse_grad=True)
 
 
 def _cpu_flags() -> set[str]:
@@ -120,18 +147,25 @@ def _cpu_flags() -> set[str]:
     return set(cpu_flags() or ())
 
 
-def test_bf16_path_on_amx_cpus(monkeypatch):
-    """Without RMT_FAST_CPU_ISA, bf16 inputs take the AVX-512F path on CPUs with AMX-BF16 (the
-    dot products measured slower there), the best path elsewhere; the variable still picks the
-    path exactly (capped by the CPU; test_every_code_path checks each path's numbers)."""
+def test_bf16_path_on_amx_cpus(monkeypatch, top_isa):
+    """Without RMT_FAST_CPU_ISA, bf16 inputs take the AMX path where the process may use the
+    tiles (as ATen does: torch.cpu._is_amx_tile_supported), the AVX-512F path on a CPU with
+    AMX-BF16 that it may not use (the dot products were measured slower there), the best path
+    elsewhere; float32 inputs the best non-AMX path; the variable picks the path exactly (capped
+    by the CPU; test_every_code_path checks each path's numbers)."""
     monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
-    top = cpu_kernel.isa()
-    amx = "amx_bf16" in _cpu_flags()
-    assert cpu_kernel.isa(torch.float32) == top
-    assert cpu_kernel.isa(torch.bfloat16) == ("avx512" if amx and top == "avx512_bf16" else top)
+    amx_hw = {"amx_bf16", "amx_tile"} <= _cpu_flags()
+    if cpu_kernel.aten_amx():
+        assert top_isa == "amx"
+    if top_isa == "amx":
+        assert amx_hw
+    assert cpu_kernel.isa(torch.float32) == _capped(top_isa, top_isa, torch.float32)
+    expected = "avx512" if amx_hw and top_isa == "avx512_bf16" else top_isa
+    assert cpu_kernel.isa(torch.bfloat16) == expected
     for isa in ISAS:
         monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
-        assert cpu_kernel.isa(torch.bfloat16) == ISAS[min(ISAS.index(isa), ISAS.index(top))]
+        for dtype in (torch.float32, torch.bfloat16):
+            assert cpu_kernel.isa(dtype) == _capped(isa, top_isa, dtype)
 
 
 def test_bad_isa_env_is_an_error(monkeypatch):
@@ -290,7 +324,7 @@ def test_auto_runs_sdpa_for_bf16_inference_on_amx(monkeypatch, mask, past, pad):
     """On a CPU whose ATen runs bf16 products on AMX (patched), bf16 calls needing no gradient go
     to SDPA (neither the kernel nor the cpu_flash path), with the same attention as the float64
     reference; with a gradient, the log-sum-exp or float32 they do not."""
-    monkeypatch.setattr(cpu_kernel, "aten_amx", lambda: True)
+    monkeypatch.setattr(cpu_kernel, "sdpa_beats_kernel_bf16", lambda: True)
     calls = []
     real = cpu_kernel.cpu_kernel_memory_attention
     monkeypatch.setattr(cpu_kernel, "cpu_kernel_memory_attention",
@@ -332,7 +366,7 @@ def test_auto_path_rule(monkeypatch):
     q32, q16 = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).bfloat16()
     kernel = "cpu" if cpu_kernel.preferred(q16) else "torch"
     for amx in (False, True):
-        monkeypatch.setattr(cpu_kernel, "aten_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(cpu_kernel, "sdpa_beats_kernel_bf16", lambda amx=amx: amx)
         assert cpu_kernel.auto_path(q16, needs_grad=False) == ("sdpa" if amx else kernel)
         assert cpu_kernel.auto_path(q16, needs_grad=True) == kernel
         assert cpu_kernel.auto_path(q16, needs_grad=False, return_lse=True) == kernel
@@ -341,6 +375,16 @@ def test_auto_path_rule(monkeypatch):
         assert cpu_kernel.auto_path(q16, needs_grad=False, mask_elements=big + 1) == kernel
         fp32 = "cpu" if cpu_kernel.preferred(q32) else "torch"
         assert cpu_kernel.auto_path(q32, needs_grad=False) == fp32
+
+
+@pytest.mark.parametrize("aten,path,sdpa", [(False, "amx", False), (False, "avx512", False),
+                                             (True, "avx512", True), (True, "avx512_bf16", True),
+                                             (True, "amx", False), (True, None, True)])
+def test_sdpa_only_where_the_kernel_has_no_amx_path(monkeypatch, aten, path, sdpa):
+    """ATen on AMX beat the kernel's vector paths on bf16 inference, not its AMX path."""
+    monkeypatch.setattr(cpu_kernel, "aten_amx", lambda: aten)
+    monkeypatch.setattr(cpu_kernel, "_bf16_isa", lambda: path)
+    assert cpu_kernel.sdpa_beats_kernel_bf16() == sdpa
 
 
 def test_bench_systems_agree_and_restore_the_isa(monkeypatch):
@@ -365,10 +409,13 @@ def test_profile_read_restores_the_switches():
     from rmt_fast.bench import profile_read
 
     gelu, auto_path = _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path
-    rates = profile_read.main(["--config", "tiny", "--dtype", "float32", "--tokens", "64",
-                               "--rounds", "1", "--rows", "3"])
-    assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
-    assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.auto_path is auto_path
+    rule = cpu_kernel.sdpa_beats_kernel_bf16
+    for dtype in ("float32", "bfloat16"):
+        rates = profile_read.main(["--config", "tiny", "--dtype", dtype, "--tokens", "64",
+                                   "--rounds", "1", "--rows", "3"])
+        assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
+        assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.auto_path is auto_path
+        assert cpu_kernel.sdpa_beats_kernel_bf16 is rule
 
 
 def test_train_paths_runs_every_path_and_restores_the_env(monkeypatch):
@@ -379,8 +426,9 @@ def test_train_paths_runs_every_path_and_restores_the_env(monkeypatch):
     monkeypatch.setenv("RMT_FAST_CPU_ISA", "generic")
     rates = train_paths.main(["--config", "tiny", "--length", "32", "--batch", "1", "--rounds", "1"])
     assert os.environ["RMT_FAST_CPU_ISA"] == "generic"
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", "amx")
+    top = cpu_kernel.isa(torch.bfloat16)
     monkeypatch.delenv("RMT_FAST_CPU_ISA")
-    top = cpu_kernel.isa()
     paths = train_paths.PATHS[train_paths.PATHS.index(top):]
     assert set(rates) == {"float32", f"bf16 picked ({cpu_kernel.isa(torch.bfloat16)})",
                           *(f"bf16 {p}" for p in paths)}

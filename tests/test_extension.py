@@ -125,7 +125,7 @@ def _gelu_inputs() -> torch.Tensor:
 
 #: the kernel's code paths (csrc/cpu_isa.h); RMT_FAST_CPU_ISA caps the one it takes, so on a CPU
 #: without AVX-512 every value runs the portable loop
-GELU_ISAS = ["generic", "avx512", "avx512_bf16"]
+GELU_ISAS = ["generic", "avx512", "avx512_bf16", "amx"]
 
 
 @pytest.mark.parametrize("isa", GELU_ISAS)

@@ -4,9 +4,10 @@
 
 * ``kernel``: ``memory_attention(..., backend="cpu")``, the fused C++ kernel (ours), on the
   path it picks for the dtype (:func:`rmt_fast.ops.memory_attention.cpu_kernel.isa`);
-  ``kernel[avx512_bf16]`` / ``kernel[avx512]`` / ``kernel[generic]`` (with ``--isa-variants``):
-  the same kernel on its AVX-512 BF16 dot-product path, its AVX-512F float32 path or its
-  portable C++ path (``RMT_FAST_CPU_ISA``), i.e. what other CPUs run;
+  ``kernel[amx]`` / ``kernel[avx512_bf16]`` / ``kernel[avx512]`` / ``kernel[generic]`` (with
+  ``--isa-variants``): the same kernel on its AMX-BF16 tile path (bfloat16 only; float32 takes
+  the next), its AVX-512 BF16 dot-product path, its AVX-512F float32 path or its portable C++
+  path (``RMT_FAST_CPU_ISA``, capped by the CPU), i.e. what other CPUs run;
 * ``cpu_flash``: ``memory_attention(..., backend="torch")``, ATen's CPU flash attention per mask
   block, merged by log-sum-exp (what ``backend="auto"`` ran on CPU before the kernel);
 * ``sdpa``: ``F.scaled_dot_product_attention``, with ``is_causal=True`` for plain causal
@@ -41,7 +42,7 @@ from rmt_fast.masks import AttentionLayout, layout_visibility
 from rmt_fast.ops.memory_attention import cpu_kernel
 
 SYSTEMS = ("kernel", "cpu_flash", "sdpa")
-ISA_VARIANTS = ("kernel[avx512_bf16]", "kernel[avx512]", "kernel[generic]")
+ISA_VARIANTS = ("kernel[amx]", "kernel[avx512_bf16]", "kernel[avx512]", "kernel[generic]")
 COLUMNS = ("case", "dtype", "mode", "system", "ms", "cpu_ms", "GFLOP/s", "x cpu_flash", "x sdpa",
            "max_diff")
 
@@ -194,7 +195,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--cases", nargs="+", default=None, help="case names (default: all)")
     parser.add_argument("--isa-variants", action="store_true",
-                        help="also time the kernel capped to its avx512 and generic paths")
+                        help="also time the kernel capped to each of its code paths")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)

@@ -7,7 +7,10 @@ times three variants in alternating rounds in this one process:
 
 * ``fused``: as shipped (``backend="auto"`` attention, the extension's tanh GELU);
 * ``kernel``: the same with attention always on the extension's fused kernel (where ``auto``
-  picks ATen's SDPA instead: bf16 on AMX CPUs, ``cpu_kernel.auto_path``);
+  picks ATen's SDPA instead: bf16 on AMX CPUs whose kernel path is not ``"amx"``,
+  ``cpu_kernel.auto_path``);
+* ``sdpa``: the same with ATen's SDPA for every call ``auto`` may send there (bf16 inference
+  calls: ``cpu_kernel.sdpa_beats_kernel_bf16`` forced true);
 * ``aten_gelu``: the same with GELU through ``F.gelu(approximate="tanh")``;
 * ``before``: ``aten_gelu`` with attention on the ``cpu_flash`` path (ATen's CPU flash attention
   per mask block), i.e. CPU inference before the fused attention and bf16 GELU kernels.
@@ -30,13 +33,16 @@ from rmt_fast.bench.systems import CONFIGS, _rmt
 from rmt_fast.ops.memory_attention import cpu_kernel
 from rmt_fast.streaming import StreamingReader
 
-VARIANTS = ("fused", "kernel", "aten_gelu", "before")
+VARIANTS = ("fused", "kernel", "sdpa", "aten_gelu", "before")
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """Switch the GELU kernel and/or the attention path for the duration of the block."""
     gelu, auto_path = _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path
+    sdpa_rule = cpu_kernel.sdpa_beats_kernel_bf16
+    if name == "sdpa":
+        cpu_kernel.sdpa_beats_kernel_bf16 = lambda: True
     if name in ("aten_gelu", "before"):
         _extension.GELU_TANH_DTYPES = ()
     if name == "before":
@@ -47,6 +53,7 @@ def variant(name: str):
         yield
     finally:
         _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path = gelu, auto_path
+        cpu_kernel.sdpa_beats_kernel_bf16 = sdpa_rule
 
 
 def main(argv=None) -> dict:

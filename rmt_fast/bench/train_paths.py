@@ -20,7 +20,7 @@ import torch
 from rmt_fast.bench.systems import CONFIGS, build
 from rmt_fast.ops.memory_attention import cpu_kernel
 
-PATHS = ("avx512_bf16", "avx512", "generic")
+PATHS = ("amx", "avx512_bf16", "avx512", "generic")
 
 
 def main(argv=None) -> dict[str, tuple[float, float]]:
@@ -32,8 +32,10 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = CONFIGS[args.config]
+    with cpu_kernel.isa_env("amx"):  # the CPU's best bf16 path
+        top = cpu_kernel.isa(torch.bfloat16)
     with cpu_kernel.isa_env(None):
-        top, picked = cpu_kernel.isa(), cpu_kernel.isa(torch.bfloat16)
+        picked = cpu_kernel.isa(torch.bfloat16)
     paths = PATHS[PATHS.index(top):] if top in PATHS else ()
     arms = {"float32": (torch.float32, None), f"bf16 picked ({picked})": (torch.bfloat16, None),
             **{f"bf16 {p}": (torch.bfloat16, p) for p in paths}}

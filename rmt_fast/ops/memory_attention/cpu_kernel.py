@@ -3,9 +3,9 @@
 One call covers every mask of :mod:`rmt_fast.masks`, past keys/values read from their own buffer,
 key padding and grouped-query attention, for float32 and bfloat16 CPU tensors of any strides
 (``csrc/memory_attention_cpu.cpp``): flash-style tiles with block skipping, bf16 products with
-float32 accumulation (AVX-512 BF16 dot products where the CPU has them, AVX-512F float32 FMAs
-otherwise, portable C++ without AVX-512; picked at run time, see :func:`isa`). Backward
-recomputes the probabilities from the saved log-sum-exp.
+float32 accumulation (AMX-BF16 tiles or AVX-512 BF16 dot products where the CPU has them,
+AVX-512F float32 FMAs otherwise, portable C++ without AVX-512; picked at run time, see
+:func:`isa`). Backward recomputes the probabilities from the saved log-sum-exp.
 
 This module registers the op's fake kernels (``torch.compile``, meta tensors) and its autograd
 formula; it falls back to :func:`rmt_fast.ops.memory_attention.cpu_flash.cpu_flash_memory_attention`
@@ -31,11 +31,13 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def isa(dtype: torch.dtype = torch.float32) -> str | None:
-    """The kernel's code path on this CPU for inputs of ``dtype``: ``"avx512_bf16"`` (native
-    bf16 dot products), ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32),
-    ``"generic"`` (portable C++), or None without the op. ``RMT_FAST_CPU_ISA`` caps it (read at
-    every call). Without it, bfloat16 inputs on CPUs with AMX-BF16 take ``"avx512"``, measured
-    faster there than the bf16 dot products (``bench/README.md``, "On an AMX CPU")."""
+    """The kernel's code path on this CPU for inputs of ``dtype``: ``"amx"`` (bfloat16 products
+    on AMX-BF16 tiles; bfloat16 inputs only), ``"avx512_bf16"`` (AVX-512 BF16 dot products),
+    ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32), ``"generic"`` (portable C++),
+    or None without the op. ``RMT_FAST_CPU_ISA`` caps it (read at every call). float32 inputs
+    never take ``"amx"``; bfloat16 inputs on a CPU with AMX-BF16 that the process may not use
+    take ``"avx512"``, measured faster there than the dot products (``bench/README.md``, "On an
+    AMX CPU")."""
     if not HAS_CPU_KERNEL:
         return None
     try:
@@ -96,6 +98,20 @@ def aten_amx() -> bool:
         return False
 
 
+@functools.cache
+def _bf16_isa() -> str | None:
+    """The kernel's bfloat16 path, read at the first ``auto`` call (as :func:`_auto_isa`)."""
+    return isa(torch.bfloat16)
+
+
+def sdpa_beats_kernel_bf16() -> bool:
+    """Whether ATen's flash attention beat this kernel on bfloat16 forward calls here: ATen runs
+    its bf16 products on AMX tiles and this kernel does not (no ``"amx"`` path: an extension
+    built without it, or a process that may not use the tiles). Measured in ``bench/README.md``
+    ("On an AMX CPU"): SDPA 1.3-1.6x our AVX-512F path there, our AMX path 1.2-1.8x SDPA."""
+    return aten_amx() and _bf16_isa() != "amx"
+
+
 #: the largest dense bool mask (elements) that ``auto`` builds for SDPA (16 MiB); larger calls
 #: stay on the mask-free paths
 SDPA_MASK_MAX_ELEMENTS = 1 << 24
@@ -108,13 +124,15 @@ def auto_path(q: torch.Tensor, past_k: torch.Tensor | None = None, *, needs_grad
     kernel) or ``"torch"`` (the ``cpu_flash`` path).
 
     The rule measured in ``bench/README.md`` ("On an AMX CPU"): where ATen's bf16 products run
-    on AMX tiles, its flash attention beat this kernel on bfloat16 forward calls at every model
-    shape, and one dense-mask call beat the per-block ``cpu_flash`` path, so bfloat16 calls that
-    need no gradient (nor the log-sum-exp) go to SDPA there, unless their mask would exceed
+    on AMX tiles and this kernel's do not (:func:`sdpa_beats_kernel_bf16`), ATen's flash
+    attention beat this kernel on bfloat16 forward calls at every model shape, and one
+    dense-mask call beat the per-block ``cpu_flash`` path, so bfloat16 calls that need no
+    gradient (nor the log-sum-exp) go to SDPA there, unless their mask would exceed
     :data:`SDPA_MASK_MAX_ELEMENTS`; with a gradient this kernel was faster at every model shape.
     Elsewhere :func:`preferred` decides."""
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not needs_grad
-            and not return_lse and mask_elements <= SDPA_MASK_MAX_ELEMENTS and aten_amx()):
+            and not return_lse and mask_elements <= SDPA_MASK_MAX_ELEMENTS
+            and sdpa_beats_kernel_bf16()):
         return "sdpa"
     return "cpu" if preferred(q, past_k) else "torch"
 
