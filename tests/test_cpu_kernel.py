@@ -141,6 +141,41 @@ def test_amx_path_head_dims(dim, mask, monkeypatch, top_isa):
     _check(inp, dict(num_read=5, num_write=7, mask=mask, scale=dim ** -0.5), lse_grad=True)
 
 
+def test_amx_path_interleaves_with_aten(monkeypatch):
+    """Our kernel loads and releases the AMX tile configuration per call; ATen's bf16 SDPA and
+    linear layers (AMX tiles through oneDNN where the CPU has them) run before and after it on
+    the same threads and all three keep matching float32 references, forward and backward."""
+    import torch.nn.functional as F
+
+    monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (_rand(2, 4, 150, 64, dtype=torch.bfloat16, seed=s, grad=False) for s in (1, 2, 3))
+        x = _rand(300, 256, dtype=torch.bfloat16, seed=4, grad=False)
+        w = _rand(512, 256, dtype=torch.bfloat16, seed=5, grad=False)
+        kw = dict(num_read=16, num_write=16, mask="rmt", backend="cpu")
+        f32 = [t.float().requires_grad_() for t in (q, k)]
+        ref_sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        ref_lin = x.float() @ w.float().T
+        ref_mem = memory_attention(f32[0], f32[1], v.float(), **kw)
+        ref_dq, ref_dk = torch.autograd.grad(ref_mem.pow(2).sum(), f32)
+        for _ in range(3):
+            qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            sdpa = F.scaled_dot_product_attention(qq, kk, v, is_causal=True)
+            mem = memory_attention(qq, kk, v, **kw)
+            lin = F.linear(x, w)
+            dq, dk = torch.autograd.grad(mem.float().pow(2).sum(), [qq, kk])
+            F.scaled_dot_product_attention(qq, kk, v, is_causal=True).float().sum().backward()
+            assert (sdpa.float() - ref_sdpa).abs().max() < 3e-2
+            assert (mem.float() - ref_mem).abs().max() < 3e-2
+            assert (lin.float() - ref_lin).abs().max() < 1e-2 * ref_lin.abs().max()
+            for got, ref in ((dq, ref_dq), (dk, ref_dk)):
+                assert (got.float() - ref).abs().max() < 3e-2 * ref.abs().max()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _cpu_flags() -> set[str]:
     from rmt_fast.dtypes import cpu_flags
 
