@@ -95,6 +95,8 @@ struct Kernels {
                     int64_t);
   void (*forward_units)(const Plan&, const Strided&, const Strided&, const Strided&,
                         const Strided&, const Strided&, void*, float*, int64_t, int64_t);
+  void (*forward_rows)(const Plan&, const Strided&, const Strided&, const Strided&,
+                       const Strided&, const Strided&, void*, float*, int64_t, int64_t);
   void (*backward_units)(const Plan&, const Strided&, const Strided&, const Strided&,
                          const Strided&, const Strided&, const Strided&, const Strided&,
                          const float*, const float*, void*, void*, void*, void*, void*, int64_t,
@@ -104,7 +106,7 @@ struct Kernels {
 #define RMT_MA_KERNELS(ns)                                                                \
   Kernels {                                                                               \
     &ns::packed_bytes, &ns::pack_kv, &ns::forward, &ns::backward, &ns::finish_kv,         \
-        &ns::forward_units, &ns::backward_units                                           \
+        &ns::forward_units, &ns::forward_rows, &ns::backward_units                        \
   }
 
 Kernels kernels_for(int isa) {
@@ -251,6 +253,12 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::Tensor bytes(int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, at::kByte); }
 
+// Query rows per head up to which the forward pass reads keys and values in place, row by row
+// (forward_rows_t: one decoded token, a few rows over a long past), instead of packing tiles: the
+// crossovers measured on an Intel Xeon with AMX (bench/README.md, "Few query rows"): float32 8,
+// bf16 4 (the vector paths) and 2 on the AMX path, whose tiles make the packed path cheaper.
+int64_t rows_max(int isa, bool bf16) { return !bf16 ? 8 : isa == kAmx ? 2 : 4; }
+
 // One task per (batch, kv head) unit (packing next to its use, see forward_units_t) when the
 // units keep every thread busy; otherwise pack everything first and split finer.
 bool by_units(const Plan& pl) {
@@ -270,13 +278,20 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   at::Tensor out = at::empty({pl.B, pl.Hq, pl.L, pl.D}, q.options());
   at::Tensor lse = at::empty({pl.B, pl.Hq, pl.L}, q.options().dtype(at::kFloat));
   if (pl.B * pl.Hq * pl.L == 0) return {out, lse};
-  const Kernels kern = kernels_for(attention_isa(pl.bf16));
+  const int isa = attention_isa(pl.bf16);
+  const Kernels kern = kernels_for(isa);
   const int64_t pb = kern.packed_bytes(pl.bf16), kv = pl.B * pl.Hkv;
   const Strided sq = strided(q), sk = strided(k), sv = strided(v);
   const Strided spk = strided(past_k.value_or(at::Tensor())),
                 spv = strided(past_v.value_or(at::Tensor()));
   float* plse = lse.mutable_data_ptr<float>();
   void* pout = out.data_ptr();
+  if (pl.L <= rows_max(isa, pl.bf16)) {
+    at::parallel_for(0, kv, 1, [&](int64_t u0, int64_t u1) {
+      kern.forward_rows(pl, sq, sk, sv, spk, spv, pout, plse, u0, u1);
+    });
+    return {out, lse};
+  }
   if (by_units(pl)) {
     at::parallel_for(0, kv, 1, [&](int64_t u0, int64_t u1) {
       kern.forward_units(pl, sq, sk, sv, spk, spv, pout, plse, u0, u1);

@@ -313,6 +313,7 @@ enum ScratchSlot : int {
   kBwdQs, kBwdQt, kBwdQn, kBwdDos, kBwdDot, kBwdDon, kBwdOs, kBwdPn,  // backward_head
   kBwdDsn, kBwdDsv, kBwdS, kBwdDp, kBwdDqt, kBwdTmp,
   kUnitKn, kUnitVn, kUnitVt, kUnitKt, kUnitDk, kUnitDv,          // *_units_t
+  kRowsQ, kRowsAcc, kRowsK, kRowsV, kRowsStat,                   // forward_rows_t
   kScratchSlots
 };
 
@@ -947,6 +948,153 @@ void forward_units_t(const Plan& pl, const Strided& q, const Strided& k, const S
   }
 }
 
+// ------------------------------------------------------------------------- few query rows
+
+// float copy of an input row of D elements read with element stride s3
+template <typename TIn>
+inline void row_to_float(const TIn* src, int64_t s3, float* dst, int64_t D) {
+  if (s3 == 1) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d * s3]);
+  }
+}
+
+// a[d] = alpha * a[d] + sum_j p[j] x[j][d] over d < D, j < n (a = sum_j p[j] x[j] when first:
+// a is not read), the accumulator held in registers across the n rows
+inline void pv_rows(const float* p, const float* const* x, int64_t n, float* a, float alpha,
+                    bool first, int64_t D) {
+#if RMT_MA_ISA >= 1
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = head_mask16(D - d);
+    __m512 acc = first ? _mm512_setzero_ps()
+                       : _mm512_mul_ps(_mm512_set1_ps(alpha), _mm512_maskz_loadu_ps(m, a + d));
+    for (int64_t j = 0; j < n; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, x[j] + d), acc);
+    _mm512_mask_storeu_ps(a + d, m, acc);
+  }
+#else
+  for (int64_t d = 0; d < D; ++d) {
+    float acc = first ? 0.0f : alpha * a[d];
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * x[j][d];
+    a[d] = acc;
+  }
+#endif
+}
+
+inline float dot_row(const float* a, const float* b, int64_t n) {
+#if RMT_MA_ISA >= 1
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = head_mask16(n - d);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+#endif
+}
+
+// p[j] = exp(s[j] - sub) for j < 16 (s[j] = -inf gives 0); returns their sum
+inline float exp_chunk16(float* s, float sub) {
+#if RMT_MA_ISA >= 1
+  const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s), _mm512_set1_ps(sub)));
+  _mm512_storeu_ps(s, p);
+  return _mm512_reduce_add_ps(p);
+#else
+  float sum = 0.0f;
+  for (int j = 0; j < 16; ++j) sum += (s[j] = exp_or_zero(s[j] - sub));
+  return sum;
+#endif
+}
+
+// Forward pass of units [u0, u1) (u = b * Hkv + hk) when the query rows are few (decoding one
+// token, a segment's write rows): every query row of the unit's G heads reads the keys and values
+// straight from their buffers, 16 keys at a time (scores, online softmax and the value sum in
+// float32), so nothing is packed and no tile column is padding. Same out/lse as forward_t (the
+// probabilities stay float32 rather than being rounded to bf16 for a product).
+template <typename TIn>
+void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                    const Strided& pk, const Strided& pv, TIn* out, float* lse, int64_t u0,
+                    int64_t u1) {
+  constexpr int64_t C = 16;  // keys per chunk
+  const int64_t D = pl.D, G = pl.groups(), L = pl.L, R = G * L;
+  const int64_t Dr = (D + 15) / 16 * 16;  // row stride of the float buffers
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Buffer<float> qf(kRowsQ, R * Dr), acc(kRowsAcc, R * Dr), kf(kRowsK, C * Dr), vf(kRowsV, C * Dr);
+  Buffer<float> stat(kRowsStat, 2 * R + C);
+  float *mrow = stat.data, *lrow = stat.data + R, *sc = stat.data + 2 * R;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t b = u / pl.Hkv, hk = u % pl.Hkv, h0 = hk * G;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < L; ++i) {
+        float* row = qf.data + (g * L + i) * Dr;
+        row_to_float(at4<TIn>(q, b, h0 + g, i), q.s3, row, D);
+        for (int64_t d = 0; d < D; ++d) row[d] *= pl.scale;
+      }
+    std::fill(mrow, mrow + R, ninf);
+    std::fill(lrow, lrow + R, 0.0f);
+    for (int64_t j0 = 0; j0 < pl.Lk; j0 += C) {
+      const int64_t n = std::min(C, pl.Lk - j0);
+      const float* krow[C];
+      const float* vrow[C];
+      for (int64_t jj = 0; jj < n; ++jj) {  // the chunk's keys and values as float rows
+        const int64_t j = j0 + jj;
+        const bool past = j < pl.P;
+        const Strided& ks = past ? pk : k;
+        const Strided& vs = past ? pv : v;
+        const int64_t t = past ? j : j - pl.P;
+        const TIn* kin = at4<TIn>(ks, b, hk, t);
+        const TIn* vin = at4<TIn>(vs, b, hk, t);
+        if constexpr (sizeof(TIn) == 4) {  // float32 rows in place when contiguous
+          if (ks.s3 == 1) krow[jj] = reinterpret_cast<const float*>(kin);
+          if (vs.s3 == 1) vrow[jj] = reinterpret_cast<const float*>(vin);
+        }
+        if (sizeof(TIn) != 4 || ks.s3 != 1) {
+          row_to_float(kin, ks.s3, kf.data + jj * Dr, D);
+          krow[jj] = kf.data + jj * Dr;
+        }
+        if (sizeof(TIn) != 4 || vs.s3 != 1) {
+          row_to_float(vin, vs.s3, vf.data + jj * Dr, D);
+          vrow[jj] = vf.data + jj * Dr;
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = r % L;
+        const int64_t a0 = pl.lo0[i], b0 = pl.hi0[i], a1 = pl.lo1[i], b1 = pl.hi1[i];
+        float mx = ninf;
+        for (int64_t jj = 0; jj < C; ++jj) {
+          const int64_t j = j0 + jj;
+          const bool seen = jj < n && ((a0 <= j && j < b0) || (a1 <= j && j < b1)) &&
+                            (pl.keep == nullptr || key_kept(pl, b, j));
+          sc[jj] = seen ? dot_row(qf.data + r * Dr, krow[jj], D) : ninf;
+          mx = std::max(mx, sc[jj]);
+        }
+        if (mx == ninf) continue;  // nothing seen in this chunk
+        const bool first = mrow[r] == ninf;
+        const float mnew = std::max(mrow[r], mx);
+        const float alpha = first ? 0.0f : exp_or_zero(mrow[r] - mnew);
+        mrow[r] = mnew;
+        lrow[r] = lrow[r] * alpha + exp_chunk16(sc, mnew);
+        pv_rows(sc, vrow, n, acc.data + r * Dr, alpha, first, D);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r / L, i = r % L, bh = b * pl.Hq + h0 + g;
+      TIn* dst = out + (bh * L + i) * D;
+      const bool any = lrow[r] > 0.0f;
+      if (any) {
+        store_row<TIn>(acc.data + r * Dr, 1.0f / lrow[r], dst, D);
+      } else {
+        std::fill(dst, dst + D, from_float<TIn>(0.0f));
+      }
+      lse[bh * L + i] = any ? mrow[r] + std::log(lrow[r]) : ninf;
+    }
+  }
+}
+
 template <typename TIn, typename PT>
 void backward_units_t(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
                       const Strided& pk, const Strided& pv, const Strided& dout,
@@ -1038,6 +1186,16 @@ inline void forward_units(const Plan& pl, const Strided& q, const Strided& k, co
                                           u0, u1);
   } else {
     forward_units_t<float, float>(pl, q, k, v, pk, pv, static_cast<float*>(out), lse, u0, u1);
+  }
+}
+
+inline void forward_rows(const Plan& pl, const Strided& q, const Strided& k, const Strided& v,
+                         const Strided& pk, const Strided& pv, void* out, float* lse, int64_t u0,
+                         int64_t u1) {
+  if (pl.bf16) {
+    forward_rows_t<uint16_t>(pl, q, k, v, pk, pv, static_cast<uint16_t*>(out), lse, u0, u1);
+  } else {
+    forward_rows_t<float>(pl, q, k, v, pk, pv, static_cast<float*>(out), lse, u0, u1);
   }
 }
 

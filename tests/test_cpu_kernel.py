@@ -141,6 +141,38 @@ def test_amx_path_head_dims(dim, mask, monkeypatch, top_isa):
     _check(inp, dict(num_read=5, num_write=7, mask=mask, scale=dim ** -0.5), lse_grad=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", MODES)
+@pytest.mark.parametrize("length,memory", [(1, (0, 0)), (2, (0, 1)), (4, (1, 1)), (8, (2, 3)),
+                                           (9, (2, 3))])
+@pytest.mark.parametrize("past,pvr,pad", [(0, False, False), (37, False, True), (40, True, False)])
+def test_few_rows_path(dtype, mask, length, memory, past, pvr, pad):
+    """Up to rows_max (2-8 by dtype and path) query rows the forward pass reads keys and values
+    in place (forward_rows_t), above it packs tiles: one decoded token or a few rows over past
+    keys (ragged 16-key chunks), every mask, padding (a batch row that sees nothing), GQA, both
+    sides of every threshold; backward through the tiled path."""
+    inp = _inputs(dtype, batch=2, hq=4, hkv=2, length=length, past=past, dim=40, pad=pad,
+                  seed=length + past)
+    _check(inp, dict(num_read=memory[0], num_write=memory[1], mask=mask, past_visible_to_read=pvr,
+                     scale=0.2), lse_grad=True)
+
+
+def test_few_rows_path_strides_and_isas(monkeypatch):
+    """Non-contiguous inputs (a transposed view, a strided head dim) on every code path."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 3, 60, 2, 32, generator=g, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = base[:, :, :2, 0].to(dtype)  # [2, 3, 2, 32], head-dim stride 2
+        kv = torch.randn(2, 5, 3, 32, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+        pk = base[:, :, 2:, 1].to(dtype)[:, :, :50]
+        for isa in ISAS:
+            monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+            _check(dict(q=q.requires_grad_(), k=kv[:, :, :2].requires_grad_(),
+                        v=kv[:, :, 3:].requires_grad_(), past_k=pk.requires_grad_(),
+                        past_v=pk.flip(2).detach().requires_grad_()),
+                   dict(num_read=0, num_write=1, mask="rmt"))
+
+
 def test_amx_path_interleaves_with_aten(monkeypatch):
     """Our kernel loads and releases the AMX tile configuration per call; ATen's bf16 SDPA and
     linear layers (AMX tiles through oneDNN where the CPU has them) run before and after it on

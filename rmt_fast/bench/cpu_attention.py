@@ -76,6 +76,9 @@ CASES = (
     Case("gpt2-small S1024", 1, 12, 1024),
     Case("gpt2-small S512 B4 +past", 4, 12, 512, past=528),
     Case("small S32 B1", 1, 4, 32, memory=4),
+    # one generated token (no memory rows) over a segment's and its predecessor's keys
+    Case("gpt2-small decode +past528", 1, 12, 1, memory=0, past=528),
+    Case("gpt2-small decode +past2048", 1, 12, 1, memory=0, past=2048),
 )
 QUICK = tuple(CASES[i] for i in (0, 1, 5))
 
