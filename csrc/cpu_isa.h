@@ -47,7 +47,8 @@ inline bool amx_usable() {
   static const bool ok = [] {
 #if defined(RMT_CPU_AMX) && defined(__linux__) && defined(SYS_arch_prctl)
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return cpu_has_amx_bf16() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    return cpu_has_amx_bf16() &&
+           syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
     return false;
 #endif

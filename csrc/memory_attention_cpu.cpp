@@ -2,8 +2,9 @@
 // (out + float32 log-sum-exp) and backward (dq, dk, dv and the past keys' dk, dv), every mask of
 // rmt_fast/masks.py, grouped-query attention, past keys/values in their own buffers, key
 // padding, inputs of any strides. The kernels are in memory_attention_cpu_impl.h, compiled here
-// four times (portable C++, AVX-512F, AVX-512 BF16, AMX-BF16) and picked at run time from the CPU's
-// features, so the extension is built without -march and still runs anywhere.
+// four times (portable C++, AVX-512F, AVX-512 BF16, AMX-BF16) and picked at run time from the
+// CPU's features, so the extension is built without -march and still runs anywhere. A forward
+// pass with few query rows (decoding) reads keys in place (forward_rows_t, rows_max).
 //
 // Ops (autograd and fake kernels are registered from rmt_fast/ops/memory_attention/cpu_kernel.py):
 //   memory_attention_cpu(q [B,Hq,L,D], k, v [B,Hkv,L,D], past_k?, past_v? [B,Hkv,P,D],
@@ -255,9 +256,23 @@ at::Tensor bytes(int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, at::kB
 
 // Query rows per head up to which the forward pass reads keys and values in place, row by row
 // (forward_rows_t: one decoded token, a few rows over a long past), instead of packing tiles: the
-// crossovers measured on an Intel Xeon with AMX (bench/README.md, "Few query rows"): float32 8,
-// bf16 4 (the vector paths) and 2 on the AMX path, whose tiles make the packed path cheaper.
-int64_t rows_max(int isa, bool bf16) { return !bf16 ? 8 : isa == kAmx ? 2 : 4; }
+// crossovers measured on an Intel Xeon with AMX for every path (bench/README.md, "Few query
+// rows"): 8 rows, bf16 on the AVX-512 BF16 path 12 (its tiles are the slowest), on the AMX path
+// 2 (its tiles the fastest). RMT_FAST_CPU_ROWS_MAX=n overrides it (read per call: benchmarks and
+// tests switch it).
+int64_t rows_max(int isa, bool bf16) {
+  const char* env = std::getenv("RMT_FAST_CPU_ROWS_MAX");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 0, "RMT_FAST_CPU_ROWS_MAX must be a non-negative integer, "
+                "got '", env, "'");
+    return n;
+  }
+  if (bf16 && isa == kAmx) return 2;
+  if (bf16 && isa == kAvx512Bf16) return 12;
+  return 8;
+}
 
 // One task per (batch, kv head) unit (packing next to its use, see forward_units_t) when the
 // units keep every thread busy; otherwise pack everything first and split finer.

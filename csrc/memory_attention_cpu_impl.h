@@ -960,40 +960,92 @@ inline void row_to_float(const TIn* src, int64_t s3, float* dst, int64_t D) {
   }
 }
 
+#if RMT_MA_ISA >= 1
+// the lanes of m of 16 elements at p as floats (the other lanes 0)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) { return load_bf16x16(p, m); }
+
+// lane j of the result = the sum of the 16 lanes of v[j] (a transposing add tree: 45
+// shuffles/adds for 16 sums instead of 16 horizontal reductions)
+inline __m512 sum16x16(const __m512* v) {
+  __m512 r[8], t[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
+    r[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v[4i .. 4i + 3]
+    const __m512d a = _mm512_castps_pd(r[2 * i]), b = _mm512_castps_pd(r[2 * i + 1]);
+    t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x88),
+                                  _mm512_shuffle_f32x4(t[0], t[1], 0xdd));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x88),
+                                  _mm512_shuffle_f32x4(t[2], t[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
+}
+#endif
+
+// s[j] = sum_d a[d] x[j][d] for j < n (s[j] = 0 for n <= j < 16), d < D; x rows float or bf16
+template <typename RT>
+inline void dot16(const float* a, const RT* const* x, int64_t n, int64_t D, float* s) {
+#if RMT_MA_ISA >= 1
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = head_mask16(D - d);
+    const __m512 av = _mm512_maskz_loadu_ps(m, a + d);
+    for (int64_t j = 0; j < n; ++j) acc[j] = _mm512_fmadd_ps(av, load16(x[j] + d, m), acc[j]);
+  }
+  _mm512_storeu_ps(s, sum16x16(acc));
+#else
+  for (int64_t j = 0; j < 16; ++j) {
+    float acc = 0.0f;
+    if (j < n)
+      for (int64_t d = 0; d < D; ++d) acc += a[d] * to_float(x[j][d]);
+    s[j] = acc;
+  }
+#endif
+}
+
 // a[d] = alpha * a[d] + sum_j p[j] x[j][d] over d < D, j < n (a = sum_j p[j] x[j] when first:
-// a is not read), the accumulator held in registers across the n rows
-inline void pv_rows(const float* p, const float* const* x, int64_t n, float* a, float alpha,
-                    bool first, int64_t D) {
+// a is not read), the accumulator held in registers across the n rows; x rows float or bf16
+template <typename RT>
+inline void pv16(const float* p, const RT* const* x, int64_t n, float* a, float alpha, bool first,
+                 int64_t D) {
 #if RMT_MA_ISA >= 1
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 m = head_mask16(D - d);
     __m512 acc = first ? _mm512_setzero_ps()
                        : _mm512_mul_ps(_mm512_set1_ps(alpha), _mm512_maskz_loadu_ps(m, a + d));
     for (int64_t j = 0; j < n; ++j)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, x[j] + d), acc);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(x[j] + d, m), acc);
     _mm512_mask_storeu_ps(a + d, m, acc);
   }
 #else
   for (int64_t d = 0; d < D; ++d) {
     float acc = first ? 0.0f : alpha * a[d];
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * x[j][d];
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * to_float(x[j][d]);
     a[d] = acc;
   }
 #endif
 }
 
-inline float dot_row(const float* a, const float* b, int64_t n) {
+// s[j] = seen bit j ? s[j] : -inf, then p[j] = exp(s[j] - max) in place, j < 16; returns the
+// max (-inf when nothing is seen: s is left as is)
+inline float mask_max16(float* s, uint32_t seen) {
+  const float ninf = -std::numeric_limits<float>::infinity();
 #if RMT_MA_ISA >= 1
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < n; d += 16) {
-    const __mmask16 m = head_mask16(n - d);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  const __m512 v = _mm512_mask_blend_ps(static_cast<__mmask16>(seen), _mm512_set1_ps(ninf),
+                                        _mm512_loadu_ps(s));
+  _mm512_storeu_ps(s, v);
+  return _mm512_reduce_max_ps(v);
 #else
-  float acc = 0.0f;
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
-  return acc;
+  float mx = ninf;
+  for (int j = 0; j < 16; ++j) {
+    if (!((seen >> j) & 1u)) s[j] = ninf;
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
 #endif
 }
 
@@ -1008,6 +1060,12 @@ inline float exp_chunk16(float* s, float sub) {
   for (int j = 0; j < 16; ++j) sum += (s[j] = exp_or_zero(s[j] - sub));
   return sum;
 #endif
+}
+
+// bit j set: key j0 + j (j < n) lies in [lo, hi)
+inline uint32_t interval_bits(int64_t j0, int64_t n, int64_t lo, int64_t hi) {
+  const int64_t a = std::max<int64_t>(lo - j0, 0), b = std::min<int64_t>(hi - j0, n);
+  return a < b ? ((b - a >= 32 ? ~0u : ((1u << (b - a)) - 1u)) << a) : 0u;
 }
 
 // Forward pass of units [u0, u1) (u = b * Hkv + hk) when the query rows are few (decoding one
@@ -1038,47 +1096,56 @@ void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const St
     std::fill(lrow, lrow + R, 0.0f);
     for (int64_t j0 = 0; j0 < pl.Lk; j0 += C) {
       const int64_t n = std::min(C, pl.Lk - j0);
-      const float* krow[C];
-      const float* vrow[C];
-      for (int64_t jj = 0; jj < n; ++jj) {  // the chunk's keys and values as float rows
+      // the chunk's key and value rows: in place when every row is contiguous, else as floats
+      const TIn* kin[C];
+      const TIn* vin[C];
+      const float* kcp[C];
+      const float* vcp[C];
+      bool direct = true;
+      uint32_t kept = 0;
+      for (int64_t jj = 0; jj < n; ++jj) {
         const int64_t j = j0 + jj;
         const bool past = j < pl.P;
         const Strided& ks = past ? pk : k;
         const Strided& vs = past ? pv : v;
-        const int64_t t = past ? j : j - pl.P;
-        const TIn* kin = at4<TIn>(ks, b, hk, t);
-        const TIn* vin = at4<TIn>(vs, b, hk, t);
-        if constexpr (sizeof(TIn) == 4) {  // float32 rows in place when contiguous
-          if (ks.s3 == 1) krow[jj] = reinterpret_cast<const float*>(kin);
-          if (vs.s3 == 1) vrow[jj] = reinterpret_cast<const float*>(vin);
-        }
-        if (sizeof(TIn) != 4 || ks.s3 != 1) {
-          row_to_float(kin, ks.s3, kf.data + jj * Dr, D);
-          krow[jj] = kf.data + jj * Dr;
-        }
-        if (sizeof(TIn) != 4 || vs.s3 != 1) {
-          row_to_float(vin, vs.s3, vf.data + jj * Dr, D);
-          vrow[jj] = vf.data + jj * Dr;
+        kin[jj] = at4<TIn>(ks, b, hk, past ? j : j - pl.P);
+        vin[jj] = at4<TIn>(vs, b, hk, past ? j : j - pl.P);
+        direct = direct && ks.s3 == 1 && vs.s3 == 1;
+        if (pl.keep == nullptr || key_kept(pl, b, j)) kept |= 1u << jj;
+      }
+      if (kept == 0) continue;
+      if (!direct) {
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const int64_t j = j0 + jj;
+          const Strided& ks = j < pl.P ? pk : k;
+          const Strided& vs = j < pl.P ? pv : v;
+          row_to_float(kin[jj], ks.s3, kf.data + jj * Dr, D);
+          row_to_float(vin[jj], vs.s3, vf.data + jj * Dr, D);
+          kcp[jj] = kf.data + jj * Dr;
+          vcp[jj] = vf.data + jj * Dr;
         }
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = r % L;
-        const int64_t a0 = pl.lo0[i], b0 = pl.hi0[i], a1 = pl.lo1[i], b1 = pl.hi1[i];
-        float mx = ninf;
-        for (int64_t jj = 0; jj < C; ++jj) {
-          const int64_t j = j0 + jj;
-          const bool seen = jj < n && ((a0 <= j && j < b0) || (a1 <= j && j < b1)) &&
-                            (pl.keep == nullptr || key_kept(pl, b, j));
-          sc[jj] = seen ? dot_row(qf.data + r * Dr, krow[jj], D) : ninf;
-          mx = std::max(mx, sc[jj]);
+        const uint32_t seen = kept & (interval_bits(j0, n, pl.lo0[i], pl.hi0[i]) |
+                                      interval_bits(j0, n, pl.lo1[i], pl.hi1[i]));
+        if (seen == 0) continue;  // nothing seen in this chunk
+        if (direct) {
+          dot16(qf.data + r * Dr, kin, n, D, sc);
+        } else {
+          dot16(qf.data + r * Dr, kcp, n, D, sc);
         }
-        if (mx == ninf) continue;  // nothing seen in this chunk
+        const float mx = mask_max16(sc, seen);
         const bool first = mrow[r] == ninf;
         const float mnew = std::max(mrow[r], mx);
         const float alpha = first ? 0.0f : exp_or_zero(mrow[r] - mnew);
         mrow[r] = mnew;
         lrow[r] = lrow[r] * alpha + exp_chunk16(sc, mnew);
-        pv_rows(sc, vrow, n, acc.data + r * Dr, alpha, first, D);
+        if (direct) {
+          pv16(sc, vin, n, acc.data + r * Dr, alpha, first, D);
+        } else {
+          pv16(sc, vcp, n, acc.data + r * Dr, alpha, first, D);
+        }
       }
     }
     for (int64_t r = 0; r < R; ++r) {

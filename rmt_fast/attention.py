@@ -98,11 +98,11 @@ def memory_attention(
         return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows).
         backend: ``"auto"`` (Triton on CUDA; on CPU what
             :func:`rmt_fast.ops.memory_attention.cpu_kernel.auto_path` measured fastest: the
-            extension's kernel, ATen's SDPA with a dense mask (bf16 inference on AMX CPUs) or
-            the ``"torch"`` path), ``"triton"`` (on CPU tensors it runs under
-            ``TRITON_INTERPRET=1``), ``"torch"``, ``"cpu"`` (the extension's fused CPU kernel;
-            float16/float64 inputs, or a build without it, take the ``"torch"`` path),
-            ``"reference"``.
+            extension's kernel, ATen's SDPA with a dense mask (bf16 inference on AMX CPUs where
+            the kernel may not use the tiles) or the ``"torch"`` path), ``"triton"`` (on CPU
+            tensors it runs under ``TRITON_INTERPRET=1``), ``"torch"``, ``"cpu"`` (the
+            extension's fused CPU kernel; float16/float64 inputs, or a build without it, take the
+            ``"torch"`` path), ``"reference"``.
         dropout_p: attention dropout (torch and reference backends; uses a dense mask).
 
     Returns:

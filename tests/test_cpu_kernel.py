@@ -147,7 +147,7 @@ def test_amx_path_head_dims(dim, mask, monkeypatch, top_isa):
                                            (9, (2, 3))])
 @pytest.mark.parametrize("past,pvr,pad", [(0, False, False), (37, False, True), (40, True, False)])
 def test_few_rows_path(dtype, mask, length, memory, past, pvr, pad):
-    """Up to rows_max (2-8 by dtype and path) query rows the forward pass reads keys and values
+    """Up to rows_max (2-12 by dtype and path) query rows the forward pass reads keys and values
     in place (forward_rows_t), above it packs tiles: one decoded token or a few rows over past
     keys (ragged 16-key chunks), every mask, padding (a batch row that sees nothing), GQA, both
     sides of every threshold; backward through the tiled path."""
@@ -157,20 +157,40 @@ def test_few_rows_path(dtype, mask, length, memory, past, pvr, pad):
                      scale=0.2), lse_grad=True)
 
 
-def test_few_rows_path_strides_and_isas(monkeypatch):
-    """Non-contiguous inputs (a transposed view, a strided head dim) on every code path."""
-    g = torch.Generator().manual_seed(5)
-    base = torch.randn(2, 3, 60, 2, 32, generator=g, dtype=torch.float64)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("length", [2, 12, 13])
+def test_few_rows_path_strides_and_isas(monkeypatch, isa, length):
+    """Non-contiguous inputs (a transposed view, a strided head dim) on every code path, on both
+    sides of the bf16 AVX-512 BF16 path's threshold (12 rows)."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(5 + length)
+    base = torch.randn(2, 3, 60 + length, 2, 32, generator=g, dtype=torch.float64)
     for dtype in (torch.float32, torch.bfloat16):
-        q = base[:, :, :2, 0].to(dtype)  # [2, 3, 2, 32], head-dim stride 2
-        kv = torch.randn(2, 5, 3, 32, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
-        pk = base[:, :, 2:, 1].to(dtype)[:, :, :50]
-        for isa in ISAS:
-            monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
-            _check(dict(q=q.requires_grad_(), k=kv[:, :, :2].requires_grad_(),
-                        v=kv[:, :, 3:].requires_grad_(), past_k=pk.requires_grad_(),
-                        past_v=pk.flip(2).detach().requires_grad_()),
-                   dict(num_read=0, num_write=1, mask="rmt"))
+        q = base[:, :, :length, 0].to(dtype)  # [2, 3, length, 32], head-dim stride 2
+        kv = torch.randn(2, 2 * length + 1, 3, 32, generator=g, dtype=torch.float64).to(dtype)
+        kv = kv.transpose(1, 2)
+        pk = base[:, :, length:, 1].to(dtype)[:, :, :50]
+        _check(dict(q=q.requires_grad_(), k=kv[:, :, :length].requires_grad_(),
+                    v=kv[:, :, length + 1:].requires_grad_(), past_k=pk.requires_grad_(),
+                    past_v=pk.flip(2).detach().requires_grad_()),
+               dict(num_read=0, num_write=1, mask="rmt"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_max_switch(monkeypatch, dtype):
+    """RMT_FAST_CPU_ROWS_MAX forces the in-place rows path or the tiles on the same call: both
+    match the reference (and each other); a bad value is an error naming the variable."""
+    inp = _inputs(dtype, batch=2, hq=4, hkv=2, length=6, past=45, dim=24, pad=True, seed=21)
+    outs = []
+    for rows_max in ("0", "100"):
+        monkeypatch.setenv("RMT_FAST_CPU_ROWS_MAX", rows_max)
+        _check(inp, dict(num_read=1, num_write=2, mask="rmt"), lse_grad=True)
+        outs.append(memory_attention(**inp, num_read=1, num_write=2, mask="rmt", backend="cpu"))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (outs[0].float() - outs[1].float()).abs().max() < tol
+    monkeypatch.setenv("RMT_FAST_CPU_ROWS_MAX", "-1")
+    with pytest.raises(RuntimeError, match="RMT_FAST_CPU_ROWS_MAX must be a non-negative integer"):
+        memory_attention(**inp, num_read=1, num_write=2, mask="rmt", backend="cpu")
 
 
 def test_amx_path_interleaves_with_aten(monkeypatch):
@@ -463,12 +483,16 @@ def test_bench_systems_agree_and_restore_the_isa(monkeypatch):
 
     monkeypatch.delenv("RMT_FAST_CPU_ISA", raising=False)
     case = bench.Case("tiny", 2, 2, 12, memory=2, past=5, mask="rmt", head_dim=16)
-    systems = bench.SYSTEMS + bench.ISA_VARIANTS
+    systems = bench.SYSTEMS + bench.ISA_VARIANTS + bench.ROWS_SYSTEMS
     for mode in ("fwd", "fwd+bwd"):
         rows = bench.run_case(case, torch.float32, mode, systems, rounds=1, min_sample_s=0.0)
         assert [r["system"] for r in rows] == list(systems)
         assert all(r["max_diff"] < 1e-5 and r["gflops"] > 0 for r in rows), rows
-    assert "RMT_FAST_CPU_ISA" not in os.environ
+    assert "RMT_FAST_CPU_ISA" not in os.environ and "RMT_FAST_CPU_ROWS_MAX" not in os.environ
+    decode = bench.Case("decode", 1, 2, 1, memory=0, past=20, head_dim=16)
+    rows = bench.run_case(decode, torch.float32, "fwd", bench.ROWS_SYSTEMS, rounds=1, min_sample_s=0.0)
+    assert all(r["max_diff"] < 1e-5 for r in rows), rows
+    assert "RMT_FAST_CPU_ROWS_MAX" not in os.environ
 
 
 def test_profile_read_restores_the_switches():

@@ -10,6 +10,9 @@
   path (``RMT_FAST_CPU_ISA``, capped by the CPU), i.e. what other CPUs run;
 * ``cpu_flash``: ``memory_attention(..., backend="torch")``, ATen's CPU flash attention per mask
   block, merged by log-sum-exp (what ``backend="auto"`` ran on CPU before the kernel);
+* ``kernel[rows]`` / ``kernel[tiles]`` (with ``--rows-variants``; alone on ``ROWS_CASES`` with
+  ``--rows-crossover``): the kernel's forward pass forced onto its in-place path for few query
+  rows or onto its packed tiles (``RMT_FAST_CPU_ROWS_MAX``), to place its ``rows_max`` rule;
 * ``sdpa``: ``F.scaled_dot_product_attention``, with ``is_causal=True`` for plain causal
   attention without past keys and a dense bool mask (past keys concatenated, inside the timed
   call) otherwise.
@@ -29,6 +32,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -81,6 +85,12 @@ CASES = (
     Case("gpt2-small decode +past2048", 1, 12, 1, memory=0, past=2048),
 )
 QUICK = tuple(CASES[i] for i in (0, 1, 5))
+#: ``--rows-crossover``: the kernel forced onto its in-place rows path or its tiles
+#: (``RMT_FAST_CPU_ROWS_MAX``) for L query rows over a past, one case per (heads, past, L)
+ROWS_MAX = {"rows": 1 << 30, "tiles": 0}
+ROWS_SYSTEMS = ("kernel[rows]", "kernel[tiles]")
+ROWS_CASES = tuple(Case(f"H{h} past{p} L{n}", 1, h, n, memory=0, past=p)
+                   for h, p in ((12, 528), (12, 2048), (4, 272)) for n in (1, 2, 4, 8, 12, 16, 32))
 
 
 def _flops(case: Case, mode: str) -> float:
@@ -125,7 +135,27 @@ def _call(system: str, case: Case, inp: dict) -> Callable[[], torch.Tensor]:
 
 
 def _isa_env(system: str) -> str | None:
-    return system[len("kernel["):-1] if system.startswith("kernel[") else None
+    name = system[len("kernel["):-1] if system.startswith("kernel[") else None
+    return None if name in ROWS_MAX else name
+
+
+@contextlib.contextmanager
+def _env(system: str):
+    """The kernel's code path for ``system``: ``RMT_FAST_CPU_ISA`` (``kernel[<isa>]``) or
+    ``RMT_FAST_CPU_ROWS_MAX`` (``kernel[rows]``, ``kernel[tiles]``) for the block."""
+    isa = _isa_env(system)
+    rows = ROWS_MAX.get(system[len("kernel["):-1]) if system.startswith("kernel[") else None
+    old = os.environ.get("RMT_FAST_CPU_ROWS_MAX")
+    if rows is not None:
+        os.environ["RMT_FAST_CPU_ROWS_MAX"] = str(rows)
+    try:
+        with cpu_kernel.isa_env(isa) if isa is not None else contextlib.nullcontext():
+            yield
+    finally:
+        if rows is not None and old is None:
+            os.environ.pop("RMT_FAST_CPU_ROWS_MAX", None)
+        elif rows is not None:
+            os.environ["RMT_FAST_CPU_ROWS_MAX"] = old
 
 
 def run_case(case: Case, dtype: torch.dtype, mode: str, systems, rounds: int,
@@ -139,8 +169,7 @@ def run_case(case: Case, dtype: torch.dtype, mode: str, systems, rounds: int,
     calls = {s: _call(s, case, inp) for s in systems}
 
     def step(system):
-        isa = _isa_env(system)
-        with cpu_kernel.isa_env(isa) if isa is not None else contextlib.nullcontext():
+        with _env(system):
             if grad:
                 out = calls[system]()
                 out.backward(dout)
@@ -199,6 +228,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cases", nargs="+", default=None, help="case names (default: all)")
     parser.add_argument("--isa-variants", action="store_true",
                         help="also time the kernel capped to each of its code paths")
+    parser.add_argument("--rows-variants", action="store_true",
+                        help="also time the kernel forced onto its rows path and onto its tiles")
+    parser.add_argument("--rows-crossover", action="store_true",
+                        help="forward only: the kernel's in-place rows path vs its tiles for 1-32 "
+                             "query rows over past keys (the kernel's rows_max rule)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -209,13 +243,17 @@ def main(argv=None) -> list[dict]:
     if args.cases:
         cases = [c for c in CASES if c.name in args.cases]
     rounds = args.rounds or (3 if args.quick else 7)
-    systems = SYSTEMS + (ISA_VARIANTS if args.isa_variants else ())
+    systems = SYSTEMS + (ISA_VARIANTS if args.isa_variants else ()) + \
+        (ROWS_SYSTEMS if args.rows_variants else ())
+    modes = args.modes
+    if args.rows_crossover:
+        cases, systems, modes = ROWS_CASES, ROWS_SYSTEMS, ["fwd"]
     print(f"kernel isa: {cpu_kernel.isa()} (bfloat16: {cpu_kernel.isa(torch.bfloat16)}), "
           f"threads: {torch.get_num_threads()}, rounds: {rounds}")
     rows = []
     for case in cases:
         for dtype in args.dtypes:
-            for mode in args.modes:
+            for mode in modes:
                 new = run_case(case, getattr(torch, dtype), mode, systems, rounds)
                 rows += new
                 print(markdown(new).split("\n", 2)[2], flush=True)
