@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -134,28 +133,19 @@ def _call(system: str, case: Case, inp: dict) -> Callable[[], torch.Tensor]:
     return sdpa
 
 
-def _isa_env(system: str) -> str | None:
-    name = system[len("kernel["):-1] if system.startswith("kernel[") else None
-    return None if name in ROWS_MAX else name
-
-
 @contextlib.contextmanager
 def _env(system: str):
     """The kernel's code path for ``system``: ``RMT_FAST_CPU_ISA`` (``kernel[<isa>]``) or
     ``RMT_FAST_CPU_ROWS_MAX`` (``kernel[rows]``, ``kernel[tiles]``) for the block."""
-    isa = _isa_env(system)
-    rows = ROWS_MAX.get(system[len("kernel["):-1]) if system.startswith("kernel[") else None
-    old = os.environ.get("RMT_FAST_CPU_ROWS_MAX")
-    if rows is not None:
-        os.environ["RMT_FAST_CPU_ROWS_MAX"] = str(rows)
-    try:
-        with cpu_kernel.isa_env(isa) if isa is not None else contextlib.nullcontext():
+    name = system[len("kernel["):-1] if system.startswith("kernel[") else None
+    if name in ROWS_MAX:
+        with cpu_kernel.env("RMT_FAST_CPU_ROWS_MAX", str(ROWS_MAX[name])):
             yield
-    finally:
-        if rows is not None and old is None:
-            os.environ.pop("RMT_FAST_CPU_ROWS_MAX", None)
-        elif rows is not None:
-            os.environ["RMT_FAST_CPU_ROWS_MAX"] = old
+    elif name is not None:
+        with cpu_kernel.isa_env(name):
+            yield
+    else:
+        yield
 
 
 def run_case(case: Case, dtype: torch.dtype, mode: str, systems, rounds: int,

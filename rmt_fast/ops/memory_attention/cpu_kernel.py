@@ -47,21 +47,27 @@ def isa(dtype: torch.dtype = torch.float32) -> str | None:
 
 
 @contextlib.contextmanager
-def isa_env(path: str | None):
-    """``RMT_FAST_CPU_ISA=path`` for the block (None: unset, the kernel picks its path), the
-    variable restored after (benchmarks switch the kernel's path per call with it)."""
-    old = os.environ.get("RMT_FAST_CPU_ISA")
-    if path is None:
-        os.environ.pop("RMT_FAST_CPU_ISA", None)
+def env(name: str, value: str | None):
+    """The environment variable ``name`` set to ``value`` for the block (None: unset), restored
+    after. The kernel reads its switches (``RMT_FAST_CPU_ISA``, ``RMT_FAST_CPU_ROWS_MAX``) at
+    every call, so benchmarks and tests switch them per call with this."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
     else:
-        os.environ["RMT_FAST_CPU_ISA"] = path
+        os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("RMT_FAST_CPU_ISA", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["RMT_FAST_CPU_ISA"] = old
+            os.environ[name] = old
+
+
+def isa_env(path: str | None):
+    """``RMT_FAST_CPU_ISA=path`` for the block (None: unset, the kernel picks its path)."""
+    return env("RMT_FAST_CPU_ISA", path)
 
 
 def supported(q: torch.Tensor) -> bool:
