@@ -37,6 +37,19 @@ inline float gelu_tanh(float x) {
   return x / (1.0f + exp_approx(minus_2u));
 }
 
+// d gelu_tanh / dx = s + x s (1 - s) 2 u', s = sigmoid(2u) = 1 / (1 + e), e = exp(-2u),
+// u' = sqrt(2 / pi) (1 + 3 0.044715 x^2). 1 - s is taken as e s (no cancellation where s -> 1).
+// x is clamped to [-10, 10] first (NaN stays NaN): beyond it the derivative is 1 or 0 to float
+// precision (the second term is below 4e-36 at |x| = 10), and e, x^2 stay finite.
+inline float gelu_tanh_grad(float x) {
+  x = x < -10.0f ? -10.0f : (x > 10.0f ? 10.0f : x);
+  const float x2 = x * x;
+  const float e = exp_approx(-1.5957691216057308f * x * (1.0f + 0.044715f * x2));
+  const float s = 1.0f / (1.0f + e);
+  const float du2 = 1.5957691216057308f * (1.0f + 0.134145f * x2);  // 2 u'
+  return s + x * s * (e * s) * du2;
+}
+
 // bfloat16 bits <-> float; float -> bf16 rounds to nearest even and keeps NaN a (quiet) NaN.
 // Branch-free, so that loops over them vectorise.
 inline float bf16_to_float(uint16_t b) {

@@ -7,7 +7,9 @@
 // (native float -> bf16 rounding), AVX-512F (intrinsics), and portable loops that the compiler
 // vectorises (one clone per instruction set). The AVX-512 loops are written with intrinsics
 // because GCC's vectorisation of the portable loop ran 3-5x slower than them (2026-12-04).
-// The gradient is ATen's gelu_backward (registered from Python, rmt_fast/_extension.py).
+// rmt_fast::gelu_tanh_backward(grad, x): its gradient, the same three paths (ATen's bf16
+// gelu_backward took 9% of a bf16 RMT training step on an AMX Xeon, 2026-12-06); registered as
+// gelu_tanh's autograd formula from Python (rmt_fast/_extension.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,6 +60,24 @@ void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
   }
 }
 
+RMT_ISA_CLONES
+void gelu_tanh_backward_loop(const float* g, const float* x, float* dx, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dx[i] = g[i] * gelu_tanh_grad(x[i]);
+}
+
+void gelu_tanh_backward_bf16_loop(const uint16_t* g, const uint16_t* x, uint16_t* dx, int64_t n) {
+  constexpr int64_t kChunk = 1024;
+  alignas(64) float gin[kChunk], xin[kChunk], out[kChunk];
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t m = std::min(kChunk, n - i);
+    bf16_to_float_loop(g + i, gin, m);
+    bf16_to_float_loop(x + i, xin, m);
+    gelu_tanh_backward_loop(gin, xin, out, m);
+    float_to_bf16_loop(out, dx + i, m);
+  }
+}
+
 #ifdef RMT_CPU_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
@@ -98,6 +118,26 @@ Bf16Loop gelu_bf16_for(int isa) {
   return &gelu_tanh_bf16_loop;
 }
 
+using F32Grad = void (*)(const float*, const float*, float*, int64_t);
+using Bf16Grad = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t);
+
+F32Grad gelu_grad_f32_for(int isa) {
+#ifdef RMT_CPU_X86
+  if (isa >= kAvx512) return &avx512::gelu_tanh_backward_loop512;
+#endif
+  (void)isa;
+  return &gelu_tanh_backward_loop;
+}
+
+Bf16Grad gelu_grad_bf16_for(int isa) {
+#ifdef RMT_CPU_X86
+  if (isa >= kAvx512Bf16) return &avx512bf16::gelu_tanh_backward_bf16_loop512;
+  if (isa == kAvx512) return &avx512::gelu_tanh_backward_bf16_loop512;
+#endif
+  (void)isa;
+  return &gelu_tanh_backward_bf16_loop;
+}
+
 at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "rmt_fast::gelu_tanh: x must be float32 or bfloat16, got ", x.scalar_type());
@@ -121,8 +161,45 @@ at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   return y;
 }
 
+// grad * gelu_tanh'(x), in x's dtype (float32 arithmetic; bf16 rounded once)
+at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "rmt_fast::gelu_tanh_backward: x must be float32 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "rmt_fast::gelu_tanh_backward: grad must "
+              "have x's dtype ", x.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "rmt_fast::gelu_tanh_backward: grad must have x's "
+              "shape ", x.sizes(), ", got ", grad.sizes());
+  const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
+  at::Tensor dx = at::empty_like(xc);
+  if (x.scalar_type() == at::kBFloat16) {
+    const uint16_t* px = static_cast<const uint16_t*>(xc.const_data_ptr());
+    const uint16_t* pg = static_cast<const uint16_t*>(gc.const_data_ptr());
+    uint16_t* pd = static_cast<uint16_t*>(dx.data_ptr());
+    const Bf16Grad loop = gelu_grad_bf16_for(active_cpu_isa());
+    at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      loop(pg + begin, px + begin, pd + begin, end - begin);
+    });
+    return dx;
+  }
+  const float* px = xc.const_data_ptr<float>();
+  const float* pg = gc.const_data_ptr<float>();
+  float* pd = dx.mutable_data_ptr<float>();
+  const F32Grad loop = gelu_grad_f32_for(active_cpu_isa());
+  at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    loop(pg + begin, px + begin, pd + begin, end - begin);
+  });
+  return dx;
+}
+
 }  // namespace rmt_fast
 
-TORCH_LIBRARY_FRAGMENT(rmt_fast, m) { m.def("gelu_tanh(Tensor x) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(rmt_fast, m) {
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) { m.impl("gelu_tanh", &rmt_fast::gelu_tanh_cpu); }
+TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {
+  m.impl("gelu_tanh", &rmt_fast::gelu_tanh_cpu);
+  m.impl("gelu_tanh_backward", &rmt_fast::gelu_tanh_backward_cpu);
+}

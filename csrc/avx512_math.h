@@ -32,6 +32,22 @@ inline __m512 gelu_tanh512(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(minus_2u)));
 }
 
+// gelu_tanh_grad of activation_math.h on 16 lanes (x clamped to [-10, 10], NaN kept: max/min
+// return their second operand when one is NaN)
+inline __m512 gelu_tanh_grad512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(10.0f), _mm512_max_ps(_mm512_set1_ps(-10.0f), x));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  const __m512 cubic = _mm512_fmadd_ps(x2, _mm512_set1_ps(0.044715f), _mm512_set1_ps(1.0f));
+  const __m512 e = exp512(_mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.5957691216057308f)),
+                                        cubic));
+  const __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  const __m512 du2 = _mm512_mul_ps(
+      _mm512_set1_ps(1.5957691216057308f),
+      _mm512_fmadd_ps(x2, _mm512_set1_ps(0.134145f), _mm512_set1_ps(1.0f)));
+  const __m512 xsq = _mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_mul_ps(e, s));
+  return _mm512_fmadd_ps(xsq, du2, s);
+}
+
 // 16 bf16 values at p as floats
 inline __m512 load_bf16x16(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -68,6 +84,25 @@ inline void gelu_tanh_loop512(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = head_mask16(n - i);
     _mm512_mask_storeu_ps(y + i, m, gelu_tanh512(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+// dx = g * gelu_tanh'(x) over n floats
+inline void gelu_tanh_backward_loop512(const float* g, const float* x, float* dx, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + i),
+                                                   gelu_tanh_grad512(_mm512_maskz_loadu_ps(m, x + i))));
+  }
+}
+
+// dx = bf16(g * gelu_tanh'(x)) over n bf16 values (float32 arithmetic, rounded once)
+inline void gelu_tanh_backward_bf16_loop512(const uint16_t* g, const uint16_t* x, uint16_t* dx,
+                                            int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    store_bf16x16(dx + i, m, _mm512_mul_ps(load_bf16x16(g + i, m),
+                                           gelu_tanh_grad512(load_bf16x16(x + i, m))));
   }
 }
 

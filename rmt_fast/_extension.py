@@ -30,6 +30,8 @@ except ImportError as exc:  # not built, or built against another torch
 
 # an extension built before the op existed lacks it
 HAS_GELU_TANH = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "gelu_tanh")
+#: its gradient kernel (an extension built before it existed lacks it: ATen's gelu_backward)
+HAS_GELU_TANH_BACKWARD = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "gelu_tanh_backward")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -157,7 +159,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     float32 and bfloat16 CPU tensors go through the extension's one-pass vectorised kernel
     (float32: about 4x faster than ``F.gelu(x, approximate="tanh")`` on this project's CPU,
     within 1e-6 of it; bfloat16: float32 arithmetic rounded once, within one bf16 rounding of
-    the exact value); the gradient is ATen's ``gelu_backward``. Other dtypes/devices, or no
+    the exact value); the gradient is the extension's ``gelu_tanh_backward`` (ATen's
+    ``gelu_backward`` under ``create_graph``). Other dtypes/devices, or no
     extension: ``F.gelu(x, approximate="tanh")``.
     """
     if x.dtype in GELU_TANH_DTYPES and x.device.type == "cpu":
@@ -374,8 +377,19 @@ def _register() -> None:
         def _gelu_setup(ctx, inputs, output):
             ctx.save_for_backward(inputs[0])
 
+        if HAS_GELU_TANH_BACKWARD:
+            @torch.library.register_fake(lib + "gelu_tanh_backward")
+            def _gelu_backward_fake(grad, x):
+                torch._check(x.dtype in (torch.float32, torch.bfloat16) and grad.dtype == x.dtype,
+                             lambda: "gelu_tanh_backward: grad and x must be float32 or bfloat16")
+                return torch.empty_like(x, memory_format=torch.contiguous_format)
+
         def _gelu_backward(ctx, grad):
             (x,) = ctx.saved_tensors
+            # the extension's kernel, except under create_graph (a double backward needs ATen's
+            # differentiable gelu_backward) or for a gradient of another dtype
+            if HAS_GELU_TANH_BACKWARD and not torch.is_grad_enabled() and grad.dtype == x.dtype:
+                return torch.ops.rmt_fast.gelu_tanh_backward(grad, x)
             return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
 
         torch.library.register_autograd(lib + "gelu_tanh", _gelu_backward, setup_context=_gelu_setup)

@@ -512,15 +512,18 @@ def test_profile_read_restores_the_switches():
 def test_train_paths_runs_every_path_and_restores_the_env(monkeypatch):
     import os
 
+    from rmt_fast import _extension
     from rmt_fast.bench import train_paths
 
     monkeypatch.setenv("RMT_FAST_CPU_ISA", "generic")
+    fast_gelu = _extension.HAS_GELU_TANH_BACKWARD
     rates = train_paths.main(["--config", "tiny", "--length", "32", "--batch", "1", "--rounds", "1"])
     assert os.environ["RMT_FAST_CPU_ISA"] == "generic"
+    assert _extension.HAS_GELU_TANH_BACKWARD == fast_gelu
     monkeypatch.setenv("RMT_FAST_CPU_ISA", "amx")
     top = cpu_kernel.isa(torch.bfloat16)
     monkeypatch.delenv("RMT_FAST_CPU_ISA")
     paths = train_paths.PATHS[train_paths.PATHS.index(top):]
     assert set(rates) == {"float32", f"bf16 picked ({cpu_kernel.isa(torch.bfloat16)})",
-                          *(f"bf16 {p}" for p in paths)}
+                          *(f"bf16 {p}" for p in paths), train_paths.ATEN_GELU_ARM}
     assert all(best > 0 and med > 0 for best, med in rates.values())
