@@ -23,7 +23,7 @@ from rmt_fast.train import train
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOL = 1e-6
+TOL = 3e-6
 TIMEOUT_S = 240
 
 
@@ -71,7 +71,10 @@ def two_ranks(tmp_path_factory):
 # AdamW turns rounding-level gradient differences (a batch summed as two halves on two ranks
 # instead of at once) into parameter differences proportional to lr, largest where a gradient is
 # ~0 (e.g. attention key biases, whose exact gradient is 0); the runs use lr=5e-4 (TRAIN_KW) so
-# float32 rounding stays below TOL after the few steps compared.
+# float32 rounding stays below TOL after the few steps compared. Measured in one process (the
+# same training as one micro-batch and as two, 2026-12-06): 3.1e-7 to 6.7e-7 over model seeds
+# 0-4 with either GELU gradient (ATen's or the extension's), except one coordinate of
+# h.1.ln_2.weight at seed 0 (the seed used here) with the extension's: 2.3e-6.
 
 
 def _weights(state: dict) -> dict:
