@@ -98,44 +98,27 @@ namespace avx512bf16 {
 #pragma GCC pop_options
 #endif
 
-using F32Loop = void (*)(const float*, float*, int64_t);
-using Bf16Loop = void (*)(const uint16_t*, uint16_t*, int64_t);
+// The loops of one code path: forward and gradient, float32 and bf16 (float32 needs no AVX-512
+// BF16, so that path's float32 loops are the AVX-512F ones).
+struct GeluLoops {
+  void (*f32)(const float*, float*, int64_t);
+  void (*bf16)(const uint16_t*, uint16_t*, int64_t);
+  void (*f32_grad)(const float*, const float*, float*, int64_t);
+  void (*bf16_grad)(const uint16_t*, const uint16_t*, uint16_t*, int64_t);
+};
 
-F32Loop gelu_f32_for(int isa) {
+GeluLoops gelu_loops_for(int isa) {
 #ifdef RMT_CPU_X86
-  if (isa >= kAvx512) return &avx512::gelu_tanh_loop512;
+  if (isa >= kAvx512Bf16)
+    return {&avx512::gelu_tanh_loop512, &avx512bf16::gelu_tanh_bf16_loop512,
+            &avx512::gelu_tanh_backward_loop512, &avx512bf16::gelu_tanh_backward_bf16_loop512};
+  if (isa == kAvx512)
+    return {&avx512::gelu_tanh_loop512, &avx512::gelu_tanh_bf16_loop512,
+            &avx512::gelu_tanh_backward_loop512, &avx512::gelu_tanh_backward_bf16_loop512};
 #endif
   (void)isa;
-  return &gelu_tanh_loop;
-}
-
-Bf16Loop gelu_bf16_for(int isa) {
-#ifdef RMT_CPU_X86
-  if (isa >= kAvx512Bf16) return &avx512bf16::gelu_tanh_bf16_loop512;
-  if (isa == kAvx512) return &avx512::gelu_tanh_bf16_loop512;
-#endif
-  (void)isa;
-  return &gelu_tanh_bf16_loop;
-}
-
-using F32Grad = void (*)(const float*, const float*, float*, int64_t);
-using Bf16Grad = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t);
-
-F32Grad gelu_grad_f32_for(int isa) {
-#ifdef RMT_CPU_X86
-  if (isa >= kAvx512) return &avx512::gelu_tanh_backward_loop512;
-#endif
-  (void)isa;
-  return &gelu_tanh_backward_loop;
-}
-
-Bf16Grad gelu_grad_bf16_for(int isa) {
-#ifdef RMT_CPU_X86
-  if (isa >= kAvx512Bf16) return &avx512bf16::gelu_tanh_backward_bf16_loop512;
-  if (isa == kAvx512) return &avx512::gelu_tanh_backward_bf16_loop512;
-#endif
-  (void)isa;
-  return &gelu_tanh_backward_bf16_loop;
+  return {&gelu_tanh_loop, &gelu_tanh_bf16_loop, &gelu_tanh_backward_loop,
+          &gelu_tanh_backward_bf16_loop};
 }
 
 at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
@@ -146,7 +129,7 @@ at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   if (x.scalar_type() == at::kBFloat16) {
     const uint16_t* px = static_cast<const uint16_t*>(xc.const_data_ptr());
     uint16_t* py = static_cast<uint16_t*>(y.data_ptr());
-    const Bf16Loop loop = gelu_bf16_for(active_cpu_isa());
+    const auto loop = gelu_loops_for(active_cpu_isa()).bf16;
     at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
       loop(px + begin, py + begin, end - begin);
     });
@@ -154,7 +137,7 @@ at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   }
   const float* px = xc.const_data_ptr<float>();
   float* py = y.mutable_data_ptr<float>();
-  const F32Loop loop = gelu_f32_for(active_cpu_isa());
+  const auto loop = gelu_loops_for(active_cpu_isa()).f32;
   at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     loop(px + begin, py + begin, end - begin);
   });
@@ -176,7 +159,7 @@ at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
     const uint16_t* px = static_cast<const uint16_t*>(xc.const_data_ptr());
     const uint16_t* pg = static_cast<const uint16_t*>(gc.const_data_ptr());
     uint16_t* pd = static_cast<uint16_t*>(dx.data_ptr());
-    const Bf16Grad loop = gelu_grad_bf16_for(active_cpu_isa());
+    const auto loop = gelu_loops_for(active_cpu_isa()).bf16_grad;
     at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
       loop(pg + begin, px + begin, pd + begin, end - begin);
     });
@@ -185,7 +168,7 @@ at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
   const float* px = xc.const_data_ptr<float>();
   const float* pg = gc.const_data_ptr<float>();
   float* pd = dx.mutable_data_ptr<float>();
-  const F32Grad loop = gelu_grad_f32_for(active_cpu_isa());
+  const auto loop = gelu_loops_for(active_cpu_isa()).f32_grad;
   at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     loop(pg + begin, px + begin, pd + begin, end - begin);
   });
