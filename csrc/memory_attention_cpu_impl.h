@@ -1084,6 +1084,8 @@ void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const St
   Buffer<float> qf(kRowsQ, R * Dr), acc(kRowsAcc, R * Dr), kf(kRowsK, C * Dr), vf(kRowsV, C * Dr);
   Buffer<float> stat(kRowsStat, 2 * R + C);
   float *mrow = stat.data, *lrow = stat.data + R, *sc = stat.data + 2 * R;
+  // key and value rows read in place when every buffer's rows are contiguous, else as floats
+  const bool direct = k.s3 == 1 && v.s3 == 1 && (pl.P == 0 || (pk.s3 == 1 && pv.s3 == 1));
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t b = u / pl.Hkv, hk = u % pl.Hkv, h0 = hk * G;
     for (int64_t g = 0; g < G; ++g)
@@ -1096,13 +1098,15 @@ void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const St
     std::fill(lrow, lrow + R, 0.0f);
     for (int64_t j0 = 0; j0 < pl.Lk; j0 += C) {
       const int64_t n = std::min(C, pl.Lk - j0);
-      // the chunk's key and value rows: in place when every row is contiguous, else as floats
+      uint32_t kept = 0;
+      for (int64_t jj = 0; jj < n; ++jj)
+        if (pl.keep == nullptr || key_kept(pl, b, j0 + jj)) kept |= 1u << jj;
+      if (kept == 0) continue;
+      // the chunk's key and value rows: in place (kin, vin) or as floats (kcp, vcp)
       const TIn* kin[C];
       const TIn* vin[C];
       const float* kcp[C];
       const float* vcp[C];
-      bool direct = true;
-      uint32_t kept = 0;
       for (int64_t jj = 0; jj < n; ++jj) {
         const int64_t j = j0 + jj;
         const bool past = j < pl.P;
@@ -1110,15 +1114,7 @@ void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const St
         const Strided& vs = past ? pv : v;
         kin[jj] = at4<TIn>(ks, b, hk, past ? j : j - pl.P);
         vin[jj] = at4<TIn>(vs, b, hk, past ? j : j - pl.P);
-        direct = direct && ks.s3 == 1 && vs.s3 == 1;
-        if (pl.keep == nullptr || key_kept(pl, b, j)) kept |= 1u << jj;
-      }
-      if (kept == 0) continue;
-      if (!direct) {
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const int64_t j = j0 + jj;
-          const Strided& ks = j < pl.P ? pk : k;
-          const Strided& vs = j < pl.P ? pv : v;
+        if (!direct) {
           row_to_float(kin[jj], ks.s3, kf.data + jj * Dr, D);
           row_to_float(vin[jj], vs.s3, vf.data + jj * Dr, D);
           kcp[jj] = kf.data + jj * Dr;
