@@ -470,7 +470,7 @@ def test_auto_path_rule(monkeypatch):
 def test_sdpa_only_where_the_kernel_has_no_amx_path(monkeypatch, aten, path, sdpa):
     """ATen on AMX beat the kernel's vector paths on bf16 inference, not its AMX path."""
     monkeypatch.setattr(cpu_kernel, "aten_amx", lambda: aten)
-    monkeypatch.setattr(cpu_kernel, "_bf16_isa", lambda: path)
+    monkeypatch.setattr(cpu_kernel, "_auto_isa", lambda dtype=torch.float32: path)
     assert cpu_kernel.sdpa_beats_kernel_bf16() == sdpa
 
 

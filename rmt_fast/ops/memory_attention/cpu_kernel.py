@@ -80,10 +80,10 @@ AUTO_ISAS = ("avx512_bf16", "avx512")
 
 
 @functools.cache
-def _auto_isa() -> str | None:
-    """The CPU's path, read at the first ``auto`` call (RMT_FAST_CPU_ISA set later does not
-    change what ``auto`` picks)."""
-    return isa()
+def _auto_isa(dtype: torch.dtype = torch.float32) -> str | None:
+    """The kernel's path for ``dtype``, read at the first ``auto`` call (RMT_FAST_CPU_ISA set
+    later does not change what ``auto`` picks)."""
+    return isa(dtype)
 
 
 def preferred(q: torch.Tensor, past_k: torch.Tensor | None = None) -> bool:
@@ -104,18 +104,12 @@ def aten_amx() -> bool:
         return False
 
 
-@functools.cache
-def _bf16_isa() -> str | None:
-    """The kernel's bfloat16 path, read at the first ``auto`` call (as :func:`_auto_isa`)."""
-    return isa(torch.bfloat16)
-
-
 def sdpa_beats_kernel_bf16() -> bool:
     """Whether ATen's flash attention beat this kernel on bfloat16 forward calls here: ATen runs
     its bf16 products on AMX tiles and this kernel does not (no ``"amx"`` path: an extension
     built without it, or a process that may not use the tiles). Measured in ``bench/README.md``
     ("On an AMX CPU"): SDPA 1.3-1.6x our AVX-512F path there, our AMX path 1.2-1.8x SDPA."""
-    return aten_amx() and _bf16_isa() != "amx"
+    return aten_amx() and _auto_isa(torch.bfloat16) != "amx"
 
 
 #: the largest dense bool mask (elements) that ``auto`` builds for SDPA (16 MiB); larger calls
