@@ -9,7 +9,9 @@
 // For every key tile it may see (Plan::row_tiles: block skipping), it computes the transposed
 // scores S^T = K Q^T ([keys, queries], float32), so that the per-query running max, sum and
 // rescaling are vertical (column) vector operations with no horizontal reductions, and the
-// value product runs as O^T += V^T P^T. The backward pass recomputes P^T from the saved
+// value product runs as O^T += V^T P^T; the forward takes up to kFwdGroup key tiles per
+// online-softmax step (one max update and accumulator rescale per group; with AMX one value
+// product over a run of consecutive whole tiles). The backward pass recomputes P^T from the saved
 // log-sum-exp and forms dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q and
 // dQ^T += K^T dS^T, again without transposing a tile. All products are one register-blocked
 // microkernel C[M, N] (+)= A[M, K] B[K, N], B packed with pairs of K interleaved ("VNNI" layout,
@@ -230,10 +232,11 @@ struct TileScope {
 };
 
 // C[16 MT, 32] (+)= A[16 MT, 32 kc] B[16 kc][32][2] over kc chunks of 16 K pairs; lda, ldb,
-// ldc in elements
+// ldc in elements; chunk kc of A starts at A + kc * a_chunk (32: one matrix; larger: the
+// chunks are separate [16 MT, 32] blocks, e.g. the V^T of consecutive key tiles)
 template <int MT>
 inline void amx_block(int64_t kchunks, const uint16_t* A, int64_t lda, const uint16_t* B,
-                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t a_chunk = 32) {
   const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
   __asm__ volatile("" ::: "memory");  // the tile loads' asm does not say it reads memory
   if (accumulate) {
@@ -248,7 +251,7 @@ inline void amx_block(int64_t kchunks, const uint16_t* A, int64_t lda, const uin
     if constexpr (MT == 2) _tile_zero(3);
   }
   for (int64_t kc = 0; kc < kchunks; ++kc) {
-    const uint16_t* a = A + 32 * kc;
+    const uint16_t* a = A + a_chunk * kc;
     const uint16_t* b = B + 16 * kc * ldb;
     _tile_loadd(4, a, sa);
     _tile_loadd(6, b, sb);
@@ -300,6 +303,41 @@ void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const 
   }
 #endif
   gemm_vec<PT>(M, N, ksteps, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// C[M, N] += sum_{g < G} A_g[M, kBK] B_g[kBK, N] over G whole key tiles: A_g = A + g * a_step
+// (lda within a tile), B_g = B + g * kBK / PAIR * ldb (the tiles' B stacked). With AMX (bf16,
+// N a multiple of 32) the whole 16-row blocks run as one tile product over all G tiles (the C
+// tiles loaded and stored once, not once per key tile); otherwise one gemm per key tile.
+template <typename PT>
+void gemm_tiles(int64_t M, int64_t N, int64_t G, const PT* A, int64_t lda, int64_t a_step,
+                const PT* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int PAIR = kPair<PT>;
+  int64_t mt = 0;  // rows done on tiles
+#if RMT_MA_ISA >= 3
+  if constexpr (sizeof(PT) == 2) {
+    static_assert(kBK == 32, "one AMX K chunk (16 pairs) per key tile");
+    if (N % 32 == 0) {
+      mt = M / 16 * 16;
+      for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        for (int64_t m0 = 0; m0 < mt; m0 += 32) {
+          const uint16_t* a = A + m0 * lda;
+          const uint16_t* b = B + n0 * 2;
+          float* c = C + m0 * ldc + n0;
+          if (mt - m0 >= 32) {
+            amx_block<2>(G, a, lda, b, ldb, c, ldc, true, a_step);
+          } else {
+            amx_block<1>(G, a, lda, b, ldb, c, ldc, true, a_step);
+          }
+        }
+      }
+    }
+  }
+#endif
+  if (mt < M)
+    for (int64_t g = 0; g < G; ++g)
+      gemm<PT>(M - mt, N, kBK / PAIR, A + g * a_step + mt * lda, lda, B + g * (kBK / PAIR) * ldb,
+               ldb, C + mt * ldc, ldc, true);
 }
 
 // ------------------------------------------------------------------------------------ helpers
@@ -612,6 +650,16 @@ inline void mul_rows(float* x, const float* y, int64_t n) {
 #endif
 }
 
+// x[m] = max(x[m], y[m]) over n floats (n a multiple of 16)
+inline void max_rows(float* x, const float* y, int64_t n) {
+#if RMT_MA_ISA >= 1
+  for (int64_t m = 0; m < n; m += 16)
+    _mm512_storeu_ps(x + m, _mm512_max_ps(_mm512_loadu_ps(x + m), _mm512_loadu_ps(y + m)));
+#else
+  for (int64_t m = 0; m < n; ++m) x[m] = std::max(x[m], y[m]);
+#endif
+}
+
 // sum_d a[d] b[d] over n elements (a multiple of 16), in an order that does not depend on the
 // inputs' strides
 template <typename PT>
@@ -651,7 +699,7 @@ inline void ds_row(const float* p, float* ds, const float* delta) {
 
 // --------------------------------------------------------------------------------- forward
 
-// The online softmax's per-tile step over one row block: new running max mrow = max(mrow,
+// The online softmax's step per key-tile group over one row block: new running max mrow = max(mrow,
 // tmax), alpha = exp(old - new) (0 where the old max was -inf), muse = the max to subtract (0
 // for a row that has seen nothing yet), psum = 0. Returns whether any running max moved (else
 // alpha == 1 everywhere and the accumulator needs no rescale). Vectorised: per tile, a scalar
@@ -688,17 +736,26 @@ inline bool update_max(float* mrow, const float* tmax, float* alpha, float* muse
 #endif
 }
 
+// Key tiles a forward step takes together: one online-softmax update (max, rescale of the
+// accumulator) per group, and with AMX one value product over the group's tiles (C tiles
+// loaded and stored once per group instead of once per 32 keys)
+constexpr int64_t kFwdGroup = 8;
+
 // Row-block tasks [task0, task1) of the forward pass; task = (b * Hq + h) * nrb + rb.
 template <typename TIn, typename PT>
 void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, float* lse,
                int64_t task0, int64_t task1) {
   constexpr int PAIR = kPair<PT>;
+  constexpr int64_t kTileS = kBK * kBR;  // one key tile's S^T (and P^T) block
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
   const float ninf = -std::numeric_limits<float>::infinity();
   Buffer<PT> stage(kFwdStage, Dp * kBR), qt(kFwdQt, Dp * kBR);
-  Buffer<float> s(kFwdS, (kBK + 1) * kBR), ot(kFwdOt, Dp * kBR), tmp(kFwdTmp, Dp * kBR);
-  Buffer<PT> pvnni(kFwdP, PAIR == 2 ? kBK * kBR : 1);
-  alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], psum[kBR];
+  // + kBR: an odd partial tile's P^T pairs read one row past it
+  Buffer<float> s(kFwdS, kFwdGroup * kTileS + kBR), ot(kFwdOt, Dp * kBR), tmp(kFwdTmp, Dp * kBR);
+  Buffer<PT> pvnni(kFwdP, PAIR == 2 ? kFwdGroup * kTileS : 1);
+  alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], gmax[kBR],
+      psum[kBR];
+  int64_t gtile[kFwdGroup], gkt[kFwdGroup];
   for (int64_t task = task0; task < task1; ++task) {
     const int64_t rb = task % pl.nrb, bh = task / pl.nrb, b = bh / pl.Hq, h = bh % pl.Hq;
     const int64_t hk = h / pl.groups(), i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
@@ -712,44 +769,68 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
     const int64_t slot = ws.slot(b * pl.Hkv + hk);
     const PT* kn = static_cast<const PT*>(ws.kn) + slot * pl.Lk * Dp;
     const PT* vt = static_cast<const PT*>(ws.vt) + slot * nt * Dp * kBK;
-    for (const TileRef& ref : pl.row_tiles[rb]) {
-      const KeyTile tile = pl.tiles[ref.tile];
-      const int64_t kt = tile.end - tile.start;
-      bool pad_rows = false;
-      if (pl.keep != nullptr) {
-        const int32_t kept = pl.kept[b * nt + ref.tile];
-        if (kept == 0) continue;
-        pad_rows = kept < kt;
-      }
-      // S^T = K Q^T
-      gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
-               false);
-      scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, tmax);
-      const bool moved = update_max(mrow, tmax, alpha, muse, psum);
-      const PT* pmat;
-      if constexpr (PAIR == 2) {
-        uint16_t* dst = reinterpret_cast<uint16_t*>(pvnni.data);
-        for (int64_t n = 0; n < kt; n += 2) {
-          float* r0 = s.data + n * kBR;
-          exp_row(r0, muse, psum);
-          if (n + 1 < kt) {
-            exp_row(r0 + kBR, muse, psum);
-          } else {
-            std::fill(r0 + kBR, r0 + 2 * kBR, 0.0f);
-          }
-          to_bf16_pairs(r0, r0 + kBR, dst + n * kBR, kBR);
+    const std::vector<TileRef>& refs = pl.row_tiles[rb];
+    size_t r = 0;
+    while (r < refs.size()) {
+      // S^T = K Q^T for up to kFwdGroup visible tiles, scaled and masked; gmax = their max
+      int64_t G = 0;
+      bool whole_run = true;  // consecutive whole tiles: one value product for the group
+      for (; r < refs.size() && G < kFwdGroup; ++r) {
+        const TileRef& ref = refs[r];
+        const KeyTile tile = pl.tiles[ref.tile];
+        const int64_t kt = tile.end - tile.start;
+        bool pad_rows = false;
+        if (pl.keep != nullptr) {
+          const int32_t kept = pl.kept[b * nt + ref.tile];
+          if (kept == 0) continue;
+          pad_rows = kept < kt;
         }
-        pmat = pvnni.data;
-      } else {
-        for (int64_t n = 0; n < kt; ++n) exp_row(s.data + n * kBR, muse, psum);
-        pmat = reinterpret_cast<const PT*>(s.data);
+        float* sg = s.data + G * kTileS;
+        gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, sg, kBR,
+                 false);
+        scale_mask_tile(pl, sg, kt, tile.start, i0, ref.mixed, pad_rows, b,
+                        G == 0 ? gmax : tmax);
+        if (G > 0) max_rows(gmax, tmax, kBR);
+        whole_run = whole_run && kt == kBK && (G == 0 || ref.tile == gtile[G - 1] + 1);
+        gtile[G] = ref.tile;
+        gkt[G] = kt;
+        ++G;
+      }
+      if (G == 0) break;
+      const bool moved = update_max(mrow, gmax, alpha, muse, psum);
+      // P^T = exp(S^T - max), summed into psum; bf16: packed in K pairs, tile by tile
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s.data + g * kTileS;
+        const int64_t kt = gkt[g];
+        if constexpr (PAIR == 2) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(pvnni.data) + g * kTileS;
+          for (int64_t n = 0; n < kt; n += 2) {
+            float* r0 = sg + n * kBR;
+            exp_row(r0, muse, psum);
+            if (n + 1 < kt) {
+              exp_row(r0 + kBR, muse, psum);
+            } else {
+              std::fill(r0 + kBR, r0 + 2 * kBR, 0.0f);
+            }
+            to_bf16_pairs(r0, r0 + kBR, dst + n * kBR, kBR);
+          }
+        } else {
+          for (int64_t n = 0; n < kt; ++n) exp_row(sg + n * kBR, muse, psum);
+        }
       }
       for (int64_t m = 0; m < kBR; ++m) lrow[m] = lrow[m] * alpha[m] + psum[m];
       if (moved)
         for (int64_t d = 0; d < D; ++d) mul_rows(ot.data + d * kBR, alpha, kBR);
       // O^T += V^T P^T
-      gemm<PT>(D, kBR, (kt + PAIR - 1) / PAIR, vt + ref.tile * Dp * kBK, kBK, pmat, kBR * PAIR,
-               ot.data, kBR, true);
+      const PT* pbase = PAIR == 2 ? pvnni.data : reinterpret_cast<const PT*>(s.data);
+      if (whole_run) {
+        gemm_tiles<PT>(D, kBR, G, vt + gtile[0] * Dp * kBK, kBK, Dp * kBK, pbase, kBR * PAIR,
+                       ot.data, kBR);
+      } else {
+        for (int64_t g = 0; g < G; ++g)
+          gemm<PT>(D, kBR, (gkt[g] + PAIR - 1) / PAIR, vt + gtile[g] * Dp * kBK, kBK,
+                   pbase + g * kTileS, kBR * PAIR, ot.data, kBR, true);
+      }
     }
     float* l = lse + bh * pl.L + i0;
     for (int64_t m = 0; m < kBR; ++m) {

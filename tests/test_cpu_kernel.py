@@ -130,6 +130,25 @@ def test_every_code_path(isa, dtype, mask, monkeypatch, top_isa):
     _check(inp, dict(num_read=4, num_write=4, mask=mask, scale=0.125), lse_grad=True)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["causal", "rmt", "full"])
+def test_key_tile_groups(isa, dtype, mask, monkeypatch, top_isa):
+    """The forward takes up to 8 key tiles per softmax step (kFwdGroup), with one value product
+    over a run of consecutive whole tiles. P = 256 past keys (one whole run of 8 tiles) and 300
+    current ones, padding hiding the whole tiles of keys 320-383 in batch row 0 (a group of
+    whole tiles that are not consecutive); P = 290 (a partial tile inside a group, hidden tiles
+    next to it); D = 64 and 80 (leftover AMX rows)."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    assert cpu_kernel.isa(dtype) == _capped(isa, top_isa, dtype)
+    for past, hidden, dim in ((256, (320, 384), 64), (290, (100, 200), 80)):
+        inp = _inputs(dtype, batch=2, hq=2, hkv=1, length=300, past=past, dim=dim, pad=True,
+                      seed=dim + past)
+        inp["key_padding_mask"][0, hidden[0]:hidden[1]] = False
+        _check(inp, dict(num_read=8, num_write=8, mask=mask, past_visible_to_read=True),
+               grads=dim == 64)
+
+
 @pytest.mark.parametrize("dim", [32, 80, 128])
 @pytest.mark.parametrize("mask", MODES)
 def test_amx_path_head_dims(dim, mask, monkeypatch, top_isa):
