@@ -12,7 +12,7 @@ from models import VOCAB, ids, tiny_gpt2
 from transformers import BertConfig, BertForSequenceClassification
 
 import rmt_fast
-from rmt_fast.integrations.fused_activations import TanhGELU
+from rmt_fast.integrations.fused_activations import FastLayerNorm, TanhGELU
 
 
 def test_top_level_exports():
@@ -111,6 +111,8 @@ def test_fused_activations_are_an_explicit_switch():
                                     fuse_activations=False)
     assert any(isinstance(m, TanhGELU) for m in fused.modules())
     assert not any(isinstance(m, TanhGELU) for m in plain.modules())
+    assert any(type(m) is FastLayerNorm for m in fused.modules())
+    assert not any(type(m) is FastLayerNorm for m in plain.modules())
     plain.load_state_dict(fused.state_dict())
     x = ids(1, 20)
     torch.testing.assert_close(fused(x).logits, plain(x).logits, rtol=1e-5, atol=1e-5)

@@ -526,6 +526,7 @@ def test_profile_read_restores_the_switches():
         assert set(rates) == set(profile_read.VARIANTS) and all(r > 0 for r in rates.values())
         assert _extension.GELU_TANH_DTYPES == gelu and cpu_kernel.auto_path is auto_path
         assert cpu_kernel.sdpa_beats_kernel_bf16 is rule
+        assert _extension.HAS_LAYER_NORM
 
 
 def test_train_paths_runs_every_path_and_restores_the_env(monkeypatch):

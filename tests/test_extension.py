@@ -269,6 +269,134 @@ def test_fuse_activations_keeps_gpt2_outputs():
     torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------ layer_norm
+
+#: (x shape, normalized_shape): vector tails (37), one element, a 2-D normalized shape
+LN_SHAPES = [((3, 5, 768), (768,)), ((7, 37), (37,)), ((4, 1), (1,)), ((2, 3, 4, 20), (4, 20))]
+
+
+def _layer_norm_case(shape, norm, dtype, params, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1.5).to(dtype)
+    pdtype = {"none": None, "same": dtype, "float32": torch.float32}[params]
+    w = b = None
+    if pdtype is not None:
+        w = torch.randn(norm, generator=g, dtype=torch.float64).to(pdtype)
+        b = torch.randn(norm, generator=g, dtype=torch.float64).to(pdtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("isa", GELU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params", ["none", "same", "float32"])
+def test_layer_norm_matches_float64_reference(isa, dtype, params, monkeypatch):
+    """Output within a few float32 ulps of the float64 LayerNorm (bf16: one bf16 rounding of it,
+    never worse than ATen's own bf16 result); mean and rstd of ATen's dtype and shape, close to
+    ATen's; every code path."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    for i, (shape, norm) in enumerate(LN_SHAPES):
+        x, w, b = _layer_norm_case(shape, norm, dtype, params, seed=i)
+        y, mean, rstd = OPS.layer_norm(x, list(norm), w, b, 1e-5)
+        ref = F.layer_norm(x.double(), norm, None if w is None else w.double(),
+                           None if b is None else b.double(), 1e-5)
+        ay, amean, arstd = torch.native_layer_norm(x, norm, w, b, 1e-5)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert (mean.dtype, mean.shape, rstd.dtype, rstd.shape) == \
+            (amean.dtype, amean.shape, arstd.dtype, arstd.shape)
+        err = (y.double() - ref).abs()
+        if dtype == torch.float32:
+            size = ref.abs() + (b.double().abs() if b is not None else 0) + 1
+            tol = 8 * torch.finfo(torch.float32).eps * size
+        else:
+            tol = 2.0 ** -8 * ref.abs() + 1e-6
+        assert (err <= tol).all(), (shape, err.max().item())
+        assert err.max() <= (ay.double() - ref).abs().max() + 1e-6
+        rel = 2.0 ** -7 if mean.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(mean.double(), amean.double(), rtol=rel, atol=1e-6)
+        torch.testing.assert_close(rstd.double(), arstd.double(), rtol=rel, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_gradients_layouts_and_fallbacks(dtype):
+    x, w, b = _layer_norm_case((4, 9, 40), (40,), dtype, "same", seed=11)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = torch.autograd.grad(ext.layer_norm(x, 40, w, b), (x, w, b), g)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(F.layer_norm(xd, (40,), wd, bd), (xd, wd, bd), g.double())
+    aten = torch.autograd.grad(F.layer_norm(x, (40,), w, b), (x, w, b), g)
+    for a, r, at in zip(got, ref, aten, strict=True):
+        assert a.dtype == dtype
+        assert (a.double() - r).abs().max() <= 2 * (at.double() - r).abs().max() + 1e-5
+    # only some inputs need a gradient; second derivative (ATen's differentiable backward)
+    (dw,) = torch.autograd.grad(ext.layer_norm(x.detach(), 40, w, None), w, g)
+    torch.testing.assert_close(dw, torch.autograd.grad(F.layer_norm(x.detach(), (40,), w), w, g)[0])
+    x64 = torch.randn(3, 6, dtype=torch.float64)
+    w32 = torch.randn(6, requires_grad=True)
+    xs = x64.float().requires_grad_()
+    (dx,) = torch.autograd.grad(ext.layer_norm(xs, 6, w32).pow(2).sum(), xs, create_graph=True)
+    (ddw,) = torch.autograd.grad(dx.sum(), w32)
+    xr = x64.float().requires_grad_()
+    w2 = w32.detach().clone().requires_grad_()
+    (dxr,) = torch.autograd.grad(F.layer_norm(xr, (6,), w2).pow(2).sum(), xr, create_graph=True)
+    torch.testing.assert_close(ddw, torch.autograd.grad(dxr.sum(), w2)[0], rtol=1e-4, atol=1e-5)
+    # non-contiguous input; float64 / float16 fall back to F.layer_norm
+    xt = x.detach().transpose(0, 1)
+    torch.testing.assert_close(ext.layer_norm(xt, 40, w, b), ext.layer_norm(xt.contiguous(), 40, w, b),
+                               rtol=0, atol=0)
+    for other in (torch.float64, torch.float16):
+        xo = x.detach().to(other)
+        torch.testing.assert_close(ext.layer_norm(xo, 40, w.detach().to(other), b.detach().to(other)),
+                                   F.layer_norm(xo, (40,), w.detach().to(other), b.detach().to(other)),
+                                   rtol=0, atol=0)
+    ops_args = (torch.randn(2, 3, 37, requires_grad=True), [37], torch.randn(37, requires_grad=True),
+                torch.randn(37, requires_grad=True), 1e-5)
+    result = torch.library.opcheck(OPS.layer_norm.default, ops_args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_layer_norm_bad_inputs():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        OPS.layer_norm(x.double(), [8], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="must be the trailing dimensions of x"):
+        OPS.layer_norm(x, [3], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must have shape normalized_shape"):
+        OPS.layer_norm(x, [8], torch.ones(7), None, 1e-5)
+    with pytest.raises(RuntimeError, match="bias must be float32 or x's dtype"):
+        OPS.layer_norm(x, [8], None, torch.ones(8, dtype=torch.float64), 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias must have one dtype"):
+        OPS.layer_norm(x.bfloat16(), [8], torch.ones(8), torch.ones(8, dtype=torch.bfloat16), 1e-5)
+
+
+def test_fuse_layer_norms_keeps_gpt2_outputs_and_parameters():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rmt_fast.integrations.fused_activations import FastLayerNorm, fuse_layer_norms
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50)).eval()
+    fused = GPT2LMHeadModel(plain.config).eval()
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_layer_norms(fused) == 5  # ln_1, ln_2 per block and ln_f
+    lns = [m for m in fused.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(lns) == 5 and all(type(m) is FastLayerNorm for m in lns)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, 50, (2, 33))
+    for dtype in (torch.float32, torch.bfloat16):
+        plain.to(dtype)
+        fused.to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(ids).logits, plain(ids).logits,
+                                       rtol=1e-5 if dtype == torch.float32 else 2e-2,
+                                       atol=1e-5 if dtype == torch.float32 else 2e-2)
+    fused.float()
+    plain.float()
+    fused.train()
+    fused(ids, labels=ids).loss.backward()  # gradients reach the LayerNorm parameters
+    assert all(m.weight.grad is not None and m.bias.grad is not None for m in lns)
+
+
 def test_out_variant_rejects_autograd():
     r, x, w = (_rand(2, m, 4, requires_grad=True) for m in (2, 3, 2))
     with pytest.raises(RuntimeError, match="does not support autograd"):

@@ -3,7 +3,7 @@
 ``python -m rmt_fast.bench.profile_read [--config gpt2-small] [--dtype bfloat16] [--tokens 4096]``
 builds the bench's RMT model (:mod:`rmt_fast.bench.systems`, weights from a fixed seed), reads
 ``--tokens`` random tokens with :class:`rmt_fast.streaming.StreamingReader` on one thread, and
-times three variants in alternating rounds in this one process:
+times these variants in alternating rounds in this one process:
 
 * ``fused``: as shipped (``backend="auto"`` attention, the extension's tanh GELU);
 * ``kernel``: the same with attention always on the extension's fused kernel (where ``auto``
@@ -11,9 +11,11 @@ times three variants in alternating rounds in this one process:
   ``cpu_kernel.auto_path``);
 * ``sdpa``: the same with ATen's SDPA for every call ``auto`` may send there (bf16 inference
   calls: ``cpu_kernel.sdpa_beats_kernel_bf16`` forced true);
-* ``aten_gelu``: the same with GELU through ``F.gelu(approximate="tanh")``;
-* ``before``: ``aten_gelu`` with attention on the ``cpu_flash`` path (ATen's CPU flash attention
-  per mask block), i.e. CPU inference before the fused attention and bf16 GELU kernels.
+* ``aten_ln``: ``fused`` with LayerNorm through ATen's kernel (``F.layer_norm``);
+* ``aten_gelu``: ``fused`` with GELU through ``F.gelu(approximate="tanh")``;
+* ``before``: ATen's GELU and LayerNorm, attention on the ``cpu_flash`` path (ATen's CPU flash
+  attention per mask block), i.e. CPU inference before the fused attention, bf16 GELU and
+  LayerNorm kernels.
 
 Tokens/s use the thread's CPU time (min over rounds; the machine may be shared), then one
 ``torch.profiler`` table per variant (self CPU time, top ops).
@@ -33,18 +35,22 @@ from rmt_fast.bench.systems import CONFIGS, _rmt
 from rmt_fast.ops.memory_attention import cpu_kernel
 from rmt_fast.streaming import StreamingReader
 
-VARIANTS = ("fused", "kernel", "sdpa", "aten_gelu", "before")
+VARIANTS = ("fused", "kernel", "sdpa", "aten_ln", "aten_gelu", "before")
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """Switch the GELU kernel and/or the attention path for the duration of the block."""
+    """Switch the GELU and LayerNorm kernels and/or the attention path for the duration of the
+    block."""
     gelu, auto_path = _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path
+    layer_norm = _extension.HAS_LAYER_NORM
     sdpa_rule = cpu_kernel.sdpa_beats_kernel_bf16
     if name == "sdpa":
         cpu_kernel.sdpa_beats_kernel_bf16 = lambda: True
     if name in ("aten_gelu", "before"):
         _extension.GELU_TANH_DTYPES = ()
+    if name in ("aten_ln", "before"):
+        _extension.HAS_LAYER_NORM = False
     if name == "before":
         cpu_kernel.auto_path = lambda q, past_k=None, **kw: "torch"
     if name == "kernel":
@@ -53,6 +59,7 @@ def variant(name: str):
         yield
     finally:
         _extension.GELU_TANH_DTYPES, cpu_kernel.auto_path = gelu, auto_path
+        _extension.HAS_LAYER_NORM = layer_norm
         cpu_kernel.sdpa_beats_kernel_bf16 = sdpa_rule
 
 

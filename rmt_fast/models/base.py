@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rmt_fast.integrations.fused_activations import fuse_activations
+from rmt_fast.integrations.fused_activations import fuse_activations, fuse_layer_norms
 from rmt_fast.manifest import base_fingerprint, reading, verify_manifest, write_manifest
 from rmt_fast.models.config import RMTConfig
 
@@ -174,8 +174,9 @@ class RMTBase(nn.Module):
         self.memory_gate = MemoryGate(d, embeddings.weight.dtype) if gated else None
         self._use_rmt_fast_attention()
         self.check_config(config)
-        if getattr(config, "fuse_activations", True):  # same function, one fused kernel (gelu_new)
+        if getattr(config, "fuse_activations", True):  # same functions, the extension's kernels
             fuse_activations(self.base)
+            fuse_layer_norms(self.base)
         # tied weights (GPT-2's lm_head = wte) appear once in state_dict(), so safetensors and
         # transformers.Trainer (which saves a plain nn.Module's state dict) can write it
         self.register_state_dict_post_hook(_drop_tied_aliases)

@@ -118,8 +118,10 @@ class RMTConfig(SavedConfig):
             ``W_v`` starts at zero, so it can be added to a trained RMT encoder without changing
             its outputs. Encoders only (``ARMTForCausalLM`` is ARMT for decoders).
         fuse_activations: replace the base model's tanh-GELU modules by the identical one-kernel
-            :class:`rmt_fast.integrations.fused_activations.TanhGELU` when wrapping (the only
-            module replacement the wrappers make; ``False`` leaves the base model untouched).
+            :class:`rmt_fast.integrations.fused_activations.TanhGELU` and swap its
+            ``nn.LayerNorm`` modules to :class:`~rmt_fast.integrations.fused_activations.FastLayerNorm`
+            (same parameters, the extension's kernel) when wrapping (the only module
+            replacements the wrappers make; ``False`` leaves the base model untouched).
         kind: ``decoder``, ``encoder`` or ``memory_transformer`` (set by the wrapper class).
         variant: Memory Transformer variant: ``mem``, ``ctrl`` or ``bottleneck``.
         cls_token_id, sep_token_id: encoder special tokens around ``[CLS] [mem] [SEP] seg [SEP]``.
