@@ -66,4 +66,23 @@ inline uint16_t float_to_bf16(float f) {
                                             : static_cast<uint16_t>(rounded);
 }
 
+// An element of a float32 (float) or bf16 (uint16_t bits) buffer as float, and back.
+template <typename T>
+inline float to_float(T x) {
+  if constexpr (sizeof(T) == 2) {
+    return bf16_to_float(x);
+  } else {
+    return x;
+  }
+}
+
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (sizeof(T) == 2) {
+    return float_to_bf16(x);
+  } else {
+    return x;
+  }
+}
+
 }  // namespace rmt_fast

@@ -79,23 +79,7 @@ void gelu_tanh_backward_bf16_loop(const uint16_t* g, const uint16_t* x, uint16_t
 }
 
 #ifdef RMT_CPU_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-namespace avx512 {
-#define RMT_CPU_ISA 1
-#include "avx512_math.h"  // gelu_tanh_loop512, gelu_tanh_bf16_loop512
-#undef RMT_CPU_ISA
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
-namespace avx512bf16 {
-#define RMT_CPU_ISA 2
-#include "avx512_math.h"
-#undef RMT_CPU_ISA
-}  // namespace avx512bf16
-#pragma GCC pop_options
+#include "avx512_namespaces.h"  // avx512::, avx512bf16:: gelu_tanh_loop512, ...
 #endif
 
 // The loops of one code path: forward and gradient, float32 and bf16 (float32 needs no AVX-512

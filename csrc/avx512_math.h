@@ -74,9 +74,9 @@ inline void store_bf16x16(uint16_t* p, __mmask16 m, __m512 v) {
 #endif
 }
 
-// mask of the first min(n, 16) lanes
+// mask of the first min(n, 16) lanes (none for n <= 0)
 inline __mmask16 head_mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+  return n >= 16 ? __mmask16(0xffff) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u));
 }
 
 // y = gelu_tanh(x) over n floats
@@ -111,5 +111,66 @@ inline void gelu_tanh_bf16_loop512(const uint16_t* x, uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = head_mask16(n - i);
     store_bf16x16(y + i, m, gelu_tanh512(load_bf16x16(x + i, m)));
+  }
+}
+
+// 16 elements of a float32 (float) or bf16 (uint16_t bits) buffer as floats, lanes of m
+// (the others 0, not read); store16 stores the lanes of m, bf16 rounded to nearest even
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 m) {
+  if constexpr (sizeof(T) == 2) {
+    return load_bf16x16(reinterpret_cast<const uint16_t*>(p), m);
+  } else {
+    return _mm512_maskz_loadu_ps(m, p);
+  }
+}
+
+template <typename T>
+inline void store16(T* p, __mmask16 m, __m512 v) {
+  if constexpr (sizeof(T) == 2) {
+    store_bf16x16(reinterpret_cast<uint16_t*>(p), m, v);
+  } else {
+    _mm512_mask_storeu_ps(p, m, v);
+  }
+}
+
+// LayerNorm rows of n elements (layer_norm.cpp): y = (x - mean) rstd w + b, mean[r] and rstd[r]
+// float32; 64 elements a step in four accumulators (one add latency per 16 lanes bounded a
+// two-accumulator loop), masked tails (any n)
+template <typename T>
+void layer_norm_rows512(const T* x, const float* w, const float* b, T* y, float* mean,
+                        float* rstd, int64_t rows, int64_t n, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    T* yr = y + r * n;
+    __m512 s[4];
+    for (int j = 0; j < 4; ++j) s[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 64)
+      for (int j = 0; j < 4; ++j)
+        s[j] = _mm512_add_ps(s[j], load16(xr + i + 16 * j, head_mask16(n - i - 16 * j)));
+    const float mu = _mm512_reduce_add_ps(
+                         _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))) /
+                     float(n);
+    const __m512 vmu = _mm512_set1_ps(mu);
+    for (int j = 0; j < 4; ++j) s[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 64)
+      for (int j = 0; j < 4; ++j) {
+        const __mmask16 m = head_mask16(n - i - 16 * j);
+        const __m512 d = _mm512_maskz_sub_ps(m, load16(xr + i + 16 * j, m), vmu);
+        s[j] = _mm512_fmadd_ps(d, d, s[j]);
+      }
+    const float var = _mm512_reduce_add_ps(
+                          _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))) /
+                      float(n);
+    const float rs = 1.0f / std::sqrt(var + eps);
+    const __m512 vrs = _mm512_set1_ps(rs);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = head_mask16(n - i);
+      const __m512 t = _mm512_mul_ps(_mm512_sub_ps(load16(xr + i, m), vmu), vrs);
+      store16(yr + i, m, _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(m, w + i),
+                                         _mm512_maskz_loadu_ps(m, b + i)));
+    }
+    mean[r] = mu;
+    rstd[r] = rs;
   }
 }

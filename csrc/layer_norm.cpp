@@ -22,24 +22,6 @@ namespace rmt_fast {
 
 namespace {
 
-template <typename T>
-inline float load_one(const T* p, int64_t i) {
-  if constexpr (sizeof(T) == 2) {
-    return bf16_to_float(p[i]);
-  } else {
-    return p[i];
-  }
-}
-
-template <typename T>
-inline T store_one(float v) {
-  if constexpr (sizeof(T) == 2) {
-    return float_to_bf16(v);
-  } else {
-    return v;
-  }
-}
-
 // Rows of n elements: y = (x - mean) * rstd * w + b, mean[r], rstd[r] in float32. T is float or
 // uint16_t (bf16 bits); w, b are n floats.
 template <typename T>
@@ -50,17 +32,17 @@ void layer_norm_rows(const T* x, const float* w, const float* b, T* y, float* me
     T* yr = y + r * n;
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += load_one(xr, i);
+    for (int64_t i = 0; i < n; ++i) s += to_float(xr[i]);
     const float mu = s / float(n);
     float v = 0.0f;
 #pragma omp simd reduction(+ : v)
     for (int64_t i = 0; i < n; ++i) {
-      const float d = load_one(xr, i) - mu;
+      const float d = to_float(xr[i]) - mu;
       v += d * d;
     }
     const float rs = 1.0f / std::sqrt(v / float(n) + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) yr[i] = store_one<T>((load_one(xr, i) - mu) * rs * w[i] + b[i]);
+    for (int64_t i = 0; i < n; ++i) yr[i] = from_float<T>((to_float(xr[i]) - mu) * rs * w[i] + b[i]);
     mean[r] = mu;
     rstd[r] = rs;
   }
@@ -69,84 +51,7 @@ void layer_norm_rows(const T* x, const float* w, const float* b, T* y, float* me
 }  // namespace
 
 #ifdef RMT_CPU_X86
-// The AVX-512 rows: 64 elements a step in four accumulators (one add's latency per 16 lanes
-// bounded a two-accumulator loop), masked tails (any n).
-#define RMT_LAYER_NORM_ROWS512                                                                    \
-  inline __mmask16 lanes(int64_t k) { return k <= 0 ? __mmask16(0) : head_mask16(k); }           \
-  template <typename T>                                                                           \
-  inline __m512 load16(const T* p, __mmask16 m) {                                                 \
-    if constexpr (sizeof(T) == 2) {                                                               \
-      return load_bf16x16(reinterpret_cast<const uint16_t*>(p), m);                              \
-    } else {                                                                                      \
-      return _mm512_maskz_loadu_ps(m, p);                                                         \
-    }                                                                                             \
-  }                                                                                               \
-  template <typename T>                                                                           \
-  inline void store16(T* p, __mmask16 m, __m512 v) {                                              \
-    if constexpr (sizeof(T) == 2) {                                                               \
-      store_bf16x16(reinterpret_cast<uint16_t*>(p), m, v);                                        \
-    } else {                                                                                      \
-      _mm512_mask_storeu_ps(p, m, v);                                                             \
-    }                                                                                             \
-  }                                                                                               \
-  template <typename T>                                                                           \
-  void layer_norm_rows512(const T* x, const float* w, const float* b, T* y, float* mean,          \
-                          float* rstd, int64_t rows, int64_t n, float eps) {                      \
-    for (int64_t r = 0; r < rows; ++r) {                                                          \
-      const T* xr = x + r * n;                                                                    \
-      T* yr = y + r * n;                                                                          \
-      __m512 s[4];                                                                                \
-      for (int j = 0; j < 4; ++j) s[j] = _mm512_setzero_ps();                                     \
-      for (int64_t i = 0; i < n; i += 64)                                                         \
-        for (int j = 0; j < 4; ++j)                                                               \
-          s[j] = _mm512_add_ps(s[j], load16(xr + i + 16 * j, lanes(n - i - 16 * j)));             \
-      const float mu = _mm512_reduce_add_ps(                                                      \
-                           _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))) / \
-                       float(n);                                                                  \
-      const __m512 vmu = _mm512_set1_ps(mu);                                                      \
-      for (int j = 0; j < 4; ++j) s[j] = _mm512_setzero_ps();                                     \
-      for (int64_t i = 0; i < n; i += 64)                                                         \
-        for (int j = 0; j < 4; ++j) {                                                             \
-          const __mmask16 m = lanes(n - i - 16 * j);                                              \
-          const __m512 d = _mm512_maskz_sub_ps(m, load16(xr + i + 16 * j, m), vmu);              \
-          s[j] = _mm512_fmadd_ps(d, d, s[j]);                                                     \
-        }                                                                                         \
-      const float var = _mm512_reduce_add_ps(                                                     \
-                            _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))) / \
-                        float(n);                                                                 \
-      const float rs = 1.0f / std::sqrt(var + eps);                                               \
-      const __m512 vrs = _mm512_set1_ps(rs);                                                      \
-      for (int64_t i = 0; i < n; i += 16) {                                                       \
-        const __mmask16 m = lanes(n - i);                                                         \
-        const __m512 t = _mm512_mul_ps(_mm512_sub_ps(load16(xr + i, m), vmu), vrs);               \
-        store16(yr + i, m, _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(m, w + i),                    \
-                                           _mm512_maskz_loadu_ps(m, b + i)));                     \
-      }                                                                                           \
-      mean[r] = mu;                                                                               \
-      rstd[r] = rs;                                                                               \
-    }                                                                                             \
-  }
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-namespace avx512 {
-#define RMT_CPU_ISA 1
-#include "avx512_math.h"  // load_bf16x16, store_bf16x16, head_mask16
-#undef RMT_CPU_ISA
-RMT_LAYER_NORM_ROWS512
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
-namespace avx512bf16 {
-#define RMT_CPU_ISA 2
-#include "avx512_math.h"
-#undef RMT_CPU_ISA
-RMT_LAYER_NORM_ROWS512
-}  // namespace avx512bf16
-#pragma GCC pop_options
-#undef RMT_LAYER_NORM_ROWS512
+#include "avx512_namespaces.h"  // avx512::, avx512bf16::layer_norm_rows512
 #endif
 
 template <typename T>

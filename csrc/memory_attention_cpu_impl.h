@@ -25,26 +25,8 @@ static_assert(kBR % 16 == 0 && kBK % 16 == 0, "tiles are whole 16-lane vectors")
 
 // ------------------------------------------------------------------------ element conversions
 
-// bf16 <-> float: bf16_to_float / float_to_bf16 of activation_math.h (round to nearest even,
-// NaN stays NaN)
-
-template <typename T>
-inline float to_float(T x) {
-  if constexpr (sizeof(T) == 2) {
-    return bf16_to_float(x);
-  } else {
-    return x;
-  }
-}
-
-template <typename T>
-inline T from_float(float x) {
-  if constexpr (sizeof(T) == 2) {
-    return float_to_bf16(x);
-  } else {
-    return x;
-  }
-}
+// bf16 <-> float: to_float / from_float of activation_math.h (round to nearest even, NaN stays
+// NaN)
 
 // an input element in the packed type: bf16 bits stay bits, anything else goes through float
 template <typename PT, typename TIn>
@@ -236,7 +218,7 @@ struct TileScope {
 // chunks are separate [16 MT, 32] blocks, e.g. the V^T of consecutive key tiles)
 template <int MT>
 inline void amx_block(int64_t kchunks, const uint16_t* A, int64_t lda, const uint16_t* B,
-                      int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t a_chunk = 32) {
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t a_chunk) {
   const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
   __asm__ volatile("" ::: "memory");  // the tile loads' asm does not say it reads memory
   if (accumulate) {
@@ -267,6 +249,25 @@ inline void amx_block(int64_t kchunks, const uint16_t* A, int64_t lda, const uin
   if constexpr (MT == 2) _tile_stored(2, C + 16 * ldc, sc);
   if constexpr (MT == 2) _tile_stored(3, C + 16 * ldc + 16, sc);
 }
+
+// C[mt, N] (+)= A[mt, 32 kchunks] B (amx_block's layouts, chunk kc of A at A + kc * a_chunk)
+// on tiles: mt a multiple of 16, N of 32
+inline void amx_rows(int64_t mt, int64_t N, int64_t kchunks, const uint16_t* A, int64_t lda,
+                     int64_t a_chunk, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
+                     bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    for (int64_t m0 = 0; m0 < mt; m0 += 32) {
+      const uint16_t* a = A + m0 * lda;
+      const uint16_t* b = B + n0 * 2;
+      float* c = C + m0 * ldc + n0;
+      if (mt - m0 >= 32) {
+        amx_block<2>(kchunks, a, lda, b, ldb, c, ldc, accumulate, a_chunk);
+      } else {
+        amx_block<1>(kchunks, a, lda, b, ldb, c, ldc, accumulate, a_chunk);
+      }
+    }
+  }
+}
 #else
 struct TileScope {
   explicit TileScope(bool) {}
@@ -284,18 +285,7 @@ void gemm(int64_t M, int64_t N, int64_t ksteps, const PT* A, int64_t lda, const 
   if constexpr (sizeof(PT) == 2) {
     const int64_t mt = M / 16 * 16;
     if (mt > 0 && ksteps > 0 && ksteps % 16 == 0 && N % 32 == 0) {
-      for (int64_t n0 = 0; n0 < N; n0 += 32) {
-        for (int64_t m0 = 0; m0 < mt; m0 += 32) {
-          const uint16_t* a = A + m0 * lda;
-          const uint16_t* b = B + n0 * 2;
-          float* c = C + m0 * ldc + n0;
-          if (mt - m0 >= 32) {
-            amx_block<2>(ksteps / 16, a, lda, b, ldb, c, ldc, accumulate);
-          } else {
-            amx_block<1>(ksteps / 16, a, lda, b, ldb, c, ldc, accumulate);
-          }
-        }
-      }
+      amx_rows(mt, N, ksteps / 16, A, lda, 32, B, ldb, C, ldc, accumulate);
       if (mt < M)  // the last rows
         gemm_vec<PT>(M - mt, N, ksteps, A + mt * lda, lda, B, ldb, C + mt * ldc, ldc, accumulate);
       return;
@@ -319,18 +309,7 @@ void gemm_tiles(int64_t M, int64_t N, int64_t G, const PT* A, int64_t lda, int64
     static_assert(kBK == 32, "one AMX K chunk (16 pairs) per key tile");
     if (N % 32 == 0) {
       mt = M / 16 * 16;
-      for (int64_t n0 = 0; n0 < N; n0 += 32) {
-        for (int64_t m0 = 0; m0 < mt; m0 += 32) {
-          const uint16_t* a = A + m0 * lda;
-          const uint16_t* b = B + n0 * 2;
-          float* c = C + m0 * ldc + n0;
-          if (mt - m0 >= 32) {
-            amx_block<2>(G, a, lda, b, ldb, c, ldc, true, a_step);
-          } else {
-            amx_block<1>(G, a, lda, b, ldb, c, ldc, true, a_step);
-          }
-        }
-      }
+      amx_rows(mt, N, G, A, lda, a_step, B, ldb, C, ldc, true);
     }
   }
 #endif
@@ -1042,9 +1021,7 @@ inline void row_to_float(const TIn* src, int64_t s3, float* dst, int64_t D) {
 }
 
 #if RMT_MA_ISA >= 1
-// the lanes of m of 16 elements at p as floats (the other lanes 0)
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m) { return load_bf16x16(p, m); }
+// (load16: the lanes of m of 16 elements as floats, avx512_math.h)
 
 // lane j of the result = the sum of the 16 lanes of v[j] (a transposing add tree: 45
 // shuffles/adds for 16 sums instead of 16 horizontal reductions)
