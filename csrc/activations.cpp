@@ -94,11 +94,13 @@ struct GeluLoops {
 GeluLoops gelu_loops_for(int isa) {
 #ifdef RMT_CPU_X86
   if (isa >= kAvx512Bf16)
-    return {&avx512::gelu_tanh_loop512, &avx512bf16::gelu_tanh_bf16_loop512,
-            &avx512::gelu_tanh_backward_loop512, &avx512bf16::gelu_tanh_backward_bf16_loop512};
+    return {&avx512::gelu_tanh_loop512<float>, &avx512bf16::gelu_tanh_loop512<uint16_t>,
+            &avx512::gelu_tanh_backward_loop512<float>,
+            &avx512bf16::gelu_tanh_backward_loop512<uint16_t>};
   if (isa == kAvx512)
-    return {&avx512::gelu_tanh_loop512, &avx512::gelu_tanh_bf16_loop512,
-            &avx512::gelu_tanh_backward_loop512, &avx512::gelu_tanh_backward_bf16_loop512};
+    return {&avx512::gelu_tanh_loop512<float>, &avx512::gelu_tanh_loop512<uint16_t>,
+            &avx512::gelu_tanh_backward_loop512<float>,
+            &avx512::gelu_tanh_backward_loop512<uint16_t>};
 #endif
   (void)isa;
   return {&gelu_tanh_loop, &gelu_tanh_bf16_loop, &gelu_tanh_backward_loop,

@@ -79,41 +79,6 @@ inline __mmask16 head_mask16(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u));
 }
 
-// y = gelu_tanh(x) over n floats
-inline void gelu_tanh_loop512(const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    _mm512_mask_storeu_ps(y + i, m, gelu_tanh512(_mm512_maskz_loadu_ps(m, x + i)));
-  }
-}
-
-// dx = g * gelu_tanh'(x) over n floats
-inline void gelu_tanh_backward_loop512(const float* g, const float* x, float* dx, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + i),
-                                                   gelu_tanh_grad512(_mm512_maskz_loadu_ps(m, x + i))));
-  }
-}
-
-// dx = bf16(g * gelu_tanh'(x)) over n bf16 values (float32 arithmetic, rounded once)
-inline void gelu_tanh_backward_bf16_loop512(const uint16_t* g, const uint16_t* x, uint16_t* dx,
-                                            int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    store_bf16x16(dx + i, m, _mm512_mul_ps(load_bf16x16(g + i, m),
-                                           gelu_tanh_grad512(load_bf16x16(x + i, m))));
-  }
-}
-
-// y = bf16(gelu_tanh(x)) over n bf16 values (float32 arithmetic, rounded once)
-inline void gelu_tanh_bf16_loop512(const uint16_t* x, uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = head_mask16(n - i);
-    store_bf16x16(y + i, m, gelu_tanh512(load_bf16x16(x + i, m)));
-  }
-}
-
 // 16 elements of a float32 (float) or bf16 (uint16_t bits) buffer as floats, lanes of m
 // (the others 0, not read); store16 stores the lanes of m, bf16 rounded to nearest even
 template <typename T>
@@ -134,6 +99,30 @@ inline void store16(T* p, __mmask16 m, __m512 v) {
   }
 }
 
+// y = gelu_tanh(x) over n float32 or bf16 elements (bf16: float32 arithmetic, rounded once)
+template <typename T>
+inline void gelu_tanh_loop512(const T* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    store16(y + i, m, gelu_tanh512(load16(x + i, m)));
+  }
+}
+
+// dx = g * gelu_tanh'(x) over n float32 or bf16 elements (bf16: float32 arithmetic, rounded
+// once)
+template <typename T>
+inline void gelu_tanh_backward_loop512(const T* g, const T* x, T* dx, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    store16(dx + i, m, _mm512_mul_ps(load16(g + i, m), gelu_tanh_grad512(load16(x + i, m))));
+  }
+}
+
+// the sum of every lane of s[0..3]
+inline float sum4(const __m512* s) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+}
+
 // LayerNorm rows of n elements (layer_norm.cpp): y = (x - mean) rstd w + b, mean[r] and rstd[r]
 // float32; 64 elements a step in four accumulators (one add latency per 16 lanes bounded a
 // two-accumulator loop), masked tails (any n)
@@ -148,9 +137,7 @@ void layer_norm_rows512(const T* x, const float* w, const float* b, T* y, float*
     for (int64_t i = 0; i < n; i += 64)
       for (int j = 0; j < 4; ++j)
         s[j] = _mm512_add_ps(s[j], load16(xr + i + 16 * j, head_mask16(n - i - 16 * j)));
-    const float mu = _mm512_reduce_add_ps(
-                         _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))) /
-                     float(n);
+    const float mu = sum4(s) / float(n);
     const __m512 vmu = _mm512_set1_ps(mu);
     for (int j = 0; j < 4; ++j) s[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 64)
@@ -159,9 +146,7 @@ void layer_norm_rows512(const T* x, const float* w, const float* b, T* y, float*
         const __m512 d = _mm512_maskz_sub_ps(m, load16(xr + i + 16 * j, m), vmu);
         s[j] = _mm512_fmadd_ps(d, d, s[j]);
       }
-    const float var = _mm512_reduce_add_ps(
-                          _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))) /
-                      float(n);
+    const float var = sum4(s) / float(n);
     const float rs = 1.0f / std::sqrt(var + eps);
     const __m512 vrs = _mm512_set1_ps(rs);
     for (int64_t i = 0; i < n; i += 16) {

@@ -42,7 +42,8 @@ void layer_norm_rows(const T* x, const float* w, const float* b, T* y, float* me
     }
     const float rs = 1.0f / std::sqrt(v / float(n) + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) yr[i] = from_float<T>((to_float(xr[i]) - mu) * rs * w[i] + b[i]);
+    for (int64_t i = 0; i < n; ++i)
+      yr[i] = from_float<T>((to_float(xr[i]) - mu) * rs * w[i] + b[i]);
     mean[r] = mu;
     rstd[r] = rs;
   }

@@ -729,8 +729,8 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
   const int64_t Dp = pl.Dp, D = pl.D, nt = pl.ntiles();
   const float ninf = -std::numeric_limits<float>::infinity();
   Buffer<PT> stage(kFwdStage, Dp * kBR), qt(kFwdQt, Dp * kBR);
-  // + kBR: an odd partial tile's P^T pairs read one row past it
-  Buffer<float> s(kFwdS, kFwdGroup * kTileS + kBR), ot(kFwdOt, Dp * kBR), tmp(kFwdTmp, Dp * kBR);
+  // an odd partial tile's last P^T pair reads the zeroed row after it, still inside its block
+  Buffer<float> s(kFwdS, kFwdGroup * kTileS), ot(kFwdOt, Dp * kBR), tmp(kFwdTmp, Dp * kBR);
   Buffer<PT> pvnni(kFwdP, PAIR == 2 ? kFwdGroup * kTileS : 1);
   alignas(64) float mrow[kBR], lrow[kBR], alpha[kBR], muse[kBR], tmax[kBR], gmax[kBR],
       psum[kBR];
