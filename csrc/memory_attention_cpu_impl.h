@@ -603,11 +603,14 @@ inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart
 #endif
 }
 
-// row[m] = exp(row[m] - sub[m]) over one kBR row; adds the row to sum when given
+// row[m] = exp(row[m] - sub[m]) over one kBR row; adds the row to sum when given. kBf16Out:
+// the row is rounded to bf16 next (exp512_bf16)
+template <bool kBf16Out = false>
 inline void exp_row(float* row, const float* sub, float* sum) {
 #if RMT_MA_ISA >= 1
   for (int64_t m = 0; m < kBR; m += 16) {
-    const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + m), _mm512_loadu_ps(sub + m)));
+    const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(row + m), _mm512_loadu_ps(sub + m));
+    const __m512 p = kBf16Out ? exp512_bf16(x) : exp512(x);
     _mm512_storeu_ps(row + m, p);
     if (sum != nullptr) _mm512_storeu_ps(sum + m, _mm512_add_ps(_mm512_loadu_ps(sum + m), p));
   }
@@ -785,9 +788,9 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
           uint16_t* dst = reinterpret_cast<uint16_t*>(pvnni.data) + g * kTileS;
           for (int64_t n = 0; n < kt; n += 2) {
             float* r0 = sg + n * kBR;
-            exp_row(r0, muse, psum);
+            exp_row<true>(r0, muse, psum);
             if (n + 1 < kt) {
-              exp_row(r0 + kBR, muse, psum);
+              exp_row<true>(r0 + kBR, muse, psum);
             } else {
               std::fill(r0 + kBR, r0 + 2 * kBR, 0.0f);
             }
@@ -901,7 +904,7 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
         gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
                  false);
         scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, nullptr);
-        for (int64_t n = 0; n < kt; ++n) exp_row(s.data + n * kBR, lse_b, nullptr);
+        for (int64_t n = 0; n < kt; ++n) exp_row<PAIR == 2>(s.data + n * kBR, lse_b, nullptr);
         const PT* pa;
         if constexpr (PAIR == 2) {
           for (int64_t n = 0; n < kt; ++n)

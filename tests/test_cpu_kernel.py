@@ -160,6 +160,28 @@ def test_amx_path_head_dims(dim, mask, monkeypatch, top_isa):
     _check(inp, dict(num_read=5, num_write=7, mask=mask, scale=dim ** -0.5), lse_grad=True)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mask", ["causal", "rmt"])
+def test_bf16_lse_is_float32_accurate(isa, mask, monkeypatch, top_isa):
+    """bf16 inputs: the products and the softmax sum run in float32 (the probabilities are
+    rounded to bf16 only for the value product), so the LSE matches the float64 LSE of the same
+    bf16 values to float32-sized error. This pins the accuracy of the exponential on the paths
+    where P is rounded to bf16 (exp512_bf16, about 7e-6 relative), which the output's bf16
+    tolerance could not: a 1e-3 error in it passes _check."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    inp = _inputs(torch.bfloat16, batch=2, hq=3, hkv=1, length=67, past=66, dim=64, pad=True,
+                  seed=11)
+    with torch.no_grad():
+        layout = dict(num_read=4, num_write=4, mask=mask, scale=0.125)
+        _, lse = memory_attention(**inp, backend="cpu", return_lse=True, **layout)
+        exact = {n: t.double() if t.is_floating_point() else t for n, t in inp.items()}
+        _, ref = reference_memory_attention(**exact, **layout)
+    seen = ~torch.isinf(ref)
+    assert torch.equal(torch.isneginf(lse), ~seen)
+    err = (lse[seen].double() - ref[seen]).abs().max().item()
+    assert err <= 2e-5, f"lse error {err:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask", MODES)
 @pytest.mark.parametrize("length,memory", [(1, (0, 0)), (2, (0, 1)), (4, (1, 1)), (8, (2, 3)),
