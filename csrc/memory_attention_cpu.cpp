@@ -9,7 +9,9 @@
 // Ops (autograd and fake kernels are registered from rmt_fast/ops/memory_attention/cpu_kernel.py):
 //   memory_attention_cpu(q [B,Hq,L,D], k, v [B,Hkv,L,D], past_k?, past_v? [B,Hkv,P,D],
 //       key_padding_mask? [B,P+L] bool, num_read, num_write, mask, past_visible_to_read, scale)
-//       -> (out [B,Hq,L,D] in q's dtype, lse [B,Hq,L] float32; -inf and zeros on empty rows)
+//       -> (out [B,Hq,L,D] in q's dtype, lse [B,Hq,L] float32; -inf and zeros on empty rows);
+//       out lies in memory as [B,L,Hq,D] (a permuted view): out.transpose(1, 2), what an
+//       attention layer takes next, is contiguous without a copy
 //   memory_attention_cpu_backward(dout, q, k, v, past_k?, past_v?, key_padding_mask?, out, lse,
 //       grad_lse?, ..., need_past_grad) -> [dq, dk, dv] (+ [dpast_k, dpast_v] when
 //       need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the lse output
@@ -290,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
     c10::string_view mask, bool past_visible_to_read, double scale) {
   const Plan pl = make_plan(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write,
                             std::string(mask), past_visible_to_read, scale);
-  at::Tensor out = at::empty({pl.B, pl.Hq, pl.L, pl.D}, q.options());
+  at::Tensor out = at::empty({pl.B, pl.L, pl.Hq, pl.D}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({pl.B, pl.Hq, pl.L}, q.options().dtype(at::kFloat));
   if (pl.B * pl.Hq * pl.L == 0) return {out, lse};
   const int isa = attention_isa(pl.bf16);

@@ -492,13 +492,13 @@ inline void store_row(const float* src, float mul, TIn* dst, int64_t n) {
   for (; d < n; ++d) dst[d] = from_float<TIn>(src[d] * mul);
 }
 
-// rows [0, rows) of dst ([rows][D], contiguous) = the transposed accumulator acc [Dp][kBR]
+// rows [0, rows) of dst ([rows][D], rows ldd apart) = the transposed accumulator acc [Dp][kBR]
 // (rows >= D zero) times mul[m]; tmp: [kBR][Dp] scratch
 template <typename TIn>
-void store_rows_t(const Plan& pl, const float* acc, const float* mul, TIn* dst, int64_t rows,
-                  float* tmp) {
+void store_rows_t(const Plan& pl, const float* acc, const float* mul, TIn* dst, int64_t ldd,
+                  int64_t rows, float* tmp) {
   transpose32(acc, kBR, tmp, pl.Dp, pl.Dp, kBR);
-  for (int64_t m = 0; m < rows; ++m) store_row<TIn>(tmp + m * pl.Dp, mul[m], dst + m * pl.D, pl.D);
+  for (int64_t m = 0; m < rows; ++m) store_row<TIn>(tmp + m * pl.Dp, mul[m], dst + m * ldd, pl.D);
 }
 
 // -------------------------------------------------------------------------------- packing K/V
@@ -681,6 +681,12 @@ inline void ds_row(const float* p, float* ds, const float* delta) {
 
 // --------------------------------------------------------------------------------- forward
 
+// The forward's out [B, Hq, L, D] lies in memory as [B, L, Hq, D] (memory_attention_cpu): the
+// offset of row i of head h
+inline int64_t out_offset(const Plan& pl, int64_t b, int64_t h, int64_t i) {
+  return ((b * pl.L + i) * pl.Hq + h) * pl.D;
+}
+
 // The online softmax's step per key-tile group over one row block: new running max mrow = max(mrow,
 // tmax), alpha = exp(old - new) (0 where the old max was -inf), muse = the max to subtract (0
 // for a row that has seen nothing yet), psum = 0. Returns whether any running max moved (else
@@ -820,7 +826,8 @@ void forward_t(const Plan& pl, const Strided& q, const Workspace& ws, TIn* out, 
       alpha[m] = any ? 1.0f / lrow[m] : 0.0f;
       if (m < rows) l[m] = any ? mrow[m] + std::log(lrow[m]) : ninf;
     }
-    store_rows_t<TIn>(pl, ot.data, alpha, out + (bh * pl.L + i0) * D, rows, tmp.data);
+    store_rows_t<TIn>(pl, ot.data, alpha, out + out_offset(pl, b, h, i0), pl.Hq * D, rows,
+                      tmp.data);
   }
 }
 
@@ -939,7 +946,7 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
                  kBR, true);
       }
       for (int64_t m = 0; m < kBR; ++m) delta[m] = any_tile ? pl.scale : 0.0f;
-      store_rows_t<TIn>(pl, dqt.data, delta, dq + (bh * pl.L + i0) * D, rows, tmp.data);
+      store_rows_t<TIn>(pl, dqt.data, delta, dq + (bh * pl.L + i0) * D, D, rows, tmp.data);
     }
   }
 }
@@ -1207,7 +1214,7 @@ void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const St
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t g = r / L, i = r % L, bh = b * pl.Hq + h0 + g;
-      TIn* dst = out + (bh * L + i) * D;
+      TIn* dst = out + out_offset(pl, b, h0 + g, i);
       const bool any = lrow[r] > 0.0f;
       if (any) {
         store_row<TIn>(acc.data + r * Dr, 1.0f / lrow[r], dst, D);

@@ -393,6 +393,26 @@ def test_opcheck():
     torch.library.opcheck(OP, no_past)
 
 
+@pytest.mark.parametrize("length,threads,batch,hkv", [(1, 1, 2, 2), (70, 1, 2, 2), (70, 2, 1, 1)])
+def test_output_lies_as_batch_length_heads(length, threads, batch, hkv):
+    """out [B, Hq, L, D] is written as a [B, L, Hq, D] buffer on every forward schedule (few
+    rows, one unit per thread, packed up front), so the attention layer's
+    ``out.transpose(1, 2).contiguous()`` copies nothing; values as the reference (float64)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inp = _inputs(torch.float32, batch=batch, hq=4, hkv=hkv, length=length, past=9, dim=24)
+        out = OP(inp["q"], inp["k"], inp["v"], inp["past_k"], inp["past_v"], None, 0, 0,
+                 "causal", True, 0.3)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == inp["q"].shape and out.transpose(1, 2).is_contiguous()
+    exact = {n: t.detach().double() for n, t in inp.items()}
+    ref = reference_memory_attention(**exact, mask="causal", past_visible_to_read=True,
+                                     scale=0.3)[0]
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
 def test_bad_inputs_name_the_argument():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(RuntimeError, match="q must be float32 or bfloat16"):

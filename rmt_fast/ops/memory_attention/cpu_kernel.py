@@ -159,7 +159,9 @@ def _register() -> None:
                   past_visible_to_read, scale):
         torch._check(q.dim() == 4, lambda: "memory_attention_cpu: q must be [B, Hq, L, D]")
         torch._check(q.dtype in DTYPES, lambda: f"memory_attention_cpu: unsupported dtype {q.dtype}")
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+        b, h, n, d = q.shape  # out: a [B, L, Hq, D] buffer seen as [B, Hq, L, D]
+        return (q.new_empty((b, n, h, d)).permute(0, 2, 1, 3),
+                q.new_empty(q.shape[:3], dtype=torch.float32))
 
     @torch.library.register_fake(lib + "memory_attention_cpu_backward")
     def _bwd_fake(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, grad_lse, num_read,
