@@ -108,7 +108,9 @@ def memory_attention(
     Returns:
         ``[B, Hq, L, D]`` in the input dtype (under ``torch.autocast``: q, k, v and the past
         keys/values are cast to the autocast dtype first, as SDPA does), and the LSE when
-        ``return_lse``.
+        ``return_lse``. Not necessarily contiguous: the CPU kernel returns a ``[B, L, Hq, D]``
+        buffer seen as ``[B, Hq, L, D]`` (``out.transpose(1, 2)`` is then contiguous); use
+        ``reshape``, not ``view``.
     """
     if isinstance(q, torch.Tensor) and q.is_floating_point() and torch.is_autocast_enabled(q.device.type):
         # as SDPA under autocast: compute in the autocast dtype (a rotary embedding makes q and k
