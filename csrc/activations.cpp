@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "activation_math.h"
 #include "cpu_isa.h"

@@ -187,3 +187,35 @@ void layer_norm_rows512(const T* x, const float* w, const float* b, T* y, float*
     rstd[r] = rs;
   }
 }
+
+// Cross-entropy rows (cross_entropy.cpp), n >= 1 logits a row in float32 arithmetic: the row's
+// log-sum-exp (NaN anywhere in the row gives NaN: exp512 keeps it in the sum)
+template <typename T>
+inline float row_lse512(const T* x, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    mx = _mm512_mask_max_ps(mx, m, mx, load16(x + i, m));
+  }
+  const float M = _mm512_reduce_max_ps(mx);
+  const __m512 vm = _mm512_set1_ps(M);
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    s = _mm512_mask_add_ps(s, m, s, exp512(_mm512_sub_ps(load16(x + i, m), vm)));
+  }
+  return M + std::log(_mm512_reduce_add_ps(s));
+}
+
+// dx = g softmax(x) over one row (exp(x - lse) g; the caller subtracts g at the target), in
+// x's dtype (bf16: exp512_bf16, rounded once)
+template <typename T>
+inline void row_softmax_grad512(const T* x, float lse, float g, T* dx, int64_t n) {
+  const __m512 vl = _mm512_set1_ps(lse), vg = _mm512_set1_ps(g);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = head_mask16(n - i);
+    const __m512 d = _mm512_sub_ps(load16(x + i, m), vl);
+    store16(dx + i, m, _mm512_mul_ps(sizeof(T) == 2 ? exp512_bf16(d) : exp512(d), vg));
+  }
+}
+

@@ -34,6 +34,8 @@ HAS_GELU_TANH = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "gelu_tanh")
 HAS_GELU_TANH_BACKWARD = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "gelu_tanh_backward")
 #: the LayerNorm kernel (an extension built before it existed lacks it: F.layer_norm)
 HAS_LAYER_NORM = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "layer_norm")
+#: the fused cross-entropy kernel (an extension built before it existed lacks it: F.cross_entropy)
+HAS_CROSS_ENTROPY = HAS_EXTENSION and hasattr(torch.ops.rmt_fast, "cross_entropy")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -188,6 +190,25 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
             and (weight is None or bias is None or weight.dtype == bias.dtype)):
         return torch.ops.rmt_fast.layer_norm(x, list(shape), weight, bias, eps)[0]
     return F.layer_norm(x, shape, weight, bias, eps)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
+                      ignore_index: int = -100) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")``:
+    logits ``[N, V]``, targets ``[N]`` int64; a float32 scalar (float64 for float64 logits).
+
+    float32 and bfloat16 CPU logits go through the extension's fused kernel: the loss and each
+    row's log-sum-exp in one pass in float32 arithmetic (bf16 logits are not copied to float32),
+    and the gradient ``g (softmax - onehot)`` in one pass, in the logits' dtype (ATen's under
+    ``create_graph``, so second derivatives work). Other dtypes/devices, or no extension:
+    ``F.cross_entropy`` on the logits in float32 at least.
+    """
+    if (HAS_CROSS_ENTROPY and logits.device.type == "cpu" and logits.dim() == 2
+            and logits.dtype in (torch.float32, torch.bfloat16) and targets.dtype == torch.long):
+        return torch.ops.rmt_fast.cross_entropy(logits, targets, ignore_index)[0]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
 class _PyMemoryStore:
@@ -446,6 +467,39 @@ def _register() -> None:
 
         torch.library.register_autograd(lib + "layer_norm", _layer_norm_backward,
                                         setup_context=_layer_norm_setup)
+
+    if HAS_CROSS_ENTROPY:
+        @torch.library.register_fake(lib + "cross_entropy")
+        def _ce_fake(logits, targets, ignore_index):
+            torch._check(logits.dtype in (torch.float32, torch.bfloat16) and logits.dim() == 2,
+                         lambda: "cross_entropy: logits must be float32 or bfloat16 [N, V]")
+            return (logits.new_empty((), dtype=torch.float32),
+                    logits.new_empty(logits.shape[:1], dtype=torch.float32))
+
+        @torch.library.register_fake(lib + "cross_entropy_backward")
+        def _ce_backward_fake(grad, logits, targets, lse, ignore_index):
+            return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+        def _ce_setup(ctx, inputs, output):
+            logits, targets, ignore_index = inputs
+            ctx.mark_non_differentiable(output[1])  # the log-sum-exp: not a differentiable output
+            ctx.ignore_index = ignore_index
+            ctx.save_for_backward(logits, targets, output[1])
+
+        def _ce_backward(ctx, grad, _grad_lse):
+            logits, targets, lse = ctx.saved_tensors
+            if not torch.is_grad_enabled():
+                return torch.ops.rmt_fast.cross_entropy_backward(
+                    grad.float(), logits, targets, lse, ctx.ignore_index), None, None
+            # create_graph (a double backward): ATen's differentiable formula
+            x = logits.float()
+            keep = targets != ctx.ignore_index
+            onehot = F.one_hot(torch.where(keep, targets, 0), x.shape[1]).to(x.dtype)
+            dx = (torch.softmax(x, dim=1) - onehot) * keep[:, None].to(x.dtype) * grad
+            return dx.to(logits.dtype), None, None
+
+        torch.library.register_autograd(lib + "cross_entropy", _ce_backward,
+                                        setup_context=_ce_setup)
 
 
 if HAS_EXTENSION:

@@ -369,6 +369,138 @@ def test_layer_norm_bad_inputs():
         OPS.layer_norm(x.bfloat16(), [8], torch.ones(8), torch.ones(8, dtype=torch.bfloat16), 1e-5)
 
 
+def _ce_inputs(dtype, n=45, v=1003, seed=0):
+    """Logits with a spread of scales (rows up to |x| ~ 30) and targets with ignored rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * torch.linspace(0.1, 10, n)[:, None]
+    t = torch.randint(0, v, (n,), generator=g)
+    t[[3 % n, 17 % n]] = -100
+    return x.to(dtype), t
+
+
+@pytest.mark.parametrize("isa", GELU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [1, 7, 16, 1003])
+def test_cross_entropy_matches_float64_reference(isa, dtype, v, monkeypatch):
+    """Loss (sum over the counted rows), the rows' LSE and the gradient vs float64 on the same
+    values: loss and LSE to float32 accuracy; gradient to float32 accuracy, bf16: within one
+    bf16 rounding of the float64 value (g = 1: entries in [-1, 1])."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    x, t = _ce_inputs(dtype, v=v)
+    x.requires_grad_(True)
+    loss, lse = OPS.cross_entropy(x, t, -100)
+    assert loss.dtype == lse.dtype == torch.float32 and loss.shape == () and lse.shape == (45,)
+    xd = x.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(xd, t, ignore_index=-100, reduction="sum")
+    keep = t != -100
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.abs().item() + 1e-5
+    ref_lse = torch.logsumexp(xd.detach(), 1)
+    torch.testing.assert_close(lse[keep].double(), ref_lse[keep], rtol=2e-6, atol=2e-6)
+    assert (lse[~keep] == 0).all()
+    (grad,) = torch.autograd.grad(loss * 0.5, x)
+    (grad_ref,) = torch.autograd.grad(ref * 0.5, xd)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    err = (grad.double() - grad_ref).abs()
+    if dtype == torch.float32:
+        assert err.max() <= 1e-6, err.max()
+    else:
+        assert (err <= 2.0 ** -8 * grad_ref.abs() + 1e-7).all(), err.max()
+    assert (grad[~keep] == 0).all()
+
+
+def test_cross_entropy_sum_wrapper_threads_and_fallbacks():
+    """The wrapper: the kernel for float32/bf16 CPU logits (the same loss on 1 and 2 threads,
+    bitwise), F.cross_entropy for float64; every row ignored gives 0 and a zero gradient;
+    double backward (ATen's formula) matches float64; opcheck."""
+    x, t = _ce_inputs(torch.float32, n=300, v=257, seed=1)
+    before = torch.get_num_threads()
+    losses = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            losses.append(ext.cross_entropy_sum(x, t))
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(losses[0], losses[1])
+    ref = F.cross_entropy(x.double(), t, ignore_index=-100, reduction="sum")
+    assert ext.cross_entropy_sum(x.double(), t).dtype == torch.float64
+    torch.testing.assert_close(ext.cross_entropy_sum(x.double(), t), ref)
+    none = torch.full_like(t, -100)
+    xg = x.clone().requires_grad_(True)
+    loss = ext.cross_entropy_sum(xg, none)
+    loss.backward()
+    assert loss.item() == 0.0 and (xg.grad == 0).all()
+    # double backward: d/dx of <grad, w> through ATen's formula under create_graph
+    xs, ts = _ce_inputs(torch.float32, n=6, v=9, seed=2)
+    w = torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    xa, xd = xs.clone().requires_grad_(True), xs.double().requires_grad_(True)
+    ga = torch.autograd.grad(ext.cross_entropy_sum(xa, ts), xa, create_graph=True)[0]
+    gd = torch.autograd.grad(F.cross_entropy(xd, ts, ignore_index=-100, reduction="sum"), xd,
+                             create_graph=True)[0]
+    dda = torch.autograd.grad((ga.double() * w).sum(), xa)[0]
+    ddd = torch.autograd.grad((gd * w).sum(), xd)[0]
+    torch.testing.assert_close(dda.double(), ddd, rtol=1e-5, atol=1e-6)
+    for dtype in (torch.float32, torch.bfloat16):
+        xo, to = _ce_inputs(dtype, n=5, v=11, seed=4)
+        result = torch.library.opcheck(OPS.cross_entropy, (xo.requires_grad_(True), to, -100))
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmt_training_loss_through_the_kernel(dtype, monkeypatch):
+    """An RMT decoder's loss and gradients (segment checkpointing; bf16: autocast over float32
+    weights) with the fused cross-entropy match the F.cross_entropy path."""
+    from rmt_fast.bench.systems import CONFIGS, _rmt
+
+    torch.manual_seed(0)
+    model = _rmt(CONFIGS["tiny"], checkpoint=True)
+    tokens = torch.randint(0, 100, (2, 100), generator=torch.Generator().manual_seed(1))
+    labels = tokens.clone()
+    labels[0, 40:60] = -100
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(tokens, labels=labels, return_logits=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss, grads = run()
+    names = {e.key for e in prof.key_averages()}
+    assert {"rmt_fast::cross_entropy", "rmt_fast::cross_entropy_backward"} <= names
+    assert "aten::nll_loss_forward" not in names
+    monkeypatch.setattr(ext, "HAS_CROSS_ENTROPY", False)
+    ref_loss, ref_grads = run()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_cross_entropy_bad_inputs():
+    x, t = _ce_inputs(torch.float32, n=4, v=5)
+    with pytest.raises(RuntimeError, match="logits must be float32 or bfloat16"):
+        OPS.cross_entropy(x.double(), t, -100)
+    with pytest.raises(RuntimeError, match=r"logits must be \[N, V\]"):
+        OPS.cross_entropy(x[None], t, -100)
+    with pytest.raises(RuntimeError, match="targets must be int64"):
+        OPS.cross_entropy(x, t.int(), -100)
+    with pytest.raises(RuntimeError, match=r"targets must be \[N\] = \[4\]"):
+        OPS.cross_entropy(x, t[:3], -100)
+    for bad in (5, -1):
+        tb = t.clone()
+        tb[2] = bad
+        with pytest.raises(RuntimeError, match=rf"targets must be in \[0, 5\) or ignore_index "
+                                                rf"\(-100\), got {bad} at row 2"):
+            OPS.cross_entropy(x, tb, -100)
+    _, lse = OPS.cross_entropy(x, t, -100)
+    with pytest.raises(RuntimeError, match="grad must be a scalar"):
+        OPS.cross_entropy_backward(torch.ones(2), x, t, lse, -100)
+    with pytest.raises(RuntimeError, match=r"lse must be float32 \[N\]"):
+        OPS.cross_entropy_backward(torch.ones(()), x, t, lse[:2], -100)
+
+
 def test_fuse_layer_norms_keeps_gpt2_outputs_and_parameters():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from rmt_fast._extension import assemble_mask, assemble_segment, extract_memory
+from rmt_fast._extension import assemble_mask, assemble_segment, cross_entropy_sum, extract_memory
 from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
 from rmt_fast.models import used_rows
 from rmt_fast.models.base import RMTBase, check_logits_head, lm_logits, max_positions
@@ -487,8 +486,6 @@ def lm_outputs(logits_fn, hidden: torch.Tensor | None, seg: Segment, n_targets: 
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over positions whose target is not -100 (float32 at least)."""
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
+    """Summed cross-entropy over positions whose target is not -100 (float32 at least; the
+    extension's fused kernel on CPU: :func:`rmt_fast._extension.cross_entropy_sum`)."""
+    return cross_entropy_sum(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
