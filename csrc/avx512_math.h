@@ -44,21 +44,27 @@ inline __m512 exp512_bf16(__m512 x) {
   return _mm512_maskz_scalef_ps(keep, y, n);
 }
 
+// exp512_bf16 where the result is rounded to bf16 next (kBf16Out), else exp512
+template <bool kBf16Out>
+inline __m512 exp512_for(__m512 x) {
+  return kBf16Out ? exp512_bf16(x) : exp512(x);
+}
+
 // gelu_tanh of activation_math.h on 16 lanes: x / (1 + exp(-2u)); kBf16Out: the result is
-// rounded to bf16 next (exp512_bf16)
+// rounded to bf16 next (exp512_for)
 template <bool kBf16Out = false>
 inline __m512 gelu_tanh512(__m512 x) {
   const __m512 cubic = _mm512_fmadd_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(0.044715f),
                                        _mm512_set1_ps(1.0f));
   const __m512 minus_2u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.5957691216057308f)),
                                         cubic);
-  const __m512 e = kBf16Out ? exp512_bf16(minus_2u) : exp512(minus_2u);
+  const __m512 e = exp512_for<kBf16Out>(minus_2u);
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 // gelu_tanh_grad of activation_math.h on 16 lanes (x clamped to [-10, 10], NaN kept: max/min
 // return their second operand when one is NaN); kBf16Out: the result is rounded to bf16 next
-// (exp512_bf16)
+// (exp512_for)
 template <bool kBf16Out = false>
 inline __m512 gelu_tanh_grad512(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(10.0f), _mm512_max_ps(_mm512_set1_ps(-10.0f), x));
@@ -66,7 +72,7 @@ inline __m512 gelu_tanh_grad512(__m512 x) {
   const __m512 cubic = _mm512_fmadd_ps(x2, _mm512_set1_ps(0.044715f), _mm512_set1_ps(1.0f));
   const __m512 minus_2u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.5957691216057308f)),
                                         cubic);
-  const __m512 e = kBf16Out ? exp512_bf16(minus_2u) : exp512(minus_2u);
+  const __m512 e = exp512_for<kBf16Out>(minus_2u);
   const __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
   const __m512 du2 = _mm512_mul_ps(
       _mm512_set1_ps(1.5957691216057308f),
@@ -208,14 +214,14 @@ inline float row_lse512(const T* x, int64_t n) {
 }
 
 // dx = g softmax(x) over one row (exp(x - lse) g; the caller subtracts g at the target), in
-// x's dtype (bf16: exp512_bf16, rounded once)
+// x's dtype (bf16: exp512_for, rounded once)
 template <typename T>
 inline void row_softmax_grad512(const T* x, float lse, float g, T* dx, int64_t n) {
   const __m512 vl = _mm512_set1_ps(lse), vg = _mm512_set1_ps(g);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = head_mask16(n - i);
     const __m512 d = _mm512_sub_ps(load16(x + i, m), vl);
-    store16(dx + i, m, _mm512_mul_ps(sizeof(T) == 2 ? exp512_bf16(d) : exp512(d), vg));
+    store16(dx + i, m, _mm512_mul_ps(exp512_for<sizeof(T) == 2>(d), vg));
   }
 }
 

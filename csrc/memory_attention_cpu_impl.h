@@ -604,13 +604,13 @@ inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart
 }
 
 // row[m] = exp(row[m] - sub[m]) over one kBR row; adds the row to sum when given. kBf16Out:
-// the row is rounded to bf16 next (exp512_bf16)
+// the row is rounded to bf16 next (exp512_for)
 template <bool kBf16Out = false>
 inline void exp_row(float* row, const float* sub, float* sum) {
 #if RMT_MA_ISA >= 1
   for (int64_t m = 0; m < kBR; m += 16) {
-    const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(row + m), _mm512_loadu_ps(sub + m));
-    const __m512 p = kBf16Out ? exp512_bf16(x) : exp512(x);
+    const __m512 p =
+        exp512_for<kBf16Out>(_mm512_sub_ps(_mm512_loadu_ps(row + m), _mm512_loadu_ps(sub + m)));
     _mm512_storeu_ps(row + m, p);
     if (sum != nullptr) _mm512_storeu_ps(sum + m, _mm512_add_ps(_mm512_loadu_ps(sum + m), p));
   }
