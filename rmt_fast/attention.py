@@ -95,7 +95,9 @@ def memory_attention(
             write rows, and by read rows when ``past_visible_to_read``.
         key_padding_mask: ``[B, P + L]`` bool, True = real token. Rows that see nothing give 0.
         scale: softmax scale, default ``D ** -0.5``.
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows).
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows),
+            differentiable on every backend (a loss may use it, e.g. to merge partial results
+            or add a sink logit).
         backend: ``"auto"`` (Triton on CUDA; on CPU what
             :func:`rmt_fast.ops.memory_attention.cpu_kernel.auto_path` measured fastest: the
             extension's kernel, ATen's SDPA with a dense mask (bf16 inference on AMX CPUs where

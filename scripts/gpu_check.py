@@ -748,10 +748,15 @@ def check_case(case: dict, dtype_name: str, device: str, backend: str = "triton"
     ok &= compare("lse", lse[fin], ref_lse[fin], low_lse[fin], 2)
     if grad:
         inputs = [t for t in (q, k, v, pk, pv) if t is not None]
-        dout = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
-        got = torch.autograd.grad(out, inputs, dout)
-        ref = torch.autograd.grad(ref_out, inputs, dout.double())
-        low = torch.autograd.grad(low_out, inputs, dout)
+        dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+        dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(device)
+
+        def loss(o, lo):  # out and lse both used: the lse's gradient reaches the inputs too
+            return (o.double() * dout).sum() + (lo.double().masked_fill(~fin, 0) * dlse).sum()
+
+        got = torch.autograd.grad(loss(out, lse), inputs)
+        ref = torch.autograd.grad(loss(ref_out, ref_lse), inputs)
+        low = torch.autograd.grad(loss(low_out, low_lse), inputs)
         names = ["dq", "dk", "dv", "dpast_k", "dpast_v"]
         for n, g, r, lo in zip(names, got, ref, low, strict=False):
             ok &= compare(n, g, r, lo, 3)

@@ -43,8 +43,9 @@ def _close(name, got, ref64, ref_lowp, mult, dtype):
 
 
 def _check(q, k, v, *, past_k=None, past_v=None, key_padding_mask=None, grads=True, via_api=False,
-           **layout):
-    """Run the kernel forward (+ backward) and compare out, lse and every gradient."""
+           lse_grad=True, **layout):
+    """Run the kernel forward (+ backward) and compare out, lse and every gradient (of a loss
+    on out and, with ``lse_grad``, on the lse too)."""
     dtype = q.dtype
     kw = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask, **layout)
     if via_api:
@@ -64,10 +65,18 @@ def _check(q, k, v, *, past_k=None, past_v=None, key_padding_mask=None, grads=Tr
     if not grads:
         return
     inputs = [t for t in (q, k, v, past_k, past_v) if t is not None and t.requires_grad]
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, dout)
-    ref = torch.autograd.grad(ref_out, inputs, dout.double())
-    low = torch.autograd.grad(low_out, inputs, dout)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    wl = torch.randn(lse.shape, dtype=torch.float64) if lse_grad else None
+
+    def loss(o, lo):
+        total = (o.double() * dout).sum()
+        if wl is not None:  # empty rows (lse -inf) carry no lse term
+            total = total + (lo.double().masked_fill(torch.isinf(lo), 0) * wl).sum()
+        return total
+
+    got = torch.autograd.grad(loss(out, lse), inputs)
+    ref = torch.autograd.grad(loss(ref_out, ref_lse), inputs)
+    low = torch.autograd.grad(loss(low_out, low_lse), inputs)
     for i, (g, r, lo) in enumerate(zip(got, ref, low, strict=True)):
         _close(f"grad[{i}]", g, r.double(), lo, 3, dtype)
 
@@ -119,7 +128,7 @@ def test_no_memory_rows_fp16_past_grad():
     k, v = _rand(1, 2, 33, 32, dtype=dt), _rand(1, 2, 33, 32, dtype=dt)
     pk, pv = _rand(1, 2, 20, 32, dtype=dt), _rand(1, 2, 20, 32, dtype=dt)
     _check(q, k, v, past_k=pk, past_v=pv, num_read=0, num_write=0, mask="causal",
-           scale=32 ** -0.5)
+           scale=32 ** -0.5, lse_grad=False)
 
 
 def test_bf16_end_to_end_via_api():
@@ -139,7 +148,7 @@ def test_head_dim_80_padded():
     dt = torch.float32
     q = _rand(1, 1, 20, 80, dtype=dt)
     k, v = _rand(1, 1, 20, 80, dtype=dt), _rand(1, 1, 20, 80, dtype=dt)
-    _check(q, k, v, num_read=2, num_write=3, mask="bottleneck", scale=80 ** -0.5)
+    _check(q, k, v, num_read=2, num_write=3, mask="bottleneck", scale=80 ** -0.5, lse_grad=False)
 
 
 def test_every_read_row_blind():
@@ -257,11 +266,13 @@ def test_custom_op_opcheck(past_len):
     assert res == {name: "SUCCESS" for name in OPCHECKS}
 
 
-def test_custom_bwd_op_opcheck():
+@pytest.mark.parametrize("with_grad_lse", [False, True])
+def test_custom_bwd_op_opcheck(with_grad_lse):
     q, k, v, pk, pv = _op_inputs(5)
     out, lse = memory_attention_op(q, k, v, pk, pv, None, 2, 2, "bottleneck", True, 0.25)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(),
-            None, out.detach(), lse, 2, 2, "bottleneck", True, 0.25)
+            None, out.detach(), lse.detach(), 2, 2, "bottleneck", True, 0.25, True,
+            torch.randn_like(lse) if with_grad_lse else None)
     checks = OPCHECKS[:3]  # the backward op itself has no autograd formula to check
     res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention_bwd.default, args,
                                 test_utils=checks)

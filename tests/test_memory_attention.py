@@ -69,6 +69,35 @@ def test_low_precision_error_bounded_by_pytorch_error(dtype, mask, cpu_plan):
     assert err <= 2 * budget + 1e-6, (err, budget)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", MODES)
+def test_low_precision_gradients_with_lse(dtype, mask, cpu_plan):
+    """Gradients of a loss on out and lse: error vs float64 <= 3x the same-dtype reference's."""
+    inp = attention_inputs(dtype=dtype, length=40, dim=16, past=6, pad=True)
+    assert not inp["key_padding_mask"][-1].any()  # the last batch row sees nothing: lse -inf
+    kw = dict(num_read=4, num_write=4, mask=mask)
+    exact_inp = {n: (t.detach().double().requires_grad_() if t.is_floating_point() else t)
+                 for n, t in inp.items()}
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(inp["q"].shape, generator=g, dtype=torch.float64)
+    wl = torch.randn(inp["q"].shape[:3], generator=g, dtype=torch.float64)
+    names = ["q", "k", "v", "past_k", "past_v"]
+
+    def grads_of(tensors, backend):
+        out, lse = memory_attention(**tensors, backend=backend, return_lse=True, **kw)
+        loss = (out.double() * dout).sum() + (lse.double().masked_fill(torch.isinf(lse), 0)
+                                              * wl).sum()
+        return torch.autograd.grad(loss, [tensors[n] for n in names])
+
+    got, exact, same = (grads_of(inp, "torch"), grads_of(exact_inp, "reference"),
+                        grads_of(inp, "reference"))
+    for n, a, e, s in zip(names, got, exact, same, strict=True):
+        assert a.dtype == dtype and torch.isfinite(a).all() and a[0].abs().max() > 0, n
+        err = (a.double() - e).abs().max()
+        budget = (s.double() - e).abs().max()
+        assert err <= 3 * budget + 1e-5, (n, err, budget)
+
+
 @pytest.mark.parametrize("mask", MODES)
 def test_gradcheck_small(mask, cpu_plan):
     inp = attention_inputs(batch=1, hq=2, hkv=1, length=6, dim=4, past=2, pad=True)

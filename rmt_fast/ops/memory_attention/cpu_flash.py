@@ -16,6 +16,7 @@ Grouped-query attention runs one call per query group on strided views (no repea
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rmt_fast.masks import DENSE, DIAG, AttentionLayout, RowGroup, block_plan, dense_plan, structure_bias
 
@@ -131,15 +132,24 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, past_k, past_v, kpm, plan, layout)
         ctx.save_for_backward(q, k, v, past_k, past_v, kpm, out, lse)
         ctx.plan, ctx.layout = plan, layout
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, past_k, past_v, kpm, out, lse = ctx.saved_tensors
         hq, hkv = q.shape[1], k.shape[1]
         groups = hq // hkv
-        grad_out = grad_out.contiguous()
+        dim = q.shape[-1]
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+        if grad_lse is not None:
+            # ATen's flash backward forms dS = P (dP - delta) with delta = rowsum(dO * O) and has
+            # no input for the lse's gradient (d lse / d s = P, i.e. delta - dlse). One extra
+            # head-dim column carries it: q, k, v get a 0 there (scores and dP unchanged), O gets
+            # -dlse and dO gets 1, so delta becomes delta - dlse; the column's gradients are dropped.
+            pad = lambda t: None if t is None else F.pad(t, (0, 1))  # noqa: E731
+            q, k, v, past_k, past_v = (pad(t) for t in (q, k, v, past_k, past_v))
+            out = torch.cat([out, -grad_lse.to(out.dtype).unsqueeze(-1)], -1)
+            grad_out = torch.cat([grad_out, grad_out.new_ones(grad_out.shape[:-1] + (1,))], -1)
         # rows that saw nothing: +inf makes every recomputed probability exp(s - inf) = 0
         lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         acc = _acc_dtype(q.dtype)
@@ -161,7 +171,7 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
                     dq[:, hs, rows] += gq_
                     gk[:, :, rk] += gk_
                     gv[:, :, rk] += gv_
-        cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
+        cast = lambda g, ref: None if g is None else g[..., :dim].to(ref.dtype)  # noqa: E731
         return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dpk, past_k), cast(dpv, past_v),
                 None, None, None)
 

@@ -61,14 +61,17 @@ def memory_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             past_v: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                             out: torch.Tensor, lse: torch.Tensor, num_read: int, num_write: int,
                             mask: str, past_visible_to_read: bool, scale: float,
-                            need_past_grad: bool = True) -> list[torch.Tensor]:
+                            need_past_grad: bool = True, grad_lse: torch.Tensor | None = None,
+                            ) -> list[torch.Tensor]:
     """Backward: ``[dq, dk, dv]``, plus ``[dpast_k, dpast_v]`` when ``need_past_grad`` (an
-    empty past, ``P = 0``, still gets its two empty gradients, as the fake promises)."""
+    empty past, ``P = 0``, still gets its two empty gradients, as the fake promises).
+    ``grad_lse`` ``[B, Hq, L]`` float32: the gradient reaching the lse output, if any."""
     layout = _layout(num_read, num_write, mask, past_visible_to_read, scale)
     given_pk, given_pv = past_k, past_v
     q, k, v, past_k, past_v, kpm = launch.prepare(q, k, v, past_k, past_v, key_padding_mask)
     dq, dk, dv, dpk, dpv = launch.backward(dout, q, k, v, past_k, past_v, kpm, out.contiguous(),
-                                           lse, layout, need_past_grad and past_k is not None)
+                                           lse, layout, need_past_grad and past_k is not None,
+                                           grad_lse)
     grads = [dq, dk, dv]
     if need_past_grad:
         grads += [given_pk.new_zeros(given_pk.shape) if dpk is None else dpk,
@@ -78,7 +81,7 @@ def memory_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 @memory_attention_bwd_op.register_fake
 def _(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, num_read, num_write, mask,
-      past_visible_to_read, scale, need_past_grad=True):
+      past_visible_to_read, scale, need_past_grad=True, grad_lse=None):
     grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
     if need_past_grad:
         grads += [past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)]
@@ -91,11 +94,15 @@ def _setup_context(ctx, inputs, output):
     ctx.rest = rest
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, dlse):
     q, k, v, past_k, past_v, kpm, out, lse = ctx.saved_tensors
     need_past = past_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    if dout is None:  # only the lse was used
+        dout = torch.zeros_like(out)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
     grads = memory_attention_bwd_op(dout.contiguous(), q, k, v, past_k, past_v, kpm, out, lse,
-                                    *ctx.rest, need_past)
+                                    *ctx.rest, need_past, dlse)
     if not need_past:
         grads = [*grads, None, None]
     return (*grads, None, None, None, None, None, None)

@@ -159,8 +159,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              past_k: torch.Tensor | None, past_v: torch.Tensor | None, kpm: torch.Tensor | None,
              out: torch.Tensor, lse: torch.Tensor, layout: AttentionLayout, need_past_grad: bool,
-             ) -> tuple[torch.Tensor, ...]:
-    """Gradients of :func:`forward` given ``dout [B, Hq, L, D]``.
+             grad_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`forward` given ``dout [B, Hq, L, D]`` and, when the lse was used,
+    ``grad_lse [B, Hq, L]`` float32 (d lse / d score = P, so it enters as ``delta - grad_lse``
+    in ``dS = P (dP - delta)``).
 
     Returns ``(dq, dk, dv, dpast_k, dpast_v)``; the past grads are None unless
     ``need_past_grad`` (then ``[B, Hkv, P, D]``). All in the input dtype.
@@ -183,6 +185,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     pre_block = 16 if interpreting() else 64
     bwd_preprocess_kernel[(triton.cdiv(n_rows, pre_block),)](
         out, dout, delta, n_rows, dim, BLOCK_M=pre_block, BLOCK_D=bd)
+    if grad_lse is not None:
+        delta.sub_(grad_lse)
     kpm_arg = kpm if kpm is not None else q
     common = dict(MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
                   HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32,
