@@ -321,3 +321,13 @@ def test_peak_rss_of_a_phase_is_its_own():
     phase = torch.ones(mib // 2 * 2**18)
     assert peak_rss_mib() >= quiet + 0.9 * mib / 2
     del phase
+
+
+def test_sinks_bench_runs_both_ways_and_they_agree(capsys):
+    """``python -m rmt_fast.bench.sinks`` on a small case: both ways timed, outputs agree."""
+    from rmt_fast.bench import sinks
+
+    rows = sinks.main(["--dtype", "float32", "--lengths", "48", "--rounds", "1"])
+    assert len(rows) == 1 and rows[0]["max_diff"] < 1e-5
+    assert all(rows[0][f"{w} {m}"] > 0 for w in ("exact", "fused") for m in ("fwd", "fwd+bwd"))
+    assert "| float32 | 48 |" in capsys.readouterr().out

@@ -224,6 +224,39 @@ def test_softcap_sinks_and_position_bias_equal_eager(kind):
     _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=5)
 
 
+def test_sinks_alone_run_fused(monkeypatch):
+    """gpt-oss's sinks, where the mask is structured (a window that holds every key): the fused
+    kernels plus the lse (no dense scores), equal to eager in logits, gradients (the sinks'
+    included) and generation; the same under the RMT memory layout."""
+    from rmt_fast.models import RMTForCausalLM
+
+    exact = []
+    real = integ._exact_attention
+    monkeypatch.setattr(integ, "_exact_attention", lambda *a, **k: exact.append(1) or real(*a, **k))
+    ref, ours = tiny_scored("gpt_oss", "eager", window=64), tiny_scored("gpt_oss", "rmt_fast",
+                                                                         window=64)
+    ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(3, 14, dtype=torch.long)
+    am[1, :5] = 0
+    valid = am.bool()
+    a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
+    a[valid].square().mean().backward()
+    b[valid].square().mean().backward()
+    sink_grads = 0
+    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+            sink_grads += name.endswith("sinks") and bool(pa.grad.abs().max() > 0)
+    assert sink_grads == 2  # both layers' sinks get a gradient
+    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=4)
+    rmt = RMTForCausalLM(tiny_scored("gpt_oss", "eager", window=64), num_mem_tokens=3,
+                         segment_size=7, mask="rmt")
+    with torch.no_grad():
+        rmt(ids)
+    assert not exact, "sinks alone took the dense exact path"
+
+
 def test_paged_attention_cache_is_refused():
     class PagedAttentionCache:  # what transformers' continuous batching passes as ``cache``
         pass

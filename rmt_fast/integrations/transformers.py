@@ -122,11 +122,16 @@ def rmt_fast_attention_forward(
     """transformers attention function: ``[B, H, L, D]`` in, ``([B, Lq, H, D], None)`` out.
 
     Models whose attention scores carry more than ``q k^T * scaling`` and a mask (``softcap``:
-    Gemma 2; ``s_aux``: gpt-oss's sinks; ``position_bias``: T5) run :func:`_exact_attention`,
-    the eager formula on dense scores; the fused kernels serve all others."""
+    Gemma 2; ``position_bias``: T5) run :func:`_exact_attention`, the eager formula on dense
+    scores; the fused kernels serve all others. A sink logit per head alone (gpt-oss's ``s_aux``)
+    runs fused, from the kernels' log-sum-exp (:func:`_with_sinks`), wherever the mask has the
+    structured form; elsewhere (a sliding window that cuts the keys) the exact path."""
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     terms = _score_terms(kwargs)
+    sinks = None
+    if terms is not None and terms[0] is None and terms[2] is None:
+        sinks, terms = terms[1], None
     layout = current_layout()
     if layout is not None and layout.length is not None:
         layout = _for_batch(layout, query.shape[0])
@@ -136,7 +141,7 @@ def rmt_fast_attention_forward(
     if layout is not None and (layout.length is None or prefill):
         _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
         if terms is None:
-            out = _layout_attention(module, query, key, value, layout, dropout, scaling)
+            out = _layout_attention(module, query, key, value, layout, dropout, scaling, sinks)
         else:
             out = _exact_layout_attention(module, query, key, value, layout, dropout, scaling,
                                           terms)
@@ -146,6 +151,12 @@ def rmt_fast_attention_forward(
     xl = _decoding_past(layout, module, key.shape[0])
     if xl is not None:
         _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
+    if sinks is not None:
+        out = _fused_with_sinks(query, key, value, attention_mask, q_len, causal, xl, common,
+                                sinks)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+        terms = (None, sinks, None)  # a mask without the structured form: the exact path
     if terms is not None:
         if attention_mask is None:
             if causal and q_len > 1 and xl is None:  # as below: a causal prefill, first q_len keys
@@ -186,6 +197,39 @@ def rmt_fast_attention_forward(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_sinks(result: tuple[torch.Tensor, torch.Tensor], sinks: torch.Tensor) -> torch.Tensor:
+    """The softmax with one more logit per head in its denominator (gpt-oss's sinks, ``[Hq]``)
+    from ``(out [B, Hq, L, D], lse [B, Hq, L])`` of the softmax without it:
+    ``out * exp(lse) / (exp(lse) + exp(sink)) = out * sigmoid(lse - sink)``, exact (rows that
+    see nothing: lse -inf, 0). Computed in float32, returned in ``out``'s dtype."""
+    out, lse = result
+    if sinks.numel() != out.shape[1]:
+        raise ValueError(f"s_aux (attention sinks) must have one logit per query head "
+                         f"({out.shape[1]}), got shape {tuple(sinks.shape)}")
+    weight = torch.sigmoid(lse - sinks.reshape(1, -1, 1).float())
+    return (out.float() * weight.unsqueeze(-1)).to(out.dtype)
+
+
+def _fused_with_sinks(query, key, value, attention_mask, q_len: int, causal: bool, xl, common,
+                      sinks):
+    """A call carrying only sinks, through the fused kernels where the mask is structured
+    (none, or causal/full and padding); None where it is not (the caller takes the exact path)."""
+    lse_common = dict(common, return_lse=True)
+    if attention_mask is None:
+        if causal and q_len > 1 and xl is None:  # as below: the first q_len keys
+            return _with_sinks(memory_attention(query, key[:, :, :q_len], value[:, :, :q_len],
+                                                mask="causal", **lse_common), sinks)
+        if key.shape[2] < q_len and xl is None:  # cross-attention to fewer keys
+            return None
+        return _with_sinks(_cached(query, key, value, "causal" if causal and q_len > 1 else "full",
+                                   None, xl, lse_common), sinks)
+    if attention_mask.dtype == torch.bool:
+        reduced = _reduce_bool_mask(attention_mask, q_len, causal)
+        if reduced is not None:
+            return _with_sinks(_cached(query, key, value, *reduced, xl, lse_common), sinks)
+    return None
 
 
 def generation_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -350,7 +394,9 @@ def _prepend_past(key, value, mask: torch.Tensor, xl):
     return torch.cat([xk, key], 2), torch.cat([xv, value], 2), torch.cat([seen, mask], 3)
 
 
-def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling):
+def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling,
+                      sinks=None):
+    """``memory_attention`` under the layout (``sinks`` ``[Hq]``: :func:`_with_sinks`)."""
     layer = getattr(module, "layer_idx", None)
     past_k, past_v = _layer_past(layout, module)
     if layout.record_kv is not None:
@@ -360,12 +406,14 @@ def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, 
             and 0 <= used[1] < used[2] <= used[3] \
             and (layout.mask == "full" or used[3] - layout.num_write <= used[1] and used[2] == used[3]):
         return _rows_attention(query, key, value, layout, used[1], used[2], past_k, past_v, dropout,
-                               scaling)
-    return memory_attention(
+                               scaling, sinks)
+    result = memory_attention(
         query, key, value, num_read=layout.num_read, num_write=layout.num_write, mask=layout.mask,
         past_k=past_k, past_v=past_v, past_visible_to_read=layout.past_visible_to_read,
         key_padding_mask=layout.key_padding_mask, scale=scaling, dropout_p=dropout,
+        return_lse=sinks is not None,
     )
+    return result if sinks is None else _with_sinks(result, sinks)
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -376,7 +424,7 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: int, past_k, past_v,
-                    dropout, scaling):
+                    dropout, scaling, sinks=None):
     """Query rows ``[start, stop)`` only: write rows (which see every earlier key under every
     mask) or any rows under the ``"full"`` mask. Every other row's keys join the past keys
     (``[past | rows before | rows after]``, the key-padding mask reordered to match), which those
@@ -392,8 +440,10 @@ def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: i
     out = memory_attention(
         query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], num_read=0,
         num_write=stop - start, mask=layout.mask, past_k=_join(ks), past_v=_join(vs),
-        key_padding_mask=kpm, scale=scaling, dropout_p=dropout,
+        key_padding_mask=kpm, scale=scaling, dropout_p=dropout, return_lse=sinks is not None,
     )
+    if sinks is not None:
+        out = _with_sinks(out, sinks)
     b, h, _, d = out.shape
     return torch.cat([out.new_zeros(b, h, start, d), out,
                       out.new_zeros(b, h, query.shape[2] - stop, d)], dim=2)
