@@ -151,12 +151,15 @@ def rmt_fast_attention_forward(
     xl = _decoding_past(layout, module, key.shape[0])
     if xl is not None:
         _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
-    if sinks is not None:
-        out = _fused_with_sinks(query, key, value, attention_mask, q_len, causal, xl, common,
-                                sinks)
-        if out is not None:
+    if terms is None:
+        # the fused kernels where the mask is structured (with sinks: their lse too)
+        result = _structured(query, key, value, attention_mask, q_len, causal, xl,
+                             dict(common, return_lse=sinks is not None))
+        if result is not None:
+            out = result if sinks is None else _with_sinks(result, sinks)
             return out.transpose(1, 2).contiguous(), None
-        terms = (None, sinks, None)  # a mask without the structured form: the exact path
+        if sinks is not None:  # a mask without the structured form: the exact path
+            terms = (None, sinks, None)
     if terms is not None:
         if attention_mask is None:
             if causal and q_len > 1 and xl is None:  # as below: a causal prefill, first q_len keys
@@ -170,26 +173,14 @@ def rmt_fast_attention_forward(
             key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
         out = _exact_attention(query, key, value, attention_mask, scaling, dropout, *terms)
         return out.transpose(1, 2).contiguous(), None
-    if attention_mask is None:
-        if causal and q_len > 1 and xl is None:
-            # as sdpa: an unmasked causal prefill into a longer (static) cache sees the first q_len
-            out = memory_attention(query, key[:, :, :q_len], value[:, :, :q_len], mask="causal",
-                                   **common)
-        elif key.shape[2] < q_len and xl is None:  # cross-attention to a shorter sequence
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, dropout_p=dropout, scale=scaling,
-                enable_gqa=query.shape[1] != key.shape[1])
-        else:
-            out = _cached(query, key, value, "causal" if causal and q_len > 1 else "full", None,
-                          xl, common)
+    if attention_mask is None:  # cross-attention to a shorter sequence
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
     elif attention_mask.dtype == torch.bool:
-        reduced = _reduce_bool_mask(attention_mask, q_len, causal)
-        if reduced is not None:
-            out = _cached(query, key, value, *reduced, xl, common)
-        else:
-            if xl is not None:
-                key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
-            out = dense_sdpa(query, key, value, attention_mask, scale=scaling, dropout_p=dropout)
+        if xl is not None:
+            key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
+        out = dense_sdpa(query, key, value, attention_mask, scale=scaling, dropout_p=dropout)
     else:  # additive float mask, as the user passed it
         if xl is not None:
             key, value, attention_mask = _prepend_past(key, value, attention_mask, xl)
@@ -212,23 +203,23 @@ def _with_sinks(result: tuple[torch.Tensor, torch.Tensor], sinks: torch.Tensor) 
     return (out.float() * weight.unsqueeze(-1)).to(out.dtype)
 
 
-def _fused_with_sinks(query, key, value, attention_mask, q_len: int, causal: bool, xl, common,
-                      sinks):
-    """A call carrying only sinks, through the fused kernels where the mask is structured
-    (none, or causal/full and padding); None where it is not (the caller takes the exact path)."""
-    lse_common = dict(common, return_lse=True)
+def _structured(query, key, value, attention_mask, q_len: int, causal: bool, xl, common):
+    """``memory_attention``'s result where the mask has the structured form (none, or exactly
+    causal/full and padding), else None (no mask with fewer keys than queries: cross-attention;
+    any other bool mask; an additive mask)."""
     if attention_mask is None:
-        if causal and q_len > 1 and xl is None:  # as below: the first q_len keys
-            return _with_sinks(memory_attention(query, key[:, :, :q_len], value[:, :, :q_len],
-                                                mask="causal", **lse_common), sinks)
-        if key.shape[2] < q_len and xl is None:  # cross-attention to fewer keys
+        if causal and q_len > 1 and xl is None:
+            # as sdpa: an unmasked causal prefill into a longer (static) cache sees the first q_len
+            return memory_attention(query, key[:, :, :q_len], value[:, :, :q_len], mask="causal",
+                                    **common)
+        if key.shape[2] < q_len and xl is None:
             return None
-        return _with_sinks(_cached(query, key, value, "causal" if causal and q_len > 1 else "full",
-                                   None, xl, lse_common), sinks)
+        return _cached(query, key, value, "causal" if causal and q_len > 1 else "full", None, xl,
+                       common)
     if attention_mask.dtype == torch.bool:
         reduced = _reduce_bool_mask(attention_mask, q_len, causal)
         if reduced is not None:
-            return _with_sinks(_cached(query, key, value, *reduced, xl, lse_common), sinks)
+            return _cached(query, key, value, *reduced, xl, common)
     return None
 
 
