@@ -185,3 +185,23 @@ def test_empty_inputs_do_not_crash():
     assert out.shape == (2, 2, 0, 4) and lse.shape == (2, 2, 0)
     q = torch.randn(0, 2, 5, 4)
     assert memory_attention(q, q, q, mask="rmt", num_read=1).shape == (0, 2, 5, 4)
+
+
+def test_unused_lse_gives_the_backward_no_lse_term(monkeypatch, cpu_plan):
+    """When no loss uses the lse its backward gets None, not materialized zeros: the extra
+    head-dim column that carries an lse gradient through ATen's flash backward (copies of q, k,
+    v, out and dout) is built only when there is one."""
+    seen = []
+    real = cpu_flash._CPUFlashMemoryAttention.backward
+
+    def spy(ctx, grad_out, grad_lse):
+        seen.append((grad_out is None, grad_lse is None))
+        return real(ctx, grad_out, grad_lse)
+
+    monkeypatch.setattr(cpu_flash._CPUFlashMemoryAttention, "backward", staticmethod(spy))
+    inp = attention_inputs(length=12, past=3)
+    out, lse = _run("torch", inp, num_read=2, num_write=2, mask="rmt")
+    grads(out, [inp["q"]])
+    out, lse = _run("torch", inp, num_read=2, num_write=2, mask="rmt")
+    torch.autograd.grad(lse.sum(), [inp["q"]])
+    assert seen == [(False, True), (True, False)]

@@ -132,6 +132,8 @@ class _CPUFlashMemoryAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, past_k, past_v, kpm, plan, layout)
         ctx.save_for_backward(q, k, v, past_k, past_v, kpm, out, lse)
         ctx.plan, ctx.layout = plan, layout
+        # an unused output gets None, not zeros: no lse term (and its copies) unless a loss uses it
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod

@@ -176,6 +176,7 @@ def _register() -> None:
         out, lse = output
         ctx.save_for_backward(q, k, v, past_k, past_v, kpm, out, lse)
         ctx.layout = layout
+        ctx.set_materialize_grads(False)  # an unused output (the lse, mostly) gets None, not zeros
 
     def _backward(ctx, dout, dlse):
         q, k, v, past_k, past_v, kpm, out, lse = ctx.saved_tensors

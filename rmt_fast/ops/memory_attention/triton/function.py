@@ -92,6 +92,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, past_k, past_v, kpm, *rest = inputs
     ctx.save_for_backward(q, k, v, past_k, past_v, kpm, output[0], output[1])
     ctx.rest = rest
+    ctx.set_materialize_grads(False)  # an unused output (the lse, mostly) gets None, not zeros
 
 
 def _backward(ctx, dout, dlse):
