@@ -73,10 +73,11 @@ struct Workspace {
   int64_t slot(int64_t bh) const { return single ? 0 : bh; }
 };
 
-// Visible concatenated-key intervals of query row i (the table in rmt_fast/masks.py).
+// Visible concatenated-key intervals of query row i (the table in rmt_fast/masks.py); a
+// sliding window (> 0; 0: none) moves both starts to P + i - window + 1 at least.
 inline void row_intervals(int64_t i, int64_t L, int64_t P, int64_t R, int64_t W, int mode,
-                          bool past_visible_to_read, int32_t* lo0, int32_t* hi0, int32_t* lo1,
-                          int32_t* hi1) {
+                          bool past_visible_to_read, int64_t window, int32_t* lo0, int32_t* hi0,
+                          int32_t* lo1, int32_t* hi1) {
   int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0;  // current-key intervals
   const bool read = i < R, write = i >= L - W;
   switch (mode) {
@@ -93,9 +94,11 @@ inline void row_intervals(int64_t i, int64_t L, int64_t P, int64_t R, int64_t W,
       }
   }
   const bool past = P > 0 && i >= (past_visible_to_read ? 0 : R);
-  *lo0 = static_cast<int32_t>(past ? 0 : P + a0);  // every first interval starts at key 0
+  // every first interval starts at key 0 (or at the window's first key)
+  const int64_t first = window > 0 ? std::max<int64_t>(P + i - window + 1, 0) : 0;
+  *lo0 = static_cast<int32_t>(std::max(past ? 0 : P + a0, first));
   *hi0 = static_cast<int32_t>(P + b0);
-  *lo1 = static_cast<int32_t>(P + a1);
+  *lo1 = static_cast<int32_t>(std::max(P + a1, first));  // lo1 >= hi1: no second interval
   *hi1 = static_cast<int32_t>(a1 < b1 ? P + b1 : P + a1);
 }
 

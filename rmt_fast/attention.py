@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,7 @@ def memory_attention(
     past_visible_to_read: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
     return_lse: bool = False,
     backend: str = "auto",
     dropout_p: float = 0.0,
@@ -95,6 +98,12 @@ def memory_attention(
             write rows, and by read rows when ``past_visible_to_read``.
         key_padding_mask: ``[B, P + L]`` bool, True = real token. Rows that see nothing give 0.
         scale: softmax scale, default ``D ** -0.5``.
+        window: sliding window in keys (None: none): query row ``i``, at position ``P + i`` of
+            the keys ``[past | current]``, also stops seeing keys ``window`` or more positions
+            before it (with ``mask="causal"``: its last ``window`` keys, itself included, as
+            Mistral's or gpt-oss's sliding-window layers). Runs on the Triton and fused CPU
+            kernels (out-of-window key tiles are skipped); the ``"torch"`` backend builds a
+            dense mask.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows),
             differentiable on every backend (a loss may use it, e.g. to merge partial results
             or add a sink logit).
@@ -120,20 +129,27 @@ def memory_attention(
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v, past_k, past_v = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
                                    else t for t in (q, k, v, past_k, past_v))
-    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale)
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale, window)
     past_length = _check_inputs(q, k, v, layout, past_k, past_v, key_padding_mask, backend)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     layout = layout.with_head_dim(q.shape[-1])
+    if window is not None and window >= past_length + q.shape[2]:
+        layout = dataclasses.replace(layout, window=None)  # a window that cuts no key
+    windowed = layout.window is not None
     tensors = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask)
     # plain causal attention (no past keys, no padding): SDPA's own causal mask, none built
-    plain_causal = layout.mask == "causal" and past_length == 0 and key_padding_mask is None
+    plain_causal = layout.mask == "causal" and past_length == 0 and key_padding_mask is None \
+        and not windowed
     auto_sdpa = False
     if backend == "auto":
         if q.is_cuda and _triton_available():
             backend = "triton"
         elif dropout_p > 0.0:
             backend = "torch"
+        elif windowed:
+            # the kernel skips the key tiles outside the window; nothing else here does
+            backend = "cpu" if cpu_kernel.supports_window(q) else "torch"
         else:
             needs_grad = torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, past_k, past_v))
@@ -149,7 +165,9 @@ def memory_attention(
                          "backend='torch'")
     if backend == "cpu" and q.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
-    dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q) or auto_sdpa
+    # the cpu_flash path has no window (ATen's flash attention takes none)
+    dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q) or auto_sdpa or \
+        (windowed and backend == "torch")
     if backend == "reference" or (backend in ("torch", "cpu") and return_lse and dense_needed):
         out, lse = reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
     elif backend == "triton":

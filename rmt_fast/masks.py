@@ -17,6 +17,12 @@ bottleneck    every j             j < R or j >= L - W     every j
 
 Past keys are visible to segment and write rows always, and to read rows only when
 ``past_visible_to_read``. ``key_padding_mask[b, P + j]`` (True = real token) removes key ``j``.
+
+A sliding ``window`` (``w``) hides, from query row ``i`` (position ``P + i`` of the concatenated
+keys ``[past | current]``), every key at a position ``a`` with ``P + i - a >= w``: with the
+``causal`` mode each row sees its last ``w`` keys, itself included, as the sliding-window layers
+of Mistral, Gemma 2/3 or gpt-oss (transformers' ``kv_idx > q_idx - sliding_window``). Keys after
+the row's position are not affected.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class AttentionLayout:
         mask: one of :data:`MASK_MODES` (the table in this module's docstring).
         past_visible_to_read: whether read rows see the past keys too.
         scale: softmax scale; None means ``D ** -0.5`` (see :meth:`with_head_dim`).
+        window: sliding window in keys (this module's docstring), None for none.
     """
 
     num_read: int = 0
@@ -61,6 +68,7 @@ class AttentionLayout:
     mask: str = "causal"
     past_visible_to_read: bool = False
     scale: float | None = None
+    window: int | None = None
 
     def __post_init__(self) -> None:
         _check_count("num_read", self.num_read)
@@ -73,6 +81,9 @@ class AttentionLayout:
                     not math.isfinite(self.scale):
                 raise ValueError(f"scale must be a finite float or None, got {self.scale!r}")
             object.__setattr__(self, "scale", float(self.scale))
+        if self.window is not None and (isinstance(self.window, bool) or
+                                        not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window must be a positive int (keys) or None, got {self.window!r}")
 
     def with_head_dim(self, head_dim: int) -> AttentionLayout:
         """This layout with ``scale`` resolved (``head_dim ** -0.5`` when it is None)."""
@@ -92,13 +103,17 @@ class AttentionLayout:
 
 
 def current_key_visible(
-    qi: torch.Tensor, kj: torch.Tensor, num_read: int, num_write: int, length: int, mask: str
+    qi: torch.Tensor, kj: torch.Tensor, num_read: int, num_write: int, length: int, mask: str,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Element predicate: may query row ``qi`` see current key ``kj``? Broadcasts its index tensors.
 
     This is the one definition of the modes on the Python side: the block plans below are
     derived from it (the Triton kernels carry their own ``@triton.jit`` copy, tested against it).
+    ``window``: also hide keys with ``qi - kj >= window``.
     """
+    if window is not None:
+        return current_key_visible(qi, kj, num_read, num_write, length, mask) & (qi - kj < window)
     read_q = qi < num_read
     write_q = qi >= length - num_write
     causal = kj <= qi
@@ -124,12 +139,13 @@ def dense_visibility(
     past_visible_to_read: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Dense boolean visibility, True = attend.
 
     Returns ``[L, P + L]`` without padding, ``[B, L, P + L]`` with ``key_padding_mask`` ``[B, P + L]``.
     """
-    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read)
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, window=window)
     return layout_visibility(layout, length, past_length, key_padding_mask, device)
 
 
@@ -139,9 +155,13 @@ def layout_visibility(layout: AttentionLayout, length: int, past_length: int = 0
     """:func:`dense_visibility` of an :class:`AttentionLayout`."""
     qi = torch.arange(length, device=device)[:, None]
     kj = torch.arange(length, device=device)[None, :]
-    cur = current_key_visible(qi, kj, layout.num_read, layout.num_write, length, layout.mask)
+    cur = current_key_visible(qi, kj, layout.num_read, layout.num_write, length, layout.mask,
+                              layout.window)
     past = torch.ones(length, past_length, dtype=torch.bool, device=device)
     past[: layout.first_past_row()] = False
+    if layout.window is not None:  # past key a sits at position a, row i at P + i
+        pa = torch.arange(past_length, device=device)[None, :]
+        past &= past_length + qi - pa < layout.window
     vis = torch.cat([past, cur], dim=1)
     if key_padding_mask is not None:
         vis = vis[None] & key_padding_mask[:, None, :].to(torch.bool)
@@ -204,7 +224,9 @@ def block_table(mask: str) -> tuple[tuple[str | None, ...], ...]:
 
 @functools.lru_cache(maxsize=256)  # called per attention call with a handful of distinct layouts
 def block_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
-    """Decompose the mask into row groups, each seeing a few full or causal-diagonal key ranges."""
+    """Decompose the mask into row groups, each seeing a few full or causal-diagonal key ranges.
+    A sliding window has no such decomposition (ValueError)."""
+    _no_window(layout)
     r0, r1, r2 = layout.num_read, length - layout.num_write, length  # read | segment | write
     spans = [(0, r0), (r0, r1), (r1, r2)]
     table = block_table(layout.mask)
@@ -232,6 +254,12 @@ def block_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[
     return _add_past(groups, past_length, layout)
 
 
+def _no_window(layout: AttentionLayout) -> None:
+    if layout.window is not None:
+        raise ValueError("block plans do not model a sliding window (layout.window); windowed "
+                         "calls run the fused CPU kernel, Triton or a dense mask")
+
+
 def _add_past(groups, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
     """Row groups with the past keys prepended as one ``full`` block where the rows see them
     (groups never straddle :meth:`AttentionLayout.first_past_row`)."""
@@ -246,6 +274,7 @@ def _add_past(groups, past_length: int, layout: AttentionLayout) -> tuple[RowGro
 @functools.lru_cache(maxsize=256)
 def dense_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
     """All current keys as one ``dense`` block; past keys stay a separate ``full`` block."""
+    _no_window(layout)
     split = layout.first_past_row() if past_length else 0
     spans = [(0, split), (split, length)] if split else [(0, length)]
     return _add_past([(qs, qe, [KeyBlock("cur", 0, length, DENSE)]) for qs, qe in spans],

@@ -679,11 +679,14 @@ TOL_FLOOR = {"float32": 1e-6, "float16": 1e-4, "bfloat16": 1e-3}
 
 def correctness_cases(tiny: bool) -> list[dict]:
     """Layouts: every mask with GQA + past keys; plain causal D=128; key padding with past
-    visible to read memory; decode (few rows, long past). Forward + backward unless decode."""
+    visible to read memory; decode (few rows, long past); sliding windows. Forward + backward
+    unless decode."""
     masks = ("causal", "rmt", "full", "bottleneck")
     if tiny:
         return [dict(name=f"{m} gqa past", mask=m, B=1, Hq=2, Hkv=1, L=24, P=8, D=16, R=4, W=4)
-                for m in ("causal", "rmt")]
+                for m in ("causal", "rmt")] + [
+            dict(name="causal window 5 past", mask="causal", B=1, Hq=2, Hkv=1, L=24, P=8, D=16,
+                 R=0, W=0, window=5)]
     cases = [dict(name=f"{m} gqa4:1 past", mask=m, B=2, Hq=8, Hkv=2, L=300, P=64, D=64, R=16, W=16)
              for m in masks]
     cases += [dict(name="causal D128", mask="causal", B=2, Hq=4, Hkv=4, L=1024, P=0, D=128, R=0, W=0),
@@ -694,7 +697,14 @@ def correctness_cases(tiny: bool) -> list[dict]:
               dict(name="decode L=4 P=1024", mask="rmt", B=2, Hq=8, Hkv=2, L=4, P=1024, D=64, R=0,
                    W=0, grad=False),
               dict(name="decode L=1 P=4096 D128", mask="causal", B=1, Hq=4, Hkv=4, L=1, P=4096,
-                   D=128, R=0, W=0, grad=False)]
+                   D=128, R=0, W=0, grad=False),
+              # sliding windows (Mistral, gpt-oss): tiles skipped and cut, past keys, padding
+              dict(name="causal window 128 gqa past kpm", mask="causal", B=2, Hq=8, Hkv=2, L=1024,
+                   P=200, D=64, R=0, W=0, kpm=True, window=128),
+              dict(name="rmt window 100 past", mask="rmt", B=1, Hq=4, Hkv=2, L=300, P=64, D=128,
+                   R=16, W=16, window=100),
+              dict(name="decode window 512 P=4096", mask="causal", B=2, Hq=8, Hkv=2, L=1, P=4096,
+                   D=64, R=0, W=0, grad=False, window=512)]
     return cases
 
 
@@ -720,10 +730,11 @@ def check_case(case: dict, dtype_name: str, device: str, backend: str = "triton"
     kpm = None
     if case.get("kpm"):
         kpm = torch.rand(B, P + L, generator=gen) > 0.2
-        kpm[:, -case["W"]:] = True
+        kpm[:, P + L - case["W"]:] = True  # the write rows stay real
         kpm = kpm.to(device)
     kw = dict(num_read=case["R"], num_write=case["W"], mask=case["mask"], past_k=pk, past_v=pv,
-              key_padding_mask=kpm, past_visible_to_read=case.get("pvr", False))
+              key_padding_mask=kpm, past_visible_to_read=case.get("pvr", False),
+              window=case.get("window"))
     out, lse = memory_attention(q, k, v, backend=backend, return_lse=True, **kw)
     ref_out, ref_lse = reference_memory_attention(q, k, v, upcast=True, **kw)
     low_out, low_lse = reference_memory_attention(q, k, v, upcast=False, **kw)

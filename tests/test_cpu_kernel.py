@@ -589,3 +589,62 @@ def test_train_paths_runs_every_path_and_restores_the_env(monkeypatch):
     assert set(rates) == {"float32", f"bf16 picked ({cpu_kernel.isa(torch.bfloat16)})",
                           *(f"bf16 {p}" for p in paths), train_paths.ATEN_GELU_ARM}
     assert all(best > 0 and med > 0 for best, med in rates.values())
+
+
+# --- sliding window --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", MODES)
+@pytest.mark.parametrize("window,past,pvr,pad", [(1, 0, False, False), (5, 37, False, True),
+                                                 (40, 70, True, True), (70, 9, False, False),
+                                                 (106, 37, True, False)])
+def test_window_matches_reference(dtype, mask, window, past, pvr, pad):
+    """A sliding window on the tiled path (L = 70: two row blocks; the window cuts past and
+    current tiles, some whole, some in part), every mask, past keys, padding, GQA; window 1 (each
+    causal row sees itself), windows shorter than a tile, one longer than the past, one that
+    cuts only the first past key (106 = P + L - 1)."""
+    inp = _inputs(dtype, past=past, pad=pad, seed=window + past)
+    _check(inp, dict(num_read=5, num_write=6, mask=mask, past_visible_to_read=pvr, scale=0.3,
+                     window=window), lse_grad=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 6, 300])
+def test_window_every_code_path(isa, dtype, length, monkeypatch, top_isa):
+    """Every code path with a window: one decoded token and a few rows over a long past (the
+    in-place rows path) and 300 rows (tiles skipped before the window, whole visible tiles,
+    tiles the window cuts), causal as the sliding-window layers of Mistral or gpt-oss."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    inp = _inputs(dtype, batch=2, hq=4, hkv=2, length=length, past=150, dim=64, pad=True,
+                  seed=length)
+    _check(inp, dict(mask="causal", window=128), grads=length > 1, lse_grad=True)
+
+
+def test_window_rows_outside_see_nothing():
+    """Rows whose whole window is padding: zeros, lse -inf, zero gradients (and no NaN)."""
+    inp = _inputs(torch.float32, batch=1, hq=2, hkv=1, length=40, past=0, dim=16, seed=3)
+    kpm = torch.ones(1, 40, dtype=torch.bool)
+    kpm[0, 10:30] = False  # rows 13-29 see only padded keys in their window of 4
+    inp["key_padding_mask"] = kpm
+    out, lse = memory_attention(**inp, mask="causal", window=4, backend="cpu", return_lse=True)
+    ref_out, ref_lse = reference_memory_attention(**inp, mask="causal", window=4)
+    empty = torch.isinf(ref_lse)
+    assert empty[..., 13:30].all() and not empty[..., :13].any() and not empty[..., 30:].any()
+    assert torch.equal(torch.isneginf(lse), empty) and (out[empty] == 0).all()
+    grads = torch.autograd.grad(out.sum(), [inp["q"], inp["k"], inp["v"]])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][:, :, 13:30] == 0).all()
+    _check(inp, dict(mask="causal", window=4))
+
+
+def test_window_opcheck_and_bad_value():
+    inp = _inputs(torch.float32, batch=1, hq=2, hkv=1, length=20, past=6, dim=16, pad=True)
+    args = (inp["q"], inp["k"], inp["v"], inp["past_k"], inp["past_v"], inp["key_padding_mask"],
+            2, 3, "rmt", False, 0.25, 7)
+    torch.library.opcheck(OP, args)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        OP(*args[:-1], -1)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            memory_attention(inp["q"], inp["k"], inp["v"], window=bad, backend="cpu")

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from rmt_fast import attention, memory_attention  # noqa: E402
 from rmt_fast.masks import MASK_MODES  # noqa: E402
-from rmt_fast.ops.memory_attention import cpu_flash  # noqa: E402
+from rmt_fast.ops.memory_attention import cpu_flash, cpu_kernel  # noqa: E402
 from rmt_fast.ops.memory_attention.reference import reference_memory_attention  # noqa: E402
 
 try:
@@ -102,6 +102,9 @@ def _case(seed: int, dtype, small: bool, device="cpu") -> tuple[dict, dict, list
     layout = dict(num_read=num_read, num_write=num_write, mask=rng.choice(MASK_MODES),
                   past_visible_to_read=rng.random() < 0.5,
                   scale=None if rng.random() < 0.6 else rng.uniform(0.05, 2.0))
+    wrng = random.Random(seed + 10**6)  # its own stream: the other draws stay as they were
+    if wrng.random() < 0.3:  # a sliding window, from one key to more than there are
+        layout["window"] = wrng.randint(1, past + length + 1)
     kinds = {}
     tensors, leaves = {}, []
     shapes = dict(q=(batch, hq, length, dim), k=(batch, hkv, length, dim), v=(batch, hkv, length, dim))
@@ -183,6 +186,15 @@ def test_fuzz_cpu_backends_float64(backend, block, monkeypatch):
     seeds = range(1000 * (CPU_BACKENDS.index(backend) + 1) + 30 * block,
                   1000 * (CPU_BACKENDS.index(backend) + 1) + 30 * (block + 1))
     _run_cases(seeds, backend, torch.float64, 1e-10, monkeypatch)
+
+
+@pytest.mark.skipif(not cpu_kernel.HAS_CPU_KERNEL, reason="rmt_fast._C built without the kernel")
+@pytest.mark.parametrize("block", range(2))
+def test_fuzz_cpu_kernel_float32(block, monkeypatch):
+    """The extension's fused CPU kernel (backend="cpu"): 2 x 30 random float32 cases, with
+    gradients (windows included)."""
+    _run_cases(range(7000 + 30 * block, 7030 + 30 * block), "cpu", torch.float32, 2e-5,
+               monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "dense"]

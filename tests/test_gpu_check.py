@@ -147,6 +147,15 @@ def test_triton_checker_passes_the_kernel_and_catches_a_wrong_one(gc, monkeypatc
     monkeypatch.setattr(rmt_fast, "memory_attention", bad_grad)
     bad = gc.check_case(case, "float32", "cpu", backend="torch")
     assert bad["status"] == "FAIL" and bad["out_err"] < 1e-5  # output right, gradients wrong
+    monkeypatch.setattr(rmt_fast, "memory_attention", real)
+    window = gc.correctness_cases(tiny=True)[2]  # a sliding window: the kernel passes
+    assert window["window"] == 5 and gc.check_case(window, "float32", "cpu")["status"] == "ok"
+
+    def no_window(*args, window=None, **kw):  # a kernel that ignores the window fails
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rmt_fast, "memory_attention", no_window)
+    assert gc.check_case(window, "float32", "cpu", backend="torch")["status"] == "FAIL"
 
 
 def test_cases_cover_masks_dtypes_gqa_past_decode(gc):
@@ -155,6 +164,10 @@ def test_cases_cover_masks_dtypes_gqa_past_decode(gc):
     assert any(c["Hq"] > c["Hkv"] and c["P"] for c in cases)  # GQA with past keys
     assert any(c.get("kpm") and c.get("pvr") for c in cases)
     assert any(c.get("grad") is False and c["L"] <= 16 and c["P"] >= 256 for c in cases)  # decode
+    windows = [c for c in cases if c.get("window")]  # windows that cut keys, with and without grad
+    assert all(c["window"] < c["P"] + c["L"] for c in windows)
+    assert {c.get("grad", True) for c in windows} == {True, False}
+    assert any(c.get("kpm") for c in windows)
     assert set(gc.TOL_FLOOR) == {"bfloat16", "float16", "float32"}
 
 

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rmt_fast import memory_attention  # noqa: E402
-from rmt_fast.masks import AttentionLayout  # noqa: E402
+from rmt_fast.masks import AttentionLayout, layout_visibility  # noqa: E402
 from rmt_fast.ops.memory_attention.reference import reference_memory_attention  # noqa: E402
 from rmt_fast.ops.memory_attention.triton import launch, triton_memory_attention  # noqa: E402
 from rmt_fast.ops.memory_attention.triton.function import memory_attention_op  # noqa: E402
@@ -370,12 +370,274 @@ def test_aot_fp32_ieee_no_tf32_no_spills():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
 
 
+def test_aot_window_variants_no_spills():
+    """The kernels compiled with a sliding window (``HAS_WINDOW``): fp16 D=64 on both targets
+    (wgmma on sm_90a), and on sm_80 the fp32 kernels that have their own window configs
+    (with the plain configs ptxas spilled a few registers there)."""
+    rows = _aot("--caps", "80", "90", "--dtypes", "fp16", "--head-dims", "64", "--kernels",
+                "fwd_window", "bwd_dkdv_window", "bwd_dq_window", "decode_split_window")
+    rows += _aot("--caps", "80", "--dtypes", "fp32", "--head-dims", "64", "128", "--kernels",
+                 "fwd_window", "bwd_dkdv_window", "bwd_dq_window")
+    assert len(rows) == 8 + 6
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert 0 < r["regs"] <= 255, r
+        assert not (r["dtype"] == "fp32" and r["tf32"]), r
+    assert all(r["wgmma"] for r in rows if r["target"] == "sm_90a" and r["kernel"] != "decode_split_window")
+
+
 @pytest.mark.slow
 def test_aot_full_sweep():
     rows = _aot()
-    assert len(rows) == 2 * 3 * 2 * 6
+    assert len(rows) == 2 * 3 * 2 * 10  # 6 kernels + the 4 attention kernels with a window
     hopper_bf16_fwd = [r for r in rows if r["kernel"] == "fwd" and r["dtype"] == "bf16"
                        and r["target"] == "sm_90a"]
     assert hopper_bf16_fwd and all(r["wgmma"] for r in hopper_bf16_fwd)
     assert not any(r["tf32"] for r in rows if r["dtype"] == "fp32")
     assert not any(r["spill_stores"] or r["spill_loads"] for r in rows)
+
+
+# --- sliding window (AttentionLayout.window) --------------------------------------------------
+# The interpreter runs 16 x 16 tiles (launch.INTERPRET_CONFIG): windows 1, 5 (< BLOCK_N), 16 and
+# between, and >= P + L (no window) cover the loop-start shifts, tiles the window cuts and the
+# interior tiles it does not.
+
+
+def _inputs(b, hq, hkv, length, past, d, dt, past_grad=True):
+    q = _rand(b, hq, length, d, dtype=dt)
+    k, v = _rand(b, hkv, length, d, dtype=dt), _rand(b, hkv, length, d, dtype=dt)
+    pk, pv = (_rand(b, hkv, past, d, dtype=dt, grad=past_grad) for _ in range(2))
+    return q, k, v, pk, pv
+
+
+@pytest.mark.parametrize("mask, window", [("causal", 1), ("rmt", 5), ("full", 31), ("bottleneck", 37)])
+def test_window_past_gqa_fp32(mask, window):
+    """fp32, GQA, past keys with grad hidden from read rows, no padding: interior tiles skip the
+    element mask unless the window cuts them. Windows 31 (current keys) and 37 (past keys, P =
+    22) cut some tiles by exactly one element: the last row of a block and the tile's first key."""
+    torch.manual_seed(20)
+    q, k, v, pk, pv = _inputs(1, 4, 2, 45, 22, 16, torch.float32)
+    _check(q, k, v, past_k=pk, past_v=pv, num_read=3, num_write=4, mask=mask,
+           past_visible_to_read=False, window=window, scale=16 ** -0.5)
+
+
+@pytest.mark.parametrize("mask, window", [("causal", 16), ("rmt", 30), ("full", 2), ("bottleneck", 9)])
+def test_window_past_to_read_padding_fp16(mask, window):
+    """fp16, past visible to read rows, key padding, past keys with grad, D=32."""
+    torch.manual_seed(21)
+    q, k, v, pk, pv = _inputs(2, 2, 1, 50, 13, 32, torch.float16)
+    kpm = torch.rand(2, 13 + 50) > 0.25
+    _check(q, k, v, past_k=pk, past_v=pv, key_padding_mask=kpm, num_read=6, num_write=5,
+           mask=mask, past_visible_to_read=True, window=window, scale=32 ** -0.5)
+
+
+@pytest.mark.parametrize("mask, window", [("causal", 33), ("bottleneck", 12)])
+def test_window_no_past_padding_fp32(mask, window):
+    """No past buffer (``HAS_PAST=False``), L = 70 over five row blocks, key padding, GQA."""
+    torch.manual_seed(27)
+    dt = torch.float32
+    q = _rand(2, 2, 70, 16, dtype=dt)
+    k, v = _rand(2, 1, 70, 16, dtype=dt), _rand(2, 1, 70, 16, dtype=dt)
+    kpm = torch.rand(2, 70) > 0.2
+    _check(q, k, v, key_padding_mask=kpm, num_read=8, num_write=9, mask=mask, window=window,
+           scale=16 ** -0.5)
+
+
+def test_window_bf16():
+    """bf16 (fp32-cast dots under the interpreter), GQA, past, padding."""
+    torch.manual_seed(22)
+    q, k, v, pk, pv = _inputs(1, 2, 1, 29, 11, 16, torch.bfloat16)
+    kpm = torch.rand(1, 40) > 0.2
+    _check(q, k, v, past_k=pk, past_v=pv, key_padding_mask=kpm, num_read=4, num_write=4,
+           mask="rmt", window=7, scale=16 ** -0.5)
+
+
+@pytest.mark.parametrize("case", ["window_only", "padding"])
+def test_window_empty_row_blocks(case):
+    """Whole row blocks that see no key: out 0, lse -inf, zero gradients (no NaN).
+
+    ``window_only``: bottleneck without write rows, window 3: segment rows from 4 on see neither
+    the read keys (too far back) nor the past. ``padding``: causal, window 4, current keys
+    13..47 padded: rows 16..47 see only padded keys."""
+    torch.manual_seed(23)
+    q, k, v, pk, pv = _inputs(1, 2, 1, 60, 10, 16, torch.float32)
+    if case == "window_only":
+        kw = dict(num_read=2, num_write=0, mask="bottleneck", window=3)
+    else:
+        kpm = torch.ones(1, 70, dtype=torch.bool)
+        kpm[0, 10 + 13:10 + 48] = False
+        kw = dict(key_padding_mask=kpm, mask="causal", past_visible_to_read=True, window=4)
+    _check(q, k, v, past_k=pk, past_v=pv, scale=0.25, **kw)
+    ref_lse = reference_memory_attention(q, k, v, past_k=pk, past_v=pv, upcast=True, **kw)[1]
+    assert torch.isinf(ref_lse[..., 16:48]).all()  # the case does empty two whole blocks
+    out, lse = triton_memory_attention(q, k, v, past_k=pk, past_v=pv, scale=0.25, **kw)
+    (gq,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q,))
+    assert (out[..., 16:48, :] == 0).all() and (gq[..., 16:48, :] == 0).all()
+    assert (lse[..., 16:48] == float("-inf")).all()
+
+
+def test_window_covering_all_keys_is_no_window():
+    """A window of >= P + L keys hides nothing: the launcher runs the kernels without a window
+    (bitwise the same results and gradients); P + L - 1 is the largest window that cuts."""
+    torch.manual_seed(24)
+    q, k, v, pk, pv = _inputs(1, 2, 1, 37, 19, 16, torch.float32)
+    assert launch.window_args(AttentionLayout(window=56), 19, 37) == (False, 0)
+    assert launch.window_args(AttentionLayout(window=55), 19, 37) == (True, 55)
+    kw = dict(past_k=pk, past_v=pv, num_read=3, num_write=2, mask="rmt", scale=0.25)
+    for window in (56, 1000):
+        out, lse = triton_memory_attention(q, k, v, **kw)
+        out_w, lse_w = triton_memory_attention(q, k, v, window=window, **kw)
+        torch.testing.assert_close(out_w, out, rtol=0, atol=0)
+        torch.testing.assert_close(lse_w, lse, rtol=0, atol=0)
+        _assert_same_grads(out_w, out, (q, k, v, pk, pv))
+    _check(q, k, v, window=55, **kw)
+
+
+class _TileSpy:
+    """Records the tiles the kernels visit: patches the ``@triton.jit`` tile helpers that the
+    interpreted kernels look up in their modules' globals."""
+
+    def __init__(self):
+        import inspect
+
+        from rmt_fast.ops.memory_attention.triton import bwd, fwd
+        self.targets = [(fwd, "_fwd_tile", "fwd"), (bwd, "_dq_tile", "dq"),
+                        (bwd, "_dkdv_tile", "dkdv")]
+        self.sigs = {name: inspect.signature(getattr(mod, name).fn) for mod, name, _ in self.targets}
+        self.tiles = []
+
+    def _spy(self, mod, name, kind):
+        orig = getattr(mod, name)
+
+        def spy(*a, **kw):
+            args = self.sigs[name].bind(*a, **kw).arguments
+            m0 = args["m0"] if kind == "dkdv" else int(args["offs_m"].handle.data[0])
+            self.tiles.append(dict(kind=kind, m0=int(m0), n0=int(args["n0"]),
+                                   past=bool(args["IS_PAST"]), n_len=int(args["n_len"].handle.data[0])
+                                   if hasattr(args["n_len"], "handle") else int(args["n_len"]),
+                                   need_mask=bool(args["need_mask"].handle.data.item())
+                                   if hasattr(args["need_mask"], "handle") else bool(args["need_mask"])))
+            return orig(*a, **kw)
+        return spy
+
+    def __enter__(self):
+        self.saved = [(mod, name, getattr(mod, name)) for mod, name, _ in self.targets]
+        for mod, name, kind in self.targets:
+            setattr(mod, name, self._spy(mod, name, kind))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, orig in self.saved:
+            setattr(mod, name, orig)
+
+
+@pytest.mark.parametrize("mask, window", [("full", 31), ("causal", 23)])
+def test_window_skips_key_blocks(mask, window):
+    """Block skipping, read off the tiles the forward, dQ and dK/dV kernels visit: with a window
+    they visit a subset of the tiles without one, none that lies wholly outside the window of
+    every row of its block, every tile where some row sees some key, and every tile the window
+    cuts for some row is masked (31 and 23 cut some current and past tiles by one element)."""
+    torch.manual_seed(25)
+    dt = torch.float32
+    length, past, bm = 64, 40, launch.INTERPRET_CONFIG.block_m
+    q, k, v, pk, pv = (t.detach() for t in _inputs(1, 1, 1, length, past, 16, dt))
+    visited = {}
+    for w in (None, window):
+        layout = AttentionLayout(num_read=3, mask=mask, window=w, scale=0.25)
+        with _TileSpy() as spy:
+            out, lse = launch.forward(q, k, v, pk, pv, None, layout)
+            launch.backward(torch.randn_like(out), q, k, v, pk, pv, None, out, lse, layout, True)
+        visited[w] = spy.tiles
+    vis = layout_visibility(AttentionLayout(num_read=3, mask=mask, window=window), length, past)
+    for kind in ("fwd", "dq", "dkdv"):
+        tiles = [t for t in visited[window] if t["kind"] == kind]
+        keys = {(t["m0"], t["n0"], t["past"]) for t in tiles}
+        assert keys <= {(t["m0"], t["n0"], t["past"]) for t in visited[None] if t["kind"] == kind}
+        assert len(tiles) < len([t for t in visited[None] if t["kind"] == kind]), kind
+        for t in tiles:
+            c0 = t["n0"] - (past if t["past"] else 0)  # keys in the rows' frame
+            c_last = min(t["n0"] + bm, t["n_len"]) - 1 - (past if t["past"] else 0)
+            assert t["m0"] - c_last < window, (kind, t)  # some row's window reaches the tile
+            if min(t["m0"] + bm, length) - 1 - c0 >= window:  # the window cuts it for a row
+                assert t["need_mask"], (kind, t)
+        needed = [(m0, n0, True) for m0 in range(0, length, bm) for n0 in range(0, past, bm)
+                  if vis[m0:m0 + bm, n0:min(n0 + bm, past)].any()]
+        needed += [(m0, n0, False) for m0 in range(0, length, bm) for n0 in range(0, length, bm)
+                   if vis[m0:m0 + bm, past + n0:past + min(n0 + bm, length)].any()]
+        assert set(needed) <= keys, (kind, set(needed) - keys)
+
+
+@pytest.mark.parametrize("mask, window, to_read", [("causal", 1, False), ("causal", 3, False),
+                                                   ("rmt", 20, True), ("full", 40, False),
+                                                   ("bottleneck", 74, True)])
+def test_decode_window(mask, window, to_read):
+    """Flash-decoding with a window: past splits before the window are not launched (window 3:
+    row 1, the first to see the past, sees just its last key; window 1: no row sees it)."""
+    torch.manual_seed(26)
+    dt = torch.float32
+    b, hq, hkv, length, past, d = 2, 2, 1, 5, 70, 16
+    q = _rand(b, hq, length, d, dtype=dt, grad=False)
+    k, v = (_rand(b, hkv, length, d, dtype=dt, grad=False) for _ in range(2))
+    pk, pv = (_rand(b, hkv, past, d, dtype=dt, grad=False) for _ in range(2))
+    kpm = torch.rand(b, past + length) > 0.2
+    layout = AttentionLayout(1, 2, mask, to_read, d ** -0.5, window)
+    grids = []
+    orig = launch.decode_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return orig[grid]
+
+    launch.decode_split_kernel = Spy()
+    try:
+        out, lse = launch.decode(*launch.prepare(q, k, v, pk, pv, kpm), layout, split_size=16)
+    finally:
+        launch.decode_split_kernel = orig
+    kw = dict(num_read=1, num_write=2, mask=mask, past_k=pk, past_v=pv, key_padding_mask=kpm,
+              past_visible_to_read=to_read, scale=d ** -0.5, window=window)
+    ref_out, ref_lse = reference_memory_attention(q, k, v, upcast=True, **kw)
+    low_out, low_lse = reference_memory_attention(q, k, v, upcast=False, **kw)
+    _close("decode out", out, ref_out.double(), low_out, 2, dt)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (out[~fin] == 0).all()
+    _close("decode lse", lse[fin], ref_lse[fin].double(), low_lse[fin], 2, dt)
+    # the first row that sees the past sits at P + first; it sees past keys > P + first - window
+    # (none when first + 1 >= window); 16-key splits start at the block of the first such key
+    first = 0 if to_read else 1
+    visible = [a for a in range(past) if past + first - a < window]
+    n_past = -(-(past - visible[0] // 16 * 16) // 16) if visible else 0
+    assert grids[0][0] == n_past + 1  # + one split of the 5 current keys
+
+
+def test_window_through_custom_op_and_opcheck():
+    """The window travels through the custom op (forward and backward) and its schema."""
+    q, k, v, pk, pv = _op_inputs(5)
+    args = (q, k, v, pk, pv, None, 2, 2, "rmt", False, 0.25)
+    out, lse = memory_attention_op(*args, 3)
+    ref_out, ref_lse = triton_memory_attention(q, k, v, past_k=pk, past_v=pv, num_read=2,
+                                               num_write=2, mask="rmt", scale=0.25, window=3)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    _assert_same_grads(out, ref_out, (q, k, v, pk, pv))
+    no_window = memory_attention_op(*args)[0]
+    assert not torch.equal(no_window, out)
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention.default, (*args, 3),
+                                test_utils=OPCHECKS)
+    assert res == {name: "SUCCESS" for name in OPCHECKS}
+
+
+def test_unknown_layout_field_is_refused():
+    """A layout field the kernels do not implement raises instead of being dropped."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(AttentionLayout):
+        extra: int = 0
+
+    x = torch.randn(1, 1, 4, 16)
+    launch.check_layout(Extended(scale=1.0))  # at its default: nothing to drop
+    with pytest.raises(NotImplementedError, match="extra"):
+        launch.forward(x, x, x, None, None, None, Extended(scale=1.0, extra=1))
+    with pytest.raises(NotImplementedError):
+        triton_memory_attention(x, x, x, Extended(extra=1))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rmt_fast.masks import DENSE, DIAG, AttentionLayout, RowGroup, block_plan, dense_plan, structure_bias
+from rmt_fast.ops.memory_attention.reference import reference_memory_attention
 
 #: below this many (query, key) pairs one masked call beats splitting into blocks
 DENSE_MAX_ELEMENTS = 16384
@@ -192,7 +193,12 @@ def cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs in (``layout.scale`` resolved), ``(out [B, Hq, L, D], lse [B, Hq, L]
     float32)`` out. CPU tensors only, of any strides (the head dimension is copied to a unit
-    stride when it is not one already)."""
+    stride when it is not one already). A sliding window (which ATen's flash attention does
+    not take) runs the dense reference in float64: this path sees one only where the fused
+    kernel cannot take it (float16 inputs, or an extension built without windows)."""
+    if layout.window is not None:
+        return reference_memory_attention(q, k, v, layout, past_k=past_k, past_v=past_v,
+                                          key_padding_mask=key_padding_mask, upcast=True)
     q, k, v, past_k, past_v = (unit_last_stride(t) for t in (q, k, v, past_k, past_v))
     if q.numel() == 0 or k.shape[2] == 0:  # the fused kernel crashes (SIGFPE) on empty inputs
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)

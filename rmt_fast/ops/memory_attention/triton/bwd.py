@@ -2,7 +2,9 @@
 
 P is recomputed from the saved natural-log LSE. Rows whose LSE is ``-inf`` (they saw no key)
 get probabilities 0 and contribute nothing. GQA: a dK/dV program owns one kv head and loops
-over its query heads, so no atomics are needed.
+over its query heads, so no atomics are needed. A sliding window (``HAS_WINDOW``) skips blocks as
+in the forward: dQ starts its key loops at the first row's window, dK/dV ends its query loops
+after the last row whose window still reaches the key block.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import cur_block_full, cur_key_ranges, cur_query_ranges, tile_visible
+from .common import (
+    cur_block_full,
+    cur_key_ranges,
+    cur_query_ranges,
+    tile_visible,
+    window_cut_row,
+    window_cuts,
+    window_key_start,
+    window_past_start,
+    window_row_end,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -51,10 +63,10 @@ def _load_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, L, head_di
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0, n0, n_len,
-               offs_d, L, R, W, head_dim, qk_scale, need_mask,
+               offs_d, L, P, R, W, WINDOW, head_dim, qk_scale, need_mask,
                IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-               HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate one query block's contribution to dK, dV ``[BN, BD]`` (float32)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -63,12 +75,12 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
     p = tl.math.exp2(qk - lse2[:, None])
     if HAS_KPM:
-        vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
-                           HAS_KPM)
+        vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
+                           PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
         p = tl.where(vis, p, 0.0)
     elif need_mask:
-        vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
-                           HAS_KPM)
+        vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
+                           PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
         p = tl.where(vis, p, 0.0)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
@@ -80,15 +92,17 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0
 @triton.jit
 def bwd_dkdv_kernel(
     Q, KB, VB, DO, Lse, Delta, KPM, DK, DV,
-    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, n_len,
+    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, n_len, WINDOW,
     IS_PAST: tl.constexpr, MASK: tl.constexpr, PAST_TO_READ: tl.constexpr,
-    HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key buffer: the current keys (``IS_PAST=False``, ``n_len = L``) or the past.
 
     Q, DO: ``[B, Hq, L, D]``; KB, VB, DK, DV: ``[B, Hkv, n_len, D]``; Lse, Delta: ``[B, Hq, L]``
-    float32; KPM ``[B, P + L]`` int8. Grid ``(cdiv(n_len, BLOCK_N), B * Hkv)``.
+    float32; KPM ``[B, P + L]`` int8; ``WINDOW`` read only when ``HAS_WINDOW``.
+    Grid ``(cdiv(n_len, BLOCK_N), B * Hkv)``.
     """
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -113,9 +127,19 @@ def bwd_dkdv_kernel(
         if not PAST_TO_READ:
             lo1 = (R // BLOCK_M) * BLOCK_M  # read rows never see the past
         hi1 = L
+        if HAS_WINDOW:  # rows after the window of the block's last key (at n - P) see none of it
+            hi1 = tl.minimum(hi1, window_row_end(tl.minimum(n0 + BLOCK_N, n_len) - 1 - P, WINDOW,
+                                                 BLOCK_M))
+            m_cut = window_cut_row(n0 - P, WINDOW, BLOCK_M)
     else:
         kpm_base = kpm_base + P
         lo1, hi1, lo2, hi2 = cur_query_ranges(n0, L, R, W, BLOCK_M, BLOCK_N, MASK)
+        if HAS_WINDOW:
+            w_hi = window_row_end(tl.minimum(n0 + BLOCK_N, n_len) - 1, WINDOW, BLOCK_M)
+            hi1 = tl.minimum(hi1, w_hi)
+            if MASK == "bottleneck":  # the one mode with a second range (elsewhere hi2 = 0;
+                hi2 = tl.minimum(hi2, w_hi)  # bounding it anyway cost spills on sm_80)
+            m_cut = window_cut_row(n0, WINDOW, BLOCK_M)  # blocks from here on: the window cuts
     for g in range(0, groups):
         bh = (b * num_heads + hk * groups + g).to(tl.int64)  # query heads sharing this kv head
         q_base = Q + bh * L * head_dim
@@ -129,28 +153,35 @@ def bwd_dkdv_kernel(
                 else:  # a block with read rows needs the per-row mask
                     need_mask = (n0 + BLOCK_N > n_len) | (m0 < R)
             else:
-                need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
+                need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK,
+                                           False) == 0  # the window: m_cut, set once above
+            if HAS_WINDOW:
+                need_mask = need_mask | (m0 >= m_cut)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base,
-                                m0, n0, n_len, offs_d, L, R, W, head_dim, qk_scale, need_mask,
-                                IS_PAST, PAST_TO_READ, MASK, HAS_KPM, BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
+                                m0, n0, n_len, offs_d, L, P, R, W, WINDOW, head_dim, qk_scale,
+                                need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW,
+                                BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
         if not IS_PAST:  # bottleneck: the write rows after a gap
             for m0 in range(lo2, hi2, BLOCK_M):
-                need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
+                need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK,
+                                           False) == 0
+                if HAS_WINDOW:
+                    need_mask = need_mask | (m0 >= m_cut)
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                    kpm_base, m0, n0, n_len, offs_d, L, R, W, head_dim, qk_scale,
-                                    need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM, BLOCK_M,
-                                    BLOCK_N, DOT_F32, DOT_PREC)
+                                    kpm_base, m0, n0, n_len, offs_d, L, P, R, W, WINDOW, head_dim,
+                                    qk_scale, need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM,
+                                    HAS_WINDOW, BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
     dk = dk * sm_scale  # dS/dK = scale * Q; the base-2 factor lives only inside exp2
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_msk)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_msk)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m, offs_d, L, R,
-             W, head_dim, qk_scale, need_mask,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m, offs_d, L, P,
+             R, W, WINDOW, head_dim, qk_scale, need_mask,
              IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-             HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-             DOT_PREC: tl.constexpr):
+             HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate one key tile's contribution to dQ ``[BM, BD]`` (float32, unscaled)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_msk = (offs_n[:, None] < n_len) & (offs_d[None, :] < head_dim)
@@ -163,12 +194,12 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if HAS_KPM:
-        vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
-                           HAS_KPM)
+        vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
+                           PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
         p = tl.where(vis, p, 0.0)
     elif need_mask:
-        vis = tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST, PAST_TO_READ, MASK,
-                           HAS_KPM)
+        vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
+                           PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -179,10 +210,11 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
 @triton.jit
 def bwd_dq_kernel(
     Q, K, V, PK, PV, DO, Lse, Delta, KPM, DQ,
-    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups,
+    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, WINDOW,
     MASK: tl.constexpr, HAS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr,
-    HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """dQ ``[B, Hq, L, D]``: visits the same key blocks as the forward. Grid like the forward."""
     pid_m = tl.program_id(0)
@@ -206,27 +238,39 @@ def bwd_dq_kernel(
         else:
             p_hi = tl.where(m_last >= R, P, 0)
             past_full_rows = m0 >= R
+        p_lo = 0
+        if HAS_WINDOW:  # as in the forward
+            if PAST_TO_READ:
+                p_lo = window_past_start(m0, P, WINDOW, BLOCK_N)
+            else:
+                p_lo = window_past_start(tl.maximum(m0, R), P, WINDOW, BLOCK_N)
         pk_base = PK + bhk * P * head_dim
         pv_base = PV + bhk * P * head_dim
-        for n0 in range(0, p_hi, BLOCK_N):
+        for n0 in range(p_lo, p_hi, BLOCK_N):
             need_mask = (past_full_rows == 0) | (n0 + BLOCK_N > P)
+            if HAS_WINDOW:
+                need_mask = need_mask | window_cuts(m0, n0 - P, WINDOW, BLOCK_M)
             dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, kpm_base, n0, P, offs_m,
-                          offs_d, L, R, W, head_dim, qk_scale, need_mask, True, PAST_TO_READ,
-                          MASK, HAS_KPM, BLOCK_N, DOT_F32, DOT_PREC)
+                          offs_d, L, P, R, W, WINDOW, head_dim, qk_scale, need_mask, True,
+                          PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
     k_base = K + bhk * L * head_dim
     v_base = V + bhk * L * head_dim
     kpm_cur = kpm_base + P
     hi1, lo2, hi2 = cur_key_ranges(m0, L, R, W, BLOCK_M, BLOCK_N, MASK)
-    for n0 in range(0, hi1, BLOCK_N):
-        need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
+    lo1 = 0
+    if HAS_WINDOW:
+        lo1 = window_key_start(m0, WINDOW, BLOCK_N)
+        lo2 = tl.maximum(lo2, lo1)
+    for n0 in range(lo1, hi1, BLOCK_N):
+        need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK, HAS_WINDOW) == 0
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, L,
-                      R, W, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM,
-                      BLOCK_N, DOT_F32, DOT_PREC)
+                      P, R, W, WINDOW, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK,
+                      HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
     for n0 in range(lo2, hi2, BLOCK_N):
-        need_mask = cur_block_full(m0, n0, L, R, W, BLOCK_M, BLOCK_N, MASK) == 0
+        need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK, HAS_WINDOW) == 0
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, L,
-                      R, W, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM,
-                      BLOCK_N, DOT_F32, DOT_PREC)
+                      P, R, W, WINDOW, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK,
+                      HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
     dq = dq * sm_scale
     msk = (offs_m[:, None] < L) & (offs_d[None, :] < head_dim)
     tl.store(DQ + bh * L * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],

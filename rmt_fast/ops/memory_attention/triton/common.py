@@ -4,6 +4,13 @@
 ``"bottleneck"``; as FlashAttention's ``BIAS_TYPE``); these predicates are the kernels' copy of
 :func:`rmt_fast.masks.current_key_visible`, and the tests check the kernels against it.
 Row ``i`` is a read row when ``i < R``, a write row when ``i >= L - W``, a segment row otherwise.
+
+Sliding window (``HAS_WINDOW`` constexpr, ``WINDOW`` runtime int, unused without it): row ``i``
+sits at position ``P + i`` of the keys ``[past (P) | current (L)]`` and sees a key at position
+``a`` only if ``P + i - a < WINDOW``. The helpers measure keys in the rows' frame, ``c = a - P``
+(current key ``j``: ``c = j``; past key ``n``: ``c = n - P < 0``), so the rule is ``i - c < WINDOW``:
+a tile whose farthest key (its first) is within every row's window needs no window mask, and a
+key tile before the window of the block's first row is never loaded.
 """
 
 from __future__ import annotations
@@ -44,15 +51,66 @@ def past_visible(offs_m, offs_n, L, P, R, PAST_TO_READ: tl.constexpr):
 
 
 @triton.jit
-def cur_block_full(m0, n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK: tl.constexpr):
-    """Scalar: every row of query block ``m0`` sees every key of current key block ``n0``.
+def window_visible(offs_m, offs_c, WINDOW):
+    """Element mask ``[BM, BN]`` of the sliding window: rows ``offs_m`` vs keys at ``offs_c``
+    in the rows' frame (``a - P``)."""
+    return (offs_m[:, None] - offs_c[None, :]) < WINDOW
+
+
+@triton.jit
+def window_cuts(m0, c0, WINDOW, BLOCK_M: tl.constexpr):
+    """Scalar: the window hides the key at ``c0`` (a tile's first key, rows' frame) from some
+    row of query block ``m0`` (its last row is the farthest from it; rows past ``L`` are
+    counted, which only masks a tile that may not need it)."""
+    return m0 + (BLOCK_M - 1) - c0 >= WINDOW
+
+
+@triton.jit
+def window_cut_row(c0, WINDOW, BLOCK_M: tl.constexpr):
+    """First query block start ``m0`` whose window cuts a key tile starting at ``c0`` (rows'
+    frame): :func:`window_cuts` is ``m0 >= window_cut_row(c0)``, for loops over query blocks."""
+    return c0 + WINDOW - (BLOCK_M - 1)
+
+
+@triton.jit
+def window_key_start(first_row, WINDOW, BLOCK_N: tl.constexpr):
+    """First key (a buffer index, aligned down to ``BLOCK_N``) that row ``first_row`` may see
+    through the window, with rows and keys in the same frame: ``first_row - WINDOW + 1``,
+    clamped at 0. Later rows see no earlier key, so loops over a block whose first row (that
+    sees the buffer) is ``first_row`` start here: ``m0`` for the current keys; the past buffer
+    goes through :func:`window_past_start` (position ``P + first_row``)."""
+    return (tl.maximum(first_row - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def window_past_start(first_row, P, WINDOW, BLOCK_N: tl.constexpr):
+    """Start of the past-key loop of a query block whose first row that sees the past is
+    ``first_row``: :func:`window_key_start` of its position ``P + first_row``, or ``P`` (an
+    empty loop) when its window does not reach back to the last past key (``first_row + 1``
+    positions back), which the aligned-down start alone would still visit."""
+    return tl.where(first_row + 1 < WINDOW, window_key_start(P + first_row, WINDOW, BLOCK_N), P)
+
+
+@triton.jit
+def window_row_end(c_last, WINDOW, BLOCK_M: tl.constexpr):
+    """End (exclusive, aligned up to ``BLOCK_M``) of the query rows that may see a key block
+    whose last key is at ``c_last`` (rows' frame) through the window: rows ``< c_last + WINDOW``."""
+    return tl.cdiv(tl.maximum(c_last + WINDOW, 0), BLOCK_M) * BLOCK_M
+
+
+@triton.jit
+def cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Scalar: every row of query block ``m0`` sees every key of current key block ``n0``
+    (with ``HAS_WINDOW``: also through the window).
 
     Such interior tiles skip the element mask. Rows past ``L`` are ignored by the callers.
     """
     n_last = n0 + BLOCK_N - 1
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     full = n_last < L
+    if HAS_WINDOW:
+        full = full & (window_cuts(m0, n0, WINDOW, BLOCK_M) == 0)
     if MASK == "causal":
         full = full & (n_last <= m0)
     elif MASK == "rmt":
@@ -118,14 +176,20 @@ def cur_query_ranges(n0, L, R, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def tile_visible(offs_m, offs_n, n_len, L, R, W, kpm_base, IS_PAST: tl.constexpr,
-                 PAST_TO_READ: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Element mask ``[BM, BN]`` of a past (``IS_PAST``) or current key tile, with key padding
-    when ``HAS_KPM`` (``kpm_base``: int8 ``[n_len]`` row of the padding mask, 1 = real key)."""
+def tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST: tl.constexpr,
+                 PAST_TO_READ: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr):
+    """Element mask ``[BM, BN]`` of a past (``IS_PAST``, ``n_len = P``) or current key tile, with
+    key padding when ``HAS_KPM`` (``kpm_base``: int8 ``[n_len]`` row of the padding mask, 1 =
+    real key) and the sliding window when ``HAS_WINDOW``."""
     if IS_PAST:
         vis = past_visible(offs_m, offs_n, L, n_len, R, PAST_TO_READ)
+        if HAS_WINDOW:
+            vis = vis & window_visible(offs_m, offs_n - P, WINDOW)
     else:
         vis = cur_visible(offs_m, offs_n, L, R, W, MASK)
+        if HAS_WINDOW:
+            vis = vis & window_visible(offs_m, offs_n, WINDOW)
     if HAS_KPM:
         kp = tl.load(kpm_base + offs_n, mask=offs_n < n_len, other=0)
         vis = vis & (kp != 0)[None, :]

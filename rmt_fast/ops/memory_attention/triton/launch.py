@@ -9,6 +9,7 @@ candidates); under ``TRITON_INTERPRET=1`` one small config keeps the serial nump
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -60,6 +61,13 @@ GPU_CONFIGS = {
     ("bwd_dq_fp32", 128): Config(32, 16, 4, 2),
     ("bwd_dkdv_fp32", 64): Config(16, 16, 4, 1),
     ("decode_split_fp32", 128): Config(16, 64, 8, 2),
+    # with a sliding window (HAS_WINDOW): where the config above left ptxas spilling a few
+    # registers (cold ones, stored before the loops and reloaded for the final stores, on
+    # sm_80), the first zero-spill config on both sm_80 and sm_90a of a small ptxas sweep
+    # (same tile, then other stages or warps). Not timed.
+    ("fwd_fp32_window", 64): Config(64, 32, 8, 3),
+    ("bwd_dq_fp32_window", 128): Config(32, 16, 4, 3),
+    ("bwd_dkdv_fp32_window", 64): Config(16, 16, 2, 1),
 }
 INTERPRET_CONFIG = Config(16, 16, 1, 1)
 
@@ -69,17 +77,21 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def gpu_config(kernel: str, head_dim: int, dtype: str) -> Config:
-    """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``."""
+def gpu_config(kernel: str, head_dim: int, dtype: str, window: bool = False) -> Config:
+    """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``;
+    ``window``: the kernel compiled with a sliding window (its own entry where there is one)."""
     bucket = 64 if block_d(head_dim) <= 64 else 128
-    return GPU_CONFIGS.get((f"{kernel}_{dtype}", bucket), GPU_CONFIGS[(kernel, bucket)])
+    keys = [(f"{kernel}_{dtype}", bucket), (kernel, bucket)]
+    if window:
+        keys.insert(0, (f"{kernel}_{dtype}_window", bucket))
+    return next(GPU_CONFIGS[key] for key in keys if key in GPU_CONFIGS)
 
 
-def pick_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
+def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, window: bool = False) -> Config:
     if interpreting():
         return INTERPRET_CONFIG
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    return gpu_config(kernel, head_dim, name)
+    return gpu_config(kernel, head_dim, name, window)
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
@@ -115,6 +127,31 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+#: the AttentionLayout fields the launchers pass on to the kernels
+LAYOUT_FIELDS = frozenset({"num_read", "num_write", "mask", "past_visible_to_read", "scale", "window"})
+
+
+def check_layout(layout: AttentionLayout) -> None:
+    """Refuse a layout with a field the kernels do not implement (set to other than its default):
+    a new field must never be dropped silently, as ``window`` would have been before the kernels
+    knew it."""
+    for f in dataclasses.fields(layout):
+        if f.name not in LAYOUT_FIELDS and getattr(layout, f.name) != f.default:
+            raise NotImplementedError(f"the Triton kernels do not implement AttentionLayout."
+                                      f"{f.name} (got {getattr(layout, f.name)!r})")
+
+
+def window_args(layout: AttentionLayout, past_len: int, length: int) -> tuple[bool, int]:
+    """``(HAS_WINDOW, WINDOW)`` kernel arguments. A window of ``>= P + L`` keys hides nothing
+    (the farthest key is ``P + L - 1`` positions back), so it runs the kernels without a window,
+    which are then identical; ``WINDOW`` is 0 (unused) without one."""
+    check_layout(layout)
+    window = layout.window
+    if window is None or window >= past_len + length:
+        return False, 0
+    return True, int(window)
+
+
 def prepare(q, k, v, past_k, past_v, key_padding_mask):
     """Contiguous inputs; an empty past becomes ``None``; padding mask as int8 ``[B, P + L]``."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -136,7 +173,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
-    cfg = pick_config("fwd", dim, q.dtype)
+    has_window, window = window_args(layout, past_len, length)
+    cfg = pick_config("fwd", dim, q.dtype, has_window)
     out = _alloc(q)
     lse = _alloc((batch, hq, length), torch.float32, q.device)
     if length == 0 or batch * hq == 0:
@@ -146,10 +184,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
         kpm if kpm is not None else q, out, lse,
         layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
-        hq // hkv,
+        hq // hkv, window,
         MASK=layout.mask, HAS_PAST=past_k is not None,
         PAST_TO_READ=layout.past_visible_to_read, HAS_KPM=kpm is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
+        HAS_WINDOW=has_window, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
         DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -171,6 +209,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     hkv = k.shape[1]
     groups = hq // hkv
     past_len = 0 if past_k is None else past_k.shape[2]
+    has_window, window = window_args(layout, past_len, length)
     dout = dout.contiguous()
     bd = block_d(dim)
     f32 = dot_f32(q.dtype)
@@ -189,24 +228,24 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         delta.sub_(grad_lse)
     kpm_arg = kpm if kpm is not None else q
     common = dict(MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
-                  HAS_KPM=kpm is not None, BLOCK_D=bd, DOT_F32=f32,
+                  HAS_KPM=kpm is not None, HAS_WINDOW=has_window, BLOCK_D=bd, DOT_F32=f32,
                   DOT_PREC=dot_precision(q.dtype))
     qk_scale = layout.scale * LOG2E
     scalars = (qk_scale, layout.scale, length, past_len, layout.num_read, layout.num_write, dim,
                hq, groups)
-    cfg = pick_config("bwd_dkdv", dim, q.dtype)
+    cfg = pick_config("bwd_dkdv", dim, q.dtype, has_window)
     buffers = [(k, v, dk, dv, length, False)]
     if dpk is not None:
         buffers.append((past_k, past_v, dpk, dpv, past_len, True))
     for kb, vb, dkb, dvb, n_len, is_past in buffers:
         bwd_dkdv_kernel[(triton.cdiv(n_len, cfg.block_n), batch * hkv)](
-            q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len,
+            q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len, window,
             IS_PAST=is_past, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    cfg = pick_config("bwd_dq", dim, q.dtype)
+    cfg = pick_config("bwd_dq", dim, q.dtype, has_window)
     bwd_dq_kernel[(triton.cdiv(length, cfg.block_m), batch * hq)](
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
-        dout, lse, delta, kpm_arg, dq, *scalars,
+        dout, lse, delta, kpm_arg, dq, *scalars, window,
         HAS_PAST=past_k is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     return dq, dk, dv, dpk, dpv
@@ -229,11 +268,19 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
         raise ValueError(f"decode handles at most {DECODE_MAX_ROWS} query rows, got {length}")
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
-    cfg = pick_config("decode_split", dim, q.dtype)
+    has_window, window = window_args(layout, past_len, length)
+    cfg = pick_config("decode_split", dim, q.dtype, has_window)
     block_n = cfg.block_n
     split = split_size or (32 if interpreting() else 256)
     split = triton.cdiv(split, block_n) * block_n
-    n_past = triton.cdiv(past_len, split)
+    past_lo = 0
+    if has_window and past_len:
+        # the first row that sees the past (position P + first) sees past keys from
+        # P + first - window + 1 on, later rows none before; none at all once first + 1 >= window
+        first = 0 if layout.past_visible_to_read else min(layout.num_read, length - 1)
+        past_lo = past_len if first + 1 >= window else \
+            max(past_len + first - window + 1, 0) // block_n * block_n
+    n_past = triton.cdiv(past_len - past_lo, split)
     n_splits = n_past + triton.cdiv(length, split)
     bd = block_d(dim)
     out = _alloc(q)
@@ -247,9 +294,9 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
         kpm if kpm is not None else q, out_part, lse_part,
         layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
-        hq // hkv, split, n_past, n_splits,
+        hq // hkv, split, n_past, n_splits, window, past_lo,
         MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
-        HAS_KPM=kpm is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
+        HAS_KPM=kpm is not None, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
         DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     decode_reduce_kernel[(batch * hq,)](out_part, lse_part, out, lse, length, dim, n_splits,
