@@ -104,16 +104,58 @@ def test_generation_with_kv_cache_matches_sdpa(name):
         torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=0)
 
 
-def test_reduction_recognises_padding_and_rejects_windows():
+def test_reduction_recognises_padding_and_windows():
+    """Causal & padding reduces; a sliding-window mask reduces only with the layer's own window
+    (none, or another one: the dense path)."""
     length = 6
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     kpm = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
     mask = (causal[None] & kpm[:, None, :])[:, None]
-    integ._reduce_cache[:] = [None, None]
+    integ._reduce_cache[:] = [None, None, None]
     mode, got = integ._reduce_bool_mask(mask, length, causal=True)
     assert mode == "causal" and torch.equal(got, kpm)
     window = mask & ~torch.ones(length, length, dtype=torch.bool).tril(-3)
     assert integ._reduce_bool_mask(window.clone(), length, causal=True) is None
+    assert integ._reduce_bool_mask(window, length, causal=True, window=4) is None
+    mode, got = integ._reduce_bool_mask(window, length, causal=True, window=3)
+    assert mode == "causal" and torch.equal(got, kpm)
+    assert integ._reduce_bool_mask(window, length, causal=True) is None  # cached per window
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gpt_oss"])
+def test_sliding_windows_run_fused(kind, monkeypatch):
+    """Sliding-window layers whose window cuts the keys (Mistral, window 5; gpt-oss, window 4,
+    with its sinks) run the fused kernels with the window, no dense mask or scores: logits,
+    gradients and generation with the KV cache equal eager's (was: the dense-mask path)."""
+    dense = []
+    for name in ("dense_sdpa", "_exact_attention"):
+        real = getattr(integ, name)
+        monkeypatch.setattr(integ, name, lambda *a, _r=real, **k: dense.append(1) or _r(*a, **k))
+    if kind == "mistral":
+        cls, cfg = CONFIGS["mistral_window"]
+        ref, ours = (cls._from_config(copy.deepcopy(cfg), attn_implementation=impl)
+                     for impl in ("eager", "rmt_fast"))
+        ours.load_state_dict(ref.state_dict())
+    else:
+        ref, ours = tiny_scored("gpt_oss", "eager"), tiny_scored("gpt_oss", "rmt_fast")
+    windowed = []
+    real_ma = integ.memory_attention
+    monkeypatch.setattr(integ, "memory_attention",
+                        lambda *a, **k: windowed.append(k.get("window")) or real_ma(*a, **k))
+    ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(3, 14, dtype=torch.long)
+    am[1, :5] = 0
+    valid = am.bool()
+    a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
+    a[valid].square().mean().backward()
+    b[valid].square().mean().backward()
+    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=6)
+    assert not dense, "a sliding-window layer took a dense path"
+    assert (5 if kind == "mistral" else 4) in windowed
 
 
 def test_mask_function_builds_no_mask_only_under_a_driving_layout():

@@ -6,8 +6,9 @@ transformers silently drops padding masks for unknown backends. Under a :func:`m
 that drives every call the mask function builds nothing (the layout carries the mask).
 
 The bool mask transformers passes (``[B, 1, Lq, Lk]``, True = attend) is reduced to the structured
-form ``memory_attention`` takes (causal or full, plus a key-padding vector) whenever it is exactly
-that; other masks (sliding windows, packed sequences) go through the dense-mask path.
+form ``memory_attention`` takes (causal or full, plus a key-padding vector, with the layer's
+``sliding_window`` where it has one) whenever it is exactly that; other masks (packed sequences,
+a window over a rolling cache) go through the dense-mask path.
 
 The RMT wrappers use :func:`memory_layout` to pass the memory-token structure (read/write blocks,
 mask mode, padding, Transformer-XL keys/values) down to every attention layer.
@@ -78,13 +79,14 @@ def current_layout() -> MemoryLayout | None:
     return _LAYOUT.get()
 
 
-_reduce_cache: list = [None, None]  # [last mask tensor, its reduction]; layers share one mask
+_reduce_cache: list = [None, None, None]  # [last mask, window, its reduction]; layers share masks
 
 
-def _reduce_bool_mask(mask: torch.Tensor, q_len: int, causal: bool):
-    """``(mode, key_padding_mask [B, Lk])`` if ``mask`` is exactly causal/full & padding, else None."""
-    if _reduce_cache[0] is mask:
-        return _reduce_cache[1]
+def _reduce_bool_mask(mask: torch.Tensor, q_len: int, causal: bool, window: int | None = None):
+    """``(mode, key_padding_mask [B, Lk])`` if ``mask`` is exactly causal/full & padding (cut by
+    the sliding ``window``, :mod:`rmt_fast.masks`, when given), else None."""
+    if _reduce_cache[0] is mask and _reduce_cache[1] == window:
+        return _reduce_cache[2]
     result = None
     if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == q_len:
         m = mask[:, 0]
@@ -93,10 +95,10 @@ def _reduce_bool_mask(mask: torch.Tensor, q_len: int, causal: bool):
             kpm = m.any(dim=1)  # a real key is seen by some row
             mode = "causal" if causal else "full"
             expect = dense_visibility(q_len, kv_len - q_len, mask=mode, key_padding_mask=kpm,
-                                      device=m.device)
+                                      device=m.device, window=window)
             if torch.equal(expect, m):
                 result = (mode, kpm)
-    _reduce_cache[0], _reduce_cache[1] = mask, result
+    _reduce_cache[:] = mask, window, result
     return result
 
 
@@ -125,7 +127,7 @@ def rmt_fast_attention_forward(
     Gemma 2; ``position_bias``: T5) run :func:`_exact_attention`, the eager formula on dense
     scores; the fused kernels serve all others. A sink logit per head alone (gpt-oss's ``s_aux``)
     runs fused, from the kernels' log-sum-exp (:func:`_with_sinks`), wherever the mask has the
-    structured form; elsewhere (a sliding window that cuts the keys) the exact path."""
+    structured form (a layer's ``sliding_window`` included); elsewhere the exact path."""
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     terms = _score_terms(kwargs)
@@ -147,7 +149,8 @@ def rmt_fast_attention_forward(
                                           terms)
         return out.transpose(1, 2).contiguous(), None
 
-    common = dict(scale=scaling, dropout_p=dropout)
+    # a sliding-window layer (Mistral, Gemma 2/3, gpt-oss) passes its window: the kernels cut it
+    common = dict(scale=scaling, dropout_p=dropout, window=kwargs.get("sliding_window"))
     xl = _decoding_past(layout, module, key.shape[0])
     if xl is not None:
         _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
@@ -217,7 +220,7 @@ def _structured(query, key, value, attention_mask, q_len: int, causal: bool, xl,
         return _cached(query, key, value, "causal" if causal and q_len > 1 else "full", None, xl,
                        common)
     if attention_mask.dtype == torch.bool:
-        reduced = _reduce_bool_mask(attention_mask, q_len, causal)
+        reduced = _reduce_bool_mask(attention_mask, q_len, causal, common["window"])
         if reduced is not None:
             return _cached(query, key, value, *reduced, xl, common)
     return None
