@@ -331,3 +331,13 @@ def test_sinks_bench_runs_both_ways_and_they_agree(capsys):
     assert len(rows) == 1 and rows[0]["max_diff"] < 1e-5
     assert all(rows[0][f"{w} {m}"] > 0 for w in ("exact", "fused") for m in ("fwd", "fwd+bwd"))
     assert "| float32 | 48 |" in capsys.readouterr().out
+
+
+def test_windows_bench_runs_both_ways_and_they_agree(capsys):
+    """``python -m rmt_fast.bench.windows`` on a small case: both ways timed, outputs agree."""
+    from rmt_fast.bench import windows
+
+    rows = windows.main(["--dtype", "float32", "--lengths", "80", "--windows", "7", "--rounds", "1"])
+    assert len(rows) == 1 and rows[0]["max_diff"] < 1e-5
+    assert all(rows[0][f"{w} {m}"] > 0 for w in ("dense", "fused") for m in ("fwd", "fwd+bwd"))
+    assert "| float32 | 80 | 7 |" in capsys.readouterr().out

@@ -1,11 +1,10 @@
 """Attention with a sink logit per head (gpt-oss), the backend's two ways, one thread, CPU.
 
 ``exact``: transformers' eager formula on dense scores (what ``attn_implementation="rmt_fast"``
-ran for every call with sinks before, and still runs for Gemma 2 / T5 or a window that cuts the
-keys). ``fused``: ``memory_attention(..., return_lse=True)`` and ``out * sigmoid(lse - sink)``
+ran for every call with sinks before, and still runs for Gemma 2 / T5). ``fused``:
+``memory_attention(..., return_lse=True)`` and ``out * sigmoid(lse - sink)``
 (:func:`rmt_fast.integrations.transformers._with_sinks`). Causal self-attention ``[1, H, L, D]``
-with GQA; times are thread CPU ms, the best of ``--rounds`` alternating rounds; ``max |diff|``
-compares the two outputs.
+with GQA; timing as :mod:`rmt_fast.bench.two_ways`; ``max |diff|`` compares the two outputs.
 
 ``python -m rmt_fast.bench.sinks --dtype float32 bfloat16 --lengths 1024 4096 --rounds 5``
 """
@@ -13,18 +12,12 @@ compares the two outputs.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from rmt_fast import memory_attention
+from rmt_fast.bench.two_ways import table_header, table_row, time_ways
 from rmt_fast.integrations.transformers import _exact_attention, _with_sinks
-
-
-def _cpu_ms(fn) -> float:
-    start = time.thread_time()
-    fn()
-    return (time.thread_time() - start) * 1e3
 
 
 def run(dtype: torch.dtype, length: int, heads: int = 8, kv_heads: int = 2, dim: int = 64,
@@ -42,17 +35,7 @@ def run(dtype: torch.dtype, length: int, heads: int = 8, kv_heads: int = 2, dim:
         "fused": lambda: _with_sinks(memory_attention(q, k, v, mask="causal", scale=scale,
                                                       return_lse=True), sinks),
     }
-    with torch.no_grad():
-        diff = (ways["exact"]().double() - ways["fused"]().double()).abs().max().item()
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, fn in ways.items():
-            with torch.no_grad():
-                t = _cpu_ms(fn)
-            best[f"{name} fwd"] = min(best.get(f"{name} fwd", t), t)
-            t = _cpu_ms(lambda fn=fn: fn().float().square().sum().backward())
-            best[f"{name} fwd+bwd"] = min(best.get(f"{name} fwd+bwd", t), t)
-    return {**best, "max_diff": diff}
+    return time_ways(ways, rounds)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -62,18 +45,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print("| dtype | L | exact fwd ms | fused fwd ms | fwd speed-up | exact fwd+bwd ms "
-          "| fused fwd+bwd ms | fwd+bwd speed-up | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(table_header("exact", "fused", "dtype", "L"))
     rows = []
     for name in args.dtype:
         for length in args.lengths:
             r = run(getattr(torch, name), length, rounds=args.rounds)
             rows.append(dict(r, dtype=name, length=length))
-            print(f"| {name} | {length:,} | {r['exact fwd']:.1f} | {r['fused fwd']:.1f} "
-                  f"| {r['exact fwd'] / r['fused fwd']:.2f}x | {r['exact fwd+bwd']:.1f} "
-                  f"| {r['fused fwd+bwd']:.1f} | {r['exact fwd+bwd'] / r['fused fwd+bwd']:.2f}x "
-                  f"| {r['max_diff']:.1e} |", flush=True)
+            print(table_row(r, "exact", "fused", name, f"{length:,}"), flush=True)
     return rows
 
 
