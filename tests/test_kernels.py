@@ -164,15 +164,20 @@ def test_every_read_row_blind():
            mask="rmt", scale=0.25)
 
 
+def _decode_inputs(d: int, b=2, hq=2, hkv=1, length=5, past=70):
+    """float32 ``q, k, v, past_k, past_v`` (no grad) and a random padding mask, from the global
+    generator: a few query rows over a long past."""
+    q = _rand(b, hq, length, d, dtype=torch.float32, grad=False)
+    k, v = (_rand(b, hkv, length, d, dtype=torch.float32, grad=False) for _ in range(2))
+    pk, pv = (_rand(b, hkv, past, d, dtype=torch.float32, grad=False) for _ in range(2))
+    return q, k, v, pk, pv, torch.rand(b, past + length) > 0.2
+
+
 @pytest.mark.parametrize("mask", MODES)
 def test_decode_matches_reference(mask):
     torch.manual_seed(7)
-    dt = torch.float32
-    b, hq, hkv, length, past, d = 2, 2, 1, 5, 70, 16
-    q = _rand(b, hq, length, d, dtype=dt, grad=False)
-    k, v = (_rand(b, hkv, length, d, dtype=dt, grad=False) for _ in range(2))
-    pk, pv = (_rand(b, hkv, past, d, dtype=dt, grad=False) for _ in range(2))
-    kpm = torch.rand(b, past + length) > 0.2
+    dt, d = torch.float32, 16
+    q, k, v, pk, pv, kpm = _decode_inputs(d)
     kpm[1, :] = False
     layout = AttentionLayout(1, 2, mask, False, d ** -0.5)
     out, lse = launch.decode(*launch.prepare(q, k, v, pk, pv, kpm), layout, split_size=16)
@@ -574,12 +579,9 @@ def test_decode_window(mask, window, to_read):
     """Flash-decoding with a window: past splits before the window are not launched (window 3:
     row 1, the first to see the past, sees just its last key; window 1: no row sees it)."""
     torch.manual_seed(26)
-    dt = torch.float32
-    b, hq, hkv, length, past, d = 2, 2, 1, 5, 70, 16
-    q = _rand(b, hq, length, d, dtype=dt, grad=False)
-    k, v = (_rand(b, hkv, length, d, dtype=dt, grad=False) for _ in range(2))
-    pk, pv = (_rand(b, hkv, past, d, dtype=dt, grad=False) for _ in range(2))
-    kpm = torch.rand(b, past + length) > 0.2
+    dt, d = torch.float32, 16
+    q, k, v, pk, pv, kpm = _decode_inputs(d)
+    past = pk.shape[2]
     layout = AttentionLayout(1, 2, mask, to_read, d ** -0.5, window)
     grids = []
     orig = launch.decode_split_kernel

@@ -142,18 +142,7 @@ def test_sliding_windows_run_fused(kind, monkeypatch):
     real_ma = integ.memory_attention
     monkeypatch.setattr(integ, "memory_attention",
                         lambda *a, **k: windowed.append(k.get("window")) or real_ma(*a, **k))
-    ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(2))
-    am = torch.ones(3, 14, dtype=torch.long)
-    am[1, :5] = 0
-    valid = am.bool()
-    a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
-    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
-    a[valid].square().mean().backward()
-    b[valid].square().mean().backward()
-    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        if pa.grad is not None:
-            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
-    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=6)
+    _equal_to_eager(ref, ours, new_tokens=6)
     assert not dense, "a sliding-window layer took a dense path"
     assert (5 if kind == "mistral" else 4) in windowed
 
@@ -277,21 +266,10 @@ def test_sinks_alone_run_fused(monkeypatch):
     monkeypatch.setattr(integ, "_exact_attention", lambda *a, **k: exact.append(1) or real(*a, **k))
     ref, ours = tiny_scored("gpt_oss", "eager", window=64), tiny_scored("gpt_oss", "rmt_fast",
                                                                          window=64)
-    ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(2))
-    am = torch.ones(3, 14, dtype=torch.long)
-    am[1, :5] = 0
-    valid = am.bool()
-    a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
-    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
-    a[valid].square().mean().backward()
-    b[valid].square().mean().backward()
-    sink_grads = 0
-    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        if pa.grad is not None:
-            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
-            sink_grads += name.endswith("sinks") and bool(pa.grad.abs().max() > 0)
-    assert sink_grads == 2  # both layers' sinks get a gradient
-    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=4)
+    ids = _equal_to_eager(ref, ours, new_tokens=4)
+    sink_grads = [n for n, p in ref.named_parameters()
+                  if n.endswith("sinks") and p.grad is not None and bool(p.grad.abs().max() > 0)]
+    assert len(sink_grads) == 2  # both layers' sinks get a gradient
     rmt = RMTForCausalLM(tiny_scored("gpt_oss", "eager", window=64), num_mem_tokens=3,
                          segment_size=7, mask="rmt")
     with torch.no_grad():
@@ -331,6 +309,24 @@ def test_cross_attention_to_a_shorter_sequence_equals_eager():
         kw = dict(input_ids=enc, attention_mask=mask, decoder_input_ids=dec)
         torch.testing.assert_close(ours(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
     _same_generation(ref, ours, enc, attention_mask=pad, max_new_tokens=8)
+
+
+def _equal_to_eager(ref, ours, new_tokens: int) -> torch.Tensor:
+    """``ours`` equals ``ref`` (same weights) on a padded batch: logits, every parameter's
+    gradient of a loss on them, and greedy generation; returns the input ids."""
+    ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(3, 14, dtype=torch.long)
+    am[1, :5] = 0
+    valid = am.bool()
+    a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
+    a[valid].square().mean().backward()
+    b[valid].square().mean().backward()
+    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=new_tokens)
+    return ids
 
 
 def _same_generation(ref, ours, ids, max_new_tokens: int, **kw):
