@@ -192,7 +192,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert "offload + prefetch on a side stream" in skipped
     assert "CUDA kernels registered" in skipped
     rows = data["stages"]["triton_correctness"]["rows"]
-    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert rows[-1]["case"] == "causal window 5 past"
     assert data["stages"]["streaming_1m"]["metrics"]["tokens_read"] == 4096
     checks = {c["name"]: c["status"] for s in data["stages"].values() for c in s.get("checks", [])}
     assert checks["C++ errors reach Python"] == "ok"
