@@ -134,9 +134,9 @@ def memory_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     layout = layout.with_head_dim(q.shape[-1])
-    if window is not None and window >= past_length + q.shape[2]:
+    windowed = layout.cutting_window(past_length, q.shape[2]) is not None
+    if layout.window is not None and not windowed:
         layout = dataclasses.replace(layout, window=None)  # a window that cuts no key
-    windowed = layout.window is not None
     tensors = dict(past_k=past_k, past_v=past_v, key_padding_mask=key_padding_mask)
     # plain causal attention (no past keys, no padding): SDPA's own causal mask, none built
     plain_causal = layout.mask == "causal" and past_length == 0 and key_padding_mask is None \

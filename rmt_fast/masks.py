@@ -91,6 +91,14 @@ class AttentionLayout:
             return self
         return dataclasses.replace(self, scale=float(head_dim ** -0.5) if head_dim else 1.0)
 
+    def cutting_window(self, past_length: int, length: int) -> int | None:
+        """``window`` where it hides a key of a call with ``past_length`` past and ``length``
+        current keys, else None: the farthest key is ``P + L - 1`` positions back, so a window
+        of ``P + L`` keys or more cuts nothing (and the unwindowed paths give the same result)."""
+        if self.window is None or self.window >= past_length + length:
+            return None
+        return self.window
+
     def first_past_row(self) -> int:
         """Rows ``>=`` this see the past keys: read rows are hidden from them unless
         ``past_visible_to_read`` (the one place this rule lives on the Python side)."""

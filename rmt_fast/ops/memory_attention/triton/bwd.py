@@ -239,11 +239,8 @@ def bwd_dq_kernel(
             p_hi = tl.where(m_last >= R, P, 0)
             past_full_rows = m0 >= R
         p_lo = 0
-        if HAS_WINDOW:  # as in the forward
-            if PAST_TO_READ:
-                p_lo = window_past_start(m0, P, WINDOW, BLOCK_N)
-            else:
-                p_lo = window_past_start(tl.maximum(m0, R), P, WINDOW, BLOCK_N)
+        if HAS_WINDOW:  # past keys before the window of the block's first row that sees them
+            p_lo = window_past_start(m0, R, P, WINDOW, BLOCK_N, PAST_TO_READ)
         pk_base = PK + bhk * P * head_dim
         pv_base = PV + bhk * P * head_dim
         for n0 in range(p_lo, p_hi, BLOCK_N):

@@ -83,11 +83,15 @@ def window_key_start(first_row, WINDOW, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def window_past_start(first_row, P, WINDOW, BLOCK_N: tl.constexpr):
-    """Start of the past-key loop of a query block whose first row that sees the past is
-    ``first_row``: :func:`window_key_start` of its position ``P + first_row``, or ``P`` (an
-    empty loop) when its window does not reach back to the last past key (``first_row + 1``
-    positions back), which the aligned-down start alone would still visit."""
+def window_past_start(m0, R, P, WINDOW, BLOCK_N: tl.constexpr, PAST_TO_READ: tl.constexpr):
+    """Start of the past-key loop of query block ``m0``. Its first row that sees the past is
+    ``m0`` (``max(m0, R)`` when read rows do not): :func:`window_key_start` of that row's
+    position ``P + first_row``, or ``P`` (an empty loop) when its window does not reach back to
+    the last past key (``first_row + 1`` positions back), which the aligned-down start alone
+    would still visit."""
+    first_row = m0
+    if not PAST_TO_READ:
+        first_row = tl.maximum(m0, R)
     return tl.where(first_row + 1 < WINDOW, window_key_start(P + first_row, WINDOW, BLOCK_N), P)
 
 

@@ -142,14 +142,12 @@ def check_layout(layout: AttentionLayout) -> None:
 
 
 def window_args(layout: AttentionLayout, past_len: int, length: int) -> tuple[bool, int]:
-    """``(HAS_WINDOW, WINDOW)`` kernel arguments. A window of ``>= P + L`` keys hides nothing
-    (the farthest key is ``P + L - 1`` positions back), so it runs the kernels without a window,
-    which are then identical; ``WINDOW`` is 0 (unused) without one."""
+    """``(HAS_WINDOW, WINDOW)`` kernel arguments. A window that hides no key
+    (:meth:`AttentionLayout.cutting_window`) runs the kernels without a window, which are then
+    identical; ``WINDOW`` is 0 (unused) without one."""
     check_layout(layout)
-    window = layout.window
-    if window is None or window >= past_len + length:
-        return False, 0
-    return True, int(window)
+    window = layout.cutting_window(past_len, length)
+    return (False, 0) if window is None else (True, int(window))
 
 
 def prepare(q, k, v, past_k, past_v, key_padding_mask):
