@@ -9,13 +9,15 @@
 // Ops (autograd and fake kernels are registered from rmt_fast/ops/memory_attention/cpu_kernel.py):
 //   memory_attention_cpu(q [B,Hq,L,D], k, v [B,Hkv,L,D], past_k?, past_v? [B,Hkv,P,D],
 //       key_padding_mask? [B,P+L] bool, num_read, num_write, mask, past_visible_to_read, scale,
-//       window=0) (window > 0: a sliding window of that many keys, rmt_fast/masks.py)
+//       window=0, softcap=0.0) (window > 0: a sliding window of that many keys; softcap > 0:
+//       scaled scores x become softcap * tanh(x / softcap) before the mask; rmt_fast/masks.py)
 //       -> (out [B,Hq,L,D] in q's dtype, lse [B,Hq,L] float32; -inf and zeros on empty rows);
 //       out lies in memory as [B,L,Hq,D] (a permuted view): out.transpose(1, 2), what an
 //       attention layer takes next, is contiguous without a copy
 //   memory_attention_cpu_backward(dout, q, k, v, past_k?, past_v?, key_padding_mask?, out, lse,
-//       grad_lse?, ..., need_past_grad, window=0) -> [dq, dk, dv] (+ [dpast_k, dpast_v] when
-//       need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the lse output
+//       grad_lse?, ..., need_past_grad, window=0, softcap=0.0) -> [dq, dk, dv] (+ [dpast_k,
+//       dpast_v] when need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the
+//       lse output
 //   memory_attention_cpu_isa(dtype=None) -> str: "amx", "avx512_bf16", "avx512" or "generic",
 //       the code path that calls with inputs of that dtype (None: float32) take now
 //       (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16|amx caps it, for tests; attention_isa)
@@ -172,7 +174,7 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
                const std::optional<at::Tensor>& key_padding_mask, int64_t num_read,
                int64_t num_write, const std::string& mask, bool past_visible_to_read,
-               double scale, int64_t window) {
+               double scale, int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 4, "memory_attention_cpu: q must be 4-D [B, Hq, L, D], got ", q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "memory_attention_cpu: q must be float32 or bfloat16, got ", q.scalar_type());
@@ -205,6 +207,9 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "num_write <= L (", pl.L, "), got ", num_read, " and ", num_write);
   TORCH_CHECK(std::isfinite(scale), "memory_attention_cpu: scale must be finite, got ", scale);
   TORCH_CHECK(window >= 0, "memory_attention_cpu: window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "memory_attention_cpu: softcap must be finite and >= 0 (0: none), got ", softcap);
+  pl.softcap = static_cast<float>(softcap);
   const int mode = parse_mask(mask);
   pl.scale = static_cast<float>(scale);
   pl.bf16 = q.scalar_type() == at::kBFloat16;
@@ -291,9 +296,10 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
     const std::optional<at::Tensor>& key_padding_mask, int64_t num_read, int64_t num_write,
-    c10::string_view mask, bool past_visible_to_read, double scale, int64_t window) {
+    c10::string_view mask, bool past_visible_to_read, double scale, int64_t window,
+    double softcap) {
   const Plan pl = make_plan(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write,
-                            std::string(mask), past_visible_to_read, scale, window);
+                            std::string(mask), past_visible_to_read, scale, window, softcap);
   at::Tensor out = at::empty({pl.B, pl.L, pl.Hq, pl.D}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({pl.B, pl.Hq, pl.L}, q.options().dtype(at::kFloat));
   if (pl.B * pl.Hq * pl.L == 0) return {out, lse};
@@ -336,9 +342,9 @@ std::vector<at::Tensor> memory_attention_cpu_backward(
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, int64_t num_read,
     int64_t num_write, c10::string_view mask, bool past_visible_to_read, double scale,
-    bool need_past_grad, int64_t window) {
+    bool need_past_grad, int64_t window, double softcap) {
   const Plan pl = make_plan(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write,
-                            std::string(mask), past_visible_to_read, scale, window);
+                            std::string(mask), past_visible_to_read, scale, window, softcap);
   const std::vector<int64_t> qshape = {pl.B, pl.Hq, pl.L, pl.D};
   check_like("dout", dout, q, qshape);
   check_like("out", out, q, qshape);
@@ -429,11 +435,12 @@ std::string memory_attention_cpu_isa(std::optional<at::ScalarType> dtype) {
 TORCH_LIBRARY_FRAGMENT(rmt_fast, m) {
   m.def("memory_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor? past_k, Tensor? past_v, "
         "Tensor? key_padding_mask, int num_read, int num_write, str mask, "
-        "bool past_visible_to_read, float scale, int window=0) -> (Tensor, Tensor)");
+        "bool past_visible_to_read, float scale, int window=0, float softcap=0.0) -> "
+        "(Tensor, Tensor)");
   m.def("memory_attention_cpu_backward(Tensor dout, Tensor q, Tensor k, Tensor v, "
         "Tensor? past_k, Tensor? past_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
         "Tensor? grad_lse, int num_read, int num_write, str mask, bool past_visible_to_read, "
-        "float scale, bool need_past_grad, int window=0) -> Tensor[]");
+        "float scale, bool need_past_grad, int window=0, float softcap=0.0) -> Tensor[]");
   m.def("memory_attention_cpu_isa(ScalarType? dtype=None) -> str",
         &rmt_fast::ma::memory_attention_cpu_isa);
 }

@@ -45,6 +45,7 @@ struct Plan {
   int64_t B = 0, Hq = 0, Hkv = 0, L = 0, P = 0, Lk = 0, D = 0, Dp = 0;
   int64_t nrb = 0;  // row blocks of kBR query rows
   float scale = 1.0f;
+  float softcap = 0.0f;  // > 0: scaled scores x become softcap tanh(x / softcap) (Gemma 2)
   bool bf16 = false;  // inputs are bfloat16 (else float32)
   std::vector<KeyTile> tiles;
   // per query row (padded to nrb * kBR; padding rows see nothing): visible concatenated keys are

@@ -328,7 +328,7 @@ enum ScratchSlot : int {
   kPackStage, kPackPairs,                                        // pack_kv_t
   kFwdStage, kFwdQt, kFwdS, kFwdOt, kFwdTmp, kFwdP,              // forward_t
   kBwdQs, kBwdQt, kBwdQn, kBwdDos, kBwdDot, kBwdDon, kBwdOs, kBwdPn,  // backward_head
-  kBwdDsn, kBwdDsv, kBwdS, kBwdDp, kBwdDqt, kBwdTmp,
+  kBwdDsn, kBwdDsv, kBwdS, kBwdDp, kBwdDqt, kBwdTmp, kBwdCap,
   kUnitKn, kUnitVn, kUnitVt, kUnitKt, kUnitDk, kUnitDv,          // *_units_t
   kRowsQ, kRowsAcc, kRowsK, kRowsV, kRowsStat,                   // forward_rows_t
   kScratchSlots
@@ -544,11 +544,15 @@ void pack_kv_t(const Plan& pl, const Strided& k, const Strided& v, const Strided
 }
 
 
-// Scores of one tile, in place in s [kt][kBR]: scaled, and -inf where hidden (the element mask
-// on mixed tiles, padded keys on every tile). With tmax, also the column (per query) maxima.
-inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart, int64_t i0,
-                            bool mixed, bool pad_rows, int64_t b, float* tmax) {
+// Scores of one tile, in place in s [kt][kBR]: scaled, soft-capped (kCap: x -> c tanh(x / c),
+// c = pl.softcap; with dcap [kt][kBR], also its derivative 1 - tanh^2 there, 0 where hidden),
+// and -inf where hidden (the element mask on mixed tiles, padded keys on every tile; after the
+// cap, which would turn -inf into -c). With tmax, also the column (per query) maxima.
+template <bool kCap>
+inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jstart, int64_t i0,
+                              bool mixed, bool pad_rows, int64_t b, float* tmax, float* dcap) {
   const float scale = pl.scale, ninf = -std::numeric_limits<float>::infinity();
+  const float cap = pl.softcap, inv_cap = kCap ? 1.0f / pl.softcap : 0.0f;
   const int32_t* lo0 = pl.lo0.data() + i0;
   const int32_t* hi0 = pl.hi0.data() + i0;
   const int32_t* lo1 = pl.lo1.data() + i0;
@@ -556,6 +560,8 @@ inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart
 #if RMT_MA_ISA >= 1
   constexpr int NV = kBR / 16;
   const __m512 sc = _mm512_set1_ps(scale), vninf = _mm512_set1_ps(ninf);
+  const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(inv_cap);
+  const __m512 one = _mm512_set1_ps(1.0f);
   __m512 mx[NV];
   for (int c = 0; c < NV; ++c) mx[c] = vninf;
   for (int64_t n = 0; n < kt; ++n) {
@@ -563,11 +569,12 @@ inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart
     const int32_t j = static_cast<int32_t>(jstart + n);
     if (pad_rows && !key_kept(pl, b, j)) {
       for (int c = 0; c < NV; ++c) _mm512_storeu_ps(row + 16 * c, vninf);
+      if (kCap && dcap != nullptr) std::fill(dcap + n * kBR, dcap + (n + 1) * kBR, 0.0f);
       continue;
     }
     const __m512i jv = _mm512_set1_epi32(j);
     for (int c = 0; c < NV; ++c) {
-      __m512 x;
+      __mmask16 in = 0xffff;
       if (mixed) {
         const __mmask16 in0 =
             _mm512_cmple_epi32_mask(_mm512_loadu_si512(lo0 + 16 * c), jv) &
@@ -575,9 +582,18 @@ inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart
         const __mmask16 in1 =
             _mm512_cmple_epi32_mask(_mm512_loadu_si512(lo1 + 16 * c), jv) &
             _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(hi1 + 16 * c), jv);
-        x = _mm512_mask_mul_ps(vninf, in0 | in1, _mm512_loadu_ps(row + 16 * c), sc);
+        in = in0 | in1;
+      }
+      __m512 x;
+      if constexpr (kCap) {
+        const __m512 t = tanh512(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), sc),
+                                               vinv));
+        x = _mm512_mask_mul_ps(vninf, in, t, vcap);
+        if (dcap != nullptr)
+          _mm512_storeu_ps(dcap + n * kBR + 16 * c,
+                           _mm512_maskz_mov_ps(in, _mm512_fnmadd_ps(t, t, one)));
       } else {
-        x = _mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), sc);
+        x = _mm512_mask_mul_ps(vninf, in, _mm512_loadu_ps(row + 16 * c), sc);
       }
       _mm512_storeu_ps(row + 16 * c, x);
       mx[c] = _mm512_max_ps(mx[c], x);
@@ -590,17 +606,31 @@ inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart
   for (int64_t n = 0; n < kt; ++n) {
     float* row = s + n * kBR;
     const int32_t j = static_cast<int32_t>(jstart + n);
-    if (pad_rows && !key_kept(pl, b, j)) {
-      std::fill(row, row + kBR, ninf);
-      continue;
-    }
+    const bool kept = !pad_rows || key_kept(pl, b, j);
     for (int64_t m = 0; m < kBR; ++m) {
-      const bool vis = !mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]);
-      row[m] = vis ? row[m] * scale : ninf;
+      const bool vis =
+          kept && (!mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]));
+      float x = row[m] * scale;
+      if constexpr (kCap) {
+        const float t = std::tanh(x * inv_cap);
+        x = cap * t;
+        if (dcap != nullptr) dcap[n * kBR + m] = vis ? 1.0f - t * t : 0.0f;
+      }
+      row[m] = vis ? x : ninf;
       if (tmax != nullptr) tmax[m] = std::max(tmax[m], row[m]);
     }
   }
 #endif
+}
+
+inline void scale_mask_tile(const Plan& pl, float* s, int64_t kt, int64_t jstart, int64_t i0,
+                            bool mixed, bool pad_rows, int64_t b, float* tmax,
+                            float* dcap = nullptr) {
+  if (pl.softcap > 0.0f) {
+    scale_mask_tile_t<true>(pl, s, kt, jstart, i0, mixed, pad_rows, b, tmax, dcap);
+  } else {
+    scale_mask_tile_t<false>(pl, s, kt, jstart, i0, mixed, pad_rows, b, tmax, nullptr);
+  }
 }
 
 // row[m] = exp(row[m] - sub[m]) over one kBR row; adds the row to sum when given. kBf16Out:
@@ -667,15 +697,18 @@ inline float row_dot(const PT* a, const PT* b, int64_t n) {
 #endif
 }
 
-// dS^T row: ds[m] = p[m] (ds[m] - delta[m]) (ds holds dP^T on entry)
-inline void ds_row(const float* p, float* ds, const float* delta) {
+// dS^T row: ds[m] = p[m] (ds[m] - delta[m]) (ds holds dP^T on entry), times g[m] when given
+// (the soft-cap's derivative, scale_mask_tile)
+inline void ds_row(const float* p, float* ds, const float* delta, const float* g) {
 #if RMT_MA_ISA >= 1
   for (int64_t m = 0; m < kBR; m += 16) {
     const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(ds + m), _mm512_loadu_ps(delta + m));
-    _mm512_storeu_ps(ds + m, _mm512_mul_ps(_mm512_loadu_ps(p + m), d));
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(p + m), d);
+    if (g != nullptr) x = _mm512_mul_ps(x, _mm512_loadu_ps(g + m));
+    _mm512_storeu_ps(ds + m, x);
   }
 #else
-  for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]);
+  for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]) * (g ? g[m] : 1.0f);
 #endif
 }
 
@@ -837,14 +870,15 @@ template <typename PT>
 struct BackwardScratch {
   static constexpr int PAIR = kPair<PT>;
   Buffer<PT> qs, qt, qn, dos, dot, don, os, pn, dsn, dsv;
-  Buffer<float> s, dp, dqt, tmp;
+  Buffer<float> s, dp, dqt, tmp, cap;
   explicit BackwardScratch(int64_t Dp)
       : qs(kBwdQs, Dp * kBR), qt(kBwdQt, Dp * kBR), qn(kBwdQn, Dp * kBR),
         dos(kBwdDos, Dp * kBR), dot(kBwdDot, Dp * kBR), don(kBwdDon, Dp * kBR),
         os(kBwdOs, Dp * kBR),
         pn(kBwdPn, PAIR == 2 ? kBK * kBR : 1), dsn(kBwdDsn, PAIR == 2 ? kBK * kBR : 1),
         dsv(kBwdDsv, PAIR == 2 ? (kBK + 1) * kBR : 1), s(kBwdS, kBK * kBR),
-        dp(kBwdDp, (kBK + 1) * kBR), dqt(kBwdDqt, Dp * kBR), tmp(kBwdTmp, Dp * kBR) {}
+        dp(kBwdDp, (kBK + 1) * kBR), dqt(kBwdDqt, Dp * kBR), tmp(kBwdTmp, Dp * kBR),
+        cap(kBwdCap, kBK * kBR) {}
 };
 
 // Gradients of one (batch b, query head h): dq is written (input dtype, [B, Hq, L, D]
@@ -869,6 +903,7 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
     Buffer<PT>&qs = sc.qs, &qt = sc.qt, &qn = sc.qn, &dos = sc.dos, &dot = sc.dot, &don = sc.don,
     &os = sc.os, &pn = sc.pn, &dsn = sc.dsn, &dsv = sc.dsv;
     Buffer<float>&s = sc.s, &dp = sc.dp, &dqt = sc.dqt, &tmp = sc.tmp;
+    float* dcap = pl.softcap > 0.0f ? sc.cap.data : nullptr;  // the cap's derivative per score
     for (int64_t rb = 0; rb < pl.nrb; ++rb) {
       const int64_t i0 = rb * kBR, rows = std::min(kBR, pl.L - i0);
       stage_rows<TIn, PT>(pl, q, b, h, i0, rows, qs.data);
@@ -910,7 +945,7 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
         // P^T = exp(scale K Q^T - lse)
         gemm<PT>(kt, kBR, Dp / PAIR, kn + tile.start * Dp, Dp, qt.data, kBR * PAIR, s.data, kBR,
                  false);
-        scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, nullptr);
+        scale_mask_tile(pl, s.data, kt, tile.start, i0, ref.mixed, pad_rows, b, nullptr, dcap);
         for (int64_t n = 0; n < kt; ++n) exp_row<PAIR == 2>(s.data + n * kBR, lse_b, nullptr);
         const PT* pa;
         if constexpr (PAIR == 2) {
@@ -925,7 +960,9 @@ void backward_head(const Plan& pl, const Strided& q, const Strided& dout, const 
         // dP^T = V dO^T, then dS^T = P^T (dP^T - delta)
         gemm<PT>(kt, kBR, Dp / PAIR, vn + tile.start * Dp, Dp, dot.data, kBR * PAIR, dp.data, kBR,
                  false);
-        for (int64_t n = 0; n < kt; ++n) ds_row(s.data + n * kBR, dp.data + n * kBR, delta);
+        for (int64_t n = 0; n < kt; ++n)
+          ds_row(s.data + n * kBR, dp.data + n * kBR, delta,
+                 dcap == nullptr ? nullptr : dcap + n * kBR);
         const PT* dsa;
         const PT* dsb;
         if constexpr (PAIR == 2) {
@@ -1098,6 +1135,17 @@ inline void pv16(const float* p, const RT* const* x, int64_t n, float* a, float 
 #endif
 }
 
+// s[j] = c tanh(s[j] / c) for j < 16 (the soft-cap of scale_mask_tile_t)
+inline void softcap16(float* s, float c) {
+#if RMT_MA_ISA >= 1
+  const __m512 t = tanh512(_mm512_mul_ps(_mm512_loadu_ps(s), _mm512_set1_ps(1.0f / c)));
+  _mm512_storeu_ps(s, _mm512_mul_ps(t, _mm512_set1_ps(c)));
+#else
+  const float inv = 1.0f / c;
+  for (int j = 0; j < 16; ++j) s[j] = c * std::tanh(s[j] * inv);
+#endif
+}
+
 // s[j] = seen bit j ? s[j] : -inf, then p[j] = exp(s[j] - max) in place, j < 16; returns the
 // max (-inf when nothing is seen: s is left as is)
 inline float mask_max16(float* s, uint32_t seen) {
@@ -1199,6 +1247,7 @@ void forward_rows_t(const Plan& pl, const Strided& q, const Strided& k, const St
         } else {
           dot16(qf.data + r * Dr, kcp, n, D, sc);
         }
+        if (pl.softcap > 0.0f) softcap16(sc, pl.softcap);
         const float mx = mask_max16(sc, seen);
         const bool first = mrow[r] == ninf;
         const float mnew = std::max(mrow[r], mx);

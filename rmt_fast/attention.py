@@ -82,6 +82,7 @@ def memory_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
     dropout_p: float = 0.0,
@@ -104,6 +105,10 @@ def memory_attention(
             Mistral's or gpt-oss's sliding-window layers). Runs on the Triton and fused CPU
             kernels (out-of-window key tiles are skipped); the ``"torch"`` backend builds a
             dense mask.
+        softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``; None: none): the
+            scaled scores ``x`` become ``softcap * tanh(x / softcap)`` before the mask and the
+            softmax (the log-sum-exp is of the capped scores). Runs on the Triton and fused CPU
+            kernels; the ``"torch"`` backend computes dense scores (in float32 at least).
         return_lse: also return the float32 log-sum-exp ``[B, Hq, L]`` (``-inf`` on empty rows),
             differentiable on every backend (a loss may use it, e.g. to merge partial results
             or add a sink logit).
@@ -129,7 +134,8 @@ def memory_attention(
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v, past_k, past_v = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
                                    else t for t in (q, k, v, past_k, past_v))
-    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale, window)
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale, window,
+                             softcap)
     past_length = _check_inputs(q, k, v, layout, past_k, past_v, key_padding_mask, backend)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -141,15 +147,17 @@ def memory_attention(
     # plain causal attention (no past keys, no padding): SDPA's own causal mask, none built
     plain_causal = layout.mask == "causal" and past_length == 0 and key_padding_mask is None \
         and not windowed
+    capped = layout.softcap is not None
     auto_sdpa = False
     if backend == "auto":
         if q.is_cuda and _triton_available():
             backend = "triton"
         elif dropout_p > 0.0:
             backend = "torch"
-        elif windowed:
-            # the kernel skips the key tiles outside the window; nothing else here does
-            backend = "cpu" if cpu_kernel.supports_window(q) else "torch"
+        elif windowed or capped:
+            # the kernel skips the key tiles outside the window and caps the scores tile by
+            # tile; nothing else here does either
+            backend = "cpu" if cpu_kernel.supports_layout(q, layout) else "torch"
         else:
             needs_grad = torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, past_k, past_v))
@@ -168,7 +176,11 @@ def memory_attention(
     # the cpu_flash path has no window (ATen's flash attention takes none)
     dense_needed = dropout_p > 0.0 or not _fast_cpu_ok(q) or auto_sdpa or \
         (windowed and backend == "torch")
-    if backend == "reference" or (backend in ("torch", "cpu") and return_lse and dense_needed):
+    if backend == "reference":
+        out, lse = reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
+    elif capped and backend == "torch":  # no SDPA takes a cap: dense scores, float32 at least
+        out, lse = _dense_capped(q, k, v, layout, dropout_p, tensors)
+    elif backend in ("torch", "cpu") and return_lse and dense_needed:
         out, lse = reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
     elif backend == "triton":
         from rmt_fast.ops.memory_attention.triton import triton_memory_attention
@@ -193,6 +205,18 @@ def memory_attention(
     if return_lse:
         return out, lse.float()
     return out
+
+
+def _dense_capped(q, k, v, layout: AttentionLayout, dropout_p: float, tensors: dict):
+    """:func:`reference_memory_attention` (soft-capped dense scores) computed in float32 for
+    lower-precision inputs (its softmax would run in their dtype), returned in ``q``'s dtype."""
+    if q.element_size() >= 4:
+        return reference_memory_attention(q, k, v, layout, dropout_p=dropout_p, **tensors)
+    up = {n: t.float() if n != "key_padding_mask" and t is not None else t
+          for n, t in tensors.items()}
+    out, lse = reference_memory_attention(q.float(), k.float(), v.float(), layout,
+                                          dropout_p=dropout_p, **up)
+    return out.to(q.dtype), lse
 
 
 def _fast_cpu_ok(q: torch.Tensor) -> bool:

@@ -61,6 +61,8 @@ class AttentionLayout:
         past_visible_to_read: whether read rows see the past keys too.
         scale: softmax scale; None means ``D ** -0.5`` (see :meth:`with_head_dim`).
         window: sliding window in keys (this module's docstring), None for none.
+        softcap: logit soft-capping (Gemma 2), None for none: the scaled scores ``x`` become
+            ``softcap * tanh(x / softcap)`` before the mask and the softmax.
     """
 
     num_read: int = 0
@@ -69,6 +71,7 @@ class AttentionLayout:
     past_visible_to_read: bool = False
     scale: float | None = None
     window: int | None = None
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
         _check_count("num_read", self.num_read)
@@ -84,6 +87,12 @@ class AttentionLayout:
         if self.window is not None and (isinstance(self.window, bool) or
                                         not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be a positive int (keys) or None, got {self.window!r}")
+        if self.softcap is not None:
+            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or \
+                    not math.isfinite(self.softcap) or self.softcap <= 0:
+                raise ValueError(f"softcap must be a positive finite float or None, got "
+                                 f"{self.softcap!r}")
+            object.__setattr__(self, "softcap", float(self.softcap))
 
     def with_head_dim(self, head_dim: int) -> AttentionLayout:
         """This layout with ``scale`` resolved (``head_dim ** -0.5`` when it is None)."""
@@ -233,8 +242,8 @@ def block_table(mask: str) -> tuple[tuple[str | None, ...], ...]:
 @functools.lru_cache(maxsize=256)  # called per attention call with a handful of distinct layouts
 def block_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
     """Decompose the mask into row groups, each seeing a few full or causal-diagonal key ranges.
-    A sliding window has no such decomposition (ValueError)."""
-    _no_window(layout)
+    A sliding window has no such decomposition (ValueError), nor do capped scores."""
+    _plain_scores(layout)
     r0, r1, r2 = layout.num_read, length - layout.num_write, length  # read | segment | write
     spans = [(0, r0), (r0, r1), (r1, r2)]
     table = block_table(layout.mask)
@@ -262,10 +271,14 @@ def block_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[
     return _add_past(groups, past_length, layout)
 
 
-def _no_window(layout: AttentionLayout) -> None:
+def _plain_scores(layout: AttentionLayout) -> None:
+    """Refuses what the block plans (run on ATen's flash attention) cannot carry."""
     if layout.window is not None:
         raise ValueError("block plans do not model a sliding window (layout.window); windowed "
                          "calls run the fused CPU kernel, Triton or a dense mask")
+    if layout.softcap is not None:
+        raise ValueError("block plans do not model a logit soft-cap (layout.softcap); capped "
+                         "calls run the fused CPU kernel, Triton or dense scores")
 
 
 def _add_past(groups, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
@@ -282,7 +295,7 @@ def _add_past(groups, past_length: int, layout: AttentionLayout) -> tuple[RowGro
 @functools.lru_cache(maxsize=256)
 def dense_plan(length: int, past_length: int, layout: AttentionLayout) -> tuple[RowGroup, ...]:
     """All current keys as one ``dense`` block; past keys stay a separate ``full`` block."""
-    _no_window(layout)
+    _plain_scores(layout)
     split = layout.first_past_row() if past_length else 0
     spans = [(0, split), (split, length)] if split else [(0, length)]
     return _add_past([(qs, qe, [KeyBlock("cur", 0, length, DENSE)]) for qs, qe in spans],

@@ -323,14 +323,18 @@ def test_peak_rss_of_a_phase_is_its_own():
     del phase
 
 
-def test_sinks_bench_runs_both_ways_and_they_agree(capsys):
-    """``python -m rmt_fast.bench.sinks`` on a small case: both ways timed, outputs agree."""
-    from rmt_fast.bench import sinks
+def test_scored_bench_runs_both_ways_and_they_agree(capsys):
+    """``python -m rmt_fast.bench.scored`` on small cases (sinks, softcap): both ways timed,
+    outputs agree."""
+    from rmt_fast.bench import scored
 
-    rows = sinks.main(["--dtype", "float32", "--lengths", "48", "--rounds", "1"])
-    assert len(rows) == 1 and rows[0]["max_diff"] < 1e-5
-    assert all(rows[0][f"{w} {m}"] > 0 for w in ("exact", "fused") for m in ("fwd", "fwd+bwd"))
-    assert "| float32 | 48 |" in capsys.readouterr().out
+    rows = scored.main(["--dtype", "float32", "--lengths", "48", "--rounds", "1"])
+    assert [r["term"] for r in rows] == ["sinks", "softcap"]
+    for r in rows:
+        assert r["max_diff"] < 1e-5
+        assert all(r[f"{w} {m}"] > 0 for w in ("exact", "fused") for m in ("fwd", "fwd+bwd"))
+    out = capsys.readouterr().out
+    assert "| sinks | float32 | 48 |" in out and "| softcap | float32 | 48 |" in out
 
 
 def test_windows_bench_runs_both_ways_and_they_agree(capsys):

@@ -648,3 +648,74 @@ def test_window_opcheck_and_bad_value():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="window must be a positive int"):
             memory_attention(inp["q"], inp["k"], inp["v"], window=bad, backend="cpu")
+
+
+# --- logit soft-capping (Gemma 2) ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", MODES)
+@pytest.mark.parametrize("cap,window,past,pvr,pad", [(1.5, None, 0, False, False),
+                                                     (3.0, None, 37, False, True),
+                                                     (0.7, 40, 70, True, True),
+                                                     (50.0, 5, 9, False, False)])
+def test_softcap_matches_reference(dtype, mask, cap, window, past, pvr, pad):
+    """Soft-capped scores on the tiled path (L = 70: two row blocks, mixed and whole tiles),
+    every mask, past keys, padding, GQA, with and without a window; scale 1 makes the scores
+    (std about 5) bite into caps of 0.7-3 (and Gemma 2's 50 barely), lse gradients included."""
+    inp = _inputs(dtype, past=past, pad=pad, seed=past + int(cap * 10))
+    _check(inp, dict(num_read=5, num_write=6, mask=mask, past_visible_to_read=pvr, scale=1.0,
+                     window=window, softcap=cap), lse_grad=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 6, 300])
+def test_softcap_every_code_path(isa, dtype, length, monkeypatch, top_isa):
+    """Every code path with a cap: one decoded token and a few rows over a long past (the
+    in-place rows path) and 300 rows (tiles), causal with padding as a Gemma 2 layer."""
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", isa)
+    inp = _inputs(dtype, batch=2, hq=4, hkv=2, length=length, past=150, dim=64, pad=True,
+                  seed=length + 11)
+    _check(inp, dict(mask="causal", scale=0.5, softcap=2.0), grads=length > 1, lse_grad=True)
+
+
+def test_softcap_bites():
+    """The inputs of the tests above are capped for real: the capped result is far from the
+    uncapped one (so a kernel that ignored the cap would fail them)."""
+    inp = _inputs(torch.float64, past=37, pad=True, seed=37 + 30)
+    kw = dict(num_read=5, num_write=6, mask="rmt", scale=1.0)
+    capped, _ = reference_memory_attention(**inp, **kw, softcap=3.0)
+    plain, _ = reference_memory_attention(**inp, **kw)
+    assert (capped - plain).abs().max() > 0.3
+
+
+def test_softcap_opcheck_and_bad_value():
+    inp = _inputs(torch.float32, batch=1, hq=2, hkv=1, length=20, past=6, dim=16, pad=True)
+    args = (inp["q"], inp["k"], inp["v"], inp["past_k"], inp["past_v"], inp["key_padding_mask"],
+            2, 3, "rmt", False, 0.25, 0, 1.5)
+    torch.library.opcheck(OP, args)
+    torch.library.opcheck(OP, args[:-2] + (7, 0.5))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+            OP(*args[:-1], bad)
+    for bad in (0, -2.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="softcap must be a positive finite float"):
+            memory_attention(inp["q"], inp["k"], inp["v"], softcap=bad, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_softcap_backends_agree(dtype):
+    """``auto`` (the kernel for float32/bf16), ``"torch"`` (dense scores in float32) and
+    ``"cpu"`` with float16 (the float64 reference fallback) all cap, within their dtype's error
+    of the float64 reference, gradients included."""
+    inp = _inputs(dtype, past=9, pad=True, seed=5)
+    kw = dict(num_read=3, num_write=4, mask="rmt", scale=1.0, softcap=2.5)
+    exact = {n: t.detach().double() if t.is_floating_point() else t for n, t in inp.items()}
+    ref, _ = reference_memory_attention(**exact, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for backend in ("auto", "torch", "cpu"):
+        out = memory_attention(**inp, **kw, backend=backend)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0, msg=backend)
+        grads = torch.autograd.grad(out.float().square().sum(), [inp["q"], inp["k"]])
+        assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)

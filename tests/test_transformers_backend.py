@@ -337,3 +337,22 @@ def _same_generation(ref, ours, ids, max_new_tokens: int, **kw):
     assert torch.equal(g_ref.sequences, g_ours.sequences)
     for s_ref, s_ours in zip(g_ref.scores, g_ours.scores, strict=True):
         torch.testing.assert_close(s_ours, s_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_softcap_runs_fused(monkeypatch):
+    """Gemma 2's logit softcap (with its sliding window cutting the keys, and without) runs in
+    the fused kernels, no dense scores: equal to eager in logits, gradients and generation;
+    the same under the RMT memory layout (was: the dense exact path)."""
+    from rmt_fast.models import RMTForCausalLM
+
+    exact = []
+    real = integ._exact_attention
+    monkeypatch.setattr(integ, "_exact_attention", lambda *a, **k: exact.append(1) or real(*a, **k))
+    for window in (4, 64):
+        ref, ours = tiny_scored("gemma2", "eager", window), tiny_scored("gemma2", "rmt_fast", window)
+        ids = _equal_to_eager(ref, ours, new_tokens=4)
+    rmt = RMTForCausalLM(tiny_scored("gemma2", "rmt_fast", window=64), num_mem_tokens=3,
+                         segment_size=7, mask="rmt")
+    with torch.no_grad():
+        rmt(ids)
+    assert not exact, "softcap took the dense exact path"

@@ -1,5 +1,5 @@
 """Two ways of computing one attention, timed side by side (one thread, CPU): the shared part of
-:mod:`rmt_fast.bench.sinks` and :mod:`rmt_fast.bench.windows`.
+:mod:`rmt_fast.bench.scored` and :mod:`rmt_fast.bench.windows`.
 
 Each way is timed forward (no grad) and forward + backward (a loss on the float32 square of the
 output); times are thread CPU ms, the best of ``rounds`` rounds that alternate the ways."""

@@ -123,17 +123,18 @@ def rmt_fast_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``[B, H, L, D]`` in, ``([B, Lq, H, D], None)`` out.
 
-    Models whose attention scores carry more than ``q k^T * scaling`` and a mask (``softcap``:
-    Gemma 2; ``position_bias``: T5) run :func:`_exact_attention`, the eager formula on dense
-    scores; the fused kernels serve all others. A sink logit per head alone (gpt-oss's ``s_aux``)
-    runs fused, from the kernels' log-sum-exp (:func:`_with_sinks`), wherever the mask has the
-    structured form (a layer's ``sliding_window`` included); elsewhere the exact path."""
+    Models whose attention scores carry a ``position_bias`` (T5) run :func:`_exact_attention`,
+    the eager formula on dense scores; the fused kernels serve all others wherever the mask has
+    the structured form (a layer's ``sliding_window`` included): Gemma 2's logit ``softcap``
+    in the kernels' scores, gpt-oss's sink logit per head (``s_aux``) from their log-sum-exp
+    (:func:`_with_sinks`). Elsewhere (other bool masks, additive masks) those run the exact
+    path too."""
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     terms = _score_terms(kwargs)
-    sinks = None
-    if terms is not None and terms[0] is None and terms[2] is None:
-        sinks, terms = terms[1], None
+    sinks = softcap = None
+    if terms is not None and terms[2] is None:
+        softcap, sinks, terms = terms[0], terms[1], None
     layout = current_layout()
     if layout is not None and layout.length is not None:
         layout = _for_batch(layout, query.shape[0])
@@ -143,14 +144,16 @@ def rmt_fast_attention_forward(
     if layout is not None and (layout.length is None or prefill):
         _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
         if terms is None:
-            out = _layout_attention(module, query, key, value, layout, dropout, scaling, sinks)
+            out = _layout_attention(module, query, key, value, layout, dropout, scaling, sinks,
+                                    softcap)
         else:
             out = _exact_layout_attention(module, query, key, value, layout, dropout, scaling,
                                           terms)
         return out.transpose(1, 2).contiguous(), None
 
     # a sliding-window layer (Mistral, Gemma 2/3, gpt-oss) passes its window: the kernels cut it
-    common = dict(scale=scaling, dropout_p=dropout, window=kwargs.get("sliding_window"))
+    common = dict(scale=scaling, dropout_p=dropout, window=kwargs.get("sliding_window"),
+                  softcap=softcap)
     xl = _decoding_past(layout, module, key.shape[0])
     if xl is not None:
         _check_window(kwargs.get("sliding_window"), layout, module, key.shape[2])
@@ -161,8 +164,8 @@ def rmt_fast_attention_forward(
         if result is not None:
             out = result if sinks is None else _with_sinks(result, sinks)
             return out.transpose(1, 2).contiguous(), None
-        if sinks is not None:  # a mask without the structured form: the exact path
-            terms = (None, sinks, None)
+        if sinks is not None or softcap is not None:  # an unstructured mask: the exact path
+            terms = (softcap, sinks, None)
     if terms is not None:
         if attention_mask is None:
             if causal and q_len > 1 and xl is None:  # as below: a causal prefill, first q_len keys
@@ -389,8 +392,9 @@ def _prepend_past(key, value, mask: torch.Tensor, xl):
 
 
 def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, scaling,
-                      sinks=None):
-    """``memory_attention`` under the layout (``sinks`` ``[Hq]``: :func:`_with_sinks`)."""
+                      sinks=None, softcap=None):
+    """``memory_attention`` under the layout (``sinks`` ``[Hq]``: :func:`_with_sinks`;
+    ``softcap``: the logit cap)."""
     layer = getattr(module, "layer_idx", None)
     past_k, past_v = _layer_past(layout, module)
     if layout.record_kv is not None:
@@ -400,12 +404,12 @@ def _layout_attention(module, query, key, value, layout: MemoryLayout, dropout, 
             and 0 <= used[1] < used[2] <= used[3] \
             and (layout.mask == "full" or used[3] - layout.num_write <= used[1] and used[2] == used[3]):
         return _rows_attention(query, key, value, layout, used[1], used[2], past_k, past_v, dropout,
-                               scaling, sinks)
+                               scaling, sinks, softcap)
     result = memory_attention(
         query, key, value, num_read=layout.num_read, num_write=layout.num_write, mask=layout.mask,
         past_k=past_k, past_v=past_v, past_visible_to_read=layout.past_visible_to_read,
         key_padding_mask=layout.key_padding_mask, scale=scaling, dropout_p=dropout,
-        return_lse=sinks is not None,
+        softcap=softcap, return_lse=sinks is not None,
     )
     return result if sinks is None else _with_sinks(result, sinks)
 
@@ -418,7 +422,7 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: int, past_k, past_v,
-                    dropout, scaling, sinks=None):
+                    dropout, scaling, sinks=None, softcap=None):
     """Query rows ``[start, stop)`` only: write rows (which see every earlier key under every
     mask) or any rows under the ``"full"`` mask. Every other row's keys join the past keys
     (``[past | rows before | rows after]``, the key-padding mask reordered to match), which those
@@ -434,7 +438,8 @@ def _rows_attention(query, key, value, layout: MemoryLayout, start: int, stop: i
     out = memory_attention(
         query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], num_read=0,
         num_write=stop - start, mask=layout.mask, past_k=_join(ks), past_v=_join(vs),
-        key_padding_mask=kpm, scale=scaling, dropout_p=dropout, return_lse=sinks is not None,
+        key_padding_mask=kpm, scale=scaling, dropout_p=dropout, softcap=softcap,
+        return_lse=sinks is not None,
     )
     if sinks is not None:
         out = _with_sinks(out, sinks)

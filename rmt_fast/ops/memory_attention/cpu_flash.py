@@ -193,10 +193,10 @@ def cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs in (``layout.scale`` resolved), ``(out [B, Hq, L, D], lse [B, Hq, L]
     float32)`` out. CPU tensors only, of any strides (the head dimension is copied to a unit
-    stride when it is not one already). A sliding window (which ATen's flash attention does
-    not take) runs the dense reference in float64: this path sees one only where the fused
-    kernel cannot take it (float16 inputs, or an extension built without windows)."""
-    if layout.window is not None:
+    stride when it is not one already). A sliding window or a logit soft-cap (which ATen's
+    flash attention does not take) runs the dense reference in float64: this path sees one only
+    where the fused kernel cannot take it (float16 inputs, or an extension built without them)."""
+    if layout.window is not None or layout.softcap is not None:
         return reference_memory_attention(q, k, v, layout, past_k=past_k, past_v=past_v,
                                           key_padding_mask=key_padding_mask, upcast=True)
     q, k, v, past_k, past_v = (unit_last_stride(t) for t in (q, k, v, past_k, past_v))

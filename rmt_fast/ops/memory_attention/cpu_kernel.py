@@ -75,15 +75,23 @@ def supported(q: torch.Tensor) -> bool:
     return HAS_CPU_KERNEL and q.device.type == "cpu" and q.dtype in DTYPES
 
 
-#: the op takes a sliding window (an extension built before it did takes none)
-HAS_WINDOW = HAS_CPU_KERNEL and any(
-    a.name == "window" for a in torch.ops.rmt_fast.memory_attention_cpu.default._schema.arguments)
+def _op_has(argument: str) -> bool:
+    """Whether the op takes ``argument`` (an extension built before it did takes none)."""
+    return HAS_CPU_KERNEL and any(
+        a.name == argument
+        for a in torch.ops.rmt_fast.memory_attention_cpu.default._schema.arguments)
 
 
-def supports_window(q: torch.Tensor) -> bool:
-    """Whether the kernel takes ``q`` with a sliding window (:func:`supported` and a build whose
-    op has the ``window`` argument)."""
-    return HAS_WINDOW and supported(q)
+#: the op takes a sliding window / a logit soft-cap
+HAS_WINDOW = _op_has("window")
+HAS_SOFTCAP = _op_has("softcap")
+
+
+def supports_layout(q: torch.Tensor, layout: AttentionLayout) -> bool:
+    """Whether the kernel takes ``q`` under ``layout``: :func:`supported`, and a build whose op
+    has the ``window`` / ``softcap`` argument where the layout sets them."""
+    return supported(q) and (layout.window is None or HAS_WINDOW) and \
+        (layout.softcap is None or HAS_SOFTCAP)
 
 
 #: code paths that ``backend="auto"`` uses (see :func:`preferred`)
@@ -155,12 +163,19 @@ def cpu_kernel_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layou
     ``key_padding_mask [B, P + L]`` bool or None. Returns ``(out [B, Hq, L, D] in q's dtype,
     lse [B, Hq, L] float32)``, differentiable in q, k, v, past_k, past_v (and through lse).
     Unsupported dtypes/devices, or no op: the ``cpu_flash`` path."""
-    if not (supports_window(q) if layout.window is not None else supported(q)):
+    if not supports_layout(q, layout):
         return cpu_flash_memory_attention(q, k, v, past_k, past_v, key_padding_mask, layout)
-    window = () if layout.window is None else (layout.window,)  # an older build takes none
     return torch.ops.rmt_fast.memory_attention_cpu(
         q, k, v, past_k, past_v, key_padding_mask, layout.num_read, layout.num_write, layout.mask,
-        layout.past_visible_to_read, float(layout.scale), *window)
+        layout.past_visible_to_read, float(layout.scale), *_optional_args(layout))
+
+
+def _optional_args(layout: AttentionLayout) -> tuple:
+    """The op's trailing ``window=0, softcap=0.0`` arguments, only as far as the layout sets
+    them (an older build takes neither)."""
+    if layout.softcap is not None:
+        return (layout.window or 0, layout.softcap)
+    return () if layout.window is None else (layout.window,)
 
 
 def _register() -> None:
@@ -168,7 +183,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "memory_attention_cpu")
     def _fwd_fake(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write, mask,
-                  past_visible_to_read, scale, window=0):
+                  past_visible_to_read, scale, window=0, softcap=0.0):
         torch._check(q.dim() == 4, lambda: "memory_attention_cpu: q must be [B, Hq, L, D]")
         torch._check(q.dtype in DTYPES, lambda: f"memory_attention_cpu: unsupported dtype {q.dtype}")
         b, h, n, d = q.shape  # out: a [B, L, Hq, D] buffer seen as [B, Hq, L, D]
@@ -177,7 +192,8 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "memory_attention_cpu_backward")
     def _bwd_fake(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, grad_lse, num_read,
-                  num_write, mask, past_visible_to_read, scale, need_past_grad, window=0):
+                  num_write, mask, past_visible_to_read, scale, need_past_grad, window=0,
+                  softcap=0.0):
         grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
         if need_past_grad:
             grads += [past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)]
@@ -195,10 +211,10 @@ def _register() -> None:
         need_past = past_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
-        # ctx.layout: num_read, num_write, mask, past_visible_to_read, scale (, window)
-        layout, window = ctx.layout[:5], ctx.layout[5:]
+        # ctx.layout: num_read, num_write, mask, past_visible_to_read, scale (, window, softcap)
+        layout, optional = ctx.layout[:5], ctx.layout[5:]
         grads = torch.ops.rmt_fast.memory_attention_cpu_backward(
-            dout, q, k, v, past_k, past_v, kpm, out, lse, dlse, *layout, need_past, *window)
+            dout, q, k, v, past_k, past_v, kpm, out, lse, dlse, *layout, need_past, *optional)
         dpk, dpv = (grads[3], grads[4]) if need_past else (None, None)
         return (grads[0], grads[1], grads[2], dpk, dpv) + (None,) * (len(ctx.layout) + 1)
 

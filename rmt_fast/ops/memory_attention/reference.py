@@ -47,6 +47,8 @@ def reference_memory_attention(
     else:
         vis = attn_mask.to(torch.bool)
     scores = (q @ k.transpose(-1, -2)) * layout.scale
+    if layout.softcap is not None:
+        scores = torch.tanh(scores / layout.softcap) * layout.softcap
     scores = scores.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
