@@ -552,7 +552,8 @@ template <bool kCap>
 inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jstart, int64_t i0,
                               bool mixed, bool pad_rows, int64_t b, float* tmax, float* dcap) {
   const float scale = pl.scale, ninf = -std::numeric_limits<float>::infinity();
-  const float cap = pl.softcap, inv_cap = kCap ? 1.0f / pl.softcap : 0.0f;
+  // capped: t = tanh(s tscale) of the unscaled score s, x = cap t
+  const float cap = pl.softcap, tscale = kCap ? pl.scale / pl.softcap : 0.0f;
   const int32_t* lo0 = pl.lo0.data() + i0;
   const int32_t* hi0 = pl.hi0.data() + i0;
   const int32_t* lo1 = pl.lo1.data() + i0;
@@ -560,7 +561,7 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
 #if RMT_MA_ISA >= 1
   constexpr int NV = kBR / 16;
   const __m512 sc = _mm512_set1_ps(scale), vninf = _mm512_set1_ps(ninf);
-  const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(inv_cap);
+  const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(tscale);
   const __m512 one = _mm512_set1_ps(1.0f);
   __m512 mx[NV];
   for (int c = 0; c < NV; ++c) mx[c] = vninf;
@@ -586,8 +587,7 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
       }
       __m512 x;
       if constexpr (kCap) {
-        const __m512 t = tanh512(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), sc),
-                                               vinv));
+        const __m512 t = tanh512(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), vinv));
         x = _mm512_mask_mul_ps(vninf, in, t, vcap);
         if (dcap != nullptr)
           _mm512_storeu_ps(dcap + n * kBR + 16 * c,
@@ -612,7 +612,7 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
           kept && (!mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]));
       float x = row[m] * scale;
       if constexpr (kCap) {
-        const float t = std::tanh(x * inv_cap);
+        const float t = std::tanh(row[m] * tscale);
         x = cap * t;
         if (dcap != nullptr) dcap[n * kBR + m] = vis ? 1.0f - t * t : 0.0f;
       }
