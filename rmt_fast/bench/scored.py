@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from rmt_fast import memory_attention
-from rmt_fast.bench.two_ways import table_header, table_row, time_ways
+from rmt_fast.bench.two_ways import sweep, time_ways
 from rmt_fast.integrations.transformers import _exact_attention, _with_sinks
 
 #: Gemma 2's ``attn_logit_softcapping``
@@ -67,17 +67,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print(table_header("exact", "fused", "term", "dtype", "L"))
-    rows = []
-    for term in args.terms:
-        for name in args.dtype:
-            for length in args.lengths:
-                r = run(term, getattr(torch, name), length, args.heads, args.kv_heads, args.dim,
-                        rounds=args.rounds)
-                rows.append(dict(r, term=term, dtype=name, length=length))
-                print(table_row(r, "exact", "fused", term, name, f"{length:,}"), flush=True)
-    return rows
-
+    return sweep(dict(term=args.terms, dtype=args.dtype, L=args.lengths),
+                 lambda term, dtype, L: run(term, getattr(torch, dtype), L, args.heads,
+                                            args.kv_heads, args.dim, rounds=args.rounds),
+                 "exact", "fused")
 
 if __name__ == "__main__":
     main()

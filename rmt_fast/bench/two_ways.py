@@ -6,6 +6,7 @@ output); times are thread CPU ms, the best of ``rounds`` rounds that alternate t
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -52,3 +53,18 @@ def table_header(old: str, new: str, *lead) -> str:
         cells += [f"{old} {m} ms", f"{new} {m} ms", f"{m} speed-up"]
     cells.append("max abs diff")
     return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells)
+
+
+def sweep(axes: dict[str, list], run: Callable[..., dict], old: str, new: str) -> list[dict]:
+    """``run(**point)`` at every point of the grid ``axes`` (column name -> values, the first
+    outermost), printing the table (header, then a row per point as it finishes); returns
+    ``run``'s results with their point's values added."""
+    print(table_header(old, new, *axes))
+    rows = []
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values, strict=True))
+        r = run(**point)
+        rows.append(dict(r, **point))
+        print(table_row(r, old, new, *(f"{v:,}" if isinstance(v, int) else v for v in values)),
+              flush=True)
+    return rows

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from rmt_fast import memory_attention
-from rmt_fast.bench.two_ways import table_header, table_row, time_ways
+from rmt_fast.bench.two_ways import sweep, time_ways
 from rmt_fast.masks import dense_visibility
 from rmt_fast.ops.memory_attention.dense import dense_sdpa
 
@@ -47,17 +47,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print(table_header("dense", "fused", "dtype", "L", "window"))
-    rows = []
-    for name in args.dtype:
-        for length in args.lengths:
-            for window in args.windows:
-                r = run(getattr(torch, name), length, window, rounds=args.rounds)
-                rows.append(dict(r, dtype=name, length=length, window=window))
-                print(table_row(r, "dense", "fused", name, f"{length:,}", f"{window:,}"),
-                      flush=True)
-    return rows
-
+    return sweep(dict(dtype=args.dtype, L=args.lengths, window=args.windows),
+                 lambda dtype, L, window: run(getattr(torch, dtype), L, window,
+                                              rounds=args.rounds),
+                 "dense", "fused")
 
 if __name__ == "__main__":
     main()
