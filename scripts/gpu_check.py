@@ -679,14 +679,17 @@ TOL_FLOOR = {"float32": 1e-6, "float16": 1e-4, "bfloat16": 1e-3}
 
 def correctness_cases(tiny: bool) -> list[dict]:
     """Layouts: every mask with GQA + past keys; plain causal D=128; key padding with past
-    visible to read memory; decode (few rows, long past); sliding windows. Forward + backward
-    unless decode."""
+    visible to read memory; decode (few rows, long past); sliding windows; logit soft-capping
+    (Gemma 2's cap 50, where the float32 tanh's accuracy shows, and a cap of 1 that bends most
+    N(0, 1) scores). Forward + backward unless decode."""
     masks = ("causal", "rmt", "full", "bottleneck")
     if tiny:
         return [dict(name=f"{m} gqa past", mask=m, B=1, Hq=2, Hkv=1, L=24, P=8, D=16, R=4, W=4)
                 for m in ("causal", "rmt")] + [
             dict(name="causal window 5 past", mask="causal", B=1, Hq=2, Hkv=1, L=24, P=8, D=16,
-                 R=0, W=0, window=5)]
+                 R=0, W=0, window=5),
+            dict(name="rmt softcap 1 window 7 past kpm", mask="rmt", B=1, Hq=2, Hkv=1, L=24, P=8,
+                 D=16, R=4, W=4, kpm=True, window=7, softcap=1.0)]
     cases = [dict(name=f"{m} gqa4:1 past", mask=m, B=2, Hq=8, Hkv=2, L=300, P=64, D=64, R=16, W=16)
              for m in masks]
     cases += [dict(name="causal D128", mask="causal", B=2, Hq=4, Hkv=4, L=1024, P=0, D=128, R=0, W=0),
@@ -704,7 +707,15 @@ def correctness_cases(tiny: bool) -> list[dict]:
               dict(name="rmt window 100 past", mask="rmt", B=1, Hq=4, Hkv=2, L=300, P=64, D=128,
                    R=16, W=16, window=100),
               dict(name="decode window 512 P=4096", mask="causal", B=2, Hq=8, Hkv=2, L=1, P=4096,
-                   D=64, R=0, W=0, grad=False, window=512)]
+                   D=64, R=0, W=0, grad=False, window=512),
+              # logit soft-capping: Gemma 2 (cap 50, local layers' window 4096, GQA 2:1), a cap
+              # that bites with past keys and padding, and decode
+              dict(name="causal softcap 50 window 4096 gqa past", mask="causal", B=1, Hq=8, Hkv=4,
+                   L=1024, P=3584, D=128, R=0, W=0, window=4096, softcap=50.0),
+              dict(name="bottleneck softcap 1 gqa past kpm", mask="bottleneck", B=2, Hq=8, Hkv=2,
+                   L=300, P=64, D=64, R=16, W=16, kpm=True, softcap=1.0),
+              dict(name="decode softcap 1 P=2048", mask="rmt", B=2, Hq=8, Hkv=2, L=4, P=2048, D=64,
+                   R=0, W=0, grad=False, softcap=1.0)]
     return cases
 
 
@@ -734,7 +745,7 @@ def check_case(case: dict, dtype_name: str, device: str, backend: str = "triton"
         kpm = kpm.to(device)
     kw = dict(num_read=case["R"], num_write=case["W"], mask=case["mask"], past_k=pk, past_v=pv,
               key_padding_mask=kpm, past_visible_to_read=case.get("pvr", False),
-              window=case.get("window"))
+              window=case.get("window"), softcap=case.get("softcap"))
     out, lse = memory_attention(q, k, v, backend=backend, return_lse=True, **kw)
     ref_out, ref_lse = reference_memory_attention(q, k, v, upcast=True, **kw)
     low_out, low_lse = reference_memory_attention(q, k, v, upcast=False, **kw)
@@ -1206,7 +1217,7 @@ STAGES = {
     "ceilings": (stage_ceilings, 40),
     "extension_ops": (stage_extension_ops, 60),
     "memory_store": (stage_memory_store, 60),
-    "triton_correctness": (stage_triton_correctness, 130),
+    "triton_correctness": (stage_triton_correctness, 170),  # 45 cases (softcap: +9)
     "train_step": (stage_train_step, 75),
     "streaming_1m": (stage_streaming, 90),
     "armt": (stage_armt, 60),

@@ -105,6 +105,9 @@ def _case(seed: int, dtype, small: bool, device="cpu") -> tuple[dict, dict, list
     wrng = random.Random(seed + 10**6)  # its own stream: the other draws stay as they were
     if wrng.random() < 0.3:  # a sliding window, from one key to more than there are
         layout["window"] = wrng.randint(1, past + length + 1)
+    crng = random.Random(seed + 2 * 10**6)  # likewise for the logit soft-cap
+    if crng.random() < 0.25:
+        layout["softcap"] = crng.uniform(0.3, 5.0)
     kinds = {}
     tensors, leaves = {}, []
     shapes = dict(q=(batch, hq, length, dim), k=(batch, hkv, length, dim), v=(batch, hkv, length, dim))

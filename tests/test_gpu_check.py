@@ -114,7 +114,9 @@ def test_recorder_statuses(gc, tmp_path):
 
 def test_triton_checker_passes_the_kernel_and_catches_a_wrong_one(gc, monkeypatch):
     """check_case on the CPU (Triton interpreter): the real kernel passes; a kernel off by 1e-3
-    in its output fails, as does one with a wrong gradient (those two wrap the fast CPU backend)."""
+    in its output fails, as does one with a wrong gradient (those two wrap the fast CPU backend),
+    and the windowed and soft-capped cases pass the kernel and fail one that drops the window or
+    the cap."""
     case = gc.correctness_cases(tiny=True)[1]  # rmt mask, GQA, past keys
     row = gc.check_case(case, "float32", "cpu")
     assert row["status"] == "ok", row
@@ -156,6 +158,15 @@ def test_triton_checker_passes_the_kernel_and_catches_a_wrong_one(gc, monkeypatc
 
     monkeypatch.setattr(rmt_fast, "memory_attention", no_window)
     assert gc.check_case(window, "float32", "cpu", backend="torch")["status"] == "FAIL"
+    monkeypatch.setattr(rmt_fast, "memory_attention", real)
+    capped = gc.correctness_cases(tiny=True)[3]  # logit soft-capping: the kernel passes
+    assert capped["softcap"] == 1.0 and gc.check_case(capped, "float32", "cpu")["status"] == "ok"
+
+    def no_cap(*args, softcap=None, **kw):  # a kernel that ignores the cap fails
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rmt_fast, "memory_attention", no_cap)
+    assert gc.check_case(capped, "float32", "cpu", backend="torch")["status"] == "FAIL"
 
 
 def test_cases_cover_masks_dtypes_gqa_past_decode(gc):
@@ -168,6 +179,10 @@ def test_cases_cover_masks_dtypes_gqa_past_decode(gc):
     assert all(c["window"] < c["P"] + c["L"] for c in windows)
     assert {c.get("grad", True) for c in windows} == {True, False}
     assert any(c.get("kpm") for c in windows)
+    capped = [c for c in cases if c.get("softcap")]  # with and without grad, a window, padding
+    assert {c.get("grad", True) for c in capped} == {True, False}
+    assert any(c.get("window") and c["P"] for c in capped) and any(c.get("kpm") for c in capped)
+    assert any(c["softcap"] == 50.0 for c in capped)  # Gemma 2's cap
     assert set(gc.TOL_FLOOR) == {"bfloat16", "float16", "float32"}
 
 
@@ -192,8 +207,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert "offload + prefetch on a side stream" in skipped
     assert "CUDA kernels registered" in skipped
     rows = data["stages"]["triton_correctness"]["rows"]
-    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
-    assert rows[-1]["case"] == "causal window 5 past"
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert rows[-1]["case"] == "rmt softcap 1 window 7 past kpm"
     assert data["stages"]["streaming_1m"]["metrics"]["tokens_read"] == 4096
     checks = {c["name"]: c["status"] for s in data["stages"].values() for c in s.get("checks", [])}
     assert checks["C++ errors reach Python"] == "ok"

@@ -15,11 +15,14 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from rmt_fast import memory_attention  # noqa: E402
 from rmt_fast.masks import AttentionLayout, layout_visibility  # noqa: E402
 from rmt_fast.ops.memory_attention.reference import reference_memory_attention  # noqa: E402
 from rmt_fast.ops.memory_attention.triton import launch, triton_memory_attention  # noqa: E402
+from rmt_fast.ops.memory_attention.triton.common import tanh_f32  # noqa: E402
 from rmt_fast.ops.memory_attention.triton.function import memory_attention_op  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -394,7 +397,8 @@ def test_aot_window_variants_no_spills():
 @pytest.mark.slow
 def test_aot_full_sweep():
     rows = _aot()
-    assert len(rows) == 2 * 3 * 2 * 10  # 6 kernels + the 4 attention kernels with a window
+    # 6 kernels + the 4 attention kernels with a window, with a soft-cap and with both
+    assert len(rows) == 2 * 3 * 2 * 18
     hopper_bf16_fwd = [r for r in rows if r["kernel"] == "fwd" and r["dtype"] == "bf16"
                        and r["target"] == "sm_90a"]
     assert hopper_bf16_fwd and all(r["wgmma"] for r in hopper_bf16_fwd)
@@ -643,3 +647,184 @@ def test_unknown_layout_field_is_refused():
         launch.forward(x, x, x, None, None, None, Extended(scale=1.0, extra=1))
     with pytest.raises(NotImplementedError):
         triton_memory_attention(x, x, x, Extended(extra=1))
+
+
+# --- logit soft-capping (AttentionLayout.softcap) ---------------------------------------------
+# Gemma 2 caps at 50, above most of its scores; here the caps are small and q is scaled up so
+# that most scores are several caps large: a kernel that drops the cap, caps the masked -inf
+# scores or leaves out the cap's derivative in the backward is far off (_check_softcap makes
+# sure of the first).
+
+
+def _capped_inputs(b, hq, hkv, length, past, d, dt, q_mult=6.0, past_grad=True):
+    """q ``[b, hq, length, d]`` scaled by ``q_mult`` (scores of several caps), k, v and the
+    past (``[b, hkv, past, d]``, None when ``past`` is 0) standard normal."""
+    q = (torch.randn(b, hq, length, d, dtype=torch.float64) * q_mult).to(dt).requires_grad_()
+    k, v = _rand(b, hkv, length, d, dtype=dt), _rand(b, hkv, length, d, dtype=dt)
+    if not past:
+        return q, k, v, None, None
+    pk, pv = (_rand(b, hkv, past, d, dtype=dt, grad=past_grad) for _ in range(2))
+    return q, k, v, pk, pv
+
+
+def _check_softcap(q, k, v, **kw):
+    """:func:`_check` with ``kw["softcap"]``, after checking that the cap bites: without it the
+    float64 reference's output moves by far more than any tolerance."""
+    plain_kw = {key: val for key, val in kw.items() if key not in ("softcap", "via_api")}
+    with torch.no_grad():
+        plain = reference_memory_attention(q, k, v, upcast=True, **plain_kw)[0]
+        capped = reference_memory_attention(q, k, v, upcast=True, softcap=kw["softcap"],
+                                            **plain_kw)[0]
+    assert (capped - plain).abs().max() > 0.2
+    _check(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("mask", MODES)
+def test_softcap_past_padding_gqa_fp32(mask, window):
+    """fp32, cap 2.5, GQA 4:2, past keys with grad hidden from read rows, key padding (batch
+    row 1 with its current keys all padded), with and without a window that cuts (P = 22,
+    L = 45); loss on out and lse."""
+    torch.manual_seed(40)
+    q, k, v, pk, pv = _capped_inputs(2, 4, 2, 45, 22, 16, torch.float32)
+    kpm = torch.rand(2, 22 + 45) > 0.25
+    kpm[1, 22:] = False
+    _check_softcap(q, k, v, past_k=pk, past_v=pv, key_padding_mask=kpm, num_read=3, num_write=4,
+                   mask=mask, past_visible_to_read=False, window=window, softcap=2.5, scale=0.25)
+
+
+@pytest.mark.parametrize("mask, window", [("causal", 16), ("rmt", None), ("full", 30),
+                                          ("bottleneck", None)])
+def test_softcap_past_to_read_padding_fp16(mask, window):
+    """fp16, cap 4, past visible to read rows, key padding, past keys with grad, D=32."""
+    torch.manual_seed(41)
+    q, k, v, pk, pv = _capped_inputs(2, 2, 1, 50, 13, 32, torch.float16, q_mult=5.0)
+    kpm = torch.rand(2, 13 + 50) > 0.25
+    _check_softcap(q, k, v, past_k=pk, past_v=pv, key_padding_mask=kpm, num_read=6, num_write=5,
+                   mask=mask, past_visible_to_read=True, window=window, softcap=4.0,
+                   scale=32 ** -0.5)
+
+
+def test_softcap_no_past_bf16_via_api():
+    """bf16 through ``memory_attention(backend="triton", softcap=...)``: no past buffer
+    (``HAS_PAST=False``), GQA, a window."""
+    torch.manual_seed(42)
+    q, k, v, _, _ = _capped_inputs(2, 2, 1, 37, 0, 16, torch.bfloat16)
+    _check_softcap(q, k, v, num_read=4, num_write=4, mask="rmt", window=20, softcap=3.0,
+                   scale=0.25, via_api=True)
+
+
+def test_softcap_past_without_grad_fp32():
+    """Past keys without grad (no past dK/dV launch), no GQA, cap 2."""
+    torch.manual_seed(45)
+    q, k, v, pk, pv = _capped_inputs(1, 2, 2, 29, 17, 16, torch.float32, past_grad=False)
+    _check_softcap(q, k, v, past_k=pk, past_v=pv, num_read=2, num_write=3, mask="bottleneck",
+                   softcap=2.0, scale=0.25)
+
+
+def test_softcap_lse_only_loss():
+    """A loss on the lse alone (``dout`` zeros): its gradient carries the cap's derivative too."""
+    torch.manual_seed(43)
+    q, k, v, pk, pv = _capped_inputs(1, 2, 1, 33, 9, 16, torch.float32)
+    kw = dict(past_k=pk, past_v=pv, num_read=2, num_write=2, mask="rmt", scale=0.25, softcap=2.0)
+    lse = triton_memory_attention(q, k, v, **kw)[1]
+    ref_lse = reference_memory_attention(q, k, v, upcast=True, **kw)[1]
+    low_lse = reference_memory_attention(q, k, v, upcast=False, **kw)[1]
+    w = torch.randn(lse.shape, dtype=torch.float64)
+    inputs = (q, k, pk)  # the lse does not depend on the values
+    got = torch.autograd.grad((lse.double() * w).sum(), inputs)
+    ref = torch.autograd.grad((ref_lse.double() * w).sum(), inputs)
+    low = torch.autograd.grad((low_lse.double() * w).sum(), inputs)
+    for i, (g, r, lo) in enumerate(zip(got, ref, low, strict=True)):
+        _close(f"grad[{i}]", g, r.double(), lo, 3, torch.float32)
+        assert r.abs().max() > 0.05  # every input gets a gradient worth checking
+
+
+@pytest.mark.parametrize("mask, window, to_read", [("causal", None, False), ("rmt", 20, True),
+                                                   ("full", None, True), ("bottleneck", 40, False)])
+def test_decode_softcap(mask, window, to_read):
+    """Flash-decoding (5 rows over 70 past keys, 16-key splits) with cap 2: the partial lse are
+    of the capped scores, so the merge weights are too; batch row 1 sees only some keys."""
+    torch.manual_seed(44)
+    d = 16
+    q, k, v, pk, pv, kpm = _decode_inputs(d)
+    q = q * 6.0
+    layout = AttentionLayout(1, 2, mask, to_read, d ** -0.5, window, 2.0)
+    out, lse = launch.decode(*launch.prepare(q, k, v, pk, pv, kpm), layout, split_size=16)
+    kw = dict(num_read=1, num_write=2, mask=mask, past_k=pk, past_v=pv, key_padding_mask=kpm,
+              past_visible_to_read=to_read, scale=d ** -0.5, window=window)
+    ref_out, ref_lse = reference_memory_attention(q, k, v, upcast=True, softcap=2.0, **kw)
+    low_out, low_lse = reference_memory_attention(q, k, v, upcast=False, softcap=2.0, **kw)
+    plain_out = reference_memory_attention(q, k, v, upcast=True, **kw)[0]
+    assert (ref_out - plain_out).abs().max() > 0.2  # the cap bites
+    _close("decode out", out, ref_out.double(), low_out, 2, torch.float32)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    _close("decode lse", lse[fin], ref_lse[fin].double(), low_lse[fin], 2, torch.float32)
+
+
+def test_softcap_through_custom_ops_and_opcheck():
+    """The soft-cap travels through the custom op (forward and backward, after the window) and
+    both ops' schemas; the backward op's opcheck with it and a gradient on the lse."""
+    q, k, v, pk, pv = _op_inputs(5)
+    q = (q.detach() * 6.0).requires_grad_()
+    args = (q, k, v, pk, pv, None, 2, 2, "rmt", False, 0.25)
+    out, lse = memory_attention_op(*args, 4, 2.0)
+    ref_out, ref_lse = triton_memory_attention(q, k, v, past_k=pk, past_v=pv, num_read=2,
+                                               num_write=2, mask="rmt", scale=0.25, window=4,
+                                               softcap=2.0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    _assert_same_grads(out + lse[..., None], ref_out + ref_lse[..., None], (q, k, v, pk, pv))
+    assert not torch.equal(memory_attention_op(*args, 4)[0], out)
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention.default,
+                                (*args, None, 2.0), test_utils=OPCHECKS)
+    assert res == {name: "SUCCESS" for name in OPCHECKS}
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(),
+                pv.detach(), None, out.detach(), lse.detach(), 2, 2, "rmt", False, 0.25, True,
+                torch.randn_like(lse), 4, 2.0)
+    res = torch.library.opcheck(torch.ops.rmt_fast.triton_memory_attention_bwd.default, bwd_args,
+                                test_utils=OPCHECKS[:3])
+    assert res == {name: "SUCCESS" for name in OPCHECKS[:3]}
+
+
+@triton.jit
+def _tanh_kernel(X, Y, n, BLOCK: tl.constexpr):
+    """``Y = tanh_f32(X)``, float32 ``[n]``."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tanh_f32(tl.load(X + offs, mask=offs < n, other=0.0)), mask=offs < n)
+
+
+def test_tanh_f32_accuracy():
+    """The kernels' ``tanh`` (written out; the interpreter has none in some Triton versions):
+    relative error below 2e-7 from 1e-8 to 20 and both signs, 1 beyond, no NaN/overflow."""
+    mag = torch.cat([torch.logspace(-8, 1.3, 20000, dtype=torch.float64),
+                     torch.linspace(0.5, 0.75, 5001, dtype=torch.float64)])  # the branch switch
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 9.4, -9.6, 60.0, -1e4, 3e38])]).float()
+    y = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    ref = torch.tanh(x.double())
+    rel = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-300))[ref != 0]
+    assert rel.max() < 2e-7, rel.max()
+    assert y[-6:].tolist() == [0.0, 1.0, -1.0, 1.0, -1.0, 1.0]
+
+
+def test_aot_softcap_variants_no_spills():
+    """The kernels compiled with logit soft-capping (``HAS_SOFTCAP``), alone and with a window:
+    fp16 D=64 on both targets, and the fp32 kernels that have their own soft-cap configs on
+    both (with the plain and window configs ptxas spilled there), all spill-free. wgmma on
+    sm_90a for the fp16 forward and dQ; the fp16 dK/dV soft-cap config's 32-key tile has none
+    (and fp32 dots are IEEE FMA)."""
+    kernels = [f"{k}{s}" for s in ("_softcap", "_window_softcap")
+               for k in ("fwd", "bwd_dkdv", "bwd_dq", "decode_split")]
+    rows = _aot("--caps", "80", "90", "--dtypes", "fp16", "--head-dims", "64", "--kernels",
+                *kernels)
+    rows += _aot("--caps", "80", "90", "--dtypes", "fp32", "--head-dims", "64", "128",
+                 "--kernels", "bwd_dkdv_softcap", "bwd_dkdv_window_softcap", "bwd_dq_window_softcap")
+    assert len(rows) == 16 + 12
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert 0 < r["regs"] <= 255, r
+        assert not (r["dtype"] == "fp32" and r["tf32"]), r
+    assert all(r["wgmma"] for r in rows if r["target"] == "sm_90a" and r["dtype"] == "fp16"
+               and r["kernel"].startswith(("fwd", "bwd_dq")))

@@ -5,8 +5,10 @@ For each kernel, dtype, head dim and target (sm_80, sm_90) this builds the kerne
 config, then runs Triton's bundled ``ptxas -v`` (see :func:`ptxas_path`) on the PTX to read
 registers, spills and static shared memory. Triton allocates shared memory dynamically, so
 the useful shared-memory figure is ``metadata.shared`` (bytes), reported as ``smem``. The
-attention kernels come twice: as launched without a sliding window, and with one
-(``<name>_window``: ``HAS_WINDOW=True``, a runtime ``WINDOW``, the launcher's window config).
+attention kernels come four times: as launched without a sliding window or a logit soft-cap,
+with a window (``<name>_window``: ``HAS_WINDOW=True``, a runtime ``WINDOW``), with a soft-cap
+(``<name>_softcap``: ``HAS_SOFTCAP=True``, a runtime float ``SOFTCAP``) and with both
+(``<name>_window_softcap``, as Gemma 2's local layers), each with the launcher's config for it.
 
 Run ``python -m rmt_fast.ops.memory_attention.triton.aot`` for a markdown table.
 """
@@ -63,42 +65,45 @@ def _attrs(fn, sig: dict[str, str], aligned_ints: tuple[str, ...]):
 
 def _variants(dtype: str, head_dim: int):
     """(name, kernel, pointer types, float args, constexprs, config) for one dtype / head dim:
-    the kernels as launched without a window, then the attention kernels with one
-    (``<name>_window``, with the launcher's window config)."""
-    yield from _kernel_variants(dtype, head_dim, window=False)
-    yield from _kernel_variants(dtype, head_dim, window=True)
+    the kernels as launched without a window or a soft-cap, then the attention kernels with a
+    window (``<name>_window``), a soft-cap (``<name>_softcap``) and both
+    (``<name>_window_softcap``), each with the launcher's config for it."""
+    for window, softcap in ((False, False), (True, False), (False, True), (True, True)):
+        yield from _kernel_variants(dtype, head_dim, window, softcap)
 
 
-def _kernel_variants(dtype: str, head_dim: int, window: bool):
+def _kernel_variants(dtype: str, head_dim: int, window: bool, softcap: bool):
     t = f"*{dtype}"
     bd = block_d(head_dim)
-    sfx = "_window" if window else ""
+    plain = not (window or softcap)
+    sfx = ("_window" if window else "") + ("_softcap" if softcap else "")
     mask_flags = dict(MASK="causal", PAST_TO_READ=False, HAS_KPM=False, HAS_WINDOW=window,
-                      BLOCK_D=bd, DOT_F32=False, DOT_PREC=dot_precision(dtype))
-    fwd_cfg = gpu_config("fwd", head_dim, dtype, window)
+                      HAS_SOFTCAP=softcap, BLOCK_D=bd, DOT_F32=False,
+                      DOT_PREC=dot_precision(dtype))
+    fwd_cfg = gpu_config("fwd", head_dim, dtype, window, softcap)
     fwd_ptrs = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", Out=t, Lse="*fp32")
-    yield ("fwd" + sfx, memory_attention_fwd_kernel, fwd_ptrs, ("qk_scale",),
+    yield ("fwd" + sfx, memory_attention_fwd_kernel, fwd_ptrs, ("qk_scale", "SOFTCAP"),
            dict(mask_flags, HAS_PAST=True, BLOCK_M=fwd_cfg.block_m, BLOCK_N=fwd_cfg.block_n),
            fwd_cfg)
-    if not window:
+    if plain:
         yield ("bwd_pre", bwd_preprocess_kernel, dict(Out=t, DO=t, Delta="*fp32"), (),
                dict(BLOCK_M=64, BLOCK_D=bd), Config(64, 0, 4, 1))
-    cfg = gpu_config("bwd_dkdv", head_dim, dtype, window)
+    cfg = gpu_config("bwd_dkdv", head_dim, dtype, window, softcap)
     yield ("bwd_dkdv" + sfx, bwd_dkdv_kernel,
            dict(Q=t, KB=t, VB=t, DO=t, Lse="*fp32", Delta="*fp32", KPM="*i8", DK=t, DV=t),
-           ("qk_scale", "sm_scale"),
+           ("qk_scale", "sm_scale", "SOFTCAP"),
            dict(mask_flags, IS_PAST=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
-    cfg = gpu_config("bwd_dq", head_dim, dtype, window)
+    cfg = gpu_config("bwd_dq", head_dim, dtype, window, softcap)
     yield ("bwd_dq" + sfx, bwd_dq_kernel,
            dict(Q=t, K=t, V=t, PK=t, PV=t, DO=t, Lse="*fp32", Delta="*fp32", KPM="*i8", DQ=t),
-           ("qk_scale", "sm_scale"),
+           ("qk_scale", "sm_scale", "SOFTCAP"),
            dict(mask_flags, HAS_PAST=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
-    cfg = gpu_config("decode_split", head_dim, dtype, window)
+    cfg = gpu_config("decode_split", head_dim, dtype, window, softcap)
     yield ("decode_split" + sfx, decode_split_kernel,
            dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", OutPart="*fp32", LsePart="*fp32"),
-           ("qk_scale",),
+           ("qk_scale", "SOFTCAP"),
            dict(mask_flags, BLOCK_M=DECODE_MAX_ROWS, BLOCK_N=cfg.block_n), cfg)
-    if not window:
+    if plain:
         yield ("decode_reduce", decode_reduce_kernel,
                dict(OutPart="*fp32", LsePart="*fp32", Out=t, Lse="*fp32"), (),
                dict(BLOCK_M=DECODE_MAX_ROWS, BLOCK_D=bd), Config(DECODE_MAX_ROWS, 0, 4, 1))

@@ -4,7 +4,10 @@ P is recomputed from the saved natural-log LSE. Rows whose LSE is ``-inf`` (they
 get probabilities 0 and contribute nothing. GQA: a dK/dV program owns one kv head and loops
 over its query heads, so no atomics are needed. A sliding window (``HAS_WINDOW``) skips blocks as
 in the forward: dQ starts its key loops at the first row's window, dK/dV ends its query loops
-after the last row whose window still reaches the key block.
+after the last row whose window still reaches the key block. Logit soft-capping
+(``HAS_SOFTCAP``): the tiles recompute the capped scores (P from the lse of the capped scores)
+and scale dS, the gradient of the capped score, by the cap's derivative ``1 - t^2``,
+``t = tanh(x / SOFTCAP)``, to get the gradient of the scaled score ``x``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from .common import (
     cur_block_full,
     cur_key_ranges,
     cur_query_ranges,
+    softcap_log2,
     tile_visible,
     window_cut_row,
     window_cuts,
@@ -63,16 +67,19 @@ def _load_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, L, head_di
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0, n0, n_len,
-               offs_d, L, P, R, W, WINDOW, head_dim, qk_scale, need_mask,
+               offs_d, L, P, R, W, WINDOW, SOFTCAP, head_dim, qk_scale, need_mask,
                IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-               HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """Accumulate one query block's contribution to dK, dV ``[BN, BD]`` (float32)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     q, do, lse2, delta = _load_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, L,
                                     head_dim, DOT_F32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
+    if HAS_SOFTCAP:  # the forward's capped scores, which the lse normalises
+        qk, t = softcap_log2(qk, SOFTCAP)
     p = tl.math.exp2(qk - lse2[:, None])
     if HAS_KPM:
         vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
@@ -83,6 +90,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0
                            PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
         p = tl.where(vis, p, 0.0)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    if HAS_SOFTCAP:  # dS = P (1 - t^2) (dP - delta): the cap's derivative, folded into P
+        p = p * (1.0 - t * t)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
@@ -92,17 +101,17 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, m0
 @triton.jit
 def bwd_dkdv_kernel(
     Q, KB, VB, DO, Lse, Delta, KPM, DK, DV,
-    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, n_len, WINDOW,
+    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, n_len, WINDOW, SOFTCAP,
     IS_PAST: tl.constexpr, MASK: tl.constexpr, PAST_TO_READ: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key buffer: the current keys (``IS_PAST=False``, ``n_len = L``) or the past.
 
     Q, DO: ``[B, Hq, L, D]``; KB, VB, DK, DV: ``[B, Hkv, n_len, D]``; Lse, Delta: ``[B, Hq, L]``
-    float32; KPM ``[B, P + L]`` int8; ``WINDOW`` read only when ``HAS_WINDOW``.
-    Grid ``(cdiv(n_len, BLOCK_N), B * Hkv)``.
+    float32; KPM ``[B, P + L]`` int8; ``WINDOW`` read only when ``HAS_WINDOW``, ``SOFTCAP`` only
+    when ``HAS_SOFTCAP``. Grid ``(cdiv(n_len, BLOCK_N), B * Hkv)``.
     """
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -158,9 +167,9 @@ def bwd_dkdv_kernel(
             if HAS_WINDOW:
                 need_mask = need_mask | (m0 >= m_cut)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base,
-                                m0, n0, n_len, offs_d, L, P, R, W, WINDOW, head_dim, qk_scale,
-                                need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW,
-                                BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
+                                m0, n0, n_len, offs_d, L, P, R, W, WINDOW, SOFTCAP, head_dim,
+                                qk_scale, need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM,
+                                HAS_WINDOW, HAS_SOFTCAP, BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
         if not IS_PAST:  # bottleneck: the write rows after a gap
             for m0 in range(lo2, hi2, BLOCK_M):
                 need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK,
@@ -168,9 +177,10 @@ def bwd_dkdv_kernel(
                 if HAS_WINDOW:
                     need_mask = need_mask | (m0 >= m_cut)
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                    kpm_base, m0, n0, n_len, offs_d, L, P, R, W, WINDOW, head_dim,
-                                    qk_scale, need_mask, IS_PAST, PAST_TO_READ, MASK, HAS_KPM,
-                                    HAS_WINDOW, BLOCK_M, BLOCK_N, DOT_F32, DOT_PREC)
+                                    kpm_base, m0, n0, n_len, offs_d, L, P, R, W, WINDOW, SOFTCAP,
+                                    head_dim, qk_scale, need_mask, IS_PAST, PAST_TO_READ, MASK,
+                                    HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_M, BLOCK_N, DOT_F32,
+                                    DOT_PREC)
     dk = dk * sm_scale  # dS/dK = scale * Q; the base-2 factor lives only inside exp2
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_msk)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_msk)
@@ -178,10 +188,10 @@ def bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m, offs_d, L, P,
-             R, W, WINDOW, head_dim, qk_scale, need_mask,
+             R, W, WINDOW, SOFTCAP, head_dim, qk_scale, need_mask,
              IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-             HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+             HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate one key tile's contribution to dQ ``[BM, BD]`` (float32, unscaled)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_msk = (offs_n[:, None] < n_len) & (offs_d[None, :] < head_dim)
@@ -192,6 +202,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_SOFTCAP:  # the forward's capped scores, which the lse normalises
+        qk, t = softcap_log2(qk, SOFTCAP)
     p = tl.math.exp2(qk - lse2[:, None])
     if HAS_KPM:
         vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
@@ -201,6 +213,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
         vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
                            PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
         p = tl.where(vis, p, 0.0)
+    if HAS_SOFTCAP:  # dS = P (1 - t^2) (dP - delta): the cap's derivative, folded into P
+        p = p * (1.0 - t * t)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -210,10 +224,10 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_base, n0, n_len, offs_m
 @triton.jit
 def bwd_dq_kernel(
     Q, K, V, PK, PV, DO, Lse, Delta, KPM, DQ,
-    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, WINDOW,
+    qk_scale, sm_scale, L, P, R, W, head_dim, num_heads, groups, WINDOW, SOFTCAP,
     MASK: tl.constexpr, HAS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """dQ ``[B, Hq, L, D]``: visits the same key blocks as the forward. Grid like the forward."""
@@ -248,8 +262,9 @@ def bwd_dq_kernel(
             if HAS_WINDOW:
                 need_mask = need_mask | window_cuts(m0, n0 - P, WINDOW, BLOCK_M)
             dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, kpm_base, n0, P, offs_m,
-                          offs_d, L, P, R, W, WINDOW, head_dim, qk_scale, need_mask, True,
-                          PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+                          offs_d, L, P, R, W, WINDOW, SOFTCAP, head_dim, qk_scale, need_mask,
+                          True, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
+                          DOT_F32, DOT_PREC)
     k_base = K + bhk * L * head_dim
     v_base = V + bhk * L * head_dim
     kpm_cur = kpm_base + P
@@ -261,13 +276,15 @@ def bwd_dq_kernel(
     for n0 in range(lo1, hi1, BLOCK_N):
         need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK, HAS_WINDOW) == 0
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, L,
-                      P, R, W, WINDOW, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK,
-                      HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+                      P, R, W, WINDOW, SOFTCAP, head_dim, qk_scale, need_mask, False,
+                      PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_F32,
+                      DOT_PREC)
     for n0 in range(lo2, hi2, BLOCK_N):
         need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK, HAS_WINDOW) == 0
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, L,
-                      P, R, W, WINDOW, head_dim, qk_scale, need_mask, False, PAST_TO_READ, MASK,
-                      HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+                      P, R, W, WINDOW, SOFTCAP, head_dim, qk_scale, need_mask, False,
+                      PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_F32,
+                      DOT_PREC)
     dq = dq * sm_scale
     msk = (offs_m[:, None] < L) & (offs_d[None, :] < head_dim)
     tl.store(DQ + bh * L * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],

@@ -23,6 +23,39 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def tanh_f32(y):
+    """``tanh(y)`` elementwise (float32, any shape), relative error below 2e-7.
+
+    Written out because the interpreter lacks ``tanh`` in some Triton versions. From
+    ``|y| >= 0.625``: ``(1 - e) / (1 + e)``, ``e = exp(-2 y)``, with ``y`` clamped to +-9.5
+    (where ``tanh`` rounds to +-1 in float32) so that nothing overflows. Below 0.625 that form
+    loses the low bits of ``t`` to cancellation in ``1 - e`` (all of them as ``y -> 0``: an
+    absolute error of ``SOFTCAP * 6e-8`` on a capped score), so there the odd polynomial of
+    Cephes' ``tanhf`` takes over (relative error 1.3e-7). A clamp rather than ``|y|`` and a
+    sign select: with the latter, ptxas spilled 1 KB of registers in the float32 dQ kernel on
+    sm_90a.
+    """
+    yc = tl.minimum(tl.maximum(y, -9.5), 9.5)
+    e = tl.math.exp2(yc * -2.8853900817779268)  # exp(-2 y): -2 * log2(e)
+    big = (1.0 - e) / (1.0 + e)
+    z = yc * yc  # the clamped y here too: no overflow in the unused branch either
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * yc + yc
+    return tl.where(z < 0.390625, small, big)  # |y| < 0.625
+
+
+@triton.jit
+def softcap_log2(qk, SOFTCAP):
+    """Soft-cap base-2 logits ``qk = x * log2(e)`` ``[BM, BN]`` (``x`` the natural scaled score):
+    returns the capped logits ``SOFTCAP * tanh(x / SOFTCAP) * log2(e)`` and ``t = tanh(x /
+    SOFTCAP)``, whose ``1 - t^2`` is the cap's derivative for the backward. The lse stays that of
+    natural scores: only the score changes, not its base-2 encoding."""
+    cap2 = SOFTCAP * 1.4426950408889634  # the cap in base-2 units
+    t = tanh_f32(qk * (1.0 / cap2))  # x / SOFTCAP = (x log2 e) / (SOFTCAP log2 e)
+    return t * cap2, t
+
+
+@triton.jit
 def cur_visible(offs_m, offs_n, L, R, W, MASK: tl.constexpr):
     """Element mask ``[BM, BN]``: may row ``offs_m`` see current key ``offs_n``? (with bounds)"""
     qi = offs_m[:, None]

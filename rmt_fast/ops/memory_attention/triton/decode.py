@@ -5,7 +5,8 @@ programs (grid ``(n_splits, B * Hq)``), each writes a partial ``(out, lse)`` for
 and a second kernel merges the partials with their LSE weights. Forward only. With a sliding
 window (``HAS_WINDOW``) the past splits start at ``past_lo``, the first past key tile inside the
 window of the first row that sees the past (the launcher launches no split before it); every
-tile is masked anyway.
+tile is masked anyway. Logit soft-capping (``HAS_SOFTCAP``) caps the scores in the tiles, as in
+the forward.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from .fwd import _fwd_tile
 
 @triton.jit
 def _split_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, start, end, n_len, offs_m, offs_d,
-                 head_dim, L, P, R, W, WINDOW, qk_scale, IS_PAST: tl.constexpr,
+                 head_dim, L, P, R, W, WINDOW, SOFTCAP, qk_scale, IS_PAST: tl.constexpr,
                  PAST_TO_READ: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over keys ``[start, end)`` of one buffer, always with the element mask."""
     for n0 in range(start, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m,
-                                  offs_d, head_dim, L, P, R, W, WINDOW, qk_scale, True, IS_PAST,
-                                  PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32,
-                                  DOT_PREC)
+                                  offs_d, head_dim, L, P, R, W, WINDOW, SOFTCAP, qk_scale, True,
+                                  IS_PAST, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP,
+                                  BLOCK_N, DOT_F32, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -35,10 +36,10 @@ def _split_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, start, end, n_len, 
 def decode_split_kernel(
     Q, K, V, PK, PV, KPM, OutPart, LsePart,
     qk_scale, L, P, R, W, head_dim, num_heads, groups, split_size, n_past_splits, n_splits,
-    WINDOW, past_lo,
+    WINDOW, past_lo, SOFTCAP,
     MASK: tl.constexpr, PAST_TO_READ: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Partial attention of all ``L <= BLOCK_M`` rows over one key split.
 
@@ -46,7 +47,8 @@ def decode_split_kernel(
     ``split_size`` keys (a multiple of BLOCK_N). OutPart: ``[B * Hq, n_splits, BLOCK_M, BLOCK_D]``
     float32 (normalised); LsePart: ``[B * Hq, n_splits, BLOCK_M]`` float32 base-2 LSE.
     With ``HAS_WINDOW`` (``WINDOW`` keys) the past splits cover ``[past_lo, P)`` (``past_lo`` a
-    multiple of BLOCK_N); both are unused without it.
+    multiple of BLOCK_N); both are unused without it. ``SOFTCAP``: the logit soft-cap, read only
+    when ``HAS_SOFTCAP`` (the partial lse are then of the capped scores).
     """
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -71,13 +73,15 @@ def decode_split_kernel(
         acc, l_i, m_i = _split_range(
             acc, l_i, m_i, q, PK + bhk * P * head_dim, PV + bhk * P * head_dim, kpm_base, start,
             tl.minimum(start + split_size, P), P, offs_m, offs_d, head_dim, L, P, R, W, WINDOW,
-            qk_scale, True, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+            SOFTCAP, qk_scale, True, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
+            DOT_F32, DOT_PREC)
     else:  # current keys: row 0's window reaches key 0, nothing to skip
         start = (s - n_past_splits) * split_size
         acc, l_i, m_i = _split_range(
             acc, l_i, m_i, q, K + bhk * L * head_dim, V + bhk * L * head_dim, kpm_base + P, start,
             tl.minimum(start + split_size, L), L, offs_m, offs_d, head_dim, L, P, R, W, WINDOW,
-            qk_scale, False, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+            SOFTCAP, qk_scale, False, PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
+            DOT_F32, DOT_PREC)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     part = (pid_bh.to(tl.int64) * n_splits + s)

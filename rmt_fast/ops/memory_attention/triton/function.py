@@ -14,15 +14,16 @@ from rmt_fast.masks import AttentionLayout
 from . import launch
 
 
-def _layout(num_read, num_write, mask, past_visible_to_read, scale, window=None) -> AttentionLayout:
-    return AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale, window)
+def _layout(num_read, num_write, mask, past_visible_to_read, scale, window=None,
+            softcap=None) -> AttentionLayout:
+    return AttentionLayout(num_read, num_write, mask, past_visible_to_read, scale, window, softcap)
 
 
 def _op_fields(layout: AttentionLayout) -> tuple:
     """The custom ops' layout arguments; raises if they would not rebuild ``layout`` exactly (a
     layout field the ops do not carry must not be dropped on the way to the kernels)."""
     fields = (layout.num_read, layout.num_write, layout.mask, layout.past_visible_to_read,
-              layout.scale, layout.window)
+              layout.scale, layout.window, layout.softcap)
     if _layout(*fields) != layout:
         raise NotImplementedError(f"the Triton custom op does not carry every field of {layout}")
     return fields
@@ -49,18 +50,18 @@ def memory_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                         key_padding_mask: torch.Tensor | None, num_read: int, num_write: int,
                         mask: str, past_visible_to_read: bool, scale: float,
-                        window: int | None = None,
+                        window: int | None = None, softcap: float | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out [B, Hq, L, D], lse [B, Hq, L] float32)``; ``window``: the layout's
-    sliding window (None for none)."""
-    layout = _layout(num_read, num_write, mask, past_visible_to_read, scale, window)
+    """Forward: ``(out [B, Hq, L, D], lse [B, Hq, L] float32)``; ``window``, ``softcap``: the
+    layout's sliding window and logit soft-cap (None for none)."""
+    layout = _layout(num_read, num_write, mask, past_visible_to_read, scale, window, softcap)
     q, k, v, past_k, past_v, kpm = launch.prepare(q, k, v, past_k, past_v, key_padding_mask)
     return launch.forward(q, k, v, past_k, past_v, kpm, layout)
 
 
 @memory_attention_op.register_fake
 def _(q, k, v, past_k, past_v, key_padding_mask, num_read, num_write, mask,
-      past_visible_to_read, scale, window=None):
+      past_visible_to_read, scale, window=None, softcap=None):
     # contiguous like the real outputs, whatever q's strides (launch.prepare copies such inputs)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -72,13 +73,13 @@ def memory_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             out: torch.Tensor, lse: torch.Tensor, num_read: int, num_write: int,
                             mask: str, past_visible_to_read: bool, scale: float,
                             need_past_grad: bool = True, grad_lse: torch.Tensor | None = None,
-                            window: int | None = None,
+                            window: int | None = None, softcap: float | None = None,
                             ) -> list[torch.Tensor]:
     """Backward: ``[dq, dk, dv]``, plus ``[dpast_k, dpast_v]`` when ``need_past_grad`` (an
     empty past, ``P = 0``, still gets its two empty gradients, as the fake promises).
     ``grad_lse`` ``[B, Hq, L]`` float32: the gradient reaching the lse output, if any;
-    ``window`` as in the forward op."""
-    layout = _layout(num_read, num_write, mask, past_visible_to_read, scale, window)
+    ``window``, ``softcap`` as in the forward op."""
+    layout = _layout(num_read, num_write, mask, past_visible_to_read, scale, window, softcap)
     given_pk, given_pv = past_k, past_v
     q, k, v, past_k, past_v, kpm = launch.prepare(q, k, v, past_k, past_v, key_padding_mask)
     dq, dk, dv, dpk, dpv = launch.backward(dout, q, k, v, past_k, past_v, kpm, out.contiguous(),
@@ -93,7 +94,7 @@ def memory_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 @memory_attention_bwd_op.register_fake
 def _(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, num_read, num_write, mask,
-      past_visible_to_read, scale, need_past_grad=True, grad_lse=None, window=None):
+      past_visible_to_read, scale, need_past_grad=True, grad_lse=None, window=None, softcap=None):
     grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
     if need_past_grad:
         grads += [past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)]
@@ -101,11 +102,12 @@ def _(dout, q, k, v, past_k, past_v, key_padding_mask, out, lse, num_read, num_w
 
 
 def _setup_context(ctx, inputs, output):
-    # inputs come with their defaults filled in: the five layout fields, then the window
-    q, k, v, past_k, past_v, kpm, *rest, window = inputs
+    # inputs come with their defaults filled in: the five layout fields, the window, the softcap
+    q, k, v, past_k, past_v, kpm, *rest, window, softcap = inputs
     ctx.save_for_backward(q, k, v, past_k, past_v, kpm, output[0], output[1])
     ctx.rest = rest
     ctx.window = window
+    ctx.softcap = softcap
     ctx.set_materialize_grads(False)  # an unused output (the lse, mostly) gets None, not zeros
 
 
@@ -117,10 +119,10 @@ def _backward(ctx, dout, dlse):
     if dlse is not None:
         dlse = dlse.float().contiguous()
     grads = memory_attention_bwd_op(dout.contiguous(), q, k, v, past_k, past_v, kpm, out, lse,
-                                    *ctx.rest, need_past, dlse, ctx.window)
+                                    *ctx.rest, need_past, dlse, ctx.window, ctx.softcap)
     if not need_past:
         grads = [*grads, None, None]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, *[None] * 8)  # key_padding_mask and the seven layout arguments
 
 
 memory_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -5,7 +5,8 @@ block's rows may see it) and then only the current key blocks the mask can make 
 online softmax in base 2 and float32 accumulators. Element masks are applied on boundary tiles
 only; interior tiles skip them. With a sliding window (``HAS_WINDOW``) both loops start at the
 first key tile inside the window of the block's first row, and tiles the window cuts for some
-row of the block are boundary tiles.
+row of the block are boundary tiles. With logit soft-capping (``HAS_SOFTCAP``) every tile caps
+its scores before the mask (:func:`softcap_log2`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import triton.language as tl
 from .common import (
     cur_block_full,
     cur_key_ranges,
+    softcap_log2,
     tile_visible,
     window_cuts,
     window_key_start,
@@ -25,10 +27,10 @@ from .common import (
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m, offs_d, head_dim,
-              L, P, R, W, WINDOW, qk_scale, need_mask,
+              L, P, R, W, WINDOW, SOFTCAP, qk_scale, need_mask,
               IS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr, MASK: tl.constexpr,
-              HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile ``[BLOCK_N, BLOCK_D]`` of the online softmax; returns ``(acc, l_i, m_i)``."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < n_len) & (offs_d[None, :] < head_dim)
@@ -39,6 +41,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m, off
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base-2 logits
+    if HAS_SOFTCAP:  # cap first: the mask below sets hidden keys to -inf, never capped
+        qk, _ = softcap_log2(qk, SOFTCAP)
     if HAS_KPM:  # padding can hit any tile: always mask
         vis = tile_visible(offs_m, offs_n, n_len, L, P, R, W, WINDOW, kpm_base, IS_PAST,
                            PAST_TO_READ, MASK, HAS_KPM, HAS_WINDOW)
@@ -60,10 +64,10 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, kpm_base, n0, n_len, offs_m, off
 @triton.jit
 def memory_attention_fwd_kernel(
     Q, K, V, PK, PV, KPM, Out, Lse,
-    qk_scale, L, P, R, W, head_dim, num_heads, groups, WINDOW,
+    qk_scale, L, P, R, W, head_dim, num_heads, groups, WINDOW, SOFTCAP,
     MASK: tl.constexpr, HAS_PAST: tl.constexpr, PAST_TO_READ: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Forward pass.
@@ -72,8 +76,9 @@ def memory_attention_fwd_kernel(
     KPM: ``[B, P + L]`` int8 (1 = real key); Lse: ``[B, Hq, L]`` float32, natural log, ``-inf``
     on empty rows. All contiguous. ``qk_scale`` = softmax scale * log2(e). ``DOT_PREC``: the
     ``tl.dot`` input precision (``"ieee"`` for float32 inputs, else ``"tf32"``, the default).
-    ``WINDOW``: the sliding window in keys, read only when ``HAS_WINDOW``.
-    Grid ``(cdiv(L, BLOCK_M), B * Hq)``.
+    ``WINDOW``: the sliding window in keys, read only when ``HAS_WINDOW``; ``SOFTCAP``: the
+    logit soft-cap (natural units), read only when ``HAS_SOFTCAP``; the lse is then that of the
+    capped scores. Grid ``(cdiv(L, BLOCK_M), B * Hq)``.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -113,8 +118,8 @@ def memory_attention_fwd_kernel(
                 need_mask = need_mask | window_cuts(m0, n0 - P, WINDOW, BLOCK_M)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, pk_base, pv_base, kpm_base, n0, P, offs_m, offs_d, head_dim,
-                L, P, R, W, WINDOW, qk_scale, need_mask, True, PAST_TO_READ, MASK, HAS_KPM,
-                HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+                L, P, R, W, WINDOW, SOFTCAP, qk_scale, need_mask, True, PAST_TO_READ, MASK,
+                HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_F32, DOT_PREC)
 
     k_base = K + bhk * L * head_dim
     v_base = V + bhk * L * head_dim
@@ -128,14 +133,14 @@ def memory_attention_fwd_kernel(
         need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK, HAS_WINDOW) == 0
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, head_dim,
-            L, P, R, W, WINDOW, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM,
-            HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+            L, P, R, W, WINDOW, SOFTCAP, qk_scale, need_mask, False, PAST_TO_READ, MASK,
+            HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_F32, DOT_PREC)
     for n0 in range(lo2, hi2, BLOCK_N):
         need_mask = cur_block_full(m0, n0, L, R, W, WINDOW, BLOCK_M, BLOCK_N, MASK, HAS_WINDOW) == 0
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, kpm_cur, n0, L, offs_m, offs_d, head_dim,
-            L, P, R, W, WINDOW, qk_scale, need_mask, False, PAST_TO_READ, MASK, HAS_KPM,
-            HAS_WINDOW, BLOCK_N, DOT_F32, DOT_PREC)
+            L, P, R, W, WINDOW, SOFTCAP, qk_scale, need_mask, False, PAST_TO_READ, MASK,
+            HAS_KPM, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_F32, DOT_PREC)
 
     empty = l_i == 0.0  # saw no key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)

@@ -68,6 +68,16 @@ GPU_CONFIGS = {
     ("fwd_fp32_window", 64): Config(64, 32, 8, 3),
     ("bwd_dq_fp32_window", 128): Config(32, 16, 4, 3),
     ("bwd_dkdv_fp32_window", 64): Config(16, 16, 2, 1),
+    # with logit soft-capping (HAS_SOFTCAP; "_window_softcap": with a window too): where the
+    # configs above left ptxas spilling (the dK/dV kernels were at 250-255 registers on sm_80
+    # without it), the first zero-spill config on both sm_80 and sm_90a of a small ptxas sweep
+    # (same tile with other stages or warps, then smaller tiles). fp16/bf16 dK/dV at D <= 64
+    # lose wgmma on sm_90a with the 32-key tile: no 64-key tile was spill-free on sm_80. Not timed.
+    ("bwd_dkdv_softcap", 64): Config(16, 32, 4, 1),
+    ("bwd_dkdv_fp32_window_softcap", 64): Config(16, 16, 8, 1),
+    ("bwd_dkdv_fp32_softcap", 128): Config(16, 16, 4, 1),
+    ("bwd_dkdv_fp32_window_softcap", 128): Config(16, 16, 8, 2),
+    ("bwd_dq_fp32_window_softcap", 128): Config(32, 16, 4, 2),
 }
 INTERPRET_CONFIG = Config(16, 16, 1, 1)
 
@@ -77,21 +87,30 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def gpu_config(kernel: str, head_dim: int, dtype: str, window: bool = False) -> Config:
+def gpu_config(kernel: str, head_dim: int, dtype: str, window: bool = False,
+               softcap: bool = False) -> Config:
     """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``;
-    ``window``: the kernel compiled with a sliding window (its own entry where there is one)."""
+    ``window`` / ``softcap``: the kernel compiled with a sliding window / logit soft-capping.
+    The most specific entry wins: the dtype's before the generic one, and within each, the
+    entry for both flags, then for the soft-cap, then for the window, then the plain one."""
     bucket = 64 if block_d(head_dim) <= 64 else 128
-    keys = [(f"{kernel}_{dtype}", bucket), (kernel, bucket)]
+    suffixes = [""]
     if window:
-        keys.insert(0, (f"{kernel}_{dtype}_window", bucket))
+        suffixes.insert(0, "_window")
+    if softcap:
+        suffixes.insert(0, "_softcap")
+    if window and softcap:
+        suffixes.insert(0, "_window_softcap")
+    keys = [(base + sfx, bucket) for base in (f"{kernel}_{dtype}", kernel) for sfx in suffixes]
     return next(GPU_CONFIGS[key] for key in keys if key in GPU_CONFIGS)
 
 
-def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, window: bool = False) -> Config:
+def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, window: bool = False,
+                softcap: bool = False) -> Config:
     if interpreting():
         return INTERPRET_CONFIG
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    return gpu_config(kernel, head_dim, name, window)
+    return gpu_config(kernel, head_dim, name, window, softcap)
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
@@ -128,7 +147,8 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 #: the AttentionLayout fields the launchers pass on to the kernels
-LAYOUT_FIELDS = frozenset({"num_read", "num_write", "mask", "past_visible_to_read", "scale", "window"})
+LAYOUT_FIELDS = frozenset({"num_read", "num_write", "mask", "past_visible_to_read", "scale", "window",
+                           "softcap"})
 
 
 def check_layout(layout: AttentionLayout) -> None:
@@ -148,6 +168,12 @@ def window_args(layout: AttentionLayout, past_len: int, length: int) -> tuple[bo
     check_layout(layout)
     window = layout.cutting_window(past_len, length)
     return (False, 0) if window is None else (True, int(window))
+
+
+def softcap_args(layout: AttentionLayout) -> tuple[bool, float]:
+    """``(HAS_SOFTCAP, SOFTCAP)`` kernel arguments; ``SOFTCAP`` is 1.0 (unused) without a cap."""
+    check_layout(layout)
+    return (False, 1.0) if layout.softcap is None else (True, float(layout.softcap))
 
 
 def prepare(q, k, v, past_k, past_v, key_padding_mask):
@@ -172,7 +198,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
     has_window, window = window_args(layout, past_len, length)
-    cfg = pick_config("fwd", dim, q.dtype, has_window)
+    has_softcap, softcap = softcap_args(layout)
+    cfg = pick_config("fwd", dim, q.dtype, has_window, has_softcap)
     out = _alloc(q)
     lse = _alloc((batch, hq, length), torch.float32, q.device)
     if length == 0 or batch * hq == 0:
@@ -182,12 +209,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
         kpm if kpm is not None else q, out, lse,
         layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
-        hq // hkv, window,
+        hq // hkv, window, softcap,
         MASK=layout.mask, HAS_PAST=past_k is not None,
         PAST_TO_READ=layout.past_visible_to_read, HAS_KPM=kpm is not None,
-        HAS_WINDOW=has_window, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(dim),
-        DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d(dim), DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -208,6 +235,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     groups = hq // hkv
     past_len = 0 if past_k is None else past_k.shape[2]
     has_window, window = window_args(layout, past_len, length)
+    has_softcap, softcap = softcap_args(layout)
     dout = dout.contiguous()
     bd = block_d(dim)
     f32 = dot_f32(q.dtype)
@@ -226,24 +254,25 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         delta.sub_(grad_lse)
     kpm_arg = kpm if kpm is not None else q
     common = dict(MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
-                  HAS_KPM=kpm is not None, HAS_WINDOW=has_window, BLOCK_D=bd, DOT_F32=f32,
+                  HAS_KPM=kpm is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap,
+                  BLOCK_D=bd, DOT_F32=f32,
                   DOT_PREC=dot_precision(q.dtype))
     qk_scale = layout.scale * LOG2E
     scalars = (qk_scale, layout.scale, length, past_len, layout.num_read, layout.num_write, dim,
                hq, groups)
-    cfg = pick_config("bwd_dkdv", dim, q.dtype, has_window)
+    cfg = pick_config("bwd_dkdv", dim, q.dtype, has_window, has_softcap)
     buffers = [(k, v, dk, dv, length, False)]
     if dpk is not None:
         buffers.append((past_k, past_v, dpk, dpv, past_len, True))
     for kb, vb, dkb, dvb, n_len, is_past in buffers:
         bwd_dkdv_kernel[(triton.cdiv(n_len, cfg.block_n), batch * hkv)](
-            q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len, window,
+            q, kb, vb, dout, lse, delta, kpm_arg, dkb, dvb, *scalars, n_len, window, softcap,
             IS_PAST=is_past, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    cfg = pick_config("bwd_dq", dim, q.dtype, has_window)
+    cfg = pick_config("bwd_dq", dim, q.dtype, has_window, has_softcap)
     bwd_dq_kernel[(triton.cdiv(length, cfg.block_m), batch * hq)](
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
-        dout, lse, delta, kpm_arg, dq, *scalars, window,
+        dout, lse, delta, kpm_arg, dq, *scalars, window, softcap,
         HAS_PAST=past_k is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     return dq, dk, dv, dpk, dpv
@@ -267,7 +296,8 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
     has_window, window = window_args(layout, past_len, length)
-    cfg = pick_config("decode_split", dim, q.dtype, has_window)
+    has_softcap, softcap = softcap_args(layout)
+    cfg = pick_config("decode_split", dim, q.dtype, has_window, has_softcap)
     block_n = cfg.block_n
     split = split_size or (32 if interpreting() else 256)
     split = triton.cdiv(split, block_n) * block_n
@@ -292,11 +322,11 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
         q, k, v, past_k if past_k is not None else k, past_v if past_v is not None else v,
         kpm if kpm is not None else q, out_part, lse_part,
         layout.scale * LOG2E, length, past_len, layout.num_read, layout.num_write, dim, hq,
-        hq // hkv, split, n_past, n_splits, window, past_lo,
+        hq // hkv, split, n_past, n_splits, window, past_lo, softcap,
         MASK=layout.mask, PAST_TO_READ=layout.past_visible_to_read,
-        HAS_KPM=kpm is not None, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
-        DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        HAS_KPM=kpm is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, BLOCK_M=bm,
+        BLOCK_N=block_n, BLOCK_D=bd, DOT_F32=dot_f32(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     decode_reduce_kernel[(batch * hq,)](out_part, lse_part, out, lse, length, dim, n_splits,
                                         BLOCK_M=bm, BLOCK_D=bd)
     return out, lse
