@@ -95,10 +95,12 @@ struct GeluLoops {
 
 GeluLoops gelu_loops_for(int isa) {
 #ifdef RMT_CPU_X86
+#ifdef RMT_CPU_BF16
   if (isa >= kAvx512Bf16)
     return {&avx512::gelu_tanh_loop512<float>, &avx512bf16::gelu_tanh_loop512<uint16_t>,
             &avx512::gelu_tanh_backward_loop512<float>,
             &avx512bf16::gelu_tanh_backward_loop512<uint16_t>};
+#endif
   if (isa == kAvx512)
     return {&avx512::gelu_tanh_loop512<float>, &avx512::gelu_tanh_loop512<uint16_t>,
             &avx512::gelu_tanh_backward_loop512<float>,

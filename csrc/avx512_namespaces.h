@@ -1,6 +1,7 @@
 // The AVX-512 code paths of the element-wise CPU kernels (activations.cpp, layer_norm.cpp):
 // avx512_math.h compiled twice, as namespace avx512 (AVX-512F; RMT_CPU_ISA 1) and namespace
-// avx512bf16 (with AVX-512 BF16's native rounding; RMT_CPU_ISA 2). Included once per .cpp,
+// avx512bf16 (with AVX-512 BF16's native rounding; RMT_CPU_ISA 2; only where RMT_CPU_BF16: the
+// dispatchers never ask for it otherwise, cpu_isa.h). Included once per .cpp,
 // inside namespace rmt_fast, on x86 (RMT_CPU_X86, cpu_isa.h); no include guard on purpose.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
@@ -11,6 +12,7 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
+#ifdef RMT_CPU_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 namespace avx512bf16 {
@@ -19,3 +21,4 @@ namespace avx512bf16 {
 #undef RMT_CPU_ISA
 }  // namespace avx512bf16
 #pragma GCC pop_options
+#endif

@@ -9,14 +9,21 @@
 #include <cstdlib>
 #include <cstring>
 
+// The paths compiled in: AVX-512 with GCC on x86-64; AVX-512 BF16 with GCC >= 10 (its first
+// intrinsics) and AMX-BF16 with GCC >= 11, unless setup.py's toolchain probe found that the
+// compiler or the assembler cannot build them (RMT_FAST_NO_AVX512_BF16, RMT_FAST_NO_AMX; e.g.
+// GCC 11 with binutils < 2.36, which cannot assemble tile instructions).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RMT_CPU_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#if __GNUC__ >= 11  // the first GCC with the AMX intrinsics (-mamx-tile, -mamx-bf16)
+#if __GNUC__ >= 10 && !defined(RMT_FAST_NO_AVX512_BF16)
+#define RMT_CPU_BF16 1
+#if __GNUC__ >= 11 && !defined(RMT_FAST_NO_AMX)
 #define RMT_CPU_AMX 1
+#endif
 #endif
 #endif
 
@@ -56,7 +63,18 @@ inline bool amx_usable() {
   return ok;
 }
 
-// what this CPU supports (detected once)
+// the best path compiled into this build
+#if defined(RMT_CPU_AMX)
+constexpr int kCompiledIsa = kAmx;
+#elif defined(RMT_CPU_BF16)
+constexpr int kCompiledIsa = kAvx512Bf16;
+#elif defined(RMT_CPU_X86)
+constexpr int kCompiledIsa = kAvx512;
+#else
+constexpr int kCompiledIsa = kGeneric;
+#endif
+
+// what this CPU supports (detected once), at most what this build has
 inline int detected_cpu_isa() {
   static const int isa = [] {
 #ifdef RMT_CPU_X86
@@ -64,7 +82,7 @@ inline int detected_cpu_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       if (!__builtin_cpu_supports("avx512bf16")) return int(kAvx512);
-      return amx_usable() ? int(kAmx) : int(kAvx512Bf16);
+      return std::min(amx_usable() ? int(kAmx) : int(kAvx512Bf16), kCompiledIsa);
     }
 #endif
     return int(kGeneric);

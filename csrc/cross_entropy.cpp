@@ -56,7 +56,9 @@ struct CeRows {
 template <typename T>
 CeRows<T> ce_rows_for(int isa) {
 #ifdef RMT_CPU_X86
+#ifdef RMT_CPU_BF16
   if (isa >= kAvx512Bf16) return {&avx512bf16::row_lse512<T>, &avx512bf16::row_softmax_grad512<T>};
+#endif
   if (isa == kAvx512) return {&avx512::row_lse512<T>, &avx512::row_softmax_grad512<T>};
 #endif
   (void)isa;

@@ -63,7 +63,9 @@ using RowsFn = void (*)(const T*, const float*, const float*, T*, float*, float*
 template <typename T>
 RowsFn<T> layer_norm_rows_for(int isa) {
 #ifdef RMT_CPU_X86
+#ifdef RMT_CPU_BF16
   if (isa >= kAvx512Bf16) return &avx512bf16::layer_norm_rows512<T>;
+#endif
   if (isa == kAvx512) return &avx512::layer_norm_rows512<T>;
 #endif
   (void)isa;

@@ -60,6 +60,7 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
+#ifdef RMT_CPU_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,prefer-vector-width=512")
 namespace avx512bf16 {
@@ -71,6 +72,7 @@ namespace avx512bf16 {
 #undef RMT_MA_ISA
 }  // namespace avx512bf16
 #pragma GCC pop_options
+#endif
 
 #ifdef RMT_CPU_AMX
 #pragma GCC push_options
@@ -120,7 +122,9 @@ Kernels kernels_for(int isa) {
 #ifdef RMT_CPU_AMX
   if (isa == kAmx) return RMT_MA_KERNELS(amx);
 #endif
+#ifdef RMT_CPU_BF16
   if (isa >= kAvx512Bf16) return RMT_MA_KERNELS(avx512bf16);
+#endif
   if (isa == kAvx512) return RMT_MA_KERNELS(avx512);
 #endif
   (void)isa;
