@@ -337,6 +337,19 @@ def test_scored_bench_runs_both_ways_and_they_agree(capsys):
     assert "| sinks | float32 | 48 |" in out and "| softcap | float32 | 48 |" in out
 
 
+def test_scored_bench_whole_models_differ_only_in_attention(capsys):
+    """``--model``: a Gemma 2 and a gpt-oss, each eager and ``rmt_fast`` (same weights: logits
+    agree, so the two really are the same model on two backends), both ways timed."""
+    from rmt_fast.bench import scored
+
+    rows = scored.main(["--model", "--dtype", "float32", "--lengths", "40", "--rounds", "1",
+                        "--heads", "4", "--kv-heads", "2", "--dim", "16"])
+    assert [r["term"] for r in rows] == ["sinks", "softcap"]
+    for r in rows:
+        assert 0 < r["max_diff"] < 1e-4  # 0 would mean both ran the same backend
+        assert all(r[f"{w} {m}"] > 0 for w in ("exact", "fused") for m in ("fwd", "fwd+bwd"))
+
+
 def test_windows_bench_runs_both_ways_and_they_agree(capsys):
     """``python -m rmt_fast.bench.windows`` on a small case: both ways timed, outputs agree."""
     from rmt_fast.bench import windows

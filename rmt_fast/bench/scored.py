@@ -10,6 +10,11 @@ ran for every call with either term before, and still runs for T5's position bia
 ``[1, H, L, D]`` with GQA; timing as :mod:`rmt_fast.bench.two_ways`; ``max |diff|`` compares
 the two outputs.
 
+``--model``: the whole model instead, a 2-layer Gemma 2 (softcap) or gpt-oss (sinks, one
+sliding and one full layer) with the attention shape given, built from its config with
+``attn_implementation="eager"`` (``exact``) and ``"rmt_fast"`` (``fused``), same weights; one
+sequence of ``L`` tokens, a loss on the float32 square of the logits for the backward.
+
 ``python -m rmt_fast.bench.scored --terms sinks --dtype float32 bfloat16 --lengths 1024 4096``
 ``python -m rmt_fast.bench.scored --terms softcap --heads 8 --kv-heads 4 --dim 256`` (Gemma 2 2B)
 """
@@ -17,6 +22,7 @@ the two outputs.
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -56,6 +62,37 @@ def run(term: str, dtype: torch.dtype, length: int, heads: int = 8, kv_heads: in
     return time_ways(ways, rounds)
 
 
+def run_model(term: str, dtype: torch.dtype, length: int, heads: int = 8, kv_heads: int = 2,
+              dim: int = 64, rounds: int = 3) -> dict:
+    """:func:`run` on a whole 2-layer model (see the module docstring), hidden size
+    ``heads * dim``, MLP 4x, vocabulary 1000, no window that cuts ``length`` keys."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
+
+    shape = dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=dim,
+                 hidden_size=heads * dim, intermediate_size=4 * heads * dim, num_hidden_layers=2,
+                 max_position_embeddings=length, vocab_size=1000)
+    if term == "softcap":
+        cls, cfg = Gemma2ForCausalLM, Gemma2Config(attn_logit_softcapping=GEMMA2_SOFTCAP,
+                                                   sliding_window=length, **shape)
+    elif term == "sinks":
+        cls, cfg = GptOssForCausalLM, GptOssConfig(
+            num_local_experts=2, num_experts_per_tok=1, sliding_window=length,
+            layer_types=["sliding_attention", "full_attention"], **shape)
+    else:
+        raise ValueError(f"term must be 'sinks' or 'softcap', got {term!r}")
+    models = []
+    for impl in ("eager", "rmt_fast"):
+        torch.manual_seed(0)
+        # a config each: a model reads its attention implementation from its config per call
+        models.append(cls._from_config(copy.deepcopy(cfg), attn_implementation=impl)
+                      .to(dtype).train())
+    assert models[0].config._attn_implementation == "eager"
+    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(1))
+    ways = {name: (lambda m=m: m(input_ids=ids).logits)
+            for name, m in zip(("exact", "fused"), models, strict=True)}
+    return time_ways(ways, rounds)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--terms", nargs="+", choices=["sinks", "softcap"], default=["sinks", "softcap"])
@@ -65,11 +102,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--model", action="store_true", help="time a whole 2-layer model")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    fn = run_model if args.model else run
     return sweep(dict(term=args.terms, dtype=args.dtype, L=args.lengths),
-                 lambda term, dtype, L: run(term, getattr(torch, dtype), L, args.heads,
-                                            args.kv_heads, args.dim, rounds=args.rounds),
+                 lambda term, dtype, L: fn(term, getattr(torch, dtype), L, args.heads,
+                                           args.kv_heads, args.dim, rounds=args.rounds),
                  "exact", "fused")
 
 if __name__ == "__main__":
