@@ -5,6 +5,8 @@ and keep training memory flat in the number of segments."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from rmt_fast.models import (
     RMTEncoderForSequenceClassification,
     RMTEncoderForTokenClassification,
     RMTForCausalLM,
+    segment_loop,
 )
 from rmt_fast.models.segment_loop import Segment, SegmentState, keep_rows, run_segments
 
@@ -202,6 +205,91 @@ def test_autocast_bf16_checkpoint_equals_plain():
     model = decoder(torch.float32, True, xl_cache=2)
     torch.manual_seed(5)
     assert model(tokens, labels=tokens, attention_mask=mask, labels_mask=labels_mask).loss.item() != losses[0]
+
+
+class _WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts float32 -> bf16 casts of tensors of ``shape`` (a weight's)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else None
+        if func is torch.ops.aten._to_copy.default and isinstance(x, torch.Tensor) \
+                and x.dtype == torch.float32 and tuple(x.shape) == self.shape \
+                and (kwargs or {}).get("dtype") == torch.bfloat16:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _autocast_nesting() -> int:
+    depth = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return depth
+
+
+def _bf16_step(model, hold: bool, monkeypatch):
+    """One bf16-autocast training step; the weight casts of the first attention projection
+    counted; ``hold=False``: the recomputations without the shared cast cache."""
+    if not hold:
+        monkeypatch.setattr(segment_loop.RecomputeCastCache, "contexts",
+                            lambda self: (contextlib.nullcontext(), contextlib.nullcontext()))
+    tokens, mask, labels_mask = padded_batch()
+    weight = model.base.transformer.h[0].attn.c_attn.weight
+    torch.manual_seed(5)
+    with _WeightCasts(weight.shape) as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, labels=tokens, attention_mask=mask, labels_mask=labels_mask)
+        forward = casts.count
+        out.loss.backward()
+    monkeypatch.undo()
+    return forward, casts.count - forward, grads_of(model)
+
+
+def test_recomputations_share_the_weight_casts(monkeypatch):
+    """Under bf16 autocast the checkpointed segments' recomputations cast each weight once per
+    backward pass (was: once per segment), with the same gradients bit for bit, and autocast's
+    nesting is back to 0 after the pass (its cache cleared)."""
+    segments = -(-30 // 6)
+    forward, backward, grads_off = _bf16_step(decoder(torch.float32, True), False, monkeypatch)
+    assert forward > 0 and backward == segments * forward  # each recomputation casts again
+    forward_on, backward, grads_on = _bf16_step(decoder(torch.float32, True), True, monkeypatch)
+    assert forward_on == forward and backward == forward and _autocast_nesting() == 0
+    assert grads_on.keys() == grads_off.keys()
+    assert all(torch.equal(grads_on[k], grads_off[k]) for k in grads_on)
+
+
+def test_a_failed_backward_leaves_no_stale_casts():
+    """A backward pass that raises after the recomputations began never reaches its final
+    callback: the next checkpointed forward releases the hold, so a step after an in-place
+    weight update computes with the new weights (a stale cast would give the old logits)."""
+    model = decoder(torch.float32, True).eval()
+    tokens, mask, _ = padded_batch()
+
+    def boom(grad):
+        raise RuntimeError("boom")
+
+    handle = model.memory.register_hook(boom)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, attention_mask=mask, labels=tokens)
+    with pytest.raises(RuntimeError, match="boom"):
+        out.loss.backward()
+    handle.remove()
+    assert _autocast_nesting() == 1  # the failed pass's hold
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(tokens, attention_mask=mask, return_logits=True).logits
+    assert _autocast_nesting() == 0
+    fresh = decoder(torch.float32, True).eval()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fresh(tokens, attention_mask=mask, return_logits=True).logits
+    assert torch.equal(got, want)
 
 
 @pytest.mark.slow  # ~12 s of compilation

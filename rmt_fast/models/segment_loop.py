@@ -24,6 +24,11 @@ memory ``[B, M, d]``, the Transformer-XL cache :class:`RecurrentState` and its p
   ``backward(inputs=...)``, gradient accumulation, autocast, DDP, FSDP2 and a
   ``torch.compile``-d step all work as they do without it.
 
+Under CPU autocast (bf16 training) the recomputations share one set of cast weights per
+backward pass (:class:`RecomputeCastCache`): autocast casts every float32 weight once per
+autocast region, and each recomputation is a region of its own, so without it every segment's
+recomputation cast every weight again.
+
 The states a checkpoint keeps go into the C++/CUDA extension's memory-state store
 (:class:`rmt_fast._extension.MemoryStore`): the checkpoint saves its tensor inputs as autograd
 saved tensors, and :class:`StateStore` is the ``saved_tensors_hooks`` pair around each
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +51,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+from torch.utils.checkpoint import noop_context_fn
 
 from rmt_fast._extension import MemoryStore
 
@@ -286,6 +293,65 @@ def _state_device(state: Any) -> torch.device | None:
     return None
 
 
+class RecomputeCastCache:
+    """Keeps CPU autocast's cache of cast weights from the first segment recomputed in a
+    backward pass to the end of that pass, so that the recomputations of all segments use the
+    weights cast once (a bf16 GPT-2-small training step with 8 checkpointed segments spent 16%
+    of its time casting weights, one cast per segment's recomputation, bench/README.md).
+
+    Why by hand: ``torch.utils.checkpoint`` re-enters autocast for each recomputation, and
+    autocast clears its cache when its outermost region exits (nesting back to 0), i.e. after
+    every recomputation. The recomputation context (``context_fn``) raises autocast's nesting
+    once per backward pass and an autograd final callback lowers it and clears the cache when
+    the pass ends. The recomputed tensors are saved tensors only (gradients flow through the
+    forward's graph), so the values, and every gradient, are the same bits as without it.
+
+    CPU only: the engine runs a CPU graph's nodes and final callbacks on the calling thread,
+    whose thread-local autocast state this changes. A pass that ended without its callback (it
+    raised) is undone at the next checkpointed forward (:meth:`release_stale`); until then
+    autocast keeps that pass's casts, so autocast work on the same weights outside this loop
+    after such a failure and an optimizer step would see the old weights."""
+
+    _held: set = set()  # strong: a hold must be released even after its graph is gone
+
+    def __init__(self) -> None:
+        self.thread: int | None = None  # the thread whose autocast nesting is raised, if any
+
+    def contexts(self):
+        """``context_fn`` for ``torch.utils.checkpoint``: (forward, recomputation) contexts."""
+        return contextlib.nullcontext(), self._recomputation()
+
+    @contextlib.contextmanager
+    def _recomputation(self):
+        if self.thread is None and torch.is_autocast_enabled("cpu"):
+            torch.autocast_increment_nesting()
+            try:  # raises outside a backward pass (a saved tensor read by hand): hold nothing
+                torch.autograd.Variable._execution_engine.queue_callback(self.release)
+            except RuntimeError:
+                torch.autocast_decrement_nesting()
+            else:
+                self.thread = threading.get_ident()
+                RecomputeCastCache._held.add(self)
+        yield
+
+    def release(self, clear: bool = False) -> None:
+        """Lower the nesting raised for this pass; clear the cache where it reaches 0 (or
+        always, ``clear``)."""
+        if self.thread is None or self.thread != threading.get_ident():
+            return
+        self.thread = None
+        RecomputeCastCache._held.discard(self)
+        if torch.autocast_decrement_nesting() == 0 or clear:
+            torch.clear_autocast_cache()
+
+    @classmethod
+    def release_stale(cls) -> None:
+        """Undo the holds of passes that ended without their callback (on this thread): their
+        cached casts would outlive an optimizer step."""
+        for hold in list(cls._held):
+            hold.release(clear=True)
+
+
 def run_segments(step: StepFn, state: Any, segments: Iterable[Any], *, bptt_depth: int = -1,
                  checkpoint: bool = False, offload: bool = False, store: MemoryStore | None = None,
                  saved_state: str = "store", preserve_rng_state: bool = True,
@@ -339,6 +405,14 @@ def run_segments(step: StepFn, state: Any, segments: Iterable[Any], *, bptt_dept
         hooks = StateStore(store)
     elif not checkpoint:
         store = None
+    context_fn = noop_context_fn
+    if checkpoint:
+        RecomputeCastCache.release_stale()
+        # (under torch.compile a context_fn must be a pair of dispatch modes: none there)
+        device = _state_device(state)
+        if torch.is_autocast_enabled("cpu") and (device is None or device.type == "cpu") \
+                and not torch.compiler.is_compiling():
+            context_fn = RecomputeCastCache().contexts
     loss: torch.Tensor | None = None
     outputs: dict[str, list[Any]] = {}
     cuts = cut_before(segments, bptt_depth) if bptt_depth >= 0 else None
@@ -367,7 +441,7 @@ def run_segments(step: StepFn, state: Any, segments: Iterable[Any], *, bptt_dept
                 # shape/dtype/device costs Python time per tensor (~10% of a small model's step)
                 result = torch_checkpoint(fn, *leaves, use_reentrant=False,
                                           preserve_rng_state=preserve_rng_state,
-                                          determinism_check="none")
+                                          determinism_check="none", context_fn=context_fn)
             new_state, out = result[0], _check_outputs(t, result)
         else:
             result = step(state, seg, t)
