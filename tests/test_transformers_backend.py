@@ -353,6 +353,16 @@ def test_gemma2_softcap_runs_fused(monkeypatch):
         ids = _equal_to_eager(ref, ours, new_tokens=4)
     rmt = RMTForCausalLM(tiny_scored("gemma2", "rmt_fast", window=64), num_mem_tokens=3,
                          segment_size=7, mask="rmt")
-    with torch.no_grad():
-        rmt(ids)
+    fused = rmt(ids, labels=ids)
     assert not exact, "softcap took the dense exact path"
+    fused_grads = torch.autograd.grad(fused.loss, list(rmt.parameters()))
+    # the same RMT forced onto the dense exact path (a zero position bias joins the terms)
+    real_terms = integ._score_terms
+    monkeypatch.setattr(integ, "_score_terms", lambda kw: (
+        None if real_terms(kw) is None else real_terms(kw)[:2] + (torch.zeros(()),)))
+    dense = rmt(ids, labels=ids)
+    assert exact
+    torch.testing.assert_close(fused.logits, dense.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, torch.autograd.grad(dense.loss, list(rmt.parameters())),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
