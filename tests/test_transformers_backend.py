@@ -244,14 +244,7 @@ def test_softcap_sinks_and_position_bias_equal_eager(kind):
     kw = dict(input_ids=ids, attention_mask=am)
     if kind == "t5":
         kw["decoder_input_ids"] = ids[:, :6]
-    valid = slice(None) if kind == "t5" else am.bool()
-    a, b = ref(**kw).logits, ours(**kw).logits
-    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
-    a[valid].square().mean().backward()
-    b[valid].square().mean().backward()
-    for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        if pa.grad is not None:
-            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _same_logits_and_grads(ref, ours, kw, slice(None) if kind == "t5" else am.bool())
     _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=5)
 
 
@@ -317,16 +310,21 @@ def _equal_to_eager(ref, ours, new_tokens: int) -> torch.Tensor:
     ids = torch.randint(1, 97, (3, 14), generator=torch.Generator().manual_seed(2))
     am = torch.ones(3, 14, dtype=torch.long)
     am[1, :5] = 0
-    valid = am.bool()
-    a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
+    _same_logits_and_grads(ref, ours, dict(input_ids=ids, attention_mask=am), am.bool())
+    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=new_tokens)
+    return ids
+
+
+def _same_logits_and_grads(ref, ours, kw: dict, valid) -> None:
+    """``ours(**kw)`` equals ``ref(**kw)`` (same weights) in the logits at ``valid`` and in every
+    parameter's gradient of a loss on them."""
+    a, b = ref(**kw).logits, ours(**kw).logits
     torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
     a[valid].square().mean().backward()
     b[valid].square().mean().backward()
     for (name, pa), pb in zip(ref.named_parameters(), ours.parameters(), strict=True):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
-    _same_generation(ref, ours, ids, attention_mask=am, max_new_tokens=new_tokens)
-    return ids
 
 
 def _same_generation(ref, ours, ids, max_new_tokens: int, **kw):
