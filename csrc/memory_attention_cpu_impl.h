@@ -561,7 +561,7 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
 #if RMT_MA_ISA >= 1
   constexpr int NV = kBR / 16;
   const __m512 sc = _mm512_set1_ps(scale), vninf = _mm512_set1_ps(ninf);
-  const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(tscale);
+  const __m512 vcap = _mm512_set1_ps(cap), vtscale = _mm512_set1_ps(tscale);
   const __m512 one = _mm512_set1_ps(1.0f);
   __m512 mx[NV];
   for (int c = 0; c < NV; ++c) mx[c] = vninf;
@@ -587,7 +587,7 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
       }
       __m512 x;
       if constexpr (kCap) {
-        const __m512 t = tanh512(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), vinv));
+        const __m512 t = tanh512(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * c), vtscale));
         x = _mm512_mask_mul_ps(vninf, in, t, vcap);
         if (dcap != nullptr)
           _mm512_storeu_ps(dcap + n * kBR + 16 * c,
@@ -610,11 +610,13 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
     for (int64_t m = 0; m < kBR; ++m) {
       const bool vis =
           kept && (!mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]));
-      float x = row[m] * scale;
+      float x;
       if constexpr (kCap) {
         const float t = std::tanh(row[m] * tscale);
         x = cap * t;
         if (dcap != nullptr) dcap[n * kBR + m] = vis ? 1.0f - t * t : 0.0f;
+      } else {
+        x = row[m] * scale;
       }
       row[m] = vis ? x : ninf;
       if (tmax != nullptr) tmax[m] = std::max(tmax[m], row[m]);
