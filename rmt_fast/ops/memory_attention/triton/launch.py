@@ -161,19 +161,17 @@ def check_layout(layout: AttentionLayout) -> None:
                                       f"{f.name} (got {getattr(layout, f.name)!r})")
 
 
-def window_args(layout: AttentionLayout, past_len: int, length: int) -> tuple[bool, int]:
-    """``(HAS_WINDOW, WINDOW)`` kernel arguments. A window that hides no key
-    (:meth:`AttentionLayout.cutting_window`) runs the kernels without a window, which are then
-    identical; ``WINDOW`` is 0 (unused) without one."""
+def layout_args(layout: AttentionLayout, past_len: int,
+                length: int) -> tuple[bool, int, bool, float]:
+    """``(HAS_WINDOW, WINDOW, HAS_SOFTCAP, SOFTCAP)`` kernel arguments, after
+    :func:`check_layout`. A window that hides no key (:meth:`AttentionLayout.cutting_window`)
+    runs the kernels without a window, which are then identical; ``WINDOW`` is 0 and ``SOFTCAP``
+    1.0 (unused) without them."""
     check_layout(layout)
     window = layout.cutting_window(past_len, length)
-    return (False, 0) if window is None else (True, int(window))
-
-
-def softcap_args(layout: AttentionLayout) -> tuple[bool, float]:
-    """``(HAS_SOFTCAP, SOFTCAP)`` kernel arguments; ``SOFTCAP`` is 1.0 (unused) without a cap."""
-    check_layout(layout)
-    return (False, 1.0) if layout.softcap is None else (True, float(layout.softcap))
+    has_window, window = (False, 0) if window is None else (True, int(window))
+    has_softcap, softcap = (False, 1.0) if layout.softcap is None else (True, float(layout.softcap))
+    return has_window, window, has_softcap, softcap
 
 
 def prepare(q, k, v, past_k, past_v, key_padding_mask):
@@ -197,8 +195,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
-    has_window, window = window_args(layout, past_len, length)
-    has_softcap, softcap = softcap_args(layout)
+    has_window, window, has_softcap, softcap = layout_args(layout, past_len, length)
     cfg = pick_config("fwd", dim, q.dtype, has_window, has_softcap)
     out = _alloc(q)
     lse = _alloc((batch, hq, length), torch.float32, q.device)
@@ -234,8 +231,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     hkv = k.shape[1]
     groups = hq // hkv
     past_len = 0 if past_k is None else past_k.shape[2]
-    has_window, window = window_args(layout, past_len, length)
-    has_softcap, softcap = softcap_args(layout)
+    has_window, window, has_softcap, softcap = layout_args(layout, past_len, length)
     dout = dout.contiguous()
     bd = block_d(dim)
     f32 = dot_f32(q.dtype)
@@ -295,8 +291,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tens
         raise ValueError(f"decode handles at most {DECODE_MAX_ROWS} query rows, got {length}")
     hkv = k.shape[1]
     past_len = 0 if past_k is None else past_k.shape[2]
-    has_window, window = window_args(layout, past_len, length)
-    has_softcap, softcap = softcap_args(layout)
+    has_window, window, has_softcap, softcap = layout_args(layout, past_len, length)
     cfg = pick_config("decode_split", dim, q.dtype, has_window, has_softcap)
     block_n = cfg.block_n
     split = split_size or (32 if interpreting() else 256)
