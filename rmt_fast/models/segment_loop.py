@@ -397,11 +397,12 @@ def run_segments(step: StepFn, state: Any, segments: Iterable[Any], *, bptt_dept
         if not segments:
             raise ValueError("segments must hold at least one segment")
     checkpoint = checkpoint and torch.is_grad_enabled()
+    device = _state_device(state) if checkpoint else None
+    on_cpu = device is None or device.type == "cpu"
     hooks: StateStore | None = None
     if checkpoint and saved_state == "store":
         if store is None:
-            device = _state_device(state)
-            store = MemoryStore(offload=offload and device is not None and device.type != "cpu")
+            store = MemoryStore(offload=offload and not on_cpu)
         hooks = StateStore(store)
     elif not checkpoint:
         store = None
@@ -409,9 +410,7 @@ def run_segments(step: StepFn, state: Any, segments: Iterable[Any], *, bptt_dept
     if checkpoint:
         RecomputeCastCache.release_stale()
         # (under torch.compile a context_fn must be a pair of dispatch modes: none there)
-        device = _state_device(state)
-        if torch.is_autocast_enabled("cpu") and (device is None or device.type == "cpu") \
-                and not torch.compiler.is_compiling():
+        if torch.is_autocast_enabled("cpu") and on_cpu and not torch.compiler.is_compiling():
             context_fn = RecomputeCastCache().contexts
     loss: torch.Tensor | None = None
     outputs: dict[str, list[Any]] = {}
