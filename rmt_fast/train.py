@@ -123,6 +123,8 @@ class ModelSpec:
     armt_correction: bool = _opt(True, "armt: the gamma correction of z (the reference's); off, z "
                                  "sums every key written: the read stays bounded far past the "
                                  "training length but old content is diluted (docs/armt.md)")
+    armt_floor: float = _opt(0.0, "armt: reads divide by max(phi.z, FLOOR |phi|^2) + eps "
+                             "(ARMTConfig.normaliser_floor; 0 = the reference's phi.z + eps)")
 
 
 @dataclass(frozen=True)
@@ -793,14 +795,15 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 bptt_depth: int | None = -1,
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
-                armt_l2_norm: bool = False, armt_correction: bool = True,
+                armt_l2_norm: bool = False, armt_correction: bool = True, armt_floor: float = 0.0,
                 memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
     (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
     L2-normalised with ``armt_l2_norm``, the ``gamma`` correction of ``z`` unless
-    ``armt_correction=False``: :attr:`ARMTConfig.correction`); ``mask``, ``xl_cache`` and ``xl_positions``
+    ``armt_correction=False``: :attr:`ARMTConfig.correction`, the read's floor ``armt_floor``:
+    :attr:`ARMTConfig.normaliser_floor`); ``mask``, ``xl_cache`` and ``xl_positions``
     (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -827,8 +830,9 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
                              "and has no XL cache nor memory gate")
-    elif armt_l2_norm or not armt_correction:
-        bad = "armt_l2_norm" if armt_l2_norm else "armt_correction=False"
+    elif armt_l2_norm or not armt_correction or armt_floor:
+        bad = ("armt_l2_norm" if armt_l2_norm else "armt_correction=False" if not armt_correction
+               else f"armt_floor={armt_floor}")
         raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
     if arch == "gpt2":
@@ -851,6 +855,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     if model == "armt":
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                                d_mem=d_mem, use_l2_norm=armt_l2_norm, correction=armt_correction,
+                               normaliser_floor=armt_floor,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

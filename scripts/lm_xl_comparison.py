@@ -75,6 +75,9 @@ ROWS: dict[str, dict] = {
     # key that A holds, so the read stays a bounded average (scripts/armt_state_trace.py showed
     # the corrected z freeze after the first segment while A grows, and reads explode)
     "armt-d4-nocorr": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", correction=False),
+    # with the correction, but reads divide by max(phi.z, |phi|^2) + eps
+    # (ARMTConfig.normaliser_floor = 1): no division by almost nothing, old content kept
+    "armt-d4-floor": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", floor=1.0),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -130,7 +133,8 @@ class Settings:
                            bptt_depth=spec["depth"], checkpoint_segments=checkpoint_segments,
                            seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
                            d_mem=self.d_mem, armt_l2_norm=spec.get("l2", False),
-                           armt_correction=spec.get("correction", True))
+                           armt_correction=spec.get("correction", True),
+                           armt_floor=spec.get("floor", 0.0))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,

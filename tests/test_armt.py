@@ -31,7 +31,7 @@ class _RefLayer(nn.Module):
 
     def forward(self, h, *args, **kwargs):
         a, c = self._assoc[0], self.cfg
-        opts = dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps)
+        opts = dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps, floor=c.normaliser_floor)
         if self.A is not None:
             read = reference_read(a.W_mq(h), self.A, self.z, **opts)
             if self.noise:  # memory noise: std relative to each read vector's RMS (not differentiated)
@@ -75,16 +75,17 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     return logits, loss, ref
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("l2", [False, True])
-def test_forward_backward_match_independent_loop(kind, l2):
+@pytest.mark.parametrize("kind,l2,floor", [("gpt2", False, 0.0), ("llama", False, 0.0),
+                                           ("gpt2", True, 0.0), ("llama", True, 0.0),
+                                           ("gpt2", False, 1.0), ("llama", True, 1.0)])
+def test_forward_backward_match_independent_loop(kind, l2, floor):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
     float32; gradients in float64 to 1e-10 of their largest entry for GPT-2, 1e-4 for Llama
     (transformers runs Llama's RMSNorm and rotary tables in float32 even in a float64 model);
     in float32 they agree only to rounding (~1e-5 relative, set by the attention kernel's
     summation order)."""
-    model = make(kind, use_l2_norm=l2)
+    model = make(kind, use_l2_norm=l2, normaliser_floor=floor)
     x = ids(2, 29)  # 4 segments, the last one short
     out = model(x, labels=x)
     assert isinstance(out, ARMTOutput) and out.logits.shape == (2, 29, VOCAB)
@@ -464,7 +465,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
     # a file written before segment checkpointing existed loads with it off
     path = tmp_path / ARMTConfig.FILE_NAME
     old = {k: v for k, v in json.loads(path.read_text()).items()
-           if k not in ("checkpoint_segments", "offload_memory")}
+           if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -477,12 +478,15 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(bptt_depth=-2), "bptt_depth must be -1"),
                      (dict(state_dtype="half"), "state_dtype must be None or one of"),
                      (dict(backend="cuda"), "backend must be one of"),
-                     (dict(correction=1), "correction must be a bool")]:
+                     (dict(correction=1), "correction must be a bool"),
+                     (dict(normaliser_floor=-1.0), "normaliser_floor must be a finite float >= 0"),
+                     (dict(normaliser_floor=float("nan")), "normaliser_floor must be a finite")]:
         with pytest.raises(ValueError, match=msg):
             ARMTConfig(**bad)
 
 
-@pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False)])
+@pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False),
+                                    dict(normaliser_floor=1.0)])
 def test_replace_config_reaches_the_associative_memory(change):
     """A changed option reaches every layer's read and write (the model equals one built with
     it); fields that shape the associative weights are refused."""

@@ -21,6 +21,7 @@ from rmt_fast.ops.associative_memory import (  # noqa: E402
     associative_write,
     chunked,
     dpfp,
+    features,
     reference_read,
     reference_write,
 )
@@ -63,11 +64,14 @@ def _grads(outs, inputs, seed=1):
     return cots, torch.autograd.grad(outs, inputs, [c.to(o.dtype) for c, o in zip(cots, outs, strict=True)])
 
 
-def _check_read(backend, dtype, normalize, **shape):
+def _check_read(backend, dtype, normalize, floor=0.0, **shape):
     x, A, z, *_ = _inputs(dtype, **shape)
-    out = associative_read(x, A, z, normalize=normalize, backend=backend)
-    ref = reference_read(x, A, z, normalize=normalize, upcast=True)
-    low = reference_read(x, A, z, normalize=normalize)
+    if floor == "split":
+        floor = _split_floor(x, z, normalize)
+    kw = dict(normalize=normalize, floor=floor)
+    out = associative_read(x, A, z, backend=backend, **kw)
+    ref = reference_read(x, A, z, upcast=True, **kw)
+    low = reference_read(x, A, z, **kw)
     assert out.dtype == dtype
     _close("read", out, ref, low, 2, dtype)
     cots, got = _grads([out], (x, A, z))
@@ -77,10 +81,12 @@ def _check_read(backend, dtype, normalize, **shape):
         _close(f"read {name}", a, r, lo, 3, dtype)
 
 
-def _check_write(backend, dtype, normalize, first, correction=True, **shape):
+def _check_write(backend, dtype, normalize, first, correction=True, floor=0.0, **shape):
     _, A, z, km, v, beta = _inputs(dtype, **shape)
+    if floor == "split":
+        floor = _split_floor(km, z, normalize)
     ins = (km, v, beta, A, z)
-    kw = dict(first=first, correction=correction, normalize=normalize)
+    kw = dict(first=first, correction=correction, normalize=normalize, floor=floor)
     out = associative_write(*ins, backend=backend, **kw)
     ref = reference_write(*ins, upcast=True, **kw)
     low = reference_write(*ins, **kw)
@@ -92,6 +98,22 @@ def _check_write(backend, dtype, normalize, first, correction=True, **shape):
     lowg = torch.autograd.grad(low, ins, [c.to(dtype) for c in cots])
     for name, a, r, lo in zip(("dkm", "dv", "dbeta", "dA", "dz"), got, want, lowg, strict=True):
         _close(f"write {name}", a, r, lo, 3, dtype)
+
+
+def _floor_ratios(x, z, normalize):
+    """``phi . z / |phi|^2`` per row ``[B, L]`` (float64): the floor ``c`` is the divisor of the
+    rows whose ratio is below ``c``."""
+    q = features(x.detach().double(), 3, normalize)
+    return (q * z.detach().double()[:, None]).sum(-1) / q.square().sum(-1)
+
+
+def _split_floor(x, z, normalize):
+    """A floor halfway between the two middle ratios: about half the rows floored, none at a
+    tie (where the floor's max has no single derivative)."""
+    r = _floor_ratios(x, z, normalize).flatten().sort().values
+    n = r.numel()
+    assert r[n // 2] - r[n // 2 - 1] > 1e-6 * r[n // 2]
+    return float((r[n // 2 - 1] + r[n // 2]) / 2)
 
 
 # --- the PyTorch (CPU) path ---------------------------------------------------------------------
@@ -128,6 +150,47 @@ def test_torch_write_float64_exact(normalize, first, correction):
         torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("correction", [True, False])
+def test_torch_floor_float64_exact(normalize, correction, monkeypatch):
+    """``floor``: the read and ``v_bar`` divide by ``max(phi . z, c |phi|^2) + eps``, about half
+    the rows floored; equal to the dense reference in float64 (chunked rows, gradients); the
+    floor changes the read and ``A'``, and leaves ``z'`` as it was (``gamma`` comes from
+    ``phi . z``)."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 6 * 5 * 4)  # 4 rows per chunk
+    x, A, z, km, v, beta = _inputs(torch.float64)
+    floor = _split_floor(x, z, normalize)
+    ratios = _floor_ratios(x, z, normalize)
+    assert 0 < int((ratios < floor).sum()) < ratios.numel()
+    out = associative_read(x, A, z, normalize=normalize, floor=floor, backend="torch")
+    ref = reference_read(x, A, z, normalize=normalize, floor=floor)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    plain = reference_read(x, A, z, normalize=normalize)
+    floored = ratios < floor
+    assert (out - plain).abs().amax(-1)[floored].min() > 1e-6  # every floored row changed
+    torch.testing.assert_close(out[~floored], plain[~floored], rtol=1e-12, atol=1e-12)
+    cots, got = _grads([out], (x, A, z))
+    want = torch.autograd.grad(ref, (x, A, z), cots[0])
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+
+    floor = _split_floor(km, z, normalize)
+    ins = (km, v, beta, A, z)
+    kw = dict(first=False, correction=correction, normalize=normalize)
+    got = associative_write(*ins, floor=floor, backend="torch", **kw)
+    want = reference_write(*ins, floor=floor, **kw)
+    unfloored = reference_write(*ins, **kw)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    assert (got[0] - unfloored[0]).abs().max() > 1e-6
+    torch.testing.assert_close(got[1], associative_write(*ins, backend="torch", **kw)[1],
+                               rtol=0, atol=0)
+    cots, ga = _grads(list(got), ins)
+    gr = torch.autograd.grad(want, ins, cots)
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_low_precision(dtype):
     _check_read("torch", dtype, False)
@@ -161,6 +224,14 @@ def test_triton_read(dtype, normalize):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_triton_write(dtype, normalize):
     _check_write("triton", dtype, normalize, first=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_floor(dtype, normalize):
+    """The read and the write with about half the rows floored (forward and backward)."""
+    _check_read("triton", dtype, normalize, floor="split")
+    _check_write("triton", dtype, normalize, first=False, floor="split")
 
 
 def test_triton_write_first_no_correction_fp32():
@@ -205,9 +276,11 @@ OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
 @pytest.mark.parametrize("normalize", [False, True])
 def test_custom_ops_opcheck(normalize):
     x, A, z, km, v, beta = _inputs(torch.float32, length=7, d=8)
-    res = torch.library.opcheck(torch.ops.rmt_fast.assoc_read.default,
-                                (x, A, z, 3, normalize, 1e-5, "torch"), test_utils=OPCHECKS)
-    assert res == {name: "SUCCESS" for name in OPCHECKS}
+    for floor in ((), (_split_floor(x, z, normalize),)):
+        res = torch.library.opcheck(torch.ops.rmt_fast.assoc_read.default,
+                                    (x, A, z, 3, normalize, 1e-5, "torch", *floor),
+                                    test_utils=OPCHECKS)
+        assert res == {name: "SUCCESS" for name in OPCHECKS}
     gamma = torch.rand(2, 4)
     u = torch.randn(2, 4, 8, requires_grad=True)
     res = torch.library.opcheck(torch.ops.rmt_fast.assoc_update.default,
@@ -269,6 +342,11 @@ def test_bad_inputs_raise_clear_errors():
         associative_write(km, v, beta[:, :2], A, z, first=False)
     with pytest.raises(ValueError, match=r"first must be a bool or a bool tensor \[B=2\]"):
         associative_write(km, v, beta, A, z, first=torch.ones(3, dtype=torch.bool))
+    for bad in (-0.5, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="floor must be a finite float >= 0"):
+            associative_read(x, A, z, floor=bad)
+        with pytest.raises(ValueError, match="floor must be a finite float >= 0"):
+            associative_write(km, v, beta, A, z, first=False, floor=bad)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         associative_read(x.double(), A.double(), z.double(), backend="triton")
 
@@ -306,7 +384,7 @@ def test_aot_fp32_ieee_no_tf32_no_spills():
 def test_aot_full_sweep():
     """Every kernel, dtype, d_mem 64 and 128, both targets, with and without normalisation."""
     rows = _aot("--d-mems", "64", "128") + _aot("--d-mems", "64", "128", "--no-normalize")
-    assert len(rows) == 2 * 2 * 3 * 2 * 4
+    assert len(rows) == 2 * 2 * 3 * 2 * 5  # 5 KERNELS (matmul with and without the floor)
     assert not any(r["spill_stores"] or r["spill_loads"] for r in rows), \
         [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not any(r["tf32"] for r in rows if r["dtype"] == "fp32")

@@ -213,6 +213,7 @@ def test_dry_run_end_to_end(tmp_path):
     checks = {c["name"]: c["status"] for s in data["stages"].values() for c in s.get("checks", [])}
     assert checks["C++ errors reach Python"] == "ok"
     assert checks["get of a missing segment raises"] == "ok"
+    assert checks["associative read + write, float32, normaliser floor on about half the rows"] == "ok"
     assert data["stages"]["armt"]["metrics"]["armt_logits_rel_diff"] < 1e-5
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 

@@ -187,6 +187,9 @@ def test_build_model_inits():
         build_model(37, 3, 2, armt_correction=False)
     assert build_model(37, 3, 2, model="armt", d_mem=4).rmt_config.correction is True
     assert build_model(37, 3, 2, model="armt", d_mem=4, armt_correction=False).rmt_config.correction is False
+    with pytest.raises(ValueError, match=r"armt_floor=1.0 is an ARMT option"):
+        build_model(37, 3, 2, armt_floor=1.0)
+    assert build_model(37, 3, 2, model="armt", d_mem=4, armt_floor=1.0).rmt_config.normaliser_floor == 1.0
     llama = build_model(37, 3, 2, arch="llama", xl_cache=2, xl_positions="before_segment")
     assert llama.rmt_config.xl_positions == "before_segment"
 
@@ -362,11 +365,12 @@ def test_cli_model_armt_runs_and_evaluates(tmp_path, capsys, l2):
             "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-size", "8", "--save-every",
             "2", "--train-size", "50", "--valid-size", "10", "--test-size", "12", "--out", str(tmp_path),
             "--no-progress", "--dtype", "float32"]
-    argv += ["--armt-l2-norm", "--no-armt-correction"] if l2 else []
+    argv += ["--armt-l2-norm", "--no-armt-correction"] if l2 else ["--armt-floor", "0.5"]
     assert main(argv).step == 4
     model = AutoRMT.from_pretrained(tmp_path / "checkpoint-4")
     assert isinstance(model, ARMTForCausalLM) and model.rmt_config.d_mem == 8
     assert model.rmt_config.use_l2_norm is l2 and model.rmt_config.correction is not l2
+    assert model.rmt_config.normaliser_floor == (0.0 if l2 else 0.5)
     if l2:
         with pytest.raises(ValueError, match="armt_l2_norm is an ARMT option"):
             main(argv[2:] + ["--model", "rmt", "--out", str(tmp_path / "rmt")])

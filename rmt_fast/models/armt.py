@@ -23,6 +23,8 @@ tokens use); ``position_mode="model"`` numbers ``[segment | memory]`` as the bas
 (``src/armt.py``) also L2-normalises the DPFP features (``use_l2_norm=True`` here), drops the
 ``+ eps`` from ``|k|^2`` in the correction (done here when ``use_l2_norm``), and initialises
 ``W_q``/``W_k``/``W_b`` and the memory differently (not replicated: this follows the reference).
+Not in any upstream code: ``ARMTConfig.normaliser_floor`` (reads divide by at least
+``c |phi|^2 + eps``) and ``correction=False``, two ways to keep reads bounded on long inputs.
 
 Implementation: the blocks stay the base model's own (state-dict keys unchanged); forward
 pre-hooks and hooks on them do the read and the write while a segment runs. The recurrent state
@@ -97,6 +99,12 @@ class ARMTConfig(SavedConfig):
             past the trained length can explode; False (``z`` sums every key) keeps the read a
             bounded average but dilutes old content (``docs/results.md``, "Why ARMT breaks
             down on long streams"; ``docs/armt.md``).
+        normaliser_floor: ``c >= 0``; with ``c > 0`` reads (and ``v_bar``) divide by
+            ``max(phi . z, c |phi|^2) + eps`` instead of ``phi . z + eps``, the floor a constant
+            (not in the reference code). The correction leaves each written key at
+            ``k . z = |k|^2``, so ``c = 1`` keeps every read of a written key as it was, keeps
+            queries that ``z`` barely covers from dividing by almost nothing, and bounds each
+            write's step to ``beta / c`` (``docs/armt.md``). 0 = the reference.
         use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
             reference code do not).
         nu: DPFP order (the reference fixes 3).
@@ -127,12 +135,14 @@ class ARMTConfig(SavedConfig):
         "checkpoint_segments": False,  # ARMT had no segment checkpointing before these existed
         "offload_memory": False,
         "memory_noise": 0.0,
+        "normaliser_floor": 0.0,
     }
 
     num_mem_tokens: int = 16
     d_mem: int = 64
     segment_size: int = 512
     correction: bool = True
+    normaliser_floor: float = 0.0
     use_l2_norm: bool = False
     nu: int = 3
     eps: float = 1e-5
@@ -175,6 +185,10 @@ class ARMTConfig(SavedConfig):
         need(self.state_dtype is None or self.state_dtype in STATE_DTYPES,
              f"state_dtype must be None or one of {STATE_DTYPES}, got {self.state_dtype!r}")
         check_memory_noise(self.memory_noise)
+        need(not isinstance(self.normaliser_floor, bool)
+             and isinstance(self.normaliser_floor, (int, float))
+             and 0 <= self.normaliser_floor < float("inf"),
+             f"normaliser_floor must be a finite float >= 0, got {self.normaliser_floor!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 
@@ -249,7 +263,8 @@ class ARMTOutput(ModelOutput):
 def associative_options(cfg: ARMTConfig) -> dict:
     """Keyword options of :func:`associative_read` / :func:`associative_write` from ``cfg``, the
     model's current config (so that ``replace_config(use_l2_norm=...)`` reaches every layer)."""
-    return dict(nu=cfg.nu, normalize=cfg.use_l2_norm, eps=cfg.eps, backend=cfg.backend)
+    return dict(nu=cfg.nu, normalize=cfg.use_l2_norm, eps=cfg.eps,
+                floor=float(cfg.normaliser_floor), backend=cfg.backend)
 
 
 class AssociativeMemory(nn.Module):

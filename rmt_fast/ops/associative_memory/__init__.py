@@ -20,7 +20,7 @@ import importlib.util
 import torch
 
 from . import chunked
-from .chunked import stat_dtype
+from .chunked import feature_sq, stat_dtype
 from .reference import dpfp, features, reference_read, reference_write
 
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -88,34 +88,40 @@ def _outside_autocast(a_pos: int):
 
 @_outside_autocast(a_pos=1)
 def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
-                     normalize: bool = False, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+                     normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
+                     backend: str = "auto") -> torch.Tensor:
     """The associative read ``phi(x) A / (phi(x) . z + eps)``.
 
     Args:
         x: ``[B, L, d_mem]``, the query projection ``W_q h``.
         A: ``[B, d_key, d]`` with ``d_key = 2 nu d_mem``; ``z``: ``[B, d_key]``; same dtype as ``x``.
         nu: DPFP order; normalize: L2-normalise the features (the newer upstream ARMT).
-        eps: added to the normaliser; backend: see the module docstring.
+        eps: added to the normaliser.
+        floor: ``c >= 0``; with ``c > 0`` the normaliser is ``max(phi . z, c |phi|^2) + eps``,
+            the floor treated as a constant (not in the reference code:
+            :func:`.reference.normaliser`). 0 = the reference read.
+        backend: see the module docstring.
 
     Returns:
         ``[B, L, d]`` in ``x``'s dtype (to be added to the hidden states); under
         ``torch.autocast``, in the state's dtype (``x`` is cast to it).
     """
     _check_state(x, A, z, nu, "x")
+    floor = check_floor(floor)
     backend = _resolve(backend, x)
     if backend == "reference":
-        return reference_read(x, A, z, nu=nu, normalize=normalize, eps=eps)
+        return reference_read(x, A, z, nu=nu, normalize=normalize, eps=eps, floor=floor)
     from .function import assoc_read
 
     return assoc_read(x.contiguous(), A.contiguous(), z.contiguous(), nu, normalize, float(eps),
-                      backend)[0]
+                      backend, floor)[0]
 
 
 @_outside_autocast(a_pos=3)
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
-                      normalize: bool = False, eps: float = 1e-5, backend: str = "auto",
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (see :mod:`.reference` for the formulas).
 
     Args:
@@ -126,12 +132,14 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
             the read gives ``v_bar = 0`` exactly); the diagonal executor uses this.
         correction: ``gamma = clip(1 - (k . z + eps) / |k|^2, 0, 1)`` (detached) scales the
             keys added to ``z``; without it ``gamma = 1``.
+        floor: divides ``v_bar`` as :func:`associative_read` does (``gamma`` is unchanged).
 
     Returns:
         ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
         are cast to the state's dtype first.
     """
     _check_state(km, A, z, nu, "km")
+    floor = check_floor(floor)
     batch, m, _ = km.shape
     want = (batch, m, A.shape[-1])
     if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
@@ -147,12 +155,12 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         if rows_first:
             raise ValueError("backend='reference' takes first as a bool")
         return reference_write(km, v, beta, A, z, first=first, correction=correction, nu=nu,
-                               normalize=normalize, eps=eps)
+                               normalize=normalize, eps=eps, floor=floor)
     from .function import assoc_read, assoc_update
 
     km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
     if rows_first:
-        v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend)
+        v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend, floor)
         u = beta[..., None].to(v.dtype) * (v - v_bar)
         gamma = torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
         if correction:
@@ -161,22 +169,30 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         u = beta[..., None].to(v.dtype) * v
         gamma = torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
     else:
-        v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend)
+        v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend, floor)
         u = beta[..., None].to(v.dtype) * (v - v_bar)
         gamma = correction_gamma(den, nrm, normalize, eps) if correction else \
             torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
     return assoc_update(km, u.contiguous(), gamma, A, z, nu, normalize, backend)
 
 
+def check_floor(floor) -> float:
+    """``floor`` as a float; a clear error unless it is a finite number >= 0."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
+        raise ValueError(f"floor must be a finite float >= 0 (0 = the reference normaliser), "
+                         f"got {floor!r}")
+    return float(floor)
+
+
 def correction_gamma(den: torch.Tensor, nrm: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
     """``clip(1 - den / |k|^2, 0, 1)`` from the read's ``den = k . z + eps`` and ``nrm = |phi|``
     (``|k|^2 + eps`` for unnormalised features, ``|phi_n|^2`` for normalised ones), detached."""
-    if normalize:
-        sq = (nrm / nrm.clamp_min(1e-12)).square()
-    else:
-        sq = nrm.square() + eps
+    sq = feature_sq(nrm, normalize)
+    if not normalize:
+        sq = sq + eps
     return torch.clip(1 - den / sq, 0, 1).detach()
 
 
-__all__ = ["BACKENDS", "associative_read", "chunked", "associative_write", "correction_gamma", "dpfp",
+__all__ = ["BACKENDS", "associative_read", "chunked", "associative_write", "check_floor",
+           "correction_gamma", "dpfp",
            "features", "reference_read", "reference_write"]

@@ -113,13 +113,29 @@ def _features(xc: torch.Tensor, nu: int, normalize: bool, nrm: torch.Tensor | No
     return xp, phi
 
 
+def feature_sq(nrm: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``|phi_n|^2`` from ``nrm = |phi|``: ``|phi|^2``, or 1 (0 for a zero feature vector) when
+    the features are normalised."""
+    return (nrm / nrm.clamp_min(NORM_EPS)).square() if normalize else nrm.square()
+
+
+def divisor(den: torch.Tensor, nrm: torch.Tensor, *, normalize: bool, eps: float,
+            floor: float) -> torch.Tensor:
+    """The read's divisor from ``den = phi_n . w + eps`` and ``nrm = |phi|``: ``den``, or with
+    ``floor > 0`` ``max(den, floor |phi_n|^2 + eps)`` (the floor treated as a constant; see
+    :func:`rmt_fast.ops.associative_memory.reference.normaliser`)."""
+    if floor <= 0:
+        return den
+    return torch.maximum(den, feature_sq(nrm, normalize).mul_(floor).add_(eps))
+
+
 def phi_matmul(x: torch.Tensor, Bm: torch.Tensor, w: torch.Tensor | None, *, nu: int,
-               normalize: bool, eps: float):
+               normalize: bool, eps: float, floor: float = 0.0):
     """``x`` ``[B, L, d_mem]``, ``Bm`` ``[B, K, D]``, ``w`` ``[B, K]`` or None.
 
-    Returns ``(out [B, L, D], den [B, L] or None, nrm [B, L])``: ``out = phi_n @ Bm`` (``/ den``
-    with ``den = phi_n . w + eps`` when ``w`` is given) and ``nrm = |phi|``; the statistics in
-    :func:`stat_dtype`."""
+    Returns ``(out [B, L, D], den [B, L] or None, nrm [B, L])``: ``out = phi_n @ Bm`` (``/``
+    :func:`divisor` when ``w`` is given) with ``den = phi_n . w + eps`` and ``nrm = |phi|``; the
+    statistics in :func:`stat_dtype`."""
     batch, length, _ = x.shape
     sd = stat_dtype(x.dtype)
     chunks = _chunks(x, nu)
@@ -136,6 +152,7 @@ def phi_matmul(x: torch.Tensor, Bm: torch.Tensor, w: torch.Tensor | None, *, nu:
         if w is not None:
             d = torch.bmm(phi.to(sd), w[..., None].to(sd))[..., 0].add_(eps)
             den[:, s:e] = d
+            d = divisor(d, n, normalize=normalize, eps=eps, floor=floor)
             num = num.div_(d[..., None].to(num.dtype)) if num.dtype == sd else \
                 (num / d[..., None]).to(num.dtype)
         if out is None:
@@ -204,14 +221,14 @@ def phi_grad(x: torch.Tensor, G: torch.Tensor, gscale: torch.Tensor | None, Bm: 
 
 def read_backward(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
                   r: torch.Tensor, den: torch.Tensor, nrm: torch.Tensor, *, nu: int,
-                  normalize: bool, eps: float):
+                  normalize: bool, eps: float, floor: float = 0.0):
     """The read's ``(dx, dA, dz)`` for ``g = dL/dr`` in one pass over the rows (see
     :mod:`rmt_fast.ops.associative_memory.function` for the formulas)."""
     dx = torch.empty_like(x)
     dA = torch.zeros_like(A)
     dz = torch.zeros_like(z)
-    inv = 1.0 / den
-    dden = -rowdot(g, r) * inv
+    inv, dden, _ = read_stats(g, r, den, nrm, normalize=normalize, eps=eps, floor=floor,
+                              rowdot=rowdot)
     for st, e in _chunks(x, nu):
         xc, gc = x[:, st:e], g[:, st:e]
         xp, phi_n = _features(xc, nu, normalize, nrm[:, st:e])
@@ -223,6 +240,22 @@ def read_backward(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, z: torch.Te
         dphi = _normalized_grad(dphi, phi_n, nrm[:, st:e], normalize)
         dx[:, st:e] = _dpfp_backward(dphi, xp, xc, nu)
     return dx, dA, dz
+
+
+def read_stats(g, r, den, nrm, *, normalize: bool, eps: float, floor: float, rowdot):
+    """Per-row terms of the read's backward ``(inv, dden, s)`` ``[B, L]``: ``inv = 1 / divisor``,
+    ``dden = -(g . r) inv`` (zero where the floor is the divisor: it is a constant), and
+    ``s = phi_n . d phi_n`` (``(g . r) eps / den``; ``g . r`` where floored)."""
+    delta = rowdot(g, r)
+    div = divisor(den, nrm, normalize=normalize, eps=eps, floor=floor)
+    inv = 1.0 / div
+    dden = -delta * inv
+    s = delta * eps * inv
+    if floor > 0:
+        floored = div > den
+        dden = dden.masked_fill_(floored, 0.0)
+        s = torch.where(floored, delta, s)
+    return inv, dden, s
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ Notation (per transformer layer, per batch row): the state is ``A`` ``[d_key, d]
 ``[d_key]``; ``phi`` is the DPFP feature map (:func:`dpfp`), optionally L2-normalised.
 
 * read: ``r = phi(x) A / (phi(x) . z + eps)`` for ``x = W_q h`` ``[L, d_mem]``; the layer then
-  sees ``h + r``.
+  sees ``h + r``. With a ``floor`` ``c > 0`` the normaliser is ``max(phi . z, c |phi|^2) + eps``,
+  the floor detached (not in the reference code; see :func:`reference_read`).
 * write, from the layer's memory-token outputs ``m`` ``[M, d]``: ``k = phi(W_k m)``,
   ``v = W_v m``, ``beta = sigmoid(W_b m)`` ``[M]``, and
 
@@ -42,23 +43,38 @@ def _up(upcast: bool, *tensors):
     return tuple(t.double() if upcast and t is not None else t for t in tensors)
 
 
+def normaliser(q: torch.Tensor, z: torch.Tensor, eps: float, floor: float) -> torch.Tensor:
+    """The read's divisor ``[B, L, 1]`` for features ``q`` ``[B, L, d_key]``: ``q . z + eps``, or
+    with ``floor > 0`` ``max(q . z, floor |q|^2) + eps`` with the floor detached. The correction
+    leaves every written key at ``k . z' = |k|^2``, so ``floor = 1`` changes nothing for keys the
+    state has taken, and keeps a query that ``z`` barely covers from dividing by almost nothing
+    (the long-stream breakdown of ``docs/results.md``); it also bounds each write's delta-rule
+    step to ``beta / floor``."""
+    den = torch.einsum("blk,bk->bl", q, z)[..., None]
+    if floor > 0:
+        den = torch.maximum(den, floor * q.square().sum(-1, keepdim=True).detach())
+    return den + eps
+
+
 def reference_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
-                   normalize: bool = False, eps: float = 1e-5, upcast: bool = False) -> torch.Tensor:
-    """``phi(x) A / (phi(x) . z + eps)``: ``x`` ``[B, L, d_mem]``, ``A`` ``[B, d_key, d]``, ``z``
-    ``[B, d_key]`` -> ``[B, L, d]`` (``x``'s dtype; computed in float64 when ``upcast``)."""
+                   normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
+                   upcast: bool = False) -> torch.Tensor:
+    """``phi(x) A / (phi(x) . z + eps)`` (the divisor as :func:`normaliser`): ``x``
+    ``[B, L, d_mem]``, ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]`` -> ``[B, L, d]`` (``x``'s
+    dtype; computed in float64 when ``upcast``)."""
     dtype = x.dtype
     x, A, z = _up(upcast, x, A, z)
     q = features(x, nu, normalize)
     num = torch.einsum("blk,bkd->bld", q, A)
-    den = torch.einsum("blk,bk->bl", q, z)[..., None] + eps
-    return (num / den).to(dtype)
+    return (num / normaliser(q, z, eps, floor)).to(dtype)
 
 
 def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                     z: torch.Tensor, *, first: bool, correction: bool = True, nu: int = 3,
-                    normalize: bool = False, eps: float = 1e-5, upcast: bool = False,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The delta-rule write. ``km = W_k m`` ``[B, M, d_mem]``, ``v = W_v m`` ``[B, M, d]``,
+                    normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
+                    upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta-rule write (``v_bar`` divided as :func:`normaliser`; ``gamma`` always from
+    ``k . z + eps``). ``km = W_k m`` ``[B, M, d_mem]``, ``v = W_v m`` ``[B, M, d]``,
     ``beta = sigmoid(W_b m)`` ``[B, M]``, state ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]``.
     Returns ``(A', z')`` in ``A``'s dtype (float64 arithmetic when ``upcast``)."""
     dtype = A.dtype
@@ -68,9 +84,8 @@ def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: to
         prev = torch.zeros_like(v)
         gamma = 1.0
     else:
-        prev = torch.einsum("bmk,bkd->bmd", k, A)
+        prev = torch.einsum("bmk,bkd->bmd", k, A) / normaliser(k, z, eps, floor)
         den = torch.einsum("bmk,bk->bm", k, z)[..., None] + eps
-        prev = prev / den
         if correction:
             sq = torch.linalg.norm(k, dim=-1) ** 2
             sq = sq if normalize else sq + eps

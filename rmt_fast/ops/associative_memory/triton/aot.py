@@ -20,7 +20,7 @@ from rmt_fast.ops.memory_attention.triton.launch import dot_precision
 from .kernels import phi_grad_kernel, phi_matmul_kernel, phi_outer_kernel, rowdot_kernel
 from .launch import _km_block, gpu_config
 
-KERNELS = ("matmul", "outer", "grad", "rowdot")
+KERNELS = ("matmul", "matmul_floor", "outer", "grad", "rowdot")
 ALIGNED = ("dm", "K", "D")
 
 
@@ -33,10 +33,11 @@ def _variants(dtype: str, d_mem: int, normalize: bool):
     t = f"*{dtype}"
     common = dict(DOT_F32=False, DOT_PREC=dot_precision(dtype))
     c = gpu_config("matmul", dtype)
-    yield ("matmul", phi_matmul_kernel,
-           dict(X=t, Bm=t, W=t, Out=t, Den="*fp32", Nrm="*fp32"), ("eps",),
-           dict(common, HAS_W=True, NORMALIZE=normalize, BLOCK_M=c.block_a, BLOCK_K=c.block_b,
-                BLOCK_D=c.block_d), c)
+    for name, floor in (("matmul", False), ("matmul_floor", True)):
+        yield (name, phi_matmul_kernel,
+               dict(X=t, Bm=t, W=t, Out=t, Den="*fp32", Nrm="*fp32"), ("eps", "floor"),
+               dict(common, HAS_W=True, NORMALIZE=normalize, HAS_FLOOR=floor, BLOCK_M=c.block_a,
+                    BLOCK_K=c.block_b, BLOCK_D=c.block_d), c)
     c = gpu_config("outer", dtype)
     yield ("outer", phi_outer_kernel,
            dict(X=t, G=t, Gs="*fp32", C="*fp32", Nrm="*fp32", BaseB=t, BaseW=t, OutB=t, OutW=t), (),

@@ -60,13 +60,14 @@ def _mod(a, n):
 @triton.jit
 def phi_matmul_kernel(
     X, Bm, W, Out, Den, Nrm,
-    L, dm, K, D, eps,
-    HAS_W: tl.constexpr, NORMALIZE: tl.constexpr,
+    L, dm, K, D, eps, floor,
+    HAS_W: tl.constexpr, NORMALIZE: tl.constexpr, HAS_FLOOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``Out[b, rows, cols] = phi_n @ Bm`` (``/ Den`` with ``Den = phi_n . W + eps`` when
-    ``HAS_W``); ``Nrm = |phi|`` (and ``Den``) are written by the first column block."""
+    ``HAS_W``; ``/ max(Den, floor |phi_n|^2 + eps)`` with ``HAS_FLOOR``); ``Nrm = |phi|`` (and
+    ``Den``, unfloored) are written by the first column block."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -98,9 +99,13 @@ def phi_matmul_kernel(
         inv = 1.0 / tl.maximum(nrm, 1e-12)
         acc = acc * inv[:, None]
         den = den * inv
+        sq = sq * inv * inv
     if HAS_W:
         den = den + eps
-        acc = acc / den[:, None]
+        if HAS_FLOOR:
+            acc = acc / tl.maximum(den, floor * sq + eps)[:, None]
+        else:
+            acc = acc / den[:, None]
     out_ptr = Out + b * L * D + rows.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(out_ptr, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
     if pid_d == 0:

@@ -78,7 +78,7 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float().contiguous()
 
 
-def phi_matmul(x, Bm, w, *, nu: int, normalize: bool, eps: float):
+def phi_matmul(x, Bm, w, *, nu: int, normalize: bool, eps: float, floor: float = 0.0):
     """See :func:`rmt_fast.ops.associative_memory.chunked.phi_matmul` (statistics in float32)."""
     _check_dtype(x)
     x, Bm = x.contiguous(), Bm.contiguous()
@@ -94,8 +94,8 @@ def phi_matmul(x, Bm, w, *, nu: int, normalize: bool, eps: float):
     grid = (triton.cdiv(length, cfg.block_a), triton.cdiv(d, cfg.block_d), batch)
     phi_matmul_kernel[grid](
         x, Bm, w if w is not None else Bm, out, den if den is not None else nrm, nrm,
-        length, dm, k, d, float(eps),
-        HAS_W=w is not None, NORMALIZE=normalize,
+        length, dm, k, d, float(eps), float(floor),
+        HAS_W=w is not None, NORMALIZE=normalize, HAS_FLOOR=w is not None and floor > 0,
         BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_D=cfg.block_d,
         DOT_F32=dot_f32(x.dtype), DOT_PREC=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
