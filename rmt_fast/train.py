@@ -125,6 +125,8 @@ class ModelSpec:
                                  "training length but old content is diluted (docs/armt.md)")
     armt_floor: float = _opt(0.0, "armt: reads divide by max(phi.z, FLOOR |phi|^2) + eps "
                              "(ARMTConfig.normaliser_floor; 0 = the reference's phi.z + eps)")
+    armt_normaliser_gate: bool = _opt(False, "armt: z takes each written key weighted by its write "
+                                      "gate beta, as A does (ARMTConfig.normaliser_gate)")
 
 
 @dataclass(frozen=True)
@@ -796,14 +798,15 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
                 armt_l2_norm: bool = False, armt_correction: bool = True, armt_floor: float = 0.0,
-                memory_update: str = "replace"):
+                armt_normaliser_gate: bool = False, memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
     (``model="armt"``, associative memory of width ``d_mem`` per layer, DPFP features
     L2-normalised with ``armt_l2_norm``, the ``gamma`` correction of ``z`` unless
     ``armt_correction=False``: :attr:`ARMTConfig.correction`, the read's floor ``armt_floor``:
-    :attr:`ARMTConfig.normaliser_floor`); ``mask``, ``xl_cache`` and ``xl_positions``
+    :attr:`ARMTConfig.normaliser_floor`, ``armt_normaliser_gate``:
+    :attr:`ARMTConfig.normaliser_gate`); ``mask``, ``xl_cache`` and ``xl_positions``
     (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -830,9 +833,9 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
                              "and has no XL cache nor memory gate")
-    elif armt_l2_norm or not armt_correction or armt_floor:
+    elif armt_l2_norm or not armt_correction or armt_floor or armt_normaliser_gate:
         bad = ("armt_l2_norm" if armt_l2_norm else "armt_correction=False" if not armt_correction
-               else f"armt_floor={armt_floor}")
+               else f"armt_floor={armt_floor}" if armt_floor else "armt_normaliser_gate")
         raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
     if arch == "gpt2":
@@ -855,7 +858,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     if model == "armt":
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                                d_mem=d_mem, use_l2_norm=armt_l2_norm, correction=armt_correction,
-                               normaliser_floor=armt_floor,
+                               normaliser_floor=armt_floor, normaliser_gate=armt_normaliser_gate,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

@@ -78,6 +78,10 @@ ROWS: dict[str, dict] = {
     # with the correction, but reads divide by max(phi.z, |phi|^2) + eps
     # (ARMTConfig.normaliser_floor = 1): no division by almost nothing, old content kept
     "armt-d4-floor": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", floor=1.0),
+    # without the correction, z taking each key weighted by its write gate beta as A does
+    # (ARMTConfig.normaliser_gate): a bounded average that gated-off writes leave alone
+    "armt-d4-gate": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", correction=False,
+                         gate=True),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -134,7 +138,8 @@ class Settings:
                            seed=self.seed, arch=self.arch, model=spec.get("model", "rmt"),
                            d_mem=self.d_mem, armt_l2_norm=spec.get("l2", False),
                            armt_correction=spec.get("correction", True),
-                           armt_floor=spec.get("floor", 0.0))
+                           armt_floor=spec.get("floor", 0.0),
+                           armt_normaliser_gate=spec.get("gate", False))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,

@@ -46,7 +46,8 @@ class _RefLayer(nn.Module):
             self.A = h.new_zeros(h.shape[0], c.d_key, h.shape[-1])
             self.z = h.new_zeros(h.shape[0], c.d_key)
         self.A, self.z = reference_write(a.W_mk(mem), a.W_mv(mem), torch.sigmoid(a.W_mb(mem))[..., 0],
-                                         self.A, self.z, first=first, correction=c.correction, **opts)
+                                         self.A, self.z, first=first, correction=c.correction,
+                                         gate=c.normaliser_gate, **opts)
         return out
 
 
@@ -75,17 +76,18 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     return logits, loss, ref
 
 
-@pytest.mark.parametrize("kind,l2,floor", [("gpt2", False, 0.0), ("llama", False, 0.0),
-                                           ("gpt2", True, 0.0), ("llama", True, 0.0),
-                                           ("gpt2", False, 1.0), ("llama", True, 1.0)])
-def test_forward_backward_match_independent_loop(kind, l2, floor):
+@pytest.mark.parametrize("kind,l2,extra", [
+    ("gpt2", False, {}), ("llama", False, {}), ("gpt2", True, {}), ("llama", True, {}),
+    ("gpt2", False, dict(normaliser_floor=1.0)), ("llama", True, dict(normaliser_floor=1.0)),
+    ("gpt2", False, dict(normaliser_gate=True, correction=False))])
+def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
     float32; gradients in float64 to 1e-10 of their largest entry for GPT-2, 1e-4 for Llama
     (transformers runs Llama's RMSNorm and rotary tables in float32 even in a float64 model);
     in float32 they agree only to rounding (~1e-5 relative, set by the attention kernel's
     summation order)."""
-    model = make(kind, use_l2_norm=l2, normaliser_floor=floor)
+    model = make(kind, use_l2_norm=l2, **extra)
     x = ids(2, 29)  # 4 segments, the last one short
     out = model(x, labels=x)
     assert isinstance(out, ARMTOutput) and out.logits.shape == (2, 29, VOCAB)
@@ -465,7 +467,8 @@ def test_config_frozen_json_and_overrides(tmp_path):
     # a file written before segment checkpointing existed loads with it off
     path = tmp_path / ARMTConfig.FILE_NAME
     old = {k: v for k, v in json.loads(path.read_text()).items()
-           if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor")}
+           if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
+                        "normaliser_gate")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -480,13 +483,14 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(backend="cuda"), "backend must be one of"),
                      (dict(correction=1), "correction must be a bool"),
                      (dict(normaliser_floor=-1.0), "normaliser_floor must be a finite float >= 0"),
-                     (dict(normaliser_floor=float("nan")), "normaliser_floor must be a finite")]:
+                     (dict(normaliser_floor=float("nan")), "normaliser_floor must be a finite"),
+                     (dict(normaliser_gate=1), "normaliser_gate must be a bool")]:
         with pytest.raises(ValueError, match=msg):
             ARMTConfig(**bad)
 
 
 @pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False),
-                                    dict(normaliser_floor=1.0)])
+                                    dict(normaliser_floor=1.0), dict(normaliser_gate=True)])
 def test_replace_config_reaches_the_associative_memory(change):
     """A changed option reaches every layer's read and write (the model equals one built with
     it); fields that shape the associative weights are refused."""

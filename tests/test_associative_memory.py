@@ -191,6 +191,35 @@ def test_torch_floor_float64_exact(normalize, correction, monkeypatch):
         torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("first,correction,normalize", [(True, True, False), (False, True, True),
+                                                         (False, False, False)])
+def test_write_gate(backend, first, correction, normalize):
+    """``gate``: ``z`` takes ``beta_j gamma_j k_j``; against the reference (float64 on the PyTorch
+    path, float32 vs the float64 reference under the Triton interpreter), gradients included
+    (``beta`` gets one through ``z`` too); ``A'`` is the ungated one, ``z'`` is not."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    _, A, z, km, v, beta = _inputs(dtype)
+    z = (z.detach() * 1e-3).requires_grad_()  # small: the correction's gamma is not all 0
+    ins = (km, v, beta, A, z)
+    up = [t.detach().double().requires_grad_() for t in ins]
+    kw = dict(first=first, correction=correction, normalize=normalize)
+    got = associative_write(*ins, gate=True, backend=backend, **kw)
+    want = reference_write(*up, gate=True, **kw)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol)
+    ungated = reference_write(*up, **kw)
+    torch.testing.assert_close(got[0].double(), ungated[0], rtol=tol, atol=tol)
+    assert (got[1].double() - ungated[1]).abs().max() > 1e-4
+    cots, ga = _grads(list(got), ins)
+    gr = torch.autograd.grad(want, up, cots, retain_graph=True)
+    g0 = torch.autograd.grad(ungated, up, cots)
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=10 * tol, atol=10 * tol)
+    assert (gr[2] - g0[2]).abs().max() > 1e-4  # beta's gradient through z
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_low_precision(dtype):
     _check_read("torch", dtype, False)

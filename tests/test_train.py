@@ -190,6 +190,10 @@ def test_build_model_inits():
     with pytest.raises(ValueError, match=r"armt_floor=1.0 is an ARMT option"):
         build_model(37, 3, 2, armt_floor=1.0)
     assert build_model(37, 3, 2, model="armt", d_mem=4, armt_floor=1.0).rmt_config.normaliser_floor == 1.0
+    with pytest.raises(ValueError, match=r"armt_normaliser_gate is an ARMT option"):
+        build_model(37, 3, 2, armt_normaliser_gate=True)
+    assert build_model(37, 3, 2, model="armt", d_mem=4,
+                       armt_normaliser_gate=True).rmt_config.normaliser_gate is True
     llama = build_model(37, 3, 2, arch="llama", xl_cache=2, xl_positions="before_segment")
     assert llama.rmt_config.xl_positions == "before_segment"
 

@@ -94,6 +94,10 @@ class ARMTConfig(SavedConfig):
         num_mem_tokens: M memory (write) tokens appended to every segment.
         d_mem: width of the key/query projections; the state has ``d_key = 2 nu d_mem`` rows.
         segment_size: tokens per segment S (without memory).
+        normaliser_gate: ``z`` takes each written key weighted by its write gate ``beta``, as
+            ``A`` does (``z' = z + sum_j beta_j gamma_j k_j``; not in the reference code): a
+            write the model gates off then changes neither ``A`` nor ``z``, and without the
+            correction the read stays a weighted average of what was written.
         correction: the ``gamma`` correction of ``z`` (reference default True). With it ``z``
             stops growing after the first segment while ``A`` keeps every write, and reads far
             past the trained length can explode; False (``z`` sums every key) keeps the read a
@@ -136,6 +140,7 @@ class ARMTConfig(SavedConfig):
         "offload_memory": False,
         "memory_noise": 0.0,
         "normaliser_floor": 0.0,
+        "normaliser_gate": False,
     }
 
     num_mem_tokens: int = 16
@@ -143,6 +148,7 @@ class ARMTConfig(SavedConfig):
     segment_size: int = 512
     correction: bool = True
     normaliser_floor: float = 0.0
+    normaliser_gate: bool = False
     use_l2_norm: bool = False
     nu: int = 3
     eps: float = 1e-5
@@ -171,7 +177,8 @@ class ARMTConfig(SavedConfig):
         pos_int("d_mem", 1)
         pos_int("segment_size", 1)
         pos_int("nu", 1)
-        for name in ("correction", "use_l2_norm", "checkpoint_segments", "offload_memory"):
+        for name in ("correction", "normaliser_gate", "use_l2_norm", "checkpoint_segments",
+                     "offload_memory"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got "
                                                           f"{getattr(self, name)!r}")
         need(isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0,
@@ -261,10 +268,16 @@ class ARMTOutput(ModelOutput):
 
 
 def associative_options(cfg: ARMTConfig) -> dict:
-    """Keyword options of :func:`associative_read` / :func:`associative_write` from ``cfg``, the
-    model's current config (so that ``replace_config(use_l2_norm=...)`` reaches every layer)."""
+    """Keyword options of :func:`associative_read` from ``cfg``, the model's current config (so
+    that ``replace_config(use_l2_norm=...)`` reaches every layer)."""
     return dict(nu=cfg.nu, normalize=cfg.use_l2_norm, eps=cfg.eps,
                 floor=float(cfg.normaliser_floor), backend=cfg.backend)
+
+
+def write_options(cfg: ARMTConfig) -> dict:
+    """Keyword options of :func:`associative_write` from ``cfg`` (the read's and the write's
+    own)."""
+    return dict(associative_options(cfg), correction=cfg.correction, gate=cfg.normaliser_gate)
 
 
 class AssociativeMemory(nn.Module):
@@ -287,13 +300,12 @@ class AssociativeMemory(nn.Module):
         x = self.W_mq(h.to(self.W_mq.weight.dtype))
         return associative_read(x, A, z, **opts).to(h.dtype)
 
-    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first, correction: bool,
-              opts: dict):
-        """``mem`` ``[B, M, d]`` (the block's outputs at the memory positions) -> ``(A', z')``."""
+    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first, opts: dict):
+        """``mem`` ``[B, M, d]`` (the block's outputs at the memory positions) -> ``(A', z')``;
+        ``opts``: :func:`write_options`."""
         mem = mem.to(self.W_mk.weight.dtype)
         beta = torch.sigmoid(self.W_mb(mem))[..., 0]
-        return associative_write(self.W_mk(mem), self.W_mv(mem), beta, A, z, first=first,
-                                 correction=correction, **opts)
+        return associative_write(self.W_mk(mem), self.W_mv(mem), beta, A, z, first=first, **opts)
 
 
 class AssociativeRun:
@@ -302,14 +314,15 @@ class AssociativeRun:
     ``A``/``z``: per layer the state the blocks read (``[B, d_key, d]``, ``[B, d_key]``);
     ``read``: whether the blocks read it; ``write``: the positions (a slice of the sequence) whose
     block outputs write, or None (no write); ``first``: the state is fresh (a bool, or ``[B]``
-    bool for fresh rows, see :func:`associative_write`); ``opts``: :func:`associative_options`;
-    ``noise``: relative std of the noise on every read (training only)."""
+    bool for fresh rows, see :func:`associative_write`); ``cfg``: the options
+    (:func:`associative_options`, :func:`write_options`); ``noise``: relative std of the noise
+    on every read (training only)."""
 
-    def __init__(self, layers, assoc, A, z, *, read: bool, write: slice | None, first, opts: dict,
-                 correction: bool, noise: float = 0.0):
+    def __init__(self, layers, assoc, A, z, *, read: bool, write: slice | None, first,
+                 cfg: ARMTConfig, noise: float = 0.0):
         self.layers, self.assoc, self.A, self.z = layers, assoc, A, z
         self.read, self.write, self.first = read, write, first
-        self.opts, self.correction, self.noise = opts, correction, noise
+        self.opts, self.write_opts, self.noise = associative_options(cfg), write_options(cfg), noise
         self.new_A, self.new_z = list(A), list(z)
         self._repeated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -357,7 +370,7 @@ def _make_hook(idx: int):
             return None
         out = output[0] if isinstance(output, tuple) else output
         run.new_A[idx], run.new_z[idx] = run.assoc[idx].write(
-            out[:, run.write], run.A[idx], run.z[idx], run.first, run.correction, run.opts)
+            out[:, run.write], run.A[idx], run.z[idx], run.first, run.write_opts)
         return None
 
     return hook
@@ -573,8 +586,7 @@ class ARMTForCausalLM(RMTBase):
         """The hooks' view of one segment from ``state`` (a fresh state is not read)."""
         cfg = self.rmt_config
         return AssociativeRun(self.layers, self.assoc, state.A, state.z, read=not state.fresh,
-                              write=write, first=state.fresh, opts=associative_options(cfg),
-                              correction=cfg.correction, noise=noise)
+                              write=write, first=state.fresh, cfg=cfg, noise=noise)
 
     def segment_forward(self, state: ARMTState, ids: torch.Tensor, mask: torch.Tensor | None, *,
                         write: bool = True, need_hidden: bool = True):

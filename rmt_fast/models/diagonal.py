@@ -28,7 +28,13 @@ from torch import nn
 
 from rmt_fast.attention import memory_attention
 from rmt_fast.integrations.transformers import MemoryLayout, memory_layout
-from rmt_fast.models.armt import ARMTForCausalLM, ARMTOutput, ARMTState, associative_options
+from rmt_fast.models.armt import (
+    ARMTForCausalLM,
+    ARMTOutput,
+    ARMTState,
+    associative_options,
+    write_options,
+)
 from rmt_fast.models.segmenting import segment_bounds
 from rmt_fast.ops.associative_memory import associative_read, associative_write
 
@@ -229,7 +235,7 @@ class DiagonalExecutor:
         v = torch.bmm(mem, self.Wv[sl]).reshape(G * B, m, d)
         beta = torch.sigmoid(torch.baddbmm(self.bb[sl], mem, self.Wb[sl])).reshape(G * B, m)
         A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B),
-                                   correction=cfg.correction, **opts)
+                                   **write_options(cfg))
         A_all[sl] = A2.reshape(A_all[sl].shape)
         z_all[sl] = z2.reshape(z_all[sl].shape)
         return out

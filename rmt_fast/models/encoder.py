@@ -27,7 +27,6 @@ from rmt_fast.models.armt import (
     ARMTConfig,
     AssociativeMemory,
     AssociativeRun,
-    associative_options,
     install_hooks,
     running,
 )
@@ -208,8 +207,7 @@ class _RMTEncoderBase(RMTBase):
             first = fresh  # some rows not yet written (their first segments were padding)
         cfg = self._assoc_config
         return AssociativeRun(self.associative_layers, self.assoc, A, z, read=first is not True,
-                              write=write, first=first, opts=associative_options(cfg),
-                              correction=cfg.correction,
+                              write=write, first=first, cfg=cfg,
                               noise=self.rmt_config.memory_noise if self.training else 0.0)
 
     def _used_rows(self, rows: int) -> tuple[int, int, int, int] | None:

@@ -121,7 +121,7 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
                       normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      gate: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (see :mod:`.reference` for the formulas).
 
     Args:
@@ -133,6 +133,8 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         correction: ``gamma = clip(1 - (k . z + eps) / |k|^2, 0, 1)`` (detached) scales the
             keys added to ``z``; without it ``gamma = 1``.
         floor: divides ``v_bar`` as :func:`associative_read` does (``gamma`` is unchanged).
+        gate: ``z`` takes ``beta_j gamma_j k_j`` (each key weighted by its write gate, as in
+            ``A``) instead of ``gamma_j k_j``; ``beta`` gets the gradient of this use too.
 
     Returns:
         ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
@@ -155,7 +157,7 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         if rows_first:
             raise ValueError("backend='reference' takes first as a bool")
         return reference_write(km, v, beta, A, z, first=first, correction=correction, nu=nu,
-                               normalize=normalize, eps=eps, floor=floor)
+                               normalize=normalize, eps=eps, floor=floor, gate=gate)
     from .function import assoc_read, assoc_update
 
     km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
@@ -173,6 +175,8 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         u = beta[..., None].to(v.dtype) * (v - v_bar)
         gamma = correction_gamma(den, nrm, normalize, eps) if correction else \
             torch.ones(batch, m, dtype=stat_dtype(km.dtype), device=km.device)
+    if gate:
+        gamma = gamma * beta.to(gamma.dtype)
     return assoc_update(km, u.contiguous(), gamma, A, z, nu, normalize, backend)
 
 

@@ -14,7 +14,8 @@ Notation (per transformer layer, per batch row): the state is ``A`` ``[d_key, d]
   - ``A' = A + sum_j beta_j k_j (v_j - v_bar_j)^T`` (the delta rule),
   - ``z' = z + sum_j gamma_j k_j`` with ``gamma = clip(1 - (k . z + eps) / |k|^2, 0, 1)``,
     detached (the correction; 1 on the first segment or without correction). Unnormalised
-    features use ``|k|^2 + eps`` in the denominator, normalised ones ``|k|^2``.
+    features use ``|k|^2 + eps`` in the denominator, normalised ones ``|k|^2``. With ``gate``
+    (not in the reference code) ``z' = z + sum_j beta_j gamma_j k_j``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def reference_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int
 def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                     z: torch.Tensor, *, first: bool, correction: bool = True, nu: int = 3,
                     normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                    upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    gate: bool = False, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (``v_bar`` divided as :func:`normaliser`; ``gamma`` always from
     ``k . z + eps``). ``km = W_k m`` ``[B, M, d_mem]``, ``v = W_v m`` ``[B, M, d]``,
     ``beta = sigmoid(W_b m)`` ``[B, M]``, state ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]``.
@@ -93,5 +94,7 @@ def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: to
         else:
             gamma = 1.0
     A2 = A + torch.einsum("bmk,bmd,bm->bkd", k, v - prev, beta)
+    if gate:
+        gamma = gamma * beta[..., None]
     z2 = z + (gamma * k).sum(dim=1)
     return A2.to(dtype), z2.to(dtype)
