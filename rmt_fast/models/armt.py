@@ -94,10 +94,6 @@ class ARMTConfig(SavedConfig):
         num_mem_tokens: M memory (write) tokens appended to every segment.
         d_mem: width of the key/query projections; the state has ``d_key = 2 nu d_mem`` rows.
         segment_size: tokens per segment S (without memory).
-        normaliser_gate: ``z`` takes each written key weighted by its write gate ``beta``, as
-            ``A`` does (``z' = z + sum_j beta_j gamma_j k_j``; not in the reference code): a
-            write the model gates off then changes neither ``A`` nor ``z``, and without the
-            correction the read stays a weighted average of what was written.
         correction: the ``gamma`` correction of ``z`` (reference default True). With it ``z``
             stops growing after the first segment while ``A`` keeps every write, and reads far
             past the trained length can explode; False (``z`` sums every key) keeps the read a
@@ -108,7 +104,12 @@ class ARMTConfig(SavedConfig):
             (not in the reference code). The correction leaves each written key at
             ``k . z = |k|^2``, so ``c = 1`` keeps every read of a written key as it was, keeps
             queries that ``z`` barely covers from dividing by almost nothing, and bounds each
-            write's step to ``beta / c`` (``docs/armt.md``). 0 = the reference.
+            write's step to ``beta / c``. 0 = the reference. Measured on qa1 and language
+            modelling in ``docs/armt.md`` ("Two more bounded reads"), as ``normaliser_gate``.
+        normaliser_gate: ``z`` takes each written key weighted by its write gate ``beta``, as
+            ``A`` does (``z' = z + sum_j beta_j gamma_j k_j``; not in the reference code): a
+            write the model gates off then changes neither ``A`` nor ``z``, and without the
+            correction the read stays a weighted average of the written ``v - v_bar``.
         use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
             reference code do not).
         nu: DPFP order (the reference fixes 3).
