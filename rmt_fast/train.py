@@ -45,6 +45,7 @@ from rmt_fast.dtypes import CHOICES as DTYPE_CHOICES
 from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.models.config import MEMORY_UPDATES, XL_POSITIONS
 from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
+from rmt_fast.ops.associative_memory import RULES
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -127,6 +128,9 @@ class ModelSpec:
                              "(ARMTConfig.normaliser_floor; 0 = the reference's phi.z + eps)")
     armt_normaliser_gate: bool = _opt(False, "armt: z takes each written key weighted by its write "
                                       "gate beta, as A does (ARMTConfig.normaliser_gate)")
+    armt_rule: str = _opt("armt", "armt: the associative read/write: armt (the reference's) or delta "
+                          "(DeltaNet's rule on unit DPFP keys; needs --armt-l2-norm: "
+                          "ARMTConfig.update_rule)", choices=RULES)
 
 
 @dataclass(frozen=True)
@@ -798,7 +802,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 checkpoint_segments: bool | None = False, seed: int = 0, init: str = "gpt2",
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
                 armt_l2_norm: bool = False, armt_correction: bool = True, armt_floor: float = 0.0,
-                armt_normaliser_gate: bool = False, memory_update: str = "replace"):
+                armt_normaliser_gate: bool = False, armt_rule: str = "armt",
+                memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
@@ -806,7 +811,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     L2-normalised with ``armt_l2_norm``, the ``gamma`` correction of ``z`` unless
     ``armt_correction=False``: :attr:`ARMTConfig.correction`, the read's floor ``armt_floor``:
     :attr:`ARMTConfig.normaliser_floor`, ``armt_normaliser_gate``:
-    :attr:`ARMTConfig.normaliser_gate`); ``mask``, ``xl_cache`` and ``xl_positions``
+    :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`); ``mask``, ``xl_cache`` and ``xl_positions``
     (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -833,10 +838,14 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         if bad:
             raise ValueError(f"{bad} are RMT options: ARMT runs [segment | memory] with a causal mask "
                              "and has no XL cache nor memory gate")
-    elif armt_l2_norm or not armt_correction or armt_floor or armt_normaliser_gate:
-        bad = ("armt_l2_norm" if armt_l2_norm else "armt_correction=False" if not armt_correction
-               else f"armt_floor={armt_floor}" if armt_floor else "armt_normaliser_gate")
-        raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
+    else:
+        armt_only = {"armt_l2_norm": armt_l2_norm, "armt_correction=False": not armt_correction,
+                     f"armt_floor={armt_floor}": armt_floor,
+                     "armt_normaliser_gate": armt_normaliser_gate,
+                     f"armt_rule={armt_rule!r}": armt_rule != "armt"}
+        bad = next((name for name, used in armt_only.items() if used), None)
+        if bad:
+            raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
     torch.manual_seed(seed)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=2 * num_mem_tokens + segment_size,
@@ -859,6 +868,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                                d_mem=d_mem, use_l2_norm=armt_l2_norm, correction=armt_correction,
                                normaliser_floor=armt_floor, normaliser_gate=armt_normaliser_gate,
+                               update_rule=armt_rule,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

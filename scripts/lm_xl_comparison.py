@@ -82,6 +82,10 @@ ROWS: dict[str, dict] = {
     # (ARMTConfig.normaliser_gate): a bounded average that gated-off writes leave alone
     "armt-d4-gate": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", correction=False,
                          gate=True),
+    # DeltaNet's rule on unit DPFP keys (ARMTConfig.update_rule="delta"): reads phi(q) A, the
+    # memory tokens write one after another, each write a contraction: A stays bounded
+    "armt-d4-delta": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True,
+                          rule="delta"),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -139,7 +143,8 @@ class Settings:
                            d_mem=self.d_mem, armt_l2_norm=spec.get("l2", False),
                            armt_correction=spec.get("correction", True),
                            armt_floor=spec.get("floor", 0.0),
-                           armt_normaliser_gate=spec.get("gate", False))
+                           armt_normaliser_gate=spec.get("gate", False),
+                           armt_rule=spec.get("rule", "armt"))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,

@@ -31,7 +31,8 @@ class _RefLayer(nn.Module):
 
     def forward(self, h, *args, **kwargs):
         a, c = self._assoc[0], self.cfg
-        opts = dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps, floor=c.normaliser_floor)
+        opts = dict(nu=c.nu, normalize=c.use_l2_norm, eps=c.eps, floor=c.normaliser_floor,
+                    rule=c.update_rule)
         if self.A is not None:
             read = reference_read(a.W_mq(h), self.A, self.z, **opts)
             if self.noise:  # memory noise: std relative to each read vector's RMS (not differentiated)
@@ -79,7 +80,8 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
 @pytest.mark.parametrize("kind,l2,extra", [
     ("gpt2", False, {}), ("llama", False, {}), ("gpt2", True, {}), ("llama", True, {}),
     ("gpt2", False, dict(normaliser_floor=1.0)), ("llama", True, dict(normaliser_floor=1.0)),
-    ("gpt2", False, dict(normaliser_gate=True, correction=False))])
+    ("gpt2", False, dict(normaliser_gate=True, correction=False)),
+    ("llama", True, dict(update_rule="delta"))])
 def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
@@ -468,7 +470,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
     path = tmp_path / ARMTConfig.FILE_NAME
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
-                        "normaliser_gate")}
+                        "normaliser_gate", "update_rule")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -484,13 +486,18 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(correction=1), "correction must be a bool"),
                      (dict(normaliser_floor=-1.0), "normaliser_floor must be a finite float >= 0"),
                      (dict(normaliser_floor=float("nan")), "normaliser_floor must be a finite"),
-                     (dict(normaliser_gate=1), "normaliser_gate must be a bool")]:
+                     (dict(normaliser_gate=1), "normaliser_gate must be a bool"),
+                     (dict(update_rule="deltanet"), "update_rule must be one of"),
+                     (dict(update_rule="delta"), "update_rule='delta' needs use_l2_norm=True"),
+                     (dict(update_rule="delta", use_l2_norm=True, normaliser_gate=True),
+                      "act on z, which update_rule='delta' does not use")]:
         with pytest.raises(ValueError, match=msg):
             ARMTConfig(**bad)
 
 
 @pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False),
-                                    dict(normaliser_floor=1.0), dict(normaliser_gate=True)])
+                                    dict(normaliser_floor=1.0), dict(normaliser_gate=True),
+                                    dict(use_l2_norm=True, update_rule="delta")])
 def test_replace_config_reaches_the_associative_memory(change):
     """A changed option reaches every layer's read and write (the model equals one built with
     it); fields that shape the associative weights are refused."""

@@ -220,6 +220,63 @@ def test_write_gate(backend, first, correction, normalize):
     assert (gr[2] - g0[2]).abs().max() > 1e-4  # beta's gradient through z
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_delta_rule(backend):
+    """``rule="delta"``: the read is ``phi_n A``, the rows write one after another (against the
+    dense sequential reference, float64 on the PyTorch path, float32 vs float64 under the Triton
+    interpreter, gradients included); ``z`` passes through; a row written with ``beta = 1`` is
+    read back exactly (the delta rule's defining property), and many writes leave ``A`` bounded
+    (each one is a contraction along its unit key)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    x, A, z, km, v, beta = _inputs(dtype)
+    kw = dict(normalize=True, rule="delta")
+    got = associative_read(x, A, z, backend=backend, **kw)
+    up = [t.detach().double().requires_grad_() for t in (x, A, z)]
+    want = reference_read(*up, **kw)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    q = features(up[0].detach(), 3, True)
+    torch.testing.assert_close(want, torch.einsum("blk,bkd->bld", q, up[1].detach()))
+    cots, ga = _grads([got], (x, A))
+    gr = torch.autograd.grad(want, up[:2], cots[0])
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=10 * tol, atol=10 * tol)
+
+    ins = (km, v, beta, A, z)
+    up = [t.detach().double().requires_grad_() for t in ins]
+    got = associative_write(*ins, first=False, backend=backend, **kw)
+    want = reference_write(*up, first=False, **kw)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol)
+    assert torch.equal(got[1], z)
+    k = features(up[0].detach(), 3, True)
+    A_seq = up[3].detach()
+    for j in range(k.shape[1]):  # the rows one after another, written out
+        prev = torch.einsum("bk,bkd->bd", k[:, j], A_seq)
+        A_seq = A_seq + beta.detach().double()[:, j, None, None] * k[:, j, :, None] * (
+            v.detach().double()[:, j] - prev)[:, None]
+    torch.testing.assert_close(want[0].detach(), A_seq)
+    cots, ga = _grads(list(got), ins)
+    gr = torch.autograd.grad(want, up, cots)
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=10 * tol, atol=10 * tol)
+
+    with torch.no_grad():
+        ones = torch.ones_like(beta[:, :1])
+        A1, _ = associative_write(km[:, :1], v[:, :1], ones, A, z, first=False, backend=backend, **kw)
+        back = associative_read(km[:, :1], A1, z, backend=backend, **kw)
+        torch.testing.assert_close(back, v[:, :1], rtol=10 * tol, atol=10 * tol)
+        g = torch.Generator().manual_seed(5)
+        A_run = torch.zeros_like(A)
+        for _ in range(50):
+            kk = torch.randn(km.shape, generator=g, dtype=torch.float64).to(dtype)
+            vv = torch.randn(v.shape, generator=g, dtype=torch.float64).to(dtype).clamp(-1, 1)
+            bb = torch.rand(beta.shape, generator=g, dtype=torch.float64).to(dtype)
+            A_run, _ = associative_write(kk, vv, bb, A_run, z, first=False, backend=backend, **kw)
+        # |k^T A| <= max |v| for every unit key k: A's rows stay in the values' range
+        assert A_run.abs().max() < 5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_low_precision(dtype):
     _check_read("torch", dtype, False)
@@ -371,6 +428,14 @@ def test_bad_inputs_raise_clear_errors():
         associative_write(km, v, beta[:, :2], A, z, first=False)
     with pytest.raises(ValueError, match=r"first must be a bool or a bool tensor \[B=2\]"):
         associative_write(km, v, beta, A, z, first=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        associative_read(x, A, z, rule="deltanet")
+    with pytest.raises(ValueError, match="rule='delta' needs normalize=True"):
+        associative_write(km, v, beta, A, z, first=False, rule="delta")
+    with pytest.raises(ValueError, match="floor applies to z"):
+        associative_read(x, A, z, normalize=True, rule="delta", floor=1.0)
+    with pytest.raises(ValueError, match="gate applies to z"):
+        associative_write(km, v, beta, A, z, first=False, normalize=True, rule="delta", gate=True)
     for bad in (-0.5, float("inf"), float("nan"), True, "1"):
         with pytest.raises(ValueError, match="floor must be a finite float >= 0"):
             associative_read(x, A, z, floor=bad)

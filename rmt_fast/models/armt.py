@@ -78,7 +78,7 @@ from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import run_segments
 from rmt_fast.models.segmenting import segment_bounds
-from rmt_fast.ops.associative_memory import BACKENDS, associative_read, associative_write
+from rmt_fast.ops.associative_memory import BACKENDS, RULES, associative_read, associative_write
 from rmt_fast.validation import check_causal_lm_call
 
 CONFIG_NAME = "armt_config.json"
@@ -110,6 +110,11 @@ class ARMTConfig(SavedConfig):
             ``A`` does (``z' = z + sum_j beta_j gamma_j k_j``; not in the reference code): a
             write the model gates off then changes neither ``A`` nor ``z``, and without the
             correction the read stays a weighted average of the written ``v - v_bar``.
+        update_rule: ``armt`` (the reference's read and write) or ``delta``: DeltaNet's rule on
+            the same features (not in the ARMT code): reads ``phi(W_q h) A``, the memory tokens
+            write one after another ``A <- A + beta_j k_j (v_j - k_j A)^T``; needs
+            ``use_l2_norm`` (unit keys make each write a contraction, so ``A`` stays bounded);
+            ``z``, ``correction``, ``normaliser_floor`` and ``normaliser_gate`` do not apply.
         use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
             reference code do not).
         nu: DPFP order (the reference fixes 3).
@@ -142,6 +147,7 @@ class ARMTConfig(SavedConfig):
         "memory_noise": 0.0,
         "normaliser_floor": 0.0,
         "normaliser_gate": False,
+        "update_rule": "armt",
     }
 
     num_mem_tokens: int = 16
@@ -150,6 +156,7 @@ class ARMTConfig(SavedConfig):
     correction: bool = True
     normaliser_floor: float = 0.0
     normaliser_gate: bool = False
+    update_rule: str = "armt"
     use_l2_norm: bool = False
     nu: int = 3
     eps: float = 1e-5
@@ -193,6 +200,13 @@ class ARMTConfig(SavedConfig):
         need(self.state_dtype is None or self.state_dtype in STATE_DTYPES,
              f"state_dtype must be None or one of {STATE_DTYPES}, got {self.state_dtype!r}")
         check_memory_noise(self.memory_noise)
+        need(self.update_rule in RULES, f"update_rule must be one of {RULES}, got {self.update_rule!r}")
+        if self.update_rule == "delta":
+            need(self.use_l2_norm, "update_rule='delta' needs use_l2_norm=True (unit keys make "
+                                   "each write a contraction)")
+            need(not self.normaliser_floor and not self.normaliser_gate,
+                 "normaliser_floor and normaliser_gate act on z, which update_rule='delta' "
+                 "does not use")
         need(not isinstance(self.normaliser_floor, bool)
              and isinstance(self.normaliser_floor, (int, float))
              and 0 <= self.normaliser_floor < float("inf"),
@@ -272,7 +286,7 @@ def associative_options(cfg: ARMTConfig) -> dict:
     """Keyword options of :func:`associative_read` from ``cfg``, the model's current config (so
     that ``replace_config(use_l2_norm=...)`` reaches every layer)."""
     return dict(nu=cfg.nu, normalize=cfg.use_l2_norm, eps=cfg.eps,
-                floor=float(cfg.normaliser_floor), backend=cfg.backend)
+                floor=float(cfg.normaliser_floor), rule=cfg.update_rule, backend=cfg.backend)
 
 
 def write_options(cfg: ARMTConfig) -> dict:

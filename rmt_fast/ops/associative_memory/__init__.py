@@ -24,6 +24,9 @@ from .chunked import feature_sq, stat_dtype
 from .reference import dpfp, features, reference_read, reference_write
 
 BACKENDS = ("auto", "torch", "triton", "reference")
+#: ``armt``: ARMT's read and write (the reference code's); ``delta``: DeltaNet's rule on the same
+#: features (see :func:`associative_write`)
+RULES = ("armt", "delta")
 
 
 def _resolve(backend: str, x: torch.Tensor) -> str:
@@ -89,8 +92,8 @@ def _outside_autocast(a_pos: int):
 @_outside_autocast(a_pos=1)
 def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
                      normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                     backend: str = "auto") -> torch.Tensor:
-    """The associative read ``phi(x) A / (phi(x) . z + eps)``.
+                     rule: str = "armt", backend: str = "auto") -> torch.Tensor:
+    """The associative read ``phi(x) A / (phi(x) . z + eps)`` (``phi(x) A`` with ``rule="delta"``).
 
     Args:
         x: ``[B, L, d_mem]``, the query projection ``W_q h``.
@@ -100,6 +103,8 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
         floor: ``c >= 0``; with ``c > 0`` the normaliser is ``max(phi . z, c |phi|^2) + eps``,
             the floor treated as a constant (not in the reference code:
             :func:`.reference.normaliser`). 0 = the reference read.
+        rule: ``armt`` or ``delta`` (:data:`RULES`; ``delta`` reads ``phi(x) A``, ``z`` unused,
+            and needs ``normalize``).
         backend: see the module docstring.
 
     Returns:
@@ -108,6 +113,7 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
     """
     _check_state(x, A, z, nu, "x")
     floor = check_floor(floor)
+    z, eps = _rule_read_terms(rule, normalize, floor, z, eps)
     backend = _resolve(backend, x)
     if backend == "reference":
         return reference_read(x, A, z, nu=nu, normalize=normalize, eps=eps, floor=floor)
@@ -121,7 +127,8 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
                       normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                      gate: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      gate: bool = False, rule: str = "armt", backend: str = "auto",
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (see :mod:`.reference` for the formulas).
 
     Args:
@@ -135,6 +142,11 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         floor: divides ``v_bar`` as :func:`associative_read` does (``gamma`` is unchanged).
         gate: ``z`` takes ``beta_j gamma_j k_j`` (each key weighted by its write gate, as in
             ``A``) instead of ``gamma_j k_j``; ``beta`` gets the gradient of this use too.
+        rule: ``delta``: DeltaNet's rule (Schlag et al. 2021; not in the ARMT code): the memory
+            rows write one after another, ``A <- A + beta_j k_j (v_j - k_j A)^T``, with unit
+            keys (``normalize`` required), so each write is a contraction of ``A`` along
+            ``k_j`` and ``A`` stays bounded; ``z`` is returned unchanged (``first``,
+            ``correction``, ``floor`` and ``gate`` do not apply).
 
     Returns:
         ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
@@ -142,6 +154,9 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
     """
     _check_state(km, A, z, nu, "km")
     floor = check_floor(floor)
+    zero, one = _rule_read_terms(rule, normalize, floor, z, eps)
+    if rule == "delta" and gate:
+        raise ValueError("gate applies to z, which rule='delta' does not use")
     batch, m, _ = km.shape
     want = (batch, m, A.shape[-1])
     if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
@@ -157,10 +172,18 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         if rows_first:
             raise ValueError("backend='reference' takes first as a bool")
         return reference_write(km, v, beta, A, z, first=first, correction=correction, nu=nu,
-                               normalize=normalize, eps=eps, floor=floor, gate=gate)
+                               normalize=normalize, eps=eps, floor=floor, gate=gate, rule=rule)
     from .function import assoc_read, assoc_update
 
     km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
+    if rule == "delta":  # one row at a time: M is small (the memory tokens)
+        gamma = torch.zeros(batch, 1, dtype=stat_dtype(km.dtype), device=km.device)
+        for j in range(m):
+            kj = km[:, j:j + 1].contiguous()
+            v_bar = assoc_read(kj, A, zero, nu, True, one, backend)[0]
+            u = beta[:, j:j + 1, None].to(v.dtype) * (v[:, j:j + 1] - v_bar)
+            A = assoc_update(kj, u.contiguous(), gamma, A, z, nu, True, backend)[0]
+        return A, z
     if rows_first:
         v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend, floor)
         u = beta[..., None].to(v.dtype) * (v - v_bar)
@@ -180,6 +203,21 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
     return assoc_update(km, u.contiguous(), gamma, A, z, nu, normalize, backend)
 
 
+def _rule_read_terms(rule: str, normalize: bool, floor: float, z: torch.Tensor, eps: float):
+    """``(z, eps)`` for the read under ``rule``: as given for ``armt``; ``(0, 1)`` for ``delta``,
+    whose read ``phi_n A`` is ARMT's read with ``z = 0`` and ``eps = 1`` (the same kernels)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "armt":
+        return z, eps
+    if not normalize:
+        raise ValueError("rule='delta' needs normalize=True: unit keys make each write a "
+                         "contraction")
+    if floor:
+        raise ValueError("floor applies to z, which rule='delta' does not use")
+    return torch.zeros_like(z), 1.0
+
+
 def check_floor(floor) -> float:
     """``floor`` as a float; a clear error unless it is a finite number >= 0."""
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
@@ -197,6 +235,6 @@ def correction_gamma(den: torch.Tensor, nrm: torch.Tensor, normalize: bool, eps:
     return torch.clip(1 - den / sq, 0, 1).detach()
 
 
-__all__ = ["BACKENDS", "associative_read", "chunked", "associative_write", "check_floor",
+__all__ = ["BACKENDS", "RULES", "associative_read", "chunked", "associative_write", "check_floor",
            "correction_gamma", "dpfp",
            "features", "reference_read", "reference_write"]

@@ -16,6 +16,8 @@ Notation (per transformer layer, per batch row): the state is ``A`` ``[d_key, d]
     detached (the correction; 1 on the first segment or without correction). Unnormalised
     features use ``|k|^2 + eps`` in the denominator, normalised ones ``|k|^2``. With ``gate``
     (not in the reference code) ``z' = z + sum_j beta_j gamma_j k_j``.
+* ``rule="delta"`` (DeltaNet's rule, not in the ARMT code; unit features): read ``phi(x) A``;
+  the rows write one after another, ``A <- A + beta_j k_j (v_j - k_j A)^T``; ``z`` unused.
 """
 
 from __future__ import annotations
@@ -59,21 +61,24 @@ def normaliser(q: torch.Tensor, z: torch.Tensor, eps: float, floor: float) -> to
 
 def reference_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int = 3,
                    normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                   upcast: bool = False) -> torch.Tensor:
-    """``phi(x) A / (phi(x) . z + eps)`` (the divisor as :func:`normaliser`): ``x``
-    ``[B, L, d_mem]``, ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]`` -> ``[B, L, d]`` (``x``'s
-    dtype; computed in float64 when ``upcast``)."""
+                   rule: str = "armt", upcast: bool = False) -> torch.Tensor:
+    """``phi(x) A / (phi(x) . z + eps)`` (the divisor as :func:`normaliser`; ``phi(x) A`` for
+    ``rule="delta"``): ``x`` ``[B, L, d_mem]``, ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]`` ->
+    ``[B, L, d]`` (``x``'s dtype; computed in float64 when ``upcast``)."""
     dtype = x.dtype
     x, A, z = _up(upcast, x, A, z)
     q = features(x, nu, normalize)
     num = torch.einsum("blk,bkd->bld", q, A)
+    if rule == "delta":
+        return num.to(dtype)
     return (num / normaliser(q, z, eps, floor)).to(dtype)
 
 
 def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                     z: torch.Tensor, *, first: bool, correction: bool = True, nu: int = 3,
                     normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                    gate: bool = False, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    gate: bool = False, rule: str = "armt", upcast: bool = False,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (``v_bar`` divided as :func:`normaliser`; ``gamma`` always from
     ``k . z + eps``). ``km = W_k m`` ``[B, M, d_mem]``, ``v = W_v m`` ``[B, M, d]``,
     ``beta = sigmoid(W_b m)`` ``[B, M]``, state ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]``.
@@ -81,6 +86,11 @@ def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: to
     dtype = A.dtype
     km, v, beta, A, z = _up(upcast, km, v, beta, A, z)
     k = features(km, nu, normalize)
+    if rule == "delta":  # DeltaNet's rule, the rows one after another; z unused
+        for j in range(k.shape[1]):
+            prev = torch.einsum("bk,bkd->bd", k[:, j], A)
+            A = A + torch.einsum("bk,bd,b->bkd", k[:, j], v[:, j] - prev, beta[:, j])
+        return A.to(dtype), z.to(dtype)
     if first:
         prev = torch.zeros_like(v)
         gamma = 1.0
