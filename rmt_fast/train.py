@@ -44,8 +44,8 @@ from rmt_fast import run_io
 from rmt_fast.dtypes import CHOICES as DTYPE_CHOICES
 from rmt_fast.dtypes import resolve_dtype
 from rmt_fast.models.config import MEMORY_UPDATES, XL_POSITIONS
-from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 from rmt_fast.ops.associative_memory import RULES
+from rmt_fast.tasks import TASKS, Task, TaskData, make_task, token_accuracy
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -811,8 +811,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     L2-normalised with ``armt_l2_norm``, the ``gamma`` correction of ``z`` unless
     ``armt_correction=False``: :attr:`ARMTConfig.correction`, the read's floor ``armt_floor``:
     :attr:`ARMTConfig.normaliser_floor`, ``armt_normaliser_gate``:
-    :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`); ``mask``, ``xl_cache`` and ``xl_positions``
-    (:attr:`RMTConfig.xl_positions`) are RMT options;
+    :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`);
+    ``mask``, ``xl_cache`` and ``xl_positions`` (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
 
