@@ -23,8 +23,9 @@ tokens use); ``position_mode="model"`` numbers ``[segment | memory]`` as the bas
 (``src/armt.py``) also L2-normalises the DPFP features (``use_l2_norm=True`` here), drops the
 ``+ eps`` from ``|k|^2`` in the correction (done here when ``use_l2_norm``), and initialises
 ``W_q``/``W_k``/``W_b`` and the memory differently (not replicated: this follows the reference).
-Not in any upstream code: ``ARMTConfig.normaliser_floor`` (reads divide by at least
-``c |phi|^2 + eps``) and ``correction=False``, two ways to keep reads bounded on long inputs.
+Not in any upstream code: ``correction=False``, ``ARMTConfig.normaliser_floor`` (reads divide by
+at least ``c |phi|^2 + eps``), ``normaliser_gate`` and ``update_rule="delta"`` (DeltaNet's rule),
+ways to keep the state bounded on long inputs.
 
 Implementation: the blocks stay the base model's own (state-dict keys unchanged); forward
 pre-hooks and hooks on them do the read and the write while a segment runs. The recurrent state
@@ -105,7 +106,7 @@ class ARMTConfig(SavedConfig):
             ``k . z = |k|^2``, so ``c = 1`` keeps every read of a written key as it was, keeps
             queries that ``z`` barely covers from dividing by almost nothing, and bounds each
             write's step to ``beta / c``. 0 = the reference. Measured on qa1 and language
-            modelling in ``docs/armt.md`` ("Two more bounded reads"), as ``normaliser_gate``.
+            modelling in ``docs/armt.md`` ("Bounded reads and writes"), as the other two.
         normaliser_gate: ``z`` takes each written key weighted by its write gate ``beta``, as
             ``A`` does (``z' = z + sum_j beta_j gamma_j k_j``; not in the reference code): a
             write the model gates off then changes neither ``A`` nor ``z``, and without the
