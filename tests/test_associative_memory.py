@@ -226,7 +226,7 @@ def test_delta_rule(backend):
     dense sequential reference, float64 on the PyTorch path, float32 vs float64 under the Triton
     interpreter, gradients included); ``z`` passes through; a row written with ``beta = 1`` is
     read back exactly (the delta rule's defining property), and many writes leave ``A`` bounded
-    (each one is a contraction along its unit key)."""
+    (each one is a contraction along its unit key; PyTorch path)."""
     dtype = torch.float64 if backend == "torch" else torch.float32
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     x, A, z, km, v, beta = _inputs(dtype)
@@ -266,6 +266,8 @@ def test_delta_rule(backend):
         A1, _ = associative_write(km[:, :1], v[:, :1], ones, A, z, first=False, backend=backend, **kw)
         back = associative_read(km[:, :1], A1, z, backend=backend, **kw)
         torch.testing.assert_close(back, v[:, :1], rtol=10 * tol, atol=10 * tol)
+        if backend == "triton":  # the same ops; 400 serial interpreter launches would take minutes
+            return
         g = torch.Generator().manual_seed(5)
         A_run = torch.zeros_like(A)
         for _ in range(50):
