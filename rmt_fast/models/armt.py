@@ -79,7 +79,13 @@ from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import run_segments
 from rmt_fast.models.segmenting import segment_bounds
-from rmt_fast.ops.associative_memory import BACKENDS, RULES, associative_read, associative_write
+from rmt_fast.ops.associative_memory import (
+    BACKENDS,
+    RULES,
+    associative_read,
+    associative_write,
+    check_floor,
+)
 from rmt_fast.validation import check_causal_lm_call
 
 CONFIG_NAME = "armt_config.json"
@@ -208,10 +214,7 @@ class ARMTConfig(SavedConfig):
             need(not self.normaliser_floor and not self.normaliser_gate,
                  "normaliser_floor and normaliser_gate act on z, which update_rule='delta' "
                  "does not use")
-        need(not isinstance(self.normaliser_floor, bool)
-             and isinstance(self.normaliser_floor, (int, float))
-             and 0 <= self.normaliser_floor < float("inf"),
-             f"normaliser_floor must be a finite float >= 0, got {self.normaliser_floor!r}")
+        check_floor(self.normaliser_floor, "normaliser_floor")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 

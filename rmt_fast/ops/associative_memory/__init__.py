@@ -218,10 +218,10 @@ def _rule_read_terms(rule: str, normalize: bool, floor: float, z: torch.Tensor, 
     return torch.zeros_like(z), 1.0
 
 
-def check_floor(floor) -> float:
-    """``floor`` as a float; a clear error unless it is a finite number >= 0."""
+def check_floor(floor, name: str = "floor") -> float:
+    """``floor`` as a float; a clear error naming ``name`` unless it is a finite number >= 0."""
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
-        raise ValueError(f"floor must be a finite float >= 0 (0 = the reference normaliser), "
+        raise ValueError(f"{name} must be a finite float >= 0 (0 = the reference normaliser), "
                          f"got {floor!r}")
     return float(floor)
 
