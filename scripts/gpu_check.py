@@ -23,7 +23,8 @@ Meant for a fresh CUDA machine (H100/H200) that has torch and triton but nothing
   tuning             (only with --stages tuning) candidate Triton tile configs timed, each
                      checked against the shipped one: what to put in launch.GPU_CONFIGS
   kernel_timing      Triton vs SDPA vs FlexAttention (same mask) vs FlashAttention (when
-                     installed): TFLOP/s and fraction of peak (rmt_fast/bench/roofline.py)
+                     installed): TFLOP/s and fraction of peak (rmt_fast/bench/roofline.py);
+                     plain masks, then Gemma 2's soft-capped and windowed layers
 
 Each stage runs in its own process with its own time budget under a global deadline (default
 470 s), so a failure, a hang or a crash in one does not hide the rest. Results go to
@@ -1067,13 +1068,22 @@ TUNING_CANDIDATES = {
                  (64, 128, 8, 2), (128, 64, 8, 2)],
     "bwd_dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
 }
+#: the same for kernels compiled with a logit soft-cap (Gemma 2's 50), after the plain ones:
+#: only dK/dV, the one bf16 kernel whose soft-capped config differs (the shipped config, from
+#: ``launch.gpu_config``, is timed first whatever this list says)
+TUNING_SOFTCAP_CANDIDATES = {
+    "bwd_dkdv": [(16, 32, 4, 1), (16, 64, 4, 1), (32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2)],
+}
+TUNING_VARIANTS = (("plain", None, TUNING_CANDIDATES),
+                   ("softcap", 50.0, TUNING_SOFTCAP_CANDIDATES))
 
 
 def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
     """Not in the default run (``--stages tuning``): times the Triton kernels' candidate tile
-    configs (``TUNING_CANDIDATES``, one kernel varied at a time, the others as shipped) at
-    L 8,192, bf16, causal, D 64 and 128, fwd (fwd kernel) or fwd+bwd (backward kernels), with
-    each candidate's output and gradients checked against the shipped config's."""
+    configs (``TUNING_VARIANTS``: plain, then soft-capped; one kernel varied at a time, the
+    others as shipped) at L 8,192, bf16, causal, D 64 and 128, fwd (fwd kernel) or fwd+bwd
+    (backward kernels), with each candidate's output and gradients checked against the shipped
+    config's."""
     import torch
 
     from rmt_fast import memory_attention
@@ -1089,15 +1099,16 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
     peak = device_peak(torch.cuda.get_device_name()) if ctx.cuda else None
     length, dims, batch, width = (8192, (64, 128), 2, 2048) if ctx.cuda else (32, (64,), 1, 64)
     deadline = time.monotonic() + ctx.budget_s - 10
-    rec.data["columns"] = ["kernel", "head_dim", "config", "mode", "ms", "TFLOP/s", "max_rel_diff",
-                           "status"]
+    rec.data["columns"] = ["variant", "kernel", "head_dim", "config", "mode", "ms", "TFLOP/s",
+                           "max_rel_diff", "status"]
 
     def run(case):
         q, k, v, _, _ = kb._inputs(case, dev, dtype, case.mode == "fwd+bwd")
         leaves = [q, k, v]
 
         def fn():  # kb.build refuses Triton off CUDA; the interpreter runs it here
-            return memory_attention(q, k, v, mask=case.mask, backend="triton")
+            return memory_attention(q, k, v, mask=case.mask, softcap=case.softcap,
+                                    backend="triton")
         if case.mode == "fwd":
             with torch.no_grad():
                 out = fn()
@@ -1121,54 +1132,89 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
         return seconds, results
 
     best = {}
-    for hd in dims:
-        case_fwd = kb.Case("causal", length, hd, "fwd", batch=batch, heads=width // hd)
-        case_bwd = kb.Case("causal", length, hd, "fwd+bwd", batch=batch, heads=width // hd)
-        for kernel, cands in TUNING_CANDIDATES.items():
-            cands = cands if ctx.cuda else cands[:2]
-            case = case_fwd if kernel == "fwd" else case_bwd
-            key = (kernel, hd)
-            shipped = launch.GPU_CONFIGS[key]
-            ref = None
-            try:
-                for cand in cands:
-                    if time.monotonic() > deadline:
-                        rec.row(kernel=kernel, head_dim=hd, config=str(cand), mode=case.mode,
-                                status="skipped: stage budget")
-                        continue
-                    launch.GPU_CONFIGS[key] = launch.Config(*cand)
-                    try:
-                        seconds, results = run(case)
-                    except Exception as e:  # e.g. out of shared memory: the row says so
-                        rec.row(kernel=kernel, head_dim=hd, config=str(cand), mode=case.mode,
-                                status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                        continue
-                    if ref is None:
-                        ref = results
-                    rel = max(((r - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
-                              for r, g in zip(results, ref, strict=True))
-                    tflops = roofline(case.shape(dtype), seconds, case.mode, peak)["tflops"]
-                    status = "ok" if rel < 2e-2 else "FAIL: differs from the shipped config"
-                    rec.row(kernel=kernel, head_dim=hd, config=str(cand), mode=case.mode,
-                            ms=seconds * 1e3, **{"TFLOP/s": tflops}, max_rel_diff=rel,
-                            status=status)
-                    if status == "ok" and (key not in best or seconds < best[key][1]):
-                        best[key] = (cand, seconds)
-            finally:
-                launch.GPU_CONFIGS[key] = shipped
-            if ctx.cuda:
-                torch.cuda.empty_cache()
-    rec.metric(best={f"{k}_{d}": list(c) for (k, d), (c, _) in best.items()})
+    for variant, softcap, candidates in TUNING_VARIANTS:
+        for hd in dims:
+            case_fwd = kb.Case("causal", length, hd, "fwd", batch=batch, heads=width // hd,
+                               softcap=softcap)
+            case_bwd = kb.Case("causal", length, hd, "fwd+bwd", batch=batch, heads=width // hd,
+                               softcap=softcap)
+            for kernel, cands in candidates.items():
+                case = case_fwd if kernel == "fwd" else case_bwd
+                # the most specific key for bf16, read before any other (launch.gpu_config)
+                key = (f"{kernel}_bf16" + ("" if softcap is None else "_softcap"),
+                       64 if launch.block_d(hd) <= 64 else 128)
+                had, shipped = key in launch.GPU_CONFIGS, launch.GPU_CONFIGS.get(key)
+                first = dataclasses.astuple(launch.gpu_config(kernel, hd, "bf16",
+                                                              softcap=softcap is not None))
+                cands = [first] + [c for c in cands if tuple(c) != first]
+                cands = cands if ctx.cuda else cands[:2]
+                ref = None
+                try:
+                    for cand in cands:
+                        where = dict(variant=variant, kernel=kernel, head_dim=hd,
+                                     config=str(cand), mode=case.mode)
+                        if time.monotonic() > deadline:
+                            rec.row(**where, status="skipped: stage budget")
+                            continue
+                        launch.GPU_CONFIGS[key] = launch.Config(*cand)
+                        try:
+                            seconds, results = run(case)
+                        except Exception as e:  # e.g. out of shared memory: the row says so
+                            rec.row(**where, status=f"error: {type(e).__name__}: "
+                                                    f"{str(e).splitlines()[0][:80]}")
+                            continue
+                        if ref is None:
+                            ref = results
+                        rel = max(((r - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+                                  for r, g in zip(results, ref, strict=True))
+                        tflops = roofline(case.shape(dtype), seconds, case.mode, peak)["tflops"]
+                        status = "ok" if rel < 2e-2 else "FAIL: differs from the shipped config"
+                        rec.row(**where, ms=seconds * 1e3, **{"TFLOP/s": tflops},
+                                max_rel_diff=rel, status=status)
+                        bkey = (variant, kernel, hd)
+                        if status == "ok" and (bkey not in best or seconds < best[bkey][1]):
+                            best[bkey] = (cand, seconds)
+                finally:
+                    if had:
+                        launch.GPU_CONFIGS[key] = shipped
+                    else:
+                        launch.GPU_CONFIGS.pop(key, None)
+                if ctx.cuda:
+                    torch.cuda.empty_cache()
+    rec.metric(best={f"{v}_{k}_{d}": list(c) for (v, k, d), (c, _) in best.items()})
 
     def summary():
-        wrong = [(r["kernel"], r["head_dim"], r["config"]) for r in rec.data["rows"]
-                 if str(r["status"]).startswith("FAIL")]
+        wrong = [(r["variant"], r["kernel"], r["head_dim"], r["config"])
+                 for r in rec.data["rows"] if str(r["status"]).startswith("FAIL")]
         assert not wrong, f"configs whose output or gradients differ from the shipped one: {wrong}"
-        want = {(k, d) for k in TUNING_CANDIDATES for d in dims}
+        want = {(v, k, d) for v, _, cands in TUNING_VARIANTS for k in cands for d in dims}
         assert set(best) == want, f"no working config for {sorted(want - set(best))}"
-        return ", ".join(f"{k} D{d}: {c} {s * 1e3:.2f} ms" for (k, d), (c, s) in best.items())
+        return ", ".join(f"{v} {k} D{d}: {c} {s * 1e3:.2f} ms"
+                         for (v, k, d), (c, s) in best.items())
 
     rec.check("tile configs timed", summary)
+
+
+#: extra ``kernel_timing`` cases after the plain ones (CUDA sizes): Gemma 2's global layers
+#: (logit soft-cap 50) and its local ones (the cap and a 4,096-key sliding window), D 128
+SCORED_TIMING_CASES = [dict(softcap=50.0), dict(softcap=50.0, window=4096)]
+
+
+def kernel_timing_cases(cuda: bool, tiny: bool) -> list[dict]:
+    """``kernel_timing``'s cases in order: ``Case`` keywords without ``mode``, ``batch``,
+    ``heads`` (the plain masks at every head dim, then :data:`SCORED_TIMING_CASES`)."""
+    length, head_dims = (8192, [64, 128]) if cuda else (32, [16])
+    cases = []
+    for mask in ("causal", "rmt"):
+        for hd in head_dims:
+            mem = 0 if mask == "causal" else (4 if tiny else 16)
+            cases.append(dict(mask=mask, length=length, head_dim=hd, num_read=mem, num_write=mem))
+    for extra in SCORED_TIMING_CASES:
+        extra = dict(extra)
+        if not cuda and "window" in extra:
+            extra["window"] = length // 2
+        cases.append(dict(mask="causal", length=length, head_dim=head_dims[-1], **extra))
+    return cases
 
 
 def stage_kernel_timing(ctx: Ctx, rec: Recorder) -> None:
@@ -1182,45 +1228,42 @@ def stage_kernel_timing(ctx: Ctx, rec: Recorder) -> None:
     if ctx.cuda:
         dtype, systems = torch.bfloat16, list(kb.GPU_SYSTEMS)
         peak = device_peak(torch.cuda.get_device_name())
-        lengths, head_dims, tokens, model_dim = [8192], [64, 128], 16384, 2048
+        tokens, model_dim = 16384, 2048
     else:
         dtype, systems, peak = torch.float32, list(kb.CPU_SYSTEMS), None
-        lengths, head_dims, tokens, model_dim = [32], [16], 64, 32
+        tokens, model_dim = 64, 32
     measured = ceil.get(f"{str(dtype)[6:]}_tflops")
     deadline = time.monotonic() + ctx.budget_s - 10
-    rec.data["columns"] = ["system", "mask", "length", "head_dim", "batch", "heads", "mode", "ms",
-                           "TFLOP/s", "% datasheet", "% measured", "GB/s", "max_diff", "status"]
-    for mask in ("causal", "rmt"):
-        for hd in head_dims:
-            for length in lengths:
-                for mode in ("fwd", "fwd+bwd"):
-                    mem = 0 if mask == "causal" else 16
-                    if ctx.tiny:
-                        mem = min(mem, 4)
-                    case = kb.Case(mask, length, hd, mode, batch=max(1, tokens // length),
-                                   heads=max(1, model_dim // hd), num_read=mem, num_write=mem)
-                    ref = None
-                    for system in systems:
-                        if time.monotonic() > deadline:
-                            rec.row(system=system, mask=mask, length=length, head_dim=hd,
-                                    mode=mode, status="skipped: stage budget")
-                            continue
-                        row, out = kb.run_case(system, case, dev, dtype, 3, 1, ref, peak)
-                        if ref is None and out is not None:
-                            ref, row["max_diff"] = out, 0.0
-                        sec = row.get("seconds")
-                        rec.row(system=system, mask=mask, length=length, head_dim=hd,
-                                batch=case.batch, heads=case.heads, mode=mode,
-                                ms=sec and sec * 1e3, **{"TFLOP/s": row.get("tflops")},
-                                **{"% datasheet": row.get("frac_peak_flops") and
-                                   100 * row["frac_peak_flops"],
-                                   "% measured": (row.get("tflops") and measured and
-                                                  100 * row["tflops"] / measured)},
-                                **{"GB/s": row.get("gbps")}, max_diff=row.get("max_diff"),
-                                status=row["status"])
-                    del ref
-                    if ctx.cuda:
-                        torch.cuda.empty_cache()
+    rec.data["columns"] = ["system", "mask", "window", "softcap", "length", "head_dim", "batch",
+                           "heads", "mode", "ms", "TFLOP/s", "% datasheet", "% measured", "GB/s",
+                           "max_diff", "status"]
+    for spec in kernel_timing_cases(ctx.cuda, ctx.tiny):
+        for mode in ("fwd", "fwd+bwd"):
+            length, hd = spec["length"], spec["head_dim"]
+            case = kb.Case(mode=mode, batch=max(1, tokens // length),
+                           heads=max(1, model_dim // hd), **spec)
+            where = dict(mask=case.mask, window=case.window, softcap=case.softcap,
+                         length=length, head_dim=hd, mode=mode)
+            ref = None
+            for system in systems:
+                if time.monotonic() > deadline:
+                    rec.row(system=system, **where, status="skipped: stage budget")
+                    continue
+                row, out = kb.run_case(system, case, dev, dtype, 3, 1, ref, peak)
+                if ref is None and out is not None:
+                    ref, row["max_diff"] = out, 0.0
+                sec = row.get("seconds")
+                rec.row(system=system, **where, batch=case.batch, heads=case.heads,
+                        ms=sec and sec * 1e3, **{"TFLOP/s": row.get("tflops")},
+                        **{"% datasheet": row.get("frac_peak_flops") and
+                           100 * row["frac_peak_flops"],
+                           "% measured": (row.get("tflops") and measured and
+                                          100 * row["tflops"] / measured)},
+                        **{"GB/s": row.get("gbps")}, max_diff=row.get("max_diff"),
+                        status=row["status"])
+            del ref
+            if ctx.cuda:
+                torch.cuda.empty_cache()
     rec.metric(dtype=str(dtype)[6:], datasheet=peak.name if peak else None,
                measured_matmul_tflops=measured)
 
@@ -1236,7 +1279,7 @@ STAGES = {
     "streaming_1m": (stage_streaming, 90),
     "armt": (stage_armt, 60),
     "tuning": (stage_tuning, 240),
-    "kernel_timing": (stage_kernel_timing, 150),
+    "kernel_timing": (stage_kernel_timing, 200),  # 12 cases (Gemma 2's layers: +4)
 }
 INSTALL_BUDGET_S = 240
 

@@ -32,6 +32,64 @@ def test_flex_mask_mod_equals_dense_visibility(mask, past, pvr):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("mask", MASK_MODES)
+@pytest.mark.parametrize("past, pvr", [(0, False), (5, False), (5, True)])
+@pytest.mark.parametrize("window", [1, 4, 9])
+def test_flex_mask_mod_with_window_equals_dense_visibility(mask, past, pvr, window):
+    case = kb.Case(mask, 13, 16, "fwd", 1, 1, num_read=3, num_write=4, past=past,
+                   past_visible_to_read=pvr, window=window)
+    qi = torch.arange(13)[:, None]
+    kj = torch.arange(past + 13)[None, :]
+    got = kb.mask_mod_for(case)(0, 0, qi, kj)
+    want = dense_visibility(13, past, num_read=3, num_write=4, mask=mask, past_visible_to_read=pvr,
+                            window=window)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, kb.mask_mod_for(kb.Case(mask, 13, 16, "fwd", 1, 1, num_read=3,
+                                                        num_write=4, past=past,
+                                                        past_visible_to_read=pvr))(0, 0, qi, kj))
+
+
+def test_flex_score_mod_is_the_softcap():
+    assert kb.score_mod_for(kb.Case("causal", 8, 16, "fwd", 1, 1)) is None
+    s = torch.randn(5, 7, dtype=torch.float64) * 40
+    mod = kb.score_mod_for(kb.Case("causal", 8, 16, "fwd", 1, 1, softcap=20.0))
+    assert torch.allclose(mod(s, 0, 0, 0, 0), 20.0 * torch.tanh(s / 20.0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="softcap"):
+        kb.Case("causal", 8, 16, "fwd", 1, 1, softcap=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        kb.Case("causal", 8, 16, "fwd", 1, 1, window=0)
+
+
+def test_windowed_and_capped_cases_on_cpu():
+    """Every CPU system that can express a window and a cap agrees with ours (``torch``); the
+    others say why not; the FLOPs are the window's."""
+    dev = torch.device("cpu")
+    case = kb.Case("rmt", 24, 16, "fwd", 1, 2, num_read=3, num_write=3, past=6, window=7,
+                   softcap=2.0)
+    ref, _ = None, None
+    rows = {}
+    for system in kb.CPU_SYSTEMS:
+        row, out = kb.run_case(system, case, dev, torch.float32, 1, 0, ref, None)
+        if ref is None:
+            ref = out
+        rows[system] = row
+    assert rows["torch"]["status"] == "ok"
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["max_diff"] < 1e-5
+    assert rows["flex"]["status"] == "ok" and rows["flex"]["max_diff"] < 1e-5
+    assert rows["sdpa_mask"]["status"] == "skipped: SDPA has no logit soft-cap"
+    assert rows["sdpa_causal"]["status"].startswith("skipped")
+    vis = dense_visibility(24, 6, num_read=3, num_write=3, mask="rmt", window=7)
+    assert rows["torch"]["flops"] == 4 * 16 * 2 * int(vis.sum())
+    # without the cap SDPA takes the windowed mask and agrees
+    nocap = kb.Case("rmt", 24, 16, "fwd", 1, 2, num_read=3, num_write=3, past=6, window=7)
+    ref, _ = kb.run_case("torch", nocap, dev, torch.float32, 1, 0, None, None)[1], None
+    row, _ = kb.run_case("sdpa_mask", nocap, dev, torch.float32, 1, 0, ref, None)
+    assert row["status"] == "ok" and row["max_diff"] < 1e-5
+    # and the cap changes the output (the comparison above could not pass without it)
+    capped = kb.run_case("torch", case, dev, torch.float32, 1, 0, None, None)[1]
+    assert (capped - ref).abs().max() > 1e-3
+
+
 def test_cpu_main_smoke(tmp_path):
     """``python -m rmt_fast.bench.kernels`` without CUDA: the explicit CPU line, the table, sane rows."""
     out_json = tmp_path / "rows.json"

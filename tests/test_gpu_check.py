@@ -215,6 +215,12 @@ def test_dry_run_end_to_end(tmp_path):
     assert checks["get of a missing segment raises"] == "ok"
     assert checks["associative read + write, float32, normaliser floor on about half the rows"] == "ok"
     assert data["stages"]["armt"]["metrics"]["armt_logits_rel_diff"] < 1e-5
+    timing = data["stages"]["kernel_timing"]["rows"]
+    capped = [r for r in timing if r.get("softcap") == 50.0]
+    assert {r.get("window") for r in capped} == {None, 16}
+    ok = {(r["system"], r["window"], r["mode"]) for r in capped if r["status"] == "ok"}
+    assert {("torch", w, "fwd") for w in (None, 16)} | {("flex", w, "fwd") for w in (None, 16)} <= ok
+    assert all(r["max_diff"] < 1e-5 for r in capped if r["status"] == "ok")
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
@@ -231,6 +237,38 @@ def test_tuning_stage_under_the_interpreter(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(result.read_text())
     assert [c["status"] for c in data["checks"]] == ["ok"], data["checks"]
-    assert len(data["rows"]) == 6 and all(r["status"] == "ok" for r in data["rows"]), data["rows"]
+    assert len(data["rows"]) == 8 and all(r["status"] == "ok" for r in data["rows"]), data["rows"]
     assert all(r["max_rel_diff"] == 0.0 for r in data["rows"])
-    assert set(data["metrics"]["best"]) == {"fwd_64", "bwd_dkdv_64", "bwd_dq_64"}
+    assert set(data["metrics"]["best"]) == {"plain_fwd_64", "plain_bwd_dkdv_64", "plain_bwd_dq_64",
+                                            "softcap_bwd_dkdv_64"}
+    # the soft-capped dK/dV rows start from the config shipped for it, not the plain one
+    capped = [r for r in data["rows"] if r["variant"] == "softcap"]
+    assert capped[0]["config"] == str(gc_launch_config("bwd_dkdv", 64, softcap=True))
+    assert capped[0]["config"] != str(gc_launch_config("bwd_dkdv", 64))
+
+
+def gc_launch_config(kernel, head_dim, softcap=False):
+    import dataclasses
+
+    from rmt_fast.ops.memory_attention.triton import launch
+
+    return dataclasses.astuple(launch.gpu_config(kernel, head_dim, "bf16", softcap=softcap))
+
+
+def test_kernel_timing_cases(gc):
+    """The plain masks at every head dim, then Gemma 2's capped global and capped + windowed
+    local layers at D 128; every case builds (window and cap validated)."""
+    from rmt_fast.bench import kernels as kb
+
+    for cuda in (True, False):
+        cases = gc.kernel_timing_cases(cuda, tiny=not cuda)
+        plain = [c for c in cases if "softcap" not in c]
+        assert [c["mask"] for c in plain] == ["causal"] * (len(plain) // 2) + ["rmt"] * (len(plain) // 2)
+        scored = cases[len(plain):]
+        assert [c.get("softcap") for c in scored] == [50.0, 50.0]
+        assert scored[0].get("window") is None
+        assert 0 < scored[1]["window"] < scored[1]["length"]
+        if cuda:
+            assert scored[1]["window"] == 4096 and scored[1]["head_dim"] == 128
+        for c in cases:
+            kb.Case(mode="fwd", batch=1, heads=1, **c)

@@ -27,6 +27,37 @@ def test_flops_equal_brute_force_visibility_count(mask, past_visible_to_read):
         assert attention_flops(shape, "fwd+bwd") == 3.5 * brute
 
 
+@pytest.mark.parametrize("mask", MASK_MODES)
+@pytest.mark.parametrize("past_visible_to_read", [False, True])
+@pytest.mark.parametrize("window", [1, 2, 5, 13])
+def test_windowed_flops_equal_brute_force_visibility_count(mask, past_visible_to_read, window,
+                                                            monkeypatch):
+    """A cutting sliding window is counted from the element predicate in row chunks (3 rows
+    here, so chunk edges fall inside every layout); a window cutting nothing takes the block
+    plans' count."""
+    counted = []
+    real = roofline._windowed_pairs
+    monkeypatch.setattr(roofline, "_windowed_pairs",
+                        lambda *a, **k: counted.append(1) or real(*a, chunk=3))
+    batch, hq, hkv, d = 1, 2, 1, 8
+    for length, past, r, w in LAYOUTS:
+        vis = dense_visibility(length, past, num_read=r, num_write=w, mask=mask,
+                               past_visible_to_read=past_visible_to_read, window=window)
+        shape = AttentionShape(batch, hq, hkv, length, d, past=past, num_read=r, num_write=w,
+                               mask=mask, past_visible_to_read=past_visible_to_read,
+                               window=window)
+        assert attention_flops(shape, "fwd") == int(vis.sum()) * 4 * d * batch * hq, \
+            (length, past, r, w)
+    # windows of 13 keys cut nothing in the layouts with P + L <= 13: no element count there
+    cutting = sum(window < past + length for length, past, _, _ in LAYOUTS)
+    assert len(counted) == cutting
+
+
+def test_window_checked():
+    with pytest.raises(ValueError, match="window"):
+        AttentionShape(1, 1, 1, 4, 16, window=0)
+
+
 def test_visible_pairs_closed_forms():
     assert visible_pairs(100) == 100 * 101 // 2  # plain causal
     assert visible_pairs(100, mask="full") == 100 * 100

@@ -15,6 +15,12 @@ Systems on CUDA (bf16 by default):
 * ``flash``: ``flash_attn.flash_attn_func`` when installed (plain causal or full, no past keys:
   it has no memory masks).
 
+``--window W`` (a sliding window in keys, as Mistral's or Gemma 2's local layers) and
+``--softcap C`` (Gemma 2's logit soft-cap ``C * tanh(s / C)`` of the scaled scores) go to every
+system that can express them: ours (layout fields), SDPA (the window in the dense mask; no cap),
+Flex (the window in ``mask_mod``, the cap as a ``score_mod``) and FlashAttention
+(``window_size=(W - 1, 0)``, ``softcap=C``).
+
 Without CUDA (or with ``--device cpu``) only CPU reference paths run, at tiny sizes, in float32:
 ``torch`` (``backend="torch"``), ``reference``, ``sdpa_mask``, ``sdpa_causal`` and ``flex``
 (eager, not compiled); the output says so, and its times are CPU times, not GPU numbers.
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 
 from rmt_fast import memory_attention
 from rmt_fast.bench.roofline import AttentionShape, device_peak, roofline
-from rmt_fast.masks import current_key_visible, dense_visibility
+from rmt_fast.masks import AttentionLayout, current_key_visible, dense_visibility
 
 GPU_SYSTEMS = ("triton", "sdpa_mask", "sdpa_causal", "flex", "flash")
 CPU_SYSTEMS = ("torch", "reference", "sdpa_mask", "sdpa_causal", "flex")
@@ -62,21 +68,31 @@ class Case:
     num_write: int = 0
     past: int = 0
     past_visible_to_read: bool = False
+    window: int | None = None
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        self.layout()  # validates window and softcap
+
+    def layout(self) -> AttentionLayout:
+        return AttentionLayout(self.num_read, self.num_write, self.mask,
+                               self.past_visible_to_read, window=self.window,
+                               softcap=self.softcap)
 
     def shape(self, dtype: torch.dtype) -> AttentionShape:
         return AttentionShape(self.batch, self.heads, self.heads, self.length, self.head_dim,
                               past=self.past, num_read=self.num_read, num_write=self.num_write,
                               mask=self.mask, past_visible_to_read=self.past_visible_to_read,
-                              dtype=str(dtype).removeprefix("torch."))
+                              dtype=str(dtype).removeprefix("torch."), window=self.window)
 
     @property
     def plain_causal(self) -> bool:
         """Same visibility as top-left causal attention over ``L`` keys (SDPA ``is_causal``)."""
-        return self.mask == "causal" and self.past == 0
+        return self.mask == "causal" and self.past == 0 and self.window is None
 
     @property
     def plain_full(self) -> bool:
-        return self.mask == "full" and self.past == 0
+        return self.mask == "full" and self.past == 0 and self.window is None
 
 
 class Unsupported(Exception):
@@ -102,11 +118,26 @@ def mask_mod_for(case: Case) -> Callable:
     def mask_mod(b, h, q_idx, kv_idx):
         is_past = kv_idx < past
         past_ok = is_past if case.past_visible_to_read else is_past & (q_idx >= case.num_read)
+        if case.window is not None:  # key a sits at position a, row i at P + i
+            past_ok = past_ok & (past + q_idx - kv_idx < case.window)
         cur_ok = current_key_visible(q_idx, kv_idx - past, case.num_read, case.num_write, length,
-                                     case.mask)
+                                     case.mask, case.window)
         return past_ok | (~is_past & cur_ok)
 
     return mask_mod
+
+
+def score_mod_for(case: Case) -> Callable | None:
+    """FlexAttention ``score_mod`` for the logit soft-cap (Flex passes it the scaled score), or
+    None without one."""
+    if case.softcap is None:
+        return None
+    cap = float(case.softcap)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return score_mod
 
 
 def _inputs(case: Case, device: torch.device, dtype: torch.dtype, grad: bool):
@@ -131,19 +162,21 @@ def build(system: str, case: Case, device: torch.device, dtype: torch.dtype, gra
     """
     q, k, v, pk, pv = _inputs(case, device, dtype, grad)
     layout = dict(num_read=case.num_read, num_write=case.num_write, mask=case.mask,
-                  past_visible_to_read=case.past_visible_to_read)
+                  past_visible_to_read=case.past_visible_to_read, window=case.window)
     ours = [t for t in (q, k, v, pk, pv) if t is not None]
     if system in ("triton", "torch", "reference"):
         if system == "triton" and device.type != "cuda":
             raise Unsupported("needs CUDA")
         return (lambda: memory_attention(q, k, v, past_k=pk, past_v=pv, backend=system,
-                                         **layout)), ours
+                                         softcap=case.softcap, **layout)), ours
     # baselines: one key buffer [past | current]
     kk, vv = (k, v) if pk is None else (torch.cat([pk, k], 2).detach(),
                                         torch.cat([pv, v], 2).detach())
     kk.requires_grad_(grad)
     vv.requires_grad_(grad)
     leaves = [q, kk, vv]
+    if system in ("sdpa_mask", "sdpa_causal") and case.softcap is not None:
+        raise Unsupported("SDPA has no logit soft-cap")
     if system == "sdpa_mask":
         vis = dense_visibility(case.length, case.past, device=device, **layout)
         return (lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=vis)), leaves
@@ -164,7 +197,8 @@ def build(system: str, case: Case, device: torch.device, dtype: torch.dtype, gra
         else:  # eager: torch's unfused reference implementation (it warns once; fine at tiny L)
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             flex = flex_attention
-        return (lambda: flex(q, kk, vv, block_mask=block_mask)), leaves
+        score_mod = score_mod_for(case)
+        return (lambda: flex(q, kk, vv, score_mod=score_mod, block_mask=block_mask)), leaves
     if system == "flash":
         if device.type != "cuda":
             raise Unsupported("needs CUDA")
@@ -172,12 +206,18 @@ def build(system: str, case: Case, device: torch.device, dtype: torch.dtype, gra
             from flash_attn import flash_attn_func
         except ImportError as e:
             raise Unsupported("flash_attn not installed") from e
-        if not (case.plain_causal or case.plain_full):
+        if not ((case.mask in ("causal", "full")) and case.past == 0):
             raise Unsupported("no memory masks in flash_attn")
+        extra = {}
+        if case.window is not None:  # row i sees keys i - (W - 1) .. i (right: 0 when causal)
+            extra["window_size"] = (case.window - 1, 0 if case.mask == "causal" else -1)
+        if case.softcap is not None:
+            extra["softcap"] = float(case.softcap)
         qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(grad)
                       for t in (q, kk, vv))
-        causal = case.plain_causal
-        return (lambda: flash_attn_func(qt, kt, vt, causal=causal).transpose(1, 2)), [qt, kt, vt]
+        causal = case.mask == "causal"
+        return (lambda: flash_attn_func(qt, kt, vt, causal=causal, **extra).transpose(1, 2)), \
+            [qt, kt, vt]
     raise ValueError(f"unknown system {system!r}")
 
 
@@ -241,7 +281,8 @@ def run_case(system: str, case: Case, device: torch.device, dtype: torch.dtype, 
 
 
 def sweep(systems, masks, lengths, head_dims, modes, device, dtype, tokens, model_dim,
-          num_mem, past, repeats, warmup, peak, progress: bool = True) -> list[dict]:
+          num_mem, past, repeats, warmup, peak, progress: bool = True, window: int | None = None,
+          softcap: float | None = None) -> list[dict]:
     rows = []
     for mask in masks:
         for hd in head_dims:
@@ -251,7 +292,7 @@ def sweep(systems, masks, lengths, head_dims, modes, device, dtype, tokens, mode
                                 heads=max(1, model_dim // hd),
                                 num_read=0 if mask in ("causal", "full") else num_mem,
                                 num_write=0 if mask in ("causal", "full") else num_mem,
-                                past=past)
+                                past=past, window=window, softcap=softcap)
                     ref = None
                     for system in systems:
                         row, out = run_case(system, case, device, dtype, repeats, warmup, ref,
@@ -316,6 +357,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-mem", type=int, default=16,
                         help="read and write memory tokens for the memory masks")
     parser.add_argument("--past", type=int, default=0, help="past keys (own buffer for ours)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="sliding window in keys (Mistral / Gemma 2 local layers)")
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="logit soft-cap C: scores C * tanh(s / C) (Gemma 2: 50)")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timed repeats")
     parser.add_argument("--warmup", type=int, default=1, help="CPU warm-up calls")
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -356,7 +401,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"/ median time; max_diff vs the first system that ran")
     print(header())
     rows = sweep(systems, args.masks, lengths, head_dims, args.modes, device, dtype, tokens,
-                 model_dim, args.num_mem, args.past, args.repeats, args.warmup, peak)
+                 model_dim, args.num_mem, args.past, args.repeats, args.warmup, peak,
+                 window=args.window, softcap=args.softcap)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=info, peak=asdict(peak) if peak else None, rows=rows), f,

@@ -1,10 +1,11 @@
 """Roofline model of one ``memory_attention`` call: useful FLOPs, minimum bytes, achieved rates.
 
 FLOPs count only the (query, key) pairs the mask makes visible, taken exactly from
-:func:`rmt_fast.masks.block_plan` (key padding is not modelled): ``4 * D`` per visible pair and
-query head in the forward (``2 * D`` for ``q @ k^T``, ``2 * D`` for ``p @ v``; the softmax is
-not counted), and 2.5x that for the backward, FlashAttention's convention (its benchmarks
-report ``fwd``, ``bwd = 2.5 * fwd`` and ``fwd+bwd = 3.5 * fwd``).
+:func:`rmt_fast.masks.block_plan`, or from the dense visibility in row chunks when a sliding
+window cuts keys (key padding is not modelled; a logit soft-cap adds no counted FLOPs):
+``4 * D`` per visible pair and query head in the forward (``2 * D`` for ``q @ k^T``, ``2 * D``
+for ``p @ v``; the softmax is not counted), and 2.5x that for the backward, FlashAttention's
+convention (its benchmarks report ``fwd``, ``bwd = 2.5 * fwd`` and ``fwd+bwd = 3.5 * fwd``).
 
 Bytes are a lower bound: every tensor crosses HBM exactly once. Forward: read q, k, v, past
 k/v; write out and the float32 LSE. Forward + backward additionally: read dO; write dq, dk, dv
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rmt_fast.masks import DIAG, FULL, AttentionLayout, block_plan, check_mask_mode
+import torch
+
+from rmt_fast.masks import DIAG, FULL, AttentionLayout, block_plan, check_mask_mode, current_key_visible
 
 #: bytes per element of the dtypes the kernels take (names as in ``torch.float16`` etc.)
 DTYPE_BYTES = {"float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4}
@@ -45,9 +48,11 @@ class AttentionShape:
     past_visible_to_read: bool = False
     dtype: str = "bfloat16"
     past_grad: bool = True
+    window: int | None = None
 
     def __post_init__(self) -> None:
         check_mask_mode(self.mask)
+        AttentionLayout(self.num_read, self.num_write, self.mask, window=self.window)
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.heads_kv <= 0 or self.heads_q % self.heads_kv:
@@ -112,11 +117,32 @@ def _diag_pairs(rows: int, keys: int) -> int:
     return keys * (keys + 1) // 2 + (rows - keys) * keys
 
 
-def visible_pairs(length: int, past: int = 0, *, num_read: int = 0, num_write: int = 0,
-                  mask: str = "causal", past_visible_to_read: bool = False) -> int:
-    """Exact number of visible (query row, key) pairs of one head, past keys included."""
+def _windowed_pairs(layout: AttentionLayout, length: int, past: int, chunk: int = 1024) -> int:
+    """Visible pairs under a cutting window, counted from the element predicate ``chunk`` query
+    rows at a time (``[chunk, P + L]`` booleans; block plans have no window)."""
     total = 0
+    kj = torch.arange(length)[None, :]
+    pa = torch.arange(past)[None, :]
+    for start in range(0, length, chunk):
+        qi = torch.arange(start, min(start + chunk, length))[:, None]
+        total += int(current_key_visible(qi, kj, layout.num_read, layout.num_write, length,
+                                         layout.mask, layout.window).sum())
+        if past:
+            seen = (qi >= layout.first_past_row()) & (past + qi - pa < layout.window)
+            total += int(seen.sum())
+    return total
+
+
+def visible_pairs(length: int, past: int = 0, *, num_read: int = 0, num_write: int = 0,
+                  mask: str = "causal", past_visible_to_read: bool = False,
+                  window: int | None = None) -> int:
+    """Exact number of visible (query row, key) pairs of one head, past keys included;
+    ``window``: a sliding window in keys (:mod:`rmt_fast.masks`)."""
+    layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read, window=window)
+    if layout.cutting_window(past, length) is not None:
+        return _windowed_pairs(layout, length, past)
     layout = AttentionLayout(num_read, num_write, mask, past_visible_to_read)
+    total = 0
     for group in block_plan(length, past, layout):
         rows = group.end - group.start
         for blk in group.blocks:
@@ -140,7 +166,7 @@ def attention_flops(shape: AttentionShape, mode: str = "fwd") -> float:
     _check_mode(mode)
     pairs = visible_pairs(shape.length, shape.past, num_read=shape.num_read,
                           num_write=shape.num_write, mask=shape.mask,
-                          past_visible_to_read=shape.past_visible_to_read)
+                          past_visible_to_read=shape.past_visible_to_read, window=shape.window)
     fwd = 4.0 * shape.head_dim * pairs * shape.batch * shape.heads_q
     return fwd if mode == "fwd" else fwd * (1.0 + BACKWARD_FLOP_RATIO)
 
