@@ -5,6 +5,11 @@
 (``backend="reference"``): wall time, and the bytes autograd keeps for the backward (counted with
 ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
 
+``delta``: the delta rule's write of ``M`` memory rows (forward + backward), one row after
+another (a read and an update per row, how ``associative_write`` ran it before 2026-12-06, written
+out here) against the UT form it runs now (one read, one ``[M, M]`` triangular solve, one update),
+after checking the two agree.
+
 ``diagonal``: ARMT inference (no grad) in the sequential order (``model(ids)``) against the
 :class:`rmt_fast.models.diagonal.DiagonalExecutor` (grouped blocks, and one call per block),
 after checking the logits agree.
@@ -106,6 +111,56 @@ def _ops_case(dm: int, args) -> None:
               f"{min(ts):.4f} | {statistics.median(cpu[bk]):.4f} | {nbytes / 2**20:.1f} MiB |")
 
 
+def run_delta(args) -> None:
+    print("| B x M x d_mem x d | write | fwd+bwd wall median ms | wall min ms | CPU median ms | "
+          "speed-up (wall median) |")
+    print("|---|---|---|---|---|---|")
+    for m in args.mems:
+        _delta_case(m, args)
+
+
+def _delta_case(m: int, args) -> None:
+    from rmt_fast.ops.associative_memory import associative_write
+    from rmt_fast.ops.associative_memory.chunked import stat_dtype
+    from rmt_fast.ops.associative_memory.function import assoc_read, assoc_update
+
+    torch.manual_seed(0)
+    b, dm, d = args.batch, args.d_mem, args.d_model
+    km = torch.randn(b, m, dm, requires_grad=True)
+    v = torch.randn(b, m, d, requires_grad=True)
+    beta = torch.rand(b, m).requires_grad_()
+    A = (torch.randn(b, 6 * dm, d) * 0.1).requires_grad_()
+    z = torch.zeros(b, 6 * dm)
+    gA = torch.randn(b, 6 * dm, d)
+
+    def rows():  # the former implementation: a read and an update per memory row
+        A2, zero = A, torch.zeros_like(z)
+        gamma = torch.zeros(b, 1, dtype=stat_dtype(km.dtype))
+        for j in range(m):
+            kj = km[:, j:j + 1].contiguous()
+            v_bar = assoc_read(kj, A2, zero, 3, True, 1.0, "torch")[0]
+            u = beta[:, j:j + 1, None] * (v[:, j:j + 1] - v_bar)
+            A2 = assoc_update(kj, u.contiguous(), gamma, A2, z, 3, True, "torch")[0]
+        return A2
+
+    def ut():
+        return associative_write(km, v, beta, A, z, first=False, normalize=True, rule="delta",
+                                 backend="torch")[0]
+
+    err = (rows() - ut()).abs().max().item()
+    assert err < 1e-4, f"UT form differs from the row loop by {err}"
+    fns = {"one row at a time": lambda: torch.autograd.backward(rows(), gA),
+           "UT form": lambda: torch.autograd.backward(ut(), gA)}
+    for fn in fns.values():
+        fn()
+    wall, cpu = interleaved(fns, args.reps)
+    base = statistics.median(wall["one row at a time"])
+    for k, ts in wall.items():
+        med = statistics.median(ts)
+        print(f"| {b} x {m} x {dm} x {d} | {k} | {1e3 * med:.3f} | {1e3 * min(ts):.3f} | "
+              f"{1e3 * statistics.median(cpu[k]):.3f} | {base / med:.2f}x |")
+
+
 def build_model(kind: str, args):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -168,7 +223,7 @@ def _diagonal_case(kind: str, args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["ops", "diagonal"])
+    p.add_argument("what", choices=["ops", "delta", "diagonal"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--batch", type=int, default=1)
@@ -181,6 +236,7 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--mem", type=int, default=16)
     p.add_argument("--d-mem", type=int, default=32)
+    p.add_argument("--mems", type=int, nargs="+", default=[8, 16, 32], help="delta: memory rows")
     p.add_argument("--segment", type=int, default=128)
     p.add_argument("--segments", type=int, default=16)
     args = p.parse_args(argv)
@@ -189,7 +245,7 @@ def main(argv=None) -> None:
     print(f"`python scripts/armt_timing.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     print(f"machine: {machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print()
-    {"ops": run_ops, "diagonal": run_diagonal}[args.what](args)
+    {"ops": run_ops, "delta": run_delta, "diagonal": run_diagonal}[args.what](args)
 
 
 if __name__ == "__main__":

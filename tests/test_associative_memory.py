@@ -279,6 +279,39 @@ def test_delta_rule(backend):
         assert A_run.abs().max() < 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_delta_rule_one_solve_for_many_rows(dtype, monkeypatch):
+    """The delta write of M = 24 rows runs one read and one update (DeltaNet's UT form: a
+    triangular solve between them), equal to the rows written one after another (float64
+    reference) with gradients, with keys close to each other and gates near 1 (the solve's
+    hard case), in float64 / float32 / bf16 (the solve in float32 for bf16)."""
+    from rmt_fast.ops.associative_memory import function
+
+    calls = []
+    for name in ("assoc_read", "assoc_update"):
+        real = getattr(function, name)
+        monkeypatch.setattr(function, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x, A, z, km, v, beta = _inputs(torch.float64, m=24, seed=3)
+    g = torch.Generator().manual_seed(4)
+    km = (km.detach()[:, :1] + 0.3 * km.detach()).to(dtype).requires_grad_()  # similar keys
+    beta = (0.7 + 0.3 * torch.rand(beta.shape, generator=g, dtype=torch.float64)).to(dtype)
+    ins = [km, v.detach().to(dtype), beta, A.detach().to(dtype), z.detach().to(dtype)]
+    ins = [t.requires_grad_() for t in ins]
+    kw = dict(normalize=True, rule="delta")
+    got = associative_write(*ins, first=False, backend="torch", **kw)
+    assert calls == ["assoc_read", "assoc_update"]
+    up = [t.detach().double().requires_grad_() for t in ins]
+    want = reference_write(*up, first=False, **kw)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    scale = want[0].abs().max().item()
+    torch.testing.assert_close(got[0].double(), want[0], rtol=tol, atol=tol * scale)
+    cots, ga = _grads(list(got), ins)
+    gr = torch.autograd.grad(want, up, cots)
+    for a, r in zip(ga, gr, strict=True):
+        gscale = r.abs().max().item()
+        torch.testing.assert_close(a.double(), r, rtol=10 * tol, atol=10 * tol * gscale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_low_precision(dtype):
     _check_read("torch", dtype, False)

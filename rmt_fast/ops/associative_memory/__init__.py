@@ -146,7 +146,8 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
             rows write one after another, ``A <- A + beta_j k_j (v_j - k_j A)^T``, with unit
             keys (``normalize`` required), so each write is a contraction of ``A`` along
             ``k_j`` and ``A`` stays bounded; ``z`` is returned unchanged (``first``,
-            ``correction``, ``floor`` and ``gate`` do not apply).
+            ``correction``, ``floor`` and ``gate`` do not apply). Computed in DeltaNet's UT
+            form (:func:`_delta_write`: one read, one solve, one update for all M rows).
 
     Returns:
         ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
@@ -176,14 +177,8 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
     from .function import assoc_read, assoc_update
 
     km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
-    if rule == "delta":  # one row at a time: M is small (the memory tokens)
-        gamma = torch.zeros(batch, 1, dtype=stat_dtype(km.dtype), device=km.device)
-        for j in range(m):
-            kj = km[:, j:j + 1].contiguous()
-            v_bar = assoc_read(kj, A, zero, nu, True, one, backend)[0]
-            u = beta[:, j:j + 1, None].to(v.dtype) * (v[:, j:j + 1] - v_bar)
-            A = assoc_update(kj, u.contiguous(), gamma, A, z, nu, True, backend)[0]
-        return A, z
+    if rule == "delta":
+        return _delta_write(km, v, beta, A, z, zero, one, nu, backend), z
     if rows_first:
         v_bar, den, nrm = assoc_read(km, A, z, nu, normalize, float(eps), backend, floor)
         u = beta[..., None].to(v.dtype) * (v - v_bar)
@@ -201,6 +196,31 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
     if gate:
         gamma = gamma * beta.to(gamma.dtype)
     return assoc_update(km, u.contiguous(), gamma, A, z, nu, normalize, backend)
+
+
+def _delta_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
+                  z: torch.Tensor, zero: torch.Tensor, one: float, nu: int, backend: str,
+                  ) -> torch.Tensor:
+    """DeltaNet's sequential write of the M rows, ``A <- A + beta_j k_j (v_j - k_j A)^T`` for
+    ``j = 1..M``, in the UT form of Yang et al. 2024 (DeltaNet's chunkwise training): with
+    ``u_j = beta_j (v_j - k_j A_{j-1})`` and ``A_{j-1} = A + sum_{i<j} k_i^T u_i``,
+    ``(I + diag(beta) tril(K K^T, -1)) U = diag(beta) (V - K A)``, one unit-lower-triangular
+    ``[M, M]`` solve between one read (``K A``) and one update (``A + K^T U``) instead of M of
+    each. ``km`` ``[B, M, d_mem]``, ``v`` ``[B, M, d]``, ``beta`` ``[B, M]``, ``A`` ``[B, d_key, d]``
+    -> ``A'``; ``zero``, ``one``: the rule's read terms (:func:`_rule_read_terms`). The solve and
+    the Gram matrix run in float32 at least (``stat_dtype``)."""
+    from .function import assoc_read, assoc_update
+
+    sd = stat_dtype(km.dtype)
+    kA = assoc_read(km, A, zero, nu, True, one, backend)[0]  # K A: [B, M, d]
+    k = features(km.to(sd), nu, True)  # [B, M, d_key]; M is small (the memory tokens)
+    b = beta.to(sd)[..., None]
+    lower = torch.eye(km.shape[1], dtype=sd, device=km.device) + \
+        b * torch.tril(k @ k.transpose(1, 2), diagonal=-1)
+    u = torch.linalg.solve_triangular(lower, b * (v.to(sd) - kA.to(sd)), upper=False,
+                                      unitriangular=True)
+    gamma = torch.zeros(km.shape[:2], dtype=sd, device=km.device)  # z unused by the rule
+    return assoc_update(km, u.to(v.dtype).contiguous(), gamma, A, z, nu, True, backend)[0]
 
 
 def _rule_read_terms(rule: str, normalize: bool, floor: float, z: torch.Tensor, eps: float):
