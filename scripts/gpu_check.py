@@ -19,7 +19,8 @@ Meant for a fresh CUDA machine (H100/H200) that has torch and triton but nothing
                      tokens/s, allocator peak vs the uncheckpointed step, same loss
   streaming_1m       StreamingReader over 1,000,000 tokens (bf16): tokens/s, allocator peak
   armt               ARMT's associative read/write kernels vs float64 (forward and backward,
-                     fp32/bf16); GPT-2-small ARMT read: diagonal executor vs sequential order
+                     fp32/bf16; a normaliser floor; the delta rule's UT-form write);
+                     GPT-2-small ARMT read: diagonal executor vs sequential order
   tuning             (only with --stages tuning) candidate Triton tile configs timed, each
                      checked against the shipped one: what to put in launch.GPU_CONFIGS
   kernel_timing      Triton vs SDPA vs FlexAttention (same mask) vs FlashAttention (when
@@ -972,7 +973,7 @@ def stage_armt(ctx: Ctx, rec: Recorder) -> None:
         i = lo + int((r[lo + 1:hi] - r[lo:hi - 1]).argmax())
         return float((r[i] + r[i + 1]) / 2)
 
-    def op_case(dtype_name: str, floored: bool = False):
+    def op_case(dtype_name: str, floored: bool = False, rule: str = "armt"):
         dtype = getattr(torch, dtype_name)
         gen = torch.Generator().manual_seed(zlib.crc32(dtype_name.encode()))
 
@@ -983,12 +984,13 @@ def stage_armt(ctx: Ctx, rec: Recorder) -> None:
                     km=rnd(b, m, dm), v=rnd(b, m, d), beta=torch.sigmoid(rnd(b, m)))
         grad_out = rnd(b, length, d)
         floor = split_floor(base["x"], base["z"]) if floored else 0.0
+        kw = dict(floor=floor) if rule == "armt" else dict(rule=rule, normalize=True)
 
         def run(which: str, dt):
             t = {n: x.to(dt).requires_grad_(n != "beta") for n, x in base.items()}
-            out = associative_read(t["x"], t["A"], t["z"], floor=floor, backend=which)
+            out = associative_read(t["x"], t["A"], t["z"], backend=which, **kw)
             A2, z2 = associative_write(t["km"], t["v"], t["beta"], t["A"], t["z"], first=False,
-                                       floor=floor, backend=which)
+                                       backend=which, **kw)
             loss = (out * grad_out.to(dt)).sum() + A2.float().square().sum() + z2.float().sum()
             grads = torch.autograd.grad(loss, [t[n] for n in ("x", "A", "z", "km", "v")])
             return [out, A2, z2, *grads]
@@ -1012,6 +1014,8 @@ def stage_armt(ctx: Ctx, rec: Recorder) -> None:
     # gradient jumps
     rec.check("associative read + write, float32, normaliser floor on about half the rows",
               lambda: op_case("float32", floored=True))
+    for name in ("float32", "bfloat16"):  # the UT form: one read, a solve, one update
+        rec.check(f"delta rule read + write, {name}", lambda n=name: op_case(n, rule="delta"))
 
     def diagonal():
         from transformers import GPT2Config, GPT2LMHeadModel

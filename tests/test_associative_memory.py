@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rmt_fast.ops.associative_memory import (  # noqa: E402
+    RULES,
     associative_read,
     associative_write,
     chunked,
@@ -409,14 +410,17 @@ def test_custom_ops_opcheck(normalize):
     assert res == {name: "SUCCESS" for name in OPCHECKS}
 
 
-def test_torch_compile_traces_the_ops():
+@pytest.mark.parametrize("rule", RULES)
+def test_torch_compile_traces_the_ops(rule):
+    """One graph (fullgraph) with ARMT's rule and with the delta rule's UT form (its solve)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     x, A, z, km, v, beta = _inputs(torch.float32, length=7, d=8)
+    kw = dict(normalize=True, rule="delta") if rule == "delta" else {}
 
     def fn(x, A, z, km, v, beta):
-        r = associative_read(x, A, z, backend="torch")
-        A2, z2 = associative_write(km, v, beta, A, z, first=False, backend="torch")
+        r = associative_read(x, A, z, backend="torch", **kw)
+        A2, z2 = associative_write(km, v, beta, A, z, first=False, backend="torch", **kw)
         return r.sum() + A2.square().sum() + z2.sum()
 
     counter = CompileCounterWithBackend("aot_eager")

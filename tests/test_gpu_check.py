@@ -214,6 +214,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert checks["C++ errors reach Python"] == "ok"
     assert checks["get of a missing segment raises"] == "ok"
     assert checks["associative read + write, float32, normaliser floor on about half the rows"] == "ok"
+    assert checks["delta rule read + write, bfloat16"] == "ok"
     assert data["stages"]["armt"]["metrics"]["armt_logits_rel_diff"] < 1e-5
     timing = data["stages"]["kernel_timing"]["rows"]
     capped = [r for r in timing if r.get("softcap") == 50.0]
