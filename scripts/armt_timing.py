@@ -73,12 +73,17 @@ def saved_bytes(fn) -> int:
     return sum(seen.values()), out
 
 
+def table(columns: list[str], values, case, args) -> None:
+    """A markdown table: the header, then ``case(value, args)`` prints one or more rows per value."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for value in values:
+        case(value, args)
+
+
 def run_ops(args) -> None:
-    print("| d_mem | d_key | B x L x d | backend | fwd+bwd wall median s | wall min s | CPU median s "
-          "| saved for backward |")
-    print("|---|---|---|---|---|---|---|---|")
-    for dm in args.d_mems:
-        _ops_case(dm, args)
+    table(["d_mem", "d_key", "B x L x d", "backend", "fwd+bwd wall median s", "wall min s",
+           "CPU median s", "saved for backward"], args.d_mems, _ops_case, args)
 
 
 def _ops_case(dm: int, args) -> None:
@@ -112,11 +117,8 @@ def _ops_case(dm: int, args) -> None:
 
 
 def run_delta(args) -> None:
-    print("| B x M x d_mem x d | write | fwd+bwd wall median ms | wall min ms | CPU median ms | "
-          "speed-up (wall median) |")
-    print("|---|---|---|---|---|---|")
-    for m in args.mems:
-        _delta_case(m, args)
+    table(["B x M x d_mem x d", "write", "fwd+bwd wall median ms", "wall min ms", "CPU median ms",
+           "speed-up (wall median)"], args.mems, _delta_case, args)
 
 
 def _delta_case(m: int, args) -> None:
@@ -188,11 +190,9 @@ def build_model(kind: str, args):
 
 
 def run_diagonal(args) -> None:
-    print("| model | layers x segments | B x tokens | order | steps | wall median s | wall min s | "
-          "CPU median s | speed-up (wall median) | speed-up (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind in args.models:
-        _diagonal_case(kind, args)
+    table(["model", "layers x segments", "B x tokens", "order", "steps", "wall median s",
+           "wall min s", "CPU median s", "speed-up (wall median)", "speed-up (CPU)"], args.models,
+          _diagonal_case, args)
 
 
 def _diagonal_case(kind: str, args) -> None:
