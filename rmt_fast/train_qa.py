@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmt_fast import dtypes
-from rmt_fast.models.config import MEMORY_UPDATES
+from rmt_fast.models.config import ASSOCIATIVE_FIELDS, MEMORY_UPDATES
+from rmt_fast.ops.associative_memory import RULES
 from rmt_fast.tasks.babi_qa import DIRECTIONS, LOCATIONS, TASKS, BabiQA
 from rmt_fast.train import STATE_NAME, RunDir, _step_seed, latest_checkpoint, lr_factor
 
@@ -78,7 +79,9 @@ class QATrainConfig:
     barely moves at the model's rate: ``docs/minilm_babi.md``).
     ``associative_d_mem``: :attr:`RMTConfig.associative_d_mem` (None: 0 for a new model,
     ``init_from``'s otherwise; > 0 on a model without one adds a new associative memory), its
-    weights at ``assoc_lr_ratio`` times the learning rate.
+    weights at ``assoc_lr_ratio`` times the learning rate. ``associative_options``: its
+    ``RMTConfig.associative_<field>`` options (e.g. ``{"associative_update_rule": "delta",
+    "associative_use_l2_norm": True}``), set on the model built or loaded; empty: the model's.
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
@@ -94,6 +97,7 @@ class QATrainConfig:
     num_mem_tokens: int | None = None
     memory_update: str | None = None
     associative_d_mem: int | None = None
+    associative_options: dict = field(default_factory=dict)
     curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 16
     lr: float = 5e-4
@@ -166,6 +170,10 @@ class QATrainConfig:
         assoc = self.associative_d_mem
         need(assoc is None or (isinstance(assoc, int) and not isinstance(assoc, bool) and assoc >= 0),
              f"associative_d_mem must be None or an int >= 0, got {assoc!r}")
+        allowed = {f"associative_{f}" for f in ASSOCIATIVE_FIELDS}
+        need(isinstance(self.associative_options, dict) and set(self.associative_options) <= allowed,
+             f"associative_options keys must be among {sorted(allowed)}, got "
+             f"{self.associative_options!r}")
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad!r}")
         need(isinstance(self.bptt_depth, int) and (self.bptt_depth == -1 or self.bptt_depth >= 1),
@@ -280,7 +288,7 @@ def build_model(cfg: QATrainConfig):
     # the fine-tuned part does not depend on the segment size: a model trained on short
     # segments can start a run on longer ones (checked against the base model's positions)
     model.replace_config(memory_noise=cfg.memory_noise, bptt_depth=cfg.bptt_depth,
-                         segment_size=cfg.segment_size)
+                         segment_size=cfg.segment_size, **cfg.associative_options)
     return model.train()
 
 
@@ -361,7 +369,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
             saved = {**asdict(QATrainConfig()), **state["config"]}  # keys added since default
             for key in ("task", "segment_size", "curriculum", "batch_size", "seed", "data_seed",
                         "train_base", "base_lr_ratio", "gate_lr_ratio", "assoc_lr_ratio",
-                        "order_fraction", "memory_fraction", "fact_loss", "fact_lr_ratio"):
+                        "associative_options", "order_fraction", "memory_fraction", "fact_loss",
+                        "fact_lr_ratio"):
                 if saved[key] != getattr(cfg, key):
                     raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, "
                                      f"not {getattr(cfg, key)!r}")
@@ -487,6 +496,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--associative-d-mem", type=int, default=d.associative_d_mem,
                    help="ARMT's layer-wise associative memory with keys of this width (0: none; "
                         "default: none, or --init-from's; > 0 on a model without one adds it)")
+    p.add_argument("--associative-rule", choices=RULES, default=None,
+                   help="the associative memory's write rule: armt (ARMT's) or delta (DeltaNet's; "
+                        "needs --associative-l2-norm); default: the model's")
+    p.add_argument("--associative-l2-norm", action="store_true", default=None,
+                   help="L2-normalised DPFP features in the associative memory")
+    p.add_argument("--no-associative-correction", dest="associative_correction",
+                   action="store_false", default=None,
+                   help="the associative memory without ARMT's gamma correction of z")
+    p.add_argument("--associative-floor", type=float, default=None,
+                   help="the associative read's normaliser floor c (docs/armt.md)")
+    p.add_argument("--associative-gate", action="store_true", default=None,
+                   help="the associative memory's z weighted by the write gate beta")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -536,10 +557,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def associative_options_from_args(a: argparse.Namespace) -> dict:
+    """The ``associative_<field>`` options given on the command line (the others: the model's)."""
+    given = {"associative_update_rule": a.associative_rule,
+             "associative_use_l2_norm": a.associative_l2_norm,
+             "associative_correction": a.associative_correction,
+             "associative_normaliser_floor": a.associative_floor,
+             "associative_normaliser_gate": a.associative_gate}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def config_from_args(a: argparse.Namespace) -> QATrainConfig:
     cfg = QATrainConfig(
         task=a.task, segment_size=a.segment_size, num_mem_tokens=a.mem, memory_update=a.memory_update,
         associative_d_mem=a.associative_d_mem, assoc_lr_ratio=a.assoc_lr_ratio,
+        associative_options=associative_options_from_args(a),
         curriculum=[int(x) for x in a.curriculum.split(",")], batch_size=a.batch_size, lr=a.lr,
         lrs=None if a.lrs is None else [float(x) for x in a.lrs.split(",")], weight_decay=a.weight_decay,
         warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, stage_steps=a.stage_steps, threshold=a.threshold,

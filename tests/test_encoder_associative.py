@@ -41,10 +41,12 @@ def tokens(batch=2, length=16, seed=0):
     return torch.randint(3, 53, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_loop(model, x, bounds):
+def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, correction=True,
+                   normaliser_floor=0.0, normaliser_gate=False):
     """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
     blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
-    write (the delta rule on the memory rows' outputs) through the float64 reference formulas.
+    write (the delta rule on the memory rows' outputs) through the float64 reference formulas,
+    with the given ``ARMTConfig`` options (DeltaNet's rule reads from the first segment on).
     Returns (logits of the last segment, memory, per layer (A, z))."""
     ref = copy.deepcopy(model.base)
     ref.set_attn_implementation("eager")
@@ -56,11 +58,11 @@ def reference_loop(model, x, bounds):
     A = [torch.zeros(batch, d_key, d, dtype=torch.float64) for _ in range(n)]
     z = [torch.zeros(batch, d_key, dtype=torch.float64) for _ in range(n)]
     first = [True]
-    opts = dict(nu=3, normalize=False, eps=1e-5)
+    opts = dict(nu=3, normalize=use_l2_norm, eps=1e-5, rule=update_rule, floor=normaliser_floor)
 
     def pre(i):
         def hook(module, args, kwargs):
-            if first[0]:
+            if first[0] and update_rule == "armt":
                 return None
             h = args[0]
             q = (h.double() @ assoc[i].W_mq.weight.double().T)
@@ -74,7 +76,8 @@ def reference_loop(model, x, bounds):
             km = mem @ a.W_mk.weight.double().T
             v = mem @ a.W_mv.weight.double().T
             beta = torch.sigmoid(mem @ a.W_mb.weight.double().T + a.W_mb.bias.double())[..., 0]
-            A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0], correction=True, **opts)
+            A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0],
+                                         correction=correction, gate=normaliser_gate, **opts)
         return hook
 
     for i, layer in enumerate(layers):
@@ -111,6 +114,70 @@ def test_encoder_with_an_associative_memory_equals_the_reference_loop():
     out.loss.backward()
     for name, p in model.assoc.named_parameters():  # every associative weight learns
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+OPTIONS = [dict(update_rule="delta", use_l2_norm=True),
+           dict(use_l2_norm=True, normaliser_floor=1.0),
+           dict(correction=False, normaliser_gate=True)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["delta", "l2-floor", "nocorr-gate"])
+def test_associative_options_equal_the_reference_loop(options):
+    """``RMTConfig.associative_<field>`` reach every layer: the model equals the reference loop
+    run with the same options, and differs from the model with ARMT's defaults; the options
+    survive save/load; ``replace_config`` switches them."""
+    model = make(**{f"associative_{k}": v for k, v in options.items()})
+    assert model.rmt_config.associative_config().update_rule == options.get("update_rule", "armt")
+    x = tokens(seed=7)
+    bounds = [(0, 4), (4, 10), (10, 16)]
+    out = model(x, labels=torch.tensor([0, 2]))
+    logits, mem, A, z = reference_loop(model, x, bounds, **options)
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
+    for i in range(2):
+        torch.testing.assert_close(out.state.extra[f"A.{i}"].double(), A[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.state.extra[f"z.{i}"].double(), z[i], atol=1e-4, rtol=1e-4)
+    default_logits = reference_loop(model, x, bounds)[0]
+    assert (default_logits - logits).abs().max() > 1e-3  # the options change the result
+    out.loss.backward()
+    for name, p in model.assoc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        before = model.eval()(x).logits
+        torch.testing.assert_close(before, logits, atol=1e-4, rtol=0)
+        defaults = {f"associative_{k}": RMTConfig.__dataclass_fields__[f"associative_{k}"].default
+                    for k in options}
+        model.replace_config(**defaults)  # back to ARMT's rule and options
+        torch.testing.assert_close(model(x).logits, reference_loop(model, x, bounds)[0],
+                                   atol=1e-4, rtol=0)
+
+
+def test_associative_options_persist(tmp_path):
+    model = make(seed=8, associative_update_rule="delta", associative_use_l2_norm=True).eval()
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "rmt_config.json").read_text())
+    assert saved["associative_update_rule"] == "delta" and saved["associative_use_l2_norm"]
+    loaded = RMTEncoderForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert loaded.rmt_config.associative_options() == model.rmt_config.associative_options()
+    x = tokens(seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_a_new_delta_rule_memory_learns_from_the_first_read():
+    """Under DeltaNet's rule ``z`` stays zero, so it cannot mark a written state: every segment
+    reads. A new memory (``W_v = 0``) leaves the outputs as the plain RMT's, and ``W_v`` gets a
+    gradient through the reads (were the reads skipped while ``z`` is zero, it never would)."""
+    model = make(randomize=False, associative_update_rule="delta", associative_use_l2_norm=True)
+    plain = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
+                                                cls_token_id=CLS, sep_token_id=SEP)
+    with torch.no_grad():
+        plain.memory.copy_(model.memory)
+    x = tokens(seed=1)
+    out = model(x, labels=torch.tensor([1, 0]))
+    assert torch.equal(out.logits, plain(x).logits)
+    assert not out.state.extra["z.0"].any()
+    out.loss.backward()
+    assert model.assoc[0].W_mv.weight.grad.abs().sum() > 0
 
 
 def test_a_new_associative_memory_changes_nothing_until_it_learns():
@@ -214,6 +281,28 @@ def test_associative_errors(tmp_path):
     del data["associative_d_mem"]
     (tmp_path / "rmt_config.json").write_text(json.dumps(data))
     assert RMTConfig.load(tmp_path).associative_d_mem == 0
+    # ... and files from before the options existed, with ARMT's defaults
+    RMTConfig(kind="encoder", cls_token_id=1, sep_token_id=2, associative_d_mem=8).save(tmp_path)
+    data = json.loads((tmp_path / "rmt_config.json").read_text())
+    for k in list(data):
+        if k.startswith("associative_") and k != "associative_d_mem":
+            del data[k]
+    (tmp_path / "rmt_config.json").write_text(json.dumps(data))
+    assert RMTConfig.load(tmp_path).associative_config() == \
+        RMTConfig(kind="encoder", cls_token_id=1, sep_token_id=2, associative_d_mem=8).associative_config()
+    enc = dict(kind="encoder", cls_token_id=1, sep_token_id=2)
+    with pytest.raises(ValueError, match="associative_update_rule: options of the associative memory, "
+                                         "which needs associative_d_mem > 0"):
+        RMTConfig(**enc, associative_update_rule="delta")
+    with pytest.raises(ValueError, match=r"associative memory options \(RMTConfig.associative_<field>\): "
+                                         r"update_rule='delta' needs use_l2_norm=True"):
+        RMTConfig(**enc, associative_d_mem=8, associative_update_rule="delta")
+    with pytest.raises(ValueError, match="normaliser_floor must be a finite float"):
+        RMTConfig(**enc, associative_d_mem=8, associative_normaliser_floor=-1.0)
+    cfg = model.rmt_config
+    with pytest.raises(ValueError, match="update_rule must be one of"):
+        model.replace_config(associative_update_rule="hebb")
+    assert model.rmt_config is cfg  # unchanged after the refusal
 
 
 def test_read_share_script():

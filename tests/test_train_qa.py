@@ -389,6 +389,40 @@ def test_init_from_adds_a_new_memory_part(tiny_base, noise, tmp_path, name):
         tiny_config(tiny_base, **{part["field"]: part["bad"]}).validate()
 
 
+def test_associative_options_train_save_and_resume(tiny_base, noise, tmp_path):
+    """--associative-rule delta --associative-l2-norm: the model runs DeltaNet's rule, its
+    saved model keeps the options (from_pretrained and init_from), a resume with other options
+    is refused; bad keys and rules raise clearly."""
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification as M
+    from rmt_fast.train_qa import config_from_args, parser
+
+    args = parser().parse_args(["--out", str(tmp_path / "x"), "--associative-d-mem", "8",
+                                "--associative-rule", "delta", "--associative-l2-norm"])
+    opts = config_from_args(args).associative_options
+    assert opts == {"associative_update_rule": "delta", "associative_use_l2_norm": True}
+    assert config_from_args(parser().parse_args(["--out", "y"])).associative_options == {}
+    cfg = tiny_config(tiny_base, associative_d_mem=8, associative_options=opts, max_steps=2,
+                      curriculum=[2], lrs=None, save_every=1)
+    model = build_model(cfg)
+    assert model.rmt_config.associative_config().update_rule == "delta"
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    assert train_qa(model, data, cfg, tmp_path / "a", progress=False, stop_after=1).step == 1
+    other = dataclasses.replace(cfg, associative_options={})
+    with pytest.raises(ValueError, match="was trained with associative_options="):
+        train_qa(build_model(other), data, other, tmp_path / "a", progress=False)
+    assert train_qa(build_model(cfg), data, cfg, tmp_path / "a", progress=False).step == 2
+    final = str(tmp_path / "a" / "final")
+    assert M.from_pretrained(final).rmt_config.associative_options()["update_rule"] == "delta"
+    again = build_model(tiny_config(tiny_base, init_from=final))
+    assert again.rmt_config.associative_use_l2_norm and \
+        again.rmt_config.associative_update_rule == "delta"
+    with pytest.raises(ValueError, match="associative_options keys must be among"):
+        tiny_config(tiny_base, associative_options={"update_rule": "delta"}).validate()
+    with pytest.raises(ValueError, match="update_rule='delta' needs use_l2_norm=True"):
+        build_model(tiny_config(tiny_base, associative_d_mem=8,
+                                associative_options={"associative_update_rule": "delta"}))
+
+
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     from rmt_fast.train_qa import _lock
 

@@ -18,6 +18,10 @@ XL_POSITIONS = ("before_memory", "before_segment")
 KINDS = ("decoder", "encoder", "memory_transformer")
 VARIANTS = ("mem", "ctrl", "bottleneck")
 MEMORY_UPDATES = ("replace", "gated")
+#: ``ARMTConfig`` fields an encoder's associative memory takes, as ``RMTConfig`` fields named
+#: ``associative_<field>`` (:meth:`RMTConfig.associative_config`)
+ASSOCIATIVE_FIELDS = ("update_rule", "use_l2_norm", "correction", "normaliser_floor",
+                      "normaliser_gate")
 CONFIG_NAME = "rmt_config.json"
 
 
@@ -117,6 +121,11 @@ class RMTConfig(SavedConfig):
             positions write into it (the delta rule), next to the memory tokens' own recurrence.
             ``W_v`` starts at zero, so it can be added to a trained RMT encoder without changing
             its outputs. Encoders only (``ARMTForCausalLM`` is ARMT for decoders).
+        associative_update_rule, associative_use_l2_norm, associative_correction,
+            associative_normaliser_floor, associative_normaliser_gate: the associative memory's
+            ``ARMTConfig`` options of the same names (defaults: ARMT's reference read and write;
+            e.g. ``associative_update_rule="delta", associative_use_l2_norm=True`` for
+            DeltaNet's rule); they need ``associative_d_mem > 0`` unless left at the defaults.
         fuse_activations: replace the base model's tanh-GELU modules by the identical one-kernel
             :class:`rmt_fast.integrations.fused_activations.TanhGELU` and swap its
             ``nn.LayerNorm`` modules to :class:`~rmt_fast.integrations.fused_activations.FastLayerNorm`
@@ -137,6 +146,12 @@ class RMTConfig(SavedConfig):
         "offload_memory": False,  # checkpointed states were never offloaded before this switch
         "memory_update": "replace",  # the only update before the gate existed
         "associative_d_mem": 0,  # no associative memory before it existed
+        # the associative memory's options: ARMT's defaults (all it had before they existed)
+        "associative_update_rule": "armt",
+        "associative_use_l2_norm": False,
+        "associative_correction": True,
+        "associative_normaliser_floor": 0.0,
+        "associative_normaliser_gate": False,
         "xl_positions": "before_memory",  # the only placement before the switch existed
     }
 
@@ -154,6 +169,11 @@ class RMTConfig(SavedConfig):
     memory_noise: float = 0.0
     memory_update: str = "replace"
     associative_d_mem: int = 0
+    associative_update_rule: str = "armt"
+    associative_use_l2_norm: bool = False
+    associative_correction: bool = True
+    associative_normaliser_floor: float = 0.0
+    associative_normaliser_gate: bool = False
     fuse_activations: bool = True
     kind: str = "decoder"
     variant: str = "mem"
@@ -162,6 +182,38 @@ class RMTConfig(SavedConfig):
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def associative_options(self) -> dict[str, object]:
+        """The ``associative_<field>`` values by ``ARMTConfig`` field name."""
+        return {f: getattr(self, f"associative_{f}") for f in ASSOCIATIVE_FIELDS}
+
+    def associative_config(self):
+        """The :class:`rmt_fast.models.armt.ARMTConfig` of the encoder's associative memory
+        (``associative_d_mem`` and the ``associative_*`` options; ARMT's defaults for the rest),
+        None without one."""
+        if not self.associative_d_mem:
+            return None
+        from rmt_fast.models.armt import ARMTConfig  # armt imports this module
+
+        return ARMTConfig(d_mem=self.associative_d_mem, **self.associative_options())
+
+    def _check_associative_options(self) -> None:
+        options = self.associative_options()
+        defaults = {f.name[len("associative_"):]: f.default for f in dataclasses.fields(self)
+                    if f.name[len("associative_"):] in ASSOCIATIVE_FIELDS}
+        if not self.associative_d_mem:
+            changed = sorted(f"associative_{k}" for k, v in options.items() if v != defaults[k])
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: options of the associative memory, which "
+                                 "needs associative_d_mem > 0")
+            return
+        from rmt_fast.models.armt import ARMTConfig
+
+        try:
+            ARMTConfig(d_mem=self.associative_d_mem, **options)
+        except ValueError as e:  # its message names the field without the prefix
+            raise ValueError(f"associative memory options (RMTConfig.associative_<field>): {e}") \
+                from e
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -205,6 +257,7 @@ class RMTConfig(SavedConfig):
         need(self.associative_d_mem == 0 or self.kind == "encoder",
              f"associative_d_mem={self.associative_d_mem}: the associative memory is for encoder "
              f"RMTs (kind 'encoder', got {self.kind!r}); ARMTForCausalLM is ARMT for decoders")
+        self._check_associative_options()
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for name in ("cls_token_id", "sep_token_id"):
             value = getattr(self, name)

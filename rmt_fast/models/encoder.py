@@ -84,8 +84,6 @@ class _RMTEncoderBase(RMTBase):
         super().__init__(base_model, config, **kwargs)
         self.assoc = None
         if self.rmt_config.associative_d_mem:
-            # ARMT's defaults (DPFP nu = 3, unnormalised features, eps, backend, correction)
-            self._assoc_config = ARMTConfig(d_mem=self.rmt_config.associative_d_mem)
             layers = find_layers(self.base)
             weight = self.base.get_input_embeddings().weight
             self._assoc_layers = [layers]  # a list: the blocks stay registered under base only
@@ -99,6 +97,12 @@ class _RMTEncoderBase(RMTBase):
         """A new state for ``batch`` rows: the learned memory and, with an associative memory,
         zero ``A``/``z`` per layer."""
         return SegmentState(self.expand_memory(batch), extra=self._fresh_associative(batch))
+
+    @property
+    def _assoc_config(self) -> ARMTConfig | None:
+        """The associative memory's options, from the current config (``replace_config`` of an
+        ``associative_*`` field reaches every layer)."""
+        return self.rmt_config.associative_config()
 
     @property
     def associative_layers(self) -> nn.ModuleList | None:
@@ -194,18 +198,24 @@ class _RMTEncoderBase(RMTBase):
     def _associative_run(self, state: SegmentState, write: slice) -> AssociativeRun | None:
         """The associative hooks' view of one segment (None without an associative memory).
         Rows whose ``z`` is zero have never been written: they do not read and write as ARMT's
-        first segment does."""
+        first segment does (ARMT's rule; under the delta rule every segment reads)."""
         if self.assoc is None:
             return None
         A, z = _unpack_associative(state.extra, len(self.assoc))
-        fresh = ~z[0].any(dim=-1)
-        if bool(fresh.all()):
-            first = True
-        elif not bool(fresh.any()):
+        cfg = self._assoc_config
+        if cfg.update_rule == "delta":
+            # z stays zero under this rule, so it cannot mark a written state, and `first` does
+            # not change its write: every segment reads (a never-written A is zero, so is its
+            # read, and the gradient still reaches W_v through it)
             first = False
         else:
-            first = fresh  # some rows not yet written (their first segments were padding)
-        cfg = self._assoc_config
+            fresh = ~z[0].any(dim=-1)
+            if bool(fresh.all()):
+                first = True
+            elif not bool(fresh.any()):
+                first = False
+            else:
+                first = fresh  # some rows not yet written (their first segments were padding)
         return AssociativeRun(self.associative_layers, self.assoc, A, z, read=first is not True,
                               write=write, first=first, cfg=cfg,
                               noise=self.rmt_config.memory_noise if self.training else 0.0)

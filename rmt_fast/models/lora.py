@@ -78,7 +78,8 @@ def _saved_fields(config: RMTConfig, num_mem_tokens: int) -> dict:
     return dict(num_mem_tokens=num_mem_tokens, segment_size=config.segment_size,
                 bptt_depth=config.bptt_depth, segment_alignment=config.segment_alignment,
                 loss_over=config.loss_over, memory_noise=config.memory_noise,
-                memory_update=config.memory_update, associative_d_mem=config.associative_d_mem)
+                memory_update=config.memory_update, associative_d_mem=config.associative_d_mem,
+                **{f"associative_{k}": v for k, v in config.associative_options().items()})
 
 
 class LoRARMTEncoderForSequenceClassification(RMTEncoderForSequenceClassification):
