@@ -199,8 +199,8 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
 
 
 def _delta_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
-                  z: torch.Tensor, zero: torch.Tensor, one: float, nu: int, backend: str,
-                  ) -> torch.Tensor:
+                 z: torch.Tensor, zero: torch.Tensor, one: float, nu: int, backend: str,
+                 ) -> torch.Tensor:
     """DeltaNet's sequential write of the M rows, ``A <- A + beta_j k_j (v_j - k_j A)^T`` for
     ``j = 1..M``, in the UT form of Yang et al. 2024 (DeltaNet's chunkwise training): with
     ``u_j = beta_j (v_j - k_j A_{j-1})`` and ``A_{j-1} = A + sum_{i<j} k_i^T u_i``,
