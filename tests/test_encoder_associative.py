@@ -163,27 +163,14 @@ def test_associative_options_persist(tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
-def test_a_new_delta_rule_memory_learns_from_the_first_read():
-    """Under DeltaNet's rule ``z`` stays zero, so it cannot mark a written state: every segment
-    reads. A new memory (``W_v = 0``) leaves the outputs as the plain RMT's, and ``W_v`` gets a
-    gradient through the reads (were the reads skipped while ``z`` is zero, it never would)."""
-    model = make(randomize=False, associative_update_rule="delta", associative_use_l2_norm=True)
-    plain = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
-                                                cls_token_id=CLS, sep_token_id=SEP)
-    with torch.no_grad():
-        plain.memory.copy_(model.memory)
-    x = tokens(seed=1)
-    out = model(x, labels=torch.tensor([1, 0]))
-    assert torch.equal(out.logits, plain(x).logits)
-    assert not out.state.extra["z.0"].any()
-    out.loss.backward()
-    assert model.assoc[0].W_mv.weight.grad.abs().sum() > 0
-
-
-def test_a_new_associative_memory_changes_nothing_until_it_learns():
+@pytest.mark.parametrize("options", [{}, dict(associative_update_rule="delta",
+                                              associative_use_l2_norm=True)], ids=["armt", "delta"])
+def test_a_new_associative_memory_changes_nothing_until_it_learns(options):
     """W_v = 0: nothing is written, so the outputs are the plain RMT's exactly; W_v's gradient is
-    not zero (the way in), the other associative weights' gradients are."""
-    model = make(randomize=False)
+    not zero (the way in), the other associative weights' gradients are. Under DeltaNet's rule
+    ``z`` stays zero, so it cannot mark a written state: every segment reads (were the reads
+    skipped while ``z`` is zero, W_v would never get a gradient)."""
+    model = make(randomize=False, **options)
     plain = RMTEncoderForSequenceClassification(tiny_bert(), num_mem_tokens=M, segment_size=S,
                                                 cls_token_id=CLS, sep_token_id=SEP)
     with torch.no_grad():
@@ -191,6 +178,7 @@ def test_a_new_associative_memory_changes_nothing_until_it_learns():
     x = tokens(seed=1)
     out = model(x, labels=torch.tensor([1, 0]))
     assert torch.equal(out.logits, plain(x).logits)
+    assert out.state.extra["z.0"].any() == (not options)
     out.loss.backward()
     assert model.assoc[0].W_mv.weight.grad.abs().sum() > 0
     assert model.assoc[0].W_mq.weight.grad.abs().sum() == 0
