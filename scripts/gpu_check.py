@@ -1144,9 +1144,8 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
                                softcap=softcap)
             for kernel, cands in candidates.items():
                 case = case_fwd if kernel == "fwd" else case_bwd
-                # the most specific key for bf16, read before any other (launch.gpu_config)
-                key = (f"{kernel}_bf16" + ("" if softcap is None else "_softcap"),
-                       64 if launch.block_d(hd) <= 64 else 128)
+                # the most specific key, read before any other
+                key = launch.config_keys(kernel, hd, "bf16", softcap=softcap is not None)[0]
                 had, shipped = key in launch.GPU_CONFIGS, launch.GPU_CONFIGS.get(key)
                 first = dataclasses.astuple(launch.gpu_config(kernel, hd, "bf16",
                                                               softcap=softcap is not None))

@@ -87,12 +87,11 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def gpu_config(kernel: str, head_dim: int, dtype: str, window: bool = False,
-               softcap: bool = False) -> Config:
-    """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``;
-    ``window`` / ``softcap``: the kernel compiled with a sliding window / logit soft-capping.
-    The most specific entry wins: the dtype's before the generic one, and within each, the
-    entry for both flags, then for the soft-cap, then for the window, then the plain one."""
+def config_keys(kernel: str, head_dim: int, dtype: str, window: bool = False,
+                softcap: bool = False) -> list[tuple[str, int]]:
+    """The :data:`GPU_CONFIGS` keys :func:`gpu_config` looks up, most specific first: the
+    dtype's before the generic one, and within each, the entry for both flags, then for the
+    soft-cap, then for the window, then the plain one."""
     bucket = 64 if block_d(head_dim) <= 64 else 128
     suffixes = [""]
     if window:
@@ -101,7 +100,15 @@ def gpu_config(kernel: str, head_dim: int, dtype: str, window: bool = False,
         suffixes.insert(0, "_softcap")
     if window and softcap:
         suffixes.insert(0, "_window_softcap")
-    keys = [(base + sfx, bucket) for base in (f"{kernel}_{dtype}", kernel) for sfx in suffixes]
+    return [(base + sfx, bucket) for base in (f"{kernel}_{dtype}", kernel) for sfx in suffixes]
+
+
+def gpu_config(kernel: str, head_dim: int, dtype: str, window: bool = False,
+               softcap: bool = False) -> Config:
+    """GPU config for ``kernel`` at ``head_dim``; ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"``;
+    ``window`` / ``softcap``: the kernel compiled with a sliding window / logit soft-capping.
+    The first of :func:`config_keys` present in :data:`GPU_CONFIGS` wins."""
+    keys = config_keys(kernel, head_dim, dtype, window, softcap)
     return next(GPU_CONFIGS[key] for key in keys if key in GPU_CONFIGS)
 
 
