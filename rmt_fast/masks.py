@@ -168,14 +168,16 @@ def dense_visibility(
 
 def layout_visibility(layout: AttentionLayout, length: int, past_length: int = 0,
                       key_padding_mask: torch.Tensor | None = None,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """:func:`dense_visibility` of an :class:`AttentionLayout`."""
-    qi = torch.arange(length, device=device)[:, None]
+                      device: torch.device | str | None = None,
+                      rows: range | None = None) -> torch.Tensor:
+    """:func:`dense_visibility` of an :class:`AttentionLayout`; ``rows``: only these query rows
+    (``[len(rows), P + L]``; e.g. to count a long call's pairs a block of rows at a time)."""
+    rows = range(length) if rows is None else rows
+    qi = torch.arange(rows.start, rows.stop, rows.step, device=device)[:, None]
     kj = torch.arange(length, device=device)[None, :]
     cur = current_key_visible(qi, kj, layout.num_read, layout.num_write, length, layout.mask,
                               layout.window)
-    past = torch.ones(length, past_length, dtype=torch.bool, device=device)
-    past[: layout.first_past_row()] = False
+    past = (qi >= layout.first_past_row()).expand(len(rows), past_length).clone()
     if layout.window is not None:  # past key a sits at position a, row i at P + i
         pa = torch.arange(past_length, device=device)[None, :]
         past &= past_length + qi - pa < layout.window

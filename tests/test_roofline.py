@@ -3,10 +3,11 @@
 import itertools
 
 import pytest
+import torch
 
 from rmt_fast.bench import roofline
 from rmt_fast.bench.roofline import AttentionShape, attention_flops, device_peak, min_bytes, visible_pairs
-from rmt_fast.masks import MASK_MODES, dense_visibility
+from rmt_fast.masks import MASK_MODES, AttentionLayout, dense_visibility, layout_visibility
 
 # (L, P, R, W): empty blocks, no past, tiny segment, all-memory rows, odd sizes
 LAYOUTS = [(1, 0, 0, 0), (7, 0, 0, 0), (13, 5, 2, 3), (16, 0, 4, 4), (9, 11, 9, 0), (10, 3, 0, 10),
@@ -48,6 +49,9 @@ def test_windowed_flops_equal_brute_force_visibility_count(mask, past_visible_to
                                window=window)
         assert attention_flops(shape, "fwd") == int(vis.sum()) * 4 * d * batch * hq, \
             (length, past, r, w)
+        layout = AttentionLayout(r, w, mask, past_visible_to_read, window=window)
+        rows = range(length // 3, length, 2)
+        assert torch.equal(layout_visibility(layout, length, past, rows=rows), vis[rows.start::2])
     # windows of 13 keys cut nothing in the layouts with P + L <= 13: no element count there
     cutting = sum(window < past + length for length, past, _, _ in LAYOUTS)
     assert len(counted) == cutting

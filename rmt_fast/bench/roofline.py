@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from rmt_fast.masks import DIAG, FULL, AttentionLayout, block_plan, check_mask_mode, current_key_visible
+from rmt_fast.masks import DIAG, FULL, AttentionLayout, block_plan, check_mask_mode, layout_visibility
 
 #: bytes per element of the dtypes the kernels take (names as in ``torch.float16`` etc.)
 DTYPE_BYTES = {"float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4}
@@ -118,19 +116,10 @@ def _diag_pairs(rows: int, keys: int) -> int:
 
 
 def _windowed_pairs(layout: AttentionLayout, length: int, past: int, chunk: int = 1024) -> int:
-    """Visible pairs under a cutting window, counted from the element predicate ``chunk`` query
+    """Visible pairs under a cutting window, counted from the dense visibility ``chunk`` query
     rows at a time (``[chunk, P + L]`` booleans; block plans have no window)."""
-    total = 0
-    kj = torch.arange(length)[None, :]
-    pa = torch.arange(past)[None, :]
-    for start in range(0, length, chunk):
-        qi = torch.arange(start, min(start + chunk, length))[:, None]
-        total += int(current_key_visible(qi, kj, layout.num_read, layout.num_write, length,
-                                         layout.mask, layout.window).sum())
-        if past:
-            seen = (qi >= layout.first_past_row()) & (past + qi - pa < layout.window)
-            total += int(seen.sum())
-    return total
+    return sum(int(layout_visibility(layout, length, past, rows=range(s, min(s + chunk, length)))
+                   .sum()) for s in range(0, length, chunk))
 
 
 def visible_pairs(length: int, past: int = 0, *, num_read: int = 0, num_write: int = 0,
