@@ -90,10 +90,6 @@ class Case:
         """Same visibility as top-left causal attention over ``L`` keys (SDPA ``is_causal``)."""
         return self.mask == "causal" and self.past == 0 and self.window is None
 
-    @property
-    def plain_full(self) -> bool:
-        return self.mask == "full" and self.past == 0 and self.window is None
-
 
 class Unsupported(Exception):
     """The system cannot compute this case (the reason goes into the table)."""
