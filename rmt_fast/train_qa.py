@@ -496,17 +496,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--associative-d-mem", type=int, default=d.associative_d_mem,
                    help="ARMT's layer-wise associative memory with keys of this width (0: none; "
                         "default: none, or --init-from's; > 0 on a model without one adds it)")
-    p.add_argument("--associative-rule", choices=RULES, default=None,
+    # dest: the RMTConfig field (associative_<ARMTConfig field>), collected by
+    # associative_options_from_args
+    p.add_argument("--associative-rule", dest="associative_update_rule", choices=RULES, default=None,
                    help="the associative memory's write rule: armt (ARMT's) or delta (DeltaNet's; "
                         "needs --associative-l2-norm); default: the model's")
-    p.add_argument("--associative-l2-norm", action="store_true", default=None,
+    p.add_argument("--associative-l2-norm", dest="associative_use_l2_norm", action="store_true",
+                   default=None,
                    help="L2-normalised DPFP features in the associative memory")
     p.add_argument("--no-associative-correction", dest="associative_correction",
                    action="store_false", default=None,
                    help="the associative memory without ARMT's gamma correction of z")
-    p.add_argument("--associative-floor", type=float, default=None,
+    p.add_argument("--associative-floor", dest="associative_normaliser_floor", type=float,
+                   default=None,
                    help="the associative read's normaliser floor c (docs/armt.md)")
-    p.add_argument("--associative-gate", action="store_true", default=None,
+    p.add_argument("--associative-gate", dest="associative_normaliser_gate", action="store_true",
+                   default=None,
                    help="the associative memory's z weighted by the write gate beta")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -559,11 +564,7 @@ def parser() -> argparse.ArgumentParser:
 
 def associative_options_from_args(a: argparse.Namespace) -> dict:
     """The ``associative_<field>`` options given on the command line (the others: the model's)."""
-    given = {"associative_update_rule": a.associative_rule,
-             "associative_use_l2_norm": a.associative_l2_norm,
-             "associative_correction": a.associative_correction,
-             "associative_normaliser_floor": a.associative_floor,
-             "associative_normaliser_gate": a.associative_gate}
+    given = {f"associative_{f}": getattr(a, f"associative_{f}") for f in ASSOCIATIVE_FIELDS}
     return {k: v for k, v in given.items() if v is not None}
 
 

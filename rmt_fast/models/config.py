@@ -198,19 +198,16 @@ class RMTConfig(SavedConfig):
         return ARMTConfig(d_mem=self.associative_d_mem, **self.associative_options())
 
     def _check_associative_options(self) -> None:
-        options = self.associative_options()
-        defaults = {f.name[len("associative_"):]: f.default for f in dataclasses.fields(self)
-                    if f.name[len("associative_"):] in ASSOCIATIVE_FIELDS}
         if not self.associative_d_mem:
-            changed = sorted(f"associative_{k}" for k, v in options.items() if v != defaults[k])
+            fields = self.__dataclass_fields__
+            changed = sorted(f"associative_{k}" for k, v in self.associative_options().items()
+                             if v != fields[f"associative_{k}"].default)
             if changed:
                 raise ValueError(f"{', '.join(changed)}: options of the associative memory, which "
                                  "needs associative_d_mem > 0")
             return
-        from rmt_fast.models.armt import ARMTConfig
-
         try:
-            ARMTConfig(d_mem=self.associative_d_mem, **options)
+            self.associative_config()
         except ValueError as e:  # its message names the field without the prefix
             raise ValueError(f"associative memory options (RMTConfig.associative_<field>): {e}") \
                 from e
