@@ -13,19 +13,24 @@ Meant for a fresh CUDA machine (H100/H200) that has torch and triton but nothing
   memory_store       MemoryStore offload (pinned host copies, prefetch on a side stream) under
                      concurrent streams; segment_bptt with offload vs without: same gradients
   triton_correctness Triton kernels vs the float64 reference for every mask, bf16/fp16/fp32,
-                     GQA, past keys, key padding, decode; forward and backward (one worker
-                     process per dtype, in parallel, so Triton compiles overlap)
+                     GQA, past keys, key padding, decode; forward and backward
   train_step         GPT-2-small RMT training step, segment checkpointing, bf16 autocast:
                      tokens/s, allocator peak vs the uncheckpointed step, same loss
   streaming_1m       StreamingReader over 1,000,000 tokens (bf16): tokens/s, allocator peak
   armt               ARMT's associative read/write kernels vs float64 (forward and backward,
                      fp32/bf16; a normaliser floor; the delta rule's UT-form write);
                      GPT-2-small ARMT read: diagonal executor vs sequential order
-  tuning             (only with --stages tuning) candidate Triton tile configs timed, each
-                     checked against the shipped one: what to put in launch.GPU_CONFIGS
   kernel_timing      Triton vs SDPA vs FlexAttention (same mask) vs FlashAttention (when
                      installed): TFLOP/s and fraction of peak (rmt_fast/bench/roofline.py);
                      plain masks, then Gemma 2's soft-capped and windowed layers
+  tuning             last, in the time left: candidate Triton tile configs timed (backward
+                     kernels first), each checked against the shipped one: what to put in
+                     launch.GPU_CONFIGS
+
+Triton and Inductor compile on the CPU, one kernel after another in a process; the machine has
+many cores. So triton_correctness splits its cases among worker processes, and kernel_timing
+and tuning first run each case once in parallel workers ("warm"), filling the on-disk compile
+caches, and then time the cases one after another.
 
 Each stage runs in its own process with its own time budget under a global deadline (default
 470 s), so a failure, a hang or a crash in one does not hide the rest. Results go to
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -789,10 +795,60 @@ def check_case(case: dict, dtype_name: str, device: str, backend: str = "triton"
     return row
 
 
-def stage_triton_worker(ctx: Ctx, rec: Recorder, dtype_name: str) -> None:
+def worker_count(groups: int = 1, cap: int = 4) -> int:
+    """Worker processes per group for a compile-bound fan-out: the cores this process may use,
+    one kept for the parent, shared among ``groups``, at most ``cap`` each, at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cap, ((cpus or 1) - 1) // max(1, groups)))
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """Worker ``index`` of ``count``'s share of ``items`` (every ``count``-th, from ``index``)."""
+    return items[index::count]
+
+
+def fan_out(ctx: Ctx, rec: Recorder, worker: str, argsets: list[list[str]], wait_s: float,
+            env: dict | None = None) -> list[tuple[list[str], dict, int | None]]:
+    """Run ``--stage worker`` once per entry of ``argsets`` (its extra arguments), all at once,
+    on the same device; wait at most ``wait_s`` for them, then kill the rest. Triton and
+    Inductor compile on the CPU and cache what they compile on disk, so processes in parallel
+    overlap the compiles that one process would do one after another.
+
+    Returns, per worker: its arguments, its result dict (``{}`` if it wrote none) and its exit
+    code (None if it was killed)."""
+    env = dict(os.environ if env is None else env)
+    if not ctx.cuda:
+        env["TRITON_INTERPRET"] = "1"
+    procs = []
+    for i, extra in enumerate(argsets):
+        path = f"{rec.path}.{worker}.{i}.json"
+        cmd = [sys.executable, SCRIPT, "--stage", worker, "--result", path, "--budget",
+               str(max(1.0, wait_s - 5))] + extra + (["--dry-run"] if ctx.tiny else [])
+        procs.append((extra, path, subprocess.Popen(cmd, env=env)))
+    deadline = time.monotonic() + wait_s
+    out = []
+    for extra, path, p in procs:
+        try:
+            code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            code = None
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError):
+            part = {}
+        out.append((extra, part, code))
+    return out
+
+
+def stage_triton_worker(ctx: Ctx, rec: Recorder, dtype_name: str, index: int = 0,
+                        count: int = 1) -> None:
+    """Its share (``shard(cases, index, count)``) of the correctness cases in one dtype."""
     os.environ.setdefault("RMT_FAST_POISON", "1")  # outputs start as NaN: unwritten shows up
     deadline = time.monotonic() + ctx.budget_s - 5
-    for case in correctness_cases(ctx.tiny):
+    for case in shard(correctness_cases(ctx.tiny), index, count):
         if time.monotonic() > deadline:
             rec.row(dtype=dtype_name, case=case["name"], status="skipped: stage budget")
             continue
@@ -805,34 +861,25 @@ def stage_triton_worker(ctx: Ctx, rec: Recorder, dtype_name: str) -> None:
 
 
 def stage_triton_correctness(ctx: Ctx, rec: Recorder) -> None:
-    """One worker process per dtype, in parallel (their Triton compiles overlap)."""
+    """Per dtype, ``worker_count(3)`` worker processes, each with its share of the cases, all
+    in parallel (their Triton compiles overlap); the rows in case order."""
     dtypes = ["float32"] if ctx.tiny else ["bfloat16", "float16", "float32"]
-    procs = []
-    env = dict(os.environ, RMT_FAST_POISON="1")
-    if not ctx.cuda:
-        env["TRITON_INTERPRET"] = "1"
-    for name in dtypes:
-        path = rec.path + f".{name}.json"
-        cmd = [sys.executable, SCRIPT, "--stage", "triton_worker", "--dtype", name, "--result",
-               path, "--budget", str(ctx.budget_s - 10)] + (["--dry-run"] if ctx.tiny else [])
-        procs.append((name, path, subprocess.Popen(cmd, env=env)))
-    deadline = time.monotonic() + ctx.budget_s - 5
-    for name, path, p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        try:
-            with open(path) as f:
-                part = json.load(f)
-            rec.data["rows"].extend(part.get("rows", []))
-        except (OSError, ValueError):
-            part = {}
-        if p.returncode != 0:
-            rec.data["rows"].append({"dtype": name, "case": "(worker)",
-                                     "status": f"error: worker exit {p.returncode}"})
-        rec.flush()
+    count = worker_count(len(dtypes))
+    argsets = [["--dtype", name, "--shard", f"{i}/{count}"] for name in dtypes
+               for i in range(count)]
+    done = fan_out(ctx, rec, "triton_worker", argsets, ctx.budget_s - 5,
+                   dict(os.environ, RMT_FAST_POISON="1"))
+    order = {c["name"]: i for i, c in enumerate(correctness_cases(ctx.tiny))}
+    rows = []
+    for extra, part, code in done:
+        rows += part.get("rows", [])
+        if code != 0:
+            rows.append({"dtype": extra[1], "case": f"(worker {extra[3]})",
+                         "status": "error: worker killed at the stage budget" if code is None
+                         else f"error: worker exit {code}"})
+    rows.sort(key=lambda r: (dtypes.index(r["dtype"]), order.get(r["case"], len(order))))
+    rec.data["rows"].extend(rows)
+    rec.metric(workers_per_dtype=count)
     rec.data["columns"] = ["dtype", "case", "L", "P", "D", "out_err", "out_rel", "dq_err",
                            "dk_err", "dv_err", "dpast_k_err", "worst_err/bound", "status"]
 
@@ -1082,118 +1129,166 @@ TUNING_VARIANTS = (("plain", None, TUNING_CANDIDATES),
                    ("softcap", 50.0, TUNING_SOFTCAP_CANDIDATES))
 
 
-def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
-    """Not in the default run (``--stages tuning``): times the Triton kernels' candidate tile
-    configs (``TUNING_VARIANTS``: plain, then soft-capped; one kernel varied at a time, the
-    others as shipped) at L 8,192, bf16, causal, D 64 and 128, fwd (fwd kernel) or fwd+bwd
-    (backward kernels), with each candidate's output and gradients checked against the shipped
-    config's."""
+#: the order the tuning stage takes its kernels in, so that a short budget times what matters
+#: most: the backward kernels ran at 22-25% of the ceiling in the first GPU run, the forward at
+#: 44-52%
+TUNING_ORDER = ("bwd_dkdv", "bwd_dq", "fwd")
+
+
+def tuning_sizes(cuda: bool) -> tuple[int, tuple[int, ...], int, int]:
+    """(length, head dims, batch, heads x head dim) of the tuning stage's cases."""
+    return (8192, (64, 128), 2, 2048) if cuda else (32, (64,), 1, 64)
+
+
+def tuning_plan(cuda: bool) -> list[tuple[str, float | None, str, int, list[tuple]]]:
+    """``(variant, softcap, kernel, head_dim, candidates)`` in the order timed: per variant of
+    :data:`TUNING_VARIANTS`, the kernels in :data:`TUNING_ORDER`, each head dim; the
+    candidates start with the shipped config (``launch.gpu_config``); two of them off CUDA."""
+    from rmt_fast.ops.memory_attention.triton import launch
+
+    plan = []
+    for variant, softcap, candidates in TUNING_VARIANTS:
+        for kernel in sorted(candidates, key=TUNING_ORDER.index):
+            for hd in tuning_sizes(cuda)[1]:
+                first = dataclasses.astuple(launch.gpu_config(kernel, hd, "bf16",
+                                                              softcap=softcap is not None))
+                cands = [first] + [c for c in candidates[kernel] if tuple(c) != first]
+                plan.append((variant, softcap, kernel, hd, cands if cuda else cands[:2]))
+    return plan
+
+
+@contextlib.contextmanager
+def tile_config(kernel: str, head_dim: int, softcap: bool, config: tuple):
+    """``launch.GPU_CONFIGS`` gives ``config`` to this bf16 kernel inside the block (under its
+    most specific key, the one read first); restored after."""
+    from rmt_fast.ops.memory_attention.triton import launch
+
+    key = launch.config_keys(kernel, head_dim, "bf16", softcap=softcap)[0]
+    had, shipped = key in launch.GPU_CONFIGS, launch.GPU_CONFIGS.get(key)
+    launch.GPU_CONFIGS[key] = launch.Config(*config)
+    try:
+        yield
+    finally:
+        if had:
+            launch.GPU_CONFIGS[key] = shipped
+        else:
+            launch.GPU_CONFIGS.pop(key, None)
+
+
+def tuning_case(kernel: str, head_dim: int, softcap: float | None, cuda: bool):
+    """The case a kernel's candidates are timed on: causal, fwd for the forward kernel, fwd+bwd
+    for the backward ones."""
+    from rmt_fast.bench import kernels as kb
+
+    length, _, batch, width = tuning_sizes(cuda)
+    return kb.Case("causal", length, head_dim, "fwd" if kernel == "fwd" else "fwd+bwd",
+                   batch=batch, heads=width // head_dim, softcap=softcap)
+
+
+def tuning_run(case, device: str) -> tuple[float, list]:
+    """Seconds of one ``case`` with the Triton backend in bf16, and its output (fwd) or the
+    gradients of q, k, v (fwd+bwd), to compare candidates with."""
     import torch
 
     from rmt_fast import memory_attention
     from rmt_fast.bench import kernels as kb
+
+    dev, dtype = torch.device(device), torch.bfloat16
+    q, k, v, _, _ = kb._inputs(case, dev, dtype, case.mode == "fwd+bwd")
+    leaves = [q, k, v]
+
+    def fn():  # kb.build refuses Triton off CUDA; the interpreter runs it here
+        return memory_attention(q, k, v, mask=case.mask, softcap=case.softcap, backend="triton")
+    if case.mode == "fwd":
+        with torch.no_grad():
+            out = fn()
+        timed = lambda: fn()  # noqa: E731
+        timed_ctx = torch.no_grad
+        results = [out.float()]
+    else:
+        dout = torch.randn(fn().shape, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+
+        def timed():
+            for t in leaves:
+                t.grad = None
+            fn().backward(dout)
+
+        timed_ctx = torch.enable_grad
+        with timed_ctx():
+            timed()
+        results = [t.grad.float() for t in leaves]
+    with timed_ctx():
+        seconds = kb.time_fn(timed, dev, 3, 1)
+    return seconds, results
+
+
+def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
+    """Last in the default run, with the time left (or alone: ``--stages tuning``): times the
+    Triton kernels' candidate tile configs (:func:`tuning_plan`: one kernel varied at a time,
+    the others as shipped) at L 8,192, bf16, causal, D 64 and 128, fwd (fwd kernel) or fwd+bwd
+    (backward kernels), with each candidate's output and gradients checked against the shipped
+    config's. Every candidate is first run once in parallel worker processes
+    (:func:`warm`), so that the timing loop finds its kernels compiled."""
+    import torch
+
     from rmt_fast.bench.roofline import device_peak, roofline
-    from rmt_fast.ops.memory_attention.triton import launch
 
     if not ctx.cuda and os.environ.get("TRITON_INTERPRET") != "1":
         rec.check("tile configs timed", skip="needs CUDA (or TRITON_INTERPRET=1: plumbing only, "
                                              "the interpreter ignores tile configs)")
         return
-    dev, dtype = torch.device(ctx.device), torch.bfloat16
     peak = device_peak(torch.cuda.get_device_name()) if ctx.cuda else None
-    length, dims, batch, width = (8192, (64, 128), 2, 2048) if ctx.cuda else (32, (64,), 1, 64)
     deadline = time.monotonic() + ctx.budget_s - 10
+    warm(ctx, rec, "tuning", 0.4 * ctx.budget_s)
     rec.data["columns"] = ["variant", "kernel", "head_dim", "config", "mode", "ms", "TFLOP/s",
                            "max_rel_diff", "status"]
-
-    def run(case):
-        q, k, v, _, _ = kb._inputs(case, dev, dtype, case.mode == "fwd+bwd")
-        leaves = [q, k, v]
-
-        def fn():  # kb.build refuses Triton off CUDA; the interpreter runs it here
-            return memory_attention(q, k, v, mask=case.mask, softcap=case.softcap,
-                                    backend="triton")
-        if case.mode == "fwd":
-            with torch.no_grad():
-                out = fn()
-            timed = lambda: fn()  # noqa: E731
-            timed_ctx = torch.no_grad
-            results = [out.float()]
-        else:
-            dout = torch.randn(fn().shape, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
-
-            def timed():
-                for t in leaves:
-                    t.grad = None
-                fn().backward(dout)
-
-            timed_ctx = torch.enable_grad
-            with timed_ctx():
-                timed()
-            results = [t.grad.float() for t in leaves]
-        with timed_ctx():
-            seconds = kb.time_fn(timed, dev, 3, 1)
-        return seconds, results
-
     best = {}
-    for variant, softcap, candidates in TUNING_VARIANTS:
-        for hd in dims:
-            case_fwd = kb.Case("causal", length, hd, "fwd", batch=batch, heads=width // hd,
-                               softcap=softcap)
-            case_bwd = kb.Case("causal", length, hd, "fwd+bwd", batch=batch, heads=width // hd,
-                               softcap=softcap)
-            for kernel, cands in candidates.items():
-                case = case_fwd if kernel == "fwd" else case_bwd
-                # the most specific key, read before any other
-                key = launch.config_keys(kernel, hd, "bf16", softcap=softcap is not None)[0]
-                had, shipped = key in launch.GPU_CONFIGS, launch.GPU_CONFIGS.get(key)
-                first = dataclasses.astuple(launch.gpu_config(kernel, hd, "bf16",
-                                                              softcap=softcap is not None))
-                cands = [first] + [c for c in cands if tuple(c) != first]
-                cands = cands if ctx.cuda else cands[:2]
-                ref = None
-                try:
-                    for cand in cands:
-                        where = dict(variant=variant, kernel=kernel, head_dim=hd,
-                                     config=str(cand), mode=case.mode)
-                        if time.monotonic() > deadline:
-                            rec.row(**where, status="skipped: stage budget")
-                            continue
-                        launch.GPU_CONFIGS[key] = launch.Config(*cand)
-                        try:
-                            seconds, results = run(case)
-                        except Exception as e:  # e.g. out of shared memory: the row says so
-                            rec.row(**where, status=f"error: {type(e).__name__}: "
-                                                    f"{str(e).splitlines()[0][:80]}")
-                            continue
-                        if ref is None:
-                            ref = results
-                        rel = max(((r - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
-                                  for r, g in zip(results, ref, strict=True))
-                        tflops = roofline(case.shape(dtype), seconds, case.mode, peak)["tflops"]
-                        status = "ok" if rel < 2e-2 else "FAIL: differs from the shipped config"
-                        rec.row(**where, ms=seconds * 1e3, **{"TFLOP/s": tflops},
-                                max_rel_diff=rel, status=status)
-                        bkey = (variant, kernel, hd)
-                        if status == "ok" and (bkey not in best or seconds < best[bkey][1]):
-                            best[bkey] = (cand, seconds)
-                finally:
-                    if had:
-                        launch.GPU_CONFIGS[key] = shipped
-                    else:
-                        launch.GPU_CONFIGS.pop(key, None)
-                if ctx.cuda:
-                    torch.cuda.empty_cache()
+    for variant, softcap, kernel, hd, cands in tuning_plan(ctx.cuda):
+        case = tuning_case(kernel, hd, softcap, ctx.cuda)
+        ref = None
+        for cand in cands:
+            where = dict(variant=variant, kernel=kernel, head_dim=hd, config=str(cand),
+                         mode=case.mode)
+            if time.monotonic() > deadline:
+                rec.row(**where, status="skipped: stage budget")
+                continue
+            try:
+                with tile_config(kernel, hd, softcap is not None, cand):
+                    seconds, results = tuning_run(case, ctx.device)
+            except Exception as e:  # e.g. out of shared memory: the row says so
+                rec.row(**where, status=f"error: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:80]}")
+                continue
+            if ref is None:
+                ref = results
+            rel = max(((r - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+                      for r, g in zip(results, ref, strict=True))
+            tflops = roofline(case.shape(torch.bfloat16), seconds, case.mode, peak)["tflops"]
+            status = "ok" if rel < 2e-2 else "FAIL: differs from the shipped config"
+            rec.row(**where, ms=seconds * 1e3, **{"TFLOP/s": tflops}, max_rel_diff=rel,
+                    status=status)
+            bkey = (variant, kernel, hd)
+            if status == "ok" and (bkey not in best or seconds < best[bkey][1]):
+                best[bkey] = (cand, seconds)
+        if ctx.cuda:
+            torch.cuda.empty_cache()
     rec.metric(best={f"{v}_{k}_{d}": list(c) for (v, k, d), (c, _) in best.items()})
 
     def summary():
+        rows = rec.data["rows"]
         wrong = [(r["variant"], r["kernel"], r["head_dim"], r["config"])
-                 for r in rec.data["rows"] if str(r["status"]).startswith("FAIL")]
+                 for r in rows if str(r["status"]).startswith("FAIL")]
         assert not wrong, f"configs whose output or gradients differ from the shipped one: {wrong}"
-        want = {(v, k, d) for v, _, cands in TUNING_VARIANTS for k in cands for d in dims}
-        assert set(best) == want, f"no working config for {sorted(want - set(best))}"
-        return ", ".join(f"{v} {k} D{d}: {c} {s * 1e3:.2f} ms"
-                         for (v, k, d), (c, s) in best.items())
+        want = {(v, k, d) for v, _, k, d, _ in tuning_plan(ctx.cuda)}
+        cut = {(r["variant"], r["kernel"], r["head_dim"]) for r in rows
+               if str(r["status"]).startswith("skipped")}
+        missing = want - set(best)
+        assert not missing - cut, f"no working config for {sorted(missing - cut)}"
+        detail = ", ".join(f"{v} {k} D{d}: {c} {s * 1e3:.2f} ms"
+                           for (v, k, d), (c, s) in best.items())
+        if cut:
+            detail += f"; cut short by the stage budget: {sorted(cut)}"
+        return detail
 
     rec.check("tile configs timed", summary)
 
@@ -1220,7 +1315,105 @@ def kernel_timing_cases(cuda: bool, tiny: bool) -> list[dict]:
     return cases
 
 
+#: the systems :func:`warm` runs once before ``kernel_timing`` times them: those that compile
+#: (Triton; FlexAttention through Inductor); off CUDA the PyTorch path, to run the plumbing
+WARM_SYSTEMS = {"cuda": ("triton", "flex"), "cpu": ("torch",)}
+
+
+def kernel_timing_plan(ctx: Ctx):
+    """``(dtype, systems, cases)`` of ``kernel_timing``: every case of
+    :func:`kernel_timing_cases` in fwd and fwd+bwd, 16,384 tokens of width 2,048 on CUDA."""
+    import torch
+
+    from rmt_fast.bench import kernels as kb
+
+    if ctx.cuda:
+        dtype, systems, tokens, model_dim = torch.bfloat16, list(kb.GPU_SYSTEMS), 16384, 2048
+    else:
+        dtype, systems, tokens, model_dim = torch.float32, list(kb.CPU_SYSTEMS), 64, 32
+    cases = [kb.Case(mode=mode, batch=max(1, tokens // spec["length"]),
+                     heads=max(1, model_dim // spec["head_dim"]), **spec)
+             for spec in kernel_timing_cases(ctx.cuda, ctx.tiny) for mode in ("fwd", "fwd+bwd")]
+    return dtype, systems, cases
+
+
+def warm_items(ctx: Ctx, which: str) -> list[tuple[dict, Callable[[], object]]]:
+    """What :func:`warm` runs for stage ``which``: ``(where, run once)`` pairs."""
+    import torch
+
+    from rmt_fast.bench import kernels as kb
+
+    items = []
+    if which == "tuning":
+        for variant, softcap, kernel, hd, cands in tuning_plan(ctx.cuda):
+            case = tuning_case(kernel, hd, softcap, ctx.cuda)
+            for cand in cands:
+                def once(kernel=kernel, hd=hd, capped=softcap is not None, cand=cand, case=case):
+                    with tile_config(kernel, hd, capped, cand):
+                        tuning_run(case, ctx.device)
+                items.append((dict(variant=variant, kernel=kernel, head_dim=hd,
+                                   config=str(cand)), once))
+    elif which == "kernel_timing":
+        dtype, systems, cases = kernel_timing_plan(ctx)
+        dev = torch.device(ctx.device)
+        for case in cases:
+            for system in WARM_SYSTEMS[ctx.device]:
+                def once(system=system, case=case):
+                    row, _ = kb.run_case(system, case, dev, dtype, 1, 0, None, None)
+                    assert not row["status"].startswith("error"), row["status"]
+                items.append((dict(system=system, mask=case.mask, window=case.window,
+                                   softcap=case.softcap, head_dim=case.head_dim,
+                                   mode=case.mode), once))
+    else:
+        raise ValueError(f"warm: no items for stage {which!r}")
+    return items
+
+
+def stage_warm_worker(ctx: Ctx, rec: Recorder, which: str, index: int, count: int) -> None:
+    """Its share of :func:`warm_items`, each run once, untimed: what they compile lands in the
+    on-disk caches (Triton's, Inductor's) that the timing stage then reads."""
+    deadline = time.monotonic() + ctx.budget_s
+    for where, once in shard(warm_items(ctx, which), index, count):
+        if time.monotonic() > deadline:
+            break
+        start = time.perf_counter()
+        try:
+            once()
+            status = "ok"
+        except Exception as e:  # the timing stage meets it again and reports it
+            status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        rec.row(**where, seconds=round(time.perf_counter() - start, 2), status=status)
+        if ctx.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def warm(ctx: Ctx, rec: Recorder, which: str, wait_s: float) -> None:
+    """Run :func:`warm_items` of stage ``which`` once in ``worker_count(1, 12)`` processes at
+    once (at most ``wait_s``), so that the stage's timing loop, one case after another, finds
+    its kernels compiled instead of compiling each on one core. Best effort: a failure here
+    only costs the time; the stage's metric ``warm`` says what happened."""
+    count = worker_count(1, cap=12)
+    if ctx.cuda and count < 2:
+        rec.metric(warm="skipped: one core, nothing to overlap")
+        return
+    start = time.monotonic()
+    # Inductor would give each worker a pool of compile processes as large as the machine
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
+    done = fan_out(ctx, rec, "warm_worker",
+                   [["--warm", which, "--shard", f"{i}/{count}"] for i in range(count)], wait_s,
+                   env)
+    rows = [r for _, part, _ in done for r in part.get("rows", [])]
+    rec.metric(warm=dict(workers=count, items=len(rows),
+                         errors=sum(not str(r.get("status")).startswith("ok") for r in rows),
+                         killed=sum(code is None for _, _, code in done),
+                         seconds=round(time.monotonic() - start, 1)))
+
+
 def stage_kernel_timing(ctx: Ctx, rec: Recorder) -> None:
+    """Every system of :func:`kernel_timing_plan` on every case, one after another, after
+    :func:`warm` has compiled what compiles."""
     import torch
 
     from rmt_fast.bench import kernels as kb
@@ -1228,45 +1421,37 @@ def stage_kernel_timing(ctx: Ctx, rec: Recorder) -> None:
 
     dev = torch.device(ctx.device)
     ceil = ctx.context.get("stages", {}).get("ceilings", {}).get("metrics", {})
-    if ctx.cuda:
-        dtype, systems = torch.bfloat16, list(kb.GPU_SYSTEMS)
-        peak = device_peak(torch.cuda.get_device_name())
-        tokens, model_dim = 16384, 2048
-    else:
-        dtype, systems, peak = torch.float32, list(kb.CPU_SYSTEMS), None
-        tokens, model_dim = 64, 32
+    dtype, systems, cases = kernel_timing_plan(ctx)
+    peak = device_peak(torch.cuda.get_device_name()) if ctx.cuda else None
     measured = ceil.get(f"{str(dtype)[6:]}_tflops")
     deadline = time.monotonic() + ctx.budget_s - 10
+    warm(ctx, rec, "kernel_timing", 0.4 * ctx.budget_s)
     rec.data["columns"] = ["system", "mask", "window", "softcap", "length", "head_dim", "batch",
                            "heads", "mode", "ms", "TFLOP/s", "% datasheet", "% measured", "GB/s",
                            "max_diff", "status"]
-    for spec in kernel_timing_cases(ctx.cuda, ctx.tiny):
-        for mode in ("fwd", "fwd+bwd"):
-            length, hd = spec["length"], spec["head_dim"]
-            case = kb.Case(mode=mode, batch=max(1, tokens // length),
-                           heads=max(1, model_dim // hd), **spec)
-            where = dict(mask=case.mask, window=case.window, softcap=case.softcap,
-                         length=length, head_dim=hd, mode=mode)
-            ref = None
-            for system in systems:
-                if time.monotonic() > deadline:
-                    rec.row(system=system, **where, status="skipped: stage budget")
-                    continue
-                row, out = kb.run_case(system, case, dev, dtype, 3, 1, ref, peak)
-                if ref is None and out is not None:
-                    ref, row["max_diff"] = out, 0.0
-                sec = row.get("seconds")
-                rec.row(system=system, **where, batch=case.batch, heads=case.heads,
-                        ms=sec and sec * 1e3, **{"TFLOP/s": row.get("tflops")},
-                        **{"% datasheet": row.get("frac_peak_flops") and
-                           100 * row["frac_peak_flops"],
-                           "% measured": (row.get("tflops") and measured and
-                                          100 * row["tflops"] / measured)},
-                        **{"GB/s": row.get("gbps")}, max_diff=row.get("max_diff"),
-                        status=row["status"])
-            del ref
-            if ctx.cuda:
-                torch.cuda.empty_cache()
+    for case in cases:
+        where = dict(mask=case.mask, window=case.window, softcap=case.softcap,
+                     length=case.length, head_dim=case.head_dim, mode=case.mode)
+        ref = None
+        for system in systems:
+            if time.monotonic() > deadline:
+                rec.row(system=system, **where, status="skipped: stage budget")
+                continue
+            row, out = kb.run_case(system, case, dev, dtype, 3, 1, ref, peak)
+            if ref is None and out is not None:
+                ref, row["max_diff"] = out, 0.0
+            sec = row.get("seconds")
+            rec.row(system=system, **where, batch=case.batch, heads=case.heads,
+                    ms=sec and sec * 1e3, **{"TFLOP/s": row.get("tflops")},
+                    **{"% datasheet": row.get("frac_peak_flops") and
+                       100 * row["frac_peak_flops"],
+                       "% measured": (row.get("tflops") and measured and
+                                      100 * row["tflops"] / measured)},
+                    **{"GB/s": row.get("gbps")}, max_diff=row.get("max_diff"),
+                    status=row["status"])
+        del ref
+        if ctx.cuda:
+            torch.cuda.empty_cache()
     rec.metric(dtype=str(dtype)[6:], datasheet=peak.name if peak else None,
                measured_matmul_tflops=measured)
 
@@ -1281,8 +1466,8 @@ STAGES = {
     "train_step": (stage_train_step, 75),
     "streaming_1m": (stage_streaming, 90),
     "armt": (stage_armt, 60),
-    "tuning": (stage_tuning, 240),
     "kernel_timing": (stage_kernel_timing, 200),  # 12 cases (Gemma 2's layers: +4)
+    "tuning": (stage_tuning, 240),  # the default run gives it what is left
 }
 INSTALL_BUDGET_S = 240
 
@@ -1304,8 +1489,11 @@ def child_main(a) -> int:
     ctx = Ctx(device, a.dry_run or device == "cpu", a.budget, context)
     rec = Recorder(a.result)
     try:
+        index, count = (int(x) for x in a.shard.split("/"))
         if a.stage == "triton_worker":
-            stage_triton_worker(ctx, rec, a.dtype)
+            stage_triton_worker(ctx, rec, a.dtype, index, count)
+        elif a.stage == "warm_worker":
+            stage_warm_worker(ctx, rec, a.warm, index, count)
         else:
             STAGES[a.stage][0](ctx, rec)
         rec.finish()
@@ -1368,9 +1556,7 @@ def parent_main(a) -> int:
         stage_env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("verify_install", "ceilings", "extension_ops", "memory_store",
                  "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing",
-                 "tuning"):
-        if name == "tuning" and "tuning" not in (a.stages or ()):
-            continue  # on request only: it would not fit the default run's 8 minutes
+                 "tuning"):  # tuning last: it takes what time is left (its rows say what it cut)
         stages.append(child(name, STAGES[name][1] * (a.budget_scale or 1.0)))
     if a.stages:
         stages = [s for s in stages if s.name in a.stages]
@@ -1414,6 +1600,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument("--context", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # worker INDEX/COUNT
+    p.add_argument("--warm", default=None, help=argparse.SUPPRESS)  # warm_worker: which stage
     a = p.parse_args(argv)
     if a.stage:
         return child_main(a)

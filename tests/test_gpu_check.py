@@ -169,6 +169,62 @@ def test_triton_checker_passes_the_kernel_and_catches_a_wrong_one(gc, monkeypatc
     assert gc.check_case(capped, "float32", "cpu", backend="torch")["status"] == "FAIL"
 
 
+def test_shard_and_worker_count(gc, monkeypatch):
+    items = list(range(11))
+    for count in (1, 2, 3, 4, 11, 15):
+        parts = [gc.shard(items, i, count) for i in range(count)]
+        assert sorted(x for p in parts for x in p) == items  # each item in exactly one share
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    for cpus, groups, cap, want in ((16, 3, 4, 4), (16, 1, 12, 12), (8, 3, 4, 2), (2, 3, 4, 1),
+                                    (1, 1, 12, 1), (16, 1, 4, 4)):
+        monkeypatch.setattr(gc.os, "sched_getaffinity", lambda _, n=cpus: set(range(n)))
+        assert gc.worker_count(groups, cap) == want, (cpus, groups, cap)
+
+
+def test_fan_out_collects_results_and_kills_stragglers(gc, tmp_path, monkeypatch):
+    """Every worker runs at once with its own arguments; each one's result comes back with its
+    exit code; one that outlives the wait is killed (code None), what it wrote kept; a worker
+    that dies says so."""
+    fake = tmp_path / "fake_stage.py"
+    fake.write_text(
+        "import json, sys, time\n"
+        "a = sys.argv\n"
+        "result, mode = a[a.index('--result') + 1], a[a.index('--mode') + 1]\n"
+        "json.dump({'rows': [{'mode': mode, 'interp': __import__('os').environ.get("
+        "'TRITON_INTERPRET')}]}, open(result, 'w'))\n"
+        "if mode == 'hang': time.sleep(60)\n"
+        "sys.exit(3 if mode == 'die' else 0)\n")
+    monkeypatch.setattr(gc, "SCRIPT", str(fake))
+    rec = gc.Recorder(str(tmp_path / "stage.json"))
+    ctx = gc.Ctx("cpu", True, 30.0, {})
+    t0 = __import__("time").monotonic()
+    done = gc.fan_out(ctx, rec, "w", [["--mode", m] for m in ("ok", "hang", "die", "ok2")], 8.0)
+    assert __import__("time").monotonic() - t0 < 20  # not 60: the hanging one was killed
+    assert [extra for extra, _, _ in done] == [["--mode", m] for m in ("ok", "hang", "die", "ok2")]
+    assert [code for _, _, code in done] == [0, None, 3, 0]
+    assert [part["rows"][0]["mode"] for _, part, _ in done] == ["ok", "hang", "die", "ok2"]
+    assert all(part["rows"][0]["interp"] == "1" for _, part, _ in done)  # no CUDA: interpreter
+
+
+def test_tuning_plan_order(gc):
+    """Backward kernels first (the weak spot), each head dim, the plain variant before the
+    soft-capped one; each candidate list starts with the shipped config, without repeats."""
+    for cuda in (True, False):
+        plan = gc.tuning_plan(cuda)
+        kernels = [(v, k) for v, _, k, _, _ in plan]
+        assert kernels == sorted(kernels, key=lambda vk: ([v for v, *_ in gc.TUNING_VARIANTS].index(
+            vk[0]), gc.TUNING_ORDER.index(vk[1])))
+        assert [k for v, k in kernels if v == "plain"][0] == "bwd_dkdv"
+        for variant, softcap, kernel, hd, cands in plan:
+            assert cands[0] == gc_launch_config(kernel, hd, softcap=softcap is not None)
+            assert len(set(cands)) == len(cands)
+            assert len(cands) == (len({tuple(c) for c in dict(
+                (v, c) for v, _, c in gc.TUNING_VARIANTS)[variant][kernel]} | {cands[0]})
+                if cuda else 2)
+        dims = {hd for *_, hd, _ in plan}
+        assert dims == ({64, 128} if cuda else {64})
+
+
 def test_cases_cover_masks_dtypes_gqa_past_decode(gc):
     cases = gc.correctness_cases(tiny=False)
     assert {c["mask"] for c in cases} == {"causal", "rmt", "full", "bottleneck"}
@@ -200,7 +256,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert data["mode"].startswith("dry run")
     names = list(data["stages"])
     assert names == ["environment", "verify_install", "ceilings", "extension_ops", "memory_store",
-                     "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing"]
+                     "triton_correctness", "train_step", "streaming_1m", "armt", "kernel_timing",
+                     "tuning"]
     assert all(s["status"] == "ok" for s in data["stages"].values()), data["stages"]
     skipped = [c["name"] for s in data["stages"].values() for c in s.get("checks", [])
                if c["status"] == "skipped"]
@@ -222,6 +279,14 @@ def test_dry_run_end_to_end(tmp_path):
     ok = {(r["system"], r["window"], r["mode"]) for r in capped if r["status"] == "ok"}
     assert {("torch", w, "fwd") for w in (None, 16)} | {("flex", w, "fwd") for w in (None, 16)} <= ok
     assert all(r["max_diff"] < 1e-5 for r in capped if r["status"] == "ok")
+    # every case ran once in the warm-up workers first, without errors
+    warmed = data["stages"]["kernel_timing"]["metrics"]["warm"]
+    assert warmed["items"] == len({(r["mask"], r["window"], r["softcap"], r["head_dim"], r["mode"])
+                                   for r in timing})
+    assert warmed["errors"] == 0 and warmed["killed"] == 0 and warmed["workers"] >= 1
+    assert data["stages"]["triton_correctness"]["metrics"]["workers_per_dtype"] >= 1
+    # tuning, last, needs CUDA or the interpreter: the dry run says so
+    assert [c["status"] for c in data["stages"]["tuning"]["checks"]] == ["skipped"]
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
@@ -239,6 +304,9 @@ def test_tuning_stage_under_the_interpreter(tmp_path):
     data = json.loads(result.read_text())
     assert [c["status"] for c in data["checks"]] == ["ok"], data["checks"]
     assert len(data["rows"]) == 8 and all(r["status"] == "ok" for r in data["rows"]), data["rows"]
+    assert [r["kernel"] for r in data["rows"]][:2] == ["bwd_dkdv"] * 2  # backward first
+    warmed = data["metrics"]["warm"]  # each candidate ran once in the warm-up workers first
+    assert warmed["items"] == 8 and warmed["errors"] == 0 and warmed["killed"] == 0
     assert all(r["max_rel_diff"] == 0.0 for r in data["rows"])
     assert set(data["metrics"]["best"]) == {"plain_fwd_64", "plain_bwd_dkdv_64", "plain_bwd_dq_64",
                                             "softcap_bwd_dkdv_64"}
@@ -246,6 +314,23 @@ def test_tuning_stage_under_the_interpreter(tmp_path):
     capped = [r for r in data["rows"] if r["variant"] == "softcap"]
     assert capped[0]["config"] == str(gc_launch_config("bwd_dkdv", 64, softcap=True))
     assert capped[0]["config"] != str(gc_launch_config("bwd_dkdv", 64))
+
+
+@pytest.mark.slow
+def test_tuning_stage_cut_short_reports_what_it_timed(tmp_path):
+    """With too little time the tuning stage still passes: the rows it could not time say
+    ``skipped: stage budget``, and the check names what was cut instead of failing."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = tmp_path / "tuning.json"
+    res = subprocess.run([sys.executable, SCRIPT, "--stage", "tuning", "--result", str(result),
+                          "--dry-run", "--budget", "11"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(result.read_text())
+    assert data["status"] == "ok", data
+    skipped = [r for r in data["rows"] if r["status"] == "skipped: stage budget"]
+    assert skipped and len(data["rows"]) == 8
+    assert "cut short by the stage budget" in data["checks"][0]["detail"]
 
 
 def gc_launch_config(kernel, head_dim, softcap=False):
