@@ -347,6 +347,23 @@ def test_generate_rolling_segments_equals_the_forward_over_its_output():
     assert not torch.equal(grown, new)
 
 
+def test_generate_rolling_several_sequences_per_row():
+    """``roll_segments=True, num_return_sequences=2`` with sampling: the associative state is
+    repeated with the rows (same tokens as the rows and a given state repeated by hand)."""
+    model = make("llama")
+    x = ids(2, 19)
+    state = model.segment_forward(model.init_state(2), ids(2, 8), None, need_hidden=False)[1]
+    state = torch.utils._pytree.tree_map(lambda t: 30 * t, state)  # rows far apart: it shows
+    kw = dict(roll_segments=True, max_new_tokens=14, min_new_tokens=14, do_sample=True,
+              pad_token_id=0)
+    torch.manual_seed(7)
+    two = model.generate(x, state=state, num_return_sequences=2, **kw)
+    torch.manual_seed(7)
+    rep = torch.utils._pytree.tree_map(lambda t: t.repeat_interleave(2, 0), state)
+    by_hand = model.generate(x.repeat_interleave(2, 0), state=rep, **kw)
+    assert two.shape == (4, 14) and torch.equal(two, by_hand)
+
+
 def test_generate_with_beams_and_several_sequences_per_row():
     """transformers' generate repeats each row for beams and ``num_return_sequences``: the
     associative state the blocks read is repeated alike."""

@@ -256,13 +256,42 @@ def test_generate_rolling_segments_stops_rows_at_eos_and_refuses_what_it_cannot_
     other = first[1].tolist()
     stop = other.index(row[end]) + 1 if row[end] in other else 9
     assert out[1, :stop].tolist() == other[:stop] and (out[1, stop:] == 60).all()
-    for bad in (dict(num_beams=2), dict(num_return_sequences=2, do_sample=True),
-                dict(return_dict_in_generate=True)):
+    for bad in (dict(num_beams=2), dict(return_dict_in_generate=True)):
         with pytest.raises(ValueError, match=r"roll_segments=True\) needs max_new_tokens"):
             model.generate(tokens, roll_segments=True, max_new_tokens=5, pad_token_id=0, **bad)
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
+        model.generate(tokens, roll_segments=True, max_new_tokens=5, pad_token_id=0,
+                       num_return_sequences=2, do_sample=False)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_return_sequences must be an int >= 1"):
+            model.generate(tokens, roll_segments=True, max_new_tokens=5, pad_token_id=0,
+                           num_return_sequences=bad, do_sample=True)
     for bad in (dict(max_length=20), dict()):
         with pytest.raises(ValueError, match=r"roll_segments=True\) needs max_new_tokens"):
             model.generate(tokens, roll_segments=True, pad_token_id=0, **bad)
+
+
+@pytest.mark.parametrize("xl_cache", [0, 4])
+def test_generate_rolling_several_sequences_per_row(xl_cache):
+    """``roll_segments=True, num_return_sequences=3`` with sampling across two segment
+    boundaries: the same tokens as the rows repeated by hand (same seed; a left-padded row
+    and a given memory repeated with them)."""
+    model = RMTForCausalLM(tiny_llama(), num_mem_tokens=3, segment_size=6, mask="rmt",
+                           xl_cache=xl_cache).eval()
+    tokens = ids(2, 9)  # segments 6 + 3: the XL cache of the first is repeated too
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    memory = 30 * torch.randn(2, 3, model.base.config.hidden_size)  # rows far apart: it shows
+    kw = dict(roll_segments=True, max_new_tokens=13, min_new_tokens=13, do_sample=True,
+              pad_token_id=0)
+    torch.manual_seed(5)
+    three = model.generate(tokens, attention_mask=mask, memory=memory, num_return_sequences=3,
+                           **kw)
+    torch.manual_seed(5)
+    by_hand = model.generate(tokens.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(
+        3, 0), memory=memory.repeat_interleave(3, 0), **kw)
+    assert three.shape == (6, 13) and torch.equal(three, by_hand)
+    assert not torch.equal(three[0], three[1])  # sampled: the copies differ
 
 
 @pytest.mark.parametrize("xl_cache", [0, 4])

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, cross_entropy_sum, extract_memory
@@ -324,8 +325,9 @@ class RMTForCausalLM(RMTBase):
         ``segment_size`` (up to the base model's positions). With ``roll_segments=True`` a
         segment that is full is written into memory (and the cache) and generation goes on in
         a new one, as :meth:`forward` reads the prompt and the new tokens with left-aligned
-        segments: any length (``max_new_tokens`` required; no beams, ``num_return_sequences``
-        or output dict; rows that ended with EOS get ``pad_token_id`` after it).
+        segments: any length (``max_new_tokens`` required; ``num_return_sequences`` with
+        sampling; no beams or output dict; rows that ended with EOS get ``pad_token_id`` after
+        it).
         """
         check_causal_lm_call(self, input_ids, attention_mask=attention_mask, memory=memory, xl=xl)
         if roll_segments:
@@ -432,8 +434,19 @@ def generate_rolling(generate, write, state, ids: torch.Tensor, seg_mask: torch.
     ``[B, n]`` after the partial segment ``ids`` ``[B, s]``; ``write(state, ids, seg_mask)`` -> the
     state after the full segment ``ids`` ``[B, size]``. The full segment's last position
     predicts the first token of the next one. Rows that produced EOS get the pad id after it.
-    Returns the new tokens ``[B, max_new_tokens]`` (fewer when every row ended)."""
+    ``num_return_sequences=k`` (sampling) repeats each row's state, ``ids`` and mask ``k`` times
+    first (``repeat_interleave``, as transformers orders them).
+    Returns the new tokens ``[B k, max_new_tokens]`` (fewer when every row ended)."""
     kwargs = dict(kwargs)
+    copies = kwargs.pop("num_return_sequences", None) or 1
+    if copies > 1:
+        if not kwargs.get("do_sample", generation_config.do_sample):
+            raise ValueError(f"generate(roll_segments=True): num_return_sequences={copies} needs "
+                             "do_sample=True (greedy decoding gives every copy the same tokens)")
+        state = pytree.tree_map(
+            lambda t: t.repeat_interleave(copies, 0) if isinstance(t, torch.Tensor) else t, state)
+        ids = ids.repeat_interleave(copies, 0)
+        seg_mask = None if seg_mask is None else seg_mask.repeat_interleave(copies, 0)
     left, least = kwargs.pop("max_new_tokens"), kwargs.pop("min_new_tokens", None) or 0
     pad = kwargs.get("pad_token_id", generation_config.pad_token_id)
     eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
@@ -461,13 +474,19 @@ def generate_rolling(generate, write, state, ids: torch.Tensor, seg_mask: torch.
 
 
 def check_rolling(kwargs: dict) -> None:
-    """What ``generate(roll_segments=True)`` supports: ``max_new_tokens``, one sequence per row,
-    plain token output."""
-    bad = [k for k in ("num_beams", "num_return_sequences") if kwargs.get(k, 1) != 1]
+    """What ``generate(roll_segments=True)`` supports: ``max_new_tokens``, no beams (a beam
+    search would have to carry its beams' states across segments), plain token output;
+    ``num_return_sequences`` an int >= 1."""
+    bad = [k for k in ("num_beams",) if kwargs.get(k, 1) != 1]
     bad += [k for k in ("max_length", "return_dict_in_generate") if kwargs.get(k)]
     if bad or kwargs.get("max_new_tokens") is None:
         raise ValueError(f"generate(roll_segments=True) needs max_new_tokens and returns the new "
-                         f"tokens of one sequence per row; not supported: {bad or 'no max_new_tokens'}")
+                         f"tokens without beams; not supported: {bad or 'no max_new_tokens'}")
+    copies = kwargs.get("num_return_sequences")
+    if copies is not None and (isinstance(copies, bool) or not isinstance(copies, int)
+                               or copies < 1):
+        raise ValueError(f"generate(roll_segments=True): num_return_sequences must be an int >= 1, "
+                         f"got {copies!r}")
 
 
 def lm_outputs(logits_fn, hidden: torch.Tensor | None, seg: Segment, n_targets: int | None, *,
