@@ -290,18 +290,23 @@ def test_dry_run_end_to_end(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
+def _run_tuning_stage(tmp_path, budget: float) -> dict:
+    """The tuning stage alone in a process, under the Triton interpreter: its result."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = tmp_path / "tuning.json"
+    res = subprocess.run([sys.executable, SCRIPT, "--stage", "tuning", "--result", str(result),
+                          "--dry-run", "--budget", str(budget)], capture_output=True, text=True,
+                         env=env, timeout=budget + 300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
 @pytest.mark.slow
 def test_tuning_stage_under_the_interpreter(tmp_path):
     """The tuning stage's plumbing (rows, the check against the shipped config, the config
     restored) under the Triton interpreter, which ignores tile configs: every row ok, the
     differences 0, a best config per kernel."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    result = tmp_path / "tuning.json"
-    res = subprocess.run([sys.executable, SCRIPT, "--stage", "tuning", "--result", str(result),
-                          "--dry-run", "--budget", "900"], capture_output=True, text=True, env=env,
-                         timeout=1200)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    data = json.loads(result.read_text())
+    data = _run_tuning_stage(tmp_path, budget=900)
     assert [c["status"] for c in data["checks"]] == ["ok"], data["checks"]
     assert len(data["rows"]) == 8 and all(r["status"] == "ok" for r in data["rows"]), data["rows"]
     assert [r["kernel"] for r in data["rows"]][:2] == ["bwd_dkdv"] * 2  # backward first
@@ -320,13 +325,7 @@ def test_tuning_stage_under_the_interpreter(tmp_path):
 def test_tuning_stage_cut_short_reports_what_it_timed(tmp_path):
     """With too little time the tuning stage still passes: the rows it could not time say
     ``skipped: stage budget``, and the check names what was cut instead of failing."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    result = tmp_path / "tuning.json"
-    res = subprocess.run([sys.executable, SCRIPT, "--stage", "tuning", "--result", str(result),
-                          "--dry-run", "--budget", "11"], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    data = json.loads(result.read_text())
+    data = _run_tuning_stage(tmp_path, budget=11)
     assert data["status"] == "ok", data
     skipped = [r for r in data["rows"] if r["status"] == "skipped: stage budget"]
     assert skipped and len(data["rows"]) == 8
