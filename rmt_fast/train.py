@@ -131,6 +131,9 @@ class ModelSpec:
     armt_rule: str = _opt("armt", "armt: the associative read/write: armt (the reference's) or delta "
                           "(DeltaNet's rule on unit DPFP keys; needs --armt-l2-norm: "
                           "ARMTConfig.update_rule)", choices=RULES)
+    armt_value_norm: bool = _opt(False, "armt: the values read the memory outputs RMS-normalised, "
+                                 "so they cannot grow with what the layer reads "
+                                 "(ARMTConfig.value_norm)")
 
 
 @dataclass(frozen=True)
@@ -803,7 +806,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 memory_noise: float = 0.0, model: str = "rmt", d_mem: int = 64, arch: str = "gpt2",
                 armt_l2_norm: bool = False, armt_correction: bool = True, armt_floor: float = 0.0,
                 armt_normaliser_gate: bool = False, armt_rule: str = "armt",
-                memory_update: str = "replace"):
+                armt_value_norm: bool = False, memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
@@ -811,7 +814,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     L2-normalised with ``armt_l2_norm``, the ``gamma`` correction of ``z`` unless
     ``armt_correction=False``: :attr:`ARMTConfig.correction`, the read's floor ``armt_floor``:
     :attr:`ARMTConfig.normaliser_floor`, ``armt_normaliser_gate``:
-    :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`);
+    :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`,
+    ``armt_value_norm``: :attr:`ARMTConfig.value_norm`);
     ``mask``, ``xl_cache`` and ``xl_positions`` (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -842,7 +846,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         armt_only = {"armt_l2_norm": armt_l2_norm, "armt_correction=False": not armt_correction,
                      f"armt_floor={armt_floor}": armt_floor,
                      "armt_normaliser_gate": armt_normaliser_gate,
-                     f"armt_rule={armt_rule!r}": armt_rule != "armt"}
+                     f"armt_rule={armt_rule!r}": armt_rule != "armt",
+                     "armt_value_norm": armt_value_norm}
         bad = next((name for name, used in armt_only.items() if used), None)
         if bad:
             raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
@@ -868,7 +873,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
         return ARMTForCausalLM(base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                                d_mem=d_mem, use_l2_norm=armt_l2_norm, correction=armt_correction,
                                normaliser_floor=armt_floor, normaliser_gate=armt_normaliser_gate,
-                               update_rule=armt_rule,
+                               update_rule=armt_rule, value_norm=armt_value_norm,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

@@ -1,16 +1,47 @@
 """How an ARMT's associative state grows while it reads a long qa story: the largest |A| and
 |z| per layer after 8 ... 31,249 segments, and the answers at the end.
 
-``python scripts/armt_state_growth.py CHECKPOINT [--stories 4] [--segments 31250]`` (a checkpoint
-of ``rmt-fast train --model armt --task qa1``; the stories are the first ones that
-``python -m rmt_fast.tasks.length_eval --task qa1 --num-facts 1`` reads at that length)."""
+``python scripts/armt_state_growth.py CHECKPOINT [--stories 4] [--segments 31250] [--writes]``
+(a checkpoint of ``rmt-fast train --model armt --task qa1``; the stories are the first ones that
+``python -m rmt_fast.tasks.length_eval --task qa1 --num-facts 1`` reads at that length).
+``--writes`` adds, per layer, what the last segment before each mark wrote and read: the RMS of
+the block outputs at the memory positions (``mem``), the largest row norm of the values
+``W_mv mem`` (``|v|``), the mean gate ``beta``, and the read's RMS relative to the hidden states
+it is added to (``read/h``)."""
 
 import argparse
 
 import torch
 
+from rmt_fast.models.armt import AssociativeMemory
 from rmt_fast.streaming import StreamingReader
 from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
+
+
+def trace_writes() -> dict[int, dict[str, float]]:
+    """Wrap :class:`AssociativeMemory`'s read and write to keep, per memory module (by ``id``),
+    the statistics of its last call (see the module docstring)."""
+    stats: dict[int, dict[str, float]] = {}
+    read, write = AssociativeMemory.read, AssociativeMemory.write
+
+    def rms(t):
+        return float(t.float().pow(2).mean().sqrt())
+
+    def traced_read(self, h, A, z, opts):
+        out = read(self, h, A, z, opts)
+        stats.setdefault(id(self), {})["read/h"] = rms(out) / max(rms(h), 1e-30)
+        return out
+
+    def traced_write(self, mem, A, z, first, opts):
+        m = mem.to(self.W_mk.weight.dtype)
+        s = stats.setdefault(id(self), {})
+        s["mem"] = rms(m)
+        s["|v|"] = float(self.W_mv(m).norm(dim=-1).max())
+        s["beta"] = float(torch.sigmoid(self.W_mb(m)).mean())
+        return write(self, mem, A, z, first, opts)
+
+    AssociativeMemory.read, AssociativeMemory.write = traced_read, traced_write
+    return stats
 
 
 def main() -> None:
@@ -20,8 +51,10 @@ def main() -> None:
     p.add_argument("--segments", type=int, default=31250)
     p.add_argument("--num-facts", type=int, default=1)
     p.add_argument("--seed", type=int, default=12345, help="length_eval's --seed")
+    p.add_argument("--writes", action="store_true", help="also what each layer wrote and read")
     a = p.parse_args()
     torch.set_num_threads(1)
+    stats = trace_writes() if a.writes else None
     model, vocab = load(a.checkpoint)
     size = model.rmt_config.segment_size
     stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=batch_seed(a.seed, 0),
@@ -36,6 +69,10 @@ def main() -> None:
         print(f"after {m:>6} segments: max |A| per layer {[round(float(x.abs().max()), 2) for x in s.A]}, "
               f"max z {[round(float(z.max()), 2) for z in s.z]}, finite "
               f"{all(bool(torch.isfinite(x).all()) for x in s.A + s.z)}", flush=True)
+        if stats is not None:
+            for i, mem in enumerate(model.assoc):
+                print(f"    layer {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                     stats.get(id(mem), {}).items()), flush=True)
     out = reader.generate(stories[:, -size:-1], max_new_tokens=1, do_sample=False, pad_token_id=0)
     print("answers:", vocab.decode(out[:, -1].tolist()), "| truth:", vocab.decode(stories[:, -1].tolist()))
 

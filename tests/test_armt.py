@@ -46,7 +46,10 @@ class _RefLayer(nn.Module):
         if first:
             self.A = h.new_zeros(h.shape[0], c.d_key, h.shape[-1])
             self.z = h.new_zeros(h.shape[0], c.d_key)
-        self.A, self.z = reference_write(a.W_mk(mem), a.W_mv(mem), torch.sigmoid(a.W_mb(mem))[..., 0],
+        # value_norm: RMS over the width, eps as torch's rms_norm takes by default
+        vin = (mem * torch.rsqrt(mem.pow(2).mean(-1, keepdim=True) + torch.finfo(mem.dtype).eps)
+               if c.value_norm else mem)
+        self.A, self.z = reference_write(a.W_mk(mem), a.W_mv(vin), torch.sigmoid(a.W_mb(mem))[..., 0],
                                          self.A, self.z, first=first, correction=c.correction,
                                          gate=c.normaliser_gate, **opts)
         return out
@@ -81,7 +84,8 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     ("gpt2", False, {}), ("llama", False, {}), ("gpt2", True, {}), ("llama", True, {}),
     ("gpt2", False, dict(normaliser_floor=1.0)), ("llama", True, dict(normaliser_floor=1.0)),
     ("gpt2", False, dict(normaliser_gate=True, correction=False)),
-    ("llama", True, dict(update_rule="delta"))])
+    ("llama", True, dict(update_rule="delta")), ("gpt2", False, dict(value_norm=True)),
+    ("llama", True, dict(update_rule="delta", value_norm=True))])
 def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
@@ -447,9 +451,14 @@ def test_diagonal_equals_sequential(kind, grouped):
     assert ex.sequential_steps(6) == (ex.n + 5, ex.n * 6)
 
 
-def test_diagonal_float64_l2_features():
-    """L2-normalised features (the newer upstream variant) in float64: equal to ~1e-12."""
-    model = make("llama", use_l2_norm=True).double()
+@pytest.mark.parametrize("extra", [{}, dict(update_rule="delta", value_norm=True)])
+def test_diagonal_float64_l2_features(extra):
+    """L2-normalised features (the newer upstream variant) in float64, with ARMT's rule and with
+    the delta rule on normalised values: equal to ~1e-12."""
+    model = make("llama", use_l2_norm=True, **extra).double()
+    with torch.no_grad():  # W_v starts at zero: values that matter
+        for a in model.assoc:
+            a.W_mv.weight.normal_(0, 0.3)
     x = ids(2, 37)
     with torch.no_grad():
         seq = model(x)
@@ -487,7 +496,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
     path = tmp_path / ARMTConfig.FILE_NAME
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
-                        "normaliser_gate", "update_rule")}
+                        "normaliser_gate", "update_rule", "value_norm")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -504,6 +513,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(normaliser_floor=-1.0), "normaliser_floor must be a finite float >= 0"),
                      (dict(normaliser_floor=float("nan")), "normaliser_floor must be a finite"),
                      (dict(normaliser_gate=1), "normaliser_gate must be a bool"),
+                     (dict(value_norm="yes"), "value_norm must be a bool"),
                      (dict(update_rule="deltanet"), "update_rule must be one of"),
                      (dict(update_rule="delta"), "update_rule='delta' needs use_l2_norm=True"),
                      (dict(update_rule="delta", use_l2_norm=True, normaliser_gate=True),
@@ -514,7 +524,8 @@ def test_config_frozen_json_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False),
                                     dict(normaliser_floor=1.0), dict(normaliser_gate=True),
-                                    dict(use_l2_norm=True, update_rule="delta")])
+                                    dict(use_l2_norm=True, update_rule="delta"),
+                                    dict(value_norm=True)])
 def test_replace_config_reaches_the_associative_memory(change):
     """A changed option reaches every layer's read and write (the model equals one built with
     it); fields that shape the associative weights are refused."""

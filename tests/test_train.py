@@ -194,6 +194,10 @@ def test_build_model_inits():
         build_model(37, 3, 2, armt_normaliser_gate=True)
     assert build_model(37, 3, 2, model="armt", d_mem=4,
                        armt_normaliser_gate=True).rmt_config.normaliser_gate is True
+    with pytest.raises(ValueError, match=r"armt_value_norm is an ARMT option"):
+        build_model(37, 3, 2, armt_value_norm=True)
+    assert build_model(37, 3, 2, model="armt", d_mem=4,
+                       armt_value_norm=True).rmt_config.value_norm is True
     with pytest.raises(ValueError, match=r"armt_rule='delta' is an ARMT option"):
         build_model(37, 3, 2, armt_rule="delta")
     assert build_model(37, 3, 2, model="armt", d_mem=4, armt_l2_norm=True,

@@ -47,6 +47,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
@@ -124,6 +125,11 @@ class ARMTConfig(SavedConfig):
             ``z``, ``correction``, ``normaliser_floor`` and ``normaliser_gate`` do not apply.
         use_l2_norm: L2-normalise the DPFP features (newer upstream ARMT; the paper and the
             reference code do not).
+        value_norm: the values are ``W_v rms_norm(mem)`` instead of ``W_v mem`` (``mem``: the
+            block's outputs at the memory positions; no weight, not in the reference code).
+            The read is added to the block's input, so what a layer reads flows into what it
+            writes next; the normalised values cannot grow with it (``docs/armt.md``, "What
+            tells a seed that holds from one that does not").
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
         position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
@@ -155,6 +161,7 @@ class ARMTConfig(SavedConfig):
         "normaliser_floor": 0.0,
         "normaliser_gate": False,
         "update_rule": "armt",
+        "value_norm": False,
     }
 
     num_mem_tokens: int = 16
@@ -165,6 +172,7 @@ class ARMTConfig(SavedConfig):
     normaliser_gate: bool = False
     update_rule: str = "armt"
     use_l2_norm: bool = False
+    value_norm: bool = False
     nu: int = 3
     eps: float = 1e-5
     position_mode: str = "model"
@@ -192,8 +200,8 @@ class ARMTConfig(SavedConfig):
         pos_int("d_mem", 1)
         pos_int("segment_size", 1)
         pos_int("nu", 1)
-        for name in ("correction", "normaliser_gate", "use_l2_norm", "checkpoint_segments",
-                     "offload_memory"):
+        for name in ("correction", "normaliser_gate", "use_l2_norm", "value_norm",
+                     "checkpoint_segments", "offload_memory"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got "
                                                           f"{getattr(self, name)!r}")
         need(isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0,
@@ -319,12 +327,20 @@ class AssociativeMemory(nn.Module):
         x = self.W_mq(h.to(self.W_mq.weight.dtype))
         return associative_read(x, A, z, **opts).to(h.dtype)
 
-    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first, opts: dict):
+    def write(self, mem: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first, opts: dict,
+              value_norm: bool = False):
         """``mem`` ``[B, M, d]`` (the block's outputs at the memory positions) -> ``(A', z')``;
-        ``opts``: :func:`write_options`."""
+        ``opts``: :func:`write_options`; ``value_norm``: :attr:`ARMTConfig.value_norm`."""
         mem = mem.to(self.W_mk.weight.dtype)
         beta = torch.sigmoid(self.W_mb(mem))[..., 0]
-        return associative_write(self.W_mk(mem), self.W_mv(mem), beta, A, z, first=first, **opts)
+        return associative_write(self.W_mk(mem), self.W_mv(value_input(mem, value_norm)), beta,
+                                 A, z, first=first, **opts)
+
+
+def value_input(mem: torch.Tensor, value_norm: bool) -> torch.Tensor:
+    """What the value projection reads: ``mem`` ``[..., d]``, RMS-normalised over ``d`` with
+    ``value_norm`` (:attr:`ARMTConfig.value_norm`)."""
+    return F.rms_norm(mem, (mem.shape[-1],)) if value_norm else mem
 
 
 class AssociativeRun:
@@ -342,6 +358,7 @@ class AssociativeRun:
         self.layers, self.assoc, self.A, self.z = layers, assoc, A, z
         self.read, self.write, self.first = read, write, first
         self.opts, self.write_opts, self.noise = associative_options(cfg), write_options(cfg), noise
+        self.value_norm = cfg.value_norm
         self.new_A, self.new_z = list(A), list(z)
         self._repeated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -389,7 +406,7 @@ def _make_hook(idx: int):
             return None
         out = output[0] if isinstance(output, tuple) else output
         run.new_A[idx], run.new_z[idx] = run.assoc[idx].write(
-            out[:, run.write], run.A[idx], run.z[idx], run.first, run.write_opts)
+            out[:, run.write], run.A[idx], run.z[idx], run.first, run.write_opts, run.value_norm)
         return None
 
     return hook

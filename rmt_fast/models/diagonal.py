@@ -33,6 +33,7 @@ from rmt_fast.models.armt import (
     ARMTOutput,
     ARMTState,
     associative_options,
+    value_input,
     write_options,
 )
 from rmt_fast.models.segmenting import segment_bounds
@@ -232,7 +233,7 @@ class DiagonalExecutor:
         m = cfg.num_mem_tokens
         mem = out[:, :, -m:].reshape(G, B * m, d).to(sd)
         km = torch.bmm(mem, self.Wk[sl]).reshape(G * B, m, -1)
-        v = torch.bmm(mem, self.Wv[sl]).reshape(G * B, m, d)
+        v = torch.bmm(value_input(mem, cfg.value_norm), self.Wv[sl]).reshape(G * B, m, d)
         beta = torch.sigmoid(torch.baddbmm(self.bb[sl], mem, self.Wb[sl])).reshape(G * B, m)
         A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B),
                                    **write_options(cfg))
