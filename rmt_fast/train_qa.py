@@ -513,6 +513,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--associative-gate", dest="associative_normaliser_gate", action="store_true",
                    default=None,
                    help="the associative memory's z weighted by the write gate beta")
+    p.add_argument("--associative-value-norm", dest="associative_value_norm", action="store_true",
+                   default=None,
+                   help="the associative memory's values from the RMS-normalised memory outputs")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

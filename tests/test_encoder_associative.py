@@ -42,7 +42,7 @@ def tokens(batch=2, length=16, seed=0):
 
 
 def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, correction=True,
-                   normaliser_floor=0.0, normaliser_gate=False):
+                   normaliser_floor=0.0, normaliser_gate=False, value_norm=False):
     """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
     blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
     write (the delta rule on the memory rows' outputs) through the float64 reference formulas,
@@ -74,7 +74,12 @@ def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, corr
             mem = (out[0] if isinstance(out, tuple) else out)[:, 1:1 + M].double()
             a = assoc[i]
             km = mem @ a.W_mk.weight.double().T
-            v = mem @ a.W_mv.weight.double().T
+            if value_norm:  # RMS over the width, eps as torch's rms_norm in float32
+                mem_v = mem * torch.rsqrt(mem.pow(2).mean(-1, keepdim=True)
+                                          + torch.finfo(torch.float32).eps)
+            else:
+                mem_v = mem
+            v = mem_v @ a.W_mv.weight.double().T
             beta = torch.sigmoid(mem @ a.W_mb.weight.double().T + a.W_mb.bias.double())[..., 0]
             A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0],
                                          correction=correction, gate=normaliser_gate, **opts)
@@ -118,20 +123,30 @@ def test_encoder_with_an_associative_memory_equals_the_reference_loop():
 
 OPTIONS = [dict(update_rule="delta", use_l2_norm=True),
            dict(use_l2_norm=True, normaliser_floor=1.0),
-           dict(correction=False, normaliser_gate=True)]
+           dict(correction=False, normaliser_gate=True),
+           dict(update_rule="delta", use_l2_norm=True, value_norm=True)]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=["delta", "l2-floor", "nocorr-gate"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["delta", "l2-floor", "nocorr-gate",
+                                                  "delta-vnorm"])
 def test_associative_options_equal_the_reference_loop(options):
     """``RMTConfig.associative_<field>`` reach every layer: the model equals the reference loop
     run with the same options, and differs from the model with ARMT's defaults; the options
     survive save/load; ``replace_config`` switches them."""
     model = make(**{f"associative_{k}": v for k, v in options.items()})
     assert model.rmt_config.associative_config().update_rule == options.get("update_rule", "armt")
+    if options.get("value_norm"):  # BERT's blocks end in a LayerNorm (RMS about 1): scale it
+        with torch.no_grad():
+            for m in model.base.modules():
+                if isinstance(m, torch.nn.LayerNorm):
+                    m.weight.mul_(3.0)
     x = tokens(seed=7)
     bounds = [(0, 4), (4, 10), (10, 16)]
     out = model(x, labels=torch.tensor([0, 2]))
     logits, mem, A, z = reference_loop(model, x, bounds, **options)
+    if options.get("value_norm"):  # and the norm matters there
+        unnormed = reference_loop(model, x, bounds, **{**options, "value_norm": False})[0]
+        assert (unnormed - logits).abs().max() > 1e-3
     torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
     for i in range(2):
         torch.testing.assert_close(out.state.extra[f"A.{i}"].double(), A[i], atol=1e-4, rtol=1e-4)

@@ -401,6 +401,8 @@ def test_associative_options_train_save_and_resume(tiny_base, noise, tmp_path):
     opts = config_from_args(args).associative_options
     assert opts == {"associative_update_rule": "delta", "associative_use_l2_norm": True}
     assert config_from_args(parser().parse_args(["--out", "y"])).associative_options == {}
+    assert config_from_args(parser().parse_args(["--out", "y", "--associative-value-norm"])
+                            ).associative_options == {"associative_value_norm": True}
     cfg = tiny_config(tiny_base, associative_d_mem=8, associative_options=opts, max_steps=2,
                       curriculum=[2], lrs=None, save_every=1)
     model = build_model(cfg)

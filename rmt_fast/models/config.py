@@ -21,7 +21,7 @@ MEMORY_UPDATES = ("replace", "gated")
 #: ``ARMTConfig`` fields an encoder's associative memory takes, as ``RMTConfig`` fields named
 #: ``associative_<field>`` (:meth:`RMTConfig.associative_config`)
 ASSOCIATIVE_FIELDS = ("update_rule", "use_l2_norm", "correction", "normaliser_floor",
-                      "normaliser_gate")
+                      "normaliser_gate", "value_norm")
 CONFIG_NAME = "rmt_config.json"
 
 
@@ -122,7 +122,8 @@ class RMTConfig(SavedConfig):
             ``W_v`` starts at zero, so it can be added to a trained RMT encoder without changing
             its outputs. Encoders only (``ARMTForCausalLM`` is ARMT for decoders).
         associative_update_rule, associative_use_l2_norm, associative_correction,
-            associative_normaliser_floor, associative_normaliser_gate: the associative memory's
+            associative_normaliser_floor, associative_normaliser_gate,
+            associative_value_norm: the associative memory's
             ``ARMTConfig`` options of the same names (defaults: ARMT's reference read and write;
             e.g. ``associative_update_rule="delta", associative_use_l2_norm=True`` for
             DeltaNet's rule); they need ``associative_d_mem > 0`` unless left at the defaults.
@@ -152,6 +153,7 @@ class RMTConfig(SavedConfig):
         "associative_correction": True,
         "associative_normaliser_floor": 0.0,
         "associative_normaliser_gate": False,
+        "associative_value_norm": False,
         "xl_positions": "before_memory",  # the only placement before the switch existed
     }
 
@@ -174,6 +176,7 @@ class RMTConfig(SavedConfig):
     associative_correction: bool = True
     associative_normaliser_floor: float = 0.0
     associative_normaliser_gate: bool = False
+    associative_value_norm: bool = False
     fuse_activations: bool = True
     kind: str = "decoder"
     variant: str = "mem"
