@@ -146,6 +146,18 @@ def current_key_visible(
     raise ValueError(f"mask must be one of {MASK_MODES}, got {mask!r}")
 
 
+def past_key_visible(qi: torch.Tensor, pa: torch.Tensor, past_length: int, first_row: int,
+                     window: int | None = None) -> torch.Tensor:
+    """Element predicate: may query row ``qi`` see past key ``pa`` (``0 <= pa < P``)? Rows before
+    ``first_row`` (:meth:`AttentionLayout.first_past_row`) see none; with ``window`` the past
+    key sits at position ``pa`` and row ``qi`` at ``P + qi``, hidden when ``P + qi - pa >=
+    window``. Broadcasts its index tensors."""
+    vis = qi >= first_row
+    if window is not None:
+        vis = vis & (past_length + qi - pa < window)
+    return vis
+
+
 def dense_visibility(
     length: int,
     past_length: int = 0,
@@ -177,11 +189,9 @@ def layout_visibility(layout: AttentionLayout, length: int, past_length: int = 0
     kj = torch.arange(length, device=device)[None, :]
     cur = current_key_visible(qi, kj, layout.num_read, layout.num_write, length, layout.mask,
                               layout.window)
-    past = (qi >= layout.first_past_row()).expand(len(rows), past_length).clone()
-    if layout.window is not None:  # past key a sits at position a, row i at P + i
-        pa = torch.arange(past_length, device=device)[None, :]
-        past &= past_length + qi - pa < layout.window
-    vis = torch.cat([past, cur], dim=1)
+    pa = torch.arange(past_length, device=device)[None, :]
+    past = past_key_visible(qi, pa, past_length, layout.first_past_row(), layout.window)
+    vis = torch.cat([past.expand(len(rows), past_length), cur], dim=1)
     if key_padding_mask is not None:
         vis = vis[None] & key_padding_mask[:, None, :].to(torch.bool)
     return vis

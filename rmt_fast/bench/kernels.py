@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from rmt_fast import memory_attention
 from rmt_fast.bench.roofline import AttentionShape, device_peak, roofline
-from rmt_fast.masks import AttentionLayout, current_key_visible, dense_visibility
+from rmt_fast.masks import AttentionLayout, current_key_visible, dense_visibility, past_key_visible
 
 GPU_SYSTEMS = ("triton", "sdpa_mask", "sdpa_causal", "flex", "flash")
 CPU_SYSTEMS = ("torch", "reference", "sdpa_mask", "sdpa_causal", "flex")
@@ -110,12 +110,11 @@ def compiled_flex():
 def mask_mod_for(case: Case) -> Callable:
     """FlexAttention ``mask_mod`` over keys ``[past P | current L]``, from our mask definition."""
     past, length = case.past, case.length
+    first_row = case.layout().first_past_row()
 
     def mask_mod(b, h, q_idx, kv_idx):
         is_past = kv_idx < past
-        past_ok = is_past if case.past_visible_to_read else is_past & (q_idx >= case.num_read)
-        if case.window is not None:  # key a sits at position a, row i at P + i
-            past_ok = past_ok & (past + q_idx - kv_idx < case.window)
+        past_ok = is_past & past_key_visible(q_idx, kv_idx, past, first_row, case.window)
         cur_ok = current_key_visible(q_idx, kv_idx - past, case.num_read, case.num_write, length,
                                      case.mask, case.window)
         return past_ok | (~is_past & cur_ok)
