@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from rmt_fast.models.armt import AssociativeMemory
+from rmt_fast.models.armt import AssociativeMemory, value_input
 from rmt_fast.streaming import StreamingReader
 from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
 
@@ -32,13 +32,13 @@ def trace_writes() -> dict[int, dict[str, float]]:
         stats.setdefault(id(self), {})["read/h"] = rms(out) / max(rms(h), 1e-30)
         return out
 
-    def traced_write(self, mem, A, z, first, opts):
+    def traced_write(self, mem, A, z, first, opts, value_norm=False):
         m = mem.to(self.W_mk.weight.dtype)
         s = stats.setdefault(id(self), {})
         s["mem"] = rms(m)
-        s["|v|"] = float(self.W_mv(m).norm(dim=-1).max())
+        s["|v|"] = float(self.W_mv(value_input(m, value_norm)).norm(dim=-1).max())
         s["beta"] = float(torch.sigmoid(self.W_mb(m)).mean())
-        return write(self, mem, A, z, first, opts)
+        return write(self, mem, A, z, first, opts, value_norm)
 
     AssociativeMemory.read, AssociativeMemory.write = traced_read, traced_write
     return stats

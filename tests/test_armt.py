@@ -590,3 +590,44 @@ def test_triton_backend_in_the_model():
     for n in ga:
         err, scale = (gb[n] - ga[n]).abs().max().item(), ga[n].abs().max().item()
         assert err <= 1e-5 * scale + 1e-8, f"{n}: {err:.3e} ({scale:.3e})"
+
+
+@pytest.mark.parametrize("value_norm", [False, True])
+def test_state_growth_script_traces_what_each_layer_wrote(value_norm, monkeypatch):
+    """``scripts/armt_state_growth.py --writes``: per layer the memory outputs' RMS, the largest
+    value norm (of the values the model wrote: with ``value_norm``, from the normalised outputs),
+    the mean gate and the read's size relative to the hidden states; the traced model computes
+    what the untraced one does."""
+    from helpers import load_script
+
+    from rmt_fast.models.armt import AssociativeMemory
+
+    for name in ("read", "write"):  # restored after the test
+        monkeypatch.setattr(AssociativeMemory, name, getattr(AssociativeMemory, name))
+    model = make("gpt2", use_l2_norm=True, update_rule="delta", value_norm=value_norm).eval()
+    with torch.no_grad():
+        for a in model.assoc:
+            a.W_mv.weight.normal_(0, 0.3)
+    x = ids(2, 24)
+    with torch.no_grad():
+        plain = model(x).logits
+    mem_out = {}
+    block = model.assoc[1]
+
+    def keep(module, args, kwargs, out):  # the last block's outputs (its memory rows write)
+        mem_out["h"] = out[0] if isinstance(out, tuple) else out
+    handle = model.base.transformer.h[1].register_forward_hook(keep, with_kwargs=True)
+    stats = load_script("armt_state_growth").trace_writes()
+    with torch.no_grad():
+        traced = model(x).logits
+    handle.remove()
+    torch.testing.assert_close(traced, plain, rtol=0, atol=0)
+    s = stats[id(block)]
+    assert set(s) == {"read/h", "mem", "|v|", "beta"}
+    mem = mem_out["h"][:, -model.rmt_config.num_mem_tokens:]  # the last segment's memory rows
+    vin = F.rms_norm(mem, (mem.shape[-1],)) if value_norm else mem
+    assert s["mem"] == pytest.approx(float(mem.pow(2).mean().sqrt()), rel=1e-5)
+    with torch.no_grad():
+        v = block.W_mv(vin)
+    assert s["|v|"] == pytest.approx(float(v.norm(dim=-1).max()), rel=1e-5)
+    assert 0 < s["beta"] < 1 and s["read/h"] > 0
