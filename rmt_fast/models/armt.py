@@ -128,7 +128,8 @@ class ARMTConfig(SavedConfig):
         value_norm: the values are ``W_v rms_norm(mem)`` instead of ``W_v mem`` (``mem``: the
             block's outputs at the memory positions; no weight, not in the reference code).
             The read is added to the block's input, so what a layer reads flows into what it
-            writes next; the normalised values cannot grow with it (``docs/armt.md``, "What
+            writes next; the normalised values cannot grow with its scale. Tried on qa1 with
+            three seeds, it did not make the delta rule hold further (``docs/armt.md``, "What
             tells a seed that holds from one that does not").
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
