@@ -1231,6 +1231,7 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
     (:func:`warm`), so that the timing loop finds its kernels compiled."""
     import torch
 
+    from rmt_fast.bench import kernels as kb
     from rmt_fast.bench.roofline import device_peak, roofline
 
     if not ctx.cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -1256,8 +1257,7 @@ def stage_tuning(ctx: Ctx, rec: Recorder) -> None:
                 with tile_config(kernel, hd, softcap is not None, cand):
                     seconds, results = tuning_run(case, ctx.device)
             except Exception as e:  # e.g. out of shared memory: the row says so
-                rec.row(**where, status=f"error: {type(e).__name__}: "
-                                        f"{str(e).splitlines()[0][:80]}")
+                rec.row(**where, status=kb.error_status(e))
                 continue
             if ref is None:
                 ref = results
@@ -1372,6 +1372,10 @@ def warm_items(ctx: Ctx, which: str) -> list[tuple[dict, Callable[[], object]]]:
 def stage_warm_worker(ctx: Ctx, rec: Recorder, which: str, index: int, count: int) -> None:
     """Its share of :func:`warm_items`, each run once, untimed: what they compile lands in the
     on-disk caches (Triton's, Inductor's) that the timing stage then reads."""
+    import torch
+
+    from rmt_fast.bench import kernels as kb
+
     deadline = time.monotonic() + ctx.budget_s
     for where, once in shard(warm_items(ctx, which), index, count):
         if time.monotonic() > deadline:
@@ -1381,11 +1385,9 @@ def stage_warm_worker(ctx: Ctx, rec: Recorder, which: str, index: int, count: in
             once()
             status = "ok"
         except Exception as e:  # the timing stage meets it again and reports it
-            status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            status = kb.error_status(e)
         rec.row(**where, seconds=round(time.perf_counter() - start, 2), status=status)
         if ctx.cuda:
-            import torch
-
             torch.cuda.empty_cache()
 
 

@@ -134,3 +134,14 @@ def test_compiled_flex_starts_from_clear_dynamo_caches(monkeypatch):
                                                                          kw)) or fn)
     kb.compiled_flex()
     assert calls == ["reset", ("compile", "flex_attention", {"dynamic": False})]
+
+
+def test_error_status_names_the_exception_and_its_first_line():
+    """The status a failed case's row gets (bench and gpu_check alike), also for an exception
+    without a message."""
+    from rmt_fast.bench.kernels import error_status
+
+    assert error_status(RuntimeError("out of shared memory\ndetails")) == \
+        "error: RuntimeError: out of shared memory"
+    assert error_status(ValueError()) == "error: ValueError: "
+    assert error_status(RuntimeError("x" * 200)) == "error: RuntimeError: " + "x" * 80

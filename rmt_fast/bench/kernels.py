@@ -232,6 +232,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return statistics.median(times)
 
 
+def error_status(e: BaseException) -> str:
+    """A table row's status for a case that raised: the exception's type and the first line of
+    its message (at most 80 characters; none for an empty message)."""
+    return f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+
+
 def run_case(system: str, case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
              warmup: int, ref_out: torch.Tensor | None, peak) -> tuple[dict, torch.Tensor | None]:
     """One table row (and the system's output, to compare the next systems against)."""
@@ -266,7 +272,7 @@ def run_case(system: str, case: Case, device: torch.device, dtype: torch.dtype, 
         row.update(status="out of memory")
         return row, None
     except Exception as e:  # a baseline failing must not stop the sweep; the table says why
-        row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        row.update(status=error_status(e))
         return row, None
     rates = roofline(case.shape(dtype), seconds, case.mode, peak)
     row.update(status="ok", seconds=seconds, **rates)
