@@ -11,7 +11,12 @@ from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rmt_fast._extension import assemble_mask, assemble_segment, cross_entropy_sum, extract_memory
-from rmt_fast.integrations.transformers import MemoryLayout, layout_attention_mask, memory_layout
+from rmt_fast.integrations.transformers import (
+    MemoryLayout,
+    generation_rows,
+    layout_attention_mask,
+    memory_layout,
+)
 from rmt_fast.models import used_rows
 from rmt_fast.models.base import RMTBase, check_logits_head, lm_logits, max_positions
 from rmt_fast.models.config import RMTConfig
@@ -435,7 +440,8 @@ def generate_rolling(generate, write, state, ids: torch.Tensor, seg_mask: torch.
     state after the full segment ``ids`` ``[B, size]``. The full segment's last position
     predicts the first token of the next one. Rows that produced EOS get the pad id after it.
     ``num_return_sequences=k`` (sampling) repeats each row's state, ``ids`` and mask ``k`` times
-    first (``repeat_interleave``, as transformers orders them).
+    first (:func:`~rmt_fast.integrations.transformers.generation_rows`, as transformers orders
+    them).
     Returns the new tokens ``[B k, max_new_tokens]`` (fewer when every row ended)."""
     kwargs = dict(kwargs)
     copies = kwargs.pop("num_return_sequences", None) or 1
@@ -443,10 +449,11 @@ def generate_rolling(generate, write, state, ids: torch.Tensor, seg_mask: torch.
         if not kwargs.get("do_sample", generation_config.do_sample):
             raise ValueError(f"generate(roll_segments=True): num_return_sequences={copies} needs "
                              "do_sample=True (greedy decoding gives every copy the same tokens)")
+        rows = ids.shape[0] * copies
         state = pytree.tree_map(
-            lambda t: t.repeat_interleave(copies, 0) if isinstance(t, torch.Tensor) else t, state)
-        ids = ids.repeat_interleave(copies, 0)
-        seg_mask = None if seg_mask is None else seg_mask.repeat_interleave(copies, 0)
+            lambda t: generation_rows(t, rows) if isinstance(t, torch.Tensor) else t, state)
+        ids = generation_rows(ids, rows)
+        seg_mask = None if seg_mask is None else generation_rows(seg_mask, rows)
     left, least = kwargs.pop("max_new_tokens"), kwargs.pop("min_new_tokens", None) or 0
     pad = kwargs.get("pad_token_id", generation_config.pad_token_id)
     eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
