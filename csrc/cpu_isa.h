@@ -1,7 +1,8 @@
 // Run-time choice of the CPU code path for the kernels that are compiled several times (portable
-// C++, AVX-512F, AVX-512 BF16, AMX-BF16 tiles): the extension is built without -march and still
-// runs anywhere. RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16|amx caps the choice (read per call:
-// tests switch it). Kernels without an AMX variant take their AVX-512 BF16 one on "amx".
+// C++, AVX2 + FMA, AVX-512F, AVX-512 BF16, AMX-BF16 tiles): the extension is built without -march
+// and still runs anywhere. RMT_FAST_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps the choice
+// (read per call: tests switch it). Kernels without an AMX variant take their AVX-512 BF16 one on
+// "amx"; kernels without an AVX2 variant take their portable one on "avx2".
 #pragma once
 #include <ATen/ATen.h>
 
@@ -29,9 +30,12 @@
 
 namespace rmt_fast {
 
-enum CpuIsa : int { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAmx = 3 };
-inline constexpr int kCpuIsas = 4;
-inline const char* const kCpuIsaNames[kCpuIsas] = {"generic", "avx512", "avx512_bf16", "amx"};
+// ordered: each path's instructions are a subset of the next one's CPUs (every AVX-512 CPU has
+// AVX2 and FMA), so a cap is a minimum
+enum CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+inline constexpr int kCpuIsas = 5;
+inline const char* const kCpuIsaNames[kCpuIsas] = {"generic", "avx2", "avx512", "avx512_bf16",
+                                                   "amx"};
 
 // whether the CPU has AMX-BF16 tiles (CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; Intel
 // Sapphire Rapids and later)
@@ -84,6 +88,7 @@ inline int detected_cpu_isa() {
       if (!__builtin_cpu_supports("avx512bf16")) return int(kAvx512);
       return std::min(amx_usable() ? int(kAmx) : int(kAvx512Bf16), kCompiledIsa);
     }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int(kAvx2);
 #endif
     return int(kGeneric);
   }();
@@ -103,7 +108,8 @@ inline int active_cpu_isa() {
   if (env == nullptr) return isa;
   for (int i = 0; i < kCpuIsas; ++i)
     if (std::strcmp(env, kCpuIsaNames[i]) == 0) return std::min(i, isa);
-  TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx512, avx512_bf16, amx, got '",
+  TORCH_CHECK(false, "RMT_FAST_CPU_ISA must be one of generic, avx2, avx512, avx512_bf16, amx, "
+              "got '",
               env, "'");
 }
 

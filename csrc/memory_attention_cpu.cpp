@@ -2,8 +2,8 @@
 // (out + float32 log-sum-exp) and backward (dq, dk, dv and the past keys' dk, dv), every mask of
 // rmt_fast/masks.py, grouped-query attention, past keys/values in their own buffers, key
 // padding, inputs of any strides. The kernels are in memory_attention_cpu_impl.h, compiled here
-// four times (portable C++, AVX-512F, AVX-512 BF16, AMX-BF16) and picked at run time from the
-// CPU's features, so the extension is built without -march and still runs anywhere. A forward
+// five times (portable C++, AVX2 + FMA, AVX-512F, AVX-512 BF16, AMX-BF16) and picked at run time
+// from the CPU's features, so the extension is built without -march and still runs anywhere. A forward
 // pass with few query rows (decoding) reads keys in place (forward_rows_t, rows_max).
 //
 // Ops (autograd and fake kernels are registered from rmt_fast/ops/memory_attention/cpu_kernel.py):
@@ -18,9 +18,10 @@
 //       grad_lse?, ..., need_past_grad, window=0, softcap=0.0) -> [dq, dk, dv] (+ [dpast_k,
 //       dpast_v] when need_past_grad); grad_lse [B,Hq,L] float32 is the gradient reaching the
 //       lse output
-//   memory_attention_cpu_isa(dtype=None) -> str: "amx", "avx512_bf16", "avx512" or "generic",
+//   memory_attention_cpu_isa(dtype=None) -> str: "amx", "avx512_bf16", "avx512", "avx2" or
+//       "generic",
 //       the code path that calls with inputs of that dtype (None: float32) take now
-//       (RMT_FAST_CPU_ISA=generic|avx512|avx512_bf16|amx caps it, for tests; attention_isa)
+//       (RMT_FAST_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps it, for tests; attention_isa)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -48,6 +49,20 @@ namespace generic {
 }  // namespace generic
 
 #ifdef RMT_CPU_X86
+// The portable code compiled for AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, Intel before
+// Skylake-SP and its client cores): the products on ukernel's 8-lane microkernel
+// (RMT_MA_AVX2), the element loops vectorised by the compiler (`omp simd`)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define RMT_MA_ISA 0
+#define RMT_MA_AVX2 1
+#include "memory_attention_cpu_impl.h"
+#undef RMT_MA_AVX2
+#undef RMT_MA_ISA
+}  // namespace avx2
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")
 namespace avx512 {
@@ -126,6 +141,7 @@ Kernels kernels_for(int isa) {
   if (isa >= kAvx512Bf16) return RMT_MA_KERNELS(avx512bf16);
 #endif
   if (isa == kAvx512) return RMT_MA_KERNELS(avx512);
+  if (isa == kAvx2) return RMT_MA_KERNELS(avx2);
 #endif
   (void)isa;
   return RMT_MA_KERNELS(generic);

@@ -1,8 +1,9 @@
 // Memory-attention CPU kernels for one instruction set. memory_attention_cpu.cpp includes this
 // file several times, each time inside its own namespace, under its own `#pragma GCC target`
-// and with RMT_MA_ISA set: 0 portable C++, 1 AVX-512F (float32 FMA microkernels), 2 AVX-512 with
-// BF16 dot products (_mm512_dpbf16_ps), 3 as 2 with the bf16 products of whole 16-row tiles on
-// AMX-BF16 (_tile_dpbf16ps). No #include here: every header comes in before (the
+// and with RMT_MA_ISA set: 0 portable C++ (with RMT_MA_AVX2 defined: compiled for AVX2 + FMA, the
+// float32 products on an 8-lane microkernel), 1 AVX-512F (float32 FMA microkernels), 2 AVX-512
+// with BF16 dot products (_mm512_dpbf16_ps), 3 as 2 with the bf16 products of whole 16-row tiles
+// on AMX-BF16 (_tile_dpbf16ps). No #include here: every header comes in before (the
 // 16-lane element math, exp512 and the bf16 loads, from avx512_math.h).
 //
 // Scheme (FlashAttention-2 style, transposed): a task owns kBR query rows of one (batch, head).
@@ -38,10 +39,11 @@ inline PT to_packed(TIn x) {
   }
 }
 
-// exp(x), exactly 0 for x < -87 (so -inf scores give 0, not the clamp's 1e-38)
+// exp(x), exactly 0 for x < -87 (so -inf scores give 0, not the clamp's 1e-38), NaN stays NaN.
+// A product, not a select: GCC 12 does not vectorise a loop over `x < -87 ? 0 : y` ("control
+// flow in loop"); y is finite there (exp_approx clamps x), so y * 0 is 0.
 inline float exp_or_zero(float x) {
-  const float y = exp_approx(x);
-  return x < -87.0f ? 0.0f : y;
+  return exp_approx(x) * static_cast<float>(!(x < -87.0f));
 }
 
 // dst[2m] = bf16(r0[m]), dst[2m + 1] = bf16(r1[m]), m < n (n a multiple of 16)
@@ -117,6 +119,31 @@ void ukernel(int64_t ksteps, const PT* __restrict A, int64_t lda, const PT* __re
     }
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < NV; ++j) _mm512_storeu_ps(C + m * ldc + 16 * j, c[m][j]);
+    return;
+  }
+#endif
+#ifdef RMT_MA_AVX2
+  if constexpr (sizeof(PT) == 4) {
+    // AVX2 + FMA (8 lanes, 16 ymm registers): one 16-column slice at a time, MR x 2
+    // accumulators (12 at MR 6), 2 B vectors and one broadcast
+    for (int j = 0; j < NV; ++j) {
+      __m256 c[MR][2];
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < 2; ++h)
+          c[m][h] = accumulate ? _mm256_loadu_ps(C + m * ldc + 16 * j + 8 * h)
+                               : _mm256_setzero_ps();
+      for (int64_t ks = 0; ks < ksteps; ++ks) {
+        const PT* b = B + ks * ldb + 16 * j;
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        for (int m = 0; m < MR; ++m) {
+          const __m256 a = _mm256_broadcast_ss(A + m * lda + ks);
+          c[m][0] = _mm256_fmadd_ps(a, b0, c[m][0]);
+          c[m][1] = _mm256_fmadd_ps(a, b1, c[m][1]);
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(C + m * ldc + 16 * j + 8 * h, c[m][h]);
+    }
     return;
   }
 #endif
@@ -602,26 +629,33 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
   if (tmax != nullptr)
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(tmax + 16 * c, mx[c]);
 #else
-  if (tmax != nullptr) std::fill(tmax, tmax + kBR, ninf);
+  alignas(64) float mx[kBR];
+  std::fill(mx, mx + kBR, ninf);
   for (int64_t n = 0; n < kt; ++n) {
     float* row = s + n * kBR;
     const int32_t j = static_cast<int32_t>(jstart + n);
     const bool kept = !pad_rows || key_kept(pl, b, j);
-    for (int64_t m = 0; m < kBR; ++m) {
-      const bool vis =
-          kept && (!mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]));
-      float x;
-      if constexpr (kCap) {
+    if constexpr (kCap) {
+      for (int64_t m = 0; m < kBR; ++m) {
+        const bool vis =
+            kept && (!mixed || (j >= lo0[m] && j < hi0[m]) || (j >= lo1[m] && j < hi1[m]));
         const float t = std::tanh(row[m] * tscale);
-        x = cap * t;
         if (dcap != nullptr) dcap[n * kBR + m] = vis ? 1.0f - t * t : 0.0f;
-      } else {
-        x = row[m] * scale;
+        row[m] = vis ? cap * t : ninf;
+        mx[m] = std::max(mx[m], row[m]);
       }
-      row[m] = vis ? x : ninf;
-      if (tmax != nullptr) tmax[m] = std::max(tmax[m], row[m]);
+    } else {
+      // branch-free, so that it vectorises (the AVX2 build)
+#pragma omp simd
+      for (int64_t m = 0; m < kBR; ++m) {
+        const bool vis =
+            kept & (!mixed | ((j >= lo0[m]) & (j < hi0[m])) | ((j >= lo1[m]) & (j < hi1[m])));
+        row[m] = vis ? row[m] * scale : ninf;
+        mx[m] = std::max(mx[m], row[m]);
+      }
     }
   }
+  if (tmax != nullptr) std::copy(mx, mx + kBR, tmax);
 #endif
 }
 
@@ -647,10 +681,12 @@ inline void exp_row(float* row, const float* sub, float* sum) {
     if (sum != nullptr) _mm512_storeu_ps(sum + m, _mm512_add_ps(_mm512_loadu_ps(sum + m), p));
   }
 #else
-  for (int64_t m = 0; m < kBR; ++m) {
-    row[m] = exp_or_zero(row[m] - sub[m]);
-    if (sum != nullptr) sum[m] += row[m];
-  }
+  // two loops, each `omp simd`: one loop with the sum test in it stayed scalar (the AVX2 build)
+#pragma omp simd
+  for (int64_t m = 0; m < kBR; ++m) row[m] = exp_or_zero(row[m] - sub[m]);
+  if (sum != nullptr)
+#pragma omp simd
+    for (int64_t m = 0; m < kBR; ++m) sum[m] += row[m];
 #endif
 }
 
@@ -660,6 +696,7 @@ inline void mul_rows(float* x, const float* y, int64_t n) {
   for (int64_t m = 0; m < n; m += 16)
     _mm512_storeu_ps(x + m, _mm512_mul_ps(_mm512_loadu_ps(x + m), _mm512_loadu_ps(y + m)));
 #else
+#pragma omp simd
   for (int64_t m = 0; m < n; ++m) x[m] *= y[m];
 #endif
 }
@@ -670,6 +707,7 @@ inline void max_rows(float* x, const float* y, int64_t n) {
   for (int64_t m = 0; m < n; m += 16)
     _mm512_storeu_ps(x + m, _mm512_max_ps(_mm512_loadu_ps(x + m), _mm512_loadu_ps(y + m)));
 #else
+#pragma omp simd
   for (int64_t m = 0; m < n; ++m) x[m] = std::max(x[m], y[m]);
 #endif
 }
@@ -694,6 +732,7 @@ inline float row_dot(const PT* a, const PT* b, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 #else
   float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < n; ++d) acc += to_float(a[d]) * to_float(b[d]);
   return acc;
 #endif
@@ -710,7 +749,13 @@ inline void ds_row(const float* p, float* ds, const float* delta, const float* g
     _mm512_storeu_ps(ds + m, x);
   }
 #else
-  for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]) * (g ? g[m] : 1.0f);
+  if (g != nullptr) {
+#pragma omp simd
+    for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]) * g[m];
+  } else {
+#pragma omp simd
+    for (int64_t m = 0; m < kBR; ++m) ds[m] = p[m] * (ds[m] - delta[m]);
+  }
 #endif
 }
 
@@ -745,17 +790,18 @@ inline bool update_max(float* mrow, const float* tmax, float* alpha, float* muse
   return moved != 0;
 #else
   const float ninf = -std::numeric_limits<float>::infinity();
-  bool moved = false;
+  int moved = 0;
+#pragma omp simd reduction(| : moved)
   for (int64_t m = 0; m < kBR; ++m) {
     const float mn = std::max(mrow[m], tmax[m]);
-    moved = moved || mn != mrow[m];
+    moved |= mn != mrow[m];
     const float mu = mn == ninf ? 0.0f : mn;  // a row that has seen nothing yet
     alpha[m] = exp_or_zero(mrow[m] - mu);
     mrow[m] = mn;
     muse[m] = mu;
     psum[m] = 0.0f;
   }
-  return moved;
+  return moved != 0;
 #endif
 }
 
@@ -1107,8 +1153,11 @@ inline void dot16(const float* a, const RT* const* x, int64_t n, int64_t D, floa
 #else
   for (int64_t j = 0; j < 16; ++j) {
     float acc = 0.0f;
-    if (j < n)
-      for (int64_t d = 0; d < D; ++d) acc += a[d] * to_float(x[j][d]);
+    if (j < n) {
+      const RT* xj = x[j];
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += a[d] * to_float(xj[d]);
+    }
     s[j] = acc;
   }
 #endif
@@ -1129,10 +1178,15 @@ inline void pv16(const float* p, const RT* const* x, int64_t n, float* a, float 
     _mm512_mask_storeu_ps(a + d, m, acc);
   }
 #else
-  for (int64_t d = 0; d < D; ++d) {
-    float acc = first ? 0.0f : alpha * a[d];
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * to_float(x[j][d]);
-    a[d] = acc;
+  if (first) std::fill(a, a + D, 0.0f);
+  const float keep = first ? 0.0f : alpha;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) a[d] *= keep;
+  for (int64_t j = 0; j < n; ++j) {
+    const RT* xj = x[j];
+    const float pj = p[j];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) a[d] += pj * to_float(xj[d]);
   }
 #endif
 }
@@ -1159,8 +1213,9 @@ inline float mask_max16(float* s, uint32_t seen) {
   return _mm512_reduce_max_ps(v);
 #else
   float mx = ninf;
+#pragma omp simd reduction(max : mx)
   for (int j = 0; j < 16; ++j) {
-    if (!((seen >> j) & 1u)) s[j] = ninf;
+    s[j] = (seen >> j) & 1u ? s[j] : ninf;
     mx = std::max(mx, s[j]);
   }
   return mx;
@@ -1175,7 +1230,11 @@ inline float exp_chunk16(float* s, float sub) {
   return _mm512_reduce_add_ps(p);
 #else
   float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += (s[j] = exp_or_zero(s[j] - sub));
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < 16; ++j) {
+    s[j] = exp_or_zero(s[j] - sub);
+    sum += s[j];
+  }
   return sum;
 #endif
 }

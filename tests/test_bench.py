@@ -207,6 +207,19 @@ def test_ceilings_measured_in_process():
     assert best["gflops"]["float32"] == 1e9 and best["copy_gbps"] == out["copy"]["gbps"]
 
 
+def test_ceiling_size_fits_the_dtypes_rate():
+    """A dtype whose products are slow gets a smaller matrix (ATen's emulated bf16 ran at
+    0.3 GFLOP/s on an AVX2 EPYC); a fast one keeps the default; an explicit size is kept."""
+    assert ceilings.fit_size(2048, probe_gflops=50.0) == 2048  # 0.34 s a product
+    assert ceilings.fit_size(2048, probe_gflops=0.3) == 512  # 1024: 7.2 s, 512: 0.9 s
+    assert ceilings.fit_size(2048, probe_gflops=1e-6) == ceilings.PROBE_SIZE
+    assert ceilings.fit_size(100, probe_gflops=1e-6) == 100  # never below the probe, never up
+    out = ceilings.measure(("float32",), "cpu", threads=1, copy_mib=1, repeats=1,
+                           max_seconds=1e-9)
+    assert out["matmul"]["float32"]["size"] == ceilings.PROBE_SIZE
+    assert out["matmul"]["float32"]["gflops"] > 0
+
+
 def test_rounds_pool_runs_ratios_and_table(tmp_path):
     def point(system, dtype, times):
         r = {"system": system, "mode": "infer", "dtype": dtype, "length": 100, "batch": 2}

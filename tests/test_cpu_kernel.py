@@ -4,8 +4,8 @@ Tolerance as in test_kernels.py (FlashAttention's convention): the kernel's max 
 float64 reference is within 2x (3x for gradients) of the error of the same-dtype PyTorch
 reference, plus a small floor relative to the reference's largest value (float32: 1e-6, about 8
 ulp; the recomputed probabilities of the backward pass go through the stored float32 LSE). Every
-code path (AMX-BF16, AVX-512 BF16, AVX-512F, portable C++) that this CPU has runs by capping it
-with RMT_FAST_CPU_ISA.
+code path (AMX-BF16, AVX-512 BF16, AVX-512F, AVX2, portable C++) that this CPU has runs by
+capping it with RMT_FAST_CPU_ISA.
 """
 
 import pytest
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.HAS_CPU_KERNEL,
                                 reason="rmt_fast._C built without memory_attention_cpu")
 
 MODES = ["causal", "rmt", "full", "bottleneck"]
-ISAS = ["generic", "avx512", "avx512_bf16", "amx"]
+ISAS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 OP = torch.ops.rmt_fast.memory_attention_cpu if cpu_kernel.HAS_CPU_KERNEL else None
 
@@ -523,6 +523,19 @@ def test_auto_path_rule(monkeypatch):
         assert cpu_kernel.auto_path(q16, needs_grad=False, mask_elements=big + 1) == kernel
         fp32 = "cpu" if cpu_kernel.preferred(q32) else "torch"
         assert cpu_kernel.auto_path(q32, needs_grad=False) == fp32
+
+
+@pytest.mark.parametrize("path,kernel", [("amx", False), ("avx512_bf16", True),
+                                         ("avx512", True), ("avx2", True), ("generic", False),
+                                         (None, False)])
+def test_auto_takes_the_kernel_on_its_vector_paths(monkeypatch, path, kernel):
+    """backend="auto" on CPU: the kernel where its float32 path is AVX-512 or AVX2 (measured
+    faster than cpu_flash, bench/README.md), cpu_flash on the portable path (0.3-0.5x)."""
+    monkeypatch.setattr(cpu_kernel, "_auto_isa", lambda dtype=torch.float32: path)
+    q = torch.randn(1, 2, 8, 16)
+    assert cpu_kernel.preferred(q) == kernel
+    assert cpu_kernel.auto_path(q, needs_grad=True) == ("cpu" if kernel else "torch")
+    assert not cpu_kernel.preferred(q.double())
 
 
 @pytest.mark.parametrize("aten,path,sdpa", [(False, "amx", False), (False, "avx512", False),

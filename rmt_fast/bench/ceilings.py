@@ -8,7 +8,10 @@
 * memory copy: ``dst.copy_(src)`` of a large buffer, bytes read plus bytes written.
 
 Each is timed ``repeats`` times after a warm-up; the ceiling is the best run (the least
-disturbed one on a shared machine), the median is kept too. On CUDA the clock is read after
+disturbed one on a shared machine), the median is kept too. Without a given size, a dtype whose
+products are slow here gets a smaller matrix (:func:`fit_size`): on an AMD EPYC without AVX-512
+ATen's bf16 product ran at 0.3-1 GFLOP/s (2026-12-07), where the default size took 55 s a run
+and the bench's ceiling process hit its 300 s timeout, losing the float32 ceiling with it. On CUDA the clock is read after
 ``torch.cuda.synchronize()`` around ``inner`` back-to-back calls.
 
 ``python -m rmt_fast.bench.ceilings [--threads 1] [--dtypes float32 bfloat16]`` prints one
@@ -30,6 +33,9 @@ from rmt_fast.integrations import packed_linear
 #: defaults per device type: matrix size, copy MiB, calls per timed run
 DEFAULTS = {"cpu": dict(size=2048, copy_mib=256, inner=1),
             "cuda": dict(size=8192, copy_mib=2048, inner=10)}
+#: fit_size: the probe's matrix size and the longest product it lets through (seconds)
+PROBE_SIZE = 128
+MAX_PRODUCT_S = 2.0
 
 
 def _sync(device: torch.device) -> None:
@@ -72,6 +78,27 @@ def matmul_rate(dtype: torch.dtype, size: int, device: torch.device, repeats: in
             "times_s": times}
 
 
+def fit_size(size: int, probe_gflops: float, max_seconds: float = MAX_PRODUCT_S,
+             min_size: int = PROBE_SIZE) -> int:
+    """The largest of ``size``, ``size // 2``, ... (not below ``min_size``) whose product takes
+    at most ``max_seconds`` at ``probe_gflops`` (the rate of a small product, a rough guess of a
+    large one's: on the AVX2 EPYC the bf16 probe said 1024^3 would take under 2 s, it took
+    2.2 s)."""
+    n = size
+    while n // 2 >= min_size and 2.0 * n ** 3 / (probe_gflops * 1e9) > max_seconds:
+        n //= 2
+    return n
+
+
+def probe_gflops(dtype: torch.dtype, device: torch.device, size: int = PROBE_SIZE) -> float:
+    """GFLOP/s of one ``[size, size]`` product after a warm-up (a rough rate for
+    :func:`fit_size`)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    t = min(_time(lambda: torch.matmul(a, a), device, repeats=2, inner=1))
+    return 2.0 * size ** 3 / max(t, 1e-9) / 1e9
+
+
 def copy_rate(mib: int, device: torch.device, repeats: int = 5, inner: int = 1) -> dict:
     """GB/s (1e9 bytes, read + written) of copying a ``mib`` MiB float32 buffer."""
     n = mib * 2 ** 20 // 4
@@ -85,21 +112,24 @@ def copy_rate(mib: int, device: torch.device, repeats: int = 5, inner: int = 1) 
 
 def measure(dtypes=("float32", "bfloat16"), device: str | torch.device = "cpu",
             threads: int | None = None, size: int | None = None, copy_mib: int | None = None,
-            repeats: int = 5) -> dict:
+            repeats: int = 5, max_seconds: float = MAX_PRODUCT_S) -> dict:
     """Matrix-product GFLOP/s per dtype and copy GB/s on ``device``.
 
     ``threads`` sets ``torch.set_num_threads`` first (CPU; use the benchmark's own count).
+    ``size``: the matrix size for every dtype; None: the device's default, cut per dtype to
+    products of at most ``max_seconds`` (:func:`fit_size`; each row says its size).
     Returns ``{"device", "threads", "matmul": {dtype name: {...}}, "copy": {...}}``.
     """
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     d = DEFAULTS.get(device.type, DEFAULTS["cpu"])
-    size, copy_mib, inner = size or d["size"], copy_mib or d["copy_mib"], d["inner"]
+    copy_mib, inner = copy_mib or d["copy_mib"], d["inner"]
     out = {"device": str(device), "threads": torch.get_num_threads(), "matmul": {}}
     for name in dtypes:
         dtype = resolve_dtype(name, device)
-        out["matmul"][dtype_name(dtype)] = matmul_rate(dtype, size, device, repeats, inner)
+        n = size or fit_size(d["size"], probe_gflops(dtype, device), max_seconds)
+        out["matmul"][dtype_name(dtype)] = matmul_rate(dtype, n, device, repeats, inner)
     out["copy"] = copy_rate(copy_mib, device, repeats, inner)
     return out
 
@@ -110,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--size", type=int, default=None, help="matrix size n (CPU 2048, CUDA 8192)")
+    p.add_argument("--size", type=int, default=None,
+                   help="matrix size n (default CPU 2048, CUDA 8192, smaller for a dtype whose "
+                        f"product would take over {MAX_PRODUCT_S:g} s)")
     p.add_argument("--copy-mib", type=int, default=None, help="copied MiB (CPU 256, CUDA 2048)")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)

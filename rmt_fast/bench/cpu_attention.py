@@ -4,10 +4,11 @@
 
 * ``kernel``: ``memory_attention(..., backend="cpu")``, the fused C++ kernel (ours), on the
   path it picks for the dtype (:func:`rmt_fast.ops.memory_attention.cpu_kernel.isa`);
-  ``kernel[amx]`` / ``kernel[avx512_bf16]`` / ``kernel[avx512]`` / ``kernel[generic]`` (with
-  ``--isa-variants``): the same kernel on its AMX-BF16 tile path (bfloat16 only; float32 takes
-  the next), its AVX-512 BF16 dot-product path, its AVX-512F float32 path or its portable C++
-  path (``RMT_FAST_CPU_ISA``, capped by the CPU), i.e. what other CPUs run;
+  ``kernel[amx]`` / ``kernel[avx512_bf16]`` / ``kernel[avx512]`` / ``kernel[avx2]`` /
+  ``kernel[generic]`` (with ``--isa-variants``): the same kernel on its AMX-BF16 tile path
+  (bfloat16 only; float32 takes the next), its AVX-512 BF16 dot-product path, its AVX-512F
+  float32 path, its AVX2 + FMA path or its portable C++ path (``RMT_FAST_CPU_ISA``, capped by the
+  CPU), i.e. what other CPUs run;
 * ``cpu_flash``: ``memory_attention(..., backend="torch")``, ATen's CPU flash attention per mask
   block, merged by log-sum-exp (what ``backend="auto"`` ran on CPU before the kernel);
 * ``kernel[rows]`` / ``kernel[tiles]`` (with ``--rows-variants``; alone on ``ROWS_CASES`` with
@@ -45,7 +46,8 @@ from rmt_fast.masks import AttentionLayout, layout_visibility
 from rmt_fast.ops.memory_attention import cpu_kernel
 
 SYSTEMS = ("kernel", "cpu_flash", "sdpa")
-ISA_VARIANTS = ("kernel[amx]", "kernel[avx512_bf16]", "kernel[avx512]", "kernel[generic]")
+ISA_VARIANTS = ("kernel[amx]", "kernel[avx512_bf16]", "kernel[avx512]", "kernel[avx2]",
+                "kernel[generic]")
 COLUMNS = ("case", "dtype", "mode", "system", "ms", "cpu_ms", "GFLOP/s", "x cpu_flash", "x sdpa",
            "max_diff")
 

@@ -345,7 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="default")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ceiling-size", type=int, default=None,
-                   help="matrix size of the ceiling measurement (default 2048)")
+                   help="matrix size of the ceiling measurement (default 2048, smaller "
+                        "for a dtype whose product would take over 2 s: bench.ceilings.fit_size)")
     p.add_argument("--ceiling-copy-mib", type=int, default=None, help="default 256")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)

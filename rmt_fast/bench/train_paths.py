@@ -22,7 +22,7 @@ from rmt_fast import _extension
 from rmt_fast.bench.systems import CONFIGS, build
 from rmt_fast.ops.memory_attention import cpu_kernel
 
-PATHS = ("amx", "avx512_bf16", "avx512", "generic")
+PATHS = ("amx", "avx512_bf16", "avx512", "avx2", "generic")
 #: the bf16 step on the picked path with ATen's gelu_backward instead of the extension's
 ATEN_GELU_ARM = "bf16 picked, ATen gelu_backward"
 

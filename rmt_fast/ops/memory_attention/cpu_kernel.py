@@ -33,8 +33,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 def isa(dtype: torch.dtype = torch.float32) -> str | None:
     """The kernel's code path on this CPU for inputs of ``dtype``: ``"amx"`` (bfloat16 products
     on AMX-BF16 tiles; bfloat16 inputs only), ``"avx512_bf16"`` (AVX-512 BF16 dot products),
-    ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32), ``"generic"`` (portable C++),
-    or None without the op. ``RMT_FAST_CPU_ISA`` caps it (read at every call). float32 inputs
+    ``"avx512"`` (float32 FMAs; bf16 inputs computed in float32), ``"avx2"`` (AVX2 + FMA, 8
+    lanes; bf16 inputs computed in float32), ``"generic"`` (portable C++), or None without the
+    op. ``RMT_FAST_CPU_ISA`` caps it (read at every call). float32 inputs
     never take ``"amx"``; bfloat16 inputs on a CPU with AMX-BF16 that the process may not use
     take ``"avx512"``, measured faster there than the dot products (``bench/README.md``, "On an
     AMX CPU")."""
@@ -95,7 +96,7 @@ def supports_layout(q: torch.Tensor, layout: AttentionLayout) -> bool:
 
 
 #: code paths that ``backend="auto"`` uses (see :func:`preferred`)
-AUTO_ISAS = ("avx512_bf16", "avx512")
+AUTO_ISAS = ("avx512_bf16", "avx512", "avx2")
 
 
 @functools.cache
@@ -107,8 +108,9 @@ def _auto_isa(dtype: torch.dtype = torch.float32) -> str | None:
 
 def preferred(q: torch.Tensor, past_k: torch.Tensor | None = None) -> bool:
     """Whether ``backend="auto"`` runs this kernel for ``q`` (and ``past_k``) rather than the
-    ``cpu_flash`` path: the rule measured in ``bench/README.md`` ("Fused CPU kernel"): float32
-    and bfloat16 CPU tensors on CPUs that run the AVX-512 paths; no shape condition."""
+    ``cpu_flash`` path: the rule measured in ``bench/README.md`` ("Fused CPU kernel", "On an
+    AVX2 CPU"): float32 and bfloat16 CPU tensors on CPUs that run the AVX-512 or the AVX2 paths
+    (the portable one was 0.3-0.5x ``cpu_flash``); no shape condition."""
     return supported(q) and _auto_isa() in AUTO_ISAS
 
 
