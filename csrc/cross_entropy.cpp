@@ -6,8 +6,9 @@
 // logits, log_softmax, nll_loss, and in the backward a zero-filled float32 gradient, a scatter,
 // log_softmax's backward and a cast back: about a tenth of the step on an AMX Xeon
 // (2026-12-06; 1.9 ns an element for log_softmax alone). Written by hand: ATen offers no fused
-// CPU cross-entropy. Three code paths picked at run time like the other CPU kernels
-// (cpu_isa.h): AVX-512 BF16, AVX-512F, and portable loops. Registered with its autograd formula
+// CPU cross-entropy. Four code paths picked at run time like the other CPU kernels
+// (cpu_isa.h): AVX-512 BF16, AVX-512F, and portable loops built for AVX2 + FMA and for any CPU
+// (portable_namespaces.h). Registered with its autograd formula
 // from Python (rmt_fast/_extension.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,23 +24,7 @@
 
 namespace rmt_fast {
 
-namespace {
-
-template <typename T>
-float row_lse(const T* x, int64_t n) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, to_float(x[i]));
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += exp_approx(to_float(x[i]) - mx);
-  return mx + std::log(s);
-}
-
-template <typename T>
-void row_softmax_grad(const T* x, float lse, float g, T* dx, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dx[i] = from_float<T>(exp_approx(to_float(x[i]) - lse) * g);
-}
-
-}  // namespace
+#include "portable_namespaces.h"  // generic::, avx2:: row_lse, row_softmax_grad
 
 #ifdef RMT_CPU_X86
 #include "avx512_namespaces.h"  // avx512::, avx512bf16:: row_lse512, row_softmax_grad512
@@ -60,9 +45,10 @@ CeRows<T> ce_rows_for(int isa) {
   if (isa >= kAvx512Bf16) return {&avx512bf16::row_lse512<T>, &avx512bf16::row_softmax_grad512<T>};
 #endif
   if (isa == kAvx512) return {&avx512::row_lse512<T>, &avx512::row_softmax_grad512<T>};
+  if (isa == kAvx2) return {&avx2::row_lse<T>, &avx2::row_softmax_grad<T>};
 #endif
   (void)isa;
-  return {&row_lse<T>, &row_softmax_grad<T>};
+  return {&generic::row_lse<T>, &generic::row_softmax_grad<T>};
 }
 
 // logits [N, V] float32/bf16 with V >= 1, targets [N] int64 each in [0, V) or ignore_index

@@ -14,6 +14,7 @@ operators and the ``torch.classes.rmt_fast.MemoryStore`` class. This module:
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -172,19 +173,45 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+#: per dtype, the extension's CPU code paths (csrc/cpu_isa.h) on which its LayerNorm kernel beat
+#: ATen's (bench/README.md): float32 only on the AVX-512 ones (0.80-0.84x ATen on an AVX2 EPYC,
+#: 2026-12-07; 0.96-1.24x on an AMX Xeon), bfloat16 from AVX2 on (1.06-1.21x on the AVX2 EPYC,
+#: 1.5-1.8x on the AMX Xeon); the portable build was 0.5-0.7x in both
+LAYER_NORM_ISAS = {torch.float32: ("avx512", "avx512_bf16", "amx"),
+                   torch.bfloat16: ("avx2", "avx512", "avx512_bf16", "amx")}
+
+
+@functools.cache
+def cpu_isa() -> str | None:
+    """The extension's CPU code path on this machine (``"generic"``, ``"avx2"``, ``"avx512"``,
+    ``"avx512_bf16"``; csrc/cpu_isa.h, capped by ``RMT_FAST_CPU_ISA``), read once: None without
+    the extension's attention op, which reports it."""
+    op = getattr(torch.ops.rmt_fast, "memory_attention_cpu_isa", None) if HAS_EXTENSION else None
+    try:
+        return op(torch.float32) if op is not None else None
+    except RuntimeError:  # an extension built before the op took a dtype
+        return op()
+
+
+def layer_norm_uses_kernel(dtype: torch.dtype) -> bool:
+    """Whether :func:`layer_norm` sends CPU tensors of ``dtype`` to the extension's kernel
+    (:data:`LAYER_NORM_ISAS`) rather than ``F.layer_norm``."""
+    return HAS_LAYER_NORM and cpu_isa() in LAYER_NORM_ISAS.get(dtype, ())
+
+
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """``F.layer_norm(x, normalized_shape, weight, bias, eps)``: x ``[*, *normalized_shape]``,
     weight and bias ``normalized_shape`` or None.
 
     float32 and bfloat16 CPU tensors (weight and bias in x's dtype or float32, one dtype) go
-    through the extension's kernel (float32 arithmetic, bf16 rounded once; on an AMX Xeon 1.5-1.8x
-    ATen's bf16 kernel and 0.96-1.24x its float32 one at our shapes, bench/README.md); its gradient is
+    through the extension's kernel where it beat ATen's on this CPU's code path
+    (:func:`layer_norm_uses_kernel`; float32 arithmetic, bf16 rounded once); its gradient is
     ATen's ``native_layer_norm_backward`` on the saved statistics, so second derivatives work.
-    Other dtypes/devices, or no extension: ``F.layer_norm``.
+    Other dtypes/devices/CPUs, or no extension: ``F.layer_norm``.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if (HAS_LAYER_NORM and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if (x.device.type == "cpu" and layer_norm_uses_kernel(x.dtype)
             and all(p is None or (p.device.type == "cpu" and p.dtype in (x.dtype, torch.float32))
                     for p in (weight, bias))
             and (weight is None or bias is None or weight.dtype == bias.dtype)):

@@ -1,5 +1,7 @@
 """dtype="auto": decided from the CPU flags / GPU capability at run time (mocked here)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -44,10 +46,19 @@ def test_auto_follows_the_mocked_cpu(monkeypatch):
     monkeypatch.setattr(dtypes, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2", "avx512f"}))
     assert dtypes.resolve_dtype("auto", "cpu") is torch.float32
     assert dtypes.describe("cpu")["auto"] == "float32"
-    # explicit names never look at the hardware
-    assert dtypes.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
-    assert dtypes.resolve_dtype("BF16") is torch.bfloat16
-    assert dtypes.resolve_dtype("torch.float32") is torch.float32
+    # explicit names give what they name; bf16 on a CPU without it warns that it is emulated
+    with pytest.warns(RuntimeWarning, match="no native bf16 dot products"):
+        assert dtypes.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+    with pytest.warns(RuntimeWarning, match="'BF16'"):
+        assert dtypes.resolve_dtype("BF16") is torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dtypes.resolve_dtype("torch.float32") is torch.float32
+        assert dtypes.resolve_dtype("bfloat16", "cuda:0") is torch.bfloat16  # not a CPU
+        assert dtypes.resolve_dtype(torch.bfloat16) is torch.bfloat16  # a dtype passes through
+        monkeypatch.setattr(dtypes, "cpu_flags",
+                            lambda path="/proc/cpuinfo": frozenset({"avx512_bf16"}))
+        assert dtypes.resolve_dtype("bfloat16", "cpu") is torch.bfloat16  # native: no warning
 
 
 def test_unreadable_cpuinfo_falls_back_to_torch_probes(monkeypatch, tmp_path):

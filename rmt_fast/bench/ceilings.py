@@ -11,8 +11,8 @@ Each is timed ``repeats`` times after a warm-up; the ceiling is the best run (th
 disturbed one on a shared machine), the median is kept too. Without a given size, a dtype whose
 products are slow here gets a smaller matrix (:func:`fit_size`): on an AMD EPYC without AVX-512
 ATen's bf16 product ran at 0.3-1 GFLOP/s (2026-12-07), where the default size took 55 s a run
-and the bench's ceiling process hit its 300 s timeout, losing the float32 ceiling with it. On CUDA the clock is read after
-``torch.cuda.synchronize()`` around ``inner`` back-to-back calls.
+and the bench's ceiling process hit its 300 s timeout, losing the float32 ceiling with it. On
+CUDA the clock is read after ``torch.cuda.synchronize()`` around ``inner`` back-to-back calls.
 
 ``python -m rmt_fast.bench.ceilings [--threads 1] [--dtypes float32 bfloat16]`` prints one
 JSON object.
@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -127,7 +128,9 @@ def measure(dtypes=("float32", "bfloat16"), device: str | torch.device = "cpu",
     copy_mib, inner = copy_mib or d["copy_mib"], d["inner"]
     out = {"device": str(device), "threads": torch.get_num_threads(), "matmul": {}}
     for name in dtypes:
-        dtype = resolve_dtype(name, device)
+        with warnings.catch_warnings():  # the emulated-bf16 warning: measuring it is the point
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dtype = resolve_dtype(name, device)
         n = size or fit_size(d["size"], probe_gflops(dtype, device), max_seconds)
         out["matmul"][dtype_name(dtype)] = matmul_rate(dtype, n, device, repeats, inner)
     out["copy"] = copy_rate(copy_mib, device, repeats, inner)
