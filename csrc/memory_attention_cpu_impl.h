@@ -646,10 +646,11 @@ inline void scale_mask_tile_t(const Plan& pl, float* s, int64_t kt, int64_t jsta
       }
     } else {
       // branch-free, so that it vectorises (the AVX2 build)
+      const bool whole = !mixed;
 #pragma omp simd
       for (int64_t m = 0; m < kBR; ++m) {
         const bool vis =
-            kept & (!mixed | ((j >= lo0[m]) & (j < hi0[m])) | ((j >= lo1[m]) & (j < hi1[m])));
+            kept & (whole | ((j >= lo0[m]) & (j < hi0[m])) | ((j >= lo1[m]) & (j < hi1[m])));
         row[m] = vis ? row[m] * scale : ninf;
         mx[m] = std::max(mx[m], row[m]);
       }

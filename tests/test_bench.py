@@ -371,3 +371,27 @@ def test_windows_bench_runs_both_ways_and_they_agree(capsys):
     assert len(rows) == 1 and rows[0]["max_diff"] < 1e-5
     assert all(rows[0][f"{w} {m}"] > 0 for w in ("dense", "fused") for m in ("fwd", "fwd+bwd"))
     assert "| float32 | 80 | 7 |" in capsys.readouterr().out
+
+
+def test_elementwise_bench_runs_every_path_and_agrees(monkeypatch):
+    """rmt_fast.bench.elementwise on tiny rows: a row per (kernel, dtype, shape, path this CPU
+    runs), ATen and ours computing the same values; RMT_FAST_CPU_ISA restored."""
+    import os
+
+    from rmt_fast import _extension
+    from rmt_fast.bench import elementwise
+    from rmt_fast.ops.memory_attention import cpu_kernel
+
+    if not (_extension.HAS_LAYER_NORM and _extension.HAS_CROSS_ENTROPY and cpu_kernel.HAS_CPU_KERNEL):
+        pytest.skip("rmt_fast._C without the element-wise kernels")
+    monkeypatch.setenv("RMT_FAST_CPU_ISA", "avx2")
+    rows = elementwise.run(rounds=1, calls=1, scale=0.01)
+    assert os.environ["RMT_FAST_CPU_ISA"] == "avx2"
+    paths = {r["path"] for r in rows}
+    assert "generic" in paths and paths <= set(elementwise.PATHS)
+    per_path = len(elementwise.LAYER_NORM_SHAPES) + len(elementwise.CROSS_ENTROPY_SHAPES) + 1
+    assert len(rows) == 2 * per_path * len(paths)
+    for r in rows:
+        assert r["aten_ms"] > 0 and r["ours_ms"] > 0
+        tol = 1e-3 if r["dtype"] == "float32" else 0.1  # bf16 outputs; sums of ~20 rows
+        assert r["max_diff"] <= tol * max(1.0, r["shape"][0]), r
