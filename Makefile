@@ -23,8 +23,9 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# two pytest workers (pytest-xdist): 8 min instead of 15 on a 2-core AVX2 EPYC (2026-12-07)
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 	bash scripts/check_wheel.sh $(PY)
 
 # a wheel built from this checkout, installed into a fresh venv, run from outside the checkout
