@@ -3,8 +3,8 @@
 // rmt_fast/masks.py, grouped-query attention, past keys/values in their own buffers, key
 // padding, inputs of any strides. The kernels are in memory_attention_cpu_impl.h, compiled here
 // five times (portable C++, AVX2 + FMA, AVX-512F, AVX-512 BF16, AMX-BF16) and picked at run time
-// from the CPU's features, so the extension is built without -march and still runs anywhere. A forward
-// pass with few query rows (decoding) reads keys in place (forward_rows_t, rows_max).
+// from the CPU's features, so the extension is built without -march and still runs anywhere. A
+// forward pass with few query rows (decoding) reads keys in place (forward_rows_t, rows_max).
 //
 // Ops (autograd and fake kernels are registered from rmt_fast/ops/memory_attention/cpu_kernel.py):
 //   memory_attention_cpu(q [B,Hq,L,D], k, v [B,Hkv,L,D], past_k?, past_v? [B,Hkv,P,D],
@@ -49,9 +49,9 @@ namespace generic {
 }  // namespace generic
 
 #ifdef RMT_CPU_X86
-// The portable code compiled for AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, Intel before
-// Skylake-SP and its client cores): the products on ukernel's 8-lane microkernel
-// (RMT_MA_AVX2), the element loops vectorised by the compiler (`omp simd`)
+// The portable code compiled for AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, Intel's server
+// cores before Skylake-SP and most of its client cores): the products on ukernel's 8-lane
+// microkernel (RMT_MA_AVX2), the element loops vectorised by the compiler (`omp simd`)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {

@@ -4,8 +4,8 @@ One call covers every mask of :mod:`rmt_fast.masks`, past keys/values read from 
 key padding and grouped-query attention, for float32 and bfloat16 CPU tensors of any strides
 (``csrc/memory_attention_cpu.cpp``): flash-style tiles with block skipping, bf16 products with
 float32 accumulation (AMX-BF16 tiles or AVX-512 BF16 dot products where the CPU has them,
-AVX-512F float32 FMAs otherwise, portable C++ without AVX-512; picked at run time, see
-:func:`isa`). Backward recomputes the probabilities from the saved log-sum-exp.
+AVX-512F float32 FMAs otherwise, AVX2 + FMA without AVX-512, portable C++ without AVX2; picked
+at run time, see :func:`isa`). Backward recomputes the probabilities from the saved log-sum-exp.
 
 This module registers the op's fake kernels (``torch.compile``, meta tensors) and its autograd
 formula; it falls back to :func:`rmt_fast.ops.memory_attention.cpu_flash.cpu_flash_memory_attention`
