@@ -9,7 +9,7 @@
 
 Each is timed ``repeats`` times after a warm-up; the ceiling is the best run (the least
 disturbed one on a shared machine), the median is kept too. Without a given size, a dtype whose
-products are slow here gets a smaller matrix (:func:`fit_size`): on an AMD EPYC without AVX-512
+products are slow on this CPU gets a smaller matrix (:func:`fit_size`): on an AMD EPYC without AVX-512
 ATen's bf16 product ran at 0.3-1 GFLOP/s (2026-12-07), where the default size took 55 s a run
 and the bench's ceiling process hit its 300 s timeout, losing the float32 ceiling with it. On
 CUDA the clock is read after ``torch.cuda.synchronize()`` around ``inner`` back-to-back calls.
@@ -117,8 +117,9 @@ def measure(dtypes=("float32", "bfloat16"), device: str | torch.device = "cpu",
     """Matrix-product GFLOP/s per dtype and copy GB/s on ``device``.
 
     ``threads`` sets ``torch.set_num_threads`` first (CPU; use the benchmark's own count).
-    ``size``: the matrix size for every dtype; None: the device's default, cut per dtype to
-    products of at most ``max_seconds`` (:func:`fit_size`; each row says its size).
+    ``size``: the matrix size for every dtype; None: the device's default, on CPU cut per dtype to
+    products of at most ``max_seconds`` (:func:`fit_size`; each row says its size; not on a GPU,
+    where a small probe product is launch-bound and would cut it for nothing).
     Returns ``{"device", "threads", "matmul": {dtype name: {...}}, "copy": {...}}``.
     """
     device = torch.device(device)
@@ -131,7 +132,9 @@ def measure(dtypes=("float32", "bfloat16"), device: str | torch.device = "cpu",
         with warnings.catch_warnings():  # the emulated-bf16 warning: measuring it is the point
             warnings.simplefilter("ignore", RuntimeWarning)
             dtype = resolve_dtype(name, device)
-        n = size or fit_size(d["size"], probe_gflops(dtype, device), max_seconds)
+        n = size or d["size"]
+        if size is None and device.type == "cpu":  # a GPU's small products are launch-bound
+            n = fit_size(n, probe_gflops(dtype, device), max_seconds)
         out["matmul"][dtype_name(dtype)] = matmul_rate(dtype, n, device, repeats, inner)
     out["copy"] = copy_rate(copy_mib, device, repeats, inner)
     return out
