@@ -182,22 +182,31 @@ LAYER_NORM_ISAS = {torch.float32: ("avx512", "avx512_bf16", "amx"),
                    torch.bfloat16: ("avx2", "avx512", "avx512_bf16", "amx")}
 
 
-@functools.cache
-def cpu_isa() -> str | None:
-    """The extension's CPU code path on this machine (``"generic"``, ``"avx2"``, ``"avx512"``,
-    ``"avx512_bf16"``; csrc/cpu_isa.h, capped by ``RMT_FAST_CPU_ISA``), read once: None without
-    the extension's attention op, which reports it."""
+def cpu_isa(dtype: torch.dtype = torch.float32) -> str | None:
+    """The extension's CPU code path for inputs of ``dtype`` on this machine (``"generic"``,
+    ``"avx2"``, ``"avx512"``, ``"avx512_bf16"``, ``"amx"``: csrc/cpu_isa.h, capped by
+    ``RMT_FAST_CPU_ISA``, read at every call), as its attention op reports it; None without
+    that op."""
     op = getattr(torch.ops.rmt_fast, "memory_attention_cpu_isa", None) if HAS_EXTENSION else None
+    if op is None:
+        return None
     try:
-        return op(torch.float32) if op is not None else None
+        return op(dtype)
     except RuntimeError:  # an extension built before the op took a dtype
         return op()
+
+
+@functools.cache
+def first_cpu_isa(dtype: torch.dtype = torch.float32) -> str | None:
+    """:func:`cpu_isa` as read at the first call (``RMT_FAST_CPU_ISA`` set later does not
+    change it): what the automatic choices (``backend="auto"``, :func:`layer_norm`) go by."""
+    return cpu_isa(dtype)
 
 
 def layer_norm_uses_kernel(dtype: torch.dtype) -> bool:
     """Whether :func:`layer_norm` sends CPU tensors of ``dtype`` to the extension's kernel
     (:data:`LAYER_NORM_ISAS`) rather than ``F.layer_norm``."""
-    return HAS_LAYER_NORM and cpu_isa() in LAYER_NORM_ISAS.get(dtype, ())
+    return HAS_LAYER_NORM and first_cpu_isa() in LAYER_NORM_ISAS.get(dtype, ())
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,

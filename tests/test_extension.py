@@ -323,7 +323,7 @@ def test_layer_norm_matches_float64_reference(isa, dtype, params, monkeypatch):
 def test_layer_norm_takes_the_kernel_where_it_beat_aten(monkeypatch, isa, kernel):
     """float32 on the AVX-512 paths, bf16 from AVX2 on (measured, bench/README.md); F.layer_norm
     elsewhere, and for other dtypes."""
-    monkeypatch.setattr(ext, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(ext, "first_cpu_isa", lambda dtype=torch.float32: isa)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert ext.layer_norm_uses_kernel(dtype) == (dtype in kernel)
     calls = []
@@ -336,7 +336,7 @@ def test_layer_norm_takes_the_kernel_where_it_beat_aten(monkeypatch, isa, kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_norm_gradients_layouts_and_fallbacks(dtype, monkeypatch):
     # the kernel whatever this CPU's rule (test_layer_norm_takes_the_kernel_where_it_beat_aten)
-    monkeypatch.setattr(ext, "LAYER_NORM_ISAS", {dtype: (ext.cpu_isa(),)})
+    monkeypatch.setattr(ext, "LAYER_NORM_ISAS", {dtype: (ext.first_cpu_isa(),)})
     x, w, b = _layer_norm_case((4, 9, 40), (40,), dtype, "same", seed=11)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)

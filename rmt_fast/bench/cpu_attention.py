@@ -46,8 +46,7 @@ from rmt_fast.masks import AttentionLayout, layout_visibility
 from rmt_fast.ops.memory_attention import cpu_kernel
 
 SYSTEMS = ("kernel", "cpu_flash", "sdpa")
-ISA_VARIANTS = ("kernel[amx]", "kernel[avx512_bf16]", "kernel[avx512]", "kernel[avx2]",
-                "kernel[generic]")
+ISA_VARIANTS = tuple(f"kernel[{p}]" for p in reversed(cpu_kernel.ISAS))
 COLUMNS = ("case", "dtype", "mode", "system", "ms", "cpu_ms", "GFLOP/s", "x cpu_flash", "x sdpa",
            "max_diff")
 

@@ -14,15 +14,15 @@ numbers decide :data:`rmt_fast._extension.LAYER_NORM_ISAS`.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from rmt_fast import _extension
+from rmt_fast.bench.two_ways import thread_ms as call_ms
 from rmt_fast.ops.memory_attention import cpu_kernel
 
-PATHS = ("generic", "avx2", "avx512", "avx512_bf16")
+PATHS = cpu_kernel.ISAS[:-1]  # float32 calls never take "amx"
 LAYER_NORM_SHAPES = ((4096, 256), (512, 768))
 CROSS_ENTROPY_SHAPES = ((1024, 1000), (512, 50257))
 GELU_SHAPE = (512, 3072)
@@ -31,13 +31,7 @@ GELU_SHAPE = (512, 3072)
 def thread_ms(fn, rounds: int, calls: int) -> float:
     """Best thread CPU ms per call of ``fn`` over ``rounds`` samples of ``calls`` calls."""
     fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.thread_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.thread_time() - start) / calls)
-    return best * 1e3
+    return min(call_ms(lambda: [fn() for _ in range(calls)]) for _ in range(rounds)) / calls
 
 
 def cases(dtype: torch.dtype, scale: float = 1.0):
@@ -68,9 +62,7 @@ def cases(dtype: torch.dtype, scale: float = 1.0):
 def run(paths=PATHS, dtypes=(torch.float32, torch.bfloat16), rounds: int = 5, calls: int = 30,
         scale: float = 1.0) -> list[dict]:
     """One row per (kernel, dtype, shape, path this CPU runs): ms of ATen and of ours."""
-    with cpu_kernel.isa_env("amx"):
-        top = cpu_kernel.isa(torch.float32)
-    runnable = [p for p in paths if PATHS.index(p) <= PATHS.index(top)] if top in PATHS else []
+    runnable = [p for p in cpu_kernel.runnable_isas(torch.float32) if p in paths]
     rows = []
     for dtype in dtypes:
         for kernel, shape, aten, ours in cases(dtype, scale):

@@ -22,7 +22,7 @@ from rmt_fast import _extension
 from rmt_fast.bench.systems import CONFIGS, build
 from rmt_fast.ops.memory_attention import cpu_kernel
 
-PATHS = ("amx", "avx512_bf16", "avx512", "avx2", "generic")
+PATHS = tuple(reversed(cpu_kernel.ISAS))  # best first
 #: the bf16 step on the picked path with ATen's gelu_backward instead of the extension's
 ATEN_GELU_ARM = "bf16 picked, ATen gelu_backward"
 
@@ -36,11 +36,9 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = CONFIGS[args.config]
-    with cpu_kernel.isa_env("amx"):  # the CPU's best bf16 path
-        top = cpu_kernel.isa(torch.bfloat16)
     with cpu_kernel.isa_env(None):
         picked = cpu_kernel.isa(torch.bfloat16)
-    paths = PATHS[PATHS.index(top):] if top in PATHS else ()
+    paths = tuple(reversed(cpu_kernel.runnable_isas(torch.bfloat16)))
     arms = {"float32": (torch.float32, None), f"bf16 picked ({picked})": (torch.bfloat16, None),
             **{f"bf16 {p}": (torch.bfloat16, p) for p in paths},
             ATEN_GELU_ARM: (torch.bfloat16, None)}

@@ -39,12 +39,20 @@ def isa(dtype: torch.dtype = torch.float32) -> str | None:
     never take ``"amx"``; bfloat16 inputs on a CPU with AMX-BF16 that the process may not use
     take ``"avx512"``, measured faster there than the dot products (``bench/README.md``, "On an
     AMX CPU")."""
-    if not HAS_CPU_KERNEL:
-        return None
-    try:
-        return torch.ops.rmt_fast.memory_attention_cpu_isa(dtype)
-    except RuntimeError:  # an extension built before the op took a dtype
-        return torch.ops.rmt_fast.memory_attention_cpu_isa()
+    return _extension.cpu_isa(dtype) if HAS_CPU_KERNEL else None
+
+
+#: the kernel's code paths, lowest first (csrc/cpu_isa.h; the names ``RMT_FAST_CPU_ISA`` takes)
+ISAS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
+
+
+def runnable_isas(dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
+    """The code paths inputs of ``dtype`` can take on this CPU, lowest first (each one runs under
+    :func:`isa_env`): up to the CPU's best (float32 inputs never take ``"amx"``); none without
+    the op."""
+    with isa_env("amx"):
+        top = isa(dtype)
+    return ISAS[:ISAS.index(top) + 1] if top in ISAS else ()
 
 
 @contextlib.contextmanager
@@ -99,11 +107,10 @@ def supports_layout(q: torch.Tensor, layout: AttentionLayout) -> bool:
 AUTO_ISAS = ("avx512_bf16", "avx512", "avx2")
 
 
-@functools.cache
 def _auto_isa(dtype: torch.dtype = torch.float32) -> str | None:
     """The kernel's path for ``dtype``, read at the first ``auto`` call (RMT_FAST_CPU_ISA set
-    later does not change what ``auto`` picks)."""
-    return isa(dtype)
+    later does not change what ``auto`` picks): :func:`rmt_fast._extension.first_cpu_isa`."""
+    return _extension.first_cpu_isa(dtype) if HAS_CPU_KERNEL else None
 
 
 def preferred(q: torch.Tensor, past_k: torch.Tensor | None = None) -> bool:
