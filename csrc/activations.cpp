@@ -3,11 +3,12 @@
 // ATen's own CPU kernel for approximate="tanh" took 1.6 ms for a [288, 1024] activation on this
 // project's CPU against 0.25 ms for the erf GELU, which made it about 14% of a GPT-2 RMT's
 // inference time (and 7.8% of a bf16 GPT-2-small read once attention used the fused kernel).
-// Three code paths, picked at run time like the attention kernel's (cpu_isa.h): AVX-512 BF16
+// Four code paths, picked at run time like the attention kernel's (cpu_isa.h): AVX-512 BF16
 // (native float -> bf16 rounding), AVX-512F (intrinsics), and portable loops that the compiler
-// vectorises (one clone per instruction set). The AVX-512 loops are written with intrinsics
-// because GCC's vectorisation of the portable loop ran 3-5x slower than them (2026-12-04).
-// rmt_fast::gelu_tanh_backward(grad, x): its gradient, the same three paths (ATen's bf16
+// vectorises, built for AVX2 + FMA and for any CPU (portable_namespaces.h). The AVX-512 loops
+// are written with intrinsics because GCC's vectorisation of the portable loop ran 3-5x slower
+// than them (2026-12-04).
+// rmt_fast::gelu_tanh_backward(grad, x): its gradient, the same four paths (ATen's bf16
 // gelu_backward took 9% of a bf16 RMT training step on an AMX Xeon, 2026-12-06); registered as
 // gelu_tanh's autograd formula from Python (rmt_fast/_extension.py).
 #include <ATen/ATen.h>
@@ -23,62 +24,7 @@
 
 namespace rmt_fast {
 
-// the portable loops: one clone per instruction set, picked at load time (AVX-512 CPUs take the
-// intrinsics below instead)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RMT_ISA_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RMT_ISA_CLONES
-#endif
-
-RMT_ISA_CLONES
-void gelu_tanh_loop(const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh(x[i]);
-}
-
-RMT_ISA_CLONES
-void bf16_to_float_loop(const uint16_t* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_float(x[i]);
-}
-
-RMT_ISA_CLONES
-void float_to_bf16_loop(const float* x, uint16_t* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
-}
-
-// bf16 through the float32 loop in L1-sized chunks (one fused loop over bf16 vectorised 2-3x
-// worse than this with GCC 12)
-void gelu_tanh_bf16_loop(const uint16_t* x, uint16_t* y, int64_t n) {
-  constexpr int64_t kChunk = 1024;
-  alignas(64) float in[kChunk], out[kChunk];
-  for (int64_t i = 0; i < n; i += kChunk) {
-    const int64_t m = std::min(kChunk, n - i);
-    bf16_to_float_loop(x + i, in, m);
-    gelu_tanh_loop(in, out, m);
-    float_to_bf16_loop(out, y + i, m);
-  }
-}
-
-RMT_ISA_CLONES
-void gelu_tanh_backward_loop(const float* g, const float* x, float* dx, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dx[i] = g[i] * gelu_tanh_grad(x[i]);
-}
-
-void gelu_tanh_backward_bf16_loop(const uint16_t* g, const uint16_t* x, uint16_t* dx, int64_t n) {
-  constexpr int64_t kChunk = 1024;
-  alignas(64) float gin[kChunk], xin[kChunk], out[kChunk];
-  for (int64_t i = 0; i < n; i += kChunk) {
-    const int64_t m = std::min(kChunk, n - i);
-    bf16_to_float_loop(g + i, gin, m);
-    bf16_to_float_loop(x + i, xin, m);
-    gelu_tanh_backward_loop(gin, xin, out, m);
-    float_to_bf16_loop(out, dx + i, m);
-  }
-}
+#include "portable_namespaces.h"  // generic::, avx2::gelu_tanh_loop, ...
 
 #ifdef RMT_CPU_X86
 #include "avx512_namespaces.h"  // avx512::, avx512bf16:: gelu_tanh_loop512, ...
@@ -105,10 +51,13 @@ GeluLoops gelu_loops_for(int isa) {
     return {&avx512::gelu_tanh_loop512<float>, &avx512::gelu_tanh_loop512<uint16_t>,
             &avx512::gelu_tanh_backward_loop512<float>,
             &avx512::gelu_tanh_backward_loop512<uint16_t>};
+  if (isa == kAvx2)
+    return {&avx2::gelu_tanh_loop, &avx2::gelu_tanh_bf16_loop, &avx2::gelu_tanh_backward_loop,
+            &avx2::gelu_tanh_backward_bf16_loop};
 #endif
   (void)isa;
-  return {&gelu_tanh_loop, &gelu_tanh_bf16_loop, &gelu_tanh_backward_loop,
-          &gelu_tanh_backward_bf16_loop};
+  return {&generic::gelu_tanh_loop, &generic::gelu_tanh_bf16_loop,
+          &generic::gelu_tanh_backward_loop, &generic::gelu_tanh_backward_bf16_loop};
 }
 
 at::Tensor gelu_tanh_cpu(const at::Tensor& x) {

@@ -123,8 +123,8 @@ def _gelu_inputs() -> torch.Tensor:
     return x
 
 
-#: the kernel's code paths (csrc/cpu_isa.h); RMT_FAST_CPU_ISA caps the one it takes, so on a CPU
-#: without AVX-512 every value runs the portable loop (its AVX2 or baseline clone)
+#: the kernel's code paths (csrc/cpu_isa.h); RMT_FAST_CPU_ISA caps the one it takes, so a CPU
+#: without AVX-512 runs the portable loops' AVX2 build from "avx2" on (if it has AVX2)
 GELU_ISAS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
 
 

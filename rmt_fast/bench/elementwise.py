@@ -28,10 +28,17 @@ CROSS_ENTROPY_SHAPES = ((1024, 1000), (512, 50257))
 GELU_SHAPE = (512, 3072)
 
 
-def thread_ms(fn, rounds: int, calls: int) -> float:
-    """Best thread CPU ms per call of ``fn`` over ``rounds`` samples of ``calls`` calls."""
-    fn()
-    return min(call_ms(lambda: [fn() for _ in range(calls)]) for _ in range(rounds)) / calls
+def best_ms(fns, rounds: int, calls: int) -> list[float]:
+    """Best thread CPU ms per call of each of ``fns`` over ``rounds`` samples of ``calls`` calls,
+    the functions taking turns within each round (a process's first samples ran several times
+    slower than later ones at 4 MB tensors, which alone made ATen look 6x slower)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], call_ms(lambda fn=fn: [fn() for _ in range(calls)]) / calls)
+    return best
 
 
 def cases(dtype: torch.dtype, scale: float = 1.0):
@@ -69,7 +76,7 @@ def run(paths=PATHS, dtypes=(torch.float32, torch.bfloat16), rounds: int = 5, ca
             for path in runnable:
                 with cpu_kernel.isa_env(path):
                     n = max(1, calls // 6) if kernel == "cross_entropy" else calls
-                    a, o = thread_ms(aten, rounds, n), thread_ms(ours, rounds, n)
+                    a, o = best_ms((aten, ours), rounds, n)
                     out_a, out_o = aten(), ours()
                 diff = (out_a.double() - out_o.double()).abs().max().item()
                 rows.append({"kernel": kernel, "dtype": str(dtype).removeprefix("torch."),
