@@ -175,9 +175,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 #: per dtype, the extension's CPU code paths (csrc/cpu_isa.h) on which its LayerNorm kernel beat
 #: ATen's (bench/README.md, python -m rmt_fast.bench.elementwise): float32 only on the AVX-512
-#: ones (0.71-0.92x ATen on an AVX2 EPYC, 2026-12-07; 0.96-1.24x on an AMX Xeon), bfloat16 from
-#: AVX2 on (1.14-1.18x on the AVX2 EPYC,
-#: 1.5-1.8x on the AMX Xeon); the portable build was 0.5-0.7x in both
+#: ones (0.96-1.24x on an AMX Xeon; on an AVX2 EPYC level with ATen, 0.93-1.22x, after the
+#: partial sums of 2026-12-07: memory-bound there), bfloat16 from AVX2 on (1.13-1.32x on the
+#: AVX2 EPYC, 1.5-1.8x on the AMX Xeon); the portable build was 0.5-0.8x in both
 LAYER_NORM_ISAS = {torch.float32: ("avx512", "avx512_bf16", "amx"),
                    torch.bfloat16: ("avx2", "avx512", "avx512_bf16", "amx")}
 
