@@ -137,13 +137,7 @@ def run_stage(stage: Stage, timeout: float, log) -> dict:
         if proc is not None and proc.poll() is None:
             _kill_group(proc)
     seconds = time.monotonic() - start
-    result: dict = {}
-    if os.path.exists(stage.result):
-        try:
-            with open(stage.result) as f:
-                result = json.load(f)
-        except (OSError, ValueError) as e:
-            result = {"status": f"error: unreadable result ({e})"}
+    result = read_result(stage.result) if os.path.exists(stage.result) else {}
     if status is not None:  # keep what it wrote before it died
         result["status"] = status
     result.setdefault("status", "error: no result written")
@@ -152,6 +146,16 @@ def run_stage(stage: Stage, timeout: float, log) -> dict:
     log.write(f"===== stage {stage.name}: {result['status']} in {seconds:.1f} s =====\n")
     log.flush()
     return result
+
+
+def read_result(path: str) -> dict:
+    """The JSON a stage or worker process wrote to ``path``, or ``{"status": "error: unreadable
+    result (...)"}`` where it is missing or cut short (a process killed mid-write)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        return {"status": f"error: unreadable result ({e})"}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -814,8 +818,8 @@ def fan_out(ctx: Ctx, rec: Recorder, worker: str, argsets: list[list[str]], wait
     Inductor compile on the CPU and cache what they compile on disk, so processes in parallel
     overlap the compiles that one process would do one after another.
 
-    Returns, per worker: its arguments, its result dict (``{}`` if it wrote none) and its exit
-    code (None if it was killed)."""
+    Returns, per worker: its arguments, its result dict (:func:`read_result`: a status and no
+    rows if it wrote none) and its exit code (None if it was killed)."""
     env = dict(os.environ if env is None else env)
     if not ctx.cuda:
         env["TRITON_INTERPRET"] = "1"
@@ -834,12 +838,7 @@ def fan_out(ctx: Ctx, rec: Recorder, worker: str, argsets: list[list[str]], wait
             p.kill()
             p.wait()
             code = None
-        try:
-            with open(path) as f:
-                part = json.load(f)
-        except (OSError, ValueError):
-            part = {}
-        out.append((extra, part, code))
+        out.append((extra, read_result(path), code))
     return out
 
 
@@ -873,10 +872,10 @@ def stage_triton_correctness(ctx: Ctx, rec: Recorder) -> None:
     rows = []
     for extra, part, code in done:
         rows += part.get("rows", [])
-        if code != 0:
+        if code != 0 or "rows" not in part:
             rows.append({"dtype": extra[1], "case": f"(worker {extra[3]})",
                          "status": "error: worker killed at the stage budget" if code is None
-                         else f"error: worker exit {code}"})
+                         else f"error: worker exit {code}" if code != 0 else part["status"]})
     rows.sort(key=lambda r: (dtypes.index(r["dtype"]), order.get(r["case"], len(order))))
     rec.data["rows"].extend(rows)
     rec.metric(workers_per_dtype=count)

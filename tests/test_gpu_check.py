@@ -184,26 +184,31 @@ def test_shard_and_worker_count(gc, monkeypatch):
 def test_fan_out_collects_results_and_kills_stragglers(gc, tmp_path, monkeypatch):
     """Every worker runs at once with its own arguments; each one's result comes back with its
     exit code; one that outlives the wait is killed (code None), what it wrote kept; a worker
-    that dies says so."""
+    that dies says so; one that writes nothing, or half a file, comes back as a status without
+    rows."""
     fake = tmp_path / "fake_stage.py"
     fake.write_text(
         "import json, sys, time\n"
         "a = sys.argv\n"
         "result, mode = a[a.index('--result') + 1], a[a.index('--mode') + 1]\n"
-        "json.dump({'rows': [{'mode': mode, 'interp': __import__('os').environ.get("
-        "'TRITON_INTERPRET')}]}, open(result, 'w'))\n"
+        "if mode == 'half': open(result, 'w').write('{\"rows\": [')\n"
+        "elif mode != 'none': json.dump({'rows': [{'mode': mode, 'interp': "
+        "__import__('os').environ.get('TRITON_INTERPRET')}]}, open(result, 'w'))\n"
         "if mode == 'hang': time.sleep(60)\n"
         "sys.exit(3 if mode == 'die' else 0)\n")
     monkeypatch.setattr(gc, "SCRIPT", str(fake))
     rec = gc.Recorder(str(tmp_path / "stage.json"))
     ctx = gc.Ctx("cpu", True, 30.0, {})
+    modes = ("ok", "hang", "die", "ok2", "none", "half")
     t0 = __import__("time").monotonic()
-    done = gc.fan_out(ctx, rec, "w", [["--mode", m] for m in ("ok", "hang", "die", "ok2")], 8.0)
+    done = gc.fan_out(ctx, rec, "w", [["--mode", m] for m in modes], 8.0)
     assert __import__("time").monotonic() - t0 < 20  # not 60: the hanging one was killed
-    assert [extra for extra, _, _ in done] == [["--mode", m] for m in ("ok", "hang", "die", "ok2")]
-    assert [code for _, _, code in done] == [0, None, 3, 0]
-    assert [part["rows"][0]["mode"] for _, part, _ in done] == ["ok", "hang", "die", "ok2"]
-    assert all(part["rows"][0]["interp"] == "1" for _, part, _ in done)  # no CUDA: interpreter
+    assert [extra for extra, _, _ in done] == [["--mode", m] for m in modes]
+    assert [code for _, _, code in done] == [0, None, 3, 0, 0, 0]
+    assert [part["rows"][0]["mode"] for _, part, _ in done[:4]] == ["ok", "hang", "die", "ok2"]
+    assert all(part["rows"][0]["interp"] == "1" for _, part, _ in done[:4])  # no CUDA
+    for _, part, _ in done[4:]:
+        assert "rows" not in part and part["status"].startswith("error: unreadable result")
 
 
 def test_tuning_plan_order(gc):
