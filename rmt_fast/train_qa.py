@@ -516,6 +516,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--associative-value-norm", dest="associative_value_norm", action="store_true",
                    default=None,
                    help="the associative memory's values from the RMS-normalised memory outputs")
+    p.add_argument("--associative-read-clip", dest="associative_read_clip", type=float,
+                   default=None,
+                   help="each token's associative read at most this times the RMS of the hidden "
+                        "state it is added to (0: off)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

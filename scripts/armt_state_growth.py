@@ -7,20 +7,22 @@
 ``--writes`` adds, per layer, what the last segment before each mark wrote and read: the RMS of
 the block outputs at the memory positions (``mem``), the largest row norm of the values
 ``W_mv mem`` (``|v|``), the mean gate ``beta``, and the read's RMS relative to the hidden states
-it is added to (``read/h``)."""
+it is added to (``read/h``; with ``ARMTConfig.read_clip`` the clipped read, and ``raw read/h``
+before the clip)."""
 
 import argparse
 
 import torch
 
-from rmt_fast.models.armt import AssociativeMemory, value_input
+from rmt_fast.models.armt import AssociativeMemory, clip_read, value_input
 from rmt_fast.streaming import StreamingReader
 from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
 
 
-def trace_writes() -> dict[int, dict[str, float]]:
+def trace_writes(read_clip: float = 0.0) -> dict[int, dict[str, float]]:
     """Wrap :class:`AssociativeMemory`'s read and write to keep, per memory module (by ``id``),
-    the statistics of its last call (see the module docstring)."""
+    the statistics of its last call (see the module docstring); ``read_clip``: the model's
+    :attr:`ARMTConfig.read_clip`."""
     stats: dict[int, dict[str, float]] = {}
     read, write = AssociativeMemory.read, AssociativeMemory.write
 
@@ -29,7 +31,10 @@ def trace_writes() -> dict[int, dict[str, float]]:
 
     def traced_read(self, h, A, z, opts):
         out = read(self, h, A, z, opts)
-        stats.setdefault(id(self), {})["read/h"] = rms(out) / max(rms(h), 1e-30)
+        s = stats.setdefault(id(self), {})
+        s["read/h"] = rms(clip_read(out, h, read_clip)) / max(rms(h), 1e-30)
+        if read_clip:
+            s["raw read/h"] = rms(out) / max(rms(h), 1e-30)
         return out
 
     def traced_write(self, mem, A, z, first, opts, value_norm=False):
@@ -54,8 +59,8 @@ def main() -> None:
     p.add_argument("--writes", action="store_true", help="also what each layer wrote and read")
     a = p.parse_args()
     torch.set_num_threads(1)
-    stats = trace_writes() if a.writes else None
     model, vocab = load(a.checkpoint)
+    stats = trace_writes(model.rmt_config.read_clip) if a.writes else None
     size = model.rmt_config.segment_size
     stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=batch_seed(a.seed, 0),
                           num_facts=a.num_facts)

@@ -35,6 +35,11 @@ class _RefLayer(nn.Module):
                     rule=c.update_rule)
         if self.A is not None:
             read = reference_read(a.W_mq(h), self.A, self.z, **opts)
+            if c.read_clip:  # at most read_clip times the RMS of h, per token
+                # (mean squares: no square root at a zero read, whose gradient would be NaN)
+                ms, bound = read.pow(2).mean(-1, keepdim=True), h.pow(2).mean(-1, keepdim=True)
+                bound = c.read_clip ** 2 * bound
+                read = read * torch.where(ms > bound, (bound / ms.clamp_min(1e-300)).sqrt(), 1.0)
             if self.noise:  # memory noise: std relative to each read vector's RMS (not differentiated)
                 rms = read.detach().pow(2).mean(-1, keepdim=True).sqrt()
                 read = read + self.noise * rms * torch.randn_like(read)
@@ -85,7 +90,8 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     ("gpt2", False, dict(normaliser_floor=1.0)), ("llama", True, dict(normaliser_floor=1.0)),
     ("gpt2", False, dict(normaliser_gate=True, correction=False)),
     ("llama", True, dict(update_rule="delta")), ("gpt2", False, dict(value_norm=True)),
-    ("llama", True, dict(update_rule="delta", value_norm=True))])
+    ("llama", True, dict(update_rule="delta", value_norm=True)),
+    ("gpt2", True, dict(update_rule="delta", read_clip=0.02)), ("llama", False, dict(read_clip=0.02))])
 def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
@@ -119,6 +125,41 @@ def test_forward_backward_match_independent_loop(kind, l2, extra):
     assert checked >= 20
     assert model.assoc[0].W_mq.weight.grad.abs().max() > 0  # the read is on the graph
     assert model.assoc[1].W_mk.weight.grad.abs().max() > 0  # so is the write
+
+
+def test_read_clip_bounds_each_reads_share(monkeypatch):
+    """With ``read_clip=c`` no token's read exceeds ``c`` times the RMS of the hidden state it is
+    added to; reads under the bound are left as they were, those over it end on it; the
+    logits change (the clip acts), and ``c=0`` is the unclipped model."""
+    from rmt_fast.models import armt
+
+    c, x = 0.02, ids(2, 45)
+    model = make("gpt2", use_l2_norm=True, update_rule="delta", read_clip=c).double()
+    plain = make("gpt2", use_l2_norm=True, update_rule="delta").double()
+    plain.load_state_dict(model.state_dict())
+    seen = []
+    real = armt.clip_read
+
+    def spy(read, h, clip):
+        out = real(read, h, clip)
+        rms = lambda t: t.pow(2).mean(-1).sqrt()  # noqa: E731
+        seen.append((rms(read) / rms(h), rms(out) / rms(h), clip))
+        return out
+
+    monkeypatch.setattr(armt, "clip_read", spy)
+    with torch.no_grad():
+        clipped = model(x).logits
+        unclipped = plain(x).logits
+    before = torch.cat([b.flatten() for b, _, clip in seen if clip])
+    after = torch.cat([a.flatten() for _, a, clip in seen if clip])
+    assert len(seen) == 2 * 2 * 5  # both models, 2 layers, the 5 segments that read
+    assert (after <= c * (1 + 1e-9)).all()
+    over = before > c
+    assert over.any() and (~over).any()  # the bound bites for some tokens, not all
+    torch.testing.assert_close(after[over], torch.full_like(after[over], c), rtol=1e-9, atol=0)
+    torch.testing.assert_close(after[~over], before[~over], rtol=1e-9, atol=0)
+    assert (clipped - unclipped).abs().max() > 1e-3
+    assert torch.isfinite(clipped).all()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -451,7 +492,8 @@ def test_diagonal_equals_sequential(kind, grouped):
     assert ex.sequential_steps(6) == (ex.n + 5, ex.n * 6)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(update_rule="delta", value_norm=True)])
+@pytest.mark.parametrize("extra", [{}, dict(update_rule="delta", value_norm=True),
+                                   dict(update_rule="delta", read_clip=0.02)])
 def test_diagonal_float64_l2_features(extra):
     """L2-normalised features (the newer upstream variant) in float64, with ARMT's rule and with
     the delta rule on normalised values: equal to ~1e-12."""
@@ -496,7 +538,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
     path = tmp_path / ARMTConfig.FILE_NAME
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
-                        "normaliser_gate", "update_rule", "value_norm")}
+                        "normaliser_gate", "update_rule", "value_norm", "read_clip")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -514,6 +556,9 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(normaliser_floor=float("nan")), "normaliser_floor must be a finite"),
                      (dict(normaliser_gate=1), "normaliser_gate must be a bool"),
                      (dict(value_norm="yes"), "value_norm must be a bool"),
+                     (dict(read_clip=-0.1), "read_clip must be a finite float >= 0"),
+                     (dict(read_clip=float("inf")), "read_clip must be a finite float >= 0"),
+                     (dict(read_clip=True), "read_clip must be a finite float >= 0"),
                      (dict(update_rule="deltanet"), "update_rule must be one of"),
                      (dict(update_rule="delta"), "update_rule='delta' needs use_l2_norm=True"),
                      (dict(update_rule="delta", use_l2_norm=True, normaliser_gate=True),
@@ -525,7 +570,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
 @pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False),
                                     dict(normaliser_floor=1.0), dict(normaliser_gate=True),
                                     dict(use_l2_norm=True, update_rule="delta"),
-                                    dict(value_norm=True)])
+                                    dict(value_norm=True), dict(read_clip=0.02)])
 def test_replace_config_reaches_the_associative_memory(change):
     """A changed option reaches every layer's read and write (the model equals one built with
     it); fields that shape the associative weights are refused."""
@@ -592,19 +637,21 @@ def test_triton_backend_in_the_model():
         assert err <= 1e-5 * scale + 1e-8, f"{n}: {err:.3e} ({scale:.3e})"
 
 
-@pytest.mark.parametrize("value_norm", [False, True])
-def test_state_growth_script_traces_what_each_layer_wrote(value_norm, monkeypatch):
+@pytest.mark.parametrize("value_norm,read_clip", [(False, 0.0), (True, 0.0), (False, 0.02)])
+def test_state_growth_script_traces_what_each_layer_wrote(value_norm, read_clip, monkeypatch):
     """``scripts/armt_state_growth.py --writes``: per layer the memory outputs' RMS, the largest
     value norm (of the values the model wrote: with ``value_norm``, from the normalised outputs),
-    the mean gate and the read's size relative to the hidden states; the traced model computes
-    what the untraced one does."""
+    the mean gate and the read's size relative to the hidden states (with ``read_clip``, the
+    clipped read's, at most the clip, and the raw read's); the traced model computes what the
+    untraced one does."""
     from helpers import load_script
 
     from rmt_fast.models.armt import AssociativeMemory
 
     for name in ("read", "write"):  # restored after the test
         monkeypatch.setattr(AssociativeMemory, name, getattr(AssociativeMemory, name))
-    model = make("gpt2", use_l2_norm=True, update_rule="delta", value_norm=value_norm).eval()
+    model = make("gpt2", use_l2_norm=True, update_rule="delta", value_norm=value_norm,
+                 read_clip=read_clip).eval()
     with torch.no_grad():
         for a in model.assoc:
             a.W_mv.weight.normal_(0, 0.3)
@@ -617,13 +664,15 @@ def test_state_growth_script_traces_what_each_layer_wrote(value_norm, monkeypatc
     def keep(module, args, kwargs, out):  # the last block's outputs (its memory rows write)
         mem_out["h"] = out[0] if isinstance(out, tuple) else out
     handle = model.base.transformer.h[1].register_forward_hook(keep, with_kwargs=True)
-    stats = load_script("armt_state_growth").trace_writes()
+    stats = load_script("armt_state_growth").trace_writes(model.rmt_config.read_clip)
     with torch.no_grad():
         traced = model(x).logits
     handle.remove()
     torch.testing.assert_close(traced, plain, rtol=0, atol=0)
     s = stats[id(block)]
-    assert set(s) == {"read/h", "mem", "|v|", "beta"}
+    assert set(s) == {"read/h", "mem", "|v|", "beta"} | ({"raw read/h"} if read_clip else set())
+    if read_clip:  # the clip is per token: the whole read's share stays under it
+        assert s["read/h"] <= read_clip * (1 + 1e-6) and s["read/h"] <= s["raw read/h"]
     mem = mem_out["h"][:, -model.rmt_config.num_mem_tokens:]  # the last segment's memory rows
     vin = F.rms_norm(mem, (mem.shape[-1],)) if value_norm else mem
     assert s["mem"] == pytest.approx(float(mem.pow(2).mean().sqrt()), rel=1e-5)

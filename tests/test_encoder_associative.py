@@ -42,7 +42,7 @@ def tokens(batch=2, length=16, seed=0):
 
 
 def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, correction=True,
-                   normaliser_floor=0.0, normaliser_gate=False, value_norm=False):
+                   normaliser_floor=0.0, normaliser_gate=False, value_norm=False, read_clip=0.0):
     """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
     blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
     write (the delta rule on the memory rows' outputs) through the float64 reference formulas,
@@ -66,7 +66,12 @@ def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, corr
                 return None
             h = args[0]
             q = (h.double() @ assoc[i].W_mq.weight.double().T)
-            return (h + reference_read(q, A[i], z[i], **opts).float(), *args[1:]), kwargs
+            read = reference_read(q, A[i], z[i], **opts)
+            if read_clip:  # at most read_clip times h's RMS, per token (mean squares: no root at 0)
+                ms, bound = read.pow(2).mean(-1, keepdim=True), h.double().pow(2).mean(-1, keepdim=True)
+                bound = read_clip ** 2 * bound
+                read = read * torch.where(ms > bound, (bound / ms.clamp_min(1e-300)).sqrt(), 1.0)
+            return (h + read.float(), *args[1:]), kwargs
         return hook
 
     def post(i):
@@ -124,11 +129,12 @@ def test_encoder_with_an_associative_memory_equals_the_reference_loop():
 OPTIONS = [dict(update_rule="delta", use_l2_norm=True),
            dict(use_l2_norm=True, normaliser_floor=1.0),
            dict(correction=False, normaliser_gate=True),
-           dict(update_rule="delta", use_l2_norm=True, value_norm=True)]
+           dict(update_rule="delta", use_l2_norm=True, value_norm=True),
+           dict(update_rule="delta", use_l2_norm=True, read_clip=0.05)]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=["delta", "l2-floor", "nocorr-gate",
-                                                  "delta-vnorm"])
+                                                  "delta-vnorm", "delta-clip"])
 def test_associative_options_equal_the_reference_loop(options):
     """``RMTConfig.associative_<field>`` reach every layer: the model equals the reference loop
     run with the same options, and differs from the model with ARMT's defaults; the options
@@ -147,6 +153,9 @@ def test_associative_options_equal_the_reference_loop(options):
     if options.get("value_norm"):  # and the norm matters there
         unnormed = reference_loop(model, x, bounds, **{**options, "value_norm": False})[0]
         assert (unnormed - logits).abs().max() > 1e-3
+    if options.get("read_clip"):  # the clip bites
+        unclipped = reference_loop(model, x, bounds, **{**options, "read_clip": 0.0})[0]
+        assert (unclipped - logits).abs().max() > 1e-3
     torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
     for i in range(2):
         torch.testing.assert_close(out.state.extra[f"A.{i}"].double(), A[i], atol=1e-4, rtol=1e-4)

@@ -131,6 +131,12 @@ class ARMTConfig(SavedConfig):
             writes next; the normalised values cannot grow with its scale. Tried on qa1 with
             three seeds, it did not make the delta rule hold further (``docs/armt.md``, "What
             tells a seed that holds from one that does not").
+        read_clip: ``c >= 0``; with ``c > 0`` each token's read is scaled down where its RMS
+            exceeds ``c`` times the RMS of the hidden state it is added to
+            (:func:`clip_read`; not in the reference code), so the read cannot become a larger
+            share of a block's input past the trained length than ``c``. 0 = off (the
+            reference). In every ARMT trained on qa1 the read's share grew with the length,
+            most in the seeds that failed (``docs/armt.md``).
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
         position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
@@ -163,6 +169,7 @@ class ARMTConfig(SavedConfig):
         "normaliser_gate": False,
         "update_rule": "armt",
         "value_norm": False,
+        "read_clip": 0.0,
     }
 
     num_mem_tokens: int = 16
@@ -174,6 +181,7 @@ class ARMTConfig(SavedConfig):
     update_rule: str = "armt"
     use_l2_norm: bool = False
     value_norm: bool = False
+    read_clip: float = 0.0
     nu: int = 3
     eps: float = 1e-5
     position_mode: str = "model"
@@ -224,6 +232,9 @@ class ARMTConfig(SavedConfig):
                  "normaliser_floor and normaliser_gate act on z, which update_rule='delta' "
                  "does not use")
         check_floor(self.normaliser_floor, "normaliser_floor")
+        need(isinstance(self.read_clip, (int, float)) and not isinstance(self.read_clip, bool)
+             and 0 <= self.read_clip < float("inf"),
+             f"read_clip must be a finite float >= 0 (0 = off), got {self.read_clip!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 
@@ -344,6 +355,24 @@ def value_input(mem: torch.Tensor, value_norm: bool) -> torch.Tensor:
     return F.rms_norm(mem, (mem.shape[-1],)) if value_norm else mem
 
 
+def clip_read(read: torch.Tensor, h: torch.Tensor, clip: float) -> torch.Tensor:
+    """``read`` ``[..., d]`` scaled per vector by ``min(1, clip rms(h) / rms(read))``, so that
+    its RMS is at most ``clip`` times that of ``h`` ``[..., d]``, the hidden state it is added to
+    (:attr:`ARMTConfig.read_clip`); ``read`` itself when ``clip == 0``. Differentiated through
+    (the scale is a function of both); a zero read (a fresh state) stays zero, with finite
+    gradients: the scale is ``sqrt((b + t) / (max(ms(read), b) + t))``, ``b = clip^2 ms(h)``
+    (ms: the mean square over ``d``; t: the dtype's smallest normal number, so that small
+    hidden states keep their bound), with no square root or division at zero."""
+    if clip == 0:
+        return read
+    wide = torch.promote_types(read.dtype, torch.float32)  # bf16 inputs: RMS in float32
+    r, x = read.to(wide), h.to(wide)
+    bound = clip * clip * x.pow(2).mean(-1, keepdim=True)
+    eps = torch.finfo(wide).tiny
+    scale = ((bound + eps) / (torch.maximum(r.pow(2).mean(-1, keepdim=True), bound) + eps)).sqrt()
+    return (r * scale).to(read.dtype)
+
+
 class AssociativeRun:
     """What the block hooks need while one segment runs through the base model.
 
@@ -359,7 +388,7 @@ class AssociativeRun:
         self.layers, self.assoc, self.A, self.z = layers, assoc, A, z
         self.read, self.write, self.first = read, write, first
         self.opts, self.write_opts, self.noise = associative_options(cfg), write_options(cfg), noise
-        self.value_norm = cfg.value_norm
+        self.value_norm, self.read_clip = cfg.value_norm, cfg.read_clip
         self.new_A, self.new_z = list(A), list(z)
         self._repeated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -392,7 +421,8 @@ def _make_pre_hook(idx: int):
             return None
         h = args[0] if args else kwargs["hidden_states"]
         A, z = run.state_for(idx, h.shape[0])
-        h = h + relative_noise(run.assoc[idx].read(h, A, z, run.opts), run.noise)
+        read = clip_read(run.assoc[idx].read(h, A, z, run.opts), h, run.read_clip)
+        h = h + relative_noise(read, run.noise)
         if args:
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}

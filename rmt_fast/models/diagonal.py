@@ -33,6 +33,7 @@ from rmt_fast.models.armt import (
     ARMTOutput,
     ARMTState,
     associative_options,
+    clip_read,
     value_input,
     write_options,
 )
@@ -228,7 +229,8 @@ class DiagonalExecutor:
         z = z_all[sl].reshape(G * B, z_all.shape[-1])
         x = torch.bmm(H.reshape(G, B * L, d).to(sd), self.Wq[sl]).reshape(G * B, L, -1)
         # fresh cells hold a zero state, where the read is exactly 0 (as skipping it)
-        H = H + associative_read(x, A, z, **opts).reshape(G, B, L, d).to(H.dtype)
+        read = associative_read(x, A, z, **opts).reshape(G, B, L, d).to(H.dtype)
+        H = H + clip_read(read, H, cfg.read_clip)
         out = call(sl, H)
         m = cfg.num_mem_tokens
         mem = out[:, :, -m:].reshape(G, B * m, d).to(sd)
