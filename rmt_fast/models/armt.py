@@ -135,8 +135,9 @@ class ARMTConfig(SavedConfig):
             exceeds ``c`` times the RMS of the hidden state it is added to
             (:func:`clip_read`; not in the reference code), so the read cannot become a larger
             share of a block's input past the trained length than ``c``. 0 = off (the
-            reference). In every ARMT trained on qa1 the read's share grew with the length,
-            most in the seeds that failed (``docs/armt.md``).
+            reference). Tried at 0.1 with the delta rule on qa1, three seeds: it evened the
+            seeds out but made none reliable to 1M tokens; the state grew behind the bound
+            (``docs/armt.md``, "A bound on the read's share").
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
         position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
