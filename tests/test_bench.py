@@ -395,3 +395,22 @@ def test_elementwise_bench_runs_every_path_and_agrees(monkeypatch):
         assert r["aten_ms"] > 0 and r["ours_ms"] > 0
         tol = 1e-3 if r["dtype"] == "float32" else 0.1  # bf16 outputs; sums of ~20 rows
         assert r["max_diff"] <= tol * max(1.0, r["shape"][0]), r
+
+
+def test_point_does_not_repeat_the_emulated_bf16_warning(monkeypatch):
+    """``rmt-fast bench`` warns once (its parent) that bf16 is emulated on such a CPU; each point
+    process does not say it again."""
+    import warnings
+
+    from rmt_fast import dtypes
+    from rmt_fast.bench.point import run_point
+
+    monkeypatch.setattr(dtypes.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
+    with pytest.warns(RuntimeWarning, match="no native bf16"):  # the mock makes bf16 emulated
+        dtypes.resolve_dtype("bfloat16", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        row = run_point("rmt_fast", "infer", 40, 1, repeats=1, warmup=0, config="tiny",
+                        dtype="bfloat16")
+    assert row["status"] == "ok" and row["dtype"] == "bfloat16"
