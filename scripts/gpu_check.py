@@ -875,7 +875,8 @@ def stage_triton_correctness(ctx: Ctx, rec: Recorder) -> None:
         if code != 0 or "rows" not in part:
             rows.append({"dtype": extra[1], "case": f"(worker {extra[3]})",
                          "status": "error: worker killed at the stage budget" if code is None
-                         else f"error: worker exit {code}" if code != 0 else part["status"]})
+                         else f"error: worker exit {code}" if code != 0
+                         else part.get("status", "error: no rows written")})
     rows.sort(key=lambda r: (dtypes.index(r["dtype"]), order.get(r["case"], len(order))))
     rec.data["rows"].extend(rows)
     rec.metric(workers_per_dtype=count)

@@ -362,3 +362,21 @@ def test_kernel_timing_cases(gc):
             assert scored[1]["window"] == 4096 and scored[1]["head_dim"] == 128
         for c in cases:
             kb.Case(mode="fwd", batch=1, heads=1, **c)
+
+
+def test_correctness_stage_names_a_worker_without_rows(gc, tmp_path, monkeypatch):
+    """A correctness worker that exited 0 without a readable result (or without rows) becomes an
+    error row of its own; the rows of the others are kept; a killed or failed worker says so."""
+    parts = [({"status": "error: unreadable result (Expecting value)"}, 0), ({}, 0),
+             ({"rows": [{"dtype": "float32", "case": "x", "status": "ok"}]}, 0),
+             ({"rows": []}, None), ({"rows": []}, 3)]
+    monkeypatch.setattr(gc, "worker_count", lambda groups, cap=4: len(parts))
+    monkeypatch.setattr(gc, "fan_out", lambda ctx, rec, worker, argsets, wait_s, env=None: [
+        (extra, part, code) for extra, (part, code) in zip(argsets, parts, strict=True)])
+    rec = gc.Recorder(str(tmp_path / "stage.json"))
+    gc.stage_triton_correctness(gc.Ctx("cpu", True, 30.0, {}), rec)
+    status = {r["case"]: r["status"] for r in rec.data["rows"]}
+    assert status == {"(worker 0/5)": "error: unreadable result (Expecting value)",
+                      "(worker 1/5)": "error: no rows written", "x": "ok",
+                      "(worker 3/5)": "error: worker killed at the stage budget",
+                      "(worker 4/5)": "error: worker exit 3"}
