@@ -123,7 +123,8 @@ def auto_dtype(device=None) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def resolve_dtype(dtype: str | torch.dtype = "auto", device=None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype = "auto", device=None, *,
+                  warn: bool = True) -> torch.dtype:
     """The ``torch.dtype`` to run in.
 
     Args:
@@ -131,6 +132,8 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device=None) -> torch.dtype
             ``"float16"``/``"fp16"``) or a floating ``torch.dtype`` (returned as is).
         device: where the model runs (``torch.device``, ``"cpu"``, ``"cuda:0"``; default CPU);
             only ``"auto"`` looks at it.
+        warn: give the emulated-bf16 warning below (False: a caller that measures emulated bf16
+            on purpose, or whose parent process warned already).
 
     Returns:
         ``torch.bfloat16`` or ``torch.float32`` for ``"auto"``; the named dtype otherwise.
@@ -157,7 +160,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device=None) -> torch.dtype
         raise ValueError(f"dtype must be 'auto', one of {sorted(NAMES)} or a torch.dtype, got "
                          f"{dtype!r}")
     dev = _as_device(device)
-    if NAMES[name] == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16():
+    if warn and NAMES[name] == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(f"dtype {dtype!r}: this CPU has no native bf16 dot products (no "
                       "avx512_bf16/amx_bf16 or Arm bf16 flag), so bf16 matrix products are "
                       "emulated and can run far slower than float32 (0.3-1 against 85-93 GFLOP/s "

@@ -56,6 +56,8 @@ def test_auto_follows_the_mocked_cpu(monkeypatch):
         assert dtypes.resolve_dtype("torch.float32") is torch.float32
         assert dtypes.resolve_dtype("bfloat16", "cuda:0") is torch.bfloat16  # not a CPU
         assert dtypes.resolve_dtype(torch.bfloat16) is torch.bfloat16  # a dtype passes through
+        monkeypatch.setattr(dtypes, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
+        assert dtypes.resolve_dtype("bfloat16", "cpu", warn=False) is torch.bfloat16  # asked quiet
         monkeypatch.setattr(dtypes, "cpu_flags",
                             lambda path="/proc/cpuinfo": frozenset({"avx512_bf16"}))
         assert dtypes.resolve_dtype("bfloat16", "cpu") is torch.bfloat16  # native: no warning

@@ -24,7 +24,6 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 
 import torch
 
@@ -129,9 +128,7 @@ def measure(dtypes=("float32", "bfloat16"), device: str | torch.device = "cpu",
     copy_mib, inner = copy_mib or d["copy_mib"], d["inner"]
     out = {"device": str(device), "threads": torch.get_num_threads(), "matmul": {}}
     for name in dtypes:
-        with warnings.catch_warnings():  # the emulated-bf16 warning: measuring it is the point
-            warnings.simplefilter("ignore", RuntimeWarning)
-            dtype = resolve_dtype(name, device)
+        dtype = resolve_dtype(name, device, warn=False)  # measuring emulated bf16 is the point
         n = size or d["size"]
         if size is None and device.type == "cpu":  # a GPU's small products are launch-bound
             n = fit_size(n, probe_gflops(dtype, device), max_seconds)

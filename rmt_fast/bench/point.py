@@ -12,7 +12,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
@@ -33,9 +32,7 @@ def run_point(system: str, mode: str, length: int, batch: int, repeats: int = 3,
               dtype: str | torch.dtype = "float32", official_rmt: str | None = None) -> dict:
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]
-    with warnings.catch_warnings():  # the sweep warned once of emulated bf16; not once a point
-        warnings.simplefilter("ignore", RuntimeWarning)
-        dtype = resolve_dtype(dtype, "cpu")
+    dtype = resolve_dtype(dtype, "cpu", warn=False)  # the sweep warned once, not once a point
     step = build(system, mode, cfg, length, dtype=dtype, official_rmt=official_rmt)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, cfg.vocab, (batch, length), generator=gen)
