@@ -68,7 +68,12 @@ from rmt_fast.models.base import (
     max_positions,
     relative_noise,
 )
-from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
+from rmt_fast.models.config import (
+    ALIGNMENTS,
+    SavedConfig,
+    check_finite_nonnegative,
+    check_memory_noise,
+)
 from rmt_fast.models.decoder import (
     _count_targets,
     _Segment,
@@ -233,9 +238,7 @@ class ARMTConfig(SavedConfig):
                  "normaliser_floor and normaliser_gate act on z, which update_rule='delta' "
                  "does not use")
         check_floor(self.normaliser_floor, "normaliser_floor")
-        need(isinstance(self.read_clip, (int, float)) and not isinstance(self.read_clip, bool)
-             and 0 <= self.read_clip < float("inf"),
-             f"read_clip must be a finite float >= 0 (0 = off), got {self.read_clip!r}")
+        check_finite_nonnegative(self.read_clip, "read_clip", " (0 = off)")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 

@@ -25,10 +25,16 @@ ASSOCIATIVE_FIELDS = ("update_rule", "use_l2_norm", "correction", "normaliser_fl
 CONFIG_NAME = "rmt_config.json"
 
 
+def check_finite_nonnegative(value: object, name: str, note: str = "") -> None:
+    """A clear error naming ``name`` unless ``value`` is a finite number >= 0 (``note``: what
+    the message adds after the bound, e.g. ``" (0 = off)"``)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
+        raise ValueError(f"{name} must be a finite float >= 0{note}, got {value!r}")
+
+
 def check_memory_noise(value: object) -> None:
     """The ``memory_noise`` check every model config shares (a finite float >= 0)."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
-        raise ValueError(f"memory_noise must be a finite float >= 0, got {value!r}")
+    check_finite_nonnegative(value, "memory_noise")
 
 
 class SavedConfig:
