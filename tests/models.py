@@ -145,3 +145,11 @@ def official_loop(ref, memory, tokens, m, s, mask="causal"):
         logits.append(out.logits[:, m:m + seg.shape[1]])
         mem = out.hidden_states[-1][:, -m:]
     return torch.cat(logits, dim=1), mem
+
+
+def reference_clip_read(read, h, clip):
+    """ARMT's ``read_clip`` from its definition, for the reference loops: each token's ``read``
+    scaled to at most ``clip`` times the RMS of ``h`` (mean squares compared, so a zero read
+    takes no square root, whose gradient would be NaN)."""
+    ms, bound = read.pow(2).mean(-1, keepdim=True), clip ** 2 * h.pow(2).mean(-1, keepdim=True)
+    return read * torch.where(ms > bound, (bound / ms.clamp_min(1e-300)).sqrt(), 1.0)

@@ -8,7 +8,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from models import VOCAB, check_repeated_rows, ids, tiny_armt, tiny_gpt2, tiny_llama
+from models import (
+    VOCAB,
+    check_repeated_rows,
+    ids,
+    reference_clip_read,
+    tiny_armt,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 
 from rmt_fast.models.armt import ARMTConfig, ARMTForCausalLM, ARMTOutput, ARMTState
@@ -35,11 +43,8 @@ class _RefLayer(nn.Module):
                     rule=c.update_rule)
         if self.A is not None:
             read = reference_read(a.W_mq(h), self.A, self.z, **opts)
-            if c.read_clip:  # at most read_clip times the RMS of h, per token
-                # (mean squares: no square root at a zero read, whose gradient would be NaN)
-                ms, bound = read.pow(2).mean(-1, keepdim=True), h.pow(2).mean(-1, keepdim=True)
-                bound = c.read_clip ** 2 * bound
-                read = read * torch.where(ms > bound, (bound / ms.clamp_min(1e-300)).sqrt(), 1.0)
+            if c.read_clip:
+                read = reference_clip_read(read, h, c.read_clip)
             if self.noise:  # memory noise: std relative to each read vector's RMS (not differentiated)
                 rms = read.detach().pow(2).mean(-1, keepdim=True).sqrt()
                 read = read + self.noise * rms * torch.randn_like(read)

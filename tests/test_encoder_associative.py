@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from helpers import load_script
-from models import tiny_bert, tiny_gpt2
+from models import reference_clip_read, tiny_bert, tiny_gpt2
 from transformers import BertForTokenClassification
 
 from rmt_fast.models import (
@@ -67,10 +67,8 @@ def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, corr
             h = args[0]
             q = (h.double() @ assoc[i].W_mq.weight.double().T)
             read = reference_read(q, A[i], z[i], **opts)
-            if read_clip:  # at most read_clip times h's RMS, per token (mean squares: no root at 0)
-                ms, bound = read.pow(2).mean(-1, keepdim=True), h.double().pow(2).mean(-1, keepdim=True)
-                bound = read_clip ** 2 * bound
-                read = read * torch.where(ms > bound, (bound / ms.clamp_min(1e-300)).sqrt(), 1.0)
+            if read_clip:
+                read = reference_clip_read(read, h.double(), read_clip)
             return (h + read.float(), *args[1:]), kwargs
         return hook
 
