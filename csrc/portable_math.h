@@ -3,42 +3,21 @@
 // on purpose: portable_namespaces.h includes it twice, as namespace generic (the baseline x86-64
 // / any CPU) and as namespace avx2 (compiled for AVX2 + FMA), after activation_math.h.
 
-// Sums over one row in float32, kLanes partial sums (one vector register of AVX2 holds 8): a single
-// `omp simd reduction` keeps one vector accumulator, whose add latency bounded the LayerNorm's
-// two reductions (2x slower on an AMD EPYC with AVX2, 2026-12-07). Sum of x, and of (x - mu)^2.
+// The sum over one row of f(x) in float32, kLanes partial sums (one vector register of AVX2
+// holds 8): a single `omp simd reduction` keeps one vector accumulator, whose add latency bounded
+// the LayerNorm's two reductions (2x slower on an AMD EPYC with AVX2, 2026-12-07).
 constexpr int64_t kLanes = 32;
 
-template <typename T>
-float row_sum(const T* x, int64_t n) {
+template <typename T, typename F>
+float row_sum_of(const T* x, int64_t n, F f) {
   float acc[kLanes] = {};
   const int64_t nb = n - n % kLanes;
   for (int64_t i = 0; i < nb; i += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += to_float(x[i + j]);
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(to_float(x[i + j]));
   }
   float s = 0.0f;
-  for (int64_t i = nb; i < n; ++i) s += to_float(x[i]);
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-template <typename T>
-float row_centred_squares(const T* x, float mu, int64_t n) {
-  float acc[kLanes] = {};
-  const int64_t nb = n - n % kLanes;
-  for (int64_t i = 0; i < nb; i += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float d = to_float(x[i + j]) - mu;
-      acc[j] += d * d;
-    }
-  }
-  float s = 0.0f;
-  for (int64_t i = nb; i < n; ++i) {
-    const float d = to_float(x[i]) - mu;
-    s += d * d;
-  }
+  for (int64_t i = nb; i < n; ++i) s += f(to_float(x[i]));
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
   return s;
@@ -52,8 +31,9 @@ void layer_norm_rows(const T* x, const float* w, const float* b, T* y, float* me
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * n;
     T* yr = y + r * n;
-    const float mu = row_sum(xr, n) / float(n);
-    const float rs = 1.0f / std::sqrt(row_centred_squares(xr, mu, n) / float(n) + eps);
+    const float mu = row_sum_of(xr, n, [](float v) { return v; }) / float(n);
+    const float var = row_sum_of(xr, n, [mu](float v) { return (v - mu) * (v - mu); }) / float(n);
+    const float rs = 1.0f / std::sqrt(var + eps);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
       yr[i] = from_float<T>((to_float(xr[i]) - mu) * rs * w[i] + b[i]);
