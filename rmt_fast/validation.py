@@ -24,6 +24,14 @@ def _describe(x) -> str:
     return f"{type(x).__name__} {x!r}"[:200]
 
 
+def check_finite_nonnegative(value: object, name: str, note: str = "") -> float:
+    """``value`` as a float; a clear error naming ``name`` unless it is a finite number >= 0
+    (``note``: what the message adds after the bound, e.g. ``" (0 = off)"``)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
+        raise ValueError(f"{name} must be a finite float >= 0{note}, got {value!r}")
+    return float(value)
+
+
 def check_tensor(name: str, x, dims: tuple[int, ...], what: str) -> torch.Tensor:
     """``x`` if it is a tensor with one of ``dims`` dimensions, else a ValueError; ``what``
     describes the expected shape (``"[B, T] token ids"``)."""

@@ -68,12 +68,7 @@ from rmt_fast.models.base import (
     max_positions,
     relative_noise,
 )
-from rmt_fast.models.config import (
-    ALIGNMENTS,
-    SavedConfig,
-    check_finite_nonnegative,
-    check_memory_noise,
-)
+from rmt_fast.models.config import ALIGNMENTS, SavedConfig, check_memory_noise
 from rmt_fast.models.decoder import (
     _count_targets,
     _Segment,
@@ -84,7 +79,7 @@ from rmt_fast.models.decoder import (
 from rmt_fast.models.memory_transformer import find_layers
 from rmt_fast.models.modes import evaluating
 from rmt_fast.models.segment_loop import run_segments
-from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.models.segmenting import next_token_targets, segment_bounds
 from rmt_fast.ops.associative_memory import (
     BACKENDS,
     RULES,
@@ -92,7 +87,7 @@ from rmt_fast.ops.associative_memory import (
     associative_write,
     check_floor,
 )
-from rmt_fast.validation import check_causal_lm_call
+from rmt_fast.validation import check_causal_lm_call, check_finite_nonnegative
 
 CONFIG_NAME = "armt_config.json"
 STATE_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -486,12 +481,7 @@ def split_segments(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    alignment: str) -> list[_Segment]:
     """Cut ``[B, T]`` inputs into segments; position ``p`` predicts ``labels[p + 1]`` and
     ``labels_mask[p]`` selects it (the reference's loss over the concatenated segments)."""
-    targets = None
-    if labels is not None:
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]
-        if labels_mask is not None:
-            targets = targets.masked_fill(~labels_mask.to(torch.bool), -100)
+    targets = None if labels is None else next_token_targets(labels, labels_mask)
     mask = None if attention_mask is None else attention_mask.to(torch.bool)
     return [_Segment(s, e, input_ids[:, s:e], None if mask is None else mask[:, s:e],
                      None if targets is None else targets[:, s:e])

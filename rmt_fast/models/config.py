@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from rmt_fast.manifest import read_json
 from rmt_fast.masks import MASK_MODES
+from rmt_fast.validation import check_finite_nonnegative
 
 ALIGNMENTS = ("left", "right", "center")
 LOSS_OVER = ("all", "last")
@@ -23,13 +24,6 @@ MEMORY_UPDATES = ("replace", "gated")
 ASSOCIATIVE_FIELDS = ("update_rule", "use_l2_norm", "correction", "normaliser_floor",
                       "normaliser_gate", "value_norm", "read_clip")
 CONFIG_NAME = "rmt_config.json"
-
-
-def check_finite_nonnegative(value: object, name: str, note: str = "") -> None:
-    """A clear error naming ``name`` unless ``value`` is a finite number >= 0 (``note``: what
-    the message adds after the bound, e.g. ``" (0 = off)"``)."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
-        raise ValueError(f"{name} must be a finite float >= 0{note}, got {value!r}")
 
 
 def check_memory_noise(value: object) -> None:

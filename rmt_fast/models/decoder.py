@@ -30,7 +30,7 @@ from rmt_fast.models.segment_loop import (
     keep_rows,
     run_segments,
 )
-from rmt_fast.models.segmenting import segment_bounds
+from rmt_fast.models.segmenting import next_token_targets, segment_bounds
 from rmt_fast.validation import check_causal_lm_call
 
 __all__ = ["RMTForCausalLM", "RMTOutput", "RecurrentState"]
@@ -231,13 +231,7 @@ class RMTForCausalLM(RMTBase):
     # --- whole sequences ---------------------------------------------------------------------
     def _segments(self, input_ids, attention_mask, labels, labels_mask) -> list[Segment]:
         total = input_ids.shape[1]
-        targets = None
-        if labels is not None:
-            # official semantics: position p predicts labels[p + 1]; labels_mask[p] selects p
-            targets = torch.full_like(labels, -100)
-            targets[:, :-1] = labels[:, 1:]
-            if labels_mask is not None:
-                targets = targets.masked_fill(~labels_mask.to(torch.bool), -100)
+        targets = None if labels is None else next_token_targets(labels, labels_mask)
         bounds = segment_bounds(total, self.rmt_config.segment_size, self.rmt_config.segment_alignment)
         if labels is not None and self.rmt_config.loss_over == "last":
             targets[:, : bounds[-1][0]] = -100

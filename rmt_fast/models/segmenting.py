@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``range(length)``.
@@ -25,3 +27,14 @@ def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> l
         chunk = math.ceil(length / n)  # torch.chunk's rule
         return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
     raise ValueError(f"alignment must be 'left', 'right' or 'center', got {alignment!r}")
+
+
+def next_token_targets(labels: torch.Tensor, labels_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` targets of a causal LM under the official RMT semantics: position ``p``
+    predicts ``labels[:, p + 1]`` (-100 at the last position), kept where ``labels_mask[:, p]``
+    (``[B, T]``, bool or 0/1) is set when given, -100 elsewhere."""
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    if labels_mask is not None:
+        targets = targets.masked_fill(~labels_mask.to(torch.bool), -100)
+    return targets

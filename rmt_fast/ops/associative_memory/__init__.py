@@ -19,6 +19,8 @@ import importlib.util
 
 import torch
 
+from rmt_fast.validation import check_finite_nonnegative
+
 from . import chunked
 from .chunked import feature_sq, stat_dtype
 from .reference import dpfp, features, reference_read, reference_write
@@ -240,10 +242,7 @@ def _rule_read_terms(rule: str, normalize: bool, floor: float, z: torch.Tensor, 
 
 def check_floor(floor, name: str = "floor") -> float:
     """``floor`` as a float; a clear error naming ``name`` unless it is a finite number >= 0."""
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
-        raise ValueError(f"{name} must be a finite float >= 0 (0 = the reference normaliser), "
-                         f"got {floor!r}")
-    return float(floor)
+    return check_finite_nonnegative(floor, name, " (0 = the reference normaliser)")
 
 
 def correction_gamma(den: torch.Tensor, nrm: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
