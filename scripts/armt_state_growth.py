@@ -8,7 +8,11 @@
 the block outputs at the memory positions (``mem``), the largest row norm of the values
 ``W_mv mem`` (``|v|``), the mean gate ``beta``, and the read's RMS relative to the hidden states
 it is added to (``read/h``; with ``ARMTConfig.read_clip`` the clipped read, and ``raw read/h``
-before the clip)."""
+before the clip).
+``--twins`` reads each story beside a twin whose one fact names another place (one id changed)
+and prints, per layer, how far the two states are apart relative to the story's state
+(``|A - A_twin| / |A|``, per story, with the segment that holds the fact): what is left of the
+fact in the state after n segments of noise; and both answers at the end."""
 
 import argparse
 
@@ -16,6 +20,7 @@ import torch
 
 from rmt_fast.models.armt import AssociativeMemory, clip_read, value_input
 from rmt_fast.streaming import StreamingReader
+from rmt_fast.tasks.babilong import PLACES
 from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
 
 
@@ -49,6 +54,30 @@ def trace_writes(read_clip: float = 0.0) -> dict[int, dict[str, float]]:
     return stats
 
 
+def twin_stories(stories: torch.Tensor, vocab, segment_size: int) -> tuple[torch.Tensor, list[int]]:
+    """``[2n, L]``: the ``n`` one-fact qa1 ``stories`` ``[n, L]``, then each one's twin (the
+    place of its fact, the only id before the question equal to the answer, changed to the next
+    place in :data:`PLACES`, the answer too), and the segment of each story that holds its fact."""
+    places = [vocab.encode([p], strict=True)[0] for p in PLACES]
+    twins, where = stories.clone(), []
+    for i, row in enumerate(stories):
+        answer = int(row[-1])
+        hits = (row[:-segment_size] == answer).nonzero().flatten().tolist()
+        if len(hits) != 1 or answer not in places:
+            raise ValueError(f"story {i}: expected one fact naming its answer before the "
+                             f"question, found the answer id at {hits}")
+        other = places[(places.index(answer) + 1) % len(places)]
+        twins[i, hits[0]] = twins[i, -1] = other
+        where.append(hits[0] // segment_size)
+    return torch.cat([stories, twins]), where
+
+
+def fact_signal(state, n: int) -> list[list[float]]:
+    """Per layer, per story ``i < n``: ``|A_i - A_{n+i}| / |A_i|`` (Frobenius)."""
+    return [[float((A[i] - A[n + i]).norm() / A[i].norm().clamp_min(1e-30)) for i in range(n)]
+            for A in state.A]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
@@ -57,6 +86,8 @@ def main() -> None:
     p.add_argument("--num-facts", type=int, default=1)
     p.add_argument("--seed", type=int, default=12345, help="length_eval's --seed")
     p.add_argument("--writes", action="store_true", help="also what each layer wrote and read")
+    p.add_argument("--twins", action="store_true",
+                   help="also how much of the fact is left in the state (a twin story per story)")
     a = p.parse_args()
     torch.set_num_threads(1)
     model, vocab = load(a.checkpoint)
@@ -64,7 +95,11 @@ def main() -> None:
     size = model.rmt_config.segment_size
     stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=batch_seed(a.seed, 0),
                           num_facts=a.num_facts)
-    reader = StreamingReader(model, batch_size=a.stories, progress=False)
+    n = a.stories
+    if a.twins:
+        stories, where = twin_stories(stories, vocab, size)
+        print(f"the fact's segment per story: {where}", flush=True)
+    reader = StreamingReader(model, batch_size=stories.shape[0], progress=False)
     context, done = stories[:, :-size], 0
     marks = [m for m in (8, 64, 256, 1024, 4096, 8192, 16384) if m < a.segments - 1] + [a.segments - 1]
     for m in marks:
@@ -74,12 +109,21 @@ def main() -> None:
         print(f"after {m:>6} segments: max |A| per layer {[round(float(x.abs().max()), 2) for x in s.A]}, "
               f"max z {[round(float(z.max()), 2) for z in s.z]}, finite "
               f"{all(bool(torch.isfinite(x).all()) for x in s.A + s.z)}", flush=True)
+        if a.twins:
+            for i, row in enumerate(fact_signal(s, n)):
+                print(f"    layer {i}: |A - A_twin| / |A| per story " +
+                      " ".join(f"{x:.3g}" for x in row), flush=True)
         if stats is not None:
             for i, mem in enumerate(model.assoc):
                 print(f"    layer {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in
                                                      stats.get(id(mem), {}).items()), flush=True)
     out = reader.generate(stories[:, -size:-1], max_new_tokens=1, do_sample=False, pad_token_id=0)
-    print("answers:", vocab.decode(out[:, -1].tolist()), "| truth:", vocab.decode(stories[:, -1].tolist()))
+    def words(t):
+        return vocab.decode(t.tolist())
+
+    print("answers:", words(out[:n, -1]), "| truth:", words(stories[:n, -1]))
+    if a.twins:
+        print("twins' answers:", words(out[n:, -1]), "| twins' truth:", words(stories[n:, -1]))
 
 
 if __name__ == "__main__":

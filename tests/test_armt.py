@@ -685,3 +685,33 @@ def test_state_growth_script_traces_what_each_layer_wrote(value_norm, read_clip,
         v = block.W_mv(vin)
     assert s["|v|"] == pytest.approx(float(v.norm(dim=-1).max()), rel=1e-5)
     assert 0 < s["beta"] < 1 and s["read/h"] > 0
+
+
+def test_state_growth_twins():
+    """``scripts/armt_state_growth.py --twins``: each twin differs from its story in the fact's
+    place and the answer only; the fact signal is per layer and story ``|A_i - A_twin| / |A_i|``."""
+    from helpers import load_script
+
+    from rmt_fast.models.armt import ARMTState
+    from rmt_fast.tasks.babilong import PLACES, default_vocab
+    from rmt_fast.tasks.length_eval import story_batch
+
+    growth = load_script("armt_state_growth")
+    vocab = default_vocab()
+    stories = story_batch("qa1", 5, 16, 3, vocab, seed=4, num_facts=1)
+    both, where = growth.twin_stories(stories, vocab, 16)
+    assert torch.equal(both[:3], stories)
+    places = [vocab.stoi[p] for p in PLACES]
+    for i in range(3):
+        diff = (both[3 + i] != stories[i]).nonzero().flatten().tolist()
+        assert len(diff) == 2 and diff[1] == stories.shape[1] - 1 and diff[0] // 16 == where[i]
+        assert int(stories[i, diff[0]]) == int(stories[i, -1])  # the fact names the answer
+        assert places.index(int(both[3 + i, -1])) == (places.index(int(stories[i, -1])) + 1) % 6
+    bad = stories.clone()
+    bad[0, where[0] * 16:(where[0] + 1) * 16] = vocab.stoi["the"]  # no fact left in story 0
+    with pytest.raises(ValueError, match="story 0: expected one fact"):
+        growth.twin_stories(bad, vocab, 16)
+    A = torch.randn(4, 3, 5, dtype=torch.float64)
+    got = growth.fact_signal(ARMTState((A, 2 * A), (torch.zeros(4, 3),) * 2, 1), 2)
+    want = [[float((A[i] - A[2 + i]).norm() / A[i].norm()) for i in range(2)]]
+    assert got[0] == pytest.approx(want[0]) and got[1] == pytest.approx(want[0])
