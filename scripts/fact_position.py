@@ -15,7 +15,8 @@ sentences); the cell ``(0, 1)`` shows what that costs. Each story's background i
 the prefixes of all positions are read once, in order, and every cell branches from the state
 after its prefix (``StreamingReader.state_dict``), so the cost is the longest prefix plus the
 branches, not the sum of all stories. One fact per story and position, the same for every
-distance. Writes ``fact_position.{json,md,png}`` under ``--out``.
+distance. Writes ``fact_position.{json,md,png}`` under ``--out``; ``--merge A.json B.json --out
+DIR`` combines runs evaluated in separate processes (one per core).
 """
 
 from __future__ import annotations
@@ -149,9 +150,41 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
     save(fig, path)
 
 
+def write(out: str, saved: dict) -> None:
+    """``out/fact_position.{json,md,png}`` of ``saved`` (``seed``, ``checkpoints``, ``runs``)."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, "fact_position")
+    with open(stem + ".json", "w") as f:
+        json.dump(saved, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("".join(f"**{label}**\n\n{table(rows)}\n" for label, rows in saved["runs"].items()))
+    plot(saved["runs"], stem + ".png")
+
+
+def merge(paths: list[str]) -> dict:
+    """One result of several ``fact_position.json`` files of the same stories (``seed``); a run
+    label may appear in one file only."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        if not merged:
+            merged = {"task": "qa1", "seed": saved["seed"], "checkpoints": {}, "runs": {}}
+        if saved["seed"] != merged["seed"]:
+            raise ValueError(f"--merge: {path} has seed {saved['seed']}, the first file {merged['seed']}")
+        twice = sorted(merged["runs"].keys() & saved["runs"].keys())
+        if twice:
+            raise ValueError(f"--merge: {path} repeats the run(s) {twice}")
+        merged["runs"].update(saved["runs"])
+        merged["checkpoints"].update(saved["checkpoints"])
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", action="append", required=True, metavar="LABEL=DIR")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--checkpoint", action="append", metavar="LABEL=DIR")
+    mode.add_argument("--merge", nargs="+", metavar="JSON", help="combine fact_position.json files")
     p.add_argument("--positions", type=int, nargs="+", default=[0, 1024, 4096, 16384])
     p.add_argument("--distances", type=int, nargs="+", default=[1, 32, 1024])
     p.add_argument("--stories", type=int, default=32)
@@ -160,6 +193,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.merge:
+        saved = merge(a.merge)
+        write(a.out, saved)
+        return saved["runs"]
     if min(a.positions) < 0 or min(a.distances) < 1 or a.stories < 1 or a.batch_size < 1:
         p.error("positions must be >= 0, distances, --stories and --batch-size >= 1")
     torch.set_num_threads(a.threads)
@@ -172,13 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         runs[label] = evaluate(model, vocab, a.positions, a.distances, a.stories, a.batch_size, a.seed)
         paths[label] = path
         print(f"{label}\n{table(runs[label])}", flush=True)
-    os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, "fact_position")
-    with open(stem + ".json", "w") as f:
-        json.dump({"task": "qa1", "seed": a.seed, "checkpoints": paths, "runs": runs}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write("".join(f"**{label}**\n\n{table(rows)}\n" for label, rows in runs.items()))
-    plot(runs, stem + ".png")
+    write(a.out, {"task": "qa1", "seed": a.seed, "checkpoints": paths, "runs": runs})
     return runs
 
 

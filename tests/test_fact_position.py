@@ -72,6 +72,18 @@ def test_evaluate_counts_and_main_writes(tmp_path):
     assert saved["runs"]["tiny"] == runs["tiny"]
     assert "| 2 |" in (tmp_path / "out" / "fact_position.md").read_text()
     assert (tmp_path / "out" / "fact_position.png").stat().st_size > 5_000
+    other = json.loads(json.dumps(saved))
+    other["runs"] = {"other": rows[:1]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    both = fp.main(["--merge", str(tmp_path / "out" / "fact_position.json"), str(tmp_path / "other.json"),
+                    "--out", str(tmp_path / "merged")])
+    assert both == {"tiny": runs["tiny"], "other": runs["tiny"][:1]}
+    with pytest.raises(ValueError, match="repeats the run"):
+        fp.merge([str(tmp_path / "other.json")] * 2)
+    other["seed"] = 2
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="has seed 2"):
+        fp.merge([str(tmp_path / "out" / "fact_position.json"), str(tmp_path / "other.json")])
 
 
 def test_branch_needs_room():
