@@ -116,7 +116,8 @@ def table(rows: list[dict]) -> str:
     positions = sorted({r["position"] for r in rows})
     distances = sorted({r["distance"] for r in rows})
     cell = {(r["position"], r["distance"]): r for r in rows}
-    lines = ["| fact at segment | " + " | ".join(f"question {d:,} segments later" for d in distances) + " |",
+    heads = [f"question {d:,} segment{'s' * (d != 1)} later" for d in distances]
+    lines = ["| fact at segment | " + " | ".join(heads) + " |",
              "|---" * (len(distances) + 1) + "|"]
     for p in positions:
         lines.append(f"| {p:,} | " + " | ".join(
@@ -136,7 +137,7 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
             pts = sorted((r["position"], r["accuracy"], r["ci95"]) for r in rows if r["distance"] == d)
             x = [p + 1 for p, _, _ in pts]  # log axis: position 0 drawn at 1
             line = ax.plot(x, [a for _, a, _ in pts], marker="o", color=f"C{j}",
-                           label=f"question {d:,} segments after the fact")[0]
+                           label=f"question {d:,} segment{'s' * (d != 1)} after the fact")[0]
             ax.fill_between(x, [c[0] for _, _, c in pts], [c[1] for _, _, c in pts],
                             color=line.get_color(), alpha=0.12)
         ax.set_xscale("log", base=2)
