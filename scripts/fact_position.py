@@ -127,12 +127,16 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(runs: dict[str, list[dict]], path: str) -> None:
-    """A panel per run: accuracy vs the fact's position, a line per distance."""
+    """A panel per run (two a row): accuracy vs the fact's position, a line per distance."""
     from rmt_fast.bench.plotting import pyplot, save
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False, sharey=True)
-    for ax, (label, rows) in zip(axes[0], runs.items(), strict=True):
+    cols = min(2, len(runs))
+    nrows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.8 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, (label, rows) in zip(axes.flat[:len(runs)], runs.items(), strict=True):
         for j, d in enumerate(sorted({r["distance"] for r in rows})):
             pts = sorted((r["position"], r["accuracy"], r["ci95"]) for r in rows if r["distance"] == d)
             x = [p + 1 for p, _, _ in pts]  # log axis: position 0 drawn at 1
