@@ -29,14 +29,17 @@ def seed_of(label: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def load_runs(paths: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
-    """``{label: {segments: (correct, stories)}}`` over the files; a label repeated with other
-    numbers is an error (two different runs under one name)."""
+def load_runs(paths: list[str]) -> tuple[dict[str, dict[int, tuple[int, int]]], int]:
+    """``({label: {segments: (correct, stories)}}, segment_size)`` over the files; a label
+    repeated with other numbers (two different runs under one name) or files of different
+    segment sizes are an error."""
     runs: dict[str, dict[int, tuple[int, int]]] = {}
     where: dict[str, str] = {}
+    sizes: set[int] = set()
     for path in paths:
         with open(path) as f:
             saved = json.load(f)
+        sizes.add(saved["segment_size"])
         for label, rows in saved["runs"].items():
             got = {r["segments"]: (round(r["accuracy"] * r["samples"]), r["samples"]) for r in rows}
             if label in runs:
@@ -46,7 +49,9 @@ def load_runs(paths: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
                 runs[label].update(got)
             else:
                 runs[label], where[label] = dict(got), path
-    return runs
+    if len(sizes) != 1:
+        raise ValueError(f"the files have different segment sizes {sorted(sizes)}")
+    return runs, sizes.pop()
 
 
 def gather(runs: dict[str, dict[int, tuple[int, int]]], groups: list[tuple[str, str]],
@@ -138,19 +143,17 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep or not name or not pattern:
             p.error(f"--group: expected NAME=REGEX, got {item!r}")
         groups.append((name, pattern))
-    sizes = set()
-    for path in a.results:
-        with open(path) as f:
-            sizes.add(json.load(f)["segment_size"])
-    if len(sizes) != 1:
-        p.error(f"the files have different segment sizes {sorted(sizes)}")
-    size = sizes.pop()
-    summary = gather(load_runs(a.results), groups, a.segments)
+    try:
+        runs, size = load_runs(a.results)
+    except ValueError as exc:
+        p.error(str(exc))
+    summary = gather(runs, groups, a.segments)
+    text = table(summary, a.segments, size)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "summary.md"), "w") as f:
-        f.write(table(summary, a.segments, size))
+        f.write(text)
     plot(summary, a.segments, size, os.path.join(a.out, "summary.png"))
-    print(table(summary, a.segments, size))
+    print(text)
     return summary
 
 

@@ -31,7 +31,7 @@ import torch
 from rmt_fast.streaming import StreamingReader
 from rmt_fast.tasks.babi_eval import wilson
 from rmt_fast.tasks.babilong import STORIES, background_sentence
-from rmt_fast.tasks.length_eval import load
+from rmt_fast.tasks.length_eval import labelled, load
 
 
 class WordStream:
@@ -188,7 +188,7 @@ def merge(paths: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", action="append", metavar="LABEL=DIR")
+    mode.add_argument("--checkpoint", action="append", metavar="[LABEL=]DIR")
     mode.add_argument("--merge", nargs="+", metavar="JSON", help="combine fact_position.json files")
     p.add_argument("--positions", type=int, nargs="+", default=[0, 1024, 4096, 16384])
     p.add_argument("--distances", type=int, nargs="+", default=[1, 32, 1024])
@@ -205,14 +205,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     if min(a.positions) < 0 or min(a.distances) < 1 or a.stories < 1 or a.batch_size < 1:
         p.error("positions must be >= 0, distances, --stories and --batch-size >= 1")
     torch.set_num_threads(a.threads)
-    runs, paths = {}, {}
+    paths = {}
     for spec in a.checkpoint:
-        label, sep, path = spec.partition("=")
-        if not sep:
-            label, path = spec, spec
+        label, path = labelled(spec)
+        label = label or path
+        if label in paths:
+            p.error(f"--checkpoint: the label {label!r} is given twice; name runs LABEL=DIR")
+        paths[label] = path
+    runs = {}
+    for label, path in paths.items():
         model, vocab = load(path)
         runs[label] = evaluate(model, vocab, a.positions, a.distances, a.stories, a.batch_size, a.seed)
-        paths[label] = path
         print(f"{label}\n{table(runs[label])}", flush=True)
     write(a.out, {"task": "qa1", "seed": a.seed, "checkpoints": paths, "runs": runs})
     return runs

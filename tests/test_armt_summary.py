@@ -46,12 +46,15 @@ def test_errors(tmp_path):
     b = _file(tmp_path, "b.json", {"delta (seed 0)": {1024: (61, 64)}})
     with pytest.raises(ValueError, match="other numbers"):
         summary.load_runs([a, b])
-    runs = summary.load_runs([a, _file(tmp_path, "c.json", {"delta, seed 0": {1024: (1, 64)}})])
+    runs, size = summary.load_runs([a, _file(tmp_path, "c.json", {"delta, seed 0": {1024: (1, 64)}})])
+    assert size == 32
     with pytest.raises(ValueError, match="two runs of seed 0"):
         summary.gather(runs, [("delta", "delta")], [1024])
     with pytest.raises(ValueError, match="no run label matches"):
         summary.gather(runs, [("RMT", "^RMT")], [1024])
     other = _file(tmp_path, "d.json", {"RMT": {1024: (1, 64)}}, segment_size=64)
+    with pytest.raises(ValueError, match="different segment sizes"):
+        summary.load_runs([a, other])
     with pytest.raises(SystemExit):
         summary.main([a, other, "--group", "delta=delta", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):

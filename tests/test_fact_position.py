@@ -72,6 +72,10 @@ def test_evaluate_counts_and_main_writes(tmp_path):
     assert saved["runs"]["tiny"] == runs["tiny"]
     assert "| 2 |" in (tmp_path / "out" / "fact_position.md").read_text()
     assert (tmp_path / "out" / "fact_position.png").stat().st_size > 5_000
+    with pytest.raises(SystemExit):  # one label for two runs
+        fp.main(["--checkpoint", f"tiny={tmp_path / 'ck'}", "--checkpoint", f"tiny={tmp_path / 'ck'}",
+                 "--out", str(tmp_path / "twice")])
+    assert not (tmp_path / "twice").exists()
     other = json.loads(json.dumps(saved))
     other["runs"] = {"other": rows[:1]}
     (tmp_path / "other.json").write_text(json.dumps(other))

@@ -146,7 +146,9 @@ def table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def _labelled(spec: str) -> tuple[str | None, str]:
+def labelled(spec: str) -> tuple[str | None, str]:
+    """``(label, path)`` of a ``[LABEL=]DIR`` argument; ``(None, spec)`` without a label (or when
+    ``spec`` itself is a directory whose name holds ``=``)."""
     label, sep, path = spec.partition("=")
     return (label, path) if sep and not os.path.isdir(spec) else (None, spec)
 
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         torch.set_num_threads(a.threads)
     models = {}
     for spec in a.checkpoint:
-        label, path = _labelled(spec)
+        label, path = labelled(spec)
         model, vocab = load(path)
         label = label or type(model).__name__
         if label in models:
