@@ -520,6 +520,10 @@ def parser() -> argparse.ArgumentParser:
                    default=None,
                    help="each token's associative read at most this times the RMS of the hidden "
                         "state it is added to (0: off)")
+    p.add_argument("--associative-state-decay", dest="associative_state_decay", type=float,
+                   default=None,
+                   help="every associative write goes into the state scaled by this, in (0, 1] "
+                        "(1: off)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

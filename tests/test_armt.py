@@ -59,6 +59,7 @@ class _RefLayer(nn.Module):
         # value_norm: RMS over the width, eps as torch's rms_norm takes by default
         vin = (mem * torch.rsqrt(mem.pow(2).mean(-1, keepdim=True) + torch.finfo(mem.dtype).eps)
                if c.value_norm else mem)
+        self.A, self.z = self.A * c.state_decay, self.z * c.state_decay  # the decay, then the write
         self.A, self.z = reference_write(a.W_mk(mem), a.W_mv(vin), torch.sigmoid(a.W_mb(mem))[..., 0],
                                          self.A, self.z, first=first, correction=c.correction,
                                          gate=c.normaliser_gate, **opts)
@@ -96,7 +97,9 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     ("gpt2", False, dict(normaliser_gate=True, correction=False)),
     ("llama", True, dict(update_rule="delta")), ("gpt2", False, dict(value_norm=True)),
     ("llama", True, dict(update_rule="delta", value_norm=True)),
-    ("gpt2", True, dict(update_rule="delta", read_clip=0.02)), ("llama", False, dict(read_clip=0.02))])
+    ("gpt2", True, dict(update_rule="delta", read_clip=0.02)), ("llama", False, dict(read_clip=0.02)),
+    ("gpt2", True, dict(update_rule="delta", state_decay=0.6)),
+    ("llama", False, dict(state_decay=0.6))])
 def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
@@ -498,7 +501,8 @@ def test_diagonal_equals_sequential(kind, grouped):
 
 
 @pytest.mark.parametrize("extra", [{}, dict(update_rule="delta", value_norm=True),
-                                   dict(update_rule="delta", read_clip=0.02)])
+                                   dict(update_rule="delta", read_clip=0.02),
+                                   dict(update_rule="delta", state_decay=0.6)])
 def test_diagonal_float64_l2_features(extra):
     """L2-normalised features (the newer upstream variant) in float64, with ARMT's rule and with
     the delta rule on normalised values: equal to ~1e-12."""
@@ -543,7 +547,8 @@ def test_config_frozen_json_and_overrides(tmp_path):
     path = tmp_path / ARMTConfig.FILE_NAME
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
-                        "normaliser_gate", "update_rule", "value_norm", "read_clip")}
+                        "normaliser_gate", "update_rule", "value_norm", "read_clip",
+                        "state_decay")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -564,6 +569,9 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(read_clip=-0.1), "read_clip must be a finite float >= 0"),
                      (dict(read_clip=float("inf")), "read_clip must be a finite float >= 0"),
                      (dict(read_clip=True), "read_clip must be a finite float >= 0"),
+                     (dict(state_decay=0.0), r"state_decay must be a float in \(0, 1\]"),
+                     (dict(state_decay=1.01), r"state_decay must be a float in \(0, 1\]"),
+                     (dict(state_decay=float("nan")), r"state_decay must be a float in \(0, 1\]"),
                      (dict(update_rule="deltanet"), "update_rule must be one of"),
                      (dict(update_rule="delta"), "update_rule='delta' needs use_l2_norm=True"),
                      (dict(update_rule="delta", use_l2_norm=True, normaliser_gate=True),
@@ -575,7 +583,8 @@ def test_config_frozen_json_and_overrides(tmp_path):
 @pytest.mark.parametrize("change", [dict(use_l2_norm=True), dict(nu=2), dict(correction=False),
                                     dict(normaliser_floor=1.0), dict(normaliser_gate=True),
                                     dict(use_l2_norm=True, update_rule="delta"),
-                                    dict(value_norm=True), dict(read_clip=0.02)])
+                                    dict(value_norm=True), dict(read_clip=0.02),
+                                    dict(state_decay=0.6)])
 def test_replace_config_reaches_the_associative_memory(change):
     """A changed option reaches every layer's read and write (the model equals one built with
     it); fields that shape the associative weights are refused."""

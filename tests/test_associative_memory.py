@@ -280,6 +280,45 @@ def test_delta_rule(backend):
         assert A_run.abs().max() < 5
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rule,first,normalize", [("armt", False, False), ("armt", True, True),
+                                                  ("delta", False, True)])
+def test_state_decay(backend, rule, first, normalize):
+    """``decay``: the write goes into ``alpha A``, ``alpha z``: against the float64 reference
+    (whose decay is one line), against the undecayed write of the scaled state written out
+    here, gradients included (``A`` and ``z`` get ``alpha`` times theirs); it changes the
+    result, and 1 is no decay."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    alpha = 0.7
+    _, A, z, km, v, beta = _inputs(dtype)
+    ins = (km, v, beta, A, z)
+    up = [t.detach().double().requires_grad_() for t in ins]
+    kw = dict(first=first, normalize=normalize, rule=rule)
+    if first:  # a fresh state is zero
+        ins = (km, v, beta, (A * 0).detach().requires_grad_(), (z * 0).detach().requires_grad_())
+        up = [t.detach().double().requires_grad_() for t in ins]
+    got = associative_write(*ins, decay=alpha, backend=backend, **kw)
+    want = reference_write(*up, decay=alpha, **kw)
+    scaled = reference_write(*up[:3], up[3] * alpha, up[4] * alpha, **kw)
+    for a, r, s_ in zip(got, want, scaled, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol)
+        torch.testing.assert_close(r, s_, rtol=1e-12, atol=1e-12)
+    plain = reference_write(*up, **kw)
+    if not first:
+        assert (want[0] - plain[0]).abs().max() > 1e-3
+    torch.testing.assert_close(associative_write(*ins, decay=1, backend=backend, **kw)[0].double(),
+                               plain[0], rtol=tol, atol=tol)
+    cots, ga = _grads(list(got), ins)
+    gr = torch.autograd.grad(want, up, cots)
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=10 * tol, atol=10 * tol)
+    if rule == "delta":  # dA' / dA = alpha (I - ...): at beta = 0 exactly alpha
+        zero = torch.zeros_like(up[2])
+        out = reference_write(up[0], up[1], zero, up[3], up[4], decay=alpha, **kw)[0]
+        torch.testing.assert_close(out, alpha * up[3].detach(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_delta_rule_one_solve_for_many_rows(dtype, monkeypatch):
     """The delta write of M = 24 rows runs one read and one update (DeltaNet's UT form: a
@@ -480,6 +519,9 @@ def test_bad_inputs_raise_clear_errors():
             associative_read(x, A, z, floor=bad)
         with pytest.raises(ValueError, match="floor must be a finite float >= 0"):
             associative_write(km, v, beta, A, z, first=False, floor=bad)
+    for bad in (0, -0.5, 1.5, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match=r"decay must be a float in \(0, 1\]"):
+            associative_write(km, v, beta, A, z, first=False, decay=bad)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         associative_read(x.double(), A.double(), z.double(), backend="triton")
 

@@ -42,7 +42,8 @@ def tokens(batch=2, length=16, seed=0):
 
 
 def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, correction=True,
-                   normaliser_floor=0.0, normaliser_gate=False, value_norm=False, read_clip=0.0):
+                   normaliser_floor=0.0, normaliser_gate=False, value_norm=False, read_clip=0.0,
+                   state_decay=1.0):
     """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
     blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
     write (the delta rule on the memory rows' outputs) through the float64 reference formulas,
@@ -84,6 +85,7 @@ def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, corr
                 mem_v = mem
             v = mem_v @ a.W_mv.weight.double().T
             beta = torch.sigmoid(mem @ a.W_mb.weight.double().T + a.W_mb.bias.double())[..., 0]
+            A[i], z[i] = A[i] * state_decay, z[i] * state_decay  # the decay, then the write
             A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0],
                                          correction=correction, gate=normaliser_gate, **opts)
         return hook
@@ -128,11 +130,12 @@ OPTIONS = [dict(update_rule="delta", use_l2_norm=True),
            dict(use_l2_norm=True, normaliser_floor=1.0),
            dict(correction=False, normaliser_gate=True),
            dict(update_rule="delta", use_l2_norm=True, value_norm=True),
-           dict(update_rule="delta", use_l2_norm=True, read_clip=0.05)]
+           dict(update_rule="delta", use_l2_norm=True, read_clip=0.05),
+           dict(update_rule="delta", use_l2_norm=True, state_decay=0.5)]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=["delta", "l2-floor", "nocorr-gate",
-                                                  "delta-vnorm", "delta-clip"])
+                                                  "delta-vnorm", "delta-clip", "delta-decay"])
 def test_associative_options_equal_the_reference_loop(options):
     """``RMTConfig.associative_<field>`` reach every layer: the model equals the reference loop
     run with the same options, and differs from the model with ARMT's defaults; the options
@@ -154,6 +157,9 @@ def test_associative_options_equal_the_reference_loop(options):
     if options.get("read_clip"):  # the clip bites
         unclipped = reference_loop(model, x, bounds, **{**options, "read_clip": 0.0})[0]
         assert (unclipped - logits).abs().max() > 1e-3
+    if options.get("state_decay"):  # and the decay
+        undecayed = reference_loop(model, x, bounds, **{**options, "state_decay": 1.0})[0]
+        assert (undecayed - logits).abs().max() > 1e-3
     torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
     for i in range(2):
         torch.testing.assert_close(out.state.extra[f"A.{i}"].double(), A[i], atol=1e-4, rtol=1e-4)

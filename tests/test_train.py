@@ -202,6 +202,10 @@ def test_build_model_inits():
         build_model(37, 3, 2, armt_read_clip=0.1)
     assert build_model(37, 3, 2, model="armt", d_mem=4,
                        armt_read_clip=0.1).rmt_config.read_clip == 0.1
+    with pytest.raises(ValueError, match=r"armt_state_decay=0.5 is an ARMT option"):
+        build_model(37, 3, 2, armt_state_decay=0.5)
+    assert build_model(37, 3, 2, model="armt", d_mem=4,
+                       armt_state_decay=0.5).rmt_config.state_decay == 0.5
     with pytest.raises(ValueError, match=r"armt_rule='delta' is an ARMT option"):
         build_model(37, 3, 2, armt_rule="delta")
     assert build_model(37, 3, 2, model="armt", d_mem=4, armt_l2_norm=True,

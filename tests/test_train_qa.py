@@ -405,6 +405,8 @@ def test_associative_options_train_save_and_resume(tiny_base, noise, tmp_path):
                             ).associative_options == {"associative_value_norm": True}
     assert config_from_args(parser().parse_args(["--out", "y", "--associative-read-clip", "0.1"])
                             ).associative_options == {"associative_read_clip": 0.1}
+    assert config_from_args(parser().parse_args(["--out", "y", "--associative-state-decay", "0.5"])
+                            ).associative_options == {"associative_state_decay": 0.5}
     cfg = tiny_config(tiny_base, associative_d_mem=8, associative_options=opts, max_steps=2,
                       curriculum=[2], lrs=None, save_every=1)
     model = build_model(cfg)

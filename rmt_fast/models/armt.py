@@ -24,8 +24,8 @@ tokens use); ``position_mode="model"`` numbers ``[segment | memory]`` as the bas
 ``+ eps`` from ``|k|^2`` in the correction (done here when ``use_l2_norm``), and initialises
 ``W_q``/``W_k``/``W_b`` and the memory differently (not replicated: this follows the reference).
 Not in any upstream code: ``correction=False``, ``ARMTConfig.normaliser_floor`` (reads divide by
-at least ``c |phi|^2 + eps``), ``normaliser_gate`` and ``update_rule="delta"`` (DeltaNet's rule),
-ways to keep the state bounded on long inputs.
+at least ``c |phi|^2 + eps``), ``normaliser_gate``, ``update_rule="delta"`` (DeltaNet's rule),
+``value_norm``, ``read_clip`` and ``state_decay``, ways to keep the state bounded on long inputs.
 
 Implementation: the blocks stay the base model's own (state-dict keys unchanged); forward
 pre-hooks and hooks on them do the read and the write while a segment runs. The recurrent state
@@ -85,6 +85,7 @@ from rmt_fast.ops.associative_memory import (
     RULES,
     associative_read,
     associative_write,
+    check_decay,
     check_floor,
 )
 from rmt_fast.validation import check_causal_lm_call, check_finite_nonnegative
@@ -138,6 +139,12 @@ class ARMTConfig(SavedConfig):
             reference). Tried at 0.1 with the delta rule on qa1, three seeds: it evened the
             seeds out but made none reliable to 1M tokens; the state grew behind the bound
             (``docs/armt.md``, "A bound on the read's share").
+        state_decay: ``alpha`` in (0, 1]; every write goes into the state scaled by ``alpha``
+            (``A <- alpha A``, ``z <- alpha z``, then the write; a fixed gate as Gated
+            DeltaNet's, not in the reference code), so content not written again fades by
+            ``alpha`` a segment and the state's statistics stop depending on the length after
+            about ``1 / (1 - alpha)`` segments; to keep a fact longer the model must write it
+            again, as RMT rewrites its memory every segment. 1 = off (the reference).
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
         position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
@@ -171,6 +178,7 @@ class ARMTConfig(SavedConfig):
         "update_rule": "armt",
         "value_norm": False,
         "read_clip": 0.0,
+        "state_decay": 1.0,
     }
 
     num_mem_tokens: int = 16
@@ -183,6 +191,7 @@ class ARMTConfig(SavedConfig):
     use_l2_norm: bool = False
     value_norm: bool = False
     read_clip: float = 0.0
+    state_decay: float = 1.0
     nu: int = 3
     eps: float = 1e-5
     position_mode: str = "model"
@@ -234,6 +243,7 @@ class ARMTConfig(SavedConfig):
                  "does not use")
         check_floor(self.normaliser_floor, "normaliser_floor")
         check_finite_nonnegative(self.read_clip, "read_clip", " (0 = off)")
+        check_decay(self.state_decay, "state_decay")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 
@@ -315,7 +325,8 @@ def associative_options(cfg: ARMTConfig) -> dict:
 def write_options(cfg: ARMTConfig) -> dict:
     """Keyword options of :func:`associative_write` from ``cfg`` (the read's and the write's
     own)."""
-    return dict(associative_options(cfg), correction=cfg.correction, gate=cfg.normaliser_gate)
+    return dict(associative_options(cfg), correction=cfg.correction, gate=cfg.normaliser_gate,
+                decay=float(cfg.state_decay))
 
 
 class AssociativeMemory(nn.Module):

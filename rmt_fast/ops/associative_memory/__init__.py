@@ -129,8 +129,8 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
                       normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                      gate: bool = False, rule: str = "armt", backend: str = "auto",
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      gate: bool = False, rule: str = "armt", decay: float = 1.0,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (see :mod:`.reference` for the formulas).
 
     Args:
@@ -150,6 +150,9 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
             ``k_j`` and ``A`` stays bounded; ``z`` is returned unchanged (``first``,
             ``correction``, ``floor`` and ``gate`` do not apply). Computed in DeltaNet's UT
             form (:func:`_delta_write`: one read, one solve, one update for all M rows).
+        decay: ``alpha`` in (0, 1]: the write goes into ``alpha A``, ``alpha z`` (the state
+            scaled first, so ``v_bar`` reads it scaled; a fixed per-write gate as Gated
+            DeltaNet's, not in the ARMT code). 1 = no decay.
 
     Returns:
         ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
@@ -157,6 +160,7 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
     """
     _check_state(km, A, z, nu, "km")
     floor = check_floor(floor)
+    decay = check_decay(decay)
     zero, one = _rule_read_terms(rule, normalize, floor, z, eps)
     if rule == "delta" and gate:
         raise ValueError("gate applies to z, which rule='delta' does not use")
@@ -175,8 +179,12 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         if rows_first:
             raise ValueError("backend='reference' takes first as a bool")
         return reference_write(km, v, beta, A, z, first=first, correction=correction, nu=nu,
-                               normalize=normalize, eps=eps, floor=floor, gate=gate, rule=rule)
+                               normalize=normalize, eps=eps, floor=floor, gate=gate, rule=rule,
+                               decay=decay)
     from .function import assoc_read, assoc_update
+
+    if decay != 1.0:  # a fresh (zero) state stays zero
+        A, z = A * decay, z * decay
 
     km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
     if rule == "delta":
@@ -240,6 +248,13 @@ def _rule_read_terms(rule: str, normalize: bool, floor: float, z: torch.Tensor, 
     return torch.zeros_like(z), 1.0
 
 
+def check_decay(decay, name: str = "decay") -> float:
+    """``decay`` as a float; a clear error naming ``name`` unless it is a number in (0, 1]."""
+    if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 < decay <= 1):
+        raise ValueError(f"{name} must be a float in (0, 1] (1 = no decay), got {decay!r}")
+    return float(decay)
+
+
 def check_floor(floor, name: str = "floor") -> float:
     """``floor`` as a float; a clear error naming ``name`` unless it is a finite number >= 0."""
     return check_finite_nonnegative(floor, name, " (0 = the reference normaliser)")
@@ -254,6 +269,7 @@ def correction_gamma(den: torch.Tensor, nrm: torch.Tensor, normalize: bool, eps:
     return torch.clip(1 - den / sq, 0, 1).detach()
 
 
-__all__ = ["BACKENDS", "RULES", "associative_read", "chunked", "associative_write", "check_floor",
+__all__ = ["BACKENDS", "RULES", "associative_read", "chunked", "associative_write", "check_decay",
+           "check_floor",
            "correction_gamma", "dpfp",
            "features", "reference_read", "reference_write"]

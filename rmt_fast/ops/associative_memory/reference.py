@@ -16,6 +16,9 @@ Notation (per transformer layer, per batch row): the state is ``A`` ``[d_key, d]
     detached (the correction; 1 on the first segment or without correction). Unnormalised
     features use ``|k|^2 + eps`` in the denominator, normalised ones ``|k|^2``. With ``gate``
     (not in the reference code) ``z' = z + sum_j beta_j gamma_j k_j``.
+* ``decay`` ``alpha`` in (0, 1] (not in the ARMT code; Gated DeltaNet's gate, fixed): every
+  write first scales the state, ``A <- alpha A``, ``z <- alpha z``, then writes as above (so
+  ``v_bar`` reads the decayed state); 1 = the reference.
 * ``rule="delta"`` (DeltaNet's rule, not in the ARMT code; unit features): read ``phi(x) A``;
   the rows write one after another, ``A <- A + beta_j k_j (v_j - k_j A)^T``; ``z`` unused.
 """
@@ -77,15 +80,17 @@ def reference_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int
 def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                     z: torch.Tensor, *, first: bool, correction: bool = True, nu: int = 3,
                     normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                    gate: bool = False, rule: str = "armt", upcast: bool = False,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    gate: bool = False, rule: str = "armt", decay: float = 1.0,
+                    upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (``v_bar`` divided as :func:`normaliser`; ``gamma`` always from
-    ``k . z + eps``). ``km = W_k m`` ``[B, M, d_mem]``, ``v = W_v m`` ``[B, M, d]``,
-    ``beta = sigmoid(W_b m)`` ``[B, M]``, state ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]``.
-    Returns ``(A', z')`` in ``A``'s dtype (float64 arithmetic when ``upcast``)."""
+    ``k . z + eps``) into the state scaled by ``decay`` first. ``km = W_k m`` ``[B, M, d_mem]``,
+    ``v = W_v m`` ``[B, M, d]``, ``beta = sigmoid(W_b m)`` ``[B, M]``, state ``A``
+    ``[B, d_key, d]``, ``z`` ``[B, d_key]``. Returns ``(A', z')`` in ``A``'s dtype (float64
+    arithmetic when ``upcast``)."""
     dtype = A.dtype
     km, v, beta, A, z = _up(upcast, km, v, beta, A, z)
     k = features(km, nu, normalize)
+    A, z = A * decay, z * decay
     if rule == "delta":  # DeltaNet's rule, the rows one after another; z unused
         for j in range(k.shape[1]):
             prev = torch.einsum("bk,bkd->bd", k[:, j], A)
