@@ -3,7 +3,8 @@
 
 ``python scripts/armt_state_growth.py CHECKPOINT [--stories 4] [--segments 31250] [--writes]``
 (a checkpoint of ``rmt-fast train --model armt --task qa1``; the stories are the first ones that
-``python -m rmt_fast.tasks.length_eval --task qa1 --num-facts 1`` reads at that length).
+``python -m rmt_fast.tasks.length_eval --task qa1 --num-facts 1`` reads at that length; with one
+fact each, the segment that holds each story's fact is printed first).
 ``--writes`` adds, per layer, what the last segment before each mark wrote and read: the RMS of
 the block outputs at the memory positions (``mem``), the largest row norm of the values
 ``W_mv mem`` (``|v|``), the mean gate ``beta``, and the read's RMS relative to the hidden states
@@ -98,7 +99,8 @@ def main() -> None:
     n = a.stories
     if a.twins:
         stories, where = twin_stories(stories, vocab, size)
-        print(f"the fact's segment per story: {where}", flush=True)
+    if a.twins or a.num_facts == 1:  # where a mark's numbers change: before or after the fact
+        print(f"the fact's segment per story: {twin_stories(stories[:n], vocab, size)[1]}", flush=True)
     reader = StreamingReader(model, batch_size=stories.shape[0], progress=False)
     context, done = stories[:, :-size], 0
     marks = [m for m in (8, 64, 256, 1024, 4096, 8192, 16384) if m < a.segments - 1] + [a.segments - 1]
