@@ -147,9 +147,9 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
         rule: ``delta``: DeltaNet's rule (Schlag et al. 2021; not in the ARMT code): the memory
             rows write one after another, ``A <- A + beta_j k_j (v_j - k_j A)^T``, with unit
             keys (``normalize`` required), so each write is a contraction of ``A`` along
-            ``k_j`` and ``A`` stays bounded; ``z`` is returned unchanged (``first``,
-            ``correction``, ``floor`` and ``gate`` do not apply). Computed in DeltaNet's UT
-            form (:func:`_delta_write`: one read, one solve, one update for all M rows).
+            ``k_j`` and ``A`` stays bounded; ``z`` is returned unchanged but for ``decay``
+            (``first``, ``correction``, ``floor`` and ``gate`` do not apply). Computed in
+            DeltaNet's UT form (:func:`_delta_write`: one read, one solve, one update for all M rows).
         decay: ``alpha`` in (0, 1]: the write goes into ``alpha A``, ``alpha z`` (the state
             scaled first, so ``v_bar`` reads it scaled; a fixed per-write gate as Gated
             DeltaNet's, not in the ARMT code). 1 = no decay.
