@@ -97,10 +97,11 @@ def main() -> None:
     stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=batch_seed(a.seed, 0),
                           num_facts=a.num_facts)
     n = a.stories
-    if a.twins:
-        stories, where = twin_stories(stories, vocab, size)
     if a.twins or a.num_facts == 1:  # where a mark's numbers change: before or after the fact
-        print(f"the fact's segment per story: {twin_stories(stories[:n], vocab, size)[1]}", flush=True)
+        both, where = twin_stories(stories, vocab, size)
+        print(f"the fact's segment per story: {where}", flush=True)
+        if a.twins:
+            stories = both
     reader = StreamingReader(model, batch_size=stories.shape[0], progress=False)
     context, done = stories[:, :-size], 0
     marks = [m for m in (8, 64, 256, 1024, 4096, 8192, 16384) if m < a.segments - 1] + [a.segments - 1]

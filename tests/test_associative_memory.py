@@ -292,12 +292,11 @@ def test_state_decay(backend, rule, first, normalize):
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     alpha = 0.7
     _, A, z, km, v, beta = _inputs(dtype)
+    if first:  # a fresh state is zero
+        A, z = (A * 0).detach().requires_grad_(), (z * 0).detach().requires_grad_()
     ins = (km, v, beta, A, z)
     up = [t.detach().double().requires_grad_() for t in ins]
     kw = dict(first=first, normalize=normalize, rule=rule)
-    if first:  # a fresh state is zero
-        ins = (km, v, beta, (A * 0).detach().requires_grad_(), (z * 0).detach().requires_grad_())
-        up = [t.detach().double().requires_grad_() for t in ins]
     got = associative_write(*ins, decay=alpha, backend=backend, **kw)
     want = reference_write(*up, decay=alpha, **kw)
     scaled = reference_write(*up[:3], up[3] * alpha, up[4] * alpha, **kw)
