@@ -86,6 +86,10 @@ ROWS: dict[str, dict] = {
     # memory tokens write one after another, each write a contraction: A stays bounded
     "armt-d4-delta": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True,
                           rule="delta"),
+    # the same with every write going into half the state (ARMTConfig.state_decay = 0.5: what
+    # made the delta rule exact to 1M tokens on qa1, docs/armt.md "A decay of the state")
+    "armt-d4-delta-decay": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True,
+                                rule="delta", decay=0.5),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -144,7 +148,8 @@ class Settings:
                            armt_correction=spec.get("correction", True),
                            armt_floor=spec.get("floor", 0.0),
                            armt_normaliser_gate=spec.get("gate", False),
-                           armt_rule=spec.get("rule", "armt"))
+                           armt_rule=spec.get("rule", "armt"),
+                           armt_state_decay=spec.get("decay", 1.0))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,

@@ -54,6 +54,8 @@ def test_every_row_trains_and_evaluates(row, corpus, tmp_path):
     if spec.get("model") == "armt":
         assert cfg.correction == spec.get("correction", True)
         assert cfg.use_l2_norm == spec.get("l2", False)
+        assert cfg.update_rule == spec.get("rule", "armt")
+        assert cfg.state_decay == spec.get("decay", 1.0)
     else:
         assert cfg.memory_noise == spec.get("noise", 0.0)
         assert cfg.xl_positions == spec.get("xl_positions", "before_memory")
