@@ -507,6 +507,29 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
 
 
+def clip_and_check_gradients(params, max_norm: float | None, loss: float, step: int, where: str,
+                             output_dir: str | os.PathLike | None) -> float:
+    """Clip the gradients of ``params`` to ``max_norm`` (None: no clipping) and return their
+    norm; raise :class:`FloatingPointError` when ``loss`` or the norm is NaN/inf, before the
+    optimizer step that would write it into every weight (AdamW turns one NaN gradient into NaN
+    weights). The weights stay as after the step before ``step``, the run directory as it was;
+    the message names the checkpoint to resume from. ``loss`` and the norm are global (reduced
+    over ranks), so every rank raises at the same step."""
+    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    bad = [f"the {name} is {value}" for name, value in (("loss", loss), ("gradient norm", norm))
+           if not math.isfinite(value)]
+    if bad:
+        ckpt = None if output_dir is None else latest_checkpoint(output_dir)
+        resume = ("no checkpoint was saved yet" if ckpt is None else
+                  f"the last checkpoint, {ckpt}, is intact: resume from it with a lower learning "
+                  "rate, a longer warm-up or gradient clipping")
+        raise FloatingPointError(
+            f"training stopped at step {step} ({where}): {' and '.join(bad)}; the optimizer step "
+            f"was not taken, the weights are those after step {step - 1}; {resume}")
+    return norm
+
+
 def _check_model_and_task(model: nn.Module, task: Task) -> None:
     if not isinstance(task, Task):
         raise ValueError(f"task must be an rmt_fast.tasks.Task, got {type(task).__name__}")
@@ -540,6 +563,10 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
     batch, so ``k`` steps on ``W`` processes give the parameters of ``k`` steps on one process
     with a ``W`` times larger batch (up to float rounding, without dropout). Rank 0 writes
     checkpoints and metrics; a checkpoint resumes on any number of processes.
+
+    A NaN or infinite loss or gradient norm stops training with :class:`FloatingPointError`
+    before its optimizer step (:func:`clip_and_check_gradients`): the weights, the checkpoints
+    and the metrics stay as they were, and the message names the checkpoint to resume from.
 
     The options (:class:`TrainConfig`):
         segments: the number of segments ``n``, or a :class:`Curriculum` of increasing stage
@@ -654,8 +681,8 @@ def train(model: nn.Module, task: Task, steps: int | None = None, *, config: Tra
             micro.append((ids, labels_mask, model.num_targets(ids, ids, labels_mask)))
         optimizer.zero_grad(set_to_none=True)
         loss = _accumulate(runner, micro, env, autocast_kw, _step_seed(cfg.seed, step) + 1)
-        if cfg.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        clip_and_check_gradients(model.parameters(), cfg.clip_grad, loss, step + 1,
+                                 f"stage {curriculum.stage}, {n} segments", cfg.output_dir)
         optimizer.step()
         step += 1
         record = {"step": step, "stage": curriculum.stage, "segments": n, "loss": round(loss, 6),

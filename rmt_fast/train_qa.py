@@ -37,7 +37,14 @@ from rmt_fast import dtypes
 from rmt_fast.models.config import ASSOCIATIVE_FIELDS, MEMORY_UPDATES
 from rmt_fast.ops.associative_memory import RULES
 from rmt_fast.tasks.babi_qa import DIRECTIONS, LOCATIONS, TASKS, BabiQA
-from rmt_fast.train import STATE_NAME, RunDir, _step_seed, latest_checkpoint, lr_factor
+from rmt_fast.train import (
+    STATE_NAME,
+    RunDir,
+    _step_seed,
+    clip_and_check_gradients,
+    latest_checkpoint,
+    lr_factor,
+)
 
 ARGS_NAME = "args.json"
 AMP_CHOICES = ("auto", "bf16", "fp32")
@@ -429,7 +436,8 @@ def train_qa(model, data: BabiQA, cfg: QATrainConfig, out: str | os.PathLike | N
                 loss = loss + cfg.fact_loss * fact
         loss.backward()
         loss = loss.detach().item()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        grad_norm = clip_and_check_gradients(params, cfg.clip_grad, loss, step + 1,
+                                             f"stage {stage}, {n} segments", out)
         optimizer.step()
         step += 1
         record = {"step": step, "stage": stage, "segments": n, "loss": round(loss, 5),

@@ -335,6 +335,46 @@ def test_resume_on_the_same_model_object(tmp_path):
         assert torch.equal(v, chunked.state_dict()[k]), k
 
 
+def _poison(model, where: str):
+    """A NaN loss (the embeddings' output) or an infinite gradient (the embedding's) from now on."""
+    emb = model.base.get_input_embeddings()
+    if where == "loss":
+        return emb.register_forward_hook(lambda m, i, out: out * float("nan"))
+    return emb.weight.register_hook(lambda g: g * float("inf"))
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_non_finite_step_stops_before_the_weights_change(tmp_path, where):
+    task = make_task("copy", 8, copies=1, **SMALL)
+    kw = dict(segments=2, batch_size=4, eval_every=10, eval_size=16, save_every=2, progress=False)
+    model = tiny(task)
+    train(model, task, 2, output_dir=tmp_path, **kw)
+    before = _params(model)
+    files = sorted(os.listdir(tmp_path))
+    ckpt = {p: p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*") if p.is_file()}
+    metrics = open(tmp_path / "metrics.jsonl").read()
+    handle = _poison(model, where)
+    what = "the loss is nan and the gradient norm is nan" if where == "loss" else \
+        "the gradient norm is inf"
+    message = rf"step 3 \(stage 0, 2 segments\): {what}; .*after step 2; the last checkpoint, " \
+        r".*checkpoint-2, is intact"
+    with pytest.raises(FloatingPointError, match=message):
+        train(model, task, 6, output_dir=tmp_path, **kw)
+    for k, v in _params(model).items():  # no optimizer step was taken
+        assert torch.equal(v, before[k]), k
+    assert sorted(os.listdir(tmp_path)) == files and open(tmp_path / "metrics.jsonl").read() == metrics
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*") if p.is_file()} == ckpt
+    # without a run directory the message says there is no checkpoint
+    fresh = tiny(task)
+    _poison(fresh, where)
+    with pytest.raises(FloatingPointError, match="step 1 .*no checkpoint was saved yet"):
+        train(fresh, task, 2, **{**kw, "save_every": None})
+    # once the cause is gone the run resumes from its checkpoint and ends finite
+    handle.remove()
+    res = train(model, task, 4, output_dir=tmp_path, **kw)
+    assert res.step == 4 and all(torch.isfinite(v).all() for v in _params(model).values())
+
+
 # --- ARMT through the same loop and CLI (`--model armt`) ------------------------------------------
 def test_armt_trains_resumes_exactly_and_uses_its_memory(tmp_path):
     task = make_task("copy", 8, copies=1, **SMALL)

@@ -429,6 +429,31 @@ def test_associative_options_train_save_and_resume(tiny_base, noise, tmp_path):
                                 associative_options={"associative_update_rule": "delta"}))
 
 
+def test_a_non_finite_loss_stops_before_the_weights_change(tiny_base, noise, tmp_path):
+    """A NaN loss stops training before its optimizer step (clear error naming the checkpoint);
+    weights and the run folder stay as they were, and the run resumes once the cause is gone."""
+    cfg = tiny_config(tiny_base, curriculum=[1], lrs=None, max_steps=4, save_every=2)
+    model = build_model(cfg)
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    assert train_qa(model, data, cfg, tmp_path, progress=False, stop_after=2).step == 2
+    before = {k: v.clone() for k, v in model.finetuned_state_dict().items()}
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def nan_loss(module, inputs, out):
+        out.loss = out.loss * float("nan")
+        return out
+
+    handle = model.register_forward_hook(nan_loss)
+    with pytest.raises(FloatingPointError, match=r"step 3 \(stage 0, 1 segments\): the loss is nan.*"
+                                                 r"checkpoint-2, is intact"):
+        train_qa(model, data, cfg, tmp_path, progress=False)
+    for k, v in model.finetuned_state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    handle.remove()
+    assert train_qa(model, data, cfg, tmp_path, progress=False).step == 4
+
+
 def test_two_runs_cannot_share_a_folder(tiny_base, noise, tmp_path):
     from rmt_fast.train_qa import _lock
 
