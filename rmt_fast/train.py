@@ -522,8 +522,8 @@ def clip_and_check_gradients(params, max_norm: float | None, loss: float, step: 
     if bad:
         ckpt = None if output_dir is None else latest_checkpoint(output_dir)
         resume = ("no checkpoint was saved yet" if ckpt is None else
-                  f"the last checkpoint, {ckpt}, is intact: resume from it with a lower learning "
-                  "rate, a longer warm-up or gradient clipping")
+                  f"the last checkpoint, {ckpt}, is intact: resume from it (a lower learning rate "
+                  "or a longer warm-up may avoid this)")
         raise FloatingPointError(
             f"training stopped at step {step} ({where}): {' and '.join(bad)}; the optimizer step "
             f"was not taken, the weights are those after step {step - 1}; {resume}")
