@@ -515,7 +515,10 @@ def clip_and_check_gradients(params, max_norm: float | None, loss: float, step: 
     weights). The weights stay as after the step before ``step``, the run directory as it was;
     the message names the checkpoint to resume from. ``loss`` and the norm are global (reduced
     over ranks), so every rank raises at the same step."""
-    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
+    if max_norm is None:  # the norm alone: no rescaling pass over the gradients
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     bad = [f"the {name} is {value}" for name, value in (("loss", loss), ("gradient norm", norm))
            if not math.isfinite(value)]
