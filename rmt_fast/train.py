@@ -139,6 +139,8 @@ class ModelSpec:
                                  "(ARMTConfig.read_clip; 0 = off)")
     armt_state_decay: float = _opt(1.0, "armt: every write goes into the state scaled by this "
                                    "(ARMTConfig.state_decay, in (0, 1]; 1 = off)")
+    armt_decay_gate: bool = _opt(False, "armt: learn the decay per write from the memory outputs, "
+                                 "starting at --armt-state-decay (ARMTConfig.decay_gate)")
 
 
 @dataclass(frozen=True)
@@ -842,7 +844,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 armt_l2_norm: bool = False, armt_correction: bool = True, armt_floor: float = 0.0,
                 armt_normaliser_gate: bool = False, armt_rule: str = "armt",
                 armt_value_norm: bool = False, armt_read_clip: float = 0.0,
-                armt_state_decay: float = 1.0, memory_update: str = "replace"):
+                armt_state_decay: float = 1.0, armt_decay_gate: bool = False,
+                memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
@@ -852,7 +855,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     :attr:`ARMTConfig.normaliser_floor`, ``armt_normaliser_gate``:
     :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`,
     ``armt_value_norm``: :attr:`ARMTConfig.value_norm`, ``armt_read_clip``:
-    :attr:`ARMTConfig.read_clip`, ``armt_state_decay``: :attr:`ARMTConfig.state_decay`);
+    :attr:`ARMTConfig.read_clip`, ``armt_state_decay``: :attr:`ARMTConfig.state_decay`,
+    ``armt_decay_gate``: :attr:`ARMTConfig.decay_gate`);
     ``mask``, ``xl_cache`` and ``xl_positions`` (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -886,7 +890,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                      f"armt_rule={armt_rule!r}": armt_rule != "armt",
                      "armt_value_norm": armt_value_norm,
                      f"armt_read_clip={armt_read_clip}": armt_read_clip,
-                     f"armt_state_decay={armt_state_decay}": armt_state_decay != 1.0}
+                     f"armt_state_decay={armt_state_decay}": armt_state_decay != 1.0,
+                     "armt_decay_gate": armt_decay_gate}
         bad = next((name for name, used in armt_only.items() if used), None)
         if bad:
             raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
@@ -914,6 +919,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                                normaliser_floor=armt_floor, normaliser_gate=armt_normaliser_gate,
                                update_rule=armt_rule, value_norm=armt_value_norm,
                                read_clip=armt_read_clip, state_decay=armt_state_decay,
+                               decay_gate=armt_decay_gate,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

@@ -581,9 +581,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the associative options with a flag: not ``decay_gate``, whose weights are made when the model
+#: is built (the options reach a built or loaded model through ``replace_config``)
+CLI_ASSOCIATIVE_FIELDS = tuple(f for f in ASSOCIATIVE_FIELDS if f != "decay_gate")
+
+
 def associative_options_from_args(a: argparse.Namespace) -> dict:
     """The ``associative_<field>`` options given on the command line (the others: the model's)."""
-    given = {f"associative_{f}": getattr(a, f"associative_{f}") for f in ASSOCIATIVE_FIELDS}
+    given = {f"associative_{f}": getattr(a, f"associative_{f}") for f in CLI_ASSOCIATIVE_FIELDS}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -90,6 +90,10 @@ ROWS: dict[str, dict] = {
     # made the delta rule exact to 1M tokens on qa1, docs/armt.md "A decay of the state")
     "armt-d4-delta-decay": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True,
                                 rule="delta", decay=0.5),
+    # the same decay learnt per write from the memory outputs, starting at 0.5
+    # (ARMTConfig.decay_gate)
+    "armt-d4-delta-learnt": dict(mem=True, xl=0, depth=4, mask="causal", model="armt", l2=True,
+                                 rule="delta", decay=0.5, decay_gate=True),
 }
 MAIN_ROWS = ("plain", "xl10", "xl128", "rmt-d0", "rmt-d1", "rmt-d2", "rmt-d4", "rmt-xl10")
 RESULT_NAME, LM_METRICS, SETTINGS_NAME = "result.json", "lm_metrics.jsonl", "settings.json"
@@ -149,7 +153,8 @@ class Settings:
                            armt_floor=spec.get("floor", 0.0),
                            armt_normaliser_gate=spec.get("gate", False),
                            armt_rule=spec.get("rule", "armt"),
-                           armt_state_decay=spec.get("decay", 1.0))
+                           armt_state_decay=spec.get("decay", 1.0),
+                           armt_decay_gate=spec.get("decay_gate", False))
 
     def train_kwargs(self) -> dict:
         return dict(segments=self.segments, batch_size=self.batch_size, lr=self.lr,

@@ -59,7 +59,13 @@ class _RefLayer(nn.Module):
         # value_norm: RMS over the width, eps as torch's rms_norm takes by default
         vin = (mem * torch.rsqrt(mem.pow(2).mean(-1, keepdim=True) + torch.finfo(mem.dtype).eps)
                if c.value_norm else mem)
-        self.A, self.z = self.A * c.state_decay, self.z * c.state_decay  # the decay, then the write
+        alpha = c.state_decay  # the decay, then the write
+        if c.decay_gate:  # learnt: sigmoid(w . mean of the memory outputs + b), one per row
+            alpha = torch.sigmoid((mem.mean(1) * a.W_ma.weight[0]).sum(-1) + a.W_ma.bias[0])[:, None]
+            self.A = self.A * alpha[..., None]
+        else:
+            self.A = self.A * alpha
+        self.z = self.z * alpha
         self.A, self.z = reference_write(a.W_mk(mem), a.W_mv(vin), torch.sigmoid(a.W_mb(mem))[..., 0],
                                          self.A, self.z, first=first, correction=c.correction,
                                          gate=c.normaliser_gate, **opts)
@@ -99,7 +105,9 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     ("llama", True, dict(update_rule="delta", value_norm=True)),
     ("gpt2", True, dict(update_rule="delta", read_clip=0.02)), ("llama", False, dict(read_clip=0.02)),
     ("gpt2", True, dict(update_rule="delta", state_decay=0.6)),
-    ("llama", False, dict(state_decay=0.6))])
+    ("llama", False, dict(state_decay=0.6)),
+    ("gpt2", True, dict(update_rule="delta", state_decay=0.6, decay_gate=True)),
+    ("llama", False, dict(state_decay=0.6, decay_gate=True))])
 def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
@@ -108,6 +116,10 @@ def test_forward_backward_match_independent_loop(kind, l2, extra):
     in float32 they agree only to rounding (~1e-5 relative, set by the attention kernel's
     summation order)."""
     model = make(kind, use_l2_norm=l2, **extra)
+    if model.rmt_config.decay_gate:  # W_ma starts at zero: make the decay depend on the data
+        with torch.no_grad():
+            for a in model.assoc:
+                a.W_ma.weight.normal_(0, 0.3)
     x = ids(2, 29)  # 4 segments, the last one short
     out = model(x, labels=x)
     assert isinstance(out, ARMTOutput) and out.logits.shape == (2, 29, VOCAB)
@@ -133,6 +145,8 @@ def test_forward_backward_match_independent_loop(kind, l2, extra):
     assert checked >= 20
     assert model.assoc[0].W_mq.weight.grad.abs().max() > 0  # the read is on the graph
     assert model.assoc[1].W_mk.weight.grad.abs().max() > 0  # so is the write
+    if model.rmt_config.decay_gate:  # and the learnt decay
+        assert model.assoc[0].W_ma.weight.grad.abs().max() > 0
 
 
 def test_read_clip_bounds_each_reads_share(monkeypatch):
@@ -502,14 +516,18 @@ def test_diagonal_equals_sequential(kind, grouped):
 
 @pytest.mark.parametrize("extra", [{}, dict(update_rule="delta", value_norm=True),
                                    dict(update_rule="delta", read_clip=0.02),
-                                   dict(update_rule="delta", state_decay=0.6)])
+                                   dict(update_rule="delta", state_decay=0.6),
+                                   dict(update_rule="delta", state_decay=0.6, decay_gate=True),
+                                   dict(state_decay=0.6, decay_gate=True)])
 def test_diagonal_float64_l2_features(extra):
     """L2-normalised features (the newer upstream variant) in float64, with ARMT's rule and with
-    the delta rule on normalised values: equal to ~1e-12."""
+    the delta rule on normalised values, fixed and learnt decays: equal to ~1e-12."""
     model = make("llama", use_l2_norm=True, **extra).double()
-    with torch.no_grad():  # W_v starts at zero: values that matter
+    with torch.no_grad():  # W_v (and W_ma) start at zero: values that matter
         for a in model.assoc:
             a.W_mv.weight.normal_(0, 0.3)
+            if a.W_ma is not None:
+                a.W_ma.weight.normal_(0, 0.3)
     x = ids(2, 37)
     with torch.no_grad():
         seq = model(x)
@@ -548,7 +566,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
                         "normaliser_gate", "update_rule", "value_norm", "read_clip",
-                        "state_decay")}
+                        "state_decay", "decay_gate")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -572,6 +590,8 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(state_decay=0.0), r"state_decay must be a float in \(0, 1\]"),
                      (dict(state_decay=1.01), r"state_decay must be a float in \(0, 1\]"),
                      (dict(state_decay=float("nan")), r"state_decay must be a float in \(0, 1\]"),
+                     (dict(decay_gate=1), "decay_gate must be a bool"),
+                     (dict(decay_gate=True), "decay_gate=True learns the decay from state_decay"),
                      (dict(update_rule="deltanet"), "update_rule must be one of"),
                      (dict(update_rule="delta"), "update_rule='delta' needs use_l2_norm=True"),
                      (dict(update_rule="delta", use_l2_norm=True, normaliser_gate=True),
@@ -601,6 +621,39 @@ def test_replace_config_reaches_the_associative_memory(change):
     for fixed in (dict(d_mem=8), dict(state_dtype="float64"), dict(position_mode="wrap")):
         with pytest.raises(ValueError, match="cannot change after construction"):
             model.replace_config(**fixed)
+
+
+def test_learnt_decay_starts_at_the_fixed_one_and_learns(tmp_path):
+    """``decay_gate``: each layer gets ``W_ma`` (zero weight, bias ``logit(state_decay)``), so the
+    untrained model equals the fixed decay's exactly; the decay then depends on the data (per
+    row), gets gradients, survives save/load, and its ``state_decay`` cannot change."""
+    x = ids(2, 24, seed=3)
+    fixed = make(state_decay=0.6)
+    learnt = make(state_decay=0.6, decay_gate=True)
+    assert fixed.assoc[0].W_ma is None
+    a = learnt.assoc[0].W_ma
+    assert a.weight.abs().max() == 0
+    torch.testing.assert_close(torch.sigmoid(a.bias), torch.tensor([0.6]), rtol=1e-6, atol=0)
+    missing, unexpected = learnt.load_state_dict(fixed.state_dict(), strict=False)
+    assert sorted(missing) == [f"assoc.{i}.W_ma.{w}" for i in range(len(learnt.assoc))
+                               for w in ("bias", "weight")] and not unexpected
+    torch.testing.assert_close(learnt(x).logits, fixed(x).logits, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        for m in learnt.assoc:
+            m.W_ma.weight.normal_(0, 0.3)
+    assert (learnt(x).logits - fixed(x).logits).abs().max() > 1e-4
+    learnt(x, labels=x).loss.backward()
+    assert all(m.W_ma.weight.grad.abs().max() > 0 and m.W_ma.bias.grad.abs().max() > 0
+               for m in learnt.assoc)
+    learnt.save_pretrained(tmp_path)
+    again = ARMTForCausalLM.from_pretrained(tmp_path)
+    assert again.rmt_config.decay_gate
+    torch.testing.assert_close(again(x).logits, learnt(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\['state_decay'\] cannot change after construction"):
+        learnt.replace_config(state_decay=0.9)
+    with pytest.raises(ValueError, match=r"\['decay_gate'\] cannot change after construction"):
+        fixed.replace_config(decay_gate=True)
+    assert learnt.replace_config(bptt_depth=2).state_decay == 0.6
 
 
 def test_bad_inputs():

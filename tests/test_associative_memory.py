@@ -318,6 +318,43 @@ def test_state_decay(backend, rule, first, normalize):
         torch.testing.assert_close(out, alpha * up[3].detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rule,normalize", [("armt", False), ("delta", True)])
+def test_state_decay_per_row(backend, rule, normalize):
+    """``decay`` as a ``[B]`` tensor (the learnt decay): row ``b`` equals the write of that row
+    alone with the float ``decay[b]`` (float64 reference), and the gradient reaches ``decay``
+    and every input as the float64 reference's; ``torch.autograd.gradcheck`` of the torch
+    backend in float64 checks the gradients by finite differences (without ARMT's correction,
+    whose ``gamma`` is detached by design)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    _, A, z, km, v, beta = _inputs(dtype)
+    alpha = torch.tensor([0.3, 0.85], dtype=dtype, requires_grad=True)
+    ins = (km, v, beta, A, z, alpha)
+    up = [t.detach().double().requires_grad_() for t in ins]
+    kw = dict(first=False, normalize=normalize, rule=rule)
+    got = associative_write(*ins[:5], decay=alpha, backend=backend, **kw)
+    for b in range(2):
+        row = reference_write(*(t[b:b + 1] for t in up[:5]), decay=float(alpha[b].detach()), **kw)
+        for a, r in zip(got, row, strict=True):
+            torch.testing.assert_close(a[b:b + 1].double(), r, rtol=tol, atol=tol)
+    want = reference_write(*up[:5], decay=up[5], **kw)
+    cots, ga = _grads(list(got), ins)
+    gr = torch.autograd.grad(want, up, cots)
+    assert ga[5].abs().min() > 1e-6  # the decay's gradient is there
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=10 * tol, atol=10 * tol)
+    if backend == "torch":
+        small = [t.detach()[:, :2].clone().requires_grad_() if t.dim() > 1 and t.shape[1] == 4
+                 else t.detach().clone().requires_grad_() for t in up]
+
+        def write(km_, v_, beta_, A_, z_, alpha_):
+            return associative_write(km_, v_, beta_, A_, z_, decay=alpha_, backend="torch",
+                                     correction=False, **kw)
+
+        assert torch.autograd.gradcheck(write, small)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_delta_rule_one_solve_for_many_rows(dtype, monkeypatch):
     """The delta write of M = 24 rows runs one read and one update (DeltaNet's UT form: a
@@ -520,6 +557,9 @@ def test_bad_inputs_raise_clear_errors():
             associative_write(km, v, beta, A, z, first=False, floor=bad)
     for bad in (0, -0.5, 1.5, float("nan"), True, "1"):
         with pytest.raises(ValueError, match=r"decay must be a float in \(0, 1\]"):
+            associative_write(km, v, beta, A, z, first=False, decay=bad)
+    for bad in (torch.ones(3), torch.ones(2, 1), torch.ones(2, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"decay as a tensor must be floating point \[B=2\]"):
             associative_write(km, v, beta, A, z, first=False, decay=bad)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         associative_read(x.double(), A.double(), z.double(), backend="triton")

@@ -43,7 +43,7 @@ def tokens(batch=2, length=16, seed=0):
 
 def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, correction=True,
                    normaliser_floor=0.0, normaliser_gate=False, value_norm=False, read_clip=0.0,
-                   state_decay=1.0):
+                   state_decay=1.0, decay_gate=False):
     """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
     blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
     write (the delta rule on the memory rows' outputs) through the float64 reference formulas,
@@ -85,7 +85,11 @@ def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, corr
                 mem_v = mem
             v = mem_v @ a.W_mv.weight.double().T
             beta = torch.sigmoid(mem @ a.W_mb.weight.double().T + a.W_mb.bias.double())[..., 0]
-            A[i], z[i] = A[i] * state_decay, z[i] * state_decay  # the decay, then the write
+            alpha = torch.tensor(state_decay, dtype=torch.float64)  # the decay, then the write
+            if decay_gate:  # learnt: sigmoid(w . mean of the memory outputs + b) per row
+                alpha = torch.sigmoid(mem.mean(1) @ a.W_ma.weight.double()[0]
+                                      + a.W_ma.bias.double()[0])[:, None]
+            A[i], z[i] = A[i] * alpha[..., None], z[i] * alpha
             A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0],
                                          correction=correction, gate=normaliser_gate, **opts)
         return hook
@@ -177,6 +181,36 @@ def test_associative_options_equal_the_reference_loop(options):
         model.replace_config(**defaults)  # back to ARMT's rule and options
         torch.testing.assert_close(model(x).logits, reference_loop(model, x, bounds)[0],
                                    atol=1e-4, rtol=0)
+
+
+def test_a_learnt_decay_equals_the_reference_loop(tmp_path):
+    """``associative_decay_gate``: each layer's decay is learnt from its memory outputs (per row),
+    as in the reference loop; every associative weight (``W_ma`` too) gets gradients; it survives
+    save/load; the gate and its starting decay cannot change after construction."""
+    options = dict(update_rule="delta", use_l2_norm=True, state_decay=0.5, decay_gate=True)
+    model = make(**{f"associative_{k}": v for k, v in options.items()})
+    with torch.no_grad():  # W_ma starts at zero (the fixed decay): make it depend on the data
+        for a in model.assoc:
+            a.W_ma.weight.normal_(0, 1.0)
+    x = tokens(seed=7)
+    bounds = [(0, 4), (4, 10), (10, 16)]
+    out = model(x, labels=torch.tensor([0, 2]))
+    logits, mem, A, z = reference_loop(model, x, bounds, **options)
+    fixed = reference_loop(model, x, bounds, **{**options, "decay_gate": False})[0]
+    assert (fixed - logits).abs().max() > 1e-3  # the learnt decay is not the fixed one
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
+    for i in range(2):
+        torch.testing.assert_close(out.state.extra[f"A.{i}"].double(), A[i], atol=1e-4, rtol=1e-4)
+    out.loss.backward()
+    for name, p in model.assoc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval().save_pretrained(tmp_path / "m")
+    loaded = RMTEncoderForSequenceClassification.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    for change in (dict(associative_decay_gate=False), dict(associative_state_decay=0.9)):
+        with pytest.raises(ValueError, match="cannot change after construction"):
+            model.replace_config(**change)
 
 
 def test_associative_options_persist(tmp_path):

@@ -56,6 +56,7 @@ def test_every_row_trains_and_evaluates(row, corpus, tmp_path):
         assert cfg.use_l2_norm == spec.get("l2", False)
         assert cfg.update_rule == spec.get("rule", "armt")
         assert cfg.state_decay == spec.get("decay", 1.0)
+        assert cfg.decay_gate == spec.get("decay_gate", False)
     else:
         assert cfg.memory_noise == spec.get("noise", 0.0)
         assert cfg.xl_positions == spec.get("xl_positions", "before_memory")

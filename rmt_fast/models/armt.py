@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -147,6 +148,12 @@ class ARMTConfig(SavedConfig):
             again, as RMT rewrites its memory every segment. 1 = off (the reference). At 0.5
             with the delta rule on qa1, three seeds kept the fact to 1M tokens
             (``docs/armt.md``, "A decay of the state").
+        decay_gate: learn the decay instead (not in the reference code): each layer's write
+            goes into the state scaled by ``alpha = sigmoid(W_ma mean_j(m_j) + b_ma)``, one per
+            row and write, from the mean of the memory tokens' block outputs ``m_j``
+            (Gated DeltaNet's data-dependent gate, one per write); ``W_ma`` starts at zero and
+            ``b_ma`` at ``logit(state_decay)``, so training starts from the fixed decay, which
+            must then be below 1 (and cannot change after construction).
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
         position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
@@ -181,6 +188,7 @@ class ARMTConfig(SavedConfig):
         "value_norm": False,
         "read_clip": 0.0,
         "state_decay": 1.0,
+        "decay_gate": False,
     }
 
     num_mem_tokens: int = 16
@@ -194,6 +202,7 @@ class ARMTConfig(SavedConfig):
     value_norm: bool = False
     read_clip: float = 0.0
     state_decay: float = 1.0
+    decay_gate: bool = False
     nu: int = 3
     eps: float = 1e-5
     position_mode: str = "model"
@@ -221,7 +230,7 @@ class ARMTConfig(SavedConfig):
         pos_int("d_mem", 1)
         pos_int("segment_size", 1)
         pos_int("nu", 1)
-        for name in ("correction", "normaliser_gate", "use_l2_norm", "value_norm",
+        for name in ("correction", "normaliser_gate", "use_l2_norm", "value_norm", "decay_gate",
                      "checkpoint_segments", "offload_memory"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got "
                                                           f"{getattr(self, name)!r}")
@@ -246,6 +255,8 @@ class ARMTConfig(SavedConfig):
         check_floor(self.normaliser_floor, "normaliser_floor")
         check_finite_nonnegative(self.read_clip, "read_clip", " (0 = off)")
         check_decay(self.state_decay, "state_decay")
+        need(not self.decay_gate or self.state_decay < 1,
+             "decay_gate=True learns the decay from state_decay: set state_decay below 1 (e.g. 0.5)")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 
@@ -333,11 +344,13 @@ def write_options(cfg: ARMTConfig) -> dict:
 
 class AssociativeMemory(nn.Module):
     """One layer's associative memory: ``W_mq``, ``W_mk`` (``d -> d_mem``), ``W_mv`` (``d -> d``,
-    zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code. Holds the
-    weights only: the options come with each call (:func:`associative_options`)."""
+    zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code, and with
+    ``decay_init`` the learnt decay's ``W_ma`` (``d -> 1`` with bias, :attr:`ARMTConfig.decay_gate`;
+    weight zero, bias ``logit(decay_init)``). Holds the weights only: the options come with each
+    call (:func:`associative_options`)."""
 
     def __init__(self, d_model: int, d_mem: int, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, decay_init: float | None = None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.W_mq = nn.Linear(d_model, d_mem, bias=False, **kw)
@@ -345,6 +358,20 @@ class AssociativeMemory(nn.Module):
         self.W_mv = nn.Linear(d_model, d_model, bias=False, **kw)
         nn.init.zeros_(self.W_mv.weight)
         self.W_mb = nn.Linear(d_model, 1, **kw)
+        self.W_ma = None
+        if decay_init is not None:
+            if not 0 < decay_init < 1:
+                raise ValueError(f"decay_init must be in (0, 1), got {decay_init!r}")
+            self.W_ma = nn.Linear(d_model, 1, **kw)
+            nn.init.zeros_(self.W_ma.weight)
+            nn.init.constant_(self.W_ma.bias, math.log(decay_init / (1 - decay_init)))
+
+    @classmethod
+    def for_config(cls, d_model: int, cfg: ARMTConfig, dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> AssociativeMemory:
+        """One layer's memory as ``cfg`` asks (``d_mem``; ``W_ma`` with ``decay_gate``)."""
+        return cls(d_model, cfg.d_mem, dtype, device,
+                   decay_init=cfg.state_decay if cfg.decay_gate else None)
 
     def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, opts: dict) -> torch.Tensor:
         """``h`` ``[B, L, d]`` -> the read ``[B, L, d]`` (to add to ``h``), in ``h``'s dtype."""
@@ -357,8 +384,17 @@ class AssociativeMemory(nn.Module):
         ``opts``: :func:`write_options`; ``value_norm``: :attr:`ARMTConfig.value_norm`."""
         mem = mem.to(self.W_mk.weight.dtype)
         beta = torch.sigmoid(self.W_mb(mem))[..., 0]
+        if self.W_ma is not None:
+            opts = dict(opts, decay=learnt_decay(mem, self.W_ma.weight, self.W_ma.bias))
         return associative_write(self.W_mk(mem), self.W_mv(value_input(mem, value_norm)), beta,
                                  A, z, first=first, **opts)
+
+
+def learnt_decay(mem: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The learnt decay ``sigmoid(W_ma mean_j(m_j) + b_ma)`` ``[B]`` of one write, from the memory
+    tokens' block outputs ``mem`` ``[B, M, d]``, ``weight`` ``[1, d]``, ``bias`` ``[1]``
+    (:attr:`ARMTConfig.decay_gate`)."""
+    return torch.sigmoid(F.linear(mem.mean(1), weight, bias))[:, 0]
 
 
 def value_input(mem: torch.Tensor, value_norm: bool) -> torch.Tensor:
@@ -519,8 +555,9 @@ class ARMTForCausalLM(RMTBase):
     auto_class = "AutoModelForCausalLM"
     kind = "armt"
     config_class = ARMTConfig
-    # d_mem and state_dtype shape the associative weights; position_mode="wrap" is set up once
-    FIXED_FIELDS = RMTBase.FIXED_FIELDS + ("d_mem", "state_dtype", "position_mode")
+    # d_mem, state_dtype and decay_gate shape the associative weights; position_mode="wrap" is set
+    # up once
+    FIXED_FIELDS = RMTBase.FIXED_FIELDS + ("d_mem", "state_dtype", "position_mode", "decay_gate")
 
     def __init__(self, base_model: nn.Module, config: ARMTConfig | None = None, **kwargs):
         config = self.make_config(config, **kwargs)
@@ -535,7 +572,7 @@ class ARMTForCausalLM(RMTBase):
         d = hidden_size(base_model.config)
         weight = base_model.get_input_embeddings().weight
         sdtype = _dtype(config.state_dtype, weight.dtype)
-        self.assoc = nn.ModuleList(AssociativeMemory(d, config.d_mem, sdtype, weight.device)
+        self.assoc = nn.ModuleList(AssociativeMemory.for_config(d, config, sdtype, weight.device)
                                    for _ in range(len(layers)))
         self._hooks = install_hooks(layers)
         self._position_base = None

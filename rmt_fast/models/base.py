@@ -149,7 +149,8 @@ class RMTBase(nn.Module):
     config_class: ClassVar[type] = RMTConfig
     #: config fields that shape parameters or modules: :meth:`replace_config` refuses them
     FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("num_mem_tokens", "kind", "variant", "fuse_activations",
-                                               "memory_update", "associative_d_mem")
+                                               "memory_update", "associative_d_mem",
+                                               "associative_decay_gate")
 
     def __init__(self, base_model: nn.Module, config: RMTConfig | None = None, **kwargs):
         super().__init__()
@@ -237,10 +238,18 @@ class RMTBase(nn.Module):
                              f"{config.kind!r}")
         return config
 
+    def fixed_fields(self) -> tuple[str, ...]:
+        """:attr:`FIXED_FIELDS`, and a state decay that initialised a learnt one (its gate on)."""
+        cfg = self.rmt_config
+        learnt = tuple(decay for gate, decay in (("decay_gate", "state_decay"),
+                                                 ("associative_decay_gate", "associative_state_decay"))
+                       if getattr(cfg, gate, False))
+        return self.FIXED_FIELDS + learnt
+
     def replace_config(self, **changes) -> RMTConfig:
         """Swap in a copy of the config with ``changes`` (e.g. ``bptt_depth=2``) for settings
         that only affect how segments run, not the parameters; returns the new config."""
-        fixed = set(self.FIXED_FIELDS) & set(changes)
+        fixed = set(self.fixed_fields()) & set(changes)
         if fixed:
             raise ValueError(f"{sorted(fixed)} cannot change after construction (they shape the "
                              "parameters or modules); build a new wrapper instead")

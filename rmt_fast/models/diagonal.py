@@ -189,6 +189,10 @@ class DiagonalExecutor:
         self.Wv = _stack(m.W_mv.weight.t() for m in a)  # [n, d, d]
         self.Wb = _stack(m.W_mb.weight.t() for m in a)  # [n, d, 1]
         self.bb = _stack(m.W_mb.bias for m in a)[:, None]  # [n, 1, 1]
+        self.Wa = self.ba = None  # the learnt decay's (ARMTConfig.decay_gate)
+        if a[0].W_ma is not None:
+            self.Wa = _stack(m.W_ma.weight.t() for m in a)  # [n, d, 1]
+            self.ba = _stack(m.W_ma.bias for m in a)[:, None]  # [n, 1, 1]
 
     @property
     def grouped(self) -> bool:
@@ -237,8 +241,11 @@ class DiagonalExecutor:
         km = torch.bmm(mem, self.Wk[sl]).reshape(G * B, m, -1)
         v = torch.bmm(value_input(mem, cfg.value_norm), self.Wv[sl]).reshape(G * B, m, d)
         beta = torch.sigmoid(torch.baddbmm(self.bb[sl], mem, self.Wb[sl])).reshape(G * B, m)
-        A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B),
-                                   **write_options(cfg))
+        opts = write_options(cfg)
+        if self.Wa is not None:  # learnt_decay's formula, batched over the diagonal's layers
+            mean = mem.reshape(G, B, m, d).mean(2)
+            opts["decay"] = torch.sigmoid(torch.baddbmm(self.ba[sl], mean, self.Wa[sl])).reshape(G * B)
+        A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B), **opts)
         A_all[sl] = A2.reshape(A_all[sl].shape)
         z_all[sl] = z2.reshape(z_all[sl].shape)
         return out

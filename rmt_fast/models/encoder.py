@@ -88,8 +88,8 @@ class _RMTEncoderBase(RMTBase):
             weight = self.base.get_input_embeddings().weight
             self._assoc_layers = [layers]  # a list: the blocks stay registered under base only
             self.assoc = nn.ModuleList(
-                AssociativeMemory(hidden_size(self.base.config), self.rmt_config.associative_d_mem,
-                                  weight.dtype, weight.device) for _ in layers)
+                AssociativeMemory.for_config(hidden_size(self.base.config), self._assoc_config,
+                                             weight.dtype, weight.device) for _ in layers)
             self._assoc_hooks = install_hooks(layers)
 
     # --- the recurrent state ---------------------------------------------------------------------

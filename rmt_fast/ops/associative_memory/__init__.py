@@ -23,7 +23,7 @@ from rmt_fast.validation import check_finite_nonnegative
 
 from . import chunked
 from .chunked import feature_sq, stat_dtype
-from .reference import dpfp, features, reference_read, reference_write
+from .reference import decay_state, dpfp, features, reference_read, reference_write
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 #: ``armt``: ARMT's read and write (the reference code's); ``delta``: DeltaNet's rule on the same
@@ -129,7 +129,8 @@ def associative_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: i
 def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                       z: torch.Tensor, *, first: bool | torch.Tensor, correction: bool = True, nu: int = 3,
                       normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                      gate: bool = False, rule: str = "armt", decay: float = 1.0,
+                      gate: bool = False, rule: str = "armt",
+                      decay: float | torch.Tensor = 1.0,
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (see :mod:`.reference` for the formulas).
 
@@ -151,8 +152,11 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
             (``first``, ``correction``, ``floor`` and ``gate`` do not apply). Computed in
             DeltaNet's UT form (:func:`_delta_write`: one read, one solve, one update for all M rows).
         decay: ``alpha`` in (0, 1]: the write goes into ``alpha A``, ``alpha z`` (the state
-            scaled first, so ``v_bar`` reads it scaled; a fixed per-write gate as Gated
-            DeltaNet's, not in the ARMT code). 1 = no decay.
+            scaled first, so ``v_bar`` reads it scaled; a per-write gate as Gated DeltaNet's,
+            not in the ARMT code). 1 = no decay. A float (fixed), or a ``[B]`` tensor, one
+            ``alpha`` per row (a learnt decay, differentiated through; its values are not
+            checked, which would synchronise with an accelerator: ``sigmoid`` keeps them in
+            range).
 
     Returns:
         ``(A' [B, d_key, d], z' [B, d_key])``. Under ``torch.autocast`` ``km``, ``v`` and ``beta``
@@ -160,7 +164,7 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
     """
     _check_state(km, A, z, nu, "km")
     floor = check_floor(floor)
-    decay = check_decay(decay)
+    decay = check_decay(decay, batch=km.shape[0])
     zero, one = _rule_read_terms(rule, normalize, floor, z, eps)
     if rule == "delta" and gate:
         raise ValueError("gate applies to z, which rule='delta' does not use")
@@ -183,8 +187,7 @@ def associative_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: 
                                decay=decay)
     from .function import assoc_read, assoc_update
 
-    if decay != 1.0:  # a fresh (zero) state stays zero
-        A, z = A * decay, z * decay
+    A, z = decay_state(A, z, decay)  # a fresh (zero) state stays zero
 
     km, A, z = km.contiguous(), A.contiguous(), z.contiguous()
     if rule == "delta":
@@ -248,10 +251,19 @@ def _rule_read_terms(rule: str, normalize: bool, floor: float, z: torch.Tensor, 
     return torch.zeros_like(z), 1.0
 
 
-def check_decay(decay, name: str = "decay") -> float:
-    """``decay`` as a float; a clear error naming ``name`` unless it is a number in (0, 1]."""
+def check_decay(decay, name: str = "decay", batch: int | None = None) -> float | torch.Tensor:
+    """``decay`` as a float, or as the ``[batch]`` floating-point tensor it is (a decay per row,
+    where ``batch`` is given); a clear error naming ``name`` unless it is a number in (0, 1] or
+    such a tensor."""
+    if isinstance(decay, torch.Tensor) and batch is not None:
+        if not decay.is_floating_point() or tuple(decay.shape) != (batch,):
+            raise ValueError(f"{name} as a tensor must be floating point [B={batch}] (one decay per "
+                             f"row), got {decay.dtype} {list(decay.shape)}")
+        return decay
     if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 < decay <= 1):
-        raise ValueError(f"{name} must be a float in (0, 1] (1 = no decay), got {decay!r}")
+        per_row = " or a [B] tensor" if batch is not None else ""
+        raise ValueError(f"{name} must be a float in (0, 1] (1 = no decay){per_row}, got "
+                         f"{decay!r}")
     return float(decay)
 
 

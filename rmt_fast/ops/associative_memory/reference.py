@@ -16,9 +16,9 @@ Notation (per transformer layer, per batch row): the state is ``A`` ``[d_key, d]
     detached (the correction; 1 on the first segment or without correction). Unnormalised
     features use ``|k|^2 + eps`` in the denominator, normalised ones ``|k|^2``. With ``gate``
     (not in the reference code) ``z' = z + sum_j beta_j gamma_j k_j``.
-* ``decay`` ``alpha`` in (0, 1] (not in the ARMT code; Gated DeltaNet's gate, fixed): every
-  write first scales the state, ``A <- alpha A``, ``z <- alpha z``, then writes as above (so
-  ``v_bar`` reads the decayed state); 1 = the reference.
+* ``decay`` ``alpha`` in (0, 1] (not in the ARMT code; Gated DeltaNet's gate, one per write):
+  every write first scales the state, ``A <- alpha A``, ``z <- alpha z``, then writes as above
+  (so ``v_bar`` reads the decayed state); 1 = the reference. A float, or one ``alpha`` per row.
 * ``rule="delta"`` (DeltaNet's rule, not in the ARMT code; unit features): read ``phi(x) A``;
   the rows write one after another, ``A <- A + beta_j k_j (v_j - k_j A)^T``; ``z`` unused.
 """
@@ -77,20 +77,31 @@ def reference_read(x: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, nu: int
     return (num / normaliser(q, z, eps, floor)).to(dtype)
 
 
+def decay_state(A: torch.Tensor, z: torch.Tensor, decay: float | torch.Tensor):
+    """``(alpha A, alpha z)`` for ``A`` ``[B, d_key, d]``, ``z`` ``[B, d_key]`` and ``decay`` a
+    float or a ``[B]`` tensor (cast to the state's dtype); the state itself when ``decay`` is 1."""
+    if isinstance(decay, torch.Tensor):
+        return A * decay.to(A.dtype)[:, None, None], z * decay.to(z.dtype)[:, None]
+    if decay == 1.0:
+        return A, z
+    return A * decay, z * decay
+
+
 def reference_write(km: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
                     z: torch.Tensor, *, first: bool, correction: bool = True, nu: int = 3,
                     normalize: bool = False, eps: float = 1e-5, floor: float = 0.0,
-                    gate: bool = False, rule: str = "armt", decay: float = 1.0,
-                    upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    gate: bool = False, rule: str = "armt",
+                    decay: float | torch.Tensor = 1.0, upcast: bool = False,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta-rule write (``v_bar`` divided as :func:`normaliser`; ``gamma`` always from
     ``k . z + eps``) into the state scaled by ``decay`` first. ``km = W_k m`` ``[B, M, d_mem]``,
     ``v = W_v m`` ``[B, M, d]``, ``beta = sigmoid(W_b m)`` ``[B, M]``, state ``A``
-    ``[B, d_key, d]``, ``z`` ``[B, d_key]``. Returns ``(A', z')`` in ``A``'s dtype (float64
-    arithmetic when ``upcast``)."""
+    ``[B, d_key, d]``, ``z`` ``[B, d_key]``, ``decay`` a float or ``[B]``. Returns ``(A', z')`` in
+    ``A``'s dtype (float64 arithmetic when ``upcast``)."""
     dtype = A.dtype
     km, v, beta, A, z = _up(upcast, km, v, beta, A, z)
     k = features(km, nu, normalize)
-    A, z = A * decay, z * decay
+    A, z = decay_state(A, z, decay)
     if rule == "delta":  # DeltaNet's rule, the rows one after another; z unused
         for j in range(k.shape[1]):
             prev = torch.einsum("bk,bkd->bd", k[:, j], A)
