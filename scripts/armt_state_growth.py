@@ -13,22 +13,27 @@ before the clip).
 ``--twins`` reads each story beside a twin whose one fact names another place (one id changed)
 and prints, per layer, how far the two states are apart relative to the story's state
 (``|A - A_twin| / |A|``, per story, with the segment that holds the fact): what is left of the
-fact in the state after n segments of noise; and both answers at the end."""
+fact in the state after n segments of noise; and both answers at the end.
+``--decays`` (a model with a learnt decay, ``ARMTConfig.decay_gate``) prints, per layer and
+story, the decay the model chose at the segment that holds the fact and its mean, least and
+largest value over all the other segments."""
 
 import argparse
 
 import torch
 
-from rmt_fast.models.armt import AssociativeMemory, clip_read, value_input
+from rmt_fast.models.armt import AssociativeMemory, clip_read, learnt_decay, value_input
 from rmt_fast.streaming import StreamingReader
 from rmt_fast.tasks.babilong import PLACES
 from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
 
 
-def trace_writes(read_clip: float = 0.0) -> dict[int, dict[str, float]]:
+def trace_writes(read_clip: float = 0.0, decays: dict[int, list] | None = None
+                 ) -> dict[int, dict[str, float]]:
     """Wrap :class:`AssociativeMemory`'s read and write to keep, per memory module (by ``id``),
     the statistics of its last call (see the module docstring); ``read_clip``: the model's
-    :attr:`ARMTConfig.read_clip`."""
+    :attr:`ARMTConfig.read_clip`; ``decays``: where given, each write's learnt decay ``[B]`` is
+    appended to ``decays[id(module)]``."""
     stats: dict[int, dict[str, float]] = {}
     read, write = AssociativeMemory.read, AssociativeMemory.write
 
@@ -49,6 +54,11 @@ def trace_writes(read_clip: float = 0.0) -> dict[int, dict[str, float]]:
         s["mem"] = rms(m)
         s["|v|"] = float(self.W_mv(value_input(m, value_norm)).norm(dim=-1).max())
         s["beta"] = float(torch.sigmoid(self.W_mb(m)).mean())
+        if self.W_ma is not None:
+            alpha = learnt_decay(m, self.W_ma.weight, self.W_ma.bias).detach()
+            s["alpha"] = float(alpha.mean())
+            if decays is not None:
+                decays.setdefault(id(self), []).append(alpha)
         return write(self, mem, A, z, first, opts, value_norm)
 
     AssociativeMemory.read, AssociativeMemory.write = traced_read, traced_write
@@ -89,10 +99,16 @@ def main() -> None:
     p.add_argument("--writes", action="store_true", help="also what each layer wrote and read")
     p.add_argument("--twins", action="store_true",
                    help="also how much of the fact is left in the state (a twin story per story)")
+    p.add_argument("--decays", action="store_true",
+                   help="the learnt decay at the fact's segment and elsewhere (decay_gate models)")
     a = p.parse_args()
     torch.set_num_threads(1)
     model, vocab = load(a.checkpoint)
-    stats = trace_writes(model.rmt_config.read_clip) if a.writes else None
+    if a.decays and (not model.rmt_config.decay_gate or a.num_facts != 1):
+        p.error("--decays needs a model with a learnt decay (ARMTConfig.decay_gate) and "
+                "--num-facts 1")
+    decays: dict[int, list] | None = {} if a.decays else None
+    stats = trace_writes(model.rmt_config.read_clip, decays) if a.writes or a.decays else None
     size = model.rmt_config.segment_size
     stories = story_batch("qa1", a.segments, size, a.stories, vocab, seed=batch_seed(a.seed, 0),
                           num_facts=a.num_facts)
@@ -116,10 +132,18 @@ def main() -> None:
             for i, row in enumerate(fact_signal(s, n)):
                 print(f"    layer {i}: |A - A_twin| / |A| per story " +
                       " ".join(f"{x:.3g}" for x in row), flush=True)
-        if stats is not None:
+        if a.writes:
             for i, mem in enumerate(model.assoc):
                 print(f"    layer {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in
                                                      stats.get(id(mem), {}).items()), flush=True)
+    if decays is not None:
+        for i, mem in enumerate(model.assoc):
+            per = torch.stack(decays[id(mem)])[:, :n]  # [writes, stories]: write t = segment t
+            for j in range(n):
+                rest = torch.cat([per[:where[j], j], per[where[j] + 1:, j]])
+                print(f"    layer {i}, story {j}: decay at the fact's segment {where[j]}: "
+                      f"{float(per[where[j], j]):.3f}; elsewhere mean {float(rest.mean()):.3f}, "
+                      f"min {float(rest.min()):.3f}, max {float(rest.max()):.3f}", flush=True)
     out = reader.generate(stories[:, -size:-1], max_new_tokens=1, do_sample=False, pad_token_id=0)
     def words(t):
         return vocab.decode(t.tolist())

@@ -749,6 +749,44 @@ def test_state_growth_script_traces_what_each_layer_wrote(value_norm, read_clip,
     assert 0 < s["beta"] < 1 and s["read/h"] > 0
 
 
+def test_state_growth_traces_the_learnt_decay(monkeypatch):
+    """``scripts/armt_state_growth.py --decays``: each write's learnt decay per row, one entry per
+    segment and layer, equal to ``sigmoid(W_ma mean(mem) + b)`` of the memory rows' outputs; the
+    traced model computes what the untraced one does."""
+    from helpers import load_script
+
+    from rmt_fast.models.armt import AssociativeMemory
+
+    for name in ("read", "write"):  # restored after the test
+        monkeypatch.setattr(AssociativeMemory, name, getattr(AssociativeMemory, name))
+    model = make("gpt2", use_l2_norm=True, update_rule="delta", state_decay=0.5,
+                 decay_gate=True).eval()
+    with torch.no_grad():
+        for a in model.assoc:
+            a.W_ma.weight.normal_(0, 0.5)
+    x = ids(2, 24)  # 3 segments
+    with torch.no_grad():
+        plain = model(x).logits
+    outs = []
+    handle = model.base.transformer.h[1].register_forward_hook(
+        lambda m, a, k, o: outs.append(o[0] if isinstance(o, tuple) else o), with_kwargs=True)
+    decays = {}
+    load_script("armt_state_growth").trace_writes(0.0, decays)
+    with torch.no_grad():
+        traced = model(x).logits
+    handle.remove()
+    torch.testing.assert_close(traced, plain, rtol=0, atol=0)
+    assert set(decays) == {id(a) for a in model.assoc}
+    got = decays[id(model.assoc[1])]
+    assert len(got) == 3 and all(d.shape == (2,) for d in got)
+    a = model.assoc[1].W_ma
+    for t, out in enumerate(outs):
+        mem = out[:, -model.rmt_config.num_mem_tokens:]
+        want = torch.sigmoid(mem.mean(1) @ a.weight[0] + a.bias[0])
+        torch.testing.assert_close(got[t], want, rtol=1e-6, atol=1e-7)
+    assert float(torch.stack(got).std()) > 1e-4  # it depends on the data
+
+
 def test_state_growth_twins():
     """``scripts/armt_state_growth.py --twins``: each twin differs from its story in the fact's
     place and the answer only; the fact signal is per layer and story ``|A_i - A_twin| / |A_i|``."""
