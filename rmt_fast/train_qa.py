@@ -88,7 +88,9 @@ class QATrainConfig:
     ``init_from``'s otherwise; > 0 on a model without one adds a new associative memory), its
     weights at ``assoc_lr_ratio`` times the learning rate. ``associative_options``: its
     ``RMTConfig.associative_<field>`` options (e.g. ``{"associative_update_rule": "delta",
-    "associative_use_l2_norm": True}``), set on the model built or loaded; empty: the model's.
+    "associative_use_l2_norm": True}``), built into a new model or set on a loaded one
+    (not those that make weights, e.g. ``associative_decay_gate``: a new model only); empty:
+    the model's.
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).
@@ -275,6 +277,7 @@ def build_model(cfg: QATrainConfig):
     from rmt_fast.models.lora import DEFAULT_LORA
     from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification as M
 
+    options = dict(cfg.associative_options)
     if cfg.init_from:
         model = M.from_pretrained(cfg.init_from, base=cfg.base)
         if cfg.train_base and not model.train_base:
@@ -285,17 +288,24 @@ def build_model(cfg: QATrainConfig):
                 or cfg.memory_update not in (None, model.rmt_config.memory_update)
                 or cfg.associative_d_mem not in (None, model.rmt_config.associative_d_mem)):
             model = model.with_memory(cfg.num_mem_tokens, cfg.memory_update, cfg.associative_d_mem)
+        options = {k: v for k, v in options.items() if getattr(model.rmt_config, k) != v}
+        fixed = sorted(set(model.fixed_fields()) & set(options))
+        if fixed:  # e.g. a learnt decay: its weights are made when a model is built
+            raise ValueError(f"associative_options {fixed}: init_from's model has "
+                             f"{ {k: getattr(model.rmt_config, k) for k in fixed} }; these are set "
+                             "when a model is built: train a new model (no init_from) to change them")
     else:
         lora = dict(DEFAULT_LORA, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
         given = {"num_mem_tokens": cfg.num_mem_tokens, "memory_update": cfg.memory_update,
                  "associative_d_mem": cfg.associative_d_mem}
         model = M.from_base(cfg.base, labels=LOCATIONS, lora=lora, segment_size=cfg.segment_size,
-                            train_base=cfg.train_base,
+                            train_base=cfg.train_base, **options,
                             **{k: v for k, v in given.items() if v is not None})  # else from_base's
+        options = {}
     # the fine-tuned part does not depend on the segment size: a model trained on short
     # segments can start a run on longer ones (checked against the base model's positions)
     model.replace_config(memory_noise=cfg.memory_noise, bptt_depth=cfg.bptt_depth,
-                         segment_size=cfg.segment_size, **cfg.associative_options)
+                         segment_size=cfg.segment_size, **options)
     return model.train()
 
 
@@ -532,6 +542,10 @@ def parser() -> argparse.ArgumentParser:
                    default=None,
                    help="every associative write goes into the state scaled by this, in (0, 1] "
                         "(1: off)")
+    p.add_argument("--associative-decay-gate", dest="associative_decay_gate", action="store_true",
+                   default=None,
+                   help="learn the associative state's decay per write, starting at "
+                        "--associative-state-decay (a new model only: it adds weights)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -581,14 +595,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-#: the associative options with a flag: not ``decay_gate``, whose weights are made when the model
-#: is built (the options reach a built or loaded model through ``replace_config``)
-CLI_ASSOCIATIVE_FIELDS = tuple(f for f in ASSOCIATIVE_FIELDS if f != "decay_gate")
-
-
 def associative_options_from_args(a: argparse.Namespace) -> dict:
     """The ``associative_<field>`` options given on the command line (the others: the model's)."""
-    given = {f"associative_{f}": getattr(a, f"associative_{f}") for f in CLI_ASSOCIATIVE_FIELDS}
+    given = {f"associative_{f}": getattr(a, f"associative_{f}") for f in ASSOCIATIVE_FIELDS}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -429,6 +429,57 @@ def test_associative_options_train_save_and_resume(tiny_base, noise, tmp_path):
                                 associative_options={"associative_update_rule": "delta"}))
 
 
+def test_a_learnt_associative_decay_is_built_into_a_new_model(tiny_base, noise, tmp_path):
+    """--associative-decay-gate: a new model gets the learnt decay's weights (they train, save
+    and load); init_from keeps it; adding it to, or moving its start on, a loaded model is
+    refused before anything is trained."""
+    from rmt_fast.models.lora import LoRARMTEncoderForSequenceClassification as M
+    from rmt_fast.train_qa import config_from_args, parser
+
+    args = parser().parse_args(["--out", "y", "--associative-d-mem", "8", "--associative-rule", "delta",
+                                "--associative-l2-norm", "--associative-state-decay", "0.5",
+                                "--associative-decay-gate"])
+    opts = config_from_args(args).associative_options
+    assert opts == {"associative_update_rule": "delta", "associative_use_l2_norm": True,
+                    "associative_state_decay": 0.5, "associative_decay_gate": True}
+    # 4 segments, 3 steps: the new memory's W_v starts at zero, and a decay only matters for a
+    # state written, decayed by a later write and then read
+    cfg = tiny_config(tiny_base, associative_d_mem=8, associative_options=opts, max_steps=3,
+                      curriculum=[4], lrs=None, save_every=1, eval_every=3)
+    model = build_model(cfg)
+    assert model.rmt_config.associative_decay_gate and model.rmt_config.associative_state_decay == 0.5
+    gate = {n: p for n, p in model.named_parameters() if "W_ma" in n}
+    assert gate and all(p.requires_grad for p in gate.values())
+    before = {n: p.detach().clone() for n, p in gate.items()}
+    data = BabiQA(cfg.task, model.tokenizer, S, noise=noise)
+    assert train_qa(model, data, cfg, tmp_path / "a", progress=False).step == 3
+    assert any(not torch.equal(p, before[n]) for n, p in gate.items())  # it learns
+    final = str(tmp_path / "a" / "final")
+    loaded = M.from_pretrained(final)
+    assert loaded.rmt_config.associative_decay_gate
+    state = loaded.finetuned_state_dict()
+    for n, p in gate.items():
+        key = next(k for k in state if k.endswith(n.split("assoc.", 1)[-1]))
+        torch.testing.assert_close(state[key].float(), p.detach().float(), rtol=0, atol=0)
+    # init_from with the same options: they match the saved model's and are kept
+    assert build_model(tiny_config(tiny_base, init_from=final, associative_options=opts)
+                       ).rmt_config.associative_decay_gate
+    with pytest.raises(ValueError, match=r"associative_options \['associative_state_decay'\]: "
+                                         r"init_from's model has.*train a new model"):
+        build_model(tiny_config(tiny_base, init_from=final,
+                                associative_options={"associative_state_decay": 0.25}))
+    plain = dict(opts, associative_decay_gate=False)
+    cfg = tiny_config(tiny_base, associative_d_mem=8, associative_options=plain, max_steps=1,
+                      curriculum=[1], lrs=None)
+    assert train_qa(build_model(cfg), data, cfg, tmp_path / "b", progress=False).step == 1
+    files = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"\['associative_decay_gate'\]: init_from's model has "
+                                         r"\{'associative_decay_gate': False\}"):
+        build_model(tiny_config(tiny_base, init_from=str(tmp_path / "b" / "final"),
+                                associative_options=opts))
+    assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == files
+
+
 def test_a_non_finite_loss_stops_before_the_weights_change(tiny_base, noise, tmp_path):
     """A NaN loss stops training before its optimizer step (clear error naming the checkpoint);
     weights and the run folder stay as they were, and the run resumes once the cause is gone."""
