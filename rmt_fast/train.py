@@ -141,6 +141,8 @@ class ModelSpec:
                                    "(ARMTConfig.state_decay, in (0, 1]; 1 = off)")
     armt_decay_gate: bool = _opt(False, "armt: learn the decay per write from the memory outputs, "
                                  "starting at --armt-state-decay (ARMTConfig.decay_gate)")
+    armt_decay_max: float = _opt(1.0, "armt: with --armt-decay-gate, the learnt decay's ceiling "
+                                 "(ARMTConfig.decay_max; 1 = none)")
 
 
 @dataclass(frozen=True)
@@ -845,7 +847,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                 armt_normaliser_gate: bool = False, armt_rule: str = "armt",
                 armt_value_norm: bool = False, armt_read_clip: float = 0.0,
                 armt_state_decay: float = 1.0, armt_decay_gate: bool = False,
-                memory_update: str = "replace"):
+                armt_decay_max: float = 1.0, memory_update: str = "replace"):
     """A GPT-2 (``arch="gpt2"``) or Llama (``arch="llama"``: rotary positions, RMSNorm, SwiGLU
     with ``d_inner`` hidden units, no dropout but attention dropout) of the given size (from a
     config, random weights) inside an RMTForCausalLM (``model="rmt"``) or an ARMTForCausalLM
@@ -856,7 +858,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
     :attr:`ARMTConfig.normaliser_gate`, ``armt_rule``: :attr:`ARMTConfig.update_rule`,
     ``armt_value_norm``: :attr:`ARMTConfig.value_norm`, ``armt_read_clip``:
     :attr:`ARMTConfig.read_clip`, ``armt_state_decay``: :attr:`ARMTConfig.state_decay`,
-    ``armt_decay_gate``: :attr:`ARMTConfig.decay_gate`);
+    ``armt_decay_gate``: :attr:`ARMTConfig.decay_gate`, ``armt_decay_max``:
+    :attr:`ARMTConfig.decay_max`);
     ``mask``, ``xl_cache`` and ``xl_positions`` (:attr:`RMTConfig.xl_positions`) are RMT options;
     ``memory_noise`` is noise on the memory each segment reads, for ARMT on what every layer reads
     from its associative state; ``memory_update``: :attr:`RMTConfig.memory_update`, RMT only).
@@ -891,7 +894,8 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                      "armt_value_norm": armt_value_norm,
                      f"armt_read_clip={armt_read_clip}": armt_read_clip,
                      f"armt_state_decay={armt_state_decay}": armt_state_decay != 1.0,
-                     "armt_decay_gate": armt_decay_gate}
+                     "armt_decay_gate": armt_decay_gate,
+                     f"armt_decay_max={armt_decay_max}": armt_decay_max != 1.0}
         bad = next((name for name, used in armt_only.items() if used), None)
         if bad:
             raise ValueError(f"{bad} is an ARMT option (model='armt'), got model='rmt'")
@@ -919,7 +923,7 @@ def build_model(vocab_size: int, segment_size: int, num_mem_tokens: int = 6, *, 
                                normaliser_floor=armt_floor, normaliser_gate=armt_normaliser_gate,
                                update_rule=armt_rule, value_norm=armt_value_norm,
                                read_clip=armt_read_clip, state_decay=armt_state_decay,
-                               decay_gate=armt_decay_gate,
+                               decay_gate=armt_decay_gate, decay_max=armt_decay_max,
                                bptt_depth=-1 if bptt_depth is None else bptt_depth,
                                checkpoint_segments=bool(checkpoint_segments),
                                memory_noise=memory_noise)

@@ -89,7 +89,8 @@ class QATrainConfig:
     weights at ``assoc_lr_ratio`` times the learning rate. ``associative_options``: its
     ``RMTConfig.associative_<field>`` options (e.g. ``{"associative_update_rule": "delta",
     "associative_use_l2_norm": True}``), built into a new model or set on a loaded one
-    (not those that make weights, e.g. ``associative_decay_gate``: a new model only); empty:
+    (not those that make weights or set their start, e.g. ``associative_decay_gate``: a new
+    model only); empty:
     the model's.
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
@@ -546,6 +547,8 @@ def parser() -> argparse.ArgumentParser:
                    default=None,
                    help="learn the associative state's decay per write, starting at "
                         "--associative-state-decay (a new model only: it adds weights)")
+    p.add_argument("--associative-decay-max", dest="associative_decay_max", type=float, default=None,
+                   help="with --associative-decay-gate: the learnt decay's ceiling (1: none)")
     p.add_argument("--curriculum", default=",".join(map(str, d.curriculum)), help="segments per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

@@ -55,7 +55,7 @@ def trace_writes(read_clip: float = 0.0, decays: dict[int, list] | None = None
         s["|v|"] = float(self.W_mv(value_input(m, value_norm)).norm(dim=-1).max())
         s["beta"] = float(torch.sigmoid(self.W_mb(m)).mean())
         if self.W_ma is not None:
-            alpha = learnt_decay(m, self.W_ma.weight, self.W_ma.bias).detach()
+            alpha = learnt_decay(m, self.W_ma.weight, self.W_ma.bias, self.decay_max).detach()
             s["alpha"] = float(alpha.mean())
             if decays is not None:
                 decays.setdefault(id(self), []).append(alpha)

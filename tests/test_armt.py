@@ -60,8 +60,9 @@ class _RefLayer(nn.Module):
         vin = (mem * torch.rsqrt(mem.pow(2).mean(-1, keepdim=True) + torch.finfo(mem.dtype).eps)
                if c.value_norm else mem)
         alpha = c.state_decay  # the decay, then the write
-        if c.decay_gate:  # learnt: sigmoid(w . mean of the memory outputs + b), one per row
-            alpha = torch.sigmoid((mem.mean(1) * a.W_ma.weight[0]).sum(-1) + a.W_ma.bias[0])[:, None]
+        if c.decay_gate:  # learnt: ceiling * sigmoid(w . mean of the memory outputs + b), per row
+            alpha = c.decay_max * torch.sigmoid((mem.mean(1) * a.W_ma.weight[0]).sum(-1)
+                                                + a.W_ma.bias[0])[:, None]
             self.A = self.A * alpha[..., None]
         else:
             self.A = self.A * alpha
@@ -107,7 +108,8 @@ def reference_loop(model: ARMTForCausalLM, x: torch.Tensor, noise: float = 0.0):
     ("gpt2", True, dict(update_rule="delta", state_decay=0.6)),
     ("llama", False, dict(state_decay=0.6)),
     ("gpt2", True, dict(update_rule="delta", state_decay=0.6, decay_gate=True)),
-    ("llama", False, dict(state_decay=0.6, decay_gate=True))])
+    ("llama", False, dict(state_decay=0.6, decay_gate=True)),
+    ("gpt2", True, dict(update_rule="delta", state_decay=0.3, decay_gate=True, decay_max=0.5))])
 def test_forward_backward_match_independent_loop(kind, l2, extra):
     """Logits, loss and gradients (memory, associative weights, base weights) of the hooked
     model equal a loop over wrapped blocks with the dense reference ops: logits and loss in
@@ -518,7 +520,9 @@ def test_diagonal_equals_sequential(kind, grouped):
                                    dict(update_rule="delta", read_clip=0.02),
                                    dict(update_rule="delta", state_decay=0.6),
                                    dict(update_rule="delta", state_decay=0.6, decay_gate=True),
-                                   dict(state_decay=0.6, decay_gate=True)])
+                                   dict(state_decay=0.6, decay_gate=True),
+                                   dict(update_rule="delta", state_decay=0.3, decay_gate=True,
+                                        decay_max=0.5)])
 def test_diagonal_float64_l2_features(extra):
     """L2-normalised features (the newer upstream variant) in float64, with ARMT's rule and with
     the delta rule on normalised values, fixed and learnt decays: equal to ~1e-12."""
@@ -566,7 +570,7 @@ def test_config_frozen_json_and_overrides(tmp_path):
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("checkpoint_segments", "offload_memory", "normaliser_floor",
                         "normaliser_gate", "update_rule", "value_norm", "read_clip",
-                        "state_decay", "decay_gate")}
+                        "state_decay", "decay_gate", "decay_max")}
     path.write_text(json.dumps(old))
     assert ARMTConfig.load(tmp_path) == cfg
     path.write_text(json.dumps({k: v for k, v in old.items() if k != "d_mem"}))
@@ -592,6 +596,14 @@ def test_config_frozen_json_and_overrides(tmp_path):
                      (dict(state_decay=float("nan")), r"state_decay must be a float in \(0, 1\]"),
                      (dict(decay_gate=1), "decay_gate must be a bool"),
                      (dict(decay_gate=True), "decay_gate=True learns the decay from state_decay"),
+                     (dict(decay_gate=True, state_decay=0.5, decay_max=0.5),
+                      r"set state_decay below decay_max=0.5 .*got 0.5"),
+                     (dict(decay_max=0.5), "decay_max is the learnt decay's ceiling: it needs "
+                                           "decay_gate=True"),
+                     (dict(decay_gate=True, state_decay=0.5, decay_max=0.0),
+                      r"decay_max must be a float in \(0, 1\]"),
+                     (dict(decay_gate=True, state_decay=0.5, decay_max=1.5),
+                      r"decay_max must be a float in \(0, 1\]"),
                      (dict(update_rule="deltanet"), "update_rule must be one of"),
                      (dict(update_rule="delta"), "update_rule='delta' needs use_l2_norm=True"),
                      (dict(update_rule="delta", use_l2_norm=True, normaliser_gate=True),
@@ -654,6 +666,40 @@ def test_learnt_decay_starts_at_the_fixed_one_and_learns(tmp_path):
     with pytest.raises(ValueError, match=r"\['decay_gate'\] cannot change after construction"):
         fixed.replace_config(decay_gate=True)
     assert learnt.replace_config(bptt_depth=2).state_decay == 0.6
+
+
+def test_learnt_decay_under_a_ceiling(tmp_path):
+    """``decay_max``: the learnt decay is ``decay_max * sigmoid(...)``: it starts at
+    ``state_decay`` (the untrained model equals the fixed decay's), never exceeds the ceiling
+    however far ``W_ma`` pushes it, and the ceiling is saved and fixed after construction."""
+    from rmt_fast.models.armt import AssociativeMemory, learnt_decay
+
+    x = ids(2, 24, seed=4)
+    fixed = make(state_decay=0.3)
+    capped = make(state_decay=0.3, decay_gate=True, decay_max=0.5)
+    a = capped.assoc[0]
+    assert a.decay_max == 0.5
+    torch.testing.assert_close(0.5 * torch.sigmoid(a.W_ma.bias), torch.tensor([0.3]), rtol=1e-6, atol=0)
+    capped.load_state_dict(fixed.state_dict(), strict=False)
+    torch.testing.assert_close(capped(x).logits, fixed(x).logits, rtol=1e-6, atol=1e-6)
+    mem = torch.randn(3, 4, a.W_ma.weight.shape[1])
+    with torch.no_grad():
+        a.W_ma.bias.fill_(30.0)  # sigmoid saturates at 1: the decay sits on the ceiling
+    alpha = learnt_decay(mem, a.W_ma.weight, a.W_ma.bias, a.decay_max)
+    torch.testing.assert_close(alpha, torch.full((3,), 0.5))
+    with torch.no_grad():
+        a.W_ma.bias.fill_(0.0)
+        a.W_ma.weight.normal_(0, 1.0)
+    alpha = learnt_decay(mem, a.W_ma.weight, a.W_ma.bias, a.decay_max)
+    assert alpha.max() < 0.5 and alpha.min() > 0 and alpha.std() > 0
+    capped.save_pretrained(tmp_path)
+    again = ARMTForCausalLM.from_pretrained(tmp_path)
+    assert again.rmt_config.decay_max == 0.5 and again.assoc[0].decay_max == 0.5
+    torch.testing.assert_close(again(x).logits, capped(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\['decay_max'\] cannot change after construction"):
+        capped.replace_config(decay_max=0.9)
+    with pytest.raises(ValueError, match=r"decay_init must be in \(0, decay_max=0.5\)"):
+        AssociativeMemory(8, 4, decay_init=0.6, decay_max=0.5)
 
 
 def test_bad_inputs():

@@ -43,7 +43,7 @@ def tokens(batch=2, length=16, seed=0):
 
 def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, correction=True,
                    normaliser_floor=0.0, normaliser_gate=False, value_norm=False, read_clip=0.0,
-                   state_decay=1.0, decay_gate=False):
+                   state_decay=1.0, decay_gate=False, decay_max=1.0):
     """The encoder RMT with an associative memory, by hand: an eager copy of the base model whose
     blocks read (``h + phi(W_q h) A / (phi(W_q h) . z + eps)``, from the second segment on) and
     write (the delta rule on the memory rows' outputs) through the float64 reference formulas,
@@ -86,9 +86,9 @@ def reference_loop(model, x, bounds, update_rule="armt", use_l2_norm=False, corr
             v = mem_v @ a.W_mv.weight.double().T
             beta = torch.sigmoid(mem @ a.W_mb.weight.double().T + a.W_mb.bias.double())[..., 0]
             alpha = torch.tensor(state_decay, dtype=torch.float64)  # the decay, then the write
-            if decay_gate:  # learnt: sigmoid(w . mean of the memory outputs + b) per row
-                alpha = torch.sigmoid(mem.mean(1) @ a.W_ma.weight.double()[0]
-                                      + a.W_ma.bias.double()[0])[:, None]
+            if decay_gate:  # learnt: ceiling * sigmoid(w . mean of the memory outputs + b) per row
+                alpha = decay_max * torch.sigmoid(mem.mean(1) @ a.W_ma.weight.double()[0]
+                                                  + a.W_ma.bias.double()[0])[:, None]
             A[i], z[i] = A[i] * alpha[..., None], z[i] * alpha
             A[i], z[i] = reference_write(km, v, beta, A[i], z[i], first=first[0],
                                          correction=correction, gate=normaliser_gate, **opts)
@@ -183,11 +183,14 @@ def test_associative_options_equal_the_reference_loop(options):
                                    atol=1e-4, rtol=0)
 
 
-def test_a_learnt_decay_equals_the_reference_loop(tmp_path):
-    """``associative_decay_gate``: each layer's decay is learnt from its memory outputs (per row),
-    as in the reference loop; every associative weight (``W_ma`` too) gets gradients; it survives
-    save/load; the gate and its starting decay cannot change after construction."""
-    options = dict(update_rule="delta", use_l2_norm=True, state_decay=0.5, decay_gate=True)
+@pytest.mark.parametrize("ceiling", [1.0, 0.7])
+def test_a_learnt_decay_equals_the_reference_loop(tmp_path, ceiling):
+    """``associative_decay_gate``: each layer's decay is learnt from its memory outputs (per row,
+    under ``associative_decay_max``), as in the reference loop; every associative weight
+    (``W_ma`` too) gets gradients; it survives save/load; the gate, its starting decay and its
+    ceiling cannot change after construction."""
+    options = dict(update_rule="delta", use_l2_norm=True, state_decay=0.5, decay_gate=True,
+                   decay_max=ceiling)
     model = make(**{f"associative_{k}": v for k, v in options.items()})
     with torch.no_grad():  # W_ma starts at zero (the fixed decay): make it depend on the data
         for a in model.assoc:
@@ -208,7 +211,8 @@ def test_a_learnt_decay_equals_the_reference_loop(tmp_path):
     loaded = RMTEncoderForSequenceClassification.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
-    for change in (dict(associative_decay_gate=False), dict(associative_state_decay=0.9)):
+    for change in (dict(associative_decay_gate=False), dict(associative_state_decay=0.4),
+                   dict(associative_decay_max=0.8)):
         with pytest.raises(ValueError, match="cannot change after construction"):
             model.replace_config(**change)
 

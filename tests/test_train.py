@@ -210,6 +210,11 @@ def test_build_model_inits():
         build_model(37, 3, 2, armt_decay_gate=True)
     gated = build_model(37, 3, 2, model="armt", d_mem=4, armt_state_decay=0.5, armt_decay_gate=True)
     assert gated.rmt_config.decay_gate and gated.assoc[0].W_ma is not None
+    with pytest.raises(ValueError, match=r"armt_decay_max=0.5 is an ARMT option"):
+        build_model(37, 3, 2, armt_decay_max=0.5)
+    capped = build_model(37, 3, 2, model="armt", d_mem=4, armt_state_decay=0.25, armt_decay_gate=True,
+                         armt_decay_max=0.5)
+    assert capped.rmt_config.decay_max == 0.5 and capped.assoc[1].decay_max == 0.5
     with pytest.raises(ValueError, match=r"armt_rule='delta' is an ARMT option"):
         build_model(37, 3, 2, armt_rule="delta")
     assert build_model(37, 3, 2, model="armt", d_mem=4, armt_l2_norm=True,

@@ -442,6 +442,8 @@ def test_a_learnt_associative_decay_is_built_into_a_new_model(tiny_base, noise, 
     opts = config_from_args(args).associative_options
     assert opts == {"associative_update_rule": "delta", "associative_use_l2_norm": True,
                     "associative_state_decay": 0.5, "associative_decay_gate": True}
+    assert config_from_args(parser().parse_args(["--out", "y", "--associative-decay-max", "0.7"])
+                            ).associative_options == {"associative_decay_max": 0.7}
     # 4 segments, 3 steps: the new memory's W_v starts at zero, and a decay only matters for a
     # state written, decayed by a later write and then read
     cfg = tiny_config(tiny_base, associative_d_mem=8, associative_options=opts, max_steps=3,

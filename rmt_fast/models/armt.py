@@ -152,8 +152,12 @@ class ARMTConfig(SavedConfig):
             goes into the state scaled by ``alpha = sigmoid(W_ma mean_j(m_j) + b_ma)``, one per
             row and write, from the mean of the memory tokens' block outputs ``m_j``
             (Gated DeltaNet's data-dependent gate, one per write); ``W_ma`` starts at zero and
-            ``b_ma`` at ``logit(state_decay)``, so training starts from the fixed decay, which
-            must then be below 1 (and cannot change after construction).
+            ``b_ma`` at ``logit(state_decay / decay_max)``, so training starts from the fixed
+            decay, which must then be below ``decay_max`` (and cannot change after
+            construction).
+        decay_max: with ``decay_gate``, the learnt decay's ceiling in (0, 1]: ``alpha =
+            decay_max * sigmoid(...)``, so the model may forget faster than ``decay_max`` a
+            write, never slower (fixed after construction). 1 = no ceiling.
         nu: DPFP order (the reference fixes 3).
         eps: added to the read's normaliser and to ``|k|^2`` in the correction (reference 1e-5).
         position_mode: ``model`` (the base model numbers ``[segment | memory]``) or ``wrap``
@@ -189,6 +193,7 @@ class ARMTConfig(SavedConfig):
         "read_clip": 0.0,
         "state_decay": 1.0,
         "decay_gate": False,
+        "decay_max": 1.0,
     }
 
     num_mem_tokens: int = 16
@@ -203,6 +208,7 @@ class ARMTConfig(SavedConfig):
     read_clip: float = 0.0
     state_decay: float = 1.0
     decay_gate: bool = False
+    decay_max: float = 1.0
     nu: int = 3
     eps: float = 1e-5
     position_mode: str = "model"
@@ -255,8 +261,13 @@ class ARMTConfig(SavedConfig):
         check_floor(self.normaliser_floor, "normaliser_floor")
         check_finite_nonnegative(self.read_clip, "read_clip", " (0 = off)")
         check_decay(self.state_decay, "state_decay")
-        need(not self.decay_gate or self.state_decay < 1,
-             "decay_gate=True learns the decay from state_decay: set state_decay below 1 (e.g. 0.5)")
+        check_decay(self.decay_max, "decay_max")
+        need(self.decay_max == 1 or self.decay_gate,
+             f"decay_max is the learnt decay's ceiling: it needs decay_gate=True, got "
+             f"decay_max={self.decay_max!r} without it")
+        need(not self.decay_gate or self.state_decay < self.decay_max,
+             f"decay_gate=True learns the decay from state_decay: set state_decay below "
+             f"decay_max={self.decay_max!r} (e.g. 0.5 below 1), got {self.state_decay!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.kind == "armt", f"kind must be 'armt', got {self.kind!r}")
 
@@ -346,11 +357,13 @@ class AssociativeMemory(nn.Module):
     """One layer's associative memory: ``W_mq``, ``W_mk`` (``d -> d_mem``), ``W_mv`` (``d -> d``,
     zero-initialised), ``W_mb`` (``d -> 1`` with bias), names as in the reference code, and with
     ``decay_init`` the learnt decay's ``W_ma`` (``d -> 1`` with bias, :attr:`ARMTConfig.decay_gate`;
-    weight zero, bias ``logit(decay_init)``). Holds the weights only: the options come with each
-    call (:func:`associative_options`)."""
+    weight zero, bias ``logit(decay_init / decay_max)``; ``decay_max``: its ceiling,
+    :attr:`ARMTConfig.decay_max`). Holds the weights only: the options come with each call
+    (:func:`associative_options`)."""
 
     def __init__(self, d_model: int, d_mem: int, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None, decay_init: float | None = None):
+                 device: torch.device | None = None, decay_init: float | None = None,
+                 decay_max: float = 1.0):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.W_mq = nn.Linear(d_model, d_mem, bias=False, **kw)
@@ -358,20 +371,23 @@ class AssociativeMemory(nn.Module):
         self.W_mv = nn.Linear(d_model, d_model, bias=False, **kw)
         nn.init.zeros_(self.W_mv.weight)
         self.W_mb = nn.Linear(d_model, 1, **kw)
-        self.W_ma = None
+        self.W_ma, self.decay_max = None, float(decay_max)
+        if not 0 < self.decay_max <= 1:
+            raise ValueError(f"decay_max must be in (0, 1], got {decay_max!r}")
         if decay_init is not None:
-            if not 0 < decay_init < 1:
-                raise ValueError(f"decay_init must be in (0, 1), got {decay_init!r}")
+            if not 0 < decay_init < self.decay_max:
+                raise ValueError(f"decay_init must be in (0, decay_max={self.decay_max}), got {decay_init!r}")
             self.W_ma = nn.Linear(d_model, 1, **kw)
             nn.init.zeros_(self.W_ma.weight)
-            nn.init.constant_(self.W_ma.bias, math.log(decay_init / (1 - decay_init)))
+            start = decay_init / self.decay_max
+            nn.init.constant_(self.W_ma.bias, math.log(start / (1 - start)))
 
     @classmethod
     def for_config(cls, d_model: int, cfg: ARMTConfig, dtype: torch.dtype | None = None,
                    device: torch.device | None = None) -> AssociativeMemory:
         """One layer's memory as ``cfg`` asks (``d_mem``; ``W_ma`` with ``decay_gate``)."""
         return cls(d_model, cfg.d_mem, dtype, device,
-                   decay_init=cfg.state_decay if cfg.decay_gate else None)
+                   decay_init=cfg.state_decay if cfg.decay_gate else None, decay_max=cfg.decay_max)
 
     def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, opts: dict) -> torch.Tensor:
         """``h`` ``[B, L, d]`` -> the read ``[B, L, d]`` (to add to ``h``), in ``h``'s dtype."""
@@ -385,16 +401,18 @@ class AssociativeMemory(nn.Module):
         mem = mem.to(self.W_mk.weight.dtype)
         beta = torch.sigmoid(self.W_mb(mem))[..., 0]
         if self.W_ma is not None:
-            opts = dict(opts, decay=learnt_decay(mem, self.W_ma.weight, self.W_ma.bias))
+            opts = dict(opts, decay=learnt_decay(mem, self.W_ma.weight, self.W_ma.bias, self.decay_max))
         return associative_write(self.W_mk(mem), self.W_mv(value_input(mem, value_norm)), beta,
                                  A, z, first=first, **opts)
 
 
-def learnt_decay(mem: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The learnt decay ``sigmoid(W_ma mean_j(m_j) + b_ma)`` ``[B]`` of one write, from the memory
-    tokens' block outputs ``mem`` ``[B, M, d]``, ``weight`` ``[1, d]``, ``bias`` ``[1]``
-    (:attr:`ARMTConfig.decay_gate`)."""
-    return torch.sigmoid(F.linear(mem.mean(1), weight, bias))[:, 0]
+def learnt_decay(mem: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 ceiling: float = 1.0) -> torch.Tensor:
+    """The learnt decay ``ceiling * sigmoid(W_ma mean_j(m_j) + b_ma)`` ``[B]`` of one write, from
+    the memory tokens' block outputs ``mem`` ``[B, M, d]``, ``weight`` ``[1, d]``, ``bias``
+    ``[1]`` (:attr:`ARMTConfig.decay_gate`, ``ceiling``: :attr:`ARMTConfig.decay_max`)."""
+    alpha = torch.sigmoid(F.linear(mem.mean(1), weight, bias))[:, 0]
+    return alpha if ceiling == 1 else ceiling * alpha
 
 
 def value_input(mem: torch.Tensor, value_norm: bool) -> torch.Tensor:

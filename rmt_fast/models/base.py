@@ -239,11 +239,12 @@ class RMTBase(nn.Module):
         return config
 
     def fixed_fields(self) -> tuple[str, ...]:
-        """:attr:`FIXED_FIELDS`, and a state decay that initialised a learnt one (its gate on)."""
+        """:attr:`FIXED_FIELDS`, and the state decay that initialised a learnt one and its
+        ceiling (its gate on)."""
         cfg = self.rmt_config
-        learnt = tuple(decay for gate, decay in (("decay_gate", "state_decay"),
-                                                 ("associative_decay_gate", "associative_state_decay"))
-                       if getattr(cfg, gate, False))
+        learnt = tuple(f"{prefix}{name}" for prefix in ("", "associative_")
+                       if getattr(cfg, f"{prefix}decay_gate", False)
+                       for name in ("state_decay", "decay_max"))
         return self.FIXED_FIELDS + learnt
 
     def replace_config(self, **changes) -> RMTConfig:

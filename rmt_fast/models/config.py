@@ -22,7 +22,8 @@ MEMORY_UPDATES = ("replace", "gated")
 #: ``ARMTConfig`` fields an encoder's associative memory takes, as ``RMTConfig`` fields named
 #: ``associative_<field>`` (:meth:`RMTConfig.associative_config`)
 ASSOCIATIVE_FIELDS = ("update_rule", "use_l2_norm", "correction", "normaliser_floor",
-                      "normaliser_gate", "value_norm", "read_clip", "state_decay", "decay_gate")
+                      "normaliser_gate", "value_norm", "read_clip", "state_decay", "decay_gate",
+                      "decay_max")
 CONFIG_NAME = "rmt_config.json"
 
 
@@ -124,7 +125,7 @@ class RMTConfig(SavedConfig):
         associative_update_rule, associative_use_l2_norm, associative_correction,
             associative_normaliser_floor, associative_normaliser_gate,
             associative_value_norm, associative_read_clip, associative_state_decay,
-            associative_decay_gate: the
+            associative_decay_gate, associative_decay_max: the
             associative memory's ``ARMTConfig`` options of the same names (defaults: ARMT's
             reference read and write; e.g. ``associative_update_rule="delta",
             associative_use_l2_norm=True`` for DeltaNet's rule); they need
@@ -159,6 +160,7 @@ class RMTConfig(SavedConfig):
         "associative_read_clip": 0.0,
         "associative_state_decay": 1.0,
         "associative_decay_gate": False,
+        "associative_decay_max": 1.0,
         "xl_positions": "before_memory",  # the only placement before the switch existed
     }
 
@@ -185,6 +187,7 @@ class RMTConfig(SavedConfig):
     associative_read_clip: float = 0.0
     associative_state_decay: float = 1.0
     associative_decay_gate: bool = False
+    associative_decay_max: float = 1.0
     fuse_activations: bool = True
     kind: str = "decoder"
     variant: str = "mem"

@@ -193,6 +193,7 @@ class DiagonalExecutor:
         if a[0].W_ma is not None:
             self.Wa = _stack(m.W_ma.weight.t() for m in a)  # [n, d, 1]
             self.ba = _stack(m.W_ma.bias for m in a)[:, None]  # [n, 1, 1]
+            self.decay_max = a[0].decay_max
 
     @property
     def grouped(self) -> bool:
@@ -244,7 +245,8 @@ class DiagonalExecutor:
         opts = write_options(cfg)
         if self.Wa is not None:  # learnt_decay's formula, batched over the diagonal's layers
             mean = mem.reshape(G, B, m, d).mean(2)
-            opts["decay"] = torch.sigmoid(torch.baddbmm(self.ba[sl], mean, self.Wa[sl])).reshape(G * B)
+            alpha = torch.sigmoid(torch.baddbmm(self.ba[sl], mean, self.Wa[sl])).reshape(G * B)
+            opts["decay"] = alpha if self.decay_max == 1 else self.decay_max * alpha
         A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B), **opts)
         A_all[sl] = A2.reshape(A_all[sl].shape)
         z_all[sl] = z2.reshape(z_all[sl].shape)
