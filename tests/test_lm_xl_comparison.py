@@ -192,3 +192,35 @@ def test_armt_state_trace(corpus, tmp_path):
     with pytest.raises(SystemExit, match="not an ARMT row"):
         lm.run_row("plain", lm.Settings(**TINY), str(tmp_path), corpus, log=lambda s: None)
         trace.main(["--out", str(tmp_path), "--row", "plain"], corpus=corpus)
+
+
+def test_armt_lm_decays(corpus, tmp_path):
+    """scripts/armt_lm_decays.py on a tiny trained row with a learnt decay: per layer, every
+    segment's decay of every stream counted once, split by whether the segment holds a BOS
+    (counted here from the streams); decays in (0, 1); a row without the gate is refused."""
+    probe = load_script("armt_lm_decays")
+    settings = lm.Settings(**TINY)
+    lm.run_row("armt-d4-delta-learnt", settings, str(tmp_path), corpus, log=lambda s: None)
+    out = probe.main(["--out", str(tmp_path), "--row", "armt-d4-delta-learnt", "--streams", "2",
+                      "--segments", "12", "--json", str(tmp_path / "d.json")], corpus=corpus)
+    S = settings.segment_size
+    ids = torch.stack(long_streams(corpus["test"], 2, 12 * S)).reshape(2, 12, S)
+    starts = int((ids == BOS).any(-1).sum())
+    assert 0 < starts < 24  # the tiny corpus's documents are shorter than 12 segments
+    assert len(out["layers"]) == settings.layers
+    for layer in out["layers"]:
+        assert layer["start"]["n"] == starts and layer["other"]["n"] == 24 - starts
+        for part in ("start", "other"):
+            assert 0 < layer[part]["min"] <= layer[part]["mean"] <= layer[part]["max"] < 1
+    assert json.load(open(tmp_path / "d.json")) == out
+    decays = torch.tensor([[0.1, 0.2], [0.3, 0.4]])  # [T=2, B=2]
+    ids = torch.tensor([[1, 2, BOS, 3], [BOS, 1, 2, 3]])  # segment size 2: row 0's BOS in segment 1
+    assert probe.split_by_document_start(decays, ids, 2) == {"start": [pytest.approx(0.2),
+                                                                       pytest.approx(0.3)],
+                                                             "other": [pytest.approx(0.1),
+                                                                       pytest.approx(0.4)]}
+    with pytest.raises(ValueError, match=r"ids must be \[B=2, T \* segment_size=4\]"):
+        probe.split_by_document_start(decays, ids[:, :3], 2)
+    lm.run_row("armt-d4-delta-decay", settings, str(tmp_path), corpus, log=lambda s: None)
+    with pytest.raises(SystemExit):
+        probe.main(["--out", str(tmp_path), "--row", "armt-d4-delta-decay"], corpus=corpus)
