@@ -411,8 +411,7 @@ def learnt_decay(mem: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """The learnt decay ``ceiling * sigmoid(W_ma mean_j(m_j) + b_ma)`` ``[B]`` of one write, from
     the memory tokens' block outputs ``mem`` ``[B, M, d]``, ``weight`` ``[1, d]``, ``bias``
     ``[1]`` (:attr:`ARMTConfig.decay_gate`, ``ceiling``: :attr:`ARMTConfig.decay_max`)."""
-    alpha = torch.sigmoid(F.linear(mem.mean(1), weight, bias))[:, 0]
-    return alpha if ceiling == 1 else ceiling * alpha
+    return ceiling * torch.sigmoid(F.linear(mem.mean(1), weight, bias))[:, 0]
 
 
 def value_input(mem: torch.Tensor, value_norm: bool) -> torch.Tensor:

@@ -245,8 +245,8 @@ class DiagonalExecutor:
         opts = write_options(cfg)
         if self.Wa is not None:  # learnt_decay's formula, batched over the diagonal's layers
             mean = mem.reshape(G, B, m, d).mean(2)
-            alpha = torch.sigmoid(torch.baddbmm(self.ba[sl], mean, self.Wa[sl])).reshape(G * B)
-            opts["decay"] = alpha if self.decay_max == 1 else self.decay_max * alpha
+            opts["decay"] = self.decay_max * torch.sigmoid(
+                torch.baddbmm(self.ba[sl], mean, self.Wa[sl])).reshape(G * B)
         A2, z2 = associative_write(km, v, beta, A, z, first=fresh.repeat_interleave(B), **opts)
         A_all[sl] = A2.reshape(A_all[sl].shape)
         z_all[sl] = z2.reshape(z_all[sl].shape)
