@@ -90,8 +90,7 @@ class QATrainConfig:
     ``RMTConfig.associative_<field>`` options (e.g. ``{"associative_update_rule": "delta",
     "associative_use_l2_norm": True}``), built into a new model or set on a loaded one
     (not those that make weights or set their start, e.g. ``associative_decay_gate``: a new
-    model only); empty:
-    the model's.
+    model only); empty: the model's.
     ``order_fraction`` / ``memory_fraction``: training-data options of
     :class:`rmt_fast.tasks.babi_qa.BabiQA` (stories decided by argument order; samples whose
     facts all lie before the question's segment).

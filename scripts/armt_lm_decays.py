@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from armt_state_growth import trace_writes  # noqa: E402
+from armt_state_growth import trace_writes, untrace_writes  # noqa: E402
 
 from rmt_fast.tasks.text_corpus import BOS  # noqa: E402
 
@@ -47,16 +47,13 @@ def summary(values: list[float]) -> dict:
 def trace(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Each layer's learnt decay ``[T, B]`` while ``model`` reads ``ids`` ``[B, L]`` (eval, no
     gradients; ``L`` a multiple of the segment size)."""
-    from rmt_fast.models.armt import AssociativeMemory
-
     decays: dict[int, list] = {}
-    methods = AssociativeMemory.read, AssociativeMemory.write
-    trace_writes(model.rmt_config.read_clip, decays)  # wraps both methods of the class
+    trace_writes(model.rmt_config.read_clip, decays)
     try:
         with torch.no_grad():
             model.eval()(ids, return_logits=False)
     finally:
-        AssociativeMemory.read, AssociativeMemory.write = methods
+        untrace_writes()
     return [torch.stack(decays[id(a)]) for a in model.assoc]
 
 

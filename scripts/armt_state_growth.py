@@ -27,13 +27,17 @@ from rmt_fast.streaming import StreamingReader
 from rmt_fast.tasks.babilong import PLACES
 from rmt_fast.tasks.length_eval import batch_seed, load, story_batch
 
+#: the class's own read and write, which :func:`untrace_writes` puts back
+_UNTRACED = AssociativeMemory.read, AssociativeMemory.write
+
 
 def trace_writes(read_clip: float = 0.0, decays: dict[int, list] | None = None
                  ) -> dict[int, dict[str, float]]:
-    """Wrap :class:`AssociativeMemory`'s read and write to keep, per memory module (by ``id``),
-    the statistics of its last call (see the module docstring); ``read_clip``: the model's
-    :attr:`ARMTConfig.read_clip`; ``decays``: where given, each write's learnt decay ``[B]`` is
-    appended to ``decays[id(module)]``."""
+    """Wrap :class:`AssociativeMemory`'s read and write (for every model in the process, until
+    :func:`untrace_writes`) to keep, per memory module (by ``id``), the statistics of its last
+    call (see the module docstring); ``read_clip``: the model's :attr:`ARMTConfig.read_clip`;
+    ``decays``: where given, each write's learnt decay ``[B]`` is appended to
+    ``decays[id(module)]``."""
     stats: dict[int, dict[str, float]] = {}
     read, write = AssociativeMemory.read, AssociativeMemory.write
 
@@ -63,6 +67,11 @@ def trace_writes(read_clip: float = 0.0, decays: dict[int, list] | None = None
 
     AssociativeMemory.read, AssociativeMemory.write = traced_read, traced_write
     return stats
+
+
+def untrace_writes() -> None:
+    """Undo :func:`trace_writes`: the class's own read and write again."""
+    AssociativeMemory.read, AssociativeMemory.write = _UNTRACED
 
 
 def twin_stories(stories: torch.Tensor, vocab, segment_size: int) -> tuple[torch.Tensor, list[int]]:

@@ -198,11 +198,15 @@ def test_armt_lm_decays(corpus, tmp_path):
     """scripts/armt_lm_decays.py on a tiny trained row with a learnt decay: per layer, every
     segment's decay of every stream counted once, split by whether the segment holds a BOS
     (counted here from the streams); decays in (0, 1); a row without the gate is refused."""
+    from rmt_fast.models.armt import AssociativeMemory
+
     probe = load_script("armt_lm_decays")
     settings = lm.Settings(**TINY)
     lm.run_row("armt-d4-delta-learnt", settings, str(tmp_path), corpus, log=lambda s: None)
+    methods = AssociativeMemory.read, AssociativeMemory.write
     out = probe.main(["--out", str(tmp_path), "--row", "armt-d4-delta-learnt", "--streams", "2",
                       "--segments", "12", "--json", str(tmp_path / "d.json")], corpus=corpus)
+    assert (AssociativeMemory.read, AssociativeMemory.write) == methods  # the tracing is undone
     S = settings.segment_size
     ids = torch.stack(long_streams(corpus["test"], 2, 12 * S)).reshape(2, 12, S)
     starts = int((ids == BOS).any(-1).sum())
